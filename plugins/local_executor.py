@@ -1,0 +1,28 @@
+"""The default executor: shard jobs run one after another in this process.
+
+Each job already overlaps reading, computing and writing on threads inside the engine, so running
+shards concurrently on a two-core machine would only compete for the same cores and memory.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence, TypeVar
+
+from workbench import hookimpl
+from workbench.executor import Executor
+
+Job = TypeVar("Job")
+Result = TypeVar("Result")
+
+
+class LocalExecutor(Executor):
+    name = "local"
+    summary = "Run shard jobs in this process, in order (default)."
+
+    def run(self, jobs: Sequence[Job], run_job: Callable[[Job], Result]) -> list[Result]:
+        return [run_job(job) for job in jobs]
+
+
+@hookimpl
+def register_executors(register: Callable[[type[Executor]], None]) -> None:
+    register(LocalExecutor)

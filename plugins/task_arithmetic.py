@@ -1,0 +1,51 @@
+"""Task arithmetic: add scaled task vectors (fine-tune minus base) to the base model."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from workbench import hookimpl
+from workbench.errors import RecipeError
+from workbench.method import MergeMethod, MethodParameters, Param, TensorContext
+
+if TYPE_CHECKING:
+    import torch
+
+
+class TaskArithmeticParameters(MethodParameters):
+    scale: float = Param(1.0, alias="lambda", description="lambda: scale of the summed task vectors.")
+    normalize: bool = Param(False, description="Divide the weights by their sum.", per_layer=False)
+
+
+class TaskArithmeticModelParameters(MethodParameters):
+    weight: float = Param(1.0, description="Weight of this model's task vector.")
+
+
+class TaskArithmetic(MergeMethod):
+    name = "task_arithmetic"
+    summary = "base + lambda * sum(w_i * (theta_i - base)): add, scale or negate task vectors."
+    paper = "https://arxiv.org/abs/2212.04089"
+    Parameters = TaskArithmeticParameters
+    ModelParameters = TaskArithmeticModelParameters
+    base_model = "required"
+    elementwise = True
+
+    def apply(self, tensors: list["torch.Tensor"], base: "torch.Tensor | None", params: TaskArithmeticParameters, model_params: list[TaskArithmeticModelParameters], ctx: TensorContext) -> "torch.Tensor":  # type: ignore[override]
+        from workbench_kernels.weighted_sum import weighted_sum
+
+        assert base is not None
+        weights = [p.weight for p in model_params]
+        if params.normalize:
+            total = sum(weights)
+            if total == 0:
+                raise RecipeError(f"task_arithmetic: the weights of tensor '{ctx.name}' sum to 0, so they cannot be normalised.")
+            weights = [w / total for w in weights]
+        # base + l * sum w_i (x_i - base) == (1 - l * sum w_i) * base + sum (l * w_i) * x_i: one pass,
+        # one accumulator, and exact when a single fine-tune has l * w = 1.
+        coefficients = [params.scale * w for w in weights]
+        return weighted_sum([base, *tensors], [1.0 - sum(coefficients), *coefficients], ctx.compute_dtype)
+
+
+@hookimpl
+def register_methods(register: Callable[[type[MergeMethod]], None]) -> None:
+    register(TaskArithmetic)

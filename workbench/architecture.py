@@ -1,0 +1,90 @@
+"""Where a tensor sits in a model: its layer index and module kind, from its name alone.
+
+Layer indices are matched between delimiters (``.1.`` never matches inside ``.11.``), for the common
+layouts of Hugging Face models. Names outside any layer are classified as embeddings, final norm,
+head or other. Unknown layouts still merge; they just have no layer index.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+#: Containers of repeated blocks, longest first so ``gpt_neox.layers`` wins over ``layers``.
+LAYER_CONTAINERS = (
+    "model.language_model.layers",
+    "model.decoder.layers",
+    "gpt_neox.layers",
+    "transformer.blocks",
+    "transformer.h",
+    "encoder.layers",
+    "encoder.layer",
+    "decoder.layers",
+    "model.layers",
+    "layers",
+    "blocks",
+    "layer",
+    "h",
+)
+_LAYER_RE = re.compile(
+    r"(?:^|\.)(?P<container>" + "|".join(re.escape(c) for c in LAYER_CONTAINERS) + r")\.(?P<index>\d+)(?:\.|$)"
+)
+
+_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|embed_in|tok_embeddings|embed_positions|embeddings)(\.|$)")
+_HEAD = re.compile(r"(^|\.)(lm_head|embed_out|output|cls|classifier|score|qa_outputs|pooler)(\.|$)")
+_FINAL_NORM = re.compile(r"(^|\.)(norm|ln_f|final_layer_norm|final_layernorm|final_norm|LayerNorm)(\.|$)")
+
+_KINDS = (
+    ("attention", re.compile(r"attn|attention|q_proj|k_proj|v_proj|o_proj|query|key|value|qkv|c_attn|wq|wk|wv|wo\b")),
+    ("mlp", re.compile(r"mlp|ffn|feed_forward|intermediate|gate_proj|up_proj|down_proj|fc1|fc2|c_fc|dense_h_to_4h|dense_4h_to_h|w1|w2|w3|output\.dense")),
+    ("norm", re.compile(r"norm|ln_|layernorm|LayerNorm")),
+)
+
+#: config.json keys that give the number of layers, by architecture family.
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+@dataclass(frozen=True)
+class TensorPlace:
+    layer_index: int | None
+    module_kind: str  # attention | mlp | norm | embedding | head | final_norm | layer_other | other
+    module: str  # the name inside its layer (``self_attn.q_proj.weight``) or the full name outside
+
+
+def place(name: str) -> TensorPlace:
+    """Classify one tensor name."""
+    match = _LAYER_RE.search(name)
+    if match:
+        module = name[match.end():]
+        for kind, pattern in _KINDS:
+            if pattern.search(module):
+                return TensorPlace(int(match["index"]), kind, module)
+        return TensorPlace(int(match["index"]), "layer_other", module)
+    if _EMBEDDING.search(name):
+        return TensorPlace(None, "embedding", name)
+    if _FINAL_NORM.search(name):
+        return TensorPlace(None, "final_norm", name)
+    if _HEAD.search(name):
+        return TensorPlace(None, "head", name)
+    return TensorPlace(None, "other", name)
+
+
+def layer_count(names: Iterable[str], config: dict[str, Any] | None = None) -> int:
+    """Number of layers: from the config when it says, else one more than the highest index seen."""
+    for key in LAYER_COUNT_KEYS:
+        value = (config or {}).get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    indices = [p.layer_index for p in map(place, names) if p.layer_index is not None]
+    return max(indices) + 1 if indices else 0
+
+
+def describe(config: dict[str, Any] | None) -> str:
+    """A short architecture label from config.json ('LlamaForCausalLM (llama)')."""
+    if not config:
+        return "unknown (no config.json)"
+    archs = config.get("architectures") or []
+    model_type = config.get("model_type")
+    label = ", ".join(archs) if archs else "unknown"
+    return f"{label} ({model_type})" if model_type else label

@@ -1,0 +1,169 @@
+"""Hugging Face model folders: one ``model.safetensors`` or shards listed in an index."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from workbench.checkpoint.base import CheckpointReader, OutputFile, TensorInfo, TensorSpec
+from workbench.checkpoint.safetensors_io import SafetensorsFile
+from workbench.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+def find_safetensors(path: Path) -> tuple[Path | None, list[Path]]:
+    """The index file (if any) and the data files of a folder or single file."""
+    if path.is_file():
+        return None, [path] if path.suffix == ".safetensors" else []
+    index = path / INDEX_NAME
+    if index.is_file():
+        return index, []
+    single = path / SINGLE_NAME
+    if single.is_file():
+        return None, [single]
+    return None, sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("adapter_"))
+
+
+class SafetensorsFolder(CheckpointReader):
+    """A lazily opened safetensors checkpoint: a folder (single file or sharded) or one file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"model path {self.path} does not exist.")
+        index, files = find_safetensors(self.path)
+        self._files: dict[Path, SafetensorsFile] = {}
+        self._where: dict[str, tuple[SafetensorsFile, int]] = {}
+        try:
+            if index is not None:
+                self._open_index(index)
+            elif files:
+                for file in files:
+                    self._add(self._open(file))
+            else:
+                raise CheckpointError(
+                    f"{self.path} is not a model folder: it has no model.safetensors, no {INDEX_NAME} and no"
+                    " *.safetensors file."
+                )
+        except BaseException:
+            self.close()
+            raise
+        self._order = list(self._where)
+
+    def _open(self, file: Path) -> SafetensorsFile:
+        if file not in self._files:
+            self._files[file] = SafetensorsFile(file)
+        return self._files[file]
+
+    def _add(self, st: SafetensorsFile, only: set[str] | None = None) -> None:
+        for name, (info, begin) in st.tensors.items():
+            if only is not None and name not in only:
+                continue
+            if name in self._where and self._where[name][0] is not st:
+                raise CheckpointError(
+                    f"{self.path}: tensor '{name}' is stored twice ({self._where[name][0].path.name} and {st.path.name})."
+                )
+            self._where[name] = (st, begin)
+
+    def _open_index(self, index: Path) -> None:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({exc}).") from exc
+        by_file: dict[str, set[str]] = {}
+        for name, file in weight_map.items():
+            by_file.setdefault(str(file), set()).add(name)
+        for file, names in by_file.items():
+            shard = self.path / file
+            if not shard.is_file():
+                raise CheckpointError(f"{index} lists shard '{file}', which is missing from {self.path}.")
+            st = self._open(shard)
+            missing = sorted(names - set(st.tensors))
+            if missing:
+                raise CheckpointError(
+                    f"{index} places tensor '{missing[0]}' in {file}, but that shard does not hold it"
+                    f" ({len(missing)} such tensor(s))."
+                )
+            self._add(st, names)
+        # Keep storage order: by shard, then by offset.
+        self._where = dict(sorted(self._where.items(), key=lambda kv: (str(kv[1][0].path), kv[1][1])))
+
+    def tensor_names(self) -> list[str]:
+        return list(self._order)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            st, _ = self._where[name]
+        except KeyError:
+            raise CheckpointError(f"tensor '{name}' is missing from model {self.path}.") from None
+        return st.tensors[name][0]
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> "torch.Tensor":
+        info = self.info(name)
+        st, begin = self._where[name]
+        return st.read(info, begin, rows)
+
+    def config(self) -> dict[str, Any] | None:
+        folder = self.path if self.path.is_dir() else self.path.parent
+        config = folder / "config.json"
+        if not config.is_file():
+            return None
+        try:
+            data = json.loads(config.read_text())
+        except ValueError as exc:
+            raise CheckpointError(f"{config} is not valid JSON ({exc}).") from exc
+        return data if isinstance(data, dict) else None
+
+    def files(self) -> list[Path]:
+        return list(self._files)
+
+    def metadata(self) -> dict[str, str]:
+        merged: dict[str, str] = {}
+        for st in self._files.values():
+            merged.update(st.metadata)
+        return merged
+
+    def close(self) -> None:
+        for st in self._files.values():
+            st.close()
+
+
+def plan_shards(specs: list[TensorSpec], shard_size: int) -> list[OutputFile]:
+    """Split tensors, in order, into HF-named shards of at most ``shard_size`` bytes.
+
+    A tensor larger than ``shard_size`` gets a shard of its own.
+    """
+    groups: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if groups[-1] and size + spec.nbytes > shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += spec.nbytes
+    if len(groups) == 1:
+        return [OutputFile(SINGLE_NAME, tuple(groups[0]))]
+    n = len(groups)
+    return [OutputFile(f"model-{i:05d}-of-{n:05d}.safetensors", tuple(g)) for i, g in enumerate(groups, 1)]
+
+
+def write_index(directory: Path, files: list[OutputFile]) -> list[Path]:
+    """Write ``model.safetensors.index.json`` when the output has more than one shard."""
+    if len(files) < 2:
+        return []
+    weight_map = {spec.name: f.name for f in files for spec in f.tensors}
+    index = {"metadata": {"total_size": sum(f.nbytes for f in files)}, "weight_map": weight_map}
+    path = directory / INDEX_NAME
+    path.write_text(json.dumps(index, indent=2) + "\n")
+    return [path]

@@ -1,0 +1,57 @@
+"""Files that travel with the weights: model config, tokenizer, generation config, chat template."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILES = ("config.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def model_folder(path: Path) -> Path:
+    return path if path.is_dir() else path.parent
+
+
+def copy_config(source: Path, dest: Path, out_dtype: str | None) -> list[str]:
+    """Copy config.json (with its dtype updated to the output's) and generation_config.json."""
+    copied = []
+    folder = model_folder(source)
+    config = folder / "config.json"
+    if config.is_file():
+        data: dict[str, Any] = json.loads(config.read_text())
+        if out_dtype is not None:
+            for key in ("torch_dtype", "dtype"):
+                if key in data or key == "torch_dtype":
+                    data[key] = out_dtype
+        (dest / "config.json").write_text(json.dumps(data, indent=2) + "\n")
+        copied.append("config.json")
+    generation = folder / "generation_config.json"
+    if generation.is_file():
+        shutil.copyfile(generation, dest / generation.name)
+        copied.append(generation.name)
+    return copied
+
+
+def copy_tokenizer(source: Path, dest: Path) -> list[str]:
+    """Copy every tokenizer file the source model has; returns the names copied."""
+    folder = model_folder(source)
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, dest / name)
+            copied.append(name)
+    return copied

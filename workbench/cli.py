@@ -1,0 +1,295 @@
+"""The ``workbench`` command line: run, validate, plan, inspect, methods, demo, generate, bench.
+
+Every command calls the same Python functions the API and the TUI use. Errors caused by input are
+printed as one paragraph and exit with status 2; listing methods and ``--help`` never import torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from workbench.errors import WorkbenchError
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def _warn(messages: list[str]) -> None:
+    console = _console(stderr=True)
+    for message in messages:
+        console.print(f"[yellow]warning:[/] {message}", markup=True)
+
+
+def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a ``WorkbenchError`` into a one-paragraph message and exit status 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except WorkbenchError as exc:
+            _console(stderr=True).print(f"[bold red]error:[/] {exc}", markup=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            _console(stderr=True).print("[bold red]interrupted:[/] nothing was written at the output path.", markup=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _registry() -> Any:
+    from workbench.registry import get_registry
+
+    registry = get_registry()
+    _warn(registry.problems)
+    return registry
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="merge-workbench")
+def main() -> None:
+    """Merge and edit neural-network checkpoints with plugin methods."""
+
+
+# ----------------------------------------------------------------------------------------------
+# methods
+# ----------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("name", required=False)
+@handle_errors
+def methods(name: str | None) -> None:
+    """List merge methods, or show the parameters of method NAME."""
+    from rich.table import Table
+
+    registry = _registry()
+    console = _console()
+    if name is None:
+        table = Table("method", "plugin", "summary", "paper", box=None, pad_edge=False)
+        for method_name, entry in sorted(registry.methods.items()):
+            table.add_row(method_name, entry.plugin.package, entry.obj.summary, entry.obj.paper or "")
+        console.print(table)
+        return
+    from workbench.method import is_per_layer
+
+    method = registry.method(name)
+    entry = registry.methods[name]
+    console.print(f"[bold]{method.name}[/] (plugin {entry.plugin.name}, package {entry.plugin.package})")
+    console.print(method.summary)
+    if method.paper:
+        console.print(f"paper: {method.paper}")
+    console.print(f"base model: {method.base_model}; models: {method.min_models}..{method.max_models or 'any'}")
+    table = Table("parameter", "scope", "type", "default", "per-layer", "description", box=None, pad_edge=False)
+    for scope, schema in (("global", method.Parameters), ("per-model", method.ModelParameters)):
+        for fname, info in schema.model_fields.items():
+            default = "(required)" if info.is_required() else repr(info.default)
+            annotation = getattr(info.annotation, "__name__", str(info.annotation))
+            per_layer = "yes" if is_per_layer(schema, fname) else "no"
+            table.add_row(info.alias or fname, scope, annotation, default, per_layer, info.description or "")
+    console.print(table)
+
+
+# ----------------------------------------------------------------------------------------------
+# validate / plan / run
+# ----------------------------------------------------------------------------------------------
+
+_out_option = click.option("--out", "out", type=click.Path(path_type=Path), help="Output folder (overrides the recipe's output.path).")
+
+
+def _plan(recipe_path: Path, out: Path | None, overwrite: bool = False) -> Any:
+    from workbench.plan import build_plan
+    from workbench.recipe import load_recipe
+    from workbench.registry import require_plugins
+
+    registry = _registry()
+    require_plugins(registry)
+    recipe = load_recipe(recipe_path)
+    return registry, build_plan(recipe, registry, out=out, overwrite=overwrite, check_output=out is not None or recipe.output.path is not None)
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.3f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@_out_option
+@click.option("--overwrite", is_flag=True, help="Accept an existing output folder (it would be replaced).")
+@handle_errors
+def validate(recipe: Path, out: Path | None, overwrite: bool) -> None:
+    """Check a recipe without reading tensor data: files, headers, shapes, parameters."""
+    _, plan = _plan(recipe, out, overwrite)
+    try:
+        _warn(plan.warnings)
+        _console().print(
+            f"[green]ok[/]: {plan.method.name} over {len(plan.inputs)} input(s), {len(plan.tensors)} tensors,"
+            f" {len(plan.files)} output file(s)."
+        )
+    finally:
+        plan.close()
+
+
+@main.command(name="plan")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@_out_option
+@click.option("--overwrite", is_flag=True, help="Accept an existing output folder.")
+@handle_errors
+def plan_command(recipe: Path, out: Path | None, overwrite: bool) -> None:
+    """Print what a recipe will read and write, and its estimated peak memory."""
+    from rich.table import Table
+
+    _, plan = _plan(recipe, out, overwrite)
+    console = _console()
+    try:
+        _warn(plan.warnings)
+        console.print(f"method: [bold]{plan.method.name}[/]   layers: {plan.layer_count}   compute dtype: {plan.compute_dtype}")
+        inputs = Table("input", "reference", "path", "files", "size", box=None, pad_edge=False)
+        for model in plan.inputs:
+            files = model.reader.files()
+            inputs.add_row(model.label, model.ref, str(model.path), str(len(files)), _gb(sum(f.stat().st_size for f in files)))
+        console.print(inputs)
+        merged = sum(t.merge for t in plan.tensors)
+        console.print(f"tensors: {len(plan.tensors)} ({merged} merged, {len(plan.tensors) - merged} copied from {plan.reference.label})")
+        outputs = Table("output file", "tensors", "size", box=None, pad_edge=False)
+        for file in plan.files:
+            outputs.add_row(file.name, str(len(file.tensors)), _gb(file.nbytes))
+        console.print(outputs)
+        console.print(f"output: {plan.out_dir or '(none: pass --out)'}")
+        console.print(f"reads {_gb(plan.input_bytes)}, writes {_gb(plan.output_bytes)}; estimated peak memory {_gb(plan.estimate_peak_bytes())}")
+    finally:
+        plan.close()
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@_out_option
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder (only once the new one is complete).")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+@click.option("--executor", default="local", show_default=True, help="Where shard jobs run (see registered executors).")
+@click.option("--prefetch", default=2, show_default=True, type=click.IntRange(1, 64), help="Work units read ahead of the computation.")
+@click.option("--stats-json", type=click.Path(path_type=Path), help="Write timings and sizes of the run to this file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@handle_errors
+def run(recipe: Path, out: Path | None, overwrite: bool, device: str, executor: str, prefetch: int, stats_json: Path | None, quiet: bool) -> None:
+    """Run a recipe (native or mergekit YAML) headless."""
+    from workbench.engine import execute
+    from workbench.progress import RichProgress
+
+    registry, plan = _plan(recipe, out, overwrite)
+    try:
+        _warn(plan.warnings)
+        progress = RichProgress(enabled=False if quiet else None)
+        result = execute(plan, registry, device=device, executor=executor, prefetch=prefetch, on_progress=progress)
+    finally:
+        plan.close()
+    _warn([w for w in result.warnings if w not in plan.warnings])
+    if stats_json:
+        stats = {
+            "seconds": result.seconds,
+            "bytes_read": result.bytes_read,
+            "bytes_written": result.bytes_written,
+            "tensors": result.tensors,
+            "input_gb_per_s": result.bytes_read / result.seconds / 1e9 if result.seconds else None,
+        }
+        stats_json.write_text(json.dumps(stats, indent=2) + "\n")
+    if not quiet:
+        _console().print(
+            f"[green]wrote[/] {result.out_dir}: {result.tensors} tensors, {_gb(result.bytes_written)} in {result.seconds:.2f} s"
+            f" ({result.bytes_read / max(result.seconds, 1e-9) / 1e9:.2f} GB/s of input)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# inspect
+# ----------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@handle_errors
+def inspect(path: Path) -> None:
+    """Describe a checkpoint: architecture, layers, parameters, dtypes, shards."""
+    from collections import Counter
+
+    from rich.table import Table
+
+    from workbench import architecture
+
+    registry = _registry()
+    console = _console()
+    with registry.open_checkpoint(path) as reader:
+        names = reader.tensor_names()
+        infos = [reader.info(n) for n in names]
+        config = reader.config()
+        console.print(f"[bold]{path}[/]")
+        console.print(f"architecture: {architecture.describe(config)}")
+        console.print(f"layers: {architecture.layer_count(names, config)}")
+        console.print(f"tensors: {len(names)}   parameters: {sum(i.numel for i in infos):,}")
+        dtypes = Counter(i.dtype for i in infos)
+        console.print("dtypes: " + ", ".join(f"{d} x{c}" for d, c in dtypes.most_common()))
+        kinds = Counter(architecture.place(n).module_kind for n in names)
+        console.print("modules: " + ", ".join(f"{k} x{c}" for k, c in kinds.most_common()))
+        table = Table("file", "tensors", "size", box=None, pad_edge=False)
+        per_file = Counter(i.file for i in infos)
+        for file in reader.files():
+            table.add_row(file.name, str(per_file[file]), _gb(file.stat().st_size))
+        console.print(table)
+
+
+# ----------------------------------------------------------------------------------------------
+# demo / generate / bench
+# ----------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--size", type=click.Choice(["tiny", "small", "250m", "1b"]), default="tiny", show_default=True)
+@click.option("--fine-tunes", default=2, show_default=True, type=click.IntRange(0, 16))
+@click.option("--dtype", default="bfloat16", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@handle_errors
+def generate(directory: Path, size: str, fine_tunes: int, dtype: str, seed: int) -> None:
+    """Generate a Llama-shaped base model and fine-tunes of it (DIRECTORY/base, ft1, ...)."""
+    from workbench.synthetic import write_family
+
+    for path in write_family(directory, size, fine_tunes, dtype=dtype, seed=seed):
+        _console().print(f"wrote {path}")
+
+
+@main.command()
+@click.option("--recipes", type=click.Path(path_type=Path), default=Path("recipes"), show_default=True, help="Folder of recipes to run.")
+@handle_errors
+def demo(recipes: Path) -> None:
+    """Generate tiny models in ./demo/models and run every recipe in RECIPES on them (no downloads)."""
+    from workbench.demo import run_demo
+
+    run_demo(recipes, _console())
+
+
+@main.command()
+@click.option("--size", type=click.Choice(["tiny", "small", "250m", "1b"]), default="250m", show_default=True)
+@click.option("--methods", "method_names", default="linear,task_arithmetic", show_default=True)
+@click.option("--fine-tunes", default=3, show_default=True)
+@click.option("--dir", "directory", type=click.Path(path_type=Path), default=Path("bench-models"), show_default=True, help="Generated models are kept here between runs.")
+@click.option("--repeat", default=1, show_default=True, help="Runs per method (the fastest is reported).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the results as JSON.")
+@handle_errors
+def bench(size: str, method_names: str, fine_tunes: int, directory: Path, repeat: int, json_out: Path | None) -> None:
+    """Benchmark end-to-end merges: wall time, start-up, merge throughput, peak RSS."""
+    from workbench.bench import run_bench
+
+    run_bench(size, [m.strip() for m in method_names.split(",") if m.strip()], fine_tunes, directory, repeat, json_out, _console())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

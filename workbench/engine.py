@@ -1,0 +1,293 @@
+"""The streaming merge engine: plan -> read -> method -> write, one tensor (or row block) at a time.
+
+Reading, computing and writing overlap: a reader thread prefetches the inputs of the next work
+units into a bounded window, the calling thread runs the method, and a writer thread streams results
+into the output file (torch and file I/O release the GIL). Peak memory is therefore bounded by the
+work units in flight, never by the model size. Output goes to ``<out>.partial/`` and is renamed into
+place only when complete; a failure removes it, so nothing half-written is ever at the final path.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from workbench.checkpoint.dtypes import to_torch
+from workbench.checkpoint.sidecars import copy_config, copy_tokenizer
+from workbench.errors import OutputError, RecipeError, WorkbenchError
+from workbench.hub import card_text
+from workbench.method import MergeMethod, PrepareContext, TensorContext
+from workbench.plan import CHUNK_ELEMENTS, MergePlan, PlannedTensor, build_plan
+from workbench.progress import ProgressCallback, ProgressEvent
+from workbench.recipe import Recipe, load_recipe
+from workbench.registry import Registry, get_registry, require_plugins
+
+if TYPE_CHECKING:
+    import torch
+
+    from workbench.checkpoint import OutputFile
+
+RECIPE_FILE = "workbench_recipe.yaml"
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    files: list[Path]
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    #: Seconds from the first read to the final rename (planning and start-up excluded).
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise WorkbenchError(f"device '{device}' was requested but CUDA is not available here; use --device cpu or auto.")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise WorkbenchError(f"unknown device '{device}' (use cpu, cuda or auto).")
+    return device
+
+
+def _row_blocks(tensor: PlannedTensor, elementwise: bool) -> list[tuple[int, int] | None]:
+    shape = tensor.shape
+    numel = 1
+    for d in shape:
+        numel *= d
+    if not elementwise or not shape or numel <= CHUNK_ELEMENTS or shape[0] < 2:
+        return [None]
+    row = numel // shape[0]
+    step = max(1, CHUNK_ELEMENTS // max(row, 1))
+    return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
+
+
+class _Progress:
+    """Counts finished tensors across output files (which an executor may run concurrently)."""
+
+    def __init__(self, plan: MergePlan, callback: ProgressCallback | None) -> None:
+        self.callback = callback
+        self.total = len(plan.tensors)
+        self.total_bytes = plan.input_bytes
+        self.done = 0
+        self.bytes_read = 0
+        self._lock = threading.Lock()
+
+    def emit(self, kind: str, tensor: str | None = None, nbytes: int = 0, finished: bool = False) -> None:
+        with self._lock:
+            self.bytes_read += nbytes
+            self.done += int(finished)
+            event = ProgressEvent(kind, self.done, self.total, self.bytes_read, self.total_bytes, tensor)  # type: ignore[arg-type]
+        if self.callback is not None:
+            self.callback(event)
+
+
+class _TensorRunner:
+    """Runs the method over the tensors of one output file at a time."""
+
+    def __init__(self, plan: MergePlan, method: MergeMethod, state: Any, device: str, prefetch: int, progress: _Progress) -> None:
+        self.plan = plan
+        self.method = method
+        self.state = state
+        self.device = device
+        self.prefetch = max(1, prefetch)
+        self.progress = progress
+        self.compute_dtype = to_torch(plan.compute_dtype)
+        self.by_name = {t.name: t for t in plan.tensors}
+        self.warnings: list[str] = []
+        self._warned: set[str] = set()
+        self._lock = threading.Lock()
+
+    def _units(self, file: "OutputFile") -> Iterator[tuple[PlannedTensor, tuple[int, int] | None, bool]]:
+        for spec in file.tensors:
+            tensor = self.by_name[spec.name]
+            blocks = _row_blocks(tensor, self.method.elementwise and tensor.merge)
+            for i, rows in enumerate(blocks):
+                yield tensor, rows, i == len(blocks) - 1
+
+    def _read(self, tensor: PlannedTensor, rows: tuple[int, int] | None) -> list["torch.Tensor"]:
+        sources = self.plan.inputs if tensor.merge else [self.plan.reference]
+        return [model.reader.read(tensor.name, rows) for model in sources]
+
+    def _warn(self, key: str, message: str) -> None:
+        with self._lock:
+            if key not in self._warned:
+                self._warned.add(key)
+                self.warnings.append(message)
+
+    def _compute(self, tensor: PlannedTensor, rows: tuple[int, int] | None, inputs: list["torch.Tensor"]) -> "torch.Tensor":
+        import torch
+
+        if not tensor.merge:
+            return inputs[0]
+        moved = [x.to(self.device, non_blocking=True) for x in inputs] if self.device != "cpu" else inputs
+        base = moved[0] if self.plan.base is not None else None
+        models = moved[1:] if self.plan.base is not None else moved
+        ctx = TensorContext(
+            name=tensor.name,
+            layer_index=tensor.place.layer_index,
+            layer_count=self.plan.layer_count,
+            module_kind=tensor.place.module_kind,
+            shape=tensor.shape,
+            device=self.device,
+            compute_dtype=self.compute_dtype,
+            seed=tensor.seed,
+            rows=rows,
+            state=self.state,
+        )
+        out = self.method.apply(models, base, tensor.params, tensor.model_params, ctx)  # type: ignore[arg-type]
+        expected = tuple(inputs[0].shape)
+        if tuple(out.shape) != expected:
+            raise RuntimeError(
+                f"method '{self.method.name}' returned shape {list(out.shape)} for tensor '{tensor.name}', expected {list(expected)}"
+            )
+        out = out.to(to_torch(tensor.out_dtype))
+        if out.device.type != "cpu":
+            out = out.cpu()
+        if not bool(torch.isfinite(out).all()):
+            culprits = [str(m) for m, x in zip(self.plan.inputs, inputs) if not bool(torch.isfinite(x).all())]
+            cause = f"input {', '.join(culprits)} hold(s) NaN/Inf values" if culprits else "the method produced them"
+            self._warn(tensor.name, f"tensor '{tensor.name}': the merged tensor has NaN/Inf values; {cause}.")
+        return out
+
+    def write_file(self, directory: Path, file: "OutputFile") -> Path:
+        writer = self.plan.output_format.open_file(directory / file.name, file.tensors)
+        readers = ThreadPoolExecutor(1, thread_name_prefix="workbench-read")
+        writers = ThreadPoolExecutor(1, thread_name_prefix="workbench-write")
+        pending_reads: deque[tuple[PlannedTensor, Any, bool, Future[list["torch.Tensor"]]]] = deque()
+        pending_writes: deque[Future[None]] = deque()
+        units = self._units(file)
+
+        def submit_next() -> None:
+            unit = next(units, None)
+            if unit is not None:
+                tensor, rows, last = unit
+                pending_reads.append((tensor, rows, last, readers.submit(self._read, tensor, rows)))
+
+        try:
+            for _ in range(self.prefetch):
+                submit_next()
+            while pending_reads:
+                tensor, rows, last, future = pending_reads.popleft()
+                inputs = future.result()
+                submit_next()
+                out = self._compute(tensor, rows, inputs)
+                nbytes = sum(x.numel() * x.element_size() for x in inputs)
+                del inputs
+                while len(pending_writes) >= 2:
+                    pending_writes.popleft().result()
+                pending_writes.append(writers.submit(writer.write, tensor.name, out))
+                del out
+                self.progress.emit("tensor", tensor.name, nbytes, finished=last)
+            while pending_writes:
+                pending_writes.popleft().result()
+            if not writer.complete:
+                raise RuntimeError(f"{file.name} was not completely written")
+        finally:
+            readers.shutdown(wait=True, cancel_futures=True)
+            writers.shutdown(wait=True, cancel_futures=True)
+            writer.close()
+        return directory / file.name
+
+
+def _finish_folder(plan: MergePlan, partial: Path, recipe_yaml: str, title: str) -> list[Path]:
+    """Sidecar files, the resolved recipe and the model card."""
+    out_dtype = next((t.out_dtype for t in plan.tensors if t.merge), None)
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+    written = copy_config(plan.reference.path, partial, names.get(out_dtype or ""))
+    source = plan.recipe.output.copy_tokenizer_from
+    if source is None or source == "base":
+        tokenizer_from = plan.reference.path
+    elif isinstance(source, int) or (isinstance(source, str) and source.isdigit()):
+        index = int(source)
+        if not 0 <= index < len(plan.models):
+            raise RecipeError(f"output.copy_tokenizer_from = {source}: there is no models[{index}].")
+        tokenizer_from = plan.models[index].path
+    else:
+        tokenizer_from = Path(source)
+        if not tokenizer_from.exists():
+            raise RecipeError(f"output.copy_tokenizer_from: {source} does not exist.")
+    written += copy_tokenizer(tokenizer_from, partial)
+    (partial / RECIPE_FILE).write_text(recipe_yaml)
+    (partial / "README.md").write_text(card_text(plan, recipe_yaml, title))
+    return [partial / name for name in written] + [partial / RECIPE_FILE, partial / "README.md"]
+
+
+def _publish(partial: Path, out_dir: Path) -> None:
+    """Move the finished folder into place, replacing an old output only now that the new one is whole."""
+    if out_dir.exists():
+        old = out_dir.with_name(out_dir.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        out_dir.rename(old)
+        partial.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        partial.rename(out_dir)
+
+
+def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executor: str = "local", prefetch: int = 2, on_progress: ProgressCallback | None = None) -> RunResult:
+    """Run a plan whose output path has been checked."""
+    if plan.out_dir is None:
+        raise OutputError("the recipe has no output.path; give one with --out DIR.")
+    out_dir = plan.out_dir
+    device = resolve_device(device)
+    executor_impl = registry.executor(executor)()
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    progress = _Progress(plan, on_progress)
+    start = time.perf_counter()
+    try:
+        method = plan.method()
+        state = method.prepare(
+            PrepareContext(models=[m.reader for m in plan.models], base=plan.base.reader if plan.base else None,
+                           params=plan.params, tensor_names=[t.name for t in plan.tensors], device=device)
+        )
+        runner = _TensorRunner(plan, method, state, device, prefetch, progress)
+        progress.emit("start")
+        files = executor_impl.run(plan.files, lambda f: runner.write_file(partial, f))
+        files += plan.output_format.finish_output(partial, plan.files)
+        resolved = plan.recipe.model_copy(update={"output": plan.recipe.output.model_copy(update={"path": str(out_dir)})})
+        files += _finish_folder(plan, partial, resolved.to_yaml(), out_dir.name)
+        _publish(partial, out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        progress.emit("finish")
+    seconds = time.perf_counter() - start
+    return RunResult(
+        out_dir=out_dir,
+        files=[out_dir / f.name for f in files],
+        tensors=len(plan.tensors),
+        bytes_read=progress.bytes_read,
+        bytes_written=plan.output_bytes,
+        seconds=seconds,
+        warnings=plan.warnings + runner.warnings,
+    )
+
+
+def run_recipe(recipe: Recipe | str | Path, *, out: str | Path | None = None, overwrite: bool = False, device: str = "cpu", executor: str = "local", prefetch: int = 2, on_progress: ProgressCallback | None = None, registry: Registry | None = None) -> RunResult:
+    """Load (if needed), plan and run a recipe; the Python API behind ``workbench run``."""
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    registry = registry or get_registry()
+    require_plugins(registry)
+    plan = build_plan(recipe, registry, out=out, overwrite=overwrite)
+    try:
+        return execute(plan, registry, device=device, executor=executor, prefetch=prefetch, on_progress=on_progress)
+    finally:
+        plan.close()
+

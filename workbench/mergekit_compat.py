@@ -1,0 +1,81 @@
+"""Reading mergekit YAML recipes unchanged.
+
+A mergekit recipe is recognised by its ``merge_method`` key and translated into a native recipe
+with mergekit's semantics (model order, which model is the base, dtype defaults). Options this
+version does not support are named in an error, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from workbench.errors import RecipeError
+
+if TYPE_CHECKING:
+    from workbench.recipe import LocatedSource
+
+#: mergekit methods whose task vectors are taken against the base: a base listed among the
+#: models contributes a zero task vector in mergekit, so it is dropped from the model list.
+_TASK_VECTOR_METHODS = {"task_arithmetic"}
+_UNSUPPORTED_KEYS = {
+    "slices": "layer slices (frankenmerges) are not supported yet",
+    "modules": "multi-module recipes are not supported yet",
+    "tokenizer": "tokenizer merging is not supported yet",
+    "chat_template": "chat-template selection is not supported yet",
+}
+_KNOWN_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "name"}
+
+
+def _model_ref(entry: Any, source: "LocatedSource", path: tuple[Any, ...]) -> str:
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry, dict) and isinstance(entry.get("model"), str):
+        return entry["model"]
+    raise RecipeError(f"{source.where(path)}: expected a model reference (a string).")
+
+
+def translate(data: dict[str, Any], source: "LocatedSource") -> dict[str, Any]:
+    """A native recipe dict equivalent to the mergekit recipe ``data``."""
+    for key, why in _UNSUPPORTED_KEYS.items():
+        if key in data:
+            raise RecipeError(f"{source.where((key,))}: mergekit option '{key}' is not supported: {why}.")
+    unknown = sorted(set(data) - _KNOWN_KEYS - set(_UNSUPPORTED_KEYS))
+    if unknown:
+        raise RecipeError(f"{source.where((unknown[0],))}: unknown mergekit option '{unknown[0]}'.")
+    method = data["merge_method"]
+    base = data.get("base_model")
+    if base is not None:
+        base = _model_ref(base, source, ("base_model",))
+    models = []
+    for i, entry in enumerate(data.get("models") or []):
+        if not isinstance(entry, dict):
+            raise RecipeError(f"{source.where(('models', i))}: expected '- model: <ref>' with optional parameters.")
+        ref = _model_ref(entry.get("model"), source, ("models", i, "model"))
+        models.append({"model": ref, "parameters": dict(entry.get("parameters") or {})})
+
+    native: dict[str, Any] = {"method": method, "models": models, "parameters": dict(data.get("parameters") or {})}
+    if method == "slerp":
+        # mergekit interpolates from the base (t = 0) to the other model (t = 1).
+        if base is None or base not in [m["model"] for m in models]:
+            raise RecipeError(f"{source.where(('base_model',))}: mergekit slerp needs base_model to be one of its two models.")
+        native["models"] = [m for m in models if m["model"] == base][:1] + [m for m in models if m["model"] != base]
+    elif method == "linear":
+        pass  # mergekit's linear ignores base_model
+    elif base is not None:
+        native["base"] = base
+        if method in _TASK_VECTOR_METHODS:
+            native["models"] = [m for m in models if m["model"] != base]
+    if "dtype" in data:
+        native["dtype"] = data["dtype"]
+    out_dtype = data.get("out_dtype") or data.get("dtype")
+    output: dict[str, Any] = {}
+    if out_dtype:
+        output["dtype"] = out_dtype
+    tokenizer = data.get("tokenizer_source")
+    if tokenizer is not None:
+        if tokenizer == "union":
+            raise RecipeError(f"{source.where(('tokenizer_source',))}: tokenizer_source 'union' is not supported yet.")
+        output["copy_tokenizer_from"] = "base" if tokenizer == "base" else tokenizer
+    if output:
+        native["output"] = output
+    return native

@@ -1,0 +1,132 @@
+"""The contract every merge method implements.
+
+A method is a class registered through the ``register_methods`` hook. It declares a typed parameter
+schema (pydantic) from which the CLI help, recipe validation and TUI forms are generated, an optional
+``prepare`` pass over lazy handles to all inputs, and a per-tensor ``apply``. The engine owns reading,
+scheduling and writing, so every method streams with bounded memory unless it says otherwise
+(``whole_model = True``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from workbench.errors import RecipeError
+
+if TYPE_CHECKING:  # torch is imported only where tensors are touched
+    import torch
+
+    from workbench.checkpoint import CheckpointReader
+
+BaseRequirement = Literal["required", "optional", "unused"]
+
+
+class MethodParameters(BaseModel):
+    """Base class of parameter schemas: unknown keys are errors, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def Param(
+    default: Any = ...,
+    *,
+    description: str,
+    per_layer: bool = True,
+    **constraints: Any,
+) -> Any:
+    """Declare a method parameter.
+
+    ``per_layer=True`` lets a recipe give a list (interpolated over layers, as in mergekit) or a
+    list of ``{filter, value}`` entries matched against tensor names; otherwise only a single value
+    is accepted.
+    """
+    return Field(default, description=description, json_schema_extra={"per_layer": per_layer}, **constraints)
+
+
+def is_per_layer(schema: type[BaseModel], name: str) -> bool:
+    extra = schema.model_fields[name].json_schema_extra
+    return bool(isinstance(extra, dict) and extra.get("per_layer", False))
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """Where the tensor being merged sits and how to compute it."""
+
+    name: str
+    layer_index: int | None
+    layer_count: int
+    module_kind: str
+    shape: tuple[int, ...]
+    device: str
+    compute_dtype: "torch.dtype"
+    seed: int
+    #: Rows ``[start, stop)`` of the full tensor this call sees (elementwise methods get row blocks).
+    rows: tuple[int, int] | None = None
+    state: Any = None
+
+
+@dataclass
+class PrepareContext:
+    """Lazy handles to every input, for methods that need global statistics before merging."""
+
+    models: Sequence["CheckpointReader"]
+    base: "CheckpointReader | None"
+    #: Global parameters as the recipe gives them (scalars, per-layer lists or filter lists).
+    params: dict[str, Any]
+    tensor_names: Sequence[str]
+    device: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class MergeMethod:
+    """Subclass, set the class attributes, implement :meth:`apply`, and register the class."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    paper: ClassVar[str | None] = None
+    Parameters: ClassVar[type[MethodParameters]] = MethodParameters
+    ModelParameters: ClassVar[type[MethodParameters]] = MethodParameters
+    base_model: ClassVar[BaseRequirement] = "optional"
+    min_models: ClassVar[int] = 1
+    max_models: ClassVar[int | None] = None
+    #: The output at each element depends only on the inputs at that element, so the engine may feed
+    #: row blocks of large tensors (less memory, better cache use).
+    elementwise: ClassVar[bool] = False
+    #: ``prepare`` holds whole models in memory (the engine warns about the memory this takes).
+    whole_model: ClassVar[bool] = False
+
+    def check_inputs(self, n_models: int, has_base: bool) -> None:
+        """Reject a model count or base-model use this method cannot work with."""
+        where = f"method '{self.name}'"
+        if self.base_model == "required" and not has_base:
+            raise RecipeError(f"{where} needs a base model: add 'base: <path>' to the recipe.")
+        if self.base_model == "unused" and has_base:
+            raise RecipeError(f"{where} does not use a base model: remove 'base' from the recipe.")
+        if n_models < self.min_models:
+            raise RecipeError(f"{where} needs at least {self.min_models} model(s) in 'models', got {n_models}.")
+        if self.max_models is not None and n_models > self.max_models:
+            raise RecipeError(f"{where} takes at most {self.max_models} model(s) in 'models', got {n_models}.")
+
+    def prepare(self, ctx: PrepareContext) -> Any:
+        """Compute global state before any tensor is merged; the result is passed as ``ctx.state``."""
+        return None
+
+    def apply(
+        self,
+        tensors: list["torch.Tensor"],
+        base: "torch.Tensor | None",
+        params: MethodParameters,
+        model_params: list[MethodParameters],
+        ctx: TensorContext,
+    ) -> "torch.Tensor":
+        """Merge one tensor (or one row block of it).
+
+        ``tensors`` are the models' tensors in recipe order, on ``ctx.device`` and in their stored
+        dtype; compute in ``ctx.compute_dtype``. ``params`` and ``model_params`` are already resolved
+        for this tensor (gradients interpolated, filters applied). The engine casts the result to the
+        output dtype.
+        """
+        raise NotImplementedError

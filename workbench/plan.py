@@ -1,0 +1,334 @@
+"""From a recipe to a merge plan: every input opened lazily, every output tensor known in advance.
+
+Planning reads headers only (names, shapes, dtypes), so ``workbench validate`` and ``workbench plan``
+can check a recipe end to end without touching tensor data. Every problem is reported with the
+file, tensor, field or line it concerns.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from workbench import architecture
+from workbench.architecture import TensorPlace
+from workbench.checkpoint import CheckpointFormat, CheckpointReader, OutputFile, TensorSpec
+from workbench.checkpoint.dtypes import ITEMSIZE, code_from_name
+from workbench.checkpoint.resolve import resolve_model
+from workbench.errors import CheckpointError, OutputError, RecipeError
+from workbench.method import MergeMethod, MethodParameters, is_per_layer
+from workbench.params import anchors, is_filter_list, resolve, varies
+from workbench.recipe import Recipe, format_path, located
+from workbench.registry import Registry
+
+#: Elementwise methods see large tensors in row blocks of about this many elements.
+CHUNK_ELEMENTS = 1 << 22
+#: Resident memory of a process that has imported torch, for the peak-memory estimate.
+BASELINE_BYTES = 300 * 2**20
+_MISSING = object()
+
+
+@dataclass
+class InputModel:
+    """One input checkpoint, opened lazily."""
+
+    ref: str
+    label: str  # 'models[1]' or 'base'
+    path: Path
+    reader: CheckpointReader
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.label} ({self.ref})"
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: str
+    place: TensorPlace
+    merge: bool  # False: copied unchanged from the reference model (integer buffers)
+    seed: int
+    input_bytes: int
+    params: MethodParameters | None = None
+    model_params: list[MethodParameters] = field(default_factory=list)
+
+    @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.out_dtype, self.shape)
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    method: type[MergeMethod]
+    params: dict[str, Any]  # global raw values (scalars, gradients, filter lists)
+    models: list[InputModel]
+    base: InputModel | None
+    tensors: list[PlannedTensor]
+    layer_count: int
+    output_format: CheckpointFormat
+    files: list[OutputFile]
+    compute_dtype: str
+    out_dir: Path | None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def reference(self) -> InputModel:
+        return self.base or self.models[0]
+
+    @property
+    def inputs(self) -> list[InputModel]:
+        return ([self.base] if self.base else []) + self.models
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(t.input_bytes for t in self.tensors)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+    def estimate_peak_bytes(self, prefetch: int = 2) -> int:
+        """Peak resident memory: inputs and outputs of the work units in flight, not the model size."""
+        per_element_in = sum(ITEMSIZE[m.reader.info(self.tensors[0].name).dtype] for m in self.inputs) if self.tensors else 0
+        compute = ITEMSIZE[self.compute_dtype]
+        largest = 0
+        for t in self.tensors:
+            numel = t.input_bytes // max(per_element_in, 1)
+            largest = max(largest, min(numel, CHUNK_ELEMENTS) if self.method.elementwise else numel)
+        out_item = max((ITEMSIZE[t.out_dtype] for t in self.tensors), default=4)
+        in_flight = (prefetch + 1) * largest * per_element_in
+        working = largest * compute * (3 if self.method.elementwise else len(self.inputs) + 2)
+        return BASELINE_BYTES + in_flight + working + 3 * largest * out_item
+
+    def close(self) -> None:
+        for model in self.inputs:
+            model.reader.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters
+# --------------------------------------------------------------------------------------------------
+
+
+def param_keys(schema: type[MethodParameters]) -> dict[str, str]:
+    """Recipe key -> field name (a field may use an alias such as 'lambda')."""
+    return {(f.alias or name): name for name, f in schema.model_fields.items()}
+
+
+class _ParamChecker:
+    def __init__(self, recipe: Recipe) -> None:
+        self.source = located(recipe)
+        self.recipe_name = recipe.source or "<recipe>"
+
+    def where(self, path: tuple[Any, ...]) -> str:
+        return self.source.where(path) if self.source else f"{self.recipe_name}: {format_path(path)}"
+
+    def check(self, raw: dict[str, Any], schema: type[MethodParameters], path: tuple[Any, ...], method: str, allowed_elsewhere: set[str], defaults: dict[str, Any] | None = None) -> None:
+        keys = param_keys(schema)
+        for key in raw:
+            if key in keys or key in allowed_elsewhere:
+                continue
+            close = difflib.get_close_matches(key, list(keys) + list(allowed_elsewhere), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            known = ", ".join(sorted(keys)) or "none"
+            raise RecipeError(f"{self.where(path + (key,))}: unknown parameter '{key}' for method '{method}'.{hint} Its parameters here: {known}.")
+        for key, fname in keys.items():
+            info = schema.model_fields[fname]
+            if key not in raw:
+                if info.is_required() and not (defaults and key in defaults):
+                    raise RecipeError(f"{self.where(path)}: method '{method}' needs parameter '{key}' ({info.description}).")
+                continue
+            value = raw[key]
+            if varies(value) and not is_per_layer(schema, fname):
+                raise RecipeError(f"{self.where(path + (key,))}: parameter '{key}' takes a single value, not a list.")
+            if is_filter_list(value):
+                for i, entry in enumerate(value):
+                    extra = set(entry) - {"filter", "value"}
+                    if extra or "value" not in entry:
+                        raise RecipeError(f"{self.where(path + (key, i))}: a filter entry has keys 'filter' and 'value' only.")
+            annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation  # type: ignore[misc]
+            adapter = TypeAdapter(annotation)
+            for anchor in anchors(value):
+                try:
+                    adapter.validate_python(anchor)
+                except ValidationError as exc:
+                    message = exc.errors()[0]["msg"]
+                    raise RecipeError(f"{self.where(path + (key,))}: parameter '{key}' = {anchor!r} is invalid: {message}.") from None
+
+
+def resolve_params(schema: type[MethodParameters], raw: dict[str, Any], place: TensorPlace, name: str, layers: int) -> MethodParameters:
+    """The parameters of one tensor: gradients interpolated, filters applied, schema validated."""
+    values: dict[str, Any] = {}
+    for key, fname in param_keys(schema).items():
+        if key not in raw:
+            continue
+        value = resolve(raw[key], name, place.layer_index, layers, _MISSING)
+        if value is _MISSING:
+            if schema.model_fields[fname].is_required():
+                raise RecipeError(f"no filter of parameter '{key}' matches tensor '{name}', and '{key}' has no default.")
+            continue
+        values[key] = value
+    return schema.model_validate(values)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A seed that depends only on the recipe seed and the tensor name (not on scheduling)."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan
+# --------------------------------------------------------------------------------------------------
+
+
+def _open(registry: Registry, ref: str, label: str, parameters: dict[str, Any]) -> InputModel:
+    try:
+        path = resolve_model(ref)
+        reader = registry.open_checkpoint(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{label}: {exc}") from None
+    return InputModel(ref=ref, label=label, path=path, reader=reader, parameters=parameters)
+
+
+def check_output_path(out_dir: Path, inputs: list[InputModel], overwrite: bool) -> None:
+    out = out_dir.resolve()
+    for model in inputs:
+        folder = (model.path if model.path.is_dir() else model.path.parent).resolve()
+        if out == folder or folder in out.parents:
+            raise OutputError(f"output {out_dir} is inside input {model} ({folder}); choose a folder outside every input.")
+        if out in folder.parents:
+            raise OutputError(f"input {model} lies inside the output folder {out_dir}; choose another output folder.")
+    if out.exists() and not overwrite:
+        raise OutputError(f"output {out_dir} already exists; pass --overwrite to replace it.")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out_dir} exists and is not a folder.")
+
+
+def build_plan(recipe: Recipe, registry: Registry, out: str | Path | None = None, overwrite: bool = False, check_output: bool = True) -> MergePlan:
+    """Open every input, check that they agree, and plan every output tensor and file."""
+    method_cls = registry.method(recipe.method)
+    method = method_cls()
+    method.check_inputs(len(recipe.models), recipe.base is not None)
+    checker = _ParamChecker(recipe)
+    model_keys = set(param_keys(method_cls.ModelParameters))
+    # A per-model parameter given at the top level is the default for every model (as in mergekit).
+    global_raw = {k: v for k, v in recipe.parameters.items() if k not in model_keys}
+    model_defaults = {k: v for k, v in recipe.parameters.items() if k in model_keys}
+    checker.check(recipe.parameters, method_cls.Parameters, ("parameters",), method_cls.name, model_keys)
+    for i, entry in enumerate(recipe.models):
+        checker.check(entry.parameters, method_cls.ModelParameters, ("models", i, "parameters"), method_cls.name, set(), model_defaults)
+
+    output_format = registry.format(recipe.output.format)
+    if not output_format.can_write:
+        raise RecipeError(f"output format '{output_format.name}' cannot write checkpoints.")
+    out_dir = Path(out) if out is not None else (Path(recipe.output.path) if recipe.output.path else None)
+
+    opened: list[InputModel] = []
+    try:
+        base = _open(registry, recipe.base, "base", {}) if recipe.base else None
+        if base:
+            opened.append(base)
+        models = []
+        for i, entry in enumerate(recipe.models):
+            models.append(_open(registry, entry.model, f"models[{i}]", {**model_defaults, **entry.parameters}))
+            opened.append(models[-1])
+        if check_output and out_dir is not None:
+            check_output_path(out_dir, opened, overwrite)
+        plan = _plan_tensors(recipe, method_cls, global_raw, models, base, output_format, out_dir)
+    except BaseException:
+        for model in opened:
+            model.reader.close()
+        raise
+    return plan
+
+
+def _plan_tensors(recipe: Recipe, method_cls: type[MergeMethod], global_raw: dict[str, Any], models: list[InputModel], base: InputModel | None, output_format: CheckpointFormat, out_dir: Path | None) -> MergePlan:
+    reference = base or models[0]
+    inputs = ([base] if base else []) + models
+    names = reference.reader.tensor_names()
+    if not names:
+        raise CheckpointError(f"{reference} holds no tensors.")
+    warnings: list[str] = []
+    for model in inputs:
+        if model is reference:
+            continue
+        missing = [n for n in names if n not in model.reader]
+        if missing:
+            raise CheckpointError(
+                f"tensor '{missing[0]}' is missing from {model} but present in {reference}"
+                f" ({len(missing)} tensor(s) missing in all); the models must have the same architecture."
+            )
+        extra = len(model.reader.tensor_names()) - len(names)
+        if extra > 0:
+            warnings.append(f"{model} has {extra} tensor(s) that {reference} lacks; they are not in the output.")
+
+    layers = architecture.layer_count(names, reference.reader.config())
+    out_code = code_from_name(recipe.output.dtype) if recipe.output.dtype else None
+    tensors: list[PlannedTensor] = []
+    converted: dict[str, tuple[str, str, int]] = {}
+    placed_any = False
+    for name in names:
+        ref_info = reference.reader.info(name)
+        place = architecture.place(name)
+        placed_any |= place.layer_index is not None
+        input_bytes = 0
+        for model in inputs:
+            info = model.reader.info(name)
+            if info.shape != ref_info.shape:
+                raise CheckpointError(
+                    f"tensor '{name}' has shape {list(info.shape)} in {model} but {list(ref_info.shape)} in {reference};"
+                    " the models must have the same architecture."
+                )
+            if info.dtype != ref_info.dtype:
+                count = converted.get(model.label, (info.dtype, ref_info.dtype, 0))[2] + 1
+                converted[model.label] = (info.dtype, ref_info.dtype, count)
+            input_bytes += info.nbytes
+        merge = ref_info.is_float
+        planned = PlannedTensor(
+            name=name,
+            shape=ref_info.shape,
+            out_dtype=(out_code if (merge and out_code) else ref_info.dtype),
+            place=place,
+            merge=merge,
+            seed=tensor_seed(recipe.seed, name),
+            input_bytes=input_bytes if merge else ref_info.nbytes,
+        )
+        if merge:
+            try:
+                planned.params = resolve_params(method_cls.Parameters, global_raw, place, name, layers)
+                planned.model_params = [resolve_params(method_cls.ModelParameters, m.parameters, place, name, layers) for m in models]
+            except ValidationError as exc:
+                raise RecipeError(f"parameters for tensor '{name}' are invalid: {exc.errors()[0]['msg']}.") from None
+        tensors.append(planned)
+    for label, (have, want, count) in converted.items():
+        warnings.append(f"{label} stores {count} tensor(s) as {have} where the reference has {want}; they are converted for the merge.")
+    if not placed_any:
+        warnings.append(
+            f"no tensor of {reference} matches a known layer layout (model.layers.N., transformer.h.N., ...);"
+            " it still merges, but per-layer parameter lists apply their first value everywhere."
+        )
+    shard_size = recipe.output.shard_bytes
+    files = output_format.plan_output([t.spec for t in tensors], shard_size)
+    return MergePlan(
+        recipe=recipe,
+        method=method_cls,
+        params=global_raw,
+        models=models,
+        base=base,
+        tensors=tensors,
+        layer_count=layers,
+        output_format=output_format,
+        files=files,
+        compute_dtype=code_from_name(recipe.dtype),
+        out_dir=out_dir,
+        warnings=warnings,
+    )

@@ -1,0 +1,238 @@
+"""Recipes: YAML files that say which models to merge, how, and where the result goes.
+
+Native format::
+
+    method: task_arithmetic
+    base: ./models/base                 # optional; a path or org/name@revision
+    models:
+      - model: ./models/math
+        parameters: {weight: 1.0}
+      - ./models/code                   # shorthand: no per-model parameters
+    parameters: {lambda: 0.8}
+    dtype: float32                      # compute dtype
+    seed: 0                             # seeds random methods per tensor name
+    output:
+      path: ./merged                    # or `workbench run --out DIR`
+      dtype: bfloat16                   # storage dtype (default: each input tensor's own)
+      shard_size: 5GB
+      copy_tokenizer_from: base         # base | <model index> | <path>
+
+A mergekit recipe (it has ``merge_method``) is translated on load; see
+:mod:`workbench.mergekit_compat`. Errors name the field path and the line of the YAML file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from workbench.checkpoint.dtypes import code_from_name
+from workbench.errors import RecipeError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(value: str | int) -> int:
+    """'5GB' -> 5_000_000_000, '512MiB' -> 536_870_912, 1000 -> 1000."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError("a size must be positive")
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"'{value}' is not a size (examples: 500MB, 2GB, 1GiB, 1000000)")
+    unit = (match[2] or "").lower().removesuffix("b")
+    size = int(float(match[1]) * _UNITS[unit])
+    if size <= 0:
+        raise ValueError("a size must be positive")
+    return size
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelEntry(Strict):
+    model: str = Field(description="A local folder or file, or a Hub id 'org/name[@revision]'.")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="Per-model method parameters.")
+
+    @field_validator("model")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the model reference is empty")
+        return value
+
+
+class OutputSection(Strict):
+    path: str | None = Field(None, description="Output folder (overridden by --out).")
+    dtype: str | None = Field(None, description="Storage dtype of float tensors; default: the input's.")
+    shard_size: int | str = Field("5GB", description="Largest output shard, e.g. 2GB or 500MB.")
+    copy_tokenizer_from: str | int | None = Field(
+        None, description="Where config/tokenizer files come from: 'base', a model index, or a path."
+    )
+    format: str = Field("safetensors", description="Output checkpoint format.")
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str | None) -> str | None:
+        if value is not None:
+            code_from_name(value)
+        return value
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, value: int | str) -> int | str:
+        parse_size(value)
+        return value
+
+    @property
+    def shard_bytes(self) -> int:
+        return parse_size(self.shard_size)
+
+
+class Recipe(Strict):
+    method: str = Field(description="A registered merge method (see `workbench methods`).")
+    base: str | None = Field(None, description="Base model for task-vector methods.")
+    models: list[ModelEntry] = Field(description="The models to merge, in order.")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="Method parameters.")
+    dtype: str = Field("float32", description="Compute dtype.")
+    seed: int = Field(0, description="Seed for random methods (per tensor name).")
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    #: Where the recipe came from (for messages); not part of the recipe itself.
+    source: str | None = Field(None, exclude=True)
+    _located: Any = PrivateAttr(None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("models"), list):
+            data = dict(data)
+            data["models"] = [{"model": m} if isinstance(m, str) else m for m in data["models"]]
+        return data
+
+    @field_validator("models")
+    @classmethod
+    def _some_models(cls, value: list[ModelEntry]) -> list[ModelEntry]:
+        if not value:
+            raise ValueError("at least one model is needed")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _compute_dtype(cls, value: str) -> str:
+        code = code_from_name(value)
+        if code not in ("F32", "F64", "F16", "BF16"):
+            raise ValueError(f"compute dtype must be a float type, got '{value}'")
+        return value
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading with located errors
+# --------------------------------------------------------------------------------------------------
+
+
+def _line_map(node: yaml.Node | None, path: tuple[Any, ...] = (), out: dict[tuple[Any, ...], int] | None = None) -> dict[tuple[Any, ...], int]:
+    """Map every field path of a composed YAML document to its 1-based line."""
+    out = {} if out is None else out
+    if node is None:
+        return out
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            sub = path + (key.value,)
+            out[sub] = key.start_mark.line + 1
+            _line_map(value, sub, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            sub = path + (i,)
+            out[sub] = item.start_mark.line + 1
+            _line_map(item, sub, out)
+    return out
+
+
+class LocatedSource:
+    """A YAML text with the line of every field, for error messages."""
+
+    def __init__(self, text: str, name: str) -> None:
+        self.name = name
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            self.data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{name}:{mark.line + 1}" if mark else name
+            raise RecipeError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}).") from exc
+        self.lines = _line_map(node)
+
+    def where(self, path: tuple[Any, ...]) -> str:
+        """'recipe.yaml:12: models[0].parameters.weight' for the deepest known prefix of ``path``."""
+        line = None
+        for cut in range(len(path), -1, -1):
+            if path[:cut] in self.lines:
+                line = self.lines[path[:cut]]
+                break
+        label = format_path(path) or "(top level)"
+        return f"{self.name}:{line}: {label}" if line else f"{self.name}: {label}"
+
+
+def format_path(path: tuple[Any, ...]) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _raise_validation(exc: ValidationError, source: LocatedSource, prefix: tuple[Any, ...] = ()) -> None:
+    problems = []
+    for error in exc.errors():
+        loc = prefix + tuple(p for p in error["loc"] if p not in ("function-before", "function-after"))
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        problems.append(f"{source.where(loc)}: {message}")
+    raise RecipeError("invalid recipe: " + "; ".join(problems) + ".")
+
+
+def parse_recipe(text: str, name: str = "<recipe>") -> Recipe:
+    """Parse recipe text (native or mergekit)."""
+    source = LocatedSource(text, name)
+    data = source.data
+    if not isinstance(data, dict):
+        raise RecipeError(f"{name}: a recipe must be a YAML mapping (method, models, ...), got {type(data).__name__}.")
+    if "merge_method" in data:
+        from workbench.mergekit_compat import translate
+
+        data = translate(data, source)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        _raise_validation(exc, source)
+    recipe.source = name
+    recipe._located = source
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read recipe file {path} ({exc}).") from exc
+    return parse_recipe(text, str(path))
+
+
+def located(recipe: Recipe) -> LocatedSource | None:
+    """The YAML source a recipe was parsed from, when it came from text."""
+    return recipe._located

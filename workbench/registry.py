@@ -1,0 +1,242 @@
+"""The plugin registry: entry-point discovery, validation, allow/block lists and listings.
+
+Plugins are loaded from the entry-point group ``workbench.plugins`` one at a time, so a plugin that
+fails to import, implements a hook that does not exist, raises inside a hook or registers something
+invalid is reported with its package name and skipped while everything else keeps working.
+
+Environment:
+- ``WORKBENCH_PLUGINS=a,b`` loads only the named plugins (entry-point or distribution names);
+- ``WORKBENCH_DISABLE_PLUGINS=x,y`` blocks the named ones.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata as metadata
+import inspect
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pluggy
+
+from workbench import hookspecs
+from workbench.checkpoint.base import CheckpointFormat, CheckpointReader
+from workbench.errors import CheckpointError, PluginError, RecipeError
+from workbench.executor import Executor
+from workbench.method import MergeMethod, MethodParameters
+
+ENTRY_POINT_GROUP = "workbench.plugins"
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    name: str  # entry-point name
+    package: str  # distribution that provides it
+    version: str
+
+
+@dataclass
+class Registered:
+    obj: Any
+    plugin: PluginInfo
+
+
+@dataclass
+class Registry:
+    """Everything the loaded plugins registered, with where each item came from."""
+
+    methods: dict[str, Registered] = field(default_factory=dict)
+    formats: dict[str, Registered] = field(default_factory=dict)
+    executors: dict[str, Registered] = field(default_factory=dict)
+    plugins: list[PluginInfo] = field(default_factory=list)
+    #: One message per plugin problem; the plugin (or the offending item) was skipped.
+    problems: list[str] = field(default_factory=list)
+
+    # -- lookups ---------------------------------------------------------------------------------
+    def method(self, name: str) -> type[MergeMethod]:
+        return self._lookup(self.methods, name, "method").obj
+
+    def executor(self, name: str) -> type[Executor]:
+        return self._lookup(self.executors, name, "executor").obj
+
+    def format(self, name: str) -> CheckpointFormat:
+        return self._lookup(self.formats, name, "format").obj
+
+    @staticmethod
+    def _lookup(table: dict[str, Registered], name: str, kind: str) -> Registered:
+        if name in table:
+            return table[name]
+        close = difflib.get_close_matches(name, list(table), n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        known = ", ".join(sorted(table)) or "none (no plugin registered one)"
+        raise RecipeError(f"unknown {kind} '{name}'.{hint} Known {kind}s: {known}.")
+
+    def open_checkpoint(self, path: str | Path) -> CheckpointReader:
+        """Open a checkpoint with the first format that recognises it."""
+        path = Path(path)
+        if not path.exists():
+            raise CheckpointError(f"model path {path} does not exist.")
+        for entry in self.formats.values():
+            if entry.obj.detect(path):
+                return entry.obj.open(path)
+        known = ", ".join(f"{n} ({e.obj.description})" for n, e in self.formats.items()) or "none"
+        raise CheckpointError(f"{path} is not a model folder that any format recognises. Formats: {known}.")
+
+
+def _split_env(name: str) -> set[str]:
+    return {part.strip() for part in os.environ.get(name, "").split(",") if part.strip()}
+
+
+def _dist_info(ep: metadata.EntryPoint) -> PluginInfo:
+    dist = getattr(ep, "dist", None)
+    package = dist.name if dist is not None else ep.module.split(".")[0]
+    version = dist.version if dist is not None else "?"
+    return PluginInfo(name=ep.name, package=package, version=version)
+
+
+class _Loader:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.pm = pluggy.PluginManager("workbench")
+        self.pm.add_hookspecs(hookspecs)
+
+    def load_entry_points(self, only: set[str], blocked: set[str]) -> None:
+        seen: set[str] = set()
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            info = _dist_info(ep)
+            if ep.name in seen:  # the same distribution visible twice on sys.path
+                continue
+            seen.add(ep.name)
+            if only and not ({ep.name, info.package} & only):
+                continue
+            if {ep.name, info.package} & blocked:
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # a broken plugin must not break the others
+                self.problem(info, f"failed to import ({type(exc).__name__}: {exc})")
+                continue
+            self.add(plugin, info)
+
+    def add(self, plugin: Any, info: PluginInfo) -> None:
+        try:
+            self.pm.register(plugin, name=info.name)
+        except Exception as exc:
+            self.problem(info, f"could not be registered ({exc})")
+            return
+        unknown = [
+            impl.function.__name__
+            for caller in (self.pm.get_hookcallers(plugin) or [])
+            if not caller.has_spec()
+            for impl in caller.get_hookimpls()
+            if impl.plugin is plugin
+        ]
+        if unknown:
+            self.pm.unregister(plugin)
+            self.problem(info, f"implements unknown hook(s) {', '.join(sorted(unknown))}")
+            return
+        self.registry.plugins.append(info)
+
+    def problem(self, info: PluginInfo, message: str) -> None:
+        self.registry.problems.append(f"plugin '{info.name}' (package {info.package}) {message}; skipped.")
+
+    def call(self, hook_name: str, table: dict[str, Registered], check: Callable[[Any], str]) -> None:
+        """Call one hook plugin by plugin, so every item records which plugin supplied it."""
+        infos = {p.name: p for p in self.registry.plugins}
+        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
+            info = infos.get(impl.plugin_name) or PluginInfo(impl.plugin_name, impl.plugin_name, "?")
+
+            def register(obj: Any, _info: PluginInfo = info) -> None:
+                try:
+                    name = check(obj)
+                except (TypeError, ValueError) as exc:
+                    self.problem(_info, f"registered an invalid {hook_name.removeprefix('register_')[:-1]}: {exc}")
+                    return
+                if name in table:
+                    other = table[name].plugin
+                    self.problem(_info, f"registered '{name}', which plugin '{other.name}' (package {other.package}) already provides")
+                    return
+                table[name] = Registered(obj, _info)
+
+            try:
+                impl.function(register=register)
+            except Exception as exc:
+                self.problem(info, f"raised in {hook_name} ({type(exc).__name__}: {exc})")
+
+
+def _check_name(obj: Any, kind: str) -> str:
+    name = getattr(obj, "name", None)
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"{kind} {obj!r} needs a lowercase identifier 'name', got {name!r}")
+    return name
+
+
+def check_method(obj: Any) -> str:
+    if not (inspect.isclass(obj) and issubclass(obj, MergeMethod)):
+        raise TypeError(f"{obj!r} is not a MergeMethod subclass")
+    name = _check_name(obj, "method")
+    if not isinstance(getattr(obj, "summary", None), str) or not obj.summary.strip():
+        raise ValueError(f"method '{name}' has no summary")
+    for attr in ("Parameters", "ModelParameters"):
+        schema = getattr(obj, attr)
+        if not (inspect.isclass(schema) and issubclass(schema, MethodParameters)):
+            raise ValueError(f"method '{name}': {attr} must subclass workbench.method.MethodParameters")
+        clash = set(obj.Parameters.model_fields) & set(obj.ModelParameters.model_fields) if attr == "ModelParameters" else set()
+        if clash:
+            raise ValueError(f"method '{name}': parameter(s) {sorted(clash)} are both global and per-model")
+        for fname, finfo in schema.model_fields.items():
+            if not finfo.description:
+                raise ValueError(f"method '{name}': parameter '{fname}' has no description")
+    if obj.base_model not in ("required", "optional", "unused"):
+        raise ValueError(f"method '{name}': base_model must be 'required', 'optional' or 'unused'")
+    if obj.apply is MergeMethod.apply:
+        raise ValueError(f"method '{name}' does not implement apply()")
+    return name
+
+
+def check_format(obj: Any) -> str:
+    if not isinstance(obj, CheckpointFormat):
+        raise TypeError(f"{obj!r} is not a CheckpointFormat instance")
+    return _check_name(obj, "format")
+
+
+def check_executor(obj: Any) -> str:
+    if not (inspect.isclass(obj) and issubclass(obj, Executor)):
+        raise TypeError(f"{obj!r} is not an Executor subclass")
+    return _check_name(obj, "executor")
+
+
+def load_registry(extra_plugins: list[tuple[Any, str]] | None = None) -> Registry:
+    """Discover and load plugins now (tests pass ``extra_plugins`` as ``(plugin, name)`` pairs)."""
+    registry = Registry()
+    loader = _Loader(registry)
+    loader.load_entry_points(_split_env("WORKBENCH_PLUGINS"), _split_env("WORKBENCH_DISABLE_PLUGINS"))
+    for plugin, name in extra_plugins or []:
+        loader.add(plugin, PluginInfo(name=name, package=name, version="local"))
+    loader.call("register_methods", registry.methods, check_method)
+    loader.call("register_formats", registry.formats, check_format)
+    loader.call("register_executors", registry.executors, check_executor)
+    return registry
+
+
+_cached: Registry | None = None
+
+
+def get_registry(reload: bool = False) -> Registry:
+    """The process-wide registry, loaded on first use."""
+    global _cached
+    if _cached is None or reload:
+        _cached = load_registry()
+    return _cached
+
+
+def require_plugins(registry: Registry) -> None:
+    if not registry.methods:
+        problems = " ".join(registry.problems)
+        raise PluginError(
+            "no merge methods are registered: is merge-workbench installed (pip install -e .)? " + problems
+        )
