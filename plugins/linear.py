@@ -38,7 +38,7 @@ class Linear(MergeMethod):
             if total == 0:
                 raise RecipeError(f"linear: the weights of tensor '{ctx.name}' sum to 0, so they cannot be normalised.")
             weights = [w / total for w in weights]
-        return weighted_sum(tensors, weights, ctx.compute_dtype)
+        return weighted_sum(tensors, weights, ctx.compute_dtype, ctx.out_dtype)
 
 
 @hookimpl

@@ -43,7 +43,7 @@ class TaskArithmetic(MergeMethod):
         # base + l * sum w_i (x_i - base) == (1 - l * sum w_i) * base + sum (l * w_i) * x_i: one pass,
         # one accumulator, and exact when a single fine-tune has l * w = 1.
         coefficients = [params.scale * w for w in weights]
-        return weighted_sum([base, *tensors], [1.0 - sum(coefficients), *coefficients], ctx.compute_dtype)
+        return weighted_sum([base, *tensors], [1.0 - sum(coefficients), *coefficients], ctx.compute_dtype, ctx.out_dtype)
 
 
 @hookimpl

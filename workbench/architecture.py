@@ -35,10 +35,11 @@ _EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|position_e
 _HEAD = re.compile(r"(^|\.)(lm_head|embed_out|output|cls|classifier|score|qa_outputs|pooler)(\.|$)")
 _FINAL_NORM = re.compile(r"(^|\.)(norm|ln_f|final_layer_norm|final_layernorm|final_norm|LayerNorm)(\.|$)")
 
+#: Norms first: ``post_attention_layernorm`` and ``attention.output.LayerNorm`` are norms, not attention.
 _KINDS = (
+    ("norm", re.compile(r"norm|ln_|layernorm|LayerNorm")),
     ("attention", re.compile(r"attn|attention|q_proj|k_proj|v_proj|o_proj|query|key|value|qkv|c_attn|wq|wk|wv|wo\b")),
     ("mlp", re.compile(r"mlp|ffn|feed_forward|intermediate|gate_proj|up_proj|down_proj|fc1|fc2|c_fc|dense_h_to_4h|dense_4h_to_h|w1|w2|w3|output\.dense")),
-    ("norm", re.compile(r"norm|ln_|layernorm|LayerNorm")),
 )
 
 #: config.json keys that give the number of layers, by architecture family.

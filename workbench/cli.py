@@ -23,10 +23,17 @@ def _console(stderr: bool = False) -> Any:
     return Console(stderr=stderr, highlight=False, soft_wrap=True)
 
 
+def _escape(text: object) -> str:
+    """Messages hold paths and tensor names, which may contain '[...]': never read them as markup."""
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
 def _warn(messages: list[str]) -> None:
     console = _console(stderr=True)
     for message in messages:
-        console.print(f"[yellow]warning:[/] {message}", markup=True)
+        console.print(f"[yellow]warning:[/] {_escape(message)}", markup=True)
 
 
 def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -37,7 +44,7 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except WorkbenchError as exc:
-            _console(stderr=True).print(f"[bold red]error:[/] {exc}", markup=True)
+            _console(stderr=True).print(f"[bold red]error:[/] {_escape(exc)}", markup=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             _console(stderr=True).print("[bold red]interrupted:[/] nothing was written at the output path.", markup=True)
@@ -204,7 +211,7 @@ def run(recipe: Path, out: Path | None, overwrite: bool, device: str, executor: 
         stats_json.write_text(json.dumps(stats, indent=2) + "\n")
     if not quiet:
         _console().print(
-            f"[green]wrote[/] {result.out_dir}: {result.tensors} tensors, {_gb(result.bytes_written)} in {result.seconds:.2f} s"
+            f"[green]wrote[/] {_escape(result.out_dir)}: {result.tensors} tensors, {_gb(result.bytes_written)} in {result.seconds:.2f} s"
             f" ({result.bytes_read / max(result.seconds, 1e-9) / 1e9:.2f} GB/s of input)"
         )
 

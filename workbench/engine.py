@@ -72,6 +72,18 @@ def _row_blocks(tensor: PlannedTensor, elementwise: bool) -> list[tuple[int, int
     return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
 
 
+def _all_finite(x: "torch.Tensor") -> bool:
+    """Whether a tensor holds no NaN/Inf; a float32 sum is ~20x faster than ``isfinite().all()`` on
+    CPU and is finite whenever the elements are (barring overflow, which the exact check settles)."""
+    import torch
+
+    if not x.is_floating_point() or x.numel() == 0:
+        return True
+    if bool(torch.isfinite(x.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(x).all())
+
+
 class _Progress:
     """Counts finished tensors across output files (which an executor may run concurrently)."""
 
@@ -141,6 +153,7 @@ class _TensorRunner:
             shape=tensor.shape,
             device=self.device,
             compute_dtype=self.compute_dtype,
+            out_dtype=to_torch(tensor.out_dtype),
             seed=tensor.seed,
             rows=rows,
             state=self.state,
@@ -151,11 +164,11 @@ class _TensorRunner:
             raise RuntimeError(
                 f"method '{self.method.name}' returned shape {list(out.shape)} for tensor '{tensor.name}', expected {list(expected)}"
             )
-        out = out.to(to_torch(tensor.out_dtype))
+        out = out.to(ctx.out_dtype)
         if out.device.type != "cpu":
             out = out.cpu()
-        if not bool(torch.isfinite(out).all()):
-            culprits = [str(m) for m, x in zip(self.plan.inputs, inputs) if not bool(torch.isfinite(x).all())]
+        if not _all_finite(out):
+            culprits = [str(m) for m, x in zip(self.plan.inputs, inputs) if not _all_finite(x)]
             cause = f"input {', '.join(culprits)} hold(s) NaN/Inf values" if culprits else "the method produced them"
             self._warn(tensor.name, f"tensor '{tensor.name}': the merged tensor has NaN/Inf values; {cause}.")
         return out

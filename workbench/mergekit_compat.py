@@ -34,6 +34,18 @@ def _model_ref(entry: Any, source: "LocatedSource", path: tuple[Any, ...]) -> st
     raise RecipeError(f"{source.where(path)}: expected a model reference (a string).")
 
 
+def _remap_model_lines(source: "LocatedSource", order: list[int]) -> None:
+    """Native ``models[j]`` is mergekit ``models[order[j]]``: move the recorded lines accordingly."""
+    lines = source.lines
+    entries = {k: v for k, v in lines.items() if len(k) >= 2 and k[0] == "models" and isinstance(k[1], int)}
+    for key in entries:
+        del lines[key]
+    for j, i in enumerate(order):
+        for key, line in entries.items():
+            if key[1] == i:
+                lines[("models", j) + key[2:]] = line
+
+
 def translate(data: dict[str, Any], source: "LocatedSource") -> dict[str, Any]:
     """A native recipe dict equivalent to the mergekit recipe ``data``."""
     for key, why in _UNSUPPORTED_KEYS.items():
@@ -51,7 +63,7 @@ def translate(data: dict[str, Any], source: "LocatedSource") -> dict[str, Any]:
         if not isinstance(entry, dict):
             raise RecipeError(f"{source.where(('models', i))}: expected '- model: <ref>' with optional parameters.")
         ref = _model_ref(entry.get("model"), source, ("models", i, "model"))
-        models.append({"model": ref, "parameters": dict(entry.get("parameters") or {})})
+        models.append({"model": ref, "parameters": dict(entry.get("parameters") or {}), "_index": i})
 
     native: dict[str, Any] = {"method": method, "models": models, "parameters": dict(data.get("parameters") or {})}
     if method == "slerp":
@@ -65,6 +77,11 @@ def translate(data: dict[str, Any], source: "LocatedSource") -> dict[str, Any]:
         native["base"] = base
         if method in _TASK_VECTOR_METHODS:
             native["models"] = [m for m in models if m["model"] != base]
+    # Models may have been reordered or dropped: errors about native models[j] must point at the
+    # line of the entry the user wrote, so remap the located lines of 'models'.
+    _remap_model_lines(source, [m.pop("_index") for m in native["models"]])
+    for m in models:
+        m.pop("_index", None)
     if "dtype" in data:
         native["dtype"] = data["dtype"]
     out_dtype = data.get("out_dtype") or data.get("dtype")

@@ -62,6 +62,8 @@ class TensorContext:
     shape: tuple[int, ...]
     device: str
     compute_dtype: "torch.dtype"
+    #: The dtype the result is stored in; returning it directly saves the engine a conversion.
+    out_dtype: "torch.dtype"
     seed: int
     #: Rows ``[start, stop)`` of the full tensor this call sees (elementwise methods get row blocks).
     rows: tuple[int, int] | None = None
@@ -126,7 +128,7 @@ class MergeMethod:
 
         ``tensors`` are the models' tensors in recipe order, on ``ctx.device`` and in their stored
         dtype; compute in ``ctx.compute_dtype``. ``params`` and ``model_params`` are already resolved
-        for this tensor (gradients interpolated, filters applied). The engine casts the result to the
-        output dtype.
+        for this tensor (gradients interpolated, filters applied). The engine converts the result to
+        ``ctx.out_dtype`` if it is not in that dtype already.
         """
         raise NotImplementedError

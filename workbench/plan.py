@@ -147,6 +147,8 @@ class _ParamChecker:
                     raise RecipeError(f"{self.where(path)}: method '{method}' needs parameter '{key}' ({info.description}).")
                 continue
             value = raw[key]
+            if value == [] or (is_filter_list(value) and any(entry.get("value") == [] for entry in value)):
+                raise RecipeError(f"{self.where(path + (key,))}: parameter '{key}' has an empty list as its value.")
             if varies(value) and not is_per_layer(schema, fname):
                 raise RecipeError(f"{self.where(path + (key,))}: parameter '{key}' takes a single value, not a list.")
             if is_filter_list(value):
@@ -267,9 +269,12 @@ def _plan_tensors(recipe: Recipe, method_cls: type[MergeMethod], global_raw: dic
                 f"tensor '{missing[0]}' is missing from {model} but present in {reference}"
                 f" ({len(missing)} tensor(s) missing in all); the models must have the same architecture."
             )
-        extra = len(model.reader.tensor_names()) - len(names)
-        if extra > 0:
-            warnings.append(f"{model} has {extra} tensor(s) that {reference} lacks; they are not in the output.")
+        known = set(names)
+        extra = [n for n in model.reader.tensor_names() if n not in known]
+        if extra:
+            warnings.append(
+                f"{model} has {len(extra)} tensor(s) that {reference} lacks (first: '{extra[0]}'); they are not in the output."
+            )
 
     layers = architecture.layer_count(names, reference.reader.config())
     out_code = code_from_name(recipe.output.dtype) if recipe.output.dtype else None

@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from workbench.checkpoint.dtypes import code_from_name
+from workbench.checkpoint.dtypes import FLOAT_CODES, code_from_name
 from workbench.errors import RecipeError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -81,11 +81,12 @@ class OutputSection(Strict):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, value: str | None) -> str | None:
-        if value is not None:
-            code_from_name(value)
+        if value is not None and code_from_name(value) not in FLOAT_CODES:
+            raise ValueError(f"the output dtype of float tensors must be a float type, got '{value}'")
         return value
 
-    @field_validator("shard_size")
+    # "before": pydantic would otherwise turn `true` into the size 1 before this check sees it.
+    @field_validator("shard_size", mode="before")
     @classmethod
     def _size(cls, value: int | str) -> int | str:
         parse_size(value)

@@ -29,6 +29,8 @@ from workbench.executor import Executor
 from workbench.method import MergeMethod, MethodParameters
 
 ENTRY_POINT_GROUP = "workbench.plugins"
+#: The distribution of the built-in plugins: they are loaded first, so a name they register is kept.
+CORE_DISTRIBUTION = "merge-workbench"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -105,12 +107,18 @@ class _Loader:
         self.pm.add_hookspecs(hookspecs)
 
     def load_entry_points(self, only: set[str], blocked: set[str]) -> None:
-        seen: set[str] = set()
-        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        seen: set[tuple[str, str]] = set()
+        # Built-in plugins first, then the others by package and name: when two plugins register the
+        # same name the first one keeps it, whatever the order of sys.path or of a folder listing.
+        def order(ep: metadata.EntryPoint) -> tuple[bool, str, str]:
+            package = re.sub(r"[-_.]+", "-", _dist_info(ep).package).lower()
+            return (package != CORE_DISTRIBUTION, package, ep.name)
+
+        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=order):
             info = _dist_info(ep)
-            if ep.name in seen:  # the same distribution visible twice on sys.path
+            if (info.package, ep.name) in seen:  # the same distribution visible twice on sys.path
                 continue
-            seen.add(ep.name)
+            seen.add((info.package, ep.name))
             if only and not ({ep.name, info.package} & only):
                 continue
             if {ep.name, info.package} & blocked:
@@ -145,9 +153,11 @@ class _Loader:
         self.registry.problems.append(f"plugin '{info.name}' (package {info.package}) {message}; skipped.")
 
     def call(self, hook_name: str, table: dict[str, Registered], check: Callable[[Any], str]) -> None:
-        """Call one hook plugin by plugin, so every item records which plugin supplied it."""
+        """Call one hook plugin by plugin, in load order (``get_hookimpls`` lists implementations in
+        registration order), so every item records which plugin supplied it and the first plugin to
+        register a name keeps it."""
         infos = {p.name: p for p in self.registry.plugins}
-        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
             info = infos.get(impl.plugin_name) or PluginInfo(impl.plugin_name, impl.plugin_name, "?")
 
             def register(obj: Any, _info: PluginInfo = info) -> None:

@@ -1,0 +1,34 @@
+# Two commands for a new user on a fresh machine:
+#   make demo   set everything up, then merge tiny generated models with every recipe in recipes/
+#   make test   set everything up, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU build of torch is kept on these machines; pinning it first keeps pip from pulling CUDA builds.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/workbench demo
+	$(BIN)/workbench inspect demo/out/task_arithmetic
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/workbench bench --size 250m --methods linear,task_arithmetic --repeat 2
+
+clean:
+	rm -rf demo bench-models .pytest_cache
