@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from workbench.engine import run_recipe
 from workbench.recipe import parse_recipe
 from workbench.synthetic import SIZES, write_model
+from workbench_kernels.weighted_sum import weighted_sum, weighted_sum_reference, weighted_sum_torch
 
 # --------------------------------------------------------------------------------------------------
 # Helpers (independent of the code under test)
@@ -518,6 +519,62 @@ parameters: {{lambda: 0.9}}
         assert torch.equal(whole[name], blocks[name]), name
 
 
+def _odd_model(directory: Path, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {
+        "model.embed_tokens.weight": torch.randn(7, 3, generator=g).to(dtype),
+        "model.layers.0.scale": torch.randn((), generator=g).to(dtype),  # 0-d
+        "model.layers.0.empty": torch.zeros(0, 4, dtype=dtype),  # no elements
+        "model.layers.1.mlp.weight": torch.randn(5, 3, generator=g).to(dtype),
+        "model.position_ids": torch.arange(6, dtype=torch.int64).reshape(1, 6) + seed,
+        "model.mask": torch.tensor([True, False, seed % 2 == 0]),
+    }
+    directory.mkdir()
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    (directory / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
+    return tensors
+
+
+@pytest.mark.parametrize("method", ["linear", "slerp", "task_arithmetic"])
+def test_odd_tensors_mixed_dtypes_and_integer_buffers(tmp_path, method):
+    """Integer and bool tensors are copied from the reference model (the base, else models[0]); a model
+    stored in another float dtype is merged and the result takes the reference's dtype; 0-d and empty
+    tensors merge like any other."""
+    a = _odd_model(tmp_path / "a", 1, torch.bfloat16)
+    b = _odd_model(tmp_path / "b", 2, torch.bfloat16)
+    c = _odd_model(tmp_path / "c", 3, torch.float32)
+    if method == "linear":
+        text, reference, inputs, coefficients = f"method: linear\nmodels: [{q(tmp_path / 'a')}, {q(tmp_path / 'b')}, {q(tmp_path / 'c')}]\n", a, [a, b, c], [1 / 3] * 3
+    elif method == "task_arithmetic":
+        text = f"method: task_arithmetic\nbase: {q(tmp_path / 'a')}\nmodels: [{q(tmp_path / 'b')}, {q(tmp_path / 'c')}]\nparameters: {{lambda: 0.5}}\n"
+        reference, inputs, coefficients = a, [a, b, c], [0.0, 0.5, 0.5]
+    else:
+        text = f"method: slerp\nmodels: [{q(tmp_path / 'c')}, {q(tmp_path / 'b')}]\nparameters: {{t: 0.5}}\n"
+        reference, inputs, coefficients = c, [c, b], None
+    result = run_recipe(parse_recipe(text), out=tmp_path / "out")
+    out = load_dir(tmp_path / "out")
+    assert any("converted" in w for w in result.warnings)
+    assert set(out) == set(a)
+    for name, ref in reference.items():
+        assert tuple(out[name].shape) == tuple(ref.shape), name
+        if not ref.is_floating_point():
+            assert out[name].dtype == ref.dtype and torch.equal(out[name], ref), name
+            continue
+        assert out[name].dtype == ref.dtype, name
+        if coefficients is None:
+            expected, magnitude, _, _ = slerp_reference(0.5, c[name], b[name])
+        elif method == "task_arithmetic":
+            x0 = a[name].double()
+            expected = x0 + 0.5 * (b[name].double() - x0) + 0.5 * (c[name].double() - x0)
+            magnitude = 2 * x0.abs() + 0.5 * b[name].double().abs() + 0.5 * c[name].double().abs()
+        else:
+            expected, magnitude = combo([m[name] for m in inputs], coefficients)
+        if ref.dtype == torch.bfloat16:
+            assert_bf16_close(out[name], expected, magnitude, name, slack=2e-4)
+        else:
+            assert bool(((out[name].double() - expected).abs() <= 2e-4 * magnitude + 1e-12).all()), name
+
+
 # --------------------------------------------------------------------------------------------------
 # Output dtype
 # --------------------------------------------------------------------------------------------------
@@ -561,8 +618,6 @@ parameters: {{lambda: 0.5}}
 # The weighted-sum kernel
 # --------------------------------------------------------------------------------------------------
 
-from workbench_kernels.weighted_sum import weighted_sum, weighted_sum_reference, weighted_sum_torch  # noqa: E402
-
 IMPLS = {"torch": weighted_sum_torch, "reference": weighted_sum_reference, "dispatch": weighted_sum}
 
 
@@ -580,7 +635,7 @@ def assert_kernel_close(out: torch.Tensor, tensors: list[torch.Tensor], w: list[
     assert bool((diff <= bound).all()), f"worst error {diff.max().item():.3g}"
 
 
-@pytest.mark.parametrize("numel", [1, 7, 1023, 65537])
+@pytest.mark.parametrize("numel", [1, 7, 1023, 65537, (1 << 18) + 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("same_compute", [False, True])
 def test_kernel_fast_path_equals_reference(numel, dtype, same_compute):
@@ -602,13 +657,20 @@ def test_kernel_fast_path_equals_reference(numel, dtype, same_compute):
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_non_contiguous_2d(impl, dtype):
+@pytest.mark.parametrize("large", [False, True])
+def test_kernel_non_contiguous_2d(impl, dtype, large):
     g = torch.Generator().manual_seed(5)
     tensors = [
         torch.randn(37, 130, generator=g).to(dtype)[:, ::2],  # strided columns
         torch.randn(65, 37, generator=g).to(dtype).t(),  # transposed view
         torch.randn(37, 65, generator=g).to(dtype),  # contiguous
     ]
+    if large:  # more elements than one block of the fast path
+        tensors = [
+            torch.randn(513, 1100, generator=g).to(dtype)[:, ::2],
+            torch.randn(550, 513, generator=g).to(dtype).t(),
+            torch.randn(513, 550, generator=g).to(dtype),
+        ]
     assert not tensors[0].is_contiguous() and not tensors[1].is_contiguous()
     originals = [x.clone() for x in tensors]
     w = [1.0, 0.25, -2.0]
@@ -616,6 +678,34 @@ def test_kernel_non_contiguous_2d(impl, dtype):
     assert_kernel_close(out, tensors, w, torch.float32)
     for x, x0 in zip(tensors, originals):
         assert torch.equal(x, x0)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_kernel_mixed_input_dtypes(impl):
+    g = torch.Generator().manual_seed(4)
+    tensors = [
+        torch.randn(300_001, generator=g).to(torch.bfloat16),
+        torch.randn(300_001, generator=g).to(torch.float16),
+        torch.randn(300_001, generator=g),
+        torch.randn(300_001, generator=g).double(),
+    ]
+    w = [0.5, -0.25, 1.5, 0.125]
+    assert_kernel_close(IMPLS[impl](tensors, w, torch.float32), tensors, w, torch.float32)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_kernel_out_dtype(out_dtype):
+    """With an output dtype the sum is computed in the compute dtype and rounded once into it."""
+    g = torch.Generator().manual_seed(9)
+    numel = 2 * (1 << 18) + 11
+    tensors = [torch.randn(numel, generator=g).to(torch.bfloat16) for _ in range(3)]
+    w = [0.25, 0.6, -0.3]
+    expected, magnitude = exact_sum(tensors, w)
+    for impl in ("torch", "dispatch"):
+        out = IMPLS[impl](tensors, w, torch.float32, out_dtype=out_dtype)
+        assert out.dtype == out_dtype and out.shape == (numel,)
+        bound = torch.finfo(out_dtype).eps * expected.abs() + 8 * torch.finfo(torch.float32).eps * magnitude + 1e-30
+        assert bool(((out.double() - expected).abs() <= bound).all()), impl
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))

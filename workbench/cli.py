@@ -110,17 +110,28 @@ def methods(name: str | None) -> None:
 # validate / plan / run
 # ----------------------------------------------------------------------------------------------
 
-_out_option = click.option("--out", "out", type=click.Path(path_type=Path), help="Output folder (overrides the recipe's output.path).")
+def _recipe_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by validate, plan and run: the output folder and overrides of recipe values."""
+    options = [
+        click.option("--out", "out", type=click.Path(path_type=Path), help="Output folder (overrides output.path)."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing output folder (only once the new one is complete)."),
+        click.option("--dtype", default=None, help="Compute dtype (overrides the recipe's dtype)."),
+        click.option("--out-dtype", default=None, help="Storage dtype of float tensors (overrides output.dtype)."),
+        click.option("--shard-size", default=None, help="Largest output file, e.g. 2GB (overrides output.shard_size)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
 
 
-def _plan(recipe_path: Path, out: Path | None, overwrite: bool = False) -> Any:
+def _plan(recipe_path: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None) -> Any:
     from workbench.plan import build_plan
-    from workbench.recipe import load_recipe
+    from workbench.recipe import load_recipe, with_overrides
     from workbench.registry import require_plugins
 
     registry = _registry()
     require_plugins(registry)
-    recipe = load_recipe(recipe_path)
+    recipe = with_overrides(load_recipe(recipe_path), dtype=dtype, out_dtype=out_dtype, shard_size=shard_size)
     return registry, build_plan(recipe, registry, out=out, overwrite=overwrite, check_output=out is not None or recipe.output.path is not None)
 
 
@@ -130,12 +141,11 @@ def _gb(nbytes: int) -> str:
 
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
-@_out_option
-@click.option("--overwrite", is_flag=True, help="Accept an existing output folder (it would be replaced).")
+@_recipe_options
 @handle_errors
-def validate(recipe: Path, out: Path | None, overwrite: bool) -> None:
+def validate(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None) -> None:
     """Check a recipe without reading tensor data: files, headers, shapes, parameters."""
-    _, plan = _plan(recipe, out, overwrite)
+    _, plan = _plan(recipe, out, overwrite, dtype, out_dtype, shard_size)
     try:
         _warn(plan.warnings)
         _console().print(
@@ -148,14 +158,13 @@ def validate(recipe: Path, out: Path | None, overwrite: bool) -> None:
 
 @main.command(name="plan")
 @click.argument("recipe", type=click.Path(path_type=Path))
-@_out_option
-@click.option("--overwrite", is_flag=True, help="Accept an existing output folder.")
+@_recipe_options
 @handle_errors
-def plan_command(recipe: Path, out: Path | None, overwrite: bool) -> None:
+def plan_command(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None) -> None:
     """Print what a recipe will read and write, and its estimated peak memory."""
     from rich.table import Table
 
-    _, plan = _plan(recipe, out, overwrite)
+    _, plan = _plan(recipe, out, overwrite, dtype, out_dtype, shard_size)
     console = _console()
     try:
         _warn(plan.warnings)
@@ -179,20 +188,19 @@ def plan_command(recipe: Path, out: Path | None, overwrite: bool) -> None:
 
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
-@_out_option
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder (only once the new one is complete).")
+@_recipe_options
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option("--executor", default="local", show_default=True, help="Where shard jobs run (see registered executors).")
 @click.option("--prefetch", default=2, show_default=True, type=click.IntRange(1, 64), help="Work units read ahead of the computation.")
 @click.option("--stats-json", type=click.Path(path_type=Path), help="Write timings and sizes of the run to this file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @handle_errors
-def run(recipe: Path, out: Path | None, overwrite: bool, device: str, executor: str, prefetch: int, stats_json: Path | None, quiet: bool) -> None:
+def run(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None, device: str, executor: str, prefetch: int, stats_json: Path | None, quiet: bool) -> None:
     """Run a recipe (native or mergekit YAML) headless."""
     from workbench.engine import execute
     from workbench.progress import RichProgress
 
-    registry, plan = _plan(recipe, out, overwrite)
+    registry, plan = _plan(recipe, out, overwrite, dtype, out_dtype, shard_size)
     try:
         _warn(plan.warnings)
         progress = RichProgress(enabled=False if quiet else None)

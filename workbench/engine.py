@@ -10,6 +10,7 @@ place only when complete; a failure removes it, so nothing half-written is ever 
 from __future__ import annotations
 
 import shutil
+import tempfile
 import threading
 import time
 from collections import deque
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from workbench.checkpoint import OutputFile
 
 RECIPE_FILE = "workbench_recipe.yaml"
+#: Marks a folder as an unfinished output of ours, so that only such a folder is ever removed.
+PARTIAL_MARKER = ".workbench-partial"
 
 
 @dataclass
@@ -238,15 +241,26 @@ def _finish_folder(plan: MergePlan, partial: Path, recipe_yaml: str, title: str)
 
 def _publish(partial: Path, out_dir: Path) -> None:
     """Move the finished folder into place, replacing an old output only now that the new one is whole."""
+    (partial / PARTIAL_MARKER).unlink()
     if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        out_dir.rename(old)
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        out_dir.rename(old)  # onto the empty folder mkdtemp made: a unique name nobody else uses
         partial.rename(out_dir)
         shutil.rmtree(old, ignore_errors=True)
     else:
         partial.rename(out_dir)
+
+
+def _start_partial(out_dir: Path) -> Path:
+    """Create ``<out>.partial/``, replacing a leftover of an earlier run but never a user's folder."""
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    if partial.exists():
+        if not (partial / PARTIAL_MARKER).exists():
+            raise OutputError(f"{partial} exists and was not made by workbench; move it away, the merge writes there first.")
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    (partial / PARTIAL_MARKER).write_text("unfinished workbench output; safe to delete\n")
+    return partial
 
 
 def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executor: str = "local", prefetch: int = 2, on_progress: ProgressCallback | None = None) -> RunResult:
@@ -256,10 +270,7 @@ def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executo
     out_dir = plan.out_dir
     device = resolve_device(device)
     executor_impl = registry.executor(executor)()
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    partial = _start_partial(out_dir)
     progress = _Progress(plan, on_progress)
     start = time.perf_counter()
     try:

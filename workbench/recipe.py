@@ -161,6 +161,27 @@ def _line_map(node: yaml.Node | None, path: tuple[Any, ...] = (), out: dict[tupl
     return out
 
 
+def _duplicate_key(node: yaml.Node | None, path: tuple[Any, ...] = ()) -> tuple[tuple[Any, ...], int, int] | None:
+    """(path, line, first line) of the first key given twice in one mapping: PyYAML keeps the last
+    value silently, which would drop part of a recipe without a word."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and not key.tag.endswith(":merge"):
+                if key.value in seen:
+                    return path + (key.value,), key.start_mark.line + 1, seen[key.value]
+                seen[key.value] = key.start_mark.line + 1
+            found = _duplicate_key(value, path + (key.value,))
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found = _duplicate_key(item, path + (i,))
+            if found:
+                return found
+    return None
+
+
 class LocatedSource:
     """A YAML text with the line of every field, for error messages."""
 
@@ -173,6 +194,10 @@ class LocatedSource:
             mark = getattr(exc, "problem_mark", None)
             where = f"{name}:{mark.line + 1}" if mark else name
             raise RecipeError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}).") from exc
+        duplicate = _duplicate_key(node)
+        if duplicate:
+            path, line, first = duplicate
+            raise RecipeError(f"{name}:{line}: {format_path(path)}: given twice (first on line {first}); each key may appear once.")
         self.lines = _line_map(node)
 
     def where(self, path: tuple[Any, ...]) -> str:
@@ -232,6 +257,31 @@ def load_recipe(path: str | Path) -> Recipe:
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"cannot read recipe file {path} ({exc}).") from exc
     return parse_recipe(text, str(path))
+
+
+def with_overrides(recipe: Recipe, *, dtype: str | None = None, out_dtype: str | None = None, shard_size: str | None = None) -> Recipe:
+    """The recipe with command-line overrides applied and validated like recipe values."""
+    update: dict[str, Any] = {}
+    output: dict[str, Any] = {}
+    if dtype is not None:
+        update["dtype"] = dtype
+    if out_dtype is not None:
+        output["dtype"] = out_dtype
+    if shard_size is not None:
+        output["shard_size"] = shard_size
+    if not update and not output:
+        return recipe
+    data = recipe.model_dump()
+    data.update(update)
+    data["output"].update(output)
+    try:
+        new = Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{format_path(tuple(e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        raise RecipeError(f"invalid command-line override: {problems}.") from None
+    new.source = recipe.source
+    new._located = recipe._located
+    return new
 
 
 def located(recipe: Recipe) -> LocatedSource | None:

@@ -42,7 +42,9 @@ class SafetensorsFile:
         try:
             self.tensors, self.metadata, self._data_start = _parse_header(self.path, self._fd)
         except BaseException:
-            os.close(self._fd)
+            # Mark it closed: __del__ would otherwise close this fd number again later, when it may
+            # belong to another open file.
+            self.close()
             raise
         self._offsets: dict[str, int] = {}
 
