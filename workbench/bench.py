@@ -1,9 +1,10 @@
 """``workbench bench``: end-to-end merges of generated Llama-shaped models, measured.
 
 Each merge runs in a fresh ``workbench run`` process, as a user would run it. Reported per method:
-wall time of the process, the engine's own merge time (first read to final rename, which excludes
-interpreter start-up, imports and planning), the input throughput over the merge, and the peak
-resident memory of the process (``ru_maxrss`` from ``wait4``).
+wall time of the process (of the fastest run), its start-up (wall time minus merge time: interpreter,
+imports, planning, writing the card), the engine's own merge time (first read to final rename), best
+and median over the runs, the input throughput over the merge, and the largest peak resident memory
+of the processes (``ru_maxrss`` from ``wait4``).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def run_bench(size: str, methods: list[str], fine_tunes: int, directory: Path, r
             recipe = Path(tmp) / f"{method}.yaml"
             recipe.write_text(yaml.safe_dump(_recipe(method, models, fine_tunes)))
             out = directory / f"out-{size}-{method}"
-            best: dict[str, Any] | None = None
+            runs = []
             for _ in range(repeat):
                 stats_file = Path(tmp) / "stats.json"
                 command = [sys.executable, "-m", "workbench.cli", "run", str(recipe), "--out", str(out), "--overwrite", "--quiet", "--stats-json", str(stats_file)]
@@ -69,26 +70,33 @@ def run_bench(size: str, methods: list[str], fine_tunes: int, directory: Path, r
                 if code != 0:
                     raise SystemExit(f"bench: `{' '.join(command)}` failed with status {code}")
                 stats = json.loads(stats_file.read_text())
-                row = {
-                    "method": method,
-                    "size": size,
-                    "fine_tunes": fine_tunes,
-                    "wall_s": round(wall, 3),
-                    "merge_s": round(stats["seconds"], 3),
-                    "startup_s": round(wall - stats["seconds"], 3),
-                    "input_gb": round(stats["bytes_read"] / 1e9, 3),
-                    "input_gb_per_s": round(stats["bytes_read"] / stats["seconds"] / 1e9, 3),
-                    "peak_rss_mb": round(rss / 2**20, 1),
-                }
-                if best is None or row["merge_s"] < best["merge_s"]:
-                    best = row
+                runs.append({"wall_s": wall, "merge_s": stats["seconds"], "bytes_read": stats["bytes_read"], "rss": rss})
             shutil.rmtree(out, ignore_errors=True)
-            assert best is not None
-            results.append(best)
+            merge_times = sorted(r["merge_s"] for r in runs)
+            best = min(runs, key=lambda r: r["merge_s"])
+            median = merge_times[len(merge_times) // 2]
+            results.append({
+                "method": method,
+                "size": size,
+                "fine_tunes": fine_tunes,
+                "runs": len(runs),
+                "wall_s": round(best["wall_s"], 3),
+                "startup_s": round(best["wall_s"] - best["merge_s"], 3),
+                "merge_s_best": round(best["merge_s"], 3),
+                "merge_s_median": round(median, 3),
+                "input_gb": round(best["bytes_read"] / 1e9, 3),
+                "input_gb_per_s_best": round(best["bytes_read"] / best["merge_s"] / 1e9, 3),
+                "input_gb_per_s_median": round(best["bytes_read"] / median / 1e9, 3),
+                "peak_rss_mb_max": round(max(r["rss"] for r in runs) / 2**20, 1),
+            })
 
-    table = Table("method", "wall s", "start-up s", "merge s", "input GB", "input GB/s", "peak RSS MB", box=None, pad_edge=False)
+    table = Table("method", "runs", "wall s", "start-up s", "merge s best/median", "input GB", "input GB/s best/median", "peak RSS MB (max)", box=None, pad_edge=False)
     for r in results:
-        table.add_row(r["method"], f"{r['wall_s']:.2f}", f"{r['startup_s']:.2f}", f"{r['merge_s']:.2f}", f"{r['input_gb']:.2f}", f"{r['input_gb_per_s']:.2f}", f"{r['peak_rss_mb']:.0f}")
+        table.add_row(
+            r["method"], str(r["runs"]), f"{r['wall_s']:.2f}", f"{r['startup_s']:.2f}",
+            f"{r['merge_s_best']:.2f} / {r['merge_s_median']:.2f}", f"{r['input_gb']:.2f}",
+            f"{r['input_gb_per_s_best']:.2f} / {r['input_gb_per_s_median']:.2f}", f"{r['peak_rss_mb_max']:.0f}",
+        )
     console.print(table)
     if json_out:
         json_out.write_text(json.dumps(results, indent=2) + "\n")
