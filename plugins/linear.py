@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from workbench import hookimpl
-from workbench.errors import RecipeError
 from workbench.method import MergeMethod, MethodParameters, Param, TensorContext
+from workbench_plugins._weights import normalized
 
 if TYPE_CHECKING:
     import torch
@@ -34,10 +34,7 @@ class Linear(MergeMethod):
 
         weights = [p.weight for p in model_params]
         if params.normalize:
-            total = sum(weights)
-            if total == 0:
-                raise RecipeError(f"linear: the weights of tensor '{ctx.name}' sum to 0, so they cannot be normalised.")
-            weights = [w / total for w in weights]
+            weights = normalized(weights, self.name, ctx.name)
         return weighted_sum(tensors, weights, ctx.compute_dtype, ctx.out_dtype)
 
 

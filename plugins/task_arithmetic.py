@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from workbench import hookimpl
-from workbench.errors import RecipeError
 from workbench.method import MergeMethod, MethodParameters, Param, TensorContext
+from workbench_plugins._weights import normalized
 
 if TYPE_CHECKING:
     import torch
@@ -36,10 +36,7 @@ class TaskArithmetic(MergeMethod):
         assert base is not None
         weights = [p.weight for p in model_params]
         if params.normalize:
-            total = sum(weights)
-            if total == 0:
-                raise RecipeError(f"task_arithmetic: the weights of tensor '{ctx.name}' sum to 0, so they cannot be normalised.")
-            weights = [w / total for w in weights]
+            weights = normalized(weights, self.name, ctx.name)
         # base + l * sum w_i (x_i - base) == (1 - l * sum w_i) * base + sum (l * w_i) * x_i: one pass,
         # one accumulator, and exact when a single fine-tune has l * w = 1.
         coefficients = [params.scale * w for w in weights]

@@ -449,7 +449,7 @@ def test_overwrite_replaces_an_existing_output(cli: CliRunner, tiny_family: dict
     assert not (out / "keep.txt").exists()
     assert (out / "model.safetensors").is_file()
     assert not partial_of(out).exists()
-    assert not out.with_name(out.name + ".old").exists()
+    assert [p.name for p in tmp_path.iterdir() if ".old" in p.name] == []
     a = load_file(tiny_family["ft1"] / "model.safetensors")["model.norm.weight"].double()
     b = load_file(tiny_family["ft2"] / "model.safetensors")["model.norm.weight"].double()
     merged = load_file(out / "model.safetensors")["model.norm.weight"].double()
@@ -537,16 +537,36 @@ def test_a_rejected_file_never_closes_another_files_descriptor_later(tiny_family
 
 
 @COMMANDS
-@pytest.mark.parametrize("suffix", [".partial", ".old"])
-def test_input_where_the_engine_keeps_scratch_output(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str, suffix: str) -> None:
-    """``<out>.partial`` is deleted before a merge and ``<out>.old`` while replacing an output: an
-    input stored there would be destroyed, so such an output path is refused."""
+def test_input_where_the_engine_writes_first(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str) -> None:
+    """The output is written into ``<out>.partial`` first: an input stored there is refused."""
     out = tmp_path / "merged"
-    out.mkdir()  # an earlier result, so that --overwrite would go through <out>.old
-    model = copy_model(tiny_family["ft1"], tmp_path / f"merged{suffix}")
+    model = copy_model(tiny_family["ft1"], tmp_path / "merged.partial")
     recipe = linear_recipe(tmp_path, model, tiny_family["ft2"])
     result = invoke(cli, command, recipe, out, "--overwrite")
     assert result.exit_code == 2, result.output
-    assert str(model) in result.output and "delete" in result.output
+    assert str(model) in result.output and "written first" in result.output
     assert (model / "model.safetensors").is_file() and (model / "config.json").is_file()
-    assert list(out.iterdir()) == []
+    assert not out.exists()
+
+
+def test_a_users_folder_named_like_the_scratch_folder_is_never_deleted(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    scratch = tmp_path / "merged.partial"
+    scratch.mkdir()
+    (scratch / "notes.txt").write_text("mine")
+    result = invoke(cli, "run", linear_recipe(tmp_path, tiny_family["ft1"], tiny_family["ft2"]), out)
+    assert result.exit_code == 2, result.output
+    assert "not made by workbench" in result.output
+    assert (scratch / "notes.txt").read_text() == "mine"
+    assert not out.exists()
+
+
+def test_replacing_an_output_leaves_neighbouring_folders_alone(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    out.mkdir()
+    model = copy_model(tiny_family["ft1"], tmp_path / "merged.old")
+    result = invoke(cli, "run", linear_recipe(tmp_path, model, tiny_family["ft2"]), out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert (model / "model.safetensors").is_file() and (model / "config.json").is_file()
+    assert (out / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".merged", "merged"))) == ["merged", "merged.old"]

@@ -209,12 +209,12 @@ def check_output_path(out_dir: Path, inputs: list[InputModel], overwrite: bool) 
             raise OutputError(f"output {out_dir} is inside input {model} ({folder}); choose a folder outside every input.")
         if out in folder.parents:
             raise OutputError(f"input {model} lies inside the output folder {out_dir}; choose another output folder.")
-        # The engine deletes <out>.partial before writing and <out>.old when replacing an output.
-        for scratch in (out.with_name(out.name + ".partial"), out.with_name(out.name + ".old")):
-            if folder == scratch or scratch in folder.parents:
-                raise OutputError(
-                    f"input {model} lies in {scratch}, which writing output {out_dir} would delete; choose another output folder."
-                )
+        # The engine writes into <out>.partial first (and replaces an unfinished one it left there).
+        scratch = out.with_name(out.name + ".partial")
+        if folder == scratch or scratch in folder.parents:
+            raise OutputError(
+                f"input {model} lies in {scratch}, where output {out_dir} is written first; choose another output folder."
+            )
     if out.exists() and not overwrite:
         raise OutputError(f"output {out_dir} already exists; pass --overwrite to replace it.")
     if out.exists() and not out.is_dir():
