@@ -82,7 +82,8 @@ def methods(name: str | None) -> None:
     registry = _registry()
     console = _console()
     if name is None:
-        table = Table("method", "plugin", "summary", "paper", box=None, pad_edge=False)
+        table = Table("method", "plugin", "summary", box=None, pad_edge=False)
+        table.add_column("paper", overflow="fold")
         for method_name, entry in sorted(registry.methods.items()):
             table.add_row(method_name, entry.plugin.package, entry.obj.summary, entry.obj.paper or "")
         console.print(table)

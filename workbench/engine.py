@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from workbench.checkpoint.dtypes import to_torch
+from workbench.checkpoint.dtypes import to_torch, torch_name
 from workbench.checkpoint.sidecars import copy_config, copy_tokenizer
 from workbench.errors import OutputError, RecipeError, WorkbenchError
 from workbench.hub import card_text
@@ -146,8 +146,6 @@ class _TensorRunner:
                 self.warnings.append(message)
 
     def _compute(self, tensor: PlannedTensor, rows: tuple[int, int] | None, inputs: list["torch.Tensor"]) -> "torch.Tensor":
-        import torch
-
         if not tensor.merge:
             return inputs[0]
         moved = [x.to(self.device, non_blocking=True) for x in inputs] if self.device != "cpu" else inputs
@@ -246,8 +244,7 @@ def _merge_runtime(device: str) -> Iterator[None]:
 def _finish_folder(plan: MergePlan, partial: Path, recipe_yaml: str, title: str) -> list[Path]:
     """Sidecar files, the resolved recipe and the model card."""
     out_dtype = next((t.out_dtype for t in plan.tensors if t.merge), None)
-    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
-    written = copy_config(plan.reference.path, partial, names.get(out_dtype or ""))
+    written = copy_config(plan.reference.path, partial, torch_name(out_dtype) if out_dtype else None)
     source = plan.recipe.output.copy_tokenizer_from
     if source is None or source == "base":
         tokenizer_from = plan.reference.path

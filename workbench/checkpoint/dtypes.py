@@ -43,6 +43,11 @@ def code_from_name(name: str) -> str:
     raise ValueError(f"unknown dtype '{name}' (use one of: {', '.join(sorted(set(DTYPE_NAMES)))})")
 
 
+def torch_name(code: str) -> str:
+    """'BF16' -> 'bfloat16' (the name config.json files use)."""
+    return _TORCH_NAMES[code]
+
+
 def to_torch(code: str) -> "torch.dtype":
     import torch
 
