@@ -46,7 +46,6 @@ class SafetensorsFile:
             # belong to another open file.
             self.close()
             raise
-        self._offsets: dict[str, int] = {}
 
     def read(self, info: TensorInfo, begin: int, rows: tuple[int, int] | None = None) -> "torch.Tensor":
         """Read a tensor, or rows ``[start, stop)`` of it, from byte ``begin`` of the data section."""
