@@ -209,6 +209,10 @@ def run(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_
     finally:
         plan.close()
     _warn([w for w in result.warnings if w not in plan.warnings])
+    if plan.recipe.evaluators:
+        from workbench.evaluation import evaluate_output
+
+        _print_results(evaluate_output(plan.recipe.evaluators, result.out_dir, registry))
     if stats_json:
         stats = {
             "seconds": result.seconds,
@@ -223,6 +227,58 @@ def run(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_
             f"[green]wrote[/] {_escape(result.out_dir)}: {result.tensors} tensors, {_gb(result.bytes_written)} in {result.seconds:.2f} s"
             f" ({result.bytes_read / max(result.seconds, 1e-9) / 1e9:.2f} GB/s of input)"
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# eval
+# ----------------------------------------------------------------------------------------------
+
+
+def _print_results(results: dict[str, dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table("evaluator", "metric", "value", box=None, pad_edge=False)
+    for evaluator, metrics in results.items():
+        for metric, value in metrics.items():
+            table.add_row(evaluator, metric, f"{value:.4f}" if isinstance(value, float) else repr(value))
+    _console().print(table)
+
+
+@main.command(name="eval")
+@click.argument("model", required=False)
+@click.option("-e", "--evaluator", "names", multiple=True, help="Evaluator to run (repeatable).")
+@click.option("-o", "--option", "options", multiple=True, help="KEY=VALUE option for the evaluators that have KEY (repeatable).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the scores as JSON.")
+@click.option("--list", "list_only", is_flag=True, help="List the registered evaluators.")
+@handle_errors
+def eval_command(model: str | None, names: tuple[str, ...], options: tuple[str, ...], json_out: Path | None, list_only: bool) -> None:
+    """Score MODEL (a folder, a .gguf file, or 'smollm2') with evaluators."""
+    from rich.table import Table
+
+    from workbench.evaluation import evaluate, make_evaluators, parse_options
+    from workbench.recipe import EvaluatorSpec
+
+    registry = _registry()
+    if list_only:
+        table = Table("evaluator", "plugin", "summary", "options", box=None, pad_edge=False)
+        for name, entry in sorted(registry.evaluators.items()):
+            table.add_row(name, entry.plugin.package, entry.obj.summary, ", ".join(entry.obj.Options.model_fields))
+        _console().print(table)
+        return
+    if model is None or not names:
+        raise click.UsageError("give a MODEL and at least one --evaluator (see --list).")
+    given = parse_options(options)
+    specs = []
+    for name in names:
+        fields = registry.evaluator(name).Options.model_fields
+        specs.append(EvaluatorSpec(name=name, options={k: v for k, v in given.items() if k in fields}))
+    unused = set(given) - {k for name in names for k in registry.evaluator(name).Options.model_fields}
+    if unused:
+        raise click.UsageError(f"no chosen evaluator has option(s) {', '.join(sorted(unused))}.")
+    results = evaluate(model, make_evaluators(specs, registry))
+    _print_results(results)
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------

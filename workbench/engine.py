@@ -54,6 +54,8 @@ class RunResult:
     #: Seconds from the first read to the final rename (planning and start-up excluded).
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    #: Scores of the recipe's evaluators on the output, by evaluator name.
+    evaluations: dict[str, dict[str, float | str]] = field(default_factory=dict)
 
 
 def resolve_device(device: str) -> str:
@@ -336,7 +338,12 @@ def run_recipe(recipe: Recipe | str | Path, *, out: str | Path | None = None, ov
     require_plugins(registry)
     plan = build_plan(recipe, registry, out=out, overwrite=overwrite)
     try:
-        return execute(plan, registry, device=device, executor=executor, prefetch=prefetch, on_progress=on_progress)
+        result = execute(plan, registry, device=device, executor=executor, prefetch=prefetch, on_progress=on_progress)
     finally:
         plan.close()
+    if recipe.evaluators:
+        from workbench.evaluation import evaluate_output
+
+        result.evaluations = evaluate_output(recipe.evaluators, result.out_dir, registry)
+    return result
 

@@ -52,3 +52,18 @@ def register_executors(register: Register) -> None:
     engine hands an executor a list of independent shard jobs and a function that runs one; the
     executor returns their results in order (threads locally, a cluster elsewhere).
     """
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation phase: scoring models and supplying data to data-driven methods.
+# --------------------------------------------------------------------------------------------------
+
+
+@hookspec
+def register_evaluators(register: Register) -> None:
+    """Register evaluators.
+
+    Call ``register(cls)`` with a subclass of :class:`workbench.evaluator.Evaluator`: it scores a
+    loaded model and returns named metrics (``workbench eval``, a recipe's ``evaluators``), and may
+    provide batches of inputs to data-driven methods.
+    """

@@ -235,6 +235,9 @@ def build_plan(recipe: Recipe, registry: Registry, out: str | Path | None = None
     for i, entry in enumerate(recipe.models):
         checker.check(entry.parameters, method_cls.ModelParameters, ("models", i, "parameters"), method_cls.name, set(), model_defaults)
 
+    from workbench.evaluation import make_evaluators
+
+    make_evaluators(recipe.evaluators, registry)  # unknown names and bad options fail before any work
     output_format = registry.format(recipe.output.format)
     if not output_format.can_write:
         raise RecipeError(f"output format '{output_format.name}' cannot write checkpoints.")

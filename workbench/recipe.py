@@ -16,6 +16,7 @@ Native format::
       dtype: bfloat16                   # storage dtype (default: each input tensor's own)
       shard_size: 5GB
       copy_tokenizer_from: base         # base | <model index> | <path>
+    evaluators: [zoo_copy]              # optional: scored on the output after the merge
 
 A mergekit recipe (it has ``merge_method``) is translated on load; see
 :mod:`workbench.mergekit_compat`. Errors name the field path and the line of the YAML file.
@@ -97,6 +98,11 @@ class OutputSection(Strict):
         return parse_size(self.shard_size)
 
 
+class EvaluatorSpec(Strict):
+    name: str = Field(description="A registered evaluator (see `workbench eval --list`).")
+    options: dict[str, Any] = Field(default_factory=dict, description="The evaluator's options.")
+
+
 class Recipe(Strict):
     method: str = Field(description="A registered merge method (see `workbench methods`).")
     base: str | None = Field(None, description="Base model for task-vector methods.")
@@ -105,6 +111,7 @@ class Recipe(Strict):
     dtype: str = Field("float32", description="Compute dtype.")
     seed: int = Field(0, description="Seed for random methods (per tensor name).")
     output: OutputSection = Field(default_factory=OutputSection)
+    evaluators: list[EvaluatorSpec] = Field(default_factory=list, description="Evaluators run on the output.")
 
     #: Where the recipe came from (for messages); not part of the recipe itself.
     source: str | None = Field(None, exclude=True)
@@ -116,6 +123,9 @@ class Recipe(Strict):
         if isinstance(data, dict) and isinstance(data.get("models"), list):
             data = dict(data)
             data["models"] = [{"model": m} if isinstance(m, str) else m for m in data["models"]]
+        if isinstance(data, dict) and isinstance(data.get("evaluators"), list):
+            data = dict(data)
+            data["evaluators"] = [{"name": e} if isinstance(e, str) else e for e in data["evaluators"]]
         return data
 
     @field_validator("models")

@@ -25,6 +25,7 @@ import pluggy
 from workbench import hookspecs
 from workbench.checkpoint.base import CheckpointFormat, CheckpointReader
 from workbench.errors import CheckpointError, PluginError, RecipeError
+from workbench.evaluator import Evaluator, EvaluatorOptions
 from workbench.executor import Executor
 from workbench.method import MergeMethod, MethodParameters
 
@@ -54,6 +55,7 @@ class Registry:
     methods: dict[str, Registered] = field(default_factory=dict)
     formats: dict[str, Registered] = field(default_factory=dict)
     executors: dict[str, Registered] = field(default_factory=dict)
+    evaluators: dict[str, Registered] = field(default_factory=dict)
     plugins: list[PluginInfo] = field(default_factory=list)
     #: One message per plugin problem; the plugin (or the offending item) was skipped.
     problems: list[str] = field(default_factory=list)
@@ -64,6 +66,9 @@ class Registry:
 
     def executor(self, name: str) -> type[Executor]:
         return self._lookup(self.executors, name, "executor").obj
+
+    def evaluator(self, name: str) -> type[Evaluator]:
+        return self._lookup(self.evaluators, name, "evaluator").obj
 
     def format(self, name: str) -> CheckpointFormat:
         return self._lookup(self.formats, name, "format").obj
@@ -220,6 +225,17 @@ def check_executor(obj: Any) -> str:
     return _check_name(obj, "executor")
 
 
+def check_evaluator(obj: Any) -> str:
+    if not (inspect.isclass(obj) and issubclass(obj, Evaluator)):
+        raise TypeError(f"{obj!r} is not an Evaluator subclass")
+    name = _check_name(obj, "evaluator")
+    if not isinstance(getattr(obj, "summary", None), str) or not obj.summary.strip():
+        raise ValueError(f"evaluator '{name}' has no summary")
+    if not (inspect.isclass(obj.Options) and issubclass(obj.Options, EvaluatorOptions)):
+        raise ValueError(f"evaluator '{name}': Options must subclass workbench.evaluator.EvaluatorOptions")
+    return name
+
+
 def load_registry(extra_plugins: list[tuple[Any, str]] | None = None) -> Registry:
     """Discover and load plugins now (tests pass ``extra_plugins`` as ``(plugin, name)`` pairs)."""
     registry = Registry()
@@ -230,6 +246,7 @@ def load_registry(extra_plugins: list[tuple[Any, str]] | None = None) -> Registr
     loader.call("register_methods", registry.methods, check_method)
     loader.call("register_formats", registry.formats, check_format)
     loader.call("register_executors", registry.executors, check_executor)
+    loader.call("register_evaluators", registry.evaluators, check_evaluator)
     return registry
 
 
