@@ -363,5 +363,45 @@ def bench(size: str, method_names: str, fine_tunes: int, directory: Path, repeat
     run_bench(size, [m.strip() for m in method_names.split(",") if m.strip()], fine_tunes, directory, repeat, json_out, _console())
 
 
+# ----------------------------------------------------------------------------------------------
+# zoo
+# ----------------------------------------------------------------------------------------------
+
+
+@main.group()
+def zoo() -> None:
+    """Tiny models trained here (no downloads) and the reproduction tables measured on them."""
+
+
+@zoo.command(name="build")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--scale", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True, help="tiny: under a minute; small: about 10 minutes on 2 cores.")
+@click.option("--seed", default=0, show_default=True)
+@handle_errors
+def zoo_build(directory: Path, scale: str, seed: int) -> None:
+    """Pretrain a base model on synthetic languages, then fine-tune experts, LoRA adapters and an OT pair."""
+    from workbench.zoo.build import build_zoo
+
+    console = _console()
+    build_zoo(directory, scale, seed, log=console.print)
+    console.print(f"[green]zoo written to[/] {directory} (manifest: {directory / 'zoo.json'})")
+
+
+@zoo.command(name="report")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--out", "out_file", type=click.Path(path_type=Path), default=Path("docs/reproductions.md"), show_default=True)
+@click.option("--n", default=512, show_default=True, help="Held-out examples per task.")
+@click.option("--seed", default=99, show_default=True, help="Evaluation seed.")
+@handle_errors
+def zoo_report(directory: Path, out_file: Path, n: int, seed: int) -> None:
+    """Measure the reproduction tables on a built zoo and write them as Markdown."""
+    from workbench.zoo_report import write_report
+
+    registry = _registry()
+    command = f"workbench zoo report {directory} --out {out_file} --n {n} --seed {seed}"
+    text = write_report(directory, out_file, registry, n, seed, command, log=_console(stderr=True).print)
+    _console().print(text)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
