@@ -243,3 +243,65 @@ def test_filters_in_a_real_merge(tiny_family: dict[str, Path], registry, tmp_pat
     for name, tensor in merged.items():
         want = a[name] if "self_attn" in name else b[name]
         assert torch.equal(tensor, want), name
+
+
+# --------------------------------------------------------------------------------------------------
+# Values kept in a file ({file: path}): per-tensor coefficients set by hand or learned elsewhere
+# --------------------------------------------------------------------------------------------------
+
+
+def test_file_of_per_tensor_values_resolves_exact_names_and_falls_back_to_the_default(tmp_path: Path) -> None:
+    from workbench.params import resolve
+
+    table = tmp_path / "lambdas.json"
+    table.write_text('{"model.layers.0.mlp.up_proj.weight": 0.25, "model.norm.weight": [0.5, 1.0]}')
+    ref = {"file": str(table)}
+    assert resolve(ref, "model.layers.0.mlp.up_proj.weight", 0, 4, default=1.0) == 0.25
+    assert resolve(ref, "model.norm.weight", None, 4, default=1.0) == 0.5  # a gradient outside the layers: t = 0
+    assert resolve(ref, "lm_head.weight", None, 4, default=1.0) == 1.0
+
+
+def test_file_holding_a_filter_list(tmp_path: Path) -> None:
+    from workbench.params import resolve
+
+    table = tmp_path / "lambdas.yaml"
+    table.write_text("- filter: mlp\n  value: [0.0, 1.0]\n- value: 0.3\n")
+    ref = {"file": str(table)}
+    assert resolve(ref, "model.layers.2.mlp.up_proj.weight", 2, 3, default=1.0) == 1.0
+    assert resolve(ref, "model.layers.1.mlp.up_proj.weight", 1, 3, default=1.0) == 0.5
+    assert resolve(ref, "model.layers.1.self_attn.q_proj.weight", 1, 3, default=1.0) == 0.3
+
+
+def test_task_arithmetic_with_per_tensor_lambdas_from_a_file(tiny_family: dict[str, Path], tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from workbench.engine import run_recipe
+    from workbench.recipe import parse_recipe
+
+    name = "model.layers.1.mlp.down_proj.weight"
+    (tmp_path / "coef.json").write_text(f'{{"{name}": 0.25}}')
+    text = (
+        f"method: task_arithmetic\nbase: {tiny_family['base']}\nmodels: [{tiny_family['ft1']}]\n"
+        f"parameters:\n  lambda: {{file: {tmp_path / 'coef.json'}}}\noutput: {{dtype: float32}}\n"
+    )
+    run_recipe(parse_recipe(text), out=tmp_path / "out")
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    base = load_file(tiny_family["base"] / "model.safetensors")
+    ft = load_file(tiny_family["ft1"] / "model.safetensors")
+    for tensor, lam in ((name, 0.25), ("model.layers.0.mlp.down_proj.weight", 1.0)):
+        expected = base[tensor].double() + lam * (ft[tensor].double() - base[tensor].double())
+        assert (out[tensor].double() - expected).abs().max().item() < 1e-6
+
+
+def test_missing_or_bad_parameter_file_is_a_located_error(tiny_family: dict[str, Path], tmp_path: Path) -> None:
+    from workbench.engine import run_recipe
+    from workbench.errors import RecipeError
+    from workbench.recipe import parse_recipe
+
+    base = f"method: task_arithmetic\nbase: {tiny_family['base']}\nmodels: [{tiny_family['ft1']}]\nparameters:\n"
+    with pytest.raises(RecipeError, match=r"recipe.yaml:5: .*missing.json does not exist"):
+        run_recipe(parse_recipe(base + f"  lambda: {{file: {tmp_path / 'missing.json'}}}\n", "recipe.yaml"), out=tmp_path / "o1")
+    (tmp_path / "bad.json").write_text('{"model.norm.weight": "high"}')
+    with pytest.raises(RecipeError, match="lambda"):
+        run_recipe(parse_recipe(base + f"  lambda: {{file: {tmp_path / 'bad.json'}}}\n", "recipe.yaml"), out=tmp_path / "o2")
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

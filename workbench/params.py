@@ -8,16 +8,48 @@ A recipe value is one of:
 - a list of other values: indexed at ``int(t * (len - 1))`` (no interpolation);
 - a list of ``{filter: pattern, value: v}`` entries: the first entry whose filter matches the tensor
   name wins (a plain substring, or a glob when it holds ``*``, ``?`` or ``[``); an entry without a
-  filter, or with ``"*"``, matches every tensor. ``value`` may itself be a gradient.
+  filter, or with ``"*"``, matches every tensor. ``value`` may itself be a gradient;
+- ``{file: path}``: values kept in a JSON or YAML file, either a mapping from exact tensor names to
+  values (per-tensor coefficients, e.g. learned by aTLAS) or a filter list as above. A tensor the
+  file does not name takes the parameter's default.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
+import json
 import math
+from pathlib import Path
 from typing import Any
 
+import yaml
+
 _MISSING = object()
+
+
+def is_file_ref(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"file"}
+
+
+@functools.lru_cache(maxsize=32)
+def _load_file(path: str, mtime: float) -> Any:
+    text = Path(path).read_text()
+    data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    if not (isinstance(data, dict) or is_filter_list(data)):
+        raise ValueError(f"{path} must hold a mapping of tensor names to values, or a list of {{filter, value}} entries")
+    return data
+
+
+def load_value_file(value: dict[str, Any]) -> Any:
+    """The table a ``{file: path}`` value refers to (read once per file version)."""
+    path = Path(str(value["file"])).expanduser()
+    try:
+        return _load_file(str(path), path.stat().st_mtime)
+    except FileNotFoundError:
+        raise ValueError(f"parameter file {path} does not exist") from None
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ValueError(f"parameter file {path} cannot be read: {exc}") from None
 
 
 def is_filter_list(value: Any) -> bool:
@@ -55,6 +87,15 @@ def evaluate_gradient(anchors: list[Any], t: float) -> Any:
 
 def resolve(value: Any, name: str, layer_index: int | None, layer_count: int, default: Any = _MISSING) -> Any:
     """The value a recipe entry takes for one tensor; ``default`` when no filter matches."""
+    if is_file_ref(value):
+        table = load_value_file(value)
+        if isinstance(table, dict):
+            if name in table:
+                return resolve(table[name], name, layer_index, layer_count, default)
+            if default is _MISSING:
+                raise LookupError(f"the parameter file does not name tensor '{name}' and the parameter has no default")
+            return default
+        value = table
     if is_filter_list(value):
         for entry in value:
             if filter_matches(entry.get("filter"), name):
@@ -71,6 +112,9 @@ def resolve(value: Any, name: str, layer_index: int | None, layer_count: int, de
 
 def anchors(value: Any) -> list[Any]:
     """Every concrete value a recipe entry can produce (for validating ranges up front)."""
+    if is_file_ref(value):
+        table = load_value_file(value)
+        return [a for v in (table.values() if isinstance(table, dict) else [table]) for a in anchors(v)]
     if is_filter_list(value):
         return [a for entry in value for a in anchors(entry.get("value"))]
     if isinstance(value, list):
@@ -79,4 +123,4 @@ def anchors(value: Any) -> list[Any]:
 
 
 def varies(value: Any) -> bool:
-    return isinstance(value, list)
+    return isinstance(value, list) or is_file_ref(value)

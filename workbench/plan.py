@@ -150,7 +150,7 @@ class _ParamChecker:
             if value == [] or (is_filter_list(value) and any(entry.get("value") == [] for entry in value)):
                 raise RecipeError(f"{self.where(path + (key,))}: parameter '{key}' has an empty list as its value.")
             if varies(value) and not is_per_layer(schema, fname):
-                raise RecipeError(f"{self.where(path + (key,))}: parameter '{key}' takes a single value, not a list.")
+                raise RecipeError(f"{self.where(path + (key,))}: parameter '{key}' takes a single value, not a list or a file.")
             if is_filter_list(value):
                 for i, entry in enumerate(value):
                     extra = set(entry) - {"filter", "value"}
@@ -158,7 +158,11 @@ class _ParamChecker:
                         raise RecipeError(f"{self.where(path + (key, i))}: a filter entry has keys 'filter' and 'value' only.")
             annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation  # type: ignore[misc]
             adapter = TypeAdapter(annotation)
-            for anchor in anchors(value):
+            try:
+                values = anchors(value)
+            except ValueError as exc:
+                raise RecipeError(f"{self.where(path + (key,))}: {exc}.") from None
+            for anchor in values:
                 try:
                     adapter.validate_python(anchor)
                 except ValidationError as exc:
