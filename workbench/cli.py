@@ -229,6 +229,22 @@ def run(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_
         )
 
 
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output", type=click.Path(path_type=Path), help="Write the native recipe here (default: print it).")
+@handle_errors
+def convert(recipe: Path, output: Path | None) -> None:
+    """Translate a mergekit recipe into the equivalent native recipe."""
+    from workbench.recipe import load_recipe
+
+    text = load_recipe(recipe).to_yaml()
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text)
+        _console().print(f"wrote {output}")
+
+
 # ----------------------------------------------------------------------------------------------
 # eval
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,11 @@ if TYPE_CHECKING:
 
 #: mergekit methods whose task vectors are taken against the base: a base listed among the
 #: models contributes a zero task vector in mergekit, so it is dropped from the model list.
-_TASK_VECTOR_METHODS = {"task_arithmetic"}
+_TASK_VECTOR_METHODS = {
+    "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "model_stock",
+}
+#: Every mergekit method this version reads (others are refused by name).
+SUPPORTED_METHODS = _TASK_VECTOR_METHODS | {"linear", "slerp", "passthrough"}
 _UNSUPPORTED_KEYS = {
     "slices": "layer slices (frankenmerges) are not supported yet",
     "modules": "multi-module recipes are not supported yet",
@@ -55,6 +59,11 @@ def translate(data: dict[str, Any], source: "LocatedSource") -> dict[str, Any]:
     if unknown:
         raise RecipeError(f"{source.where((unknown[0],))}: unknown mergekit option '{unknown[0]}'.")
     method = data["merge_method"]
+    if method not in SUPPORTED_METHODS:
+        raise RecipeError(
+            f"{source.where(('merge_method',))}: mergekit method '{method}' is not supported yet"
+            f" (supported: {', '.join(sorted(SUPPORTED_METHODS))})."
+        )
     base = data.get("base_model")
     if base is not None:
         base = _model_ref(base, source, ("base_model",))
