@@ -33,7 +33,9 @@ from workbench.registry import load_registry
 
 REPO = Path(__file__).resolve().parent.parent
 WIDE = {"COLUMNS": "1000"}
-BUILTIN_METHODS = {"linear", "slerp", "task_arithmetic"}
+#: What the installed built-in plugins register, read before any fake plugin exists: the tests below
+#: check that a broken or clashing plugin leaves exactly this set in place.
+BUILTIN_METHODS = set(load_registry().methods)
 CORE = "merge-workbench"
 
 MakePlugin = Callable[..., str]
@@ -141,7 +143,7 @@ def test_third_party_plugin_is_discovered_with_its_package(make_plugin: MakePlug
     assert entry.plugin.name == "fake"
     assert entry.plugin.version == "0.1"
     assert any(p.package == "workbench-fake" and p.name == "fake" for p in registry.plugins)
-    assert BUILTIN_METHODS <= set(registry.methods)
+    assert {"linear", "slerp", "task_arithmetic"} <= BUILTIN_METHODS <= set(registry.methods)
     assert all(registry.methods[m].plugin.package == CORE for m in BUILTIN_METHODS)
 
 
@@ -458,7 +460,7 @@ def test_workbench_plugins_accepts_several_names_with_spaces(monkeypatch: pytest
 def test_workbench_disable_plugins_blocks_one(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORKBENCH_DISABLE_PLUGINS", "slerp")
     registry = load_registry()
-    assert set(registry.methods) == {"linear", "task_arithmetic"}
+    assert set(registry.methods) == BUILTIN_METHODS - {"slerp"}
     assert "slerp" not in {p.name for p in registry.plugins}
     assert set(registry.formats) == {"safetensors"} and set(registry.executors) == {"local"}
 

@@ -101,10 +101,19 @@ def methods(name: str | None) -> None:
     for scope, schema in (("global", method.Parameters), ("per-model", method.ModelParameters)):
         for fname, info in schema.model_fields.items():
             default = "(required)" if info.is_required() else repr(info.default)
-            annotation = getattr(info.annotation, "__name__", str(info.annotation))
+            annotation = _type_label(info.annotation)
             per_layer = "yes" if is_per_layer(schema, fname) else "no"
             table.add_row(info.alias or fname, scope, annotation, default, per_layer, info.description or "")
     console.print(table)
+
+
+def _type_label(annotation: Any) -> str:
+    """'float', 'bool', or the allowed values of a Literal: 'l1 | inverse_density'."""
+    import typing
+
+    if typing.get_origin(annotation) is typing.Literal:
+        return " | ".join(str(v) for v in typing.get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -303,7 +303,8 @@ def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executo
         method = plan.method()
         state = method.prepare(
             PrepareContext(models=[m.reader for m in plan.models], base=plan.base.reader if plan.base else None,
-                           params=plan.params, tensor_names=[t.name for t in plan.tensors], device=device)
+                           params=plan.params, model_params=[m.parameters for m in plan.models],
+                           tensor_names=[t.name for t in plan.tensors], device=device)
         )
         runner = _TensorRunner(plan, method, state, device, prefetch, progress)
         progress.emit("start")

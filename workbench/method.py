@@ -78,6 +78,8 @@ class PrepareContext:
     base: "CheckpointReader | None"
     #: Global parameters as the recipe gives them (scalars, per-layer lists or filter lists).
     params: dict[str, Any]
+    #: Each model's parameters as the recipe gives them (top-level defaults merged in), in model order.
+    model_params: Sequence[dict[str, Any]]
     tensor_names: Sequence[str]
     device: str
     extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,44 @@
+"""Model Breadcrumbs: drop both the largest outliers and the smallest entries of each task vector."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from workbench import hookimpl
+from workbench.method import MergeMethod, Param
+from workbench_plugins._task_vectors import ConsensusParameters, DensityModelParameters, LinearParameters, TaskVectorMethod
+
+
+class BreadcrumbsModelParameters(DensityModelParameters):
+    gamma: float = Param(
+        0.01,
+        description="Fraction of the largest-magnitude entries dropped as outliers (density takes precedence when both cannot hold).",
+        ge=0.0,
+        le=1.0,
+    )
+
+
+class Breadcrumbs(TaskVectorMethod):
+    name = "breadcrumbs"
+    summary = "Model Breadcrumbs: drop each task vector's gamma largest and its smallest entries (density kept), add the weighted sum."
+    paper = "https://arxiv.org/abs/2312.06795"
+    Parameters = LinearParameters
+    ModelParameters = BreadcrumbsModelParameters
+    sparsification = "magnitude"
+    consensus = False
+
+
+class BreadcrumbsTies(TaskVectorMethod):
+    name = "breadcrumbs_ties"
+    summary = "Model Breadcrumbs sparsification, then TIES sign consensus."
+    paper = "https://arxiv.org/abs/2312.06795"
+    Parameters = ConsensusParameters
+    ModelParameters = BreadcrumbsModelParameters
+    sparsification = "magnitude"
+    consensus = True
+
+
+@hookimpl
+def register_methods(register: Callable[[type[MergeMethod]], None]) -> None:
+    register(Breadcrumbs)
+    register(BreadcrumbsTies)
