@@ -304,7 +304,8 @@ def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executo
         state = method.prepare(
             PrepareContext(models=[m.reader for m in plan.models], base=plan.base.reader if plan.base else None,
                            params=plan.params, model_params=[m.parameters for m in plan.models],
-                           tensor_names=[t.name for t in plan.tensors], device=device)
+                           tensor_names=[t.name for t in plan.tensors], device=device, seed=plan.recipe.seed,
+                           compute_dtype=to_torch(plan.compute_dtype), extra={"registry": registry})
         )
         runner = _TensorRunner(plan, method, state, device, prefetch, progress)
         progress.emit("start")

@@ -82,6 +82,10 @@ class PrepareContext:
     model_params: Sequence[dict[str, Any]]
     tensor_names: Sequence[str]
     device: str
+    #: The recipe's seed (per-tensor seeds derive from it and the tensor name).
+    seed: int = 0
+    compute_dtype: "torch.dtype | None" = None
+    #: Anything else the engine offers; ``registry`` is the registry the run uses.
     extra: dict[str, Any] = field(default_factory=dict)
 
 
