@@ -14,31 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from workbench.engine import run_recipe
 from workbench.errors import RecipeError
 from workbench.recipe import parse_recipe
 from workbench.registry import get_registry
+from merging import load_dir, merge, q
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 HALF_ULP_BF16 = 2.0**-8
 
 
-def q(path: Path) -> str:
-    return json.dumps(str(path))
 
-
-def load_dir(directory: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(Path(directory).glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
-
-
-def merge(tmp_path: Path, text: str, name: str = "out") -> dict[str, torch.Tensor]:
-    run_recipe(parse_recipe(text), out=tmp_path / name)
-    return load_dir(tmp_path / name)
 
 
 def layer_of(name: str) -> int | None:

@@ -7,13 +7,11 @@ product, t = N c / (1 + (N - 1) c), t * mean + (1 - t) * base), never with the c
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from workbench.engine import run_recipe
 from workbench.errors import RecipeError
@@ -21,25 +19,12 @@ from workbench.method import TensorContext
 from workbench.recipe import parse_recipe
 from workbench.synthetic import write_family
 from workbench_plugins.model_stock import ModelStock, ModelStockParameters
+from merging import load_dir, merge, q
 
 HALF_ULP_BF16 = 2.0**-8
 
 
-def q(path: Path) -> str:
-    return json.dumps(str(path))
 
-
-def load_dir(directory: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(Path(directory).glob("*.safetensors")):
-        tensors.update(load_file(file))
-    assert tensors
-    return tensors
-
-
-def merge(tmp_path: Path, text: str, name: str = "out") -> dict[str, torch.Tensor]:
-    run_recipe(parse_recipe(text), out=tmp_path / name)
-    return load_dir(tmp_path / name)
 
 
 def reference(base: torch.Tensor, models: list[torch.Tensor], filter_wise: bool) -> torch.Tensor:

@@ -10,37 +10,20 @@ differ (they are a tiny fraction, counted).
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from workbench.engine import run_recipe
 from workbench.method import TensorContext
-from workbench.recipe import parse_recipe
 from workbench_kernels.order_stats import RadixSelect, kth_smallest
 from workbench_plugins.pcb import PCB, PCBModelParameters, PCBParameters
+from merging import load_dir, merge, q
 
 AMBIGUOUS = 1e-5  # relative distance of a score to its threshold below which float32 may decide otherwise
 
 
-def q(path: Path) -> str:
-    return json.dumps(str(path))
 
-
-def load_dir(directory: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(Path(directory).glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
-
-
-def merge(tmp_path: Path, text: str, name: str = "out") -> dict[str, torch.Tensor]:
-    run_recipe(parse_recipe(text), out=tmp_path / name)
-    return load_dir(tmp_path / name)
 
 
 def pcb_reference(tvs: torch.Tensor, ratio: float, clip: float, inter: str = "sum", lams: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
