@@ -23,7 +23,7 @@ them (masks and scale factors are deterministic, so both passes see identical va
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -126,6 +126,33 @@ def magnitude_band(tau: torch.Tensor, density: float, gamma: float = 0.0) -> Mag
     lo = kth_largest(w, n_top + k)
     hi = kth_largest(w, n_top + 1) if n_top > 0 else math.inf
     return MagnitudeBand(lo, hi)
+
+
+def model_band(stream: Callable[[], Iterable[torch.Tensor]], density: float, gamma: float = 0.0) -> MagnitudeBand:
+    """:func:`magnitude_band` over a whole model: one band for a task vector streamed tensor by tensor.
+
+    ``stream()`` must yield the same values each time it is called; it is called twice (a counting
+    pass and a refining pass of the exact radix select), so memory stays a few histograms.
+    """
+    from workbench_kernels.order_stats import RadixSelect
+
+    if density >= 1.0:
+        return KEEP_ALL
+    select = RadixSelect([])
+    for tau in stream():
+        select.coarse(_magnitudes(tau))
+    n = select.count
+    k = keep_count(density, n)
+    if n == 0 or k == 0:
+        return KEEP_NONE
+    n_top = min(keep_count(gamma, n), n - k)
+    # Ascending ranks (0-based) of the k-th and the (n_top + 1)-th largest magnitudes.
+    select.ranks = [n - n_top - k] + ([n - n_top - 1] if n_top > 0 else [])
+    select.start_fine()
+    for tau in stream():
+        select.fine(_magnitudes(tau))
+    values = select.values()
+    return MagnitudeBand(values[0], values[1] if n_top > 0 else math.inf)
 
 
 def band_mask(tau: torch.Tensor, band: MagnitudeBand) -> torch.Tensor | None:

@@ -12,12 +12,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import model_validator
 
 from workbench.errors import RecipeError
-from workbench.method import MergeMethod, MethodParameters, Param, TensorContext
+from workbench.method import MergeMethod, MethodParameters, Param, PrepareContext, TensorContext
+from workbench.params import varies
 from workbench_plugins._weights import normalized
 
 if TYPE_CHECKING:
@@ -36,6 +37,11 @@ _RESCALE_MODE = (
     "How rescale restores a sparsified task vector: 'l1' (mergekit) scales it so that its L1 norm"
     " matches the original's; 'inverse_density' (DARE paper) multiplies it by 1/density."
 )
+_SCOPE = (
+    "Where the magnitude top-k is taken: 'tensor' (mergekit: each tensor keeps its own top density) or"
+    " 'model' (the TIES paper: one exact threshold per task vector over the whole model, found by a"
+    " streaming pass over the inputs before the merge)."
+)
 _INT8_MASK = (
     "Accepted for mergekit recipes; changes nothing here: masks are always 1-byte booleans (the"
     " memory saving int8_mask buys in mergekit), and results never depended on it."
@@ -50,6 +56,7 @@ class TaskVectorParameters(MethodParameters):
     rescale: bool = Param(False, description=RESCALE, per_layer=False)
     rescale_mode: Literal["l1", "inverse_density"] = Param("l1", description=_RESCALE_MODE, per_layer=False)
     int8_mask: bool = Param(False, description=_INT8_MASK, per_layer=False)
+    scope: Literal["tensor", "model"] = Param("tensor", description=_SCOPE, per_layer=False)
 
     @model_validator(mode="after")
     def _mode_needs_rescale(self) -> TaskVectorParameters:
@@ -96,6 +103,34 @@ class TaskVectorMethod(MergeMethod):
     elementwise = False
     sparsification: ClassVar[Sparsification]
     consensus: ClassVar[bool]
+
+    def prepare(self, ctx: PrepareContext) -> Thresholds | None:
+        """With ``scope: model``, one magnitude band per task vector over the whole model."""
+        if ctx.params.get("scope", "tensor") != "model":
+            return None
+        if self.sparsification != "magnitude":
+            raise RecipeError(f"{self.name}: 'scope' applies to magnitude trimming; this method drops entries at random.")
+        import torch
+
+        from workbench_kernels.sparsify import model_band
+
+        assert ctx.base is not None
+        base = ctx.base
+        names = [n for n in ctx.tensor_names if base.info(n).is_float]
+        bands = {}
+        for i, raw in enumerate(ctx.model_params):
+            given = {k: v for k, v in raw.items() if k in ("density", "gamma")}
+            varying = [k for k, v in given.items() if varies(v)]
+            if varying:
+                raise RecipeError(f"{self.name}: scope 'model' needs one {varying[0]} per model, not a list, a filter or a file.")
+            options = self.ModelParameters.model_validate(given)
+            reader = ctx.models[i]
+
+            def stream(reader: Any = reader) -> Any:
+                return (reader.read(n).to(torch.float32) - base.read(n).to(torch.float32) for n in names)
+
+            bands[i] = model_band(stream, options.density, float(getattr(options, "gamma", 0.0)))
+        return Thresholds(bands)
 
     def precomputed_band(self, model_index: int, ctx: TensorContext) -> MagnitudeBand | None:
         """A threshold given through ``ctx.state`` (see :class:`Thresholds`); None: per tensor."""
