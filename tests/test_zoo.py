@@ -246,3 +246,26 @@ def test_build_refuses_bad_input(tmp_path: Path) -> None:
     with pytest.raises(WorkbenchError, match="unknown zoo scale 'huge'"):
         build_zoo(tmp_path / "new", "huge")
     assert (tmp_path / "taken" / "notes.txt").read_text() == "keep me" and not (tmp_path / "new").exists()
+
+
+def test_zoo_report_scores_every_row_and_reproduces_the_experts(zoo: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """`workbench zoo report` on the tiny zoo: every row present, experts scored as the evaluators say."""
+    from click.testing import CliRunner
+
+    from workbench.cli import main
+    from workbench.evaluation import evaluate, make_evaluators
+    from workbench.recipe import EvaluatorSpec
+    from workbench.registry import get_registry
+
+    root, manifest = zoo
+    out = tmp_path / "reproductions.md"
+    result = CliRunner().invoke(main, ["zoo", "report", str(root), "--out", str(out), "--n", "64", "--seed", "7"])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    for label in ("| base |", "uniform average", "task arithmetic, λ = 0.5", "TIES, k = 20%", "DARE-TIES", "PCB", "LiNeS"):
+        assert label in text, label
+    task = next(iter(manifest["experts"]))
+    [evaluator] = make_evaluators([EvaluatorSpec(name=f"zoo_{task}", options={"n": 64, "seed": 7})], get_registry())
+    accuracy = evaluate(root / manifest["experts"][task], [evaluator])[f"zoo_{task}"]["accuracy"]
+    row = next(line for line in text.splitlines() if line.startswith(f"| expert: {task} |"))
+    assert f"{accuracy:.3f}" == row.split("|")[2].strip()

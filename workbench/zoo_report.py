@@ -82,13 +82,45 @@ def baseline_rows(scorer: ZooScorer, lambdas: tuple[float, ...] = LAMBDAS, log: 
     return rows
 
 
+def method_rows(scorer: ZooScorer, log: Callable[[str], None] = print) -> list[Row]:
+    """The task-vector methods of issue 4 on the same experts, at their papers' usual settings."""
+    base = str(scorer.path(scorer.manifest["base"]))
+    experts = [str(scorer.path(scorer.manifest["experts"][task])) for task in scorer.tasks]
+    density = [{"model": e, "parameters": {"density": 0.2}} for e in experts]
+    recipes = {
+        "TIES, k = 20%, λ = 1": {"method": "ties", "models": density, "parameters": {"lambda": 1.0}},
+        "TIES, k = 20%, λ = 1, model-wide top-k": {"method": "ties", "models": density, "parameters": {"lambda": 1.0, "scope": "model"}},
+        "DARE-TIES, density 0.2, λ = 1": {"method": "dare_ties", "models": density, "parameters": {"lambda": 1.0}},
+        "PCB, r = 0.1, λ = 1": {"method": "pcb", "models": experts, "parameters": {"lambda": 1.0}},
+        "LiNeS on task arithmetic, α = 1/T, β = 0.5": {"method": "lines", "models": experts, "parameters": {"beta": 0.5}},
+    }
+    rows = []
+    for label, recipe in recipes.items():
+        log(f"merging: {label}")
+        full = {"base": base, **recipe}
+        rows.append(Row(label, scorer.merge_and_score(full), full))
+    return rows
+
+
 def normalized(row: Row, experts: dict[str, float]) -> float:
     """Mean over tasks of accuracy / the task's own expert's accuracy."""
     values = [row.accuracy[t] / experts[t] for t in experts if experts[t] > 0]
     return sum(values) / len(values) if values else float("nan")
 
 
-def render(rows: list[Row], scorer: ZooScorer, command: str, n: int, seed: int) -> str:
+def _table(rows: list[Row], tasks: list[str], experts: dict[str, float]) -> list[str]:
+    lines = [
+        "| model | " + " | ".join(tasks) + " | mean accuracy | mean normalised accuracy |",
+        "|---|" + "---|" * (len(tasks) + 2),
+    ]
+    for row in rows:
+        mean = sum(row.accuracy.values()) / len(row.accuracy)
+        cells = " | ".join(f"{row.accuracy[t]:.3f}" for t in tasks)
+        lines.append(f"| {row.label} | {cells} | {mean:.3f} | {normalized(row, experts):.3f} |")
+    return lines
+
+
+def render(rows: list[Row], method_table: list[Row], scorer: ZooScorer, command: str, n: int, seed: int) -> str:
     tasks = scorer.tasks
     experts = {t: next(r.accuracy[t] for r in rows if r.label == f"expert: {t}") for t in tasks}
     manifest = scorer.manifest
@@ -105,13 +137,12 @@ def render(rows: list[Row], scorer: ZooScorer, command: str, n: int, seed: int) 
         "",
         "## Baselines: task-vector merging of the task experts",
         "",
-        "| model | " + " | ".join(tasks) + " | mean accuracy | mean normalised accuracy |",
-        "|---|" + "---|" * (len(tasks) + 2),
+        *_table(rows, tasks, experts),
+        "",
+        "## Task-vector methods (TIES, DARE-TIES, PCB, LiNeS) on the same experts",
+        "",
+        *_table(method_table, tasks, experts),
     ]
-    for row in rows:
-        mean = sum(row.accuracy.values()) / len(row.accuracy)
-        cells = " | ".join(f"{row.accuracy[t]:.3f}" for t in tasks)
-        lines.append(f"| {row.label} | {cells} | {mean:.3f} | {normalized(row, experts):.3f} |")
     lines += [
         "",
         "Merged rows are recipes run through the engine on the experts above (float32 compute, output in",
@@ -124,7 +155,7 @@ def render(rows: list[Row], scorer: ZooScorer, command: str, n: int, seed: int) 
 
 def write_report(zoo_dir: Path, out_file: Path, registry: Registry, n: int, seed: int, command: str, log: Callable[[str], None] = print) -> str:
     scorer = ZooScorer(zoo_dir, registry, n, seed)
-    text = render(baseline_rows(scorer, log=log), scorer, command, n, seed)
+    text = render(baseline_rows(scorer, log=log), method_rows(scorer, log=log), scorer, command, n, seed)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(text)
     return text
