@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from workbench_kernels.sparsify import MagnitudeBand
 from workbench_plugins._task_vectors import Thresholds
 
@@ -26,6 +26,7 @@ from workbench.engine import run_recipe
 from workbench.errors import RecipeError
 from workbench.method import TensorContext
 from workbench.recipe import parse_recipe
+from merging import load_dir, merge, q
 
 METHODS = ["ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"]
 CONSENSUS = {"ties": True, "dare_ties": True, "breadcrumbs_ties": True, "dare_linear": False, "breadcrumbs": False}
@@ -35,23 +36,6 @@ LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 # --------------------------------------------------------------------------------------------------
 # Helpers (independent of the code under test)
 # --------------------------------------------------------------------------------------------------
-
-
-def q(path: Path | str) -> str:
-    return json.dumps(str(path))
-
-
-def load_dir(directory: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(Path(directory).glob("*.safetensors")):
-        tensors.update(load_file(file))
-    assert tensors, f"no safetensors file in {directory}"
-    return tensors
-
-
-def merge(tmp_path: Path, text: str, name: str = "out") -> dict[str, torch.Tensor]:
-    run_recipe(parse_recipe(text), out=tmp_path / name)
-    return load_dir(tmp_path / name)
 
 
 def entries(models: list[tuple[Path, str]]) -> str:
