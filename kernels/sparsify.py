@@ -7,8 +7,10 @@ and reproducible:
 * magnitude thresholds are exact order statistics (``kthvalue``), computed by
   :func:`magnitude_band` separately from :func:`band_mask`, which applies them; a threshold computed
   elsewhere (e.g. over the whole model) can therefore replace the per-tensor one;
-* elements tied with a threshold are always **kept** (order-independent, unlike mergekit's argsort,
-  which keeps exactly k and picks among ties arbitrarily);
+* per tensor, exactly k entries are kept, as mergekit's argsort keeps them; where magnitudes tie at
+  a threshold (common in bf16 task vectors), the earlier entry in row-major order ranks higher, as
+  in a stable sort, rather than mergekit's arbitrary pick among the tied ones. A band computed over
+  the whole model keeps every entry tied with its threshold (the TIES paper's ``>=`` rule);
 * random masks come from a CPU generator seeded per tensor and per model, drawn serially, so they
   do not depend on the thread count, the device or the scheduling;
 * the L1 norms of the rescaling are summed in float64 over fixed blocks and combined with
@@ -44,10 +46,16 @@ RNG_BLOCK = 1 << 20
 
 @dataclass(frozen=True)
 class MagnitudeBand:
-    """Keep the entries with ``lo <= |x| <= hi``; ties with either bound are kept."""
+    """Keep the entries with ``lo <= |x| <= hi``.
+
+    ``lo_ties`` / ``hi_ties``: which of the entries equal to ``lo`` / ``hi`` are kept, as a range
+    ``[start, stop)`` of their ordinals in row-major order; None keeps them all.
+    """
 
     lo: float
     hi: float = math.inf
+    lo_ties: tuple[int, int] | None = None
+    hi_ties: tuple[int, int] | None = None
 
     @property
     def keeps_all(self) -> bool:
@@ -108,12 +116,13 @@ def kth_largest(magnitudes: torch.Tensor, k: int) -> float:
 def magnitude_band(tau: torch.Tensor, density: float, gamma: float = 0.0) -> MagnitudeBand:
     """The magnitude thresholds of one task vector (compute only; :func:`band_mask` applies them).
 
-    Keeps ``k = floor(density * n)`` entries: with ``gamma = 0`` (TIES) the k largest; with
+    Keeps exactly ``k = floor(density * n)`` entries: with ``gamma = 0`` (TIES) the k largest; with
     ``gamma > 0`` (breadcrumbs) the ``n_top = floor(gamma * n)`` largest are dropped first and the
     next k kept, ``n_top`` being cut down when ``n_top + k > n`` (mergekit's rule). The band's bounds
-    are the k-th and the ``(n_top + 1)``-th largest magnitudes, so ties at a bound are kept and the
-    mask may hold a few more than k entries. ``density >= 1`` keeps everything (gamma ignored, as in
-    mergekit); ``k = 0`` keeps nothing.
+    are the ``(n_top + k)``-th and the ``(n_top + 1)``-th largest magnitudes; among entries tied with
+    a bound, the earlier ones rank higher (a stable sort by decreasing magnitude, ranks ``n_top`` to
+    ``n_top + k - 1`` kept). ``density >= 1`` keeps everything (gamma ignored, as in mergekit);
+    ``k = 0`` keeps nothing.
     """
     n = tau.numel()
     if density >= 1.0 or n == 0:
@@ -124,8 +133,14 @@ def magnitude_band(tau: torch.Tensor, density: float, gamma: float = 0.0) -> Mag
     n_top = min(keep_count(gamma, n), n - k)
     w = _magnitudes(tau)
     lo = kth_largest(w, n_top + k)
-    hi = kth_largest(w, n_top + 1) if n_top > 0 else math.inf
-    return MagnitudeBand(lo, hi)
+    above_lo = int((w > lo).sum())
+    if n_top == 0:
+        return MagnitudeBand(lo, math.inf, lo_ties=(0, k - above_lo))
+    hi = kth_largest(w, n_top + 1)
+    above_hi = int((w > hi).sum())
+    if lo == hi:  # every kept entry has this one magnitude: ranks n_top .. n_top + k - 1 among the ties
+        return MagnitudeBand(lo, hi, lo_ties=(n_top - above_hi, n_top + k - above_hi))
+    return MagnitudeBand(lo, hi, lo_ties=(0, n_top + k - above_lo), hi_ties=(n_top - above_hi, int((w == hi).sum())))
 
 
 def model_band(stream: Callable[[], Iterable[torch.Tensor]], density: float, gamma: float = 0.0) -> MagnitudeBand:
@@ -164,10 +179,21 @@ def band_mask(tau: torch.Tensor, band: MagnitudeBand) -> torch.Tensor | None:
     w = tau.detach().abs()
     if w.dtype in (torch.float16, torch.bfloat16):
         w = w.float()  # compare a threshold computed elsewhere without rounding it to 8 bits
-    mask = w >= band.lo
+    mask = (w >= band.lo if band.lo_ties is None else w > band.lo).contiguous()
     if band.hi != math.inf:
-        mask &= w <= band.hi
+        mask &= w <= band.hi if band.hi_ties is None else w < band.hi
+    for value, ties in ((band.lo, band.lo_ties), (band.hi, band.hi_ties)):
+        if ties is not None:
+            _keep_ties(mask, w, value, *ties)
     return mask
+
+
+def _keep_ties(mask: torch.Tensor, w: torch.Tensor, value: float, start: int, stop: int) -> None:
+    """Set ``mask`` at the entries equal to ``value`` whose ordinal (row-major) is in [start, stop)."""
+    if stop <= start:
+        return
+    positions = torch.nonzero((w == value).reshape(-1)).squeeze(1)[start:stop]
+    mask.view(-1)[positions] = True
 
 
 def random_mask(shape: Sequence[int], density: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:

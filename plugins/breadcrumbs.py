@@ -22,6 +22,12 @@ class Breadcrumbs(TaskVectorMethod):
     name = "breadcrumbs"
     summary = "Model Breadcrumbs: drop each task vector's gamma largest and its smallest entries (density kept), add the weighted sum."
     paper = "https://arxiv.org/abs/2312.06795"
+    when_to_use = (
+        "When a few very large updates of a fine-tune are specific to its task and hurt the others: it "
+        "drops the gamma largest entries as well as the smallest. density defaults to 1, which keeps "
+        "everything whatever gamma is: set e.g. density: 0.9. "
+        "Exact semantics: [methods.md](../methods.md#breadcrumbs)."
+    )
     Parameters = LinearParameters
     ModelParameters = BreadcrumbsModelParameters
     sparsification = "magnitude"
@@ -32,6 +38,10 @@ class BreadcrumbsTies(TaskVectorMethod):
     name = "breadcrumbs_ties"
     summary = "Model Breadcrumbs sparsification, then TIES sign consensus."
     paper = "https://arxiv.org/abs/2312.06795"
+    when_to_use = (
+        "Breadcrumbs' band sparsification with TIES's sign election, for several fine-tunes with "
+        "conflicting updates. Exact semantics: [methods.md](../methods.md#breadcrumbs_ties)."
+    )
     Parameters = ConsensusParameters
     ModelParameters = BreadcrumbsModelParameters
     sparsification = "magnitude"

@@ -24,6 +24,13 @@ class Linear(MergeMethod):
     name = "linear"
     summary = "Weighted average of the models: sum(w_i * theta_i), divided by sum(w_i) when normalize is on."
     paper = "https://arxiv.org/abs/2203.05482"
+    when_to_use = (
+        "The first thing to try with several fine-tunes of one base, or checkpoints of one training run "
+        "(a model soup): averaging weights that lie in one basin tends to improve robustness. It ignores "
+        "the base, so task vectors are diluted by the number of models (task_arithmetic can add them at "
+        "full strength). Models trained from different initialisations must be aligned first (ot_fusion). "
+        "Exact semantics: [methods.md](../methods.md#linear)."
+    )
     Parameters = LinearParameters
     ModelParameters = LinearModelParameters
     base_model = "unused"

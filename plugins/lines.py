@@ -221,6 +221,13 @@ class Lines(MergeMethod):
     name = "lines"
     summary = "LiNeS: scale a (merged) task vector by depth, alpha + beta * l / (L - 1), alpha outside the blocks; wraps any task-vector method."
     paper = "https://arxiv.org/abs/2410.17146"
+    when_to_use = (
+        "On top of any task-vector merge (merge: ties, dare_ties, ...): shallow layers hold general "
+        "features that fine-tuning should barely change, so scaling the merged task vector up with depth "
+        "keeps more of the base's general ability while keeping the tasks. Alone (one fine-tune) it "
+        "reduces forgetting. Tune beta; alpha defaults to the paper's rule. "
+        "Exact semantics: [methods.md](../methods.md#lines)."
+    )
     Parameters = LinesParameters
     ModelParameters = LinesModelParameters
     base_model = "required"

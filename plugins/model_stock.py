@@ -44,6 +44,12 @@ class ModelStock(MergeMethod):
     name = "model_stock"
     summary = "t * mean(models) + (1 - t) * base, with t = N c / (1 + (N - 1) c) from the mean pairwise cosine c of the task vectors."
     paper = "https://arxiv.org/abs/2403.19522"
+    when_to_use = (
+        "Several fine-tunes of one base on the same task (different seeds or hyperparameters): it finds "
+        "the interpolation towards the base from the angle between their task vectors alone, without "
+        "validation data. Not meant for combining different tasks. "
+        "Exact semantics: [methods.md](../methods.md#model_stock)."
+    )
     Parameters = ModelStockParameters
     base_model = "required"
     min_models = 2

@@ -19,6 +19,11 @@ class Passthrough(MergeMethod):
     name = "passthrough"
     summary = "Copy a single model's tensors, optionally scaled per layer or tensor."
     paper = None
+    when_to_use = (
+        "Copying one model's tensors, optionally scaled per layer or per tensor (e.g. to damp an "
+        "expert's layers), and as the building block of layer stacking. "
+        "Exact semantics: [methods.md](../methods.md#passthrough)."
+    )
     ModelParameters = PassthroughModelParameters
     base_model = "unused"
     max_models = 1

@@ -199,6 +199,12 @@ class PCB(MergeMethod):
     name = "pcb"
     summary = "PCB-merging: balance task vectors by intra- and inter-task importance, keep the top pcb_ratio, average with those weights."
     paper = "https://arxiv.org/abs/2410.02396"
+    when_to_use = (
+        "Several task fine-tunes where both the importance of each entry within a task and the competition "
+        "between tasks matter: it weights entries by intra- and inter-task balance instead of a hard sign "
+        "election. Search lambda (0.8-2.2 in the paper's NLP runs) and pcb_ratio (0.05-0.2). "
+        "Exact semantics: [methods.md](../methods.md#pcb)."
+    )
     Parameters = PCBParameters
     ModelParameters = PCBModelParameters
     base_model = "required"

@@ -19,6 +19,13 @@ class Slerp(MergeMethod):
     name = "slerp"
     summary = "Spherical interpolation of two models per tensor; linear where the tensors are nearly parallel."
     paper = "https://dl.acm.org/doi/10.1145/325165.325242"
+    when_to_use = (
+        "Blending exactly two models when their weights have similar norms and a plain average would "
+        "shrink them (averaging two unit vectors shortens the result; slerp keeps the norm). Popular for "
+        "two chat fine-tunes of one base, with t varied per layer and module (a gradient on self_attn "
+        "and another on mlp). For three or more models use linear or a task-vector method. "
+        "Exact semantics: [methods.md](../methods.md#slerp)."
+    )
     Parameters = SlerpParameters
     base_model = "unused"
     min_models = 2

@@ -25,6 +25,13 @@ class TaskArithmetic(MergeMethod):
     name = "task_arithmetic"
     summary = "base + lambda * sum(w_i * (theta_i - base)): add, scale or negate task vectors."
     paper = "https://arxiv.org/abs/2212.04089"
+    when_to_use = (
+        "Adding the skills of several fine-tunes of one base (positive weights) or removing a behaviour "
+        "(a negative weight). Tune lambda on held-out data: the sum of several task vectors overshoots "
+        "at lambda = 1 (the papers search 0.1-1.0; in the zoo's four-task merge 0.5-0.7 was best). "
+        "When the task vectors interfere, try ties, dare_ties or pcb. "
+        "Exact semantics: [methods.md](../methods.md#task_arithmetic)."
+    )
     Parameters = TaskArithmeticParameters
     ModelParameters = TaskArithmeticModelParameters
     base_model = "required"

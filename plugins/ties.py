@@ -17,6 +17,13 @@ class Ties(TaskVectorMethod):
     name = "ties"
     summary = "TIES: keep each task vector's top-density entries by magnitude, elect signs by mass, average the agreeing entries."
     paper = "https://arxiv.org/abs/2306.01708"
+    when_to_use = (
+        "Merging several fine-tunes whose task vectors interfere: trimming drops small, redundant updates "
+        "and the sign election stops opposing updates from cancelling. The paper keeps 20% "
+        "(density: 0.2) with lambda around 1 (searched 0.8-2.5 with validation data); density defaults "
+        "to 1, as in mergekit. scope: model takes the paper's single threshold over the whole model. "
+        "Exact semantics: [methods.md](../methods.md#ties)."
+    )
     Parameters = TiesParameters
     ModelParameters = DensityModelParameters
     sparsification = "magnitude"

@@ -8,7 +8,7 @@ data-driven methods never see the examples they are scored on.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, cast
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Literal, cast
 
 from workbench import hookimpl
 from workbench.evaluator import Evaluator, EvaluatorOptions, LoadedModel
@@ -23,9 +23,14 @@ class ZooOptions(EvaluatorOptions):
     n: int = Param(256, description="Number of held-out examples to score.", per_layer=False, ge=1, le=100_000)
     seed: int = Param(
         0,
-        description="Which held-out examples; every seed draws from the test split, which no model was trained on.",
+        description="Which held-out examples; every seed draws from the chosen split, which no model was trained on.",
         per_layer=False,
         ge=0,
+    )
+    split: Literal["test", "validation"] = Param(
+        "test",
+        description="Held-out split scored: 'validation' for choosing hyperparameters, 'test' for the figures reported.",
+        per_layer=False,
     )
     batch_size: int = Param(64, description="Examples per forward pass (and per batch served to data-driven methods).", per_layer=False, ge=1)
 
@@ -41,7 +46,7 @@ class ZooEvaluator(Evaluator):
 
     def evaluate(self, model: LoadedModel) -> dict[str, float]:
         options = cast(ZooOptions, self.options)
-        scores = score(model.module, self.task, options.n, options.seed, options.batch_size)
+        scores = score(model.module, self.task, options.n, options.seed, options.batch_size, options.split)
         return {"accuracy": scores["accuracy"], "token_accuracy": scores["token_accuracy"], "loss": scores["loss"]}
 
     def batches(self, count: int, seed: int) -> Iterator[dict[str, "torch.Tensor"]]:

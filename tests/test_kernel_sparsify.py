@@ -61,16 +61,22 @@ def test_keep_count_is_floor_without_float_artefacts(fraction, n, expected):
 def test_top_k_distinct_values():
     tau = t(0.5, -4.0, 3.0, -1.0, 2.0, 0.0)
     band = magnitude_band(tau, 0.5)  # k = 3: keep 4, 3, 2
-    assert band == MagnitudeBand(2.0, math.inf)
+    assert (band.lo, band.hi) == (2.0, math.inf)
     assert kept(tau, band) == [0.0, -4.0, 3.0, 0.0, 2.0, 0.0]
 
 
-def test_ties_at_the_threshold_are_kept():
-    """k = 2 of [3, -2, 2, 1, -2]: the 2nd largest magnitude is 2, held three times: all are kept."""
-    tau = t(3.0, -2.0, 2.0, 1.0, -2.0)
-    band = magnitude_band(tau, 0.4)
+def test_ties_at_the_threshold_keep_exactly_k_earliest_first():
+    """k = 3 of [3, -2, 2, 1, -2]: 3 and one of the three 2s; the earliest 2 ranks highest."""
+    tau = t(3.0, -2.0, 2.0, 1.0, -2.0, 2.0)
+    band = magnitude_band(tau, 0.5)
     assert band.lo == 2.0
-    assert kept(tau, band) == [3.0, -2.0, 2.0, 0.0, -2.0]
+    assert kept(tau, band) == [3.0, -2.0, 2.0, 0.0, 0.0, 0.0]
+
+
+def test_a_band_computed_elsewhere_keeps_every_tie():
+    """A threshold without tie ranges (e.g. model-wide) keeps all entries equal to it."""
+    tau = t(3.0, -2.0, 2.0, 1.0, -2.0)
+    assert kept(tau, MagnitudeBand(2.0)) == [3.0, -2.0, 2.0, 0.0, -2.0]
 
 
 def test_density_one_keeps_all_and_zero_keeps_none():
@@ -87,7 +93,7 @@ def test_density_one_keeps_all_and_zero_keeps_none():
 def test_breadcrumbs_band_drops_outliers_and_small_values():
     tau = t(1, -2, 3, -4, 5, -6, 7, -8, 9, -10)
     band = magnitude_band(tau, 0.5, gamma=0.2)  # drop 10 and 9, keep the next 5: 8..4
-    assert band == MagnitudeBand(4.0, 8.0)
+    assert (band.lo, band.hi) == (4.0, 8.0)
     assert kept(tau, band) == [0, 0, 0, -4, 5, -6, 7, -8, 0, 0]
 
 
@@ -105,12 +111,18 @@ def test_breadcrumbs_gamma_below_one_element_keeps_the_top_k():
     assert kept(tau, band) == [0, 0, 0, -4, 5]
 
 
-def test_breadcrumbs_ties_at_the_outlier_bound_are_kept():
-    """Dropping the single largest of [5, 5, 4, 3, 2, 1]: the two 5s tie, so neither is dropped."""
+def test_breadcrumbs_ties_at_the_outlier_bound_drop_the_earliest():
+    """Dropping the single largest of [5, 5, 4, 3, 2, 1]: the two 5s tie; the first ranks higher."""
     tau = t(5, -5, 4, 3, 2, 1)
-    band = magnitude_band(tau, 0.5, gamma=1 / 6)  # n_top = 1, k = 3: ranks 2..4 -> magnitudes 5, 4, 3
-    assert band == MagnitudeBand(3.0, 5.0)
-    assert kept(tau, band) == [5, -5, 4, 3, 0, 0]
+    band = magnitude_band(tau, 0.5, gamma=1 / 6)  # n_top = 1, k = 3: ranks 1..3 -> the second 5, 4, 3
+    assert (band.lo, band.hi) == (3.0, 5.0)
+    assert kept(tau, band) == [0, -5, 4, 3, 0, 0]
+
+
+def test_breadcrumbs_ties_at_both_bounds_and_one_magnitude():
+    tau = t(2, 1, -2, 1, 2, 1, 2)  # descending ranks: 2 (0, 2, 4, 6), then 1 (1, 3, 5)
+    assert kept(tau, magnitude_band(tau, 3 / 7, gamma=2 / 7)) == [0, 1, 0, 0, 2, 0, 2]  # ranks 2..4
+    assert kept(tau, magnitude_band(tau, 2 / 7, gamma=1 / 7)) == [0, 0, -2, 0, 2, 0, 0]  # ranks 1..2: lo == hi
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -123,7 +135,9 @@ def test_threshold_matches_sorting(dtype):
         band = magnitude_band(tau, density)
         assert band.lo == ordered[k - 1]
         mask = band_mask(tau, band)
-        assert mask is not None and int(mask.sum()) == sum(1 for v in ordered if v >= ordered[k - 1])
+        assert mask is not None and int(mask.sum()) == k
+        stable = sorted(range(tau.numel()), key=lambda i: -abs(float(tau.reshape(-1)[i])))
+        assert sorted(torch.nonzero(mask.reshape(-1)).squeeze(1).tolist()) == sorted(stable[:k])
 
 
 # --------------------------------------------------------------------------------------------------

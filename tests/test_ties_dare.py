@@ -63,19 +63,18 @@ def dare_mask(recipe_seed: int, name: str, index: int, shape: torch.Size, densit
 
 
 def band_mask64(tau: torch.Tensor, density: float, gamma: float = 0.0) -> torch.Tensor:
-    """Keep floor(density n) entries after the floor(gamma n) largest (cut down to fit); ties kept."""
+    """Keep floor(density n) entries after the floor(gamma n) largest (cut down to fit), ranked by a
+    stable sort of decreasing magnitude (equal magnitudes: the earlier entry ranks higher)."""
     n = tau.numel()
     if density >= 1:
         return torch.ones(tau.shape, dtype=torch.bool)
     k = math.floor(round(density * n, 6))
-    if k == 0:
-        return torch.zeros(tau.shape, dtype=torch.bool)
     n_top = min(math.floor(round(gamma * n, 6)), n - k)
-    mags = sorted((abs(v) for v in tau.reshape(-1).tolist()), reverse=True)
-    keep = tau.abs() >= mags[n_top + k - 1]
-    if n_top:
-        keep &= tau.abs() <= mags[n_top]
-    return keep
+    values = tau.reshape(-1).tolist()
+    ranked = sorted(range(n), key=lambda i: -abs(values[i]))
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[ranked[n_top : n_top + k]] = True
+    return keep.reshape(tau.shape)
 
 
 def gta64(base: torch.Tensor, xs: list[torch.Tensor], ws: list[float], masks: list[torch.Tensor], rescale: str | None, densities: list[float], consensus: bool, normalize: bool, lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -180,24 +179,27 @@ def test_task_vectors_of_the_fixtures_are_exact_in_float32(weights):
 BASE = torch.full((2, 3), 10.0)
 TAU1 = torch.tensor([[1.0, -2.0, 3.0], [0.0, 0.5, -4.0]])
 TAU2 = torch.tensor([[-3.0, 1.0, 1.0], [0.0, 0.5, 2.0]])
+TAU3 = torch.tensor([[1.0, -3.0, 1.0], [0.0, 0.5, 2.0]])
 
 
 @pytest.mark.parametrize("normalize, expected", [
-    # density 0.5 keeps 3 of 6: tau1 -> 4, 3, 2; tau2 -> 3, 2 and both 1s (tied at the threshold).
-    # Sums [-3, -1, 4 | 0, 0, -2] elect - - + + + -; agreeing entries are averaged (or summed).
-    (True, [[-3.0, -2.0, 2.0], [0.0, 0.0, -4.0]]),
-    (False, [[-3.0, -2.0, 4.0], [0.0, 0.0, -4.0]]),
+    # density 0.5 keeps 3 of 6: tau1 -> 4, 3, -2; tau3 -> -3, 2 and the first of its two 1s (tied
+    # at the threshold: exactly k are kept, the earlier entry first): [1, -3, 0 | 0, 0, 2].
+    # Sums [1, -5, 3 | 0, 0, -2] elect + - + + + -; agreeing entries are averaged (or summed).
+    (True, [[1.0, -2.5, 3.0], [0.0, 0.0, -4.0]]),
+    (False, [[1.0, -5.0, 3.0], [0.0, 0.0, -4.0]]),
 ])
 def test_ties_by_hand_sign_conflicts_and_ties_at_threshold(normalize, expected):
-    out = apply("ties", BASE, [BASE + TAU1, BASE + TAU2], {"normalize": normalize}, [{"density": 0.5}, {"density": 0.5}])
+    out = apply("ties", BASE, [BASE + TAU1, BASE + TAU3], {"normalize": normalize}, [{"density": 0.5}, {"density": 0.5}])
     assert out.tolist() == (BASE + torch.tensor(expected)).tolist()
 
 
 def test_ties_by_hand_weights_and_lambda():
-    # Weighted: tau1 * 2 -> [0, -4, 6 | 0, 0, -8]; tau2 -> [-3, 1, 1 | 0, 0, 2]; sums [-3, -3, 7 | 0, 0, -6].
-    # Disjoint weighted mean: [-3/1, -4/2, (6+1)/3 | 0, 0, -8/2], then times lambda 0.5.
+    # Weighted: tau1 * 2 -> [0, -4, 6 | 0, 0, -8]; tau2 -> [-3, 1, 0 | 0, 0, 2] (of its tied 1s, the
+    # first is kept); sums [-3, -3, 6 | 0, 0, -6]. Disjoint weighted mean: [-3/1, -4/2, 6/2 | 0, 0, -8/2],
+    # then times lambda 0.5.
     out = apply("ties", BASE, [BASE + TAU1, BASE + TAU2], {"lambda": 0.5}, [{"density": 0.5, "weight": 2.0}, {"density": 0.5}])
-    expected = BASE + 0.5 * torch.tensor([[-3.0, -2.0, 7.0 / 3.0], [0.0, 0.0, -4.0]])
+    expected = BASE + 0.5 * torch.tensor([[-3.0, -2.0, 3.0], [0.0, 0.0, -4.0]])
     assert torch.allclose(out, expected, rtol=0, atol=1e-6)
 
 

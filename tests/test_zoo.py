@@ -249,23 +249,58 @@ def test_build_refuses_bad_input(tmp_path: Path) -> None:
 
 
 def test_zoo_report_scores_every_row_and_reproduces_the_experts(zoo: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
-    """`workbench zoo report` on the tiny zoo: every row present, experts scored as the evaluators say."""
+    """`workbench zoo report` on the tiny zoo: every method row present, experts scored as the evaluators say."""
     from click.testing import CliRunner
 
     from workbench.cli import main
     from workbench.evaluation import evaluate, make_evaluators
     from workbench.recipe import EvaluatorSpec
     from workbench.registry import get_registry
+    from workbench.zoo_report import METHODS
 
     root, manifest = zoo
     out = tmp_path / "reproductions.md"
-    result = CliRunner().invoke(main, ["zoo", "report", str(root), "--out", str(out), "--n", "64", "--seed", "7"])
+    result = CliRunner().invoke(main, ["zoo", "report", str(root), "--out", str(out), "--n", "32", "--seed", "7"])
     assert result.exit_code == 0, result.output
     text = out.read_text()
-    for label in ("| base |", "uniform average", "task arithmetic, λ = 0.5", "TIES, k = 20%", "DARE-TIES", "PCB", "LiNeS"):
-        assert label in text, label
+    for method in METHODS:
+        assert sum(line.startswith(f"| {method.label} |") for line in text.splitlines()) == 1 + len(method.grid), method.label
     task = next(iter(manifest["experts"]))
-    [evaluator] = make_evaluators([EvaluatorSpec(name=f"zoo_{task}", options={"n": 64, "seed": 7})], get_registry())
+    [evaluator] = make_evaluators([EvaluatorSpec(name=f"zoo_{task}", options={"n": 32, "seed": 7})], get_registry())
     accuracy = evaluate(root / manifest["experts"][task], [evaluator])[f"zoo_{task}"]["accuracy"]
     row = next(line for line in text.splitlines() if line.startswith(f"| expert: {task} |"))
     assert f"{accuracy:.3f}" == row.split("|")[2].strip()
+
+
+def test_zoo_report_chooses_each_value_on_validation(zoo: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    """The reported value is the grid point with the best validation score, and its test score is the one printed."""
+    from workbench.registry import get_registry
+    from workbench.zoo_report import GridMethod, write_report
+
+    root, manifest = zoo
+    method = GridMethod("scaled sum", "λ", (0.0, 0.5), lambda ex, v: {"method": "task_arithmetic", "models": ex, "parameters": {"lambda": v}})
+    text = write_report([root, root], tmp_path / "r.md", get_registry(), 32, 3, "cmd", log=lambda _: None, methods=(method,))
+    grid = {}
+    for line in text.splitlines():
+        if line.startswith("| scaled sum | λ = "):
+            cells = [c.strip() for c in line.split("|")[1:-1]]
+            validation, test = (float(x) for x in cells[2].split(" / "))
+            assert cells[3] == cells[2]  # the same zoo twice gives the same scores
+            grid[float(cells[1].removeprefix("λ = "))] = (validation, test)
+    assert set(grid) == {0.0, 0.5}
+    assert grid[0.0] == (0.0, 0.0)  # λ = 0 is the base, which solves no task
+    best = max(grid, key=lambda v: (grid[v][0], -v))
+    [comparison] = [line for line in text.splitlines() if line.startswith("| scaled sum | λ ∈")]
+    assert f"{grid[best][1]:.3f} (λ = {best})" in comparison
+    assert comparison.rstrip(" |").endswith(f"{grid[best][1]:.3f} ± 0.000")
+
+
+def test_zoo_report_refuses_a_folder_that_is_not_a_zoo(zoo: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from workbench.cli import main
+
+    out = tmp_path / "r.md"
+    result = CliRunner().invoke(main, ["zoo", "report", str(zoo[0]), str(tmp_path), "--out", str(out)])
+    assert result.exit_code != 0 and f"{tmp_path} is not a zoo (no zoo.json)" in result.output
+    assert not out.exists()

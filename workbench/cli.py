@@ -74,13 +74,20 @@ def main() -> None:
 
 @main.command()
 @click.argument("name", required=False)
+@click.option("--docs", "docs_dir", type=click.Path(file_okay=False, path_type=Path), help="Write one Markdown page per method (and an index) into this folder.")
 @handle_errors
-def methods(name: str | None) -> None:
+def methods(name: str | None, docs_dir: Path | None) -> None:
     """List merge methods, or show the parameters of method NAME."""
     from rich.table import Table
 
+    from workbench.method_docs import parameter_rows, write_method_docs
+
     registry = _registry()
     console = _console()
+    if docs_dir is not None:
+        written = write_method_docs(registry, docs_dir)
+        console.print(f"wrote {len(written)} pages to {docs_dir}")
+        return
     if name is None:
         table = Table("method", "plugin", "summary", box=None, pad_edge=False)
         table.add_column("paper", overflow="fold")
@@ -88,8 +95,6 @@ def methods(name: str | None) -> None:
             table.add_row(method_name, entry.plugin.package, entry.obj.summary, entry.obj.paper or "")
         console.print(table)
         return
-    from workbench.method import is_per_layer
-
     method = registry.method(name)
     entry = registry.methods[name]
     console.print(f"[bold]{method.name}[/] (plugin {entry.plugin.name}, package {entry.plugin.package})")
@@ -99,21 +104,9 @@ def methods(name: str | None) -> None:
     console.print(f"base model: {method.base_model}; models: {method.min_models}..{method.max_models or 'any'}")
     table = Table("parameter", "scope", "type", "default", "per-layer", "description", box=None, pad_edge=False)
     for scope, schema in (("global", method.Parameters), ("per-model", method.ModelParameters)):
-        for fname, info in schema.model_fields.items():
-            default = "(required)" if info.is_required() else repr(info.default)
-            annotation = _type_label(info.annotation)
-            per_layer = "yes" if is_per_layer(schema, fname) else "no"
-            table.add_row(info.alias or fname, scope, annotation, default, per_layer, info.description or "")
+        for row in parameter_rows(schema):
+            table.add_row(row[0], scope, *row[1:])
     console.print(table)
-
-
-def _type_label(annotation: Any) -> str:
-    """'float', 'bool', or the allowed values of a Literal: 'l1 | inverse_density'."""
-    import typing
-
-    if typing.get_origin(annotation) is typing.Literal:
-        return " | ".join(str(v) for v in typing.get_args(annotation))
-    return getattr(annotation, "__name__", str(annotation))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,18 +406,18 @@ def zoo_build(directory: Path, scale: str, seed: int) -> None:
 
 
 @zoo.command(name="report")
-@click.argument("directory", type=click.Path(path_type=Path))
+@click.argument("directories", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", "out_file", type=click.Path(path_type=Path), default=Path("docs/reproductions.md"), show_default=True)
-@click.option("--n", default=512, show_default=True, help="Held-out examples per task.")
+@click.option("--n", default=512, show_default=True, help="Held-out examples per task and split.")
 @click.option("--seed", default=99, show_default=True, help="Evaluation seed.")
 @handle_errors
-def zoo_report(directory: Path, out_file: Path, n: int, seed: int) -> None:
-    """Measure the reproduction tables on a built zoo and write them as Markdown."""
+def zoo_report(directories: tuple[Path, ...], out_file: Path, n: int, seed: int) -> None:
+    """Measure the reproduction tables on one or more built zoos (one per seed) and write them as Markdown."""
     from workbench.zoo_report import write_report
 
     registry = _registry()
-    command = f"workbench zoo report {directory} --out {out_file} --n {n} --seed {seed}"
-    text = write_report(directory, out_file, registry, n, seed, command, log=_console(stderr=True).print)
+    command = f"workbench zoo report {' '.join(map(str, directories))} --out {out_file} --n {n} --seed {seed}"
+    text = write_report(list(directories), out_file, registry, n, seed, command, log=_console(stderr=True).print)
     _console().print(text)
 
 

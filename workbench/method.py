@@ -95,6 +95,9 @@ class MergeMethod:
     name: ClassVar[str]
     summary: ClassVar[str]
     paper: ClassVar[str | None] = None
+    #: A paragraph for the method's documentation page (``workbench methods --docs``): when to
+    #: reach for this method rather than another, and what to watch out for.
+    when_to_use: ClassVar[str] = ""
     Parameters: ClassVar[type[MethodParameters]] = MethodParameters
     ModelParameters: ClassVar[type[MethodParameters]] = MethodParameters
     base_model: ClassVar[BaseRequirement] = "optional"
