@@ -109,6 +109,13 @@ class MergeMethod:
     #: ``prepare`` holds whole models in memory (the engine warns about the memory this takes).
     whole_model: ClassVar[bool] = False
 
+    def check_plan(self, params: dict[str, Any], model_params: Sequence[dict[str, Any]], layer_count: int) -> None:
+        """Reject parameters that cannot work with these models (e.g. more layers than they have).
+
+        Called while planning, before any tensor is read, with the recipe's raw values (top-level
+        defaults merged into each model's); the default accepts everything.
+        """
+
     def check_inputs(self, n_models: int, has_base: bool) -> None:
         """Reject a model count or base-model use this method cannot work with."""
         where = f"method '{self.name}'"

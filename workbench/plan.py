@@ -149,15 +149,21 @@ class _ParamChecker:
             value = raw[key]
             if value == [] or (is_filter_list(value) and any(entry.get("value") == [] for entry in value)):
                 raise RecipeError(f"{self.where(path + (key,))}: parameter '{key}' has an empty list as its value.")
-            if varies(value) and not is_per_layer(schema, fname):
-                raise RecipeError(f"{self.where(path + (key,))}: parameter '{key}' takes a single value, not a list or a file.")
+            annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation  # type: ignore[misc]
+            adapter = TypeAdapter(annotation)
+            if not is_per_layer(schema, fname):  # one value for the whole model, taken literally
+                try:
+                    adapter.validate_python(value)
+                except ValidationError as exc:
+                    if varies(value):
+                        raise RecipeError(f"{self.where(path + (key,))}: parameter '{key}' takes a single value, not a list or a file.") from None
+                    raise RecipeError(f"{self.where(path + (key,))}: parameter '{key}' = {value!r} is invalid: {exc.errors()[0]['msg']}.") from None
+                continue
             if is_filter_list(value):
                 for i, entry in enumerate(value):
                     extra = set(entry) - {"filter", "value"}
                     if extra or "value" not in entry:
                         raise RecipeError(f"{self.where(path + (key, i))}: a filter entry has keys 'filter' and 'value' only.")
-            annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation  # type: ignore[misc]
-            adapter = TypeAdapter(annotation)
             try:
                 values = anchors(value)
             except ValueError as exc:
@@ -175,6 +181,9 @@ def resolve_params(schema: type[MethodParameters], raw: dict[str, Any], place: T
     values: dict[str, Any] = {}
     for key, fname in param_keys(schema).items():
         if key not in raw:
+            continue
+        if not is_per_layer(schema, fname):
+            values[key] = raw[key]
             continue
         value = resolve(raw[key], name, place.layer_index, layers, _MISSING)
         if value is _MISSING:
@@ -290,6 +299,7 @@ def _plan_tensors(recipe: Recipe, method_cls: type[MergeMethod], global_raw: dic
             )
 
     layers = architecture.layer_count(names, reference.reader.config())
+    method_cls().check_plan(global_raw, [m.parameters for m in models], layers)
     out_code = code_from_name(recipe.output.dtype) if recipe.output.dtype else None
     tensors: list[PlannedTensor] = []
     converted: dict[str, tuple[str, str, int]] = {}
