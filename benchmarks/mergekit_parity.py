@@ -113,6 +113,23 @@ def cases(models: Path, models32: Path) -> dict[str, tuple[dict[str, Any], bool]
         "dare_ties, density 1": ({"merge_method": "dare_ties", "base_model": base, "models": weighted((ft1, {"weight": 0.6, "density": 1.0}), (ft2, {"weight": 0.4, "density": 1.0})), **common}, True),
         "model_stock": ({"merge_method": "model_stock", "base_model": base, "models": [{"model": ft1}, {"model": ft2}, {"model": ft3}], **common}, True),
         "passthrough": ({"merge_method": "passthrough", "models": [{"model": ft2}], **common}, True),
+        "passthrough, slices (4 layers -> 6)": (
+            {"merge_method": "passthrough", "slices": [{"sources": [{"model": ft1, "layer_range": [0, 3]}]}, {"sources": [{"model": ft2, "layer_range": [1, 4]}]}], **common},
+            True,
+        ),
+        "slerp, slices": (
+            {
+                "merge_method": "slerp",
+                "base_model": ft2,
+                "slices": [
+                    {"sources": [{"model": ft1, "layer_range": [0, 2]}, {"model": ft2, "layer_range": [2, 4]}]},
+                    {"sources": [{"model": ft1, "layer_range": [1, 4]}, {"model": ft2, "layer_range": [0, 3]}]},
+                ],
+                "parameters": {"t": 0.3},
+                **common,
+            },
+            True,
+        ),
         "dare_linear, density 0.5 (random masks)": ({"merge_method": "dare_linear", **ties_like}, False),
         "dare_ties, density 0.5 (random masks)": ({"merge_method": "dare_ties", **ties_like}, False),
     }
@@ -169,7 +186,7 @@ def split_ties(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     return split.reshape(tau.shape)
 
 
-def compare(mergekit_out: Path, workbench_out: Path, base: dict[str, torch.Tensor], inputs: list[dict[str, torch.Tensor]], cuts: list[tuple[float, float]]) -> dict[str, Any]:
+def compare(mergekit_out: Path, workbench_out: Path, base: dict[str, torch.Tensor] | None, inputs: list[dict[str, torch.Tensor]], cuts: list[tuple[float, float]]) -> dict[str, Any]:
     """Element-wise differences of two outputs over every tensor; names and shapes must agree.
 
     ``cuts``: (density, gamma) of each input's magnitude top-k, for the methods that have one.
@@ -193,8 +210,8 @@ def compare(mergekit_out: Path, workbench_out: Path, base: dict[str, torch.Tenso
         differing += int((diff > 0).sum())
         tied += int(ties.sum())
         total += diff.numel()
-        mk_delta = float((a.float() - base[name].float()).abs().sum())
-        if mk_delta > 0:
+        mk_delta = float((a.float() - base[name].float()).abs().sum()) if base is not None else 0.0
+        if base is not None and mk_delta > 0:
             ratios.append(float((b.float() - base[name].float()).abs().sum()) / mk_delta)
     return {
         "tensors": len(mk),
@@ -267,8 +284,9 @@ def run(venv: Path, work: Path) -> list[Comparison]:
         config.write_text(yaml.safe_dump(recipe, sort_keys=False))
         mk_seconds = timed([str(mergekit_yaml), str(config), str(folder / "mergekit"), "--no-copy-tokenizer", "--random-seed", "0", "--quiet"], folder / "mergekit.log")
         wb_seconds = timed([*workbench, "run", str(config), "--out", str(folder / "workbench")], folder / "workbench.log")
-        inputs = [weights[m["model"]] for m in recipe["models"]]
-        base = weights[recipe.get("base_model", str(models / "base"))]
+        stacked = "slices" in recipe  # layers renumbered: compared as outputs only
+        inputs = [] if stacked else [weights[m["model"]] for m in recipe["models"]]
+        base = None if stacked else weights[recipe.get("base_model", str(models / "base"))]
         figures = compare(folder / "mergekit", folder / "workbench", base, inputs, magnitude_cuts(recipe))
         within = figures["max_steps"] <= 1.0
         results.append(Comparison(name, deterministic, within_bf16_rounding=within, seconds=(mk_seconds, wb_seconds), **figures))
@@ -289,7 +307,8 @@ def markdown(results: list[Comparison]) -> str:
         else:
             verdict = "random masks differ by design"
         ties = f"{100 * r.tie_share:.2f}%" if r.tie_share else "none"
-        lines.append(f"| {r.case} | {r.max_abs_diff:.3g} | {r.max_steps:.2f} | {100 * r.differing_share:.2f}% | {ties} | {lo:.4f}-{hi:.4f} | {verdict} |")
+        ratio = "n/a" if math.isnan(lo) else f"{lo:.4f}-{hi:.4f}"
+        lines.append(f"| {r.case} | {r.max_abs_diff:.3g} | {r.max_steps:.2f} | {100 * r.differing_share:.2f}% | {ties} | {ratio} | {verdict} |")
     return "\n".join(lines)
 
 

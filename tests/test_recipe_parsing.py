@@ -63,7 +63,7 @@ def test_unknown_key_through_the_cli(cli: CliRunner, tmp_path: Path) -> None:
         ("method: linear\nmodels: [a]\nseed: abc\n", "recipe.yaml:3: seed", "integer"),
         ("method: linear\nmodels: [a, '']\n", "recipe.yaml:2: models[1].model", "empty"),
         ("method: linear\nmodels: []\n", "recipe.yaml:2: models", "at least one model"),
-        ("method: linear\n", "models", "required"),
+        ("method: linear\n", "recipe.yaml:1: (top level): 'models' is missing", "or give 'slices'"),
         ("models: [a]\n", "method", "required"),
         ("method: linear\nmodels: [a]\nparameters: [1, 2]\n", "recipe.yaml:3: parameters", "dictionary"),
     ],
@@ -304,7 +304,14 @@ def test_mergekit_tokenizer_source() -> None:
     assert "recipe.yaml:4: tokenizer_source" in message and "union" in message
 
 
-@pytest.mark.parametrize("key", ["slices", "modules", "tokenizer", "chat_template"])
+def test_mergekit_slice_options_beyond_sources_are_named() -> None:
+    message = error_of("merge_method: passthrough\nslices:\n  - sources: [{model: a, layer_range: [0, 2]}]\n    residual_weight: 0.5\n")
+    assert "recipe.yaml:3: slices[0]" in message and "slice option 'residual_weight' is not supported" in message
+    message = error_of("merge_method: passthrough\nmodels:\n  - model: a\nslices:\n  - sources: [{model: a, layer_range: [0, 2]}]\n")
+    assert "either 'models' or 'slices'" in message
+
+
+@pytest.mark.parametrize("key", ["modules", "tokenizer", "chat_template"])
 def test_mergekit_unsupported_keys_are_named(key: str) -> None:
     message = error_of(f"merge_method: linear\nmodels:\n  - model: a\n{key}: []\n")
     assert f"recipe.yaml:4: {key}" in message and f"'{key}'" in message and "not supported" in message

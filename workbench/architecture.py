@@ -71,6 +71,14 @@ def place(name: str) -> TensorPlace:
     return TensorPlace(None, "other", name)
 
 
+def renumber_layer(name: str, index: int) -> str:
+    """``name`` moved to layer ``index`` (``model.layers.3.mlp.up_proj.weight`` -> ``model.layers.7...``)."""
+    match = _LAYER_RE.search(name)
+    if not match:
+        raise ValueError(f"tensor '{name}' is not inside a layer")
+    return name[: match.start("index")] + str(index) + name[match.end("index") :]
+
+
 def layer_count(names: Iterable[str], config: dict[str, Any] | None = None) -> int:
     """Number of layers: from the config when it says, else one more than the highest index seen."""
     for key in LAYER_COUNT_KEYS:

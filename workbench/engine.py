@@ -246,7 +246,7 @@ def _merge_runtime(device: str) -> Iterator[None]:
 def _finish_folder(plan: MergePlan, partial: Path, recipe_yaml: str, title: str) -> list[Path]:
     """Sidecar files, the resolved recipe and the model card."""
     out_dtype = next((t.out_dtype for t in plan.tensors if t.merge), None)
-    written = copy_config(plan.reference.path, partial, torch_name(out_dtype) if out_dtype else None)
+    written = copy_config(plan.reference.path, partial, torch_name(out_dtype) if out_dtype else None, plan.reference.reader.config())
     source = plan.recipe.output.copy_tokenizer_from
     if source is None or source == "base":
         tokenizer_from = plan.reference.path

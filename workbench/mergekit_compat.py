@@ -22,12 +22,11 @@ _TASK_VECTOR_METHODS = {
 #: Every mergekit method this version reads (others are refused by name).
 SUPPORTED_METHODS = _TASK_VECTOR_METHODS | {"linear", "slerp", "passthrough"}
 _UNSUPPORTED_KEYS = {
-    "slices": "layer slices (frankenmerges) are not supported yet",
     "modules": "multi-module recipes are not supported yet",
     "tokenizer": "tokenizer merging is not supported yet",
     "chat_template": "chat-template selection is not supported yet",
 }
-_KNOWN_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "name"}
+_KNOWN_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "name"}
 
 
 def _model_ref(entry: Any, source: "LocatedSource", path: tuple[Any, ...]) -> str:
@@ -48,6 +47,33 @@ def _remap_model_lines(source: "LocatedSource", order: list[int]) -> None:
         for key, line in entries.items():
             if key[1] == i:
                 lines[("models", j) + key[2:]] = line
+
+
+def _slices(slices: Any, method: str, base: str | None, source: "LocatedSource") -> list[dict[str, Any]]:
+    """mergekit ``slices`` as native ones: the same sources and layer ranges (end exclusive)."""
+    if not isinstance(slices, list) or not slices:
+        raise RecipeError(f"{source.where(('slices',))}: expected a list of slices, each with 'sources'.")
+    if base is not None and method in _TASK_VECTOR_METHODS:
+        raise RecipeError(f"{source.where(('base_model',))}: mergekit method '{method}' with a base_model and slices is not supported yet.")
+    native = []
+    for i, piece in enumerate(slices):
+        if not isinstance(piece, dict) or set(piece) - {"sources"} or not isinstance(piece.get("sources"), list):
+            extra = sorted(set(piece) - {"sources"}) if isinstance(piece, dict) else []
+            what = f"slice option '{extra[0]}' is not supported" if extra else "expected 'sources: [...]'"
+            raise RecipeError(f"{source.where(('slices', i))}: {what}.")
+        sources = []
+        for j, entry in enumerate(piece["sources"]):
+            where = ("slices", i, "sources", j)
+            if not isinstance(entry, dict) or set(entry) - {"model", "layer_range", "parameters"}:
+                extra = sorted(set(entry) - {"model", "layer_range", "parameters"}) if isinstance(entry, dict) else []
+                raise RecipeError(f"{source.where(where)}: " + (f"source option '{extra[0]}' is not supported." if extra else "expected a mapping with 'model' and 'layer_range'."))
+            sources.append({"model": _model_ref(entry.get("model"), source, where + ("model",)), "layer_range": entry.get("layer_range"), "parameters": dict(entry.get("parameters") or {})})
+        if method == "slerp":
+            if base is None or base not in [s["model"] for s in sources]:
+                raise RecipeError(f"{source.where(('slices', i))}: mergekit slerp needs base_model to be one of each slice's sources.")
+            sources = [s for s in sources if s["model"] == base][:1] + [s for s in sources if s["model"] != base]
+        native.append({"sources": sources})
+    return native
 
 
 def translate(data: dict[str, Any], source: "LocatedSource") -> dict[str, Any]:
@@ -75,7 +101,13 @@ def translate(data: dict[str, Any], source: "LocatedSource") -> dict[str, Any]:
         models.append({"model": ref, "parameters": dict(entry.get("parameters") or {}), "_index": i})
 
     native: dict[str, Any] = {"method": method, "models": models, "parameters": dict(data.get("parameters") or {})}
-    if method == "slerp":
+    if "slices" in data:
+        if models:
+            raise RecipeError(f"{source.where(('slices',))}: give either 'models' or 'slices', not both.")
+        del native["models"]
+        native["slices"] = _slices(data["slices"], method, base, source)
+        base = None  # slerp's base picked each slice's t = 0 end; linear and passthrough ignore it
+    elif method == "slerp":
         # mergekit interpolates from the base (t = 0) to the other model (t = 1).
         if base is None or base not in [m["model"] for m in models]:
             raise RecipeError(f"{source.where(('base_model',))}: mergekit slerp needs base_model to be one of its two models.")
@@ -88,7 +120,7 @@ def translate(data: dict[str, Any], source: "LocatedSource") -> dict[str, Any]:
             native["models"] = [m for m in models if m["model"] != base]
     # Models may have been reordered or dropped: errors about native models[j] must point at the
     # line of the entry the user wrote, so remap the located lines of 'models'.
-    _remap_model_lines(source, [m.pop("_index") for m in native["models"]])
+    _remap_model_lines(source, [m.pop("_index") for m in native.get("models", [])])
     for m in models:
         m.pop("_index", None)
     if "dtype" in data:

@@ -20,6 +20,7 @@ from workbench.architecture import TensorPlace
 from workbench.checkpoint import CheckpointFormat, CheckpointReader, OutputFile, TensorSpec
 from workbench.checkpoint.dtypes import ITEMSIZE, code_from_name
 from workbench.checkpoint.resolve import resolve_model
+from workbench.checkpoint.stacked import LayerRange, StackedReader
 from workbench.errors import CheckpointError, OutputError, RecipeError
 from workbench.method import MergeMethod, MethodParameters, is_per_layer
 from workbench.params import anchors, is_filter_list, resolve, varies
@@ -214,6 +215,34 @@ def _open(registry: Registry, ref: str, label: str, parameters: dict[str, Any]) 
     return InputModel(ref=ref, label=label, path=path, reader=reader, parameters=parameters)
 
 
+def _open_stacked(registry: Registry, recipe: Recipe, j: int, model_defaults: dict[str, Any], sources: list[InputModel]) -> InputModel:
+    """Input model ``j`` of a recipe with slices: source ``j`` of every slice, stacked in order.
+
+    Each distinct model is opened once per input model; ``sources`` collects them (for the output
+    path checks), and the stacked reader closes them.
+    """
+    readers: dict[str, CheckpointReader] = {}
+    parts: list[LayerRange] = []
+    paths: list[Path] = []
+    try:
+        for i, piece in enumerate(recipe.slices or []):
+            source = piece.sources[j]
+            label = f"slices[{i}].sources[{j}]"
+            if source.model not in readers:
+                opened = _open(registry, source.model, label, {})
+                readers[source.model] = opened.reader
+                sources.append(opened)
+                paths.append(opened.path)
+            parts.append(LayerRange(readers[source.model], source.layer_range[0], source.layer_range[1], f"{label} ({source.model})"))
+        reader = StackedReader(parts)
+    except BaseException:
+        for opened_reader in readers.values():
+            opened_reader.close()
+        raise
+    first = (recipe.slices or [])[0].sources[j]
+    return InputModel(ref=first.model, label=f"slices[*].sources[{j}]", path=paths[0], reader=reader, parameters={**model_defaults, **first.parameters})
+
+
 def check_output_path(out_dir: Path, inputs: list[InputModel], overwrite: bool) -> None:
     out = out_dir.resolve()
     for model in inputs:
@@ -238,7 +267,7 @@ def build_plan(recipe: Recipe, registry: Registry, out: str | Path | None = None
     """Open every input, check that they agree, and plan every output tensor and file."""
     method_cls = registry.method(recipe.method)
     method = method_cls()
-    method.check_inputs(len(recipe.models), recipe.base is not None)
+    method.check_inputs(recipe.model_count, recipe.base is not None)
     checker = _ParamChecker(recipe)
     model_keys = set(param_keys(method_cls.ModelParameters))
     # A per-model parameter given at the top level is the default for every model (as in mergekit).
@@ -247,6 +276,14 @@ def build_plan(recipe: Recipe, registry: Registry, out: str | Path | None = None
     checker.check(recipe.parameters, method_cls.Parameters, ("parameters",), method_cls.name, model_keys)
     for i, entry in enumerate(recipe.models):
         checker.check(entry.parameters, method_cls.ModelParameters, ("models", i, "parameters"), method_cls.name, set(), model_defaults)
+    for i, piece in enumerate(recipe.slices or []):
+        for j, source in enumerate(piece.sources):
+            checker.check(source.parameters, method_cls.ModelParameters, ("slices", i, "sources", j, "parameters"), method_cls.name, set(), model_defaults)
+            if source.parameters != recipe.slices[0].sources[j].parameters:  # type: ignore[index]
+                raise RecipeError(
+                    f"{checker.where(('slices', i, 'sources', j, 'parameters'))}: source {j} has other parameters than in slice 0;"
+                    " source j of every slice is one input model, with one set of parameters (use per-layer values to vary them)."
+                )
 
     from workbench.evaluation import make_evaluators
 
@@ -265,8 +302,12 @@ def build_plan(recipe: Recipe, registry: Registry, out: str | Path | None = None
         for i, entry in enumerate(recipe.models):
             models.append(_open(registry, entry.model, f"models[{i}]", {**model_defaults, **entry.parameters}))
             opened.append(models[-1])
+        sources: list[InputModel] = []
+        for j in range(recipe.model_count if recipe.slices else 0):
+            models.append(_open_stacked(registry, recipe, j, model_defaults, sources))
+            opened.append(models[-1])
         if check_output and out_dir is not None:
-            check_output_path(out_dir, opened, overwrite)
+            check_output_path(out_dir, opened + sources, overwrite)
         plan = _plan_tensors(recipe, method_cls, global_raw, models, base, output_format, out_dir)
     except BaseException:
         for model in opened:

@@ -8,6 +8,10 @@ Native format::
       - model: ./models/math
         parameters: {weight: 1.0}
       - ./models/code                   # shorthand: no per-model parameters
+    # or, instead of models, layer ranges stacked in order (source i of every slice is model i):
+    # slices:
+    #   - sources: [{model: ./models/a, layer_range: [0, 6]}]
+    #   - sources: [{model: ./models/a, layer_range: [2, 8]}]
     parameters: {lambda: 0.8}
     dtype: float32                      # compute dtype
     seed: 0                             # seeds random methods per tensor name
@@ -70,6 +74,30 @@ class ModelEntry(Strict):
         return value
 
 
+class SliceSource(Strict):
+    model: str = Field(description="A local folder or file, or a Hub id 'org/name[@revision]'.")
+    layer_range: tuple[int, int] = Field(description="Layers [start, end) of this model (the end is exclusive, as in mergekit).")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="Per-model method parameters.")
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= value[0] < value[1]:
+            raise ValueError(f"layer_range must be [start, end) with 0 <= start < end, got {list(value)}")
+        return value
+
+
+class SliceEntry(Strict):
+    sources: list[SliceSource] = Field(description="The models whose layer ranges are merged into this slice.")
+
+    @field_validator("sources")
+    @classmethod
+    def _some_sources(cls, value: list[SliceSource]) -> list[SliceSource]:
+        if not value:
+            raise ValueError("a slice needs at least one source")
+        return value
+
+
 class OutputSection(Strict):
     path: str | None = Field(None, description="Output folder (overridden by --out).")
     dtype: str | None = Field(None, description="Storage dtype of float tensors; default: the input's.")
@@ -106,7 +134,10 @@ class EvaluatorSpec(Strict):
 class Recipe(Strict):
     method: str = Field(description="A registered merge method (see `workbench methods`).")
     base: str | None = Field(None, description="Base model for task-vector methods.")
-    models: list[ModelEntry] = Field(description="The models to merge, in order.")
+    models: list[ModelEntry] = Field(default_factory=list, description="The models to merge, in order.")
+    slices: list[SliceEntry] | None = Field(
+        None, description="Instead of models: layer ranges of models, stacked in order (each slice's sources are merged)."
+    )
     parameters: dict[str, Any] = Field(default_factory=dict, description="Method parameters.")
     dtype: str = Field("float32", description="Compute dtype.")
     seed: int = Field(0, description="Seed for random methods (per tensor name).")
@@ -131,9 +162,30 @@ class Recipe(Strict):
     @field_validator("models")
     @classmethod
     def _some_models(cls, value: list[ModelEntry]) -> list[ModelEntry]:
-        if not value:
+        if not value:  # only when given: without 'models', 'slices' may stand in for it
             raise ValueError("at least one model is needed")
         return value
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> "Recipe":
+        if self.slices is not None and self.models:
+            raise ValueError("give either 'models' or 'slices', not both")
+        if self.slices is None and not self.models:
+            raise ValueError("'models' is missing: at least one model is needed (or give 'slices')")
+        if self.slices is not None:
+            if not self.slices:
+                raise ValueError("'slices' is empty: at least one slice is needed")
+            counts = {len(entry.sources) for entry in self.slices}
+            if len(counts) > 1:
+                raise ValueError(f"every slice needs the same number of sources (found {sorted(counts)}): source i of each slice is stacked into input model i")
+            if self.base is not None:
+                raise ValueError("a base model with 'slices' is not supported yet")
+        return self
+
+    @property
+    def model_count(self) -> int:
+        """Number of models the method merges (with slices: sources per slice)."""
+        return len(self.slices[0].sources) if self.slices else len(self.models)
 
     @field_validator("dtype")
     @classmethod
@@ -144,7 +196,10 @@ class Recipe(Strict):
         return value
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        data = self.model_dump(mode="json", exclude_none=True)
+        if self.slices is not None:
+            del data["models"]
+        return yaml.safe_dump(data, sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------------------

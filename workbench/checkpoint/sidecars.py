@@ -26,13 +26,13 @@ def model_folder(path: Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def copy_config(source: Path, dest: Path, out_dtype: str | None) -> list[str]:
-    """Copy config.json (with its dtype updated to the output's) and generation_config.json."""
+def copy_config(source: Path, dest: Path, out_dtype: str | None, config: dict[str, Any] | None) -> list[str]:
+    """Write ``config`` (the reference model's config.json, as its reader gives it: a stacked model
+    has its own layer count) with its dtype updated to the output's, and copy generation_config.json."""
     copied = []
     folder = model_folder(source)
-    config = folder / "config.json"
-    if config.is_file():
-        data: dict[str, Any] = json.loads(config.read_text())
+    if config is not None:
+        data = dict(config)
         if out_dtype is not None:
             for key in ("torch_dtype", "dtype"):
                 if key in data or key == "torch_dtype":
