@@ -23,9 +23,10 @@ ProgressCallback = Callable[[ProgressEvent], None]
 class RichProgress:
     """A progress bar with tensors/s, GB/s and ETA on a terminal; silent in pipes and CI logs."""
 
-    def __init__(self, enabled: bool | None = None) -> None:
+    def __init__(self, enabled: bool | None = None, label: str = "merging") -> None:
         from rich.console import Console
 
+        self.label = label  # what the work is called in front of the bar
         self.console = Console(stderr=True)
         self.enabled = self.console.is_terminal if enabled is None else enabled
         self._progress: Any = None
@@ -40,7 +41,7 @@ class RichProgress:
 
             self._start = time.perf_counter()
             self._progress = Progress(
-                TextColumn("merging"),
+                TextColumn(self.label),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("tensors  {task.fields[rate]}"),
