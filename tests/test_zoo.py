@@ -270,6 +270,12 @@ def test_zoo_report_scores_every_row_and_reproduces_the_experts(zoo: tuple[Path,
     accuracy = evaluate(root / manifest["experts"][task], [evaluator])[f"zoo_{task}"]["accuracy"]
     row = next(line for line in text.splitlines() if line.startswith(f"| expert: {task} |"))
     assert f"{accuracy:.3f}" == row.split("|")[2].strip()
+    # The layer-swapping table: the math expert's arithmetic in A, as its evaluator scores it.
+    assert "## Layer swapping: arithmetic posed in language B" in text and "| layer swap, bottom 1, top 1 |" in text
+    [math] = make_evaluators([EvaluatorSpec(name="zoo_math", options={"n": 32, "seed": 7})], get_registry())
+    math_accuracy = evaluate(root / manifest["math"], [math])["zoo_math"]["accuracy"]
+    row = next(line for line in text.splitlines() if line.startswith("| math expert |"))
+    assert row.split("|")[2].split(" / ")[1].strip() == f"{math_accuracy:.3f}"
 
 
 def test_zoo_report_chooses_each_value_on_validation(zoo: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:

@@ -102,10 +102,11 @@ def read_manifest(zoo_dir: Path) -> dict[str, Any]:
 class ZooScorer:
     """Scores models on the zoo's task experts' tasks with the registered ``zoo_<task>`` evaluators."""
 
-    def __init__(self, zoo_dir: Path, registry: Registry, n: int, seed: int) -> None:
+    def __init__(self, zoo_dir: Path, registry: Registry, n: int, seed: int, tasks: list[str] | None = None) -> None:
+        """``tasks``: the tasks scored; by default those of the zoo's task experts."""
         self.zoo_dir = zoo_dir
         self.manifest = read_manifest(zoo_dir)
-        self.tasks: list[str] = list(self.manifest["experts"])
+        self.tasks: list[str] = tasks or list(self.manifest["experts"])
         self.registry = registry
         self.evaluators = {
             split: make_evaluators([EvaluatorSpec(name=f"zoo_{t}", options={"n": n, "seed": seed, "split": split}) for t in self.tasks], registry)
@@ -261,12 +262,15 @@ def render(results: list[ZooResult], methods: tuple[GridMethod, ...], command: s
 
 def write_report(zoo_dirs: list[Path], out_file: Path, registry: Registry, n: int, seed: int, command: str, log: Log = print, methods: tuple[GridMethod, ...] = METHODS) -> str:
     """Measure every zoo (all are checked first, so a typo fails before any work) and write the report."""
+    from workbench.zoo_swap_report import measure_swaps, render_swaps
+
     scorers = [ZooScorer(zoo_dir, registry, n, seed) for zoo_dir in zoo_dirs]
     tasks = {tuple(s.tasks) for s in scorers}
     if len(tasks) > 1:
         raise WorkbenchError(f"the zoos have different task experts ({sorted(tasks)}); build them with the same workbench version.")
     results = [measure_zoo(scorer, methods, log) for scorer in scorers]
-    text = render(results, methods, command, n, seed)
+    swaps = [measure_swaps(zoo_dir, registry, n, seed, log) for zoo_dir in zoo_dirs]
+    text = render(results, methods, command, n, seed) + "\n".join(render_swaps(swaps)) + "\n"
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(text)
     return text
