@@ -270,7 +270,7 @@ def write_report(zoo_dirs: list[Path], out_file: Path, registry: Registry, n: in
         raise WorkbenchError(f"the zoos have different task experts ({sorted(tasks)}); build them with the same workbench version.")
     results = [measure_zoo(scorer, methods, log) for scorer in scorers]
     swaps = [measure_swaps(zoo_dir, registry, n, seed, log) for zoo_dir in zoo_dirs]
-    text = render(results, methods, command, n, seed) + "\n".join(render_swaps(swaps)) + "\n"
+    text = render(results, methods, command, n, seed) + "\n" + "\n".join(render_swaps(swaps)) + "\n"
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(text)
     return text
