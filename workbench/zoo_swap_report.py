@@ -81,7 +81,7 @@ def render_swaps(results: list[SwapResult]) -> list[str]:
     lines = [
         "## Layer swapping: arithmetic posed in language B",
         "",
-        f"Test-split accuracy of arithmetic posed and answered in language B (`math_b`, the target), arithmetic in A (`math`) and",
+        "Test-split accuracy of arithmetic posed and answered in language B (`math_b`, the target), arithmetic in A (`math`) and",
         f"next-word accuracy on text in B (`text_b`); the zoo models have {', '.join(map(str, layers))} layers. The last row takes,",
         "per zoo, the swap configuration with the best `math_b` accuracy on the validation split.",
         "",
