@@ -312,6 +312,7 @@ def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executo
         with _merge_runtime(device):
             files = executor_impl.run(plan.files, lambda f: runner.write_file(partial, f))
         files += plan.output_format.finish_output(partial, plan.files)
+        files += method.write_extras(state, partial)
         resolved = plan.recipe.model_copy(update={"output": plan.recipe.output.model_copy(update={"path": str(out_dir)})})
         files += _finish_folder(plan, partial, resolved.to_yaml(), out_dir.name)
         _publish(partial, out_dir)

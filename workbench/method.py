@@ -10,6 +10,7 @@ scheduling and writing, so every method streams with bounded memory unless it sa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -108,6 +109,11 @@ class MergeMethod:
     elementwise: ClassVar[bool] = False
     #: ``prepare`` holds whole models in memory (the engine warns about the memory this takes).
     whole_model: ClassVar[bool] = False
+
+    def write_extras(self, state: Any, folder: "Path") -> list["Path"]:
+        """Files to keep beside the merged weights (e.g. the transport maps of ``ot_fusion``), written
+        into ``folder`` after every tensor; ``state`` is what :meth:`prepare` returned. Default: none."""
+        return []
 
     def check_plan(self, params: dict[str, Any], model_params: Sequence[dict[str, Any]], layer_count: int) -> None:
         """Reject parameters that cannot work with these models (e.g. more layers than they have).

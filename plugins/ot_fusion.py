@@ -1,0 +1,229 @@
+"""Optimal-transport fusion (Imfeld et al., ICLR 2024): align the other models' neurons, heads and
+residual stream to an anchor's, then average.
+
+Independently trained networks compute the same functions with their units in another order, so a
+plain average mixes unrelated units. ``prepare`` computes, per non-anchor model, transport maps
+from the weights (read one layer at a time): one for the residual stream, from the embedding
+matrix (each hidden dimension is a point whose coordinates are its values over the vocabulary,
+which the models share), and per layer one over attention heads (heads move whole, so rotary
+embeddings stay intact; a query head's cost includes its key/value group's, and the key/value
+map is the head map summed over groups, which keeps grouped-query attention and QKᵀ consistent)
+and one over the MLP's hidden units (gate and up rows together). ``apply`` maps each tensor into
+the anchor's basis, W̃ = T_outᵀ W T_in with column-normalised (barycentric) maps, and takes the
+weighted average. The residual stream uses one map throughout, which is exact when the models
+differ by a consistent permutation (the residual connections force one basis).
+
+This version handles Llama-style decoders (RMSNorm, q/k/v/o with grouped-query attention,
+SwiGLU) with equal widths and weight-based costs; GPT-2, BERT, activation costs and fusion of
+different widths are not implemented yet and are refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+from workbench import hookimpl
+from workbench.errors import RecipeError
+from workbench.method import MergeMethod, MethodParameters, Param, PrepareContext, TensorContext
+from workbench_plugins._weights import normalized
+
+if TYPE_CHECKING:  # torch (and POT) only load when a merge runs, not when plugins are listed
+    import torch
+
+    from workbench.checkpoint import CheckpointReader
+    from workbench_plugins._transport import Transport
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj|input_layernorm|post_attention_layernorm)\.weight$")
+_GLOBAL = {"model.embed_tokens.weight": "embed", "lm_head.weight": "head", "model.norm.weight": "norm"}
+
+
+class OTFusionParameters(MethodParameters):
+    solver: Literal["emd", "sinkhorn"] = Param("sinkhorn", per_layer=False, description="'emd': exact, hard alignment (an assignment solver for square problems); 'sinkhorn': entropic, soft alignment (the paper's default for transformers).")
+    reg: float = Param(0.06, gt=0.0, per_layer=False, description="Sinkhorn regularisation on the max-normalised cost (the paper's best for weight-based costs: 0.06).")
+    cost: Literal["weights"] = Param("weights", per_layer=False, description="Ground cost: 'weights' (no data needed). Activation costs are not implemented yet.")
+
+
+class OTFusionModelParameters(MethodParameters):
+    weight: float = Param(1.0, per_layer=False, description="Fusion weight of this model (normalised to sum 1; models[0] is the anchor).")
+
+
+@dataclass
+class ModelMaps:
+    """Transport maps of one model into the anchor's basis."""
+
+    resid: Transport
+    heads: dict[int, Transport] = field(default_factory=dict)  # layer -> query-head map
+    kv: dict[int, "torch.Tensor"] = field(default_factory=dict)  # layer -> barycentric key/value-head map
+    mlp: dict[int, Transport] = field(default_factory=dict)  # layer -> hidden-unit map
+
+
+@dataclass
+class FusionState:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    maps: dict[int, ModelMaps]  # model index (>= 1) -> maps
+
+
+def _shape(config: dict[str, Any] | None) -> tuple[int, int, int, int]:
+    """(layers, heads, key/value heads, head dim) of a Llama-style config."""
+    if not config or "num_attention_heads" not in config:
+        raise RecipeError("ot_fusion needs each model's config.json with num_attention_heads (Llama-style models).")
+    heads = int(config["num_attention_heads"])
+    kv = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+    return int(config["num_hidden_layers"]), heads, kv, head_dim
+
+
+def _check_names(names: list[str]) -> None:
+    for name in names:
+        if name not in _GLOBAL and not _LAYER.match(name):
+            raise RecipeError(f"ot_fusion handles Llama-style decoders (model.layers.N.self_attn/mlp/norms, embed_tokens, norm, lm_head); tensor '{name}' is not one of them (GPT-2, BERT and others are not implemented yet).")
+
+
+def _heads_map(q_a: "torch.Tensor", q_b: "torch.Tensor", kv_a: "torch.Tensor", kv_b: "torch.Tensor", heads: int, kv_heads: int, params: OTFusionParameters) -> tuple[Transport, "torch.Tensor"]:
+    """Query-head plan whose cost adds the heads' key/value groups' cost, and the group map it implies."""
+    from workbench_plugins._transport import Transport, ground_cost, transport
+
+    group = heads // kv_heads
+    cost_q = ground_cost(q_a.reshape(heads, -1), q_b.reshape(heads, -1))
+    cost_kv = ground_cost(kv_a.reshape(kv_heads, -1), kv_b.reshape(kv_heads, -1))
+    owner = [h // group for h in range(heads)]
+    cost = cost_q + cost_kv[owner][:, owner]
+    plan = transport(cost, params.solver, params.reg)
+    summed = plan.plan.reshape(kv_heads, group, kv_heads, group).sum(axis=(1, 3))
+    kv_plan = Transport(summed, plan.solver, plan.cost)
+    return plan, kv_plan.barycentric()
+
+
+def _layer_maps(a: "CheckpointReader", b: "CheckpointReader", layer: int, resid: "torch.Tensor", state: FusionState, params: OTFusionParameters) -> tuple[Transport, "torch.Tensor", Transport]:
+    from workbench_plugins._transport import ground_cost, transport
+
+    prefix = f"model.layers.{layer}."
+
+    def aligned(reader: "CheckpointReader", name: str, align: bool) -> "torch.Tensor":
+        weight = reader.read(prefix + name).double()
+        return weight @ resid if align else weight  # input columns into the anchor's residual basis
+
+    q = [aligned(r, "self_attn.q_proj.weight", r is a) for r in (a, b)]
+    kv = [
+        torch_cat([aligned(r, "self_attn.k_proj.weight", r is a).reshape(state.kv_heads, -1), aligned(r, "self_attn.v_proj.weight", r is a).reshape(state.kv_heads, -1)])
+        for r in (a, b)
+    ]
+    heads, kv_map = _heads_map(q[0], q[1], kv[0], kv[1], state.heads, state.kv_heads, params)
+    mlp = [torch_cat([aligned(r, "mlp.gate_proj.weight", r is a), aligned(r, "mlp.up_proj.weight", r is a)]) for r in (a, b)]
+    return heads, kv_map, transport(ground_cost(mlp[0], mlp[1]), params.solver, params.reg)
+
+
+def torch_cat(parts: list["torch.Tensor"]) -> "torch.Tensor":
+    """Concatenate per-point features (rows stay points)."""
+    import torch
+
+    return torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1)
+
+
+def _by_heads(weight: "torch.Tensor", plan: "torch.Tensor", heads: int, columns: bool) -> "torch.Tensor":
+    """Move whole heads: rows (``columns=False``) or columns grouped per head, by a barycentric map."""
+    import torch
+
+    plan = plan.to(weight.dtype)
+    if columns:
+        return torch.einsum("dhj,hk->dkj", weight.reshape(weight.shape[0], heads, -1), plan).reshape(weight.shape[0], -1)
+    return torch.einsum("hjd,hk->kjd", weight.reshape(heads, -1, weight.shape[-1]), plan).reshape(-1, weight.shape[-1])
+
+
+class OTFusion(MergeMethod):
+    name = "ot_fusion"
+    summary = "Optimal-transport fusion: align neurons, heads and the residual stream of independently trained models to an anchor, then average."
+    paper = "https://arxiv.org/abs/2310.05719"
+    when_to_use = (
+        "Models of one architecture trained from different initialisations (not fine-tunes of one base), "
+        "whose units sit in different orders, so plain averaging destroys both. models[0] is the anchor: the "
+        "others are aligned to it. Use solver: emd for hard alignment (exact when the models differ by a "
+        "permutation) and sinkhorn (the default, reg 0.06) for the soft alignment the paper found better for "
+        "transformers. Exact semantics: [methods.md](../methods.md#ot_fusion)."
+    )
+    Parameters = OTFusionParameters
+    ModelParameters = OTFusionModelParameters
+    base_model = "unused"
+    min_models = 2
+    whole_model = False
+
+    def prepare(self, ctx: PrepareContext) -> FusionState:
+        from workbench_plugins._transport import ground_cost, transport
+
+        params = OTFusionParameters.model_validate(ctx.params)
+        _check_names(list(ctx.tensor_names))
+        anchor = ctx.models[0]
+        layers, heads, kv_heads, head_dim = _shape(anchor.config())
+        state = FusionState(heads, kv_heads, head_dim, {})
+        for index, model in enumerate(ctx.models[1:], start=1):
+            if _shape(model.config()) != (layers, heads, kv_heads, head_dim):
+                raise RecipeError(f"ot_fusion: models[{index}] has another shape (layers, heads, key/value heads, head dim) than models[0]; fusing different widths is not implemented yet.")
+            embed_a, embed_b = model.read("model.embed_tokens.weight"), anchor.read("model.embed_tokens.weight")
+            resid = transport(ground_cost(embed_a.T, embed_b.T), params.solver, params.reg)
+            maps = ModelMaps(resid)
+            resid_map = resid.barycentric()
+            for layer in range(layers):
+                maps.heads[layer], maps.kv[layer], maps.mlp[layer] = _layer_maps(model, anchor, layer, resid_map, state, params)
+            state.maps[index] = maps
+        return state
+
+    def apply(self, tensors: list["torch.Tensor"], base: "torch.Tensor | None", params: OTFusionParameters, model_params: list[OTFusionModelParameters], ctx: TensorContext) -> "torch.Tensor":  # type: ignore[override]
+        state: FusionState = ctx.state
+        weights = normalized([p.weight for p in model_params], self.name, ctx.name)
+        fused = tensors[0].to(ctx.compute_dtype) * weights[0]
+        for index in range(1, len(tensors)):
+            if weights[index] != 0.0:
+                aligned = self._align(tensors[index].to(ctx.compute_dtype), ctx.name, state.maps[index], state)
+                fused.add_(aligned, alpha=weights[index])
+        return fused.to(ctx.out_dtype)
+
+    @staticmethod
+    def _align(weight: "torch.Tensor", name: str, maps: ModelMaps, state: FusionState) -> "torch.Tensor":
+        resid = maps.resid.barycentric().to(weight.dtype)
+        kind = _GLOBAL.get(name)
+        if kind in ("embed", "head"):
+            return weight @ resid
+        if kind == "norm":
+            return resid.T @ weight
+        match = _LAYER.match(name)
+        assert match is not None  # prepare checked every name
+        layer, module = int(match[1]), match[2]
+        if module.endswith("layernorm"):
+            return resid.T @ weight
+        if module == "self_attn.q_proj":
+            return _by_heads(weight @ resid, maps.heads[layer].barycentric(), state.heads, columns=False)
+        if module in ("self_attn.k_proj", "self_attn.v_proj"):
+            return _by_heads(weight @ resid, maps.kv[layer], state.kv_heads, columns=False)
+        if module == "self_attn.o_proj":
+            return resid.T @ _by_heads(weight, maps.heads[layer].barycentric(), state.heads, columns=True)
+        mlp = maps.mlp[layer].barycentric().to(weight.dtype)
+        if module == "mlp.down_proj":
+            return resid.T @ weight @ mlp
+        return mlp.T @ (weight @ resid)  # gate_proj, up_proj
+
+    def write_extras(self, state: FusionState, folder: Path) -> list[Path]:
+        """``ot_maps.safetensors`` (every map, float32) and ``ot_fusion.json`` (solver and cost per map)."""
+        import torch
+        from safetensors.torch import save_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        report: dict[str, Any] = {}
+        for index, maps in state.maps.items():
+            entries = {"resid": maps.resid} | {f"layers.{i}.heads": t for i, t in maps.heads.items()} | {f"layers.{i}.mlp": t for i, t in maps.mlp.items()}
+            for key, plan in entries.items():
+                tensors[f"models.{index}.{key}"] = torch.from_numpy(plan.plan).float().contiguous()
+                report[f"models.{index}.{key}"] = {"solver": plan.solver, "cost": plan.cost, "shape": list(plan.plan.shape)}
+        save_file(tensors, str(folder / "ot_maps.safetensors"))
+        (folder / "ot_fusion.json").write_text(json.dumps(report, indent=2) + "\n")
+        return [folder / "ot_maps.safetensors", folder / "ot_fusion.json"]
+
+
+@hookimpl
+def register_methods(register: Callable[[type[MergeMethod]], None]) -> None:
+    register(OTFusion)

@@ -1,0 +1,165 @@
+"""ot_fusion: exact recovery of a permuted copy, and the transport primitives.
+
+A′ is A with its residual dimensions, attention heads (key/value groups, and query heads within
+groups) and MLP hidden units permuted consistently, so it computes the same function; fusing A
+with A′ must give A back, where plain averaging does not.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from merging import load_dir, merge, q
+from workbench_plugins._transport import ground_cost, transport
+
+transformers = pytest.importorskip("transformers")
+
+HEADS, KV, HEAD_DIM, HIDDEN, INTER, LAYERS, VOCAB = 4, 2, 8, 32, 48, 2, 64
+
+
+def _config() -> "transformers.LlamaConfig":
+    return transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=KV, head_dim=HEAD_DIM, tie_word_embeddings=False,
+    )
+
+
+def rows(heads: torch.Tensor) -> torch.Tensor:
+    """The weight rows of these heads, in this order."""
+    return torch.cat([torch.arange(h * HEAD_DIM, (h + 1) * HEAD_DIM) for h in heads])
+
+
+def permuted(state: dict[str, torch.Tensor], seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A function-preserving permutation of a Llama state dict; returns it and the residual order."""
+    g = torch.Generator().manual_seed(seed)
+    resid = torch.randperm(HIDDEN, generator=g)  # new dimension j holds old dimension resid[j]
+    out = {}
+    for name, w in state.items():
+        w = w.clone()
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            w = w[:, resid]
+        elif w.ndim == 1:  # every norm acts on the residual stream
+            w = w[resid]
+        out[name] = w
+    for layer in range(LAYERS):
+        p = f"model.layers.{layer}."
+        groups = torch.randperm(KV, generator=g)
+        query = torch.cat([group * (HEADS // KV) + torch.randperm(HEADS // KV, generator=g) for group in groups])
+        hidden = torch.randperm(INTER, generator=g)
+        for name, order in (("self_attn.q_proj", rows(query)), ("self_attn.k_proj", rows(groups)), ("self_attn.v_proj", rows(groups))):
+            out[p + name + ".weight"] = out[p + name + ".weight"][order][:, resid]
+        out[p + "self_attn.o_proj.weight"] = out[p + "self_attn.o_proj.weight"][resid][:, rows(query)]
+        out[p + "mlp.gate_proj.weight"] = out[p + "mlp.gate_proj.weight"][hidden][:, resid]
+        out[p + "mlp.up_proj.weight"] = out[p + "mlp.up_proj.weight"][hidden][:, resid]
+        out[p + "mlp.down_proj.weight"] = out[p + "mlp.down_proj.weight"][resid][:, hidden]
+    return out, resid
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ot")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(_config())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 1:
+                param.copy_(1.0 + 0.3 * torch.randn_like(param))  # norms that differ per dimension
+    model.save_pretrained(root / "a")
+    state = load_file(root / "a" / "model.safetensors")
+    other, resid = permuted(state, seed=1)
+    (root / "b").mkdir()
+    save_file(other, str(root / "b" / "model.safetensors"), metadata={"format": "pt"})
+    (root / "b" / "config.json").write_text((root / "a" / "config.json").read_text())
+    torch.save(resid, root / "resid.pt")
+    return {"a": root / "a", "b": root / "b", "resid": root / "resid.pt"}
+
+
+def _logits(folder: Path) -> torch.Tensor:
+    model = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([[1, 7, 3, 9, 12, 5]])).logits
+
+
+def test_the_permuted_copy_computes_the_same_function(pair: dict[str, Path]) -> None:
+    torch.testing.assert_close(_logits(pair["a"]), _logits(pair["b"]), rtol=1e-4, atol=1e-5)
+
+
+def test_emd_fusion_of_a_permuted_copy_returns_the_anchor(tmp_path: Path, pair: dict[str, Path]) -> None:
+    recipe = f"method: ot_fusion\nmodels: [{q(pair['a'])}, {q(pair['b'])}]\nparameters: {{solver: emd}}\n"
+    fused, anchor = merge(tmp_path, recipe), load_dir(pair["a"])
+    for name, tensor in anchor.items():
+        torch.testing.assert_close(fused[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    average = merge(tmp_path, f"method: linear\nmodels: [{q(pair['a'])}, {q(pair['b'])}]\n", name="average")
+    assert max(float((average[n] - anchor[n]).abs().max()) for n in anchor) > 0.05
+    torch.testing.assert_close(_logits(tmp_path / "out"), _logits(pair["a"]), rtol=1e-4, atol=1e-5)
+    # The residual map saved beside the output is the permutation (uniform mass 1/n per match).
+    maps = load_file(tmp_path / "out" / "ot_maps.safetensors")
+    resid = torch.load(pair["resid"])
+    expected = torch.zeros(HIDDEN, HIDDEN)
+    expected[torch.arange(HIDDEN), resid] = 1.0 / HIDDEN  # b's dimension i is a's dimension resid[i]
+    torch.testing.assert_close(maps["models.1.resid"], expected)
+    report = json.loads((tmp_path / "out" / "ot_fusion.json").read_text())
+    assert report["models.1.resid"]["solver"] == "assignment" and report["models.1.resid"]["cost"] == pytest.approx(0.0, abs=1e-6)
+    assert {f"models.1.layers.{i}.{part}" for i in range(LAYERS) for part in ("heads", "mlp")} <= set(report)
+
+
+def test_fusion_weights_and_a_zero_weight(tmp_path: Path, pair: dict[str, Path]) -> None:
+    recipe = f"method: ot_fusion\nmodels:\n  - {q(pair['a'])}\n  - model: {q(pair['b'])}\n    parameters: {{weight: 0.0}}\nparameters: {{solver: sinkhorn}}\n"
+    fused, anchor = merge(tmp_path, recipe), load_dir(pair["a"])
+    assert all(torch.equal(fused[n], anchor[n]) for n in anchor)
+
+
+def test_unsupported_layouts_are_refused_by_name(tmp_path: Path) -> None:
+    from workbench.errors import RecipeError
+
+    folders = []
+    for name in ("x", "y"):
+        folder = tmp_path / name
+        folder.mkdir()
+        save_file({"transformer.h.0.attn.c_attn.weight": torch.randn(8, 24), "transformer.wte.weight": torch.randn(16, 8)}, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "num_attention_heads": 2, "num_hidden_layers": 1, "hidden_size": 8}))
+        folders.append(folder)
+    with pytest.raises(RecipeError, match=r"tensor 'transformer\.h\.0\.attn\.c_attn\.weight' is not one of them"):
+        merge(tmp_path, f"method: ot_fusion\nmodels: [{q(folders[0])}, {q(folders[1])}]\n")
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# Transport primitives
+# --------------------------------------------------------------------------------------------------
+
+
+def test_ground_cost_is_max_normalised_distance_of_unit_rows() -> None:
+    a = torch.tensor([[3.0, 0.0], [0.0, 2.0]])
+    b = torch.tensor([[0.0, 5.0], [1.0, 1.0]])
+    unit = np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[0.0, 1.0], [2**-0.5, 2**-0.5]])
+    distances = np.linalg.norm(unit[0][:, None, :] - unit[1][None, :, :], axis=2)
+    np.testing.assert_allclose(ground_cost(a, b), distances / distances.max())
+
+
+@pytest.mark.parametrize("solver", ["emd", "sinkhorn"])
+def test_plans_meet_their_marginals(solver: str) -> None:
+    rng = np.random.default_rng(0)
+    cost = rng.random((5, 7))
+    plan = transport(cost, solver, reg=0.05).plan  # type: ignore[arg-type]
+    np.testing.assert_allclose(plan.sum(axis=1), np.full(5, 1 / 5), atol=1e-6)
+    np.testing.assert_allclose(plan.sum(axis=0), np.full(7, 1 / 7), atol=1e-6)
+
+
+def test_square_emd_is_the_permutation_and_large_reg_spreads_mass() -> None:
+    points = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
+    order = torch.tensor([3, 0, 5, 1, 4, 2])
+    plan = transport(ground_cost(points[order], points), "emd")
+    expected = np.zeros((6, 6))
+    expected[np.arange(6), order.numpy()] = 1 / 6
+    np.testing.assert_allclose(plan.plan, expected)
+    assert plan.solver == "assignment"
+    torch.testing.assert_close(plan.barycentric(), torch.from_numpy(expected * 6))
+    spread = transport(ground_cost(points[order], points), "sinkhorn", reg=1e4).plan
+    np.testing.assert_allclose(spread, np.full((6, 6), 1 / 36), atol=1e-5)
