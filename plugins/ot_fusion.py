@@ -13,9 +13,10 @@ the anchor's basis, W̃ = T_outᵀ W T_in with column-normalised (barycentric) m
 weighted average. The residual stream uses one map throughout, which is exact when the models
 differ by a consistent permutation (the residual connections force one basis).
 
-This version handles Llama-style decoders (RMSNorm, q/k/v/o with grouped-query attention,
-SwiGLU) with equal widths and weight-based costs; GPT-2, BERT, activation costs and fusion of
-different widths are not implemented yet and are refused by name.
+Costs come from the weights (no data) or from activations on a bounded sample of inputs
+(``plugins/_activations.py``). This version handles Llama-style decoders (RMSNorm, q/k/v/o with
+grouped-query attention, SwiGLU) of equal widths; GPT-2, BERT and fusion of different widths are
+not implemented yet and are refused by name.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ _GLOBAL = {"model.embed_tokens.weight": "embed", "lm_head.weight": "head", "mode
 class OTFusionParameters(MethodParameters):
     solver: Literal["emd", "sinkhorn"] = Param("sinkhorn", per_layer=False, description="'emd': exact, hard alignment (an assignment solver for square problems); 'sinkhorn': entropic, soft alignment (the paper's default for transformers).")
     reg: float = Param(0.06, gt=0.0, per_layer=False, description="Sinkhorn regularisation on the max-normalised cost (the paper's best for weight-based costs: 0.06).")
-    cost: Literal["weights"] = Param("weights", per_layer=False, description="Ground cost: 'weights' (no data needed). Activation costs are not implemented yet.")
+    cost: Literal["weights", "activations"] = Param("weights", per_layer=False, description="Ground cost between units: from their weights (no data needed) or from their activations on 'data'.")
+    data: dict[str, Any] | None = Param(None, per_layer=False, description="Inputs for cost 'activations': {evaluator: NAME, options: {...}} (the evaluator's data batches) or {text: FILE, seq_len: N} (cut with the anchor's tokenizer).")
+    samples: int = Param(64, ge=1, per_layer=False, description="Sequences run through each model for cost 'activations' (bounds time and memory).")
 
 
 class OTFusionModelParameters(MethodParameters):
@@ -100,23 +103,35 @@ def _heads_map(q_a: "torch.Tensor", q_b: "torch.Tensor", kv_a: "torch.Tensor", k
     return plan, kv_plan.barycentric()
 
 
-def _layer_maps(a: "CheckpointReader", b: "CheckpointReader", layer: int, resid: "torch.Tensor", state: FusionState, params: OTFusionParameters) -> tuple[Transport, "torch.Tensor", Transport]:
-    from workbench_plugins._transport import ground_cost, transport
+LayerFeatures = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor"]
 
+
+def _weight_features(a: "CheckpointReader", b: "CheckpointReader", layer: int, resid: "torch.Tensor", state: FusionState) -> LayerFeatures:
+    """(query heads, key/value heads, MLP units) of model a then anchor b, as weight rows; a's
+    input columns are first mapped into the anchor's residual basis."""
     prefix = f"model.layers.{layer}."
 
-    def aligned(reader: "CheckpointReader", name: str, align: bool) -> "torch.Tensor":
+    def rows(reader: "CheckpointReader", name: str, groups: int | None = None) -> "torch.Tensor":
         weight = reader.read(prefix + name).double()
-        return weight @ resid if align else weight  # input columns into the anchor's residual basis
+        weight = weight @ resid if reader is a else weight
+        return weight.reshape(groups, -1) if groups else weight
 
-    q = [aligned(r, "self_attn.q_proj.weight", r is a) for r in (a, b)]
-    kv = [
-        torch_cat([aligned(r, "self_attn.k_proj.weight", r is a).reshape(state.kv_heads, -1), aligned(r, "self_attn.v_proj.weight", r is a).reshape(state.kv_heads, -1)])
-        for r in (a, b)
-    ]
-    heads, kv_map = _heads_map(q[0], q[1], kv[0], kv[1], state.heads, state.kv_heads, params)
-    mlp = [torch_cat([aligned(r, "mlp.gate_proj.weight", r is a), aligned(r, "mlp.up_proj.weight", r is a)]) for r in (a, b)]
-    return heads, kv_map, transport(ground_cost(mlp[0], mlp[1]), params.solver, params.reg)
+    features = []
+    for reader in (a, b):
+        query = rows(reader, "self_attn.q_proj.weight", state.heads)
+        key_value = torch_cat([rows(reader, "self_attn.k_proj.weight", state.kv_heads), rows(reader, "self_attn.v_proj.weight", state.kv_heads)])
+        mlp = torch_cat([rows(reader, "mlp.gate_proj.weight"), rows(reader, "mlp.up_proj.weight")])
+        features.append((query, key_value, mlp))
+    (qa, kva, ma), (qb, kvb, mb) = features
+    return qa, qb, kva, kvb, ma, mb
+
+
+def _layer_maps(features: LayerFeatures, state: FusionState, params: OTFusionParameters) -> tuple["Transport", "torch.Tensor", "Transport"]:
+    from workbench_plugins._transport import ground_cost, transport
+
+    qa, qb, kva, kvb, ma, mb = features
+    heads, kv_map = _heads_map(qa, qb, kva, kvb, state.heads, state.kv_heads, params)
+    return heads, kv_map, transport(ground_cost(ma, mb), params.solver, params.reg)
 
 
 def torch_cat(parts: list["torch.Tensor"]) -> "torch.Tensor":
@@ -161,15 +176,29 @@ class OTFusion(MergeMethod):
         anchor = ctx.models[0]
         layers, heads, kv_heads, head_dim = _shape(anchor.config())
         state = FusionState(heads, kv_heads, head_dim, {})
+        anchor_acts = None
+        if params.cost == "activations":
+            from workbench_plugins._activations import capture, input_batches
+
+            batches = input_batches(params.data or {}, params.samples, ctx.seed, anchor.path, ctx.extra["registry"])
+            anchor_acts = capture(anchor.path, batches, heads, kv_heads, head_dim)
         for index, model in enumerate(ctx.models[1:], start=1):
             if _shape(model.config()) != (layers, heads, kv_heads, head_dim):
                 raise RecipeError(f"ot_fusion: models[{index}] has another shape (layers, heads, key/value heads, head dim) than models[0]; fusing different widths is not implemented yet.")
-            embed_a, embed_b = model.read("model.embed_tokens.weight"), anchor.read("model.embed_tokens.weight")
-            resid = transport(ground_cost(embed_a.T, embed_b.T), params.solver, params.reg)
+            if anchor_acts is not None:
+                acts = capture(model.path, batches, heads, kv_heads, head_dim)
+                resid = transport(ground_cost(acts.resid, anchor_acts.resid), params.solver, params.reg)
+            else:
+                embed_a, embed_b = model.read("model.embed_tokens.weight"), anchor.read("model.embed_tokens.weight")
+                resid = transport(ground_cost(embed_a.T, embed_b.T), params.solver, params.reg)
             maps = ModelMaps(resid)
             resid_map = resid.barycentric()
             for layer in range(layers):
-                maps.heads[layer], maps.kv[layer], maps.mlp[layer] = _layer_maps(model, anchor, layer, resid_map, state, params)
+                if anchor_acts is not None:
+                    features = (acts.query[layer], anchor_acts.query[layer], acts.key_value[layer], anchor_acts.key_value[layer], acts.mlp[layer], anchor_acts.mlp[layer])
+                else:
+                    features = _weight_features(model, anchor, layer, resid_map, state)
+                maps.heads[layer], maps.kv[layer], maps.mlp[layer] = _layer_maps(features, state, params)
             state.maps[index] = maps
         return state
 

@@ -109,6 +109,44 @@ def test_emd_fusion_of_a_permuted_copy_returns_the_anchor(tmp_path: Path, pair: 
     assert {f"models.1.layers.{i}.{part}" for i in range(LAYERS) for part in ("heads", "mlp")} <= set(report)
 
 
+@pytest.fixture(scope="module")
+def text_pair(pair: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same pair with a word-level tokenizer (word i is token i) and a text to run them on."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    root = tmp_path_factory.mktemp("ot_text")
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    out = {}
+    for key in ("a", "b"):
+        shutil.copytree(pair[key], root / key)
+        transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(root / key)
+        out[key] = root / key
+    words = torch.randint(0, VOCAB, (400,), generator=torch.Generator().manual_seed(5)).tolist()
+    (root / "text.txt").write_text(" ".join(f"w{i}" for i in words))
+    out["text"] = root / "text.txt"
+    return out
+
+
+@pytest.mark.parametrize("solver", ["emd", "sinkhorn"])
+def test_activation_cost_recovers_the_permutation(tmp_path: Path, text_pair: dict[str, Path], solver: str) -> None:
+    params = f"{{solver: {solver}, reg: 0.001, cost: activations, data: {{text: {q(text_pair['text'])}, seq_len: 16}}, samples: 12}}"
+    fused = merge(tmp_path, f"method: ot_fusion\nmodels: [{q(text_pair['a'])}, {q(text_pair['b'])}]\nparameters: {params}\n")
+    anchor = load_dir(text_pair["a"])
+    tolerance = 1e-6 if solver == "emd" else 1e-3  # Sinkhorn's plan is soft, nearly a permutation at small reg
+    for name, tensor in anchor.items():
+        torch.testing.assert_close(fused[name], tensor, rtol=tolerance, atol=tolerance, msg=name)
+
+
+def test_activation_cost_needs_data(tmp_path: Path, pair: dict[str, Path]) -> None:
+    from workbench.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="cost 'activations' needs data"):
+        merge(tmp_path, f"method: ot_fusion\nmodels: [{q(pair['a'])}, {q(pair['b'])}]\nparameters: {{cost: activations}}\n")
+
+
 def test_fusion_weights_and_a_zero_weight(tmp_path: Path, pair: dict[str, Path]) -> None:
     recipe = f"method: ot_fusion\nmodels:\n  - {q(pair['a'])}\n  - model: {q(pair['b'])}\n    parameters: {{weight: 0.0}}\nparameters: {{solver: sinkhorn}}\n"
     fused, anchor = merge(tmp_path, recipe), load_dir(pair["a"])
