@@ -13,10 +13,11 @@ the anchor's basis, W̃ = T_outᵀ W T_in with column-normalised (barycentric) m
 weighted average. The residual stream uses one map throughout, which is exact when the models
 differ by a consistent permutation (the residual connections force one basis).
 
+Models may differ in hidden and intermediate width (heterogeneous fusion): the maps are then
+rectangular (exact EMD by POT, or Sinkhorn) and every model is mapped into the anchor's widths.
 Costs come from the weights (no data) or from activations on a bounded sample of inputs
 (``plugins/_activations.py``). This version handles Llama-style decoders (RMSNorm, q/k/v/o with
-grouped-query attention, SwiGLU) of equal widths; GPT-2, BERT and fusion of different widths are
-not implemented yet and are refused by name.
+grouped-query attention, SwiGLU); GPT-2 and BERT are not implemented yet and are refused by name.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ class OTFusion(MergeMethod):
     ModelParameters = OTFusionModelParameters
     base_model = "unused"
     min_models = 2
-    whole_model = False
+    equal_shapes = False  # other widths are mapped into the anchor's
 
     def prepare(self, ctx: PrepareContext) -> FusionState:
         from workbench_plugins._transport import ground_cost, transport
@@ -184,7 +185,10 @@ class OTFusion(MergeMethod):
             anchor_acts = capture(anchor.path, batches, heads, kv_heads, head_dim)
         for index, model in enumerate(ctx.models[1:], start=1):
             if _shape(model.config()) != (layers, heads, kv_heads, head_dim):
-                raise RecipeError(f"ot_fusion: models[{index}] has another shape (layers, heads, key/value heads, head dim) than models[0]; fusing different widths is not implemented yet.")
+                raise RecipeError(
+                    f"ot_fusion: models[{index}] has {_shape(model.config())} (layers, heads, key/value heads, head dim) where models[0] has"
+                    f" {(layers, heads, kv_heads, head_dim)}; models may differ in hidden and intermediate width only."
+                )
             if anchor_acts is not None:
                 acts = capture(model.path, batches, heads, kv_heads, head_dim)
                 resid = transport(ground_cost(acts.resid, anchor_acts.resid), params.solver, params.reg)
@@ -237,7 +241,8 @@ class OTFusion(MergeMethod):
         return mlp.T @ (weight @ resid)  # gate_proj, up_proj
 
     def write_extras(self, state: FusionState, folder: Path) -> list[Path]:
-        """``ot_maps.safetensors`` (every map, float32) and ``ot_fusion.json`` (solver and cost per map)."""
+        """``ot_fusion/maps.safetensors`` (every plan, float32) and ``ot_fusion/report.json`` (solver
+        and transport cost of each), in a subfolder so that no reader takes the maps for weights."""
         import torch
         from safetensors.torch import save_file
 
@@ -248,9 +253,11 @@ class OTFusion(MergeMethod):
             for key, plan in entries.items():
                 tensors[f"models.{index}.{key}"] = torch.from_numpy(plan.plan).float().contiguous()
                 report[f"models.{index}.{key}"] = {"solver": plan.solver, "cost": plan.cost, "shape": list(plan.plan.shape)}
-        save_file(tensors, str(folder / "ot_maps.safetensors"))
-        (folder / "ot_fusion.json").write_text(json.dumps(report, indent=2) + "\n")
-        return [folder / "ot_maps.safetensors", folder / "ot_fusion.json"]
+        extras = folder / "ot_fusion"
+        extras.mkdir()
+        save_file(tensors, str(extras / "maps.safetensors"))
+        (extras / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        return [extras]
 
 
 @hookimpl

@@ -99,12 +99,12 @@ def test_emd_fusion_of_a_permuted_copy_returns_the_anchor(tmp_path: Path, pair: 
     assert max(float((average[n] - anchor[n]).abs().max()) for n in anchor) > 0.05
     torch.testing.assert_close(_logits(tmp_path / "out"), _logits(pair["a"]), rtol=1e-4, atol=1e-5)
     # The residual map saved beside the output is the permutation (uniform mass 1/n per match).
-    maps = load_file(tmp_path / "out" / "ot_maps.safetensors")
+    maps = load_file(tmp_path / "out" / "ot_fusion" / "maps.safetensors")
     resid = torch.load(pair["resid"])
     expected = torch.zeros(HIDDEN, HIDDEN)
     expected[torch.arange(HIDDEN), resid] = 1.0 / HIDDEN  # b's dimension i is a's dimension resid[i]
     torch.testing.assert_close(maps["models.1.resid"], expected)
-    report = json.loads((tmp_path / "out" / "ot_fusion.json").read_text())
+    report = json.loads((tmp_path / "out" / "ot_fusion" / "report.json").read_text())
     assert report["models.1.resid"]["solver"] == "assignment" and report["models.1.resid"]["cost"] == pytest.approx(0.0, abs=1e-6)
     assert {f"models.1.layers.{i}.{part}" for i in range(LAYERS) for part in ("heads", "mlp")} <= set(report)
 
@@ -201,3 +201,28 @@ def test_square_emd_is_the_permutation_and_large_reg_spreads_mass() -> None:
     torch.testing.assert_close(plan.barycentric(), torch.from_numpy(expected * 6))
     spread = transport(ground_cost(points[order], points), "sinkhorn", reg=1e4).plan
     np.testing.assert_allclose(spread, np.full((6, 6), 1 / 36), atol=1e-5)
+
+
+@pytest.mark.parametrize("cost", ["weights", "activations"])
+def test_heterogeneous_fusion_takes_the_anchors_widths_and_runs(tmp_path: Path, text_pair: dict[str, Path], cost: str) -> None:
+    """A narrower model (hidden 24, intermediate 40) fused into the anchor (hidden 32, intermediate 48)."""
+    import shutil
+
+    torch.manual_seed(3)
+    config = _config()
+    config.hidden_size, config.intermediate_size = 24, 40
+    narrow = tmp_path / "narrow"
+    transformers.LlamaForCausalLM(config).save_pretrained(narrow)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (text_pair["a"] / name).is_file():
+            shutil.copy(text_pair["a"] / name, narrow / name)
+    params = f"{{solver: emd, cost: {cost}, data: {{text: {q(text_pair['text'])}, seq_len: 16}}, samples: 12}}"
+    fused = merge(tmp_path, f"method: ot_fusion\nmodels: [{q(text_pair['a'])}, {q(narrow)}]\nparameters: {params}\n")
+    anchor = load_dir(text_pair["a"])
+    assert {n: tuple(t.shape) for n, t in fused.items()} == {n: tuple(t.shape) for n, t in anchor.items()}  # no extra file read as weights
+    assert any(not torch.equal(fused[n], anchor[n]) for n in anchor)
+    maps = load_file(tmp_path / "out" / "ot_fusion" / "maps.safetensors")
+    assert tuple(maps["models.1.resid"].shape) == (24, 32) and tuple(maps["models.1.layers.0.mlp"].shape) == (40, 48)
+    torch.testing.assert_close(maps["models.1.resid"].sum(0), torch.full((32,), 1 / 32))  # the anchor's marginal
+    logits = _logits(tmp_path / "out")
+    assert logits.shape == (1, 6, VOCAB) and torch.isfinite(logits).all()

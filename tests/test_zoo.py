@@ -276,6 +276,15 @@ def test_zoo_report_scores_every_row_and_reproduces_the_experts(zoo: tuple[Path,
     math_accuracy = evaluate(root / manifest["math"], [math])["zoo_math"]["accuracy"]
     row = next(line for line in text.splitlines() if line.startswith("| math expert |"))
     assert row.split("|")[2].split(" / ")[1].strip() == f"{math_accuracy:.3f}"
+    # The OT-fusion table: every fusion row, and parent 1 scored as its evaluator scores it.
+    from workbench.zoo_ot_report import FUSIONS
+
+    assert all(f"| {label} |" in text for label in FUSIONS)
+    ot_task, ot_parent = manifest["ot"]["task"], manifest["ot"]["models"][0]
+    [ot] = make_evaluators([EvaluatorSpec(name=f"zoo_{ot_task}", options={"n": 32, "seed": 7})], get_registry())
+    scores = evaluate(root / ot_parent, [ot])[f"zoo_{ot_task}"]
+    row = next(line for line in text.splitlines() if line.startswith(f"| parent 1 ({ot_parent}) |"))
+    assert row.split("|")[2].strip() == f"{scores['accuracy']:.3f} / {scores['token_accuracy']:.3f}"
 
 
 def test_zoo_report_chooses_each_value_on_validation(zoo: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:

@@ -107,6 +107,9 @@ class MergeMethod:
     #: The output at each element depends only on the inputs at that element, so the engine may feed
     #: row blocks of large tensors (less memory, better cache use).
     elementwise: ClassVar[bool] = False
+    #: Every input must have the reference model's shape for every tensor; a method that maps
+    #: inputs of other widths into the reference's (e.g. ``ot_fusion``) sets this False.
+    equal_shapes: ClassVar[bool] = True
     #: ``prepare`` holds whole models in memory (the engine warns about the memory this takes).
     whole_model: ClassVar[bool] = False
 

@@ -352,7 +352,7 @@ def _plan_tensors(recipe: Recipe, method_cls: type[MergeMethod], global_raw: dic
         input_bytes = 0
         for model in inputs:
             info = model.reader.info(name)
-            if info.shape != ref_info.shape:
+            if info.shape != ref_info.shape and (method_cls.equal_shapes or info.is_float != ref_info.is_float):
                 raise CheckpointError(
                     f"tensor '{name}' has shape {list(info.shape)} in {model} but {list(ref_info.shape)} in {reference};"
                     " the models must have the same architecture."

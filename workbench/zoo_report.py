@@ -262,6 +262,7 @@ def render(results: list[ZooResult], methods: tuple[GridMethod, ...], command: s
 
 def write_report(zoo_dirs: list[Path], out_file: Path, registry: Registry, n: int, seed: int, command: str, log: Log = print, methods: tuple[GridMethod, ...] = METHODS) -> str:
     """Measure every zoo (all are checked first, so a typo fails before any work) and write the report."""
+    from workbench.zoo_ot_report import measure_fusions, render_fusions
     from workbench.zoo_swap_report import measure_swaps, render_swaps
 
     scorers = [ZooScorer(zoo_dir, registry, n, seed) for zoo_dir in zoo_dirs]
@@ -270,7 +271,9 @@ def write_report(zoo_dirs: list[Path], out_file: Path, registry: Registry, n: in
         raise WorkbenchError(f"the zoos have different task experts ({sorted(tasks)}); build them with the same workbench version.")
     results = [measure_zoo(scorer, methods, log) for scorer in scorers]
     swaps = [measure_swaps(zoo_dir, registry, n, seed, log) for zoo_dir in zoo_dirs]
-    text = render(results, methods, command, n, seed) + "\n" + "\n".join(render_swaps(swaps)) + "\n"
+    fusions = [measure_fusions(zoo_dir, registry, n, seed, log) for zoo_dir in zoo_dirs]
+    sections = [render(results, methods, command, n, seed), "\n".join(render_swaps(swaps)), "\n".join(render_fusions(fusions))]
+    text = "\n".join(sections) + "\n"
     out_file.parent.mkdir(parents=True, exist_ok=True)
     out_file.write_text(text)
     return text
