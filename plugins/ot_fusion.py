@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # torch (and POT) only load when a merge runs, not when plugi
     import torch
 
     from workbench.checkpoint import CheckpointReader
+    from workbench_plugins._activations import Activations
     from workbench_plugins._transport import Transport
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj|input_layernorm|post_attention_layernorm)\.weight$")
@@ -49,6 +50,7 @@ class OTFusionParameters(MethodParameters):
     cost: Literal["weights", "activations"] = Param("weights", per_layer=False, description="Ground cost between units: from their weights (no data needed) or from their activations on 'data'.")
     data: dict[str, Any] | None = Param(None, per_layer=False, description="Inputs for cost 'activations': {evaluator: NAME, options: {...}} (the evaluator's data batches) or {text: FILE, seq_len: N} (cut with the anchor's tokenizer).")
     samples: int = Param(64, ge=1, per_layer=False, description="Sequences run through each model for cost 'activations' (bounds time and memory).")
+    anchor: int = Param(0, ge=0, per_layer=False, description="Index of the model the others are aligned to (with models of different widths it must be 0: the output takes models[0]'s shapes).")
 
 
 class OTFusionModelParameters(MethodParameters):
@@ -70,7 +72,8 @@ class FusionState:
     heads: int
     kv_heads: int
     head_dim: int
-    maps: dict[int, ModelMaps]  # model index (>= 1) -> maps
+    anchor: int
+    maps: dict[int, ModelMaps]  # model index (not the anchor) -> maps
 
 
 def _shape(config: dict[str, Any] | None) -> tuple[int, int, int, int]:
@@ -158,8 +161,8 @@ class OTFusion(MergeMethod):
     paper = "https://arxiv.org/abs/2310.05719"
     when_to_use = (
         "Models of one architecture trained from different initialisations (not fine-tunes of one base), "
-        "whose units sit in different orders, so plain averaging destroys both. models[0] is the anchor: the "
-        "others are aligned to it. Use solver: emd for hard alignment (exact when the models differ by a "
+        "whose units sit in different orders, so plain averaging destroys both. The anchor (models[0] unless "
+        "'anchor' says otherwise) keeps its basis; the others are aligned to it. Use solver: emd for hard alignment (exact when the models differ by a "
         "permutation) and sinkhorn (the default, reg 0.06) for the soft alignment the paper found better for "
         "transformers. Exact semantics: [methods.md](../methods.md#ot_fusion)."
     )
@@ -170,50 +173,68 @@ class OTFusion(MergeMethod):
     equal_shapes = False  # other widths are mapped into the anchor's
 
     def prepare(self, ctx: PrepareContext) -> FusionState:
-        from workbench_plugins._transport import ground_cost, transport
-
         params = OTFusionParameters.model_validate(ctx.params)
         _check_names(list(ctx.tensor_names))
-        anchor = ctx.models[0]
-        layers, heads, kv_heads, head_dim = _shape(anchor.config())
-        state = FusionState(heads, kv_heads, head_dim, {})
-        anchor_acts = None
+        if params.anchor >= len(ctx.models):
+            raise RecipeError(f"ot_fusion: anchor = {params.anchor}, but there are only {len(ctx.models)} models (0..{len(ctx.models) - 1}).")
+        anchor = ctx.models[params.anchor]
+        shape = _shape(anchor.config())
+        widths = {(m.info("model.embed_tokens.weight").shape, m.info("model.layers.0.mlp.up_proj.weight").shape) for m in ctx.models}
+        if params.anchor != 0 and len(widths) > 1:
+            raise RecipeError("ot_fusion: the output takes models[0]'s shapes, so with models of different widths list the anchor first (anchor: 0).")
+        state = FusionState(shape[1], shape[2], shape[3], params.anchor, {})
+        anchor_acts = batches = None
         if params.cost == "activations":
             from workbench_plugins._activations import capture, input_batches
 
             batches = input_batches(params.data or {}, params.samples, ctx.seed, anchor.path, ctx.extra["registry"])
-            anchor_acts = capture(anchor.path, batches, heads, kv_heads, head_dim)
-        for index, model in enumerate(ctx.models[1:], start=1):
-            if _shape(model.config()) != (layers, heads, kv_heads, head_dim):
+            anchor_acts = capture(anchor.path, batches, *shape[1:])
+        for index, model in enumerate(ctx.models):
+            if index == params.anchor:
+                continue
+            if _shape(model.config()) != shape:
                 raise RecipeError(
-                    f"ot_fusion: models[{index}] has {_shape(model.config())} (layers, heads, key/value heads, head dim) where models[0] has"
-                    f" {(layers, heads, kv_heads, head_dim)}; models may differ in hidden and intermediate width only."
+                    f"ot_fusion: models[{index}] has {_shape(model.config())} (layers, heads, key/value heads, head dim) where the anchor has"
+                    f" {shape}; models may differ in hidden and intermediate width only."
                 )
-            if anchor_acts is not None:
-                acts = capture(model.path, batches, heads, kv_heads, head_dim)
-                resid = transport(ground_cost(acts.resid, anchor_acts.resid), params.solver, params.reg)
-            else:
-                embed_a, embed_b = model.read("model.embed_tokens.weight"), anchor.read("model.embed_tokens.weight")
-                resid = transport(ground_cost(embed_a.T, embed_b.T), params.solver, params.reg)
-            maps = ModelMaps(resid)
-            resid_map = resid.barycentric()
-            for layer in range(layers):
-                if anchor_acts is not None:
-                    features = (acts.query[layer], anchor_acts.query[layer], acts.key_value[layer], anchor_acts.key_value[layer], acts.mlp[layer], anchor_acts.mlp[layer])
-                else:
-                    features = _weight_features(model, anchor, layer, resid_map, state)
-                maps.heads[layer], maps.kv[layer], maps.mlp[layer] = _layer_maps(features, state, params)
-            state.maps[index] = maps
+            state.maps[index] = self._maps(model, anchor, anchor_acts, batches, shape[0], state, params)
         return state
+
+    @staticmethod
+    def _maps(model: "CheckpointReader", anchor: "CheckpointReader", anchor_acts: "Activations | None", batches: Any, layers: int, state: FusionState, params: OTFusionParameters) -> ModelMaps:
+        """The maps of one model into the anchor's basis, from weights or (with ``anchor_acts``) activations."""
+        from workbench_plugins._transport import ground_cost, transport
+
+        if anchor_acts is not None:
+            from workbench_plugins._activations import capture
+
+            acts = capture(model.path, batches, state.heads, state.kv_heads, state.head_dim)
+            resid = transport(ground_cost(acts.resid, anchor_acts.resid), params.solver, params.reg)
+        else:
+            embed_a, embed_b = model.read("model.embed_tokens.weight"), anchor.read("model.embed_tokens.weight")
+            resid = transport(ground_cost(embed_a.T, embed_b.T), params.solver, params.reg)
+        maps = ModelMaps(resid)
+        resid_map = resid.barycentric()
+        for layer in range(layers):
+            if anchor_acts is not None:
+                features = (acts.query[layer], anchor_acts.query[layer], acts.key_value[layer], anchor_acts.key_value[layer], acts.mlp[layer], anchor_acts.mlp[layer])
+            else:
+                features = _weight_features(model, anchor, layer, resid_map, state)
+            maps.heads[layer], maps.kv[layer], maps.mlp[layer] = _layer_maps(features, state, params)
+        return maps
 
     def apply(self, tensors: list["torch.Tensor"], base: "torch.Tensor | None", params: OTFusionParameters, model_params: list[OTFusionModelParameters], ctx: TensorContext) -> "torch.Tensor":  # type: ignore[override]
         state: FusionState = ctx.state
         weights = normalized([p.weight for p in model_params], self.name, ctx.name)
-        fused = tensors[0].to(ctx.compute_dtype) * weights[0]
-        for index in range(1, len(tensors)):
-            if weights[index] != 0.0:
-                aligned = self._align(tensors[index].to(ctx.compute_dtype), ctx.name, state.maps[index], state)
-                fused.add_(aligned, alpha=weights[index])
+        fused: "torch.Tensor | None" = None
+        for index, (tensor, weight) in enumerate(zip(tensors, weights)):
+            if weight == 0.0:
+                continue
+            term = tensor.to(ctx.compute_dtype)
+            if index != state.anchor:
+                term = self._align(term, ctx.name, state.maps[index], state)
+            fused = term.mul_(weight) if fused is None else fused.add_(term, alpha=weight)
+        assert fused is not None  # normalized() refuses weights that sum to 0
         return fused.to(ctx.out_dtype)
 
     @staticmethod

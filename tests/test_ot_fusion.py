@@ -226,3 +226,18 @@ def test_heterogeneous_fusion_takes_the_anchors_widths_and_runs(tmp_path: Path, 
     torch.testing.assert_close(maps["models.1.resid"].sum(0), torch.full((32,), 1 / 32))  # the anchor's marginal
     logits = _logits(tmp_path / "out")
     assert logits.shape == (1, 6, VOCAB) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("anchor", [0, 2])
+def test_three_models_and_the_anchor_choice(tmp_path: Path, pair: dict[str, Path], anchor: int) -> None:
+    """A, A′ and A″ (two permutations of A) with unequal weights: every one aligns to the anchor's
+    basis, so the fusion is the anchor's weights (the anchor being A″ when anchor = 2)."""
+    third = tmp_path / "c"
+    third.mkdir()
+    save_file(permuted(load_file(pair["a"] / "model.safetensors"), seed=7)[0], str(third / "model.safetensors"), metadata={"format": "pt"})
+    (third / "config.json").write_text((pair["a"] / "config.json").read_text())
+    models = f"[{{model: {q(pair['a'])}, parameters: {{weight: 2}}}}, {q(pair['b'])}, {q(third)}]"
+    fused = merge(tmp_path, f"method: ot_fusion\nmodels: {models}\nparameters: {{solver: emd, anchor: {anchor}}}\n")
+    expected = load_dir(pair["a"] if anchor == 0 else third)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(fused[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
