@@ -16,14 +16,13 @@ differ by a consistent permutation (the residual connections force one basis).
 Models may differ in hidden and intermediate width (heterogeneous fusion): the maps are then
 rectangular (exact EMD by POT, or Sinkhorn) and every model is mapped into the anchor's widths.
 Costs come from the weights (no data) or from activations on a bounded sample of inputs
-(``plugins/_activations.py``). This version handles Llama-style decoders (RMSNorm, q/k/v/o with
-grouped-query attention, SwiGLU); GPT-2 and BERT are not implemented yet and are refused by name.
+(``plugins/_activations.py``, Llama-style models only so far). Architectures are described in
+``plugins/_ot_layouts.py``: Llama-style decoders, GPT-2 and BERT.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
@@ -38,11 +37,8 @@ if TYPE_CHECKING:  # torch (and POT) only load when a merge runs, not when plugi
 
     from workbench.checkpoint import CheckpointReader
     from workbench_plugins._activations import Activations
+    from workbench_plugins._ot_layouts import Layout, Role
     from workbench_plugins._transport import Transport
-
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj|input_layernorm|post_attention_layernorm)\.weight$")
-_GLOBAL = {"model.embed_tokens.weight": "embed", "lm_head.weight": "head", "model.norm.weight": "norm"}
-
 
 class OTFusionParameters(MethodParameters):
     solver: Literal["emd", "sinkhorn"] = Param("sinkhorn", per_layer=False, description="'emd': exact, hard alignment (an assignment solver for square problems); 'sinkhorn': entropic, soft alignment (the paper's default for transformers).")
@@ -69,6 +65,7 @@ class ModelMaps:
 
 @dataclass
 class FusionState:
+    layout: "Layout"
     heads: int
     kv_heads: int
     head_dim: int
@@ -76,20 +73,10 @@ class FusionState:
     maps: dict[int, ModelMaps]  # model index (not the anchor) -> maps
 
 
-def _shape(config: dict[str, Any] | None) -> tuple[int, int, int, int]:
-    """(layers, heads, key/value heads, head dim) of a Llama-style config."""
-    if not config or "num_attention_heads" not in config:
-        raise RecipeError("ot_fusion needs each model's config.json with num_attention_heads (Llama-style models).")
-    heads = int(config["num_attention_heads"])
-    kv = int(config.get("num_key_value_heads") or heads)
-    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
-    return int(config["num_hidden_layers"]), heads, kv, head_dim
-
-
-def _check_names(names: list[str]) -> None:
-    for name in names:
-        if name not in _GLOBAL and not _LAYER.match(name):
-            raise RecipeError(f"ot_fusion handles Llama-style decoders (model.layers.N.self_attn/mlp/norms, embed_tokens, norm, lm_head); tensor '{name}' is not one of them (GPT-2, BERT and others are not implemented yet).")
+def _check_names(layout: "Layout", reader: "CheckpointReader") -> None:
+    for name in reader.tensor_names():
+        if reader.info(name).is_float and layout.role(name) is None:
+            raise RecipeError(f"ot_fusion: tensor '{name}' has no place in the {layout.name} layout it knows; it cannot be aligned.")
 
 
 def _heads_map(q_a: "torch.Tensor", q_b: "torch.Tensor", kv_a: "torch.Tensor", kv_b: "torch.Tensor", heads: int, kv_heads: int, params: OTFusionParameters) -> tuple[Transport, "torch.Tensor"]:
@@ -110,22 +97,42 @@ def _heads_map(q_a: "torch.Tensor", q_b: "torch.Tensor", kv_a: "torch.Tensor", k
 LayerFeatures = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor"]
 
 
+def _as_matrix(weight: "torch.Tensor", role: "Role") -> "torch.Tensor":
+    """(out, in) for a matrix whatever its storage; (out, 1) for a vector."""
+    if weight.ndim == 1:
+        return weight.reshape(-1, 1)
+    return weight.T if role.conv1d else weight
+
+
+def _parts(matrix: "torch.Tensor", role: "Role", state: FusionState) -> list[tuple[str | None, "torch.Tensor"]]:
+    """The output axis cut into its spaces (one part unless the tensor is fused, like GPT-2's c_attn)."""
+    if len(role.out) == 1:
+        return [(role.out[0], matrix)]
+    sizes = {"q": state.heads * state.head_dim, "kv": state.kv_heads * state.head_dim}
+    return list(zip(role.out, matrix.split([sizes[space] for space in role.out])))  # type: ignore[index]
+
+
 def _weight_features(a: "CheckpointReader", b: "CheckpointReader", layer: int, resid: "torch.Tensor", state: FusionState) -> LayerFeatures:
-    """(query heads, key/value heads, MLP units) of model a then anchor b, as weight rows; a's
-    input columns are first mapped into the anchor's residual basis."""
-    prefix = f"model.layers.{layer}."
-
-    def rows(reader: "CheckpointReader", name: str, groups: int | None = None) -> "torch.Tensor":
-        weight = reader.read(prefix + name).double()
-        weight = weight @ resid if reader is a else weight
-        return weight.reshape(groups, -1) if groups else weight
-
+    """(query heads, key/value heads, MLP units) of model a then anchor b, as the rows of every
+    tensor whose output lies in those spaces (biases included); a's residual inputs are first
+    mapped into the anchor's basis."""
+    groups = {"q": state.heads, "kv": state.kv_heads, "mlp": None}
     features = []
     for reader in (a, b):
-        query = rows(reader, "self_attn.q_proj.weight", state.heads)
-        key_value = torch_cat([rows(reader, "self_attn.k_proj.weight", state.kv_heads), rows(reader, "self_attn.v_proj.weight", state.kv_heads)])
-        mlp = torch_cat([rows(reader, "mlp.gate_proj.weight"), rows(reader, "mlp.up_proj.weight")])
-        features.append((query, key_value, mlp))
+        rows: dict[str, list["torch.Tensor"]] = {"q": [], "kv": [], "mlp": []}
+        for name in reader.tensor_names():
+            placed = state.layout.role(name)
+            if placed is None or placed[0] != layer or not reader.info(name).is_float:
+                continue
+            role = placed[1]
+            matrix = _as_matrix(reader.read(name).double(), role)
+            if reader is a and role.inp == "resid":
+                matrix = matrix @ resid
+            for space, part in _parts(matrix, role, state):
+                if space in rows:
+                    count = groups[space]
+                    rows[space].append(part.reshape(count, -1) if count else part)
+        features.append(tuple(torch_cat(rows[space]) for space in ("q", "kv", "mlp")))
     (qa, kva, ma), (qb, kvb, mb) = features
     return qa, qb, kva, kvb, ma, mb
 
@@ -173,18 +180,24 @@ class OTFusion(MergeMethod):
     equal_shapes = False  # other widths are mapped into the anchor's
 
     def prepare(self, ctx: PrepareContext) -> FusionState:
+        from workbench_plugins._ot_layouts import detect, dimensions
+
         params = OTFusionParameters.model_validate(ctx.params)
-        _check_names(list(ctx.tensor_names))
         if params.anchor >= len(ctx.models):
             raise RecipeError(f"ot_fusion: anchor = {params.anchor}, but there are only {len(ctx.models)} models (0..{len(ctx.models) - 1}).")
         anchor = ctx.models[params.anchor]
-        shape = _shape(anchor.config())
-        widths = {(m.info("model.embed_tokens.weight").shape, m.info("model.layers.0.mlp.up_proj.weight").shape) for m in ctx.models}
+        layout = detect(list(ctx.tensor_names))
+        for model in ctx.models:
+            _check_names(layout, model)
+        shape = dimensions(anchor.config())
+        widths = {tuple(model.info(name).shape for name in model.tensor_names()) for model in ctx.models}
         if params.anchor != 0 and len(widths) > 1:
             raise RecipeError("ot_fusion: the output takes models[0]'s shapes, so with models of different widths list the anchor first (anchor: 0).")
-        state = FusionState(shape[1], shape[2], shape[3], params.anchor, {})
+        state = FusionState(layout, shape[1], shape[2], shape[3], params.anchor, {})
         anchor_acts = batches = None
         if params.cost == "activations":
+            if layout.name != "llama":
+                raise RecipeError(f"ot_fusion: cost 'activations' supports Llama-style models so far, not {layout.name}; use cost 'weights'.")
             from workbench_plugins._activations import capture, input_batches
 
             batches = input_batches(params.data or {}, params.samples, ctx.seed, anchor.path, ctx.extra["registry"])
@@ -192,9 +205,9 @@ class OTFusion(MergeMethod):
         for index, model in enumerate(ctx.models):
             if index == params.anchor:
                 continue
-            if _shape(model.config()) != shape:
+            if dimensions(model.config()) != shape:
                 raise RecipeError(
-                    f"ot_fusion: models[{index}] has {_shape(model.config())} (layers, heads, key/value heads, head dim) where the anchor has"
+                    f"ot_fusion: models[{index}] has {dimensions(model.config())} (layers, heads, key/value heads, head dim) where the anchor has"
                     f" {shape}; models may differ in hidden and intermediate width only."
                 )
             state.maps[index] = self._maps(model, anchor, anchor_acts, batches, shape[0], state, params)
@@ -211,7 +224,10 @@ class OTFusion(MergeMethod):
             acts = capture(model.path, batches, state.heads, state.kv_heads, state.head_dim)
             resid = transport(ground_cost(acts.resid, anchor_acts.resid), params.solver, params.reg)
         else:
-            embed_a, embed_b = model.read("model.embed_tokens.weight"), anchor.read("model.embed_tokens.weight")
+            from workbench_plugins._ot_layouts import embedding_name
+
+            embedding = embedding_name(state.layout, model.tensor_names())
+            embed_a, embed_b = model.read(embedding), anchor.read(embedding)
             resid = transport(ground_cost(embed_a.T, embed_b.T), params.solver, params.reg)
         maps = ModelMaps(resid)
         resid_map = resid.barycentric()
@@ -239,27 +255,35 @@ class OTFusion(MergeMethod):
 
     @staticmethod
     def _align(weight: "torch.Tensor", name: str, maps: ModelMaps, state: FusionState) -> "torch.Tensor":
+        """The tensor in the anchor's basis: W̃ = T_outᵀ · W · T_in, space by space."""
+        import torch
+
+        layer, role = state.layout.role(name)  # type: ignore[misc]  # prepare checked every float tensor
         resid = maps.resid.barycentric().to(weight.dtype)
-        kind = _GLOBAL.get(name)
-        if kind in ("embed", "head"):
-            return weight @ resid
-        if kind == "norm":
-            return resid.T @ weight
-        match = _LAYER.match(name)
-        assert match is not None  # prepare checked every name
-        layer, module = int(match[1]), match[2]
-        if module.endswith("layernorm"):
-            return resid.T @ weight
-        if module == "self_attn.q_proj":
-            return _by_heads(weight @ resid, maps.heads[layer].barycentric(), state.heads, columns=False)
-        if module in ("self_attn.k_proj", "self_attn.v_proj"):
-            return _by_heads(weight @ resid, maps.kv[layer], state.kv_heads, columns=False)
-        if module == "self_attn.o_proj":
-            return resid.T @ _by_heads(weight, maps.heads[layer].barycentric(), state.heads, columns=True)
-        mlp = maps.mlp[layer].barycentric().to(weight.dtype)
-        if module == "mlp.down_proj":
-            return resid.T @ weight @ mlp
-        return mlp.T @ (weight @ resid)  # gate_proj, up_proj
+        mlp = maps.mlp[layer].barycentric().to(weight.dtype) if layer is not None else None
+        heads = maps.heads[layer].barycentric() if layer is not None else None
+        matrix = _as_matrix(weight, role)
+        rows = []
+        for space, part in _parts(matrix, role, state):
+            if space == "resid":
+                part = resid.T @ part
+            elif space == "q":
+                part = _by_heads(part, heads, state.heads, columns=False)  # type: ignore[arg-type]
+            elif space == "kv":
+                part = _by_heads(part, maps.kv[layer], state.kv_heads, columns=False)  # type: ignore[index]
+            elif space == "mlp":
+                part = mlp.T @ part  # type: ignore[union-attr]
+            rows.append(part)
+        matrix = torch.cat(rows) if len(rows) > 1 else rows[0]
+        if role.inp == "resid":
+            matrix = matrix @ resid
+        elif role.inp == "heads":
+            matrix = _by_heads(matrix, heads, state.heads, columns=True)  # type: ignore[arg-type]
+        elif role.inp == "mlp":
+            matrix = matrix @ mlp
+        if weight.ndim == 1:
+            return matrix.reshape(-1)
+        return matrix.T.contiguous() if role.conv1d else matrix
 
     def write_extras(self, state: FusionState, folder: Path) -> list[Path]:
         """``ot_fusion/maps.safetensors`` (every plan, float32) and ``ot_fusion/report.json`` (solver

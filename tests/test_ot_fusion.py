@@ -8,6 +8,7 @@ with A′ must give A back, where plain averaging does not.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -153,17 +154,21 @@ def test_fusion_weights_and_a_zero_weight(tmp_path: Path, pair: dict[str, Path])
     assert all(torch.equal(fused[n], anchor[n]) for n in anchor)
 
 
-def test_unsupported_layouts_are_refused_by_name(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tensors, message", [
+    ({"gpt_neox.embed_in.weight": (16, 8), "gpt_neox.layers.0.attention.query_key_value.weight": (24, 8)}, "has none of their token embeddings"),
+    ({"model.embed_tokens.weight": (16, 8), "model.layers.0.self_attn.rotary.weight": (8, 8)}, "tensor 'model.layers.0.self_attn.rotary.weight' has no place in the llama layout"),
+])
+def test_unsupported_layouts_are_refused_by_name(tmp_path: Path, tensors: dict[str, tuple[int, int]], message: str) -> None:
     from workbench.errors import RecipeError
 
     folders = []
     for name in ("x", "y"):
         folder = tmp_path / name
         folder.mkdir()
-        save_file({"transformer.h.0.attn.c_attn.weight": torch.randn(8, 24), "transformer.wte.weight": torch.randn(16, 8)}, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "num_attention_heads": 2, "num_hidden_layers": 1, "hidden_size": 8}))
+        save_file({key: torch.randn(shape) for key, shape in tensors.items()}, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps({"num_attention_heads": 2, "num_hidden_layers": 1, "hidden_size": 8}))
         folders.append(folder)
-    with pytest.raises(RecipeError, match=r"tensor 'transformer\.h\.0\.attn\.c_attn\.weight' is not one of them"):
+    with pytest.raises(RecipeError, match=re.escape(message)):
         merge(tmp_path, f"method: ot_fusion\nmodels: [{q(folders[0])}, {q(folders[1])}]\n")
     assert not (tmp_path / "out").exists()
 

@@ -1,0 +1,140 @@
+"""ot_fusion on GPT-2 (fused c_attn, Conv1D layout, LayerNorm with bias) and BERT (post-LN, biases).
+
+As for Llama: A′ is A with residual dimensions, heads and MLP units permuted consistently (the
+permutations are written out here per architecture, independently of the plugin's layout tables);
+A′ computes the same function, fusing A with A′ by EMD gives A back, averaging does not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from merging import load_dir, merge, q
+
+transformers = pytest.importorskip("transformers")
+
+HIDDEN, HEADS, INTER, LAYERS, VOCAB = 32, 4, 48, 2, 64
+HEAD_DIM = HIDDEN // HEADS
+
+
+def head_rows(order: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.arange(h * HEAD_DIM, (h + 1) * HEAD_DIM) for h in order])
+
+
+def permute_gpt2(state: dict[str, torch.Tensor], g: torch.Generator) -> dict[str, torch.Tensor]:
+    resid = torch.randperm(HIDDEN, generator=g)
+    out = {}
+    for name, w in state.items():
+        if name in ("transformer.wte.weight", "transformer.wpe.weight"):
+            w = w[:, resid]
+        elif ".ln_" in name:
+            w = w[resid]
+        out[name] = w
+    for layer in range(LAYERS):
+        p = f"transformer.h.{layer}."
+        heads, units = head_rows(torch.randperm(HEADS, generator=g)), torch.randperm(INTER, generator=g)
+        qkv = torch.cat([heads, heads + HIDDEN, heads + 2 * HIDDEN])  # the same head order in q, k and v
+        out[p + "attn.c_attn.weight"] = state[p + "attn.c_attn.weight"][resid][:, qkv]  # Conv1D: (in, out)
+        out[p + "attn.c_attn.bias"] = state[p + "attn.c_attn.bias"][qkv]
+        out[p + "attn.c_proj.weight"] = state[p + "attn.c_proj.weight"][heads][:, resid]
+        out[p + "attn.c_proj.bias"] = state[p + "attn.c_proj.bias"][resid]
+        out[p + "mlp.c_fc.weight"] = state[p + "mlp.c_fc.weight"][resid][:, units]
+        out[p + "mlp.c_fc.bias"] = state[p + "mlp.c_fc.bias"][units]
+        out[p + "mlp.c_proj.weight"] = state[p + "mlp.c_proj.weight"][units][:, resid]
+        out[p + "mlp.c_proj.bias"] = state[p + "mlp.c_proj.bias"][resid]
+    return out
+
+
+def permute_bert(state: dict[str, torch.Tensor], g: torch.Generator) -> dict[str, torch.Tensor]:
+    resid = torch.randperm(HIDDEN, generator=g)
+    out = {}
+    for name, w in state.items():
+        if name.endswith("_embeddings.weight"):
+            w = w[:, resid]
+        elif "LayerNorm" in name:
+            w = w[resid]
+        elif name == "cls.predictions.transform.dense.weight":
+            w = w[resid][:, resid]
+        elif name == "cls.predictions.transform.dense.bias":
+            w = w[resid]
+        out[name] = w
+    for layer in range(LAYERS):
+        p = f"bert.encoder.layer.{layer}."
+        heads, units = head_rows(torch.randperm(HEADS, generator=g)), torch.randperm(INTER, generator=g)
+        for part in ("query", "key", "value"):
+            out[p + f"attention.self.{part}.weight"] = state[p + f"attention.self.{part}.weight"][heads][:, resid]
+            out[p + f"attention.self.{part}.bias"] = state[p + f"attention.self.{part}.bias"][heads]
+        out[p + "attention.output.dense.weight"] = state[p + "attention.output.dense.weight"][resid][:, heads]
+        out[p + "attention.output.dense.bias"] = state[p + "attention.output.dense.bias"][resid]
+        out[p + "intermediate.dense.weight"] = state[p + "intermediate.dense.weight"][units][:, resid]
+        out[p + "intermediate.dense.bias"] = state[p + "intermediate.dense.bias"][units]
+        out[p + "output.dense.weight"] = state[p + "output.dense.weight"][resid][:, units]
+        out[p + "output.dense.bias"] = state[p + "output.dense.bias"][resid]
+    return out
+
+
+ARCHITECTURES: dict[str, tuple[Callable[[], Any], Callable[[dict[str, torch.Tensor], torch.Generator], dict[str, torch.Tensor]]]] = {
+    "gpt2": (
+        lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INTER, bos_token_id=0, eos_token_id=0)),
+        permute_gpt2,
+    ),
+    "bert": (
+        lambda: transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=INTER, max_position_embeddings=32)),
+        permute_bert,
+    ),
+}
+
+
+def _logits(folder: Path, arch: str) -> torch.Tensor:
+    auto = transformers.AutoModelForCausalLM if arch == "gpt2" else transformers.AutoModelForMaskedLM
+    model = auto.from_pretrained(folder).eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([[1, 7, 3, 9, 12, 5]])).logits
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
+    arch = request.param
+    build, permute = ARCHITECTURES[arch]
+    root = tmp_path_factory.mktemp(arch)
+    torch.manual_seed(0)
+    model = build()
+    with torch.no_grad():
+        for param in model.parameters():  # norms and biases that differ per unit
+            if param.ndim == 1:
+                param.add_(0.3 * torch.randn_like(param))
+    model.save_pretrained(root / "a")
+    permuted = permute(load_file(root / "a" / "model.safetensors"), torch.Generator().manual_seed(1))
+    (root / "b").mkdir()
+    save_file(permuted, str(root / "b" / "model.safetensors"), metadata={"format": "pt"})
+    (root / "b" / "config.json").write_text((root / "a" / "config.json").read_text())
+    return arch, root / "a", root / "b"
+
+
+def test_the_permuted_copy_computes_the_same_function(pair: tuple[str, Path, Path]) -> None:
+    arch, a, b = pair
+    torch.testing.assert_close(_logits(a, arch), _logits(b, arch), rtol=1e-4, atol=1e-5)
+
+
+def test_emd_fusion_returns_the_anchor_and_averaging_does_not(tmp_path: Path, pair: tuple[str, Path, Path]) -> None:
+    arch, a, b = pair
+    fused = merge(tmp_path, f"method: ot_fusion\nmodels: [{q(a)}, {q(b)}]\nparameters: {{solver: emd}}\n")
+    anchor = load_dir(a)
+    for name, tensor in anchor.items():
+        torch.testing.assert_close(fused[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    average = merge(tmp_path, f"method: linear\nmodels: [{q(a)}, {q(b)}]\n", name="average")
+    assert max(float((average[n] - anchor[n]).abs().max()) for n in anchor) > 0.05
+    torch.testing.assert_close(_logits(tmp_path / "out", arch), _logits(a, arch), rtol=1e-4, atol=1e-5)
+
+
+def test_activation_costs_are_refused_for_now(tmp_path: Path, pair: tuple[str, Path, Path]) -> None:
+    from workbench.errors import RecipeError
+
+    arch, a, b = pair
+    with pytest.raises(RecipeError, match=f"supports Llama-style models so far, not {arch}"):
+        merge(tmp_path, f"method: ot_fusion\nmodels: [{q(a)}, {q(b)}]\nparameters: {{cost: activations, data: {{text: x}}}}\n")
