@@ -8,7 +8,8 @@ matrix (each hidden dimension is a point whose coordinates are its values over t
 which the models share), and per layer one over attention heads (heads move whole, so rotary
 embeddings stay intact; a query head's cost includes its key/value group's, and the key/value
 map is the head map summed over groups, which keeps grouped-query attention and QKᵀ consistent)
-and one over the MLP's hidden units (gate and up rows together). ``apply`` maps each tensor into
+and one over the MLP's hidden units (the rows of every tensor that outputs to them, e.g. gate and
+up together; biases included). ``apply`` maps each tensor into
 the anchor's basis, W̃ = T_outᵀ W T_in with column-normalised (barycentric) maps, and takes the
 weighted average. The residual stream uses one map throughout, which is exact when the models
 differ by a consistent permutation (the residual connections force one basis).
@@ -50,7 +51,7 @@ class OTFusionParameters(MethodParameters):
 
 
 class OTFusionModelParameters(MethodParameters):
-    weight: float = Param(1.0, per_layer=False, description="Fusion weight of this model (normalised to sum 1; models[0] is the anchor).")
+    weight: float = Param(1.0, per_layer=False, description="Fusion weight of this model (the weights are normalised to sum 1).")
 
 
 @dataclass
