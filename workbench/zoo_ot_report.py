@@ -10,14 +10,13 @@ one-shot fusions often get many tokens right before they get whole answers right
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from workbench.recipe import EvaluatorSpec
 from workbench.registry import Registry
-from workbench.zoo_report import Log, read_manifest
+from workbench.zoo_report import Log, read_manifest, spread
 
 #: label -> ot_fusion parameters (None: the vanilla average). reg: the paper's best per cost type.
 FUSIONS: dict[str, dict[str, Any] | None] = {
@@ -83,9 +82,6 @@ def render_fusions(results: list[FusionResult]) -> list[str]:
     for label in results[0].rows:
         pairs = [r.rows[label] for r in results]
         cells = " | ".join(f"{a:.3f} / {t:.3f}" for a, t in pairs)
-        lines.append(f"| {label} | {cells} | {_spread([a for a, _ in pairs])} | {_spread([t for _, t in pairs])} |")
+        lines.append(f"| {label} | {cells} | {spread([a for a, _ in pairs])} | {spread([t for _, t in pairs])} |")
     return lines
 
-
-def _spread(values: list[float]) -> str:
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"

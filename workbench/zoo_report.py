@@ -157,7 +157,8 @@ def measure_zoo(scorer: ZooScorer, methods: tuple[GridMethod, ...] = METHODS, lo
     return result
 
 
-def _spread(values: list[float]) -> str:
+def spread(values: list[float]) -> str:
+    """'mean ± sd' over zoo seeds (the mean alone for one seed)."""
     mean = statistics.fmean(values)
     return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
 
@@ -190,7 +191,7 @@ def _comparison_table(results: list[ZooResult], methods: tuple[GridMethod, ...])
         "|---|---|" + "---|" * (len(seeds) + 1),
     ]
     average = [r.normalised(r.average.test, "test") for r in results]
-    lines.append("| uniform average (linear) | none | " + " | ".join(f"{v:.3f}" for v in average) + f" | {_spread(average)} |")
+    lines.append("| uniform average (linear) | none | " + " | ".join(f"{v:.3f}" for v in average) + f" | {spread(average)} |")
     for method in methods:
         cells, values = [], []
         for r in results:
@@ -198,7 +199,7 @@ def _comparison_table(results: list[ZooResult], methods: tuple[GridMethod, ...])
             values.append(r.normalised(scored.test, "test"))
             cells.append(f"{values[-1]:.3f} ({method.knob} = {value})")
         grid = ", ".join(f"{v:g}" for v in method.grid)
-        lines.append(f"| {method.label} | {method.knob} ∈ {{{grid}}} | " + " | ".join(cells) + f" | {_spread(values)} |")
+        lines.append(f"| {method.label} | {method.knob} ∈ {{{grid}}} | " + " | ".join(cells) + f" | {spread(values)} |")
     return lines
 
 
@@ -212,7 +213,7 @@ def _grid_table(results: list[ZooResult], methods: tuple[GridMethod, ...]) -> li
         for value in method.grid:
             tests = [r.normalised(r.grid[method.label][value].test, "test") for r in results]
             cells = [f"{r.normalised(r.grid[method.label][value].validation, 'validation'):.3f} / {t:.3f}" for r, t in zip(results, tests)]
-            lines.append(f"| {method.label} | {method.knob} = {value} | " + " | ".join(cells) + f" | {_spread(tests)} |")
+            lines.append(f"| {method.label} | {method.knob} = {value} | " + " | ".join(cells) + f" | {spread(tests)} |")
     return lines
 
 

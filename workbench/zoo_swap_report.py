@@ -10,13 +10,12 @@ configuration is also chosen on the validation split, like the other methods' hy
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from workbench.registry import Registry
-from workbench.zoo_report import Log, Scored, ZooScorer
+from workbench.zoo_report import Log, Scored, ZooScorer, spread
 
 TASKS = ["math_b", "math", "text_b"]  # the target, then the two skills it combines
 TARGET = "math_b"
@@ -70,9 +69,6 @@ def measure_swaps(zoo_dir: Path, registry: Registry, n: int, seed: int, log: Log
     return result
 
 
-def _spread(values: list[float]) -> str:
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
-
 
 def render_swaps(results: list[SwapResult]) -> list[str]:
     seeds = [r.seed for r in results]
@@ -90,8 +86,8 @@ def render_swaps(results: list[SwapResult]) -> list[str]:
     ]
     for label in results[0].rows:
         cells = [" / ".join(f"{r.rows[label].test[t]:.3f}" for t in TASKS) for r in results]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_spread([r.rows[label].test[TARGET] for r in results])} |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {spread([r.rows[label].test[TARGET] for r in results])} |")
     chosen = [r.chosen_swap() for r in results]
     cells = [f"{r.rows[c].test[TARGET]:.3f} ({c.removeprefix('layer swap, ')})" for r, c in zip(results, chosen)]
-    lines.append("| layer swap, chosen on validation | " + " | ".join(cells) + f" | {_spread([r.rows[c].test[TARGET] for r, c in zip(results, chosen)])} |")
+    lines.append("| layer swap, chosen on validation | " + " | ".join(cells) + f" | {spread([r.rows[c].test[TARGET] for r, c in zip(results, chosen)])} |")
     return lines
