@@ -1,14 +1,24 @@
-"""Shared fixtures: tiny models generated here (never downloaded), the registry, a CLI runner."""
+"""Shared fixtures: tiny models generated here (never downloaded) and their tensors, the registry, a CLI
+runner, and fake third-party plugins for the registry tests."""
 
 from __future__ import annotations
 
+import importlib
+import json
+import sys
+import textwrap
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
+import workbench.registry as registry_module
 from workbench.registry import Registry, load_registry
 from workbench.synthetic import write_family
+from merging import load_dir
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,6 +34,20 @@ def tiny_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"base": base, "ft1": ft1, "ft2": ft2}
 
 
+@pytest.fixture(scope="module")
+def weights(tiny_family: dict[str, Path]) -> dict[str, dict[str, torch.Tensor]]:
+    """Every tensor of ``tiny_family``, read back with safetensors, by model key."""
+    return {key: load_dir(path) for key, path in tiny_family.items()}
+
+
+@pytest.fixture(scope="module")
+def layers(tiny_family: dict[str, Path]) -> int:
+    """The number of layers of ``tiny_family``."""
+    count = int(json.loads((tiny_family["base"] / "config.json").read_text())["num_hidden_layers"])
+    assert count >= 3, "the gradient tests need at least three layers"
+    return count
+
+
 @pytest.fixture(scope="session")
 def registry() -> Registry:
     return load_registry()
@@ -32,3 +56,45 @@ def registry() -> Registry:
 @pytest.fixture
 def cli() -> CliRunner:
     return CliRunner()
+
+
+@pytest.fixture
+def make_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., str]]:
+    """Create a fake installed distribution with one ``workbench.plugins`` entry point.
+
+    Returns the plugin's module name. The folder is put on ``sys.path`` first, like a package
+    installed in an earlier site directory.
+    """
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    modules: list[str] = []
+
+    def make(package: str, entry_point: str, source: str, version: str = "0.1") -> str:
+        module = f"wb_test_plugin_{entry_point}_{uuid.uuid4().hex[:8]}"
+        dist_info = site / f"{package.replace('-', '_')}-{version}.dist-info"
+        dist_info.mkdir()
+        (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n")
+        (dist_info / "entry_points.txt").write_text(f"[workbench.plugins]\n{entry_point} = {module}\n")
+        (site / f"{module}.py").write_text(textwrap.dedent(source))
+        modules.append(module)
+        importlib.invalidate_caches()
+        return module
+
+    yield make
+    for module in modules:
+        sys.modules.pop(module, None)
+    importlib.invalidate_caches()
+
+
+@pytest.fixture
+def fresh_cli_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the CLI load the registry again (it caches one per process); restored afterwards."""
+    monkeypatch.setattr(registry_module, "_cached", None)
+
+
+@pytest.fixture
+def _no_plugin_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No allow or block list from the environment (the registry test modules use it for every test)."""
+    monkeypatch.delenv("WORKBENCH_PLUGINS", raising=False)
+    monkeypatch.delenv("WORKBENCH_DISABLE_PLUGINS", raising=False)

@@ -1,5 +1,5 @@
-"""The plugin registry: discovery through entry points, provenance, validation, allow/block lists,
-the ``workbench methods`` listing, hook documentation and lazy torch import.
+"""The plugin registry: discovery through entry points, provenance and validation of third-party
+plugins (allow/block lists, the listing, hooks and lazy torch import: test_registry_listing.py).
 
 Third-party plugins are simulated without installing anything: a ``<name>.dist-info`` folder
 (METADATA + entry_points.txt) and a plugin module in a temporary folder put on ``sys.path``, which is
@@ -9,15 +9,11 @@ exactly what ``importlib.metadata`` finds for an installed package.
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
-import re
-import subprocess
 import sys
 import textwrap
 import uuid
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 import torch
@@ -25,107 +21,17 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import workbench.registry as registry_module
-from workbench import hookspecs
 from workbench.cli import main
 from workbench.engine import run_recipe
 from workbench.recipe import parse_recipe
 from workbench.registry import load_registry
+from plugin_fixtures import BUILTIN_METHODS, CORE, FAKE_MAX, WIDE, MakePlugin, _rows
 
-REPO = Path(__file__).resolve().parent.parent
-WIDE = {"COLUMNS": "1000"}
-#: What the installed built-in plugins register, read before any fake plugin exists: the tests below
-#: check that a broken or clashing plugin leaves exactly this set in place.
-BUILTIN_METHODS = set(load_registry().methods)
-CORE = "merge-workbench"
-
-MakePlugin = Callable[..., str]
-
-
-@pytest.fixture
-def make_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MakePlugin]:
-    """Create a fake installed distribution with one ``workbench.plugins`` entry point.
-
-    Returns the plugin's module name. The folder is put on ``sys.path`` first, like a package
-    installed in an earlier site directory.
-    """
-    site = tmp_path / "site"
-    site.mkdir()
-    monkeypatch.syspath_prepend(str(site))
-    modules: list[str] = []
-
-    def make(package: str, entry_point: str, source: str, version: str = "0.1") -> str:
-        module = f"wb_test_plugin_{entry_point}_{uuid.uuid4().hex[:8]}"
-        dist_info = site / f"{package.replace('-', '_')}-{version}.dist-info"
-        dist_info.mkdir()
-        (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n")
-        (dist_info / "entry_points.txt").write_text(f"[workbench.plugins]\n{entry_point} = {module}\n")
-        (site / f"{module}.py").write_text(textwrap.dedent(source))
-        modules.append(module)
-        importlib.invalidate_caches()
-        return module
-
-    yield make
-    for module in modules:
-        sys.modules.pop(module, None)
-    importlib.invalidate_caches()
-
-
-@pytest.fixture
-def fresh_cli_registry(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the CLI load the registry again (it caches one per process); restored afterwards."""
-    monkeypatch.setattr(registry_module, "_cached", None)
-
-
-@pytest.fixture(autouse=True)
-def _no_plugin_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("WORKBENCH_PLUGINS", raising=False)
-    monkeypatch.delenv("WORKBENCH_DISABLE_PLUGINS", raising=False)
-
-
-FAKE_MAX = """
-    from workbench import hookimpl
-    from workbench.method import MergeMethod, MethodParameters, Param
-
-
-    class FakeMaxParameters(MethodParameters):
-        scale: float = Param(1.0, description="Multiply the elementwise maximum by this.")
-
-
-    class FakeMax(MergeMethod):
-        name = "fake_max"
-        summary = "Elementwise maximum of the models, scaled."
-        paper = "https://example.org/fake-max"
-        Parameters = FakeMaxParameters
-        base_model = "unused"
-        min_models = 2
-
-        def apply(self, tensors, base, params, model_params, ctx):
-            import torch
-
-            out = tensors[0].to(ctx.compute_dtype)
-            for t in tensors[1:]:
-                out = torch.maximum(out, t.to(ctx.compute_dtype))
-            return out * params.scale
-
-
-    @hookimpl
-    def register_methods(register):
-        register(FakeMax)
-"""
+pytestmark = pytest.mark.usefixtures("_no_plugin_env")
 
 
 def _linear_recipe_text(a: Path, b: Path) -> str:
     return f"method: linear\nmodels:\n  - {json.dumps(str(a))}\n  - {json.dumps(str(b))}\n"
-
-
-def _rows(output: str) -> dict[str, list[str]]:
-    """Table rows of a rich listing, keyed by first cell (cells are separated by 2+ spaces)."""
-    rows = {}
-    for line in output.splitlines():
-        cells = re.split(r"\s{2,}", line.strip())
-        if cells and cells[0]:
-            rows[cells[0]] = cells
-    return rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -435,148 +341,3 @@ def test_misspelled_hook_is_reported_and_the_plugin_skipped(make_plugin: MakePlu
     assert "fake_unused" not in registry.methods
     assert all(p.package != "workbench-typo" for p in registry.plugins)
     assert set(registry.methods) == BUILTIN_METHODS
-
-
-# ------------------------------------------------------------------------------------------------
-# (d) allow and block lists
-# ------------------------------------------------------------------------------------------------
-
-
-def test_workbench_plugins_loads_only_the_named_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WORKBENCH_PLUGINS", "linear")
-    registry = load_registry()
-    assert set(registry.methods) == {"linear"}
-    assert [p.name for p in registry.plugins] == ["linear"]
-    assert registry.formats == {} and registry.executors == {}
-
-
-def test_workbench_plugins_accepts_several_names_with_spaces(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WORKBENCH_PLUGINS", " slerp , safetensors ")
-    registry = load_registry()
-    assert set(registry.methods) == {"slerp"}
-    assert set(registry.formats) == {"safetensors"}
-
-
-def test_workbench_disable_plugins_blocks_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WORKBENCH_DISABLE_PLUGINS", "slerp")
-    registry = load_registry()
-    assert set(registry.methods) == BUILTIN_METHODS - {"slerp"}
-    assert "slerp" not in {p.name for p in registry.plugins}
-    assert set(registry.formats) == {"safetensors"} and set(registry.executors) == {"local"}
-
-
-def test_plugin_lists_accept_package_names(make_plugin: MakePlugin, monkeypatch: pytest.MonkeyPatch) -> None:
-    make_plugin("workbench-fake", "fake", FAKE_MAX)
-    monkeypatch.setenv("WORKBENCH_DISABLE_PLUGINS", "workbench-fake")
-    assert "fake_max" not in load_registry().methods
-    monkeypatch.delenv("WORKBENCH_DISABLE_PLUGINS")
-    monkeypatch.setenv("WORKBENCH_PLUGINS", "workbench-fake")
-    assert set(load_registry().methods) == {"fake_max"}
-
-
-def test_blocked_plugin_is_missing_from_the_cli(cli: CliRunner, fresh_cli_registry: None) -> None:
-    result = cli.invoke(main, ["methods"], env={**WIDE, "WORKBENCH_DISABLE_PLUGINS": "slerp"})
-    assert result.exit_code == 0, result.output
-    rows = _rows(result.output)
-    assert "linear" in rows and "task_arithmetic" in rows and "slerp" not in rows
-
-
-# ------------------------------------------------------------------------------------------------
-# (e) `workbench methods`
-# ------------------------------------------------------------------------------------------------
-
-EXPECTED_LISTING = {
-    "linear": (
-        "Weighted average of the models: sum(w_i * theta_i), divided by sum(w_i) when normalize is on.",
-        "https://arxiv.org/abs/2203.05482",
-    ),
-    "slerp": (
-        "Spherical interpolation of two models per tensor; linear where the tensors are nearly parallel.",
-        "https://dl.acm.org/doi/10.1145/325165.325242",
-    ),
-    "task_arithmetic": (
-        "base + lambda * sum(w_i * (theta_i - base)): add, scale or negate task vectors.",
-        "https://arxiv.org/abs/2212.04089",
-    ),
-}
-
-
-def test_methods_lists_builtins_with_plugin_summary_and_paper(cli: CliRunner, fresh_cli_registry: None) -> None:
-    result = cli.invoke(main, ["methods"], env=WIDE)
-    assert result.exit_code == 0, result.output
-    rows = _rows(result.output)
-    assert rows["method"] == ["method", "plugin", "summary", "paper"]
-    for name, (summary, paper) in EXPECTED_LISTING.items():
-        assert rows[name] == [name, CORE, summary, paper]
-    lines = [line.split()[0] for line in result.output.splitlines()[1:] if line.strip()]
-    assert lines == sorted(lines)  # sorted by name
-
-
-def test_methods_shows_the_parameters_of_one_method(cli: CliRunner, fresh_cli_registry: None) -> None:
-    result = cli.invoke(main, ["methods", "task_arithmetic"], env=WIDE)
-    assert result.exit_code == 0, result.output
-    out = result.output
-    assert "task_arithmetic (plugin task_arithmetic, package merge-workbench)" in out
-    assert "paper: https://arxiv.org/abs/2212.04089" in out
-    assert "base model: required" in out
-    rows = _rows(out)
-    assert rows["parameter"] == ["parameter", "scope", "type", "default", "per-layer", "description"]
-    assert rows["lambda"] == ["lambda", "global", "float", "1.0", "yes", "lambda: scale of the summed task vectors."]
-    assert rows["normalize"] == ["normalize", "global", "bool", "False", "no", "Divide the weights by their sum."]
-    assert rows["weight"] == ["weight", "per-model", "float", "1.0", "yes", "Weight of this model's task vector."]
-
-
-def test_methods_shows_required_parameters(cli: CliRunner, fresh_cli_registry: None) -> None:
-    result = cli.invoke(main, ["methods", "slerp"], env=WIDE)
-    assert result.exit_code == 0, result.output
-    assert _rows(result.output)["t"] == ["t", "global", "float", "(required)", "yes", "Position between models[0] (t=0) and models[1] (t=1)."]
-    assert "models: 2..2" in result.output
-
-
-def test_methods_with_an_unknown_name_suggests_one(cli: CliRunner, fresh_cli_registry: None) -> None:
-    result = cli.invoke(main, ["methods", "slrep"], env=WIDE)
-    assert result.exit_code == 2
-    assert "unknown method 'slrep'" in result.output and "Did you mean 'slerp'?" in result.output
-
-
-# ------------------------------------------------------------------------------------------------
-# (f) hook documentation, (g) no torch at start-up
-# ------------------------------------------------------------------------------------------------
-
-
-def test_every_hook_has_a_docstring() -> None:
-    marker = f"{hookspecs.hookspec.project_name}_spec"
-    hooks = {name: obj for name, obj in vars(hookspecs).items() if inspect.isfunction(obj) and hasattr(obj, marker)}
-    assert {"register_methods", "register_formats", "register_executors"} <= set(hooks)
-    for name, hook in hooks.items():
-        doc = inspect.getdoc(hook)
-        assert doc and len(doc.split()) >= 10, f"hook {name} has no real docstring"
-        assert "register(" in doc, f"hook {name} does not say how to call register"
-
-
-def _python(code: str) -> str:
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip().splitlines()[-1]
-
-
-def test_loading_the_registry_does_not_import_torch() -> None:
-    code = "import sys, workbench.registry as r; reg = r.load_registry(); assert reg.methods; print('torch' in sys.modules)"
-    assert _python(code) == "False"
-
-
-def test_listing_methods_does_not_import_torch() -> None:
-    code = (
-        "import sys\n"
-        "from click.testing import CliRunner\n"
-        "from workbench.cli import main\n"
-        "r = CliRunner().invoke(main, ['methods', 'task_arithmetic'])\n"
-        "assert r.exit_code == 0, r.output\n"
-        "print('torch' in sys.modules)\n"
-    )
-    assert _python(code) == "False"
-
-
-def test_the_subprocess_check_would_see_torch() -> None:
-    """Guard for the two tests above: the same check reports True once torch is imported."""
-    assert _python("import sys, torch, workbench.registry as r; r.load_registry(); print('torch' in sys.modules)") == "True"

@@ -12,10 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -26,12 +24,10 @@ from workbench.engine import run_recipe
 from workbench.errors import RecipeError
 from workbench.method import TensorContext
 from workbench.recipe import parse_recipe
-from merging import load_dir, merge, q
+from merging import BF16_HALF_ULP, gradient, layer_t, merge, q
 
 METHODS = ["ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"]
 CONSENSUS = {"ties": True, "dare_ties": True, "breadcrumbs_ties": True, "dare_linear": False, "breadcrumbs": False}
-BF16_HALF_ULP = 2.0**-8
-LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 # --------------------------------------------------------------------------------------------------
 # Helpers (independent of the code under test)
@@ -40,15 +36,6 @@ LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 def entries(models: list[tuple[Path, str]]) -> str:
     return "\n".join(f"  - model: {q(path)}\n    parameters: {params}" for path, params in models)
-
-
-def layer_t(name: str, layers: int) -> float:
-    m = LAYER.match(name)
-    return int(m[1]) / (layers - 1) if m else 0.0
-
-
-def gradient(anchors: list[float], t: float) -> float:
-    return float(np.interp(t, np.linspace(0.0, 1.0, len(anchors)), anchors))
 
 
 def sha_seed(text: str) -> int:
@@ -145,16 +132,6 @@ def apply(method: str, base: torch.Tensor, xs: list[torch.Tensor], params: dict,
     p = m.Parameters.model_validate(params)
     mps = [m.ModelParameters.model_validate(mp) for mp in model_params]
     return m.apply(xs, base, p, mps, ctx_for(tuple(base.shape), **ctx))
-
-
-@pytest.fixture(scope="module")
-def weights(tiny_family: dict[str, Path]) -> dict[str, dict[str, torch.Tensor]]:
-    return {key: load_dir(path) for key, path in tiny_family.items()}
-
-
-@pytest.fixture(scope="module")
-def layers(tiny_family: dict[str, Path]) -> int:
-    return int(json.loads((tiny_family["base"] / "config.json").read_text())["num_hidden_layers"])
 
 
 @pytest.fixture
