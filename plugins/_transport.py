@@ -11,6 +11,7 @@ uniform EMD has a permutation among its optimal plans, which an assignment solve
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -36,9 +37,11 @@ class Transport:
     solver: str  # 'assignment', 'emd' or 'sinkhorn'
     cost: float  # <plan, ground cost>: 0 when the points match exactly
 
+    @cached_property
     def barycentric(self) -> torch.Tensor:
         """The plan with every column summing to 1: column j averages the points mapped to anchor
-        point j (a permutation matrix for a hard square plan)."""
+        point j (a permutation matrix for a hard square plan). Computed once: every tensor of a
+        layer uses it."""
         columns = self.plan.sum(axis=0, keepdims=True)
         return torch.from_numpy(self.plan / np.where(columns > 0, columns, 1.0))
 

@@ -92,7 +92,7 @@ def _heads_map(q_a: "torch.Tensor", q_b: "torch.Tensor", kv_a: "torch.Tensor", k
     plan = transport(cost, params.solver, params.reg)
     summed = plan.plan.reshape(kv_heads, group, kv_heads, group).sum(axis=(1, 3))
     kv_plan = Transport(summed, plan.solver, plan.cost)
-    return plan, kv_plan.barycentric()
+    return plan, kv_plan.barycentric
 
 
 LayerFeatures = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor"]
@@ -231,7 +231,7 @@ class OTFusion(MergeMethod):
             embed_a, embed_b = model.read(embedding), anchor.read(embedding)
             resid = transport(ground_cost(embed_a.T, embed_b.T), params.solver, params.reg)
         maps = ModelMaps(resid)
-        resid_map = resid.barycentric()
+        resid_map = resid.barycentric
         for layer in range(layers):
             if anchor_acts is not None:
                 features = (acts.query[layer], anchor_acts.query[layer], acts.key_value[layer], anchor_acts.key_value[layer], acts.mlp[layer], anchor_acts.mlp[layer])
@@ -260,9 +260,9 @@ class OTFusion(MergeMethod):
         import torch
 
         layer, role = state.layout.role(name)  # type: ignore[misc]  # prepare checked every float tensor
-        resid = maps.resid.barycentric().to(weight.dtype)
-        mlp = maps.mlp[layer].barycentric().to(weight.dtype) if layer is not None else None
-        heads = maps.heads[layer].barycentric() if layer is not None else None
+        resid = maps.resid.barycentric.to(weight.dtype)
+        mlp = maps.mlp[layer].barycentric.to(weight.dtype) if layer is not None else None
+        heads = maps.heads[layer].barycentric if layer is not None else None
         matrix = _as_matrix(weight, role)
         rows = []
         for space, part in _parts(matrix, role, state):

@@ -203,7 +203,7 @@ def test_square_emd_is_the_permutation_and_large_reg_spreads_mass() -> None:
     expected[np.arange(6), order.numpy()] = 1 / 6
     np.testing.assert_allclose(plan.plan, expected)
     assert plan.solver == "assignment"
-    torch.testing.assert_close(plan.barycentric(), torch.from_numpy(expected * 6))
+    torch.testing.assert_close(plan.barycentric, torch.from_numpy(expected * 6))
     spread = transport(ground_cost(points[order], points), "sinkhorn", reg=1e4).plan
     np.testing.assert_allclose(spread, np.full((6, 6), 1 / 36), atol=1e-5)
 
