@@ -20,13 +20,25 @@ import torch
 Solver = Literal["emd", "sinkhorn"]
 
 
+#: Rows of ``points_a`` turned into distances at once: bounds the float64 temporaries of
+#: :func:`ground_cost` (wide MLPs have tens of thousands of units with thousands of features).
+COST_BLOCK = 1024
+
+
 def ground_cost(points_a: torch.Tensor, points_b: torch.Tensor) -> np.ndarray:
-    """Pairwise Euclidean distance of the L2-normalised rows, divided by its maximum (float64)."""
-    a = torch.nn.functional.normalize(points_a.double().reshape(points_a.shape[0], -1), dim=1)
-    b = torch.nn.functional.normalize(points_b.double().reshape(points_b.shape[0], -1), dim=1)
-    cost = torch.cdist(a, b).numpy()
+    """Pairwise Euclidean distance of the L2-normalised rows, divided by its maximum (float64).
+
+    Computed in float64 one block of ``points_a``'s rows at a time, into the result."""
+    a = points_a.reshape(points_a.shape[0], -1)
+    b = torch.nn.functional.normalize(points_b.reshape(points_b.shape[0], -1).double(), dim=1)
+    cost = np.empty((a.shape[0], b.shape[0]))
+    for start in range(0, a.shape[0], COST_BLOCK):
+        block = torch.nn.functional.normalize(a[start : start + COST_BLOCK].double(), dim=1)
+        cost[start : start + COST_BLOCK] = torch.cdist(block, b).numpy()
     peak = cost.max() if cost.size else 0.0
-    return cost / peak if peak > 0 else cost
+    if peak > 0:
+        cost /= peak
+    return cost
 
 
 @dataclass(frozen=True)
@@ -64,4 +76,5 @@ def transport(cost: np.ndarray, solver: Solver, reg: float = 0.06) -> Transport:
             plan, used = ot.emd(mu, nu, cost), "emd"
         else:
             plan, used = ot.sinkhorn(mu, nu, cost, reg), "sinkhorn"
-    return Transport(np.asarray(plan, dtype=np.float64), used, float((plan * cost).sum()))
+    plan = np.asarray(plan, dtype=np.float64)
+    return Transport(plan, used, float(np.einsum("ij,ij->", plan, cost)))

@@ -126,7 +126,7 @@ def _weight_features(a: "CheckpointReader", b: "CheckpointReader", layer: int, r
             if placed is None or placed[0] != layer or not reader.info(name).is_float:
                 continue
             role = placed[1]
-            matrix = _as_matrix(reader.read(name).double(), role)
+            matrix = _as_matrix(reader.read(name).float(), role)  # float32 features: ground_cost works in float64 per block
             if reader is a and role.inp == "resid":
                 matrix = matrix @ resid
             for space, part in _parts(matrix, role, state):
@@ -231,7 +231,7 @@ class OTFusion(MergeMethod):
             embed_a, embed_b = model.read(embedding), anchor.read(embedding)
             resid = transport(ground_cost(embed_a.T, embed_b.T), params.solver, params.reg)
         maps = ModelMaps(resid)
-        resid_map = resid.barycentric
+        resid_map = resid.barycentric.float()
         for layer in range(layers):
             if anchor_acts is not None:
                 features = (acts.query[layer], anchor_acts.query[layer], acts.key_value[layer], anchor_acts.key_value[layer], acts.mlp[layer], anchor_acts.mlp[layer])
