@@ -54,6 +54,7 @@ def main() -> None:
                 maps = state.maps[1]
                 used = sorted({maps.resid.solver, *(t.solver for t in maps.heads.values()), *(t.solver for t in maps.mlp.values())})
                 print(f"| {width} | {shape.intermediate_size} | {solver} | {seconds:.2f} | {', '.join(used)} |", flush=True)
+                del state, maps  # the next solver's run should not share memory with this one's maps
                 if seconds > args.limit:
                     slow.add(solver)
             for reader in readers:
