@@ -126,6 +126,8 @@ def _weight_features(a: "CheckpointReader", b: "CheckpointReader", layer: int, r
             if placed is None or placed[0] != layer or not reader.info(name).is_float:
                 continue
             role = placed[1]
+            if not any(space in rows for space in role.out):
+                continue  # outputs to the residual stream (o_proj, down_proj, norms): not a feature here
             matrix = _as_matrix(reader.read(name).float(), role)  # float32 features: ground_cost works in float64 per block
             if reader is a and role.inp == "resid":
                 matrix = matrix @ resid

@@ -25,7 +25,7 @@ from workbench.cli import main
 from workbench.engine import run_recipe
 from workbench.recipe import parse_recipe
 from workbench.registry import load_registry
-from plugin_fixtures import BUILTIN_METHODS, CORE, FAKE_MAX, WIDE, MakePlugin, _rows
+from plugin_helpers import BUILTIN_METHODS, CORE, FAKE_MAX, WIDE, MakePlugin, _rows
 
 pytestmark = pytest.mark.usefixtures("_no_plugin_env")
 

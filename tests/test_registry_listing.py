@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from workbench import hookspecs
 from workbench.cli import main
 from workbench.registry import load_registry
-from plugin_fixtures import BUILTIN_METHODS, CORE, FAKE_MAX, WIDE, MakePlugin, _rows
+from plugin_helpers import BUILTIN_METHODS, CORE, FAKE_MAX, WIDE, MakePlugin, _rows
 
 REPO = Path(__file__).resolve().parent.parent
 
