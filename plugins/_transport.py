@@ -45,7 +45,7 @@ def ground_cost(points_a: torch.Tensor, points_b: torch.Tensor) -> np.ndarray:
 class Transport:
     """A transport plan (n_a × n_b, uniform marginals) and how it was found."""
 
-    plan: np.ndarray
+    plan: np.ndarray  # float32
     solver: str  # 'assignment', 'emd' or 'sinkhorn'
     cost: float  # <plan, ground cost>: 0 when the points match exactly
 
@@ -54,8 +54,8 @@ class Transport:
         """The plan with every column summing to 1: column j averages the points mapped to anchor
         point j (a permutation matrix for a hard square plan). Computed once: every tensor of a
         layer uses it."""
-        columns = self.plan.sum(axis=0, keepdims=True)
-        return torch.from_numpy(self.plan / np.where(columns > 0, columns, 1.0))
+        columns = self.plan.sum(axis=0, keepdims=True, dtype=np.float64)
+        return torch.from_numpy((self.plan / np.where(columns > 0, columns, 1.0)).astype(np.float32))
 
 
 def transport(cost: np.ndarray, solver: Solver, reg: float = 0.06) -> Transport:
@@ -77,4 +77,5 @@ def transport(cost: np.ndarray, solver: Solver, reg: float = 0.06) -> Transport:
         else:
             plan, used = ot.sinkhorn(mu, nu, cost, reg), "sinkhorn"
     plan = np.asarray(plan, dtype=np.float64)
-    return Transport(plan, used, float(np.einsum("ij,ij->", plan, cost)))
+    # Kept in float32: a model holds a plan per layer and sublayer, n × n each (cost in float64).
+    return Transport(plan.astype(np.float32), used, float(np.einsum("ij,ij->", plan, cost)))

@@ -2,23 +2,22 @@
 residual stream to an anchor's, then average.
 
 Independently trained networks compute the same functions with their units in another order, so a
-plain average mixes unrelated units. ``prepare`` computes, per non-anchor model, transport maps
-from the weights (read one layer at a time): one for the residual stream, from the embedding
-matrix (each hidden dimension is a point whose coordinates are its values over the vocabulary,
-which the models share), and per layer one over attention heads (heads move whole, so rotary
-embeddings stay intact; a query head's cost includes its key/value group's, and the key/value
-map is the head map summed over groups, which keeps grouped-query attention and QKᵀ consistent)
-and one over the MLP's hidden units (the rows of every tensor that outputs to them, e.g. gate and
-up together; biases included). ``apply`` maps each tensor into
-the anchor's basis, W̃ = T_outᵀ W T_in with column-normalised (barycentric) maps, and takes the
-weighted average. The residual stream uses one map throughout, which is exact when the models
-differ by a consistent permutation (the residual connections force one basis).
+plain average mixes unrelated units. ``prepare`` computes, per non-anchor model and in the order
+the network computes, transport maps from the weights (read one layer at a time) or from
+activations: the residual stream's first map from the embedding matrix (each hidden dimension is a
+point whose coordinates are its values over the shared vocabulary); per layer one over attention
+heads (heads move whole, so rotary embeddings stay intact; a query head's cost includes its
+key/value group's, and the key/value map is the head map summed over groups, which keeps
+grouped-query attention and QKᵀ consistent), one over the MLP's hidden units, and, unless the
+residual policy is ``shared``, one per branch output with the stream's map after each residual
+join mixed from the two (the paper's residual policies). ``apply`` maps each tensor into the
+anchor's basis, W̃ = T_outᵀ W T_in with column-normalised (barycentric) maps, and takes the
+weighted average.
 
 Models may differ in hidden and intermediate width (heterogeneous fusion): the maps are then
 rectangular (exact EMD by POT, or Sinkhorn) and every model is mapped into the anchor's widths.
-Costs come from the weights (no data) or from activations on a bounded sample of inputs
-(``plugins/_activations.py``, Llama-style models only so far). Architectures are described in
-``plugins/_ot_layouts.py``: Llama-style decoders, GPT-2 and BERT.
+Architectures are described in ``plugins/_ot_layouts.py`` (Llama-style decoders, GPT-2, BERT),
+activations captured in ``plugins/_activations.py``.
 """
 
 from __future__ import annotations
@@ -41,6 +40,9 @@ if TYPE_CHECKING:  # torch (and POT) only load when a merge runs, not when plugi
     from workbench_plugins._ot_layouts import Layout, Role
     from workbench_plugins._transport import Transport
 
+ResidPolicy = Literal["shared", "only_resid", "no_resid", "mean", "weighted_scalar", "weighted_matrix"]
+
+
 class OTFusionParameters(MethodParameters):
     solver: Literal["emd", "sinkhorn"] = Param("sinkhorn", per_layer=False, description="'emd': exact, hard alignment (an assignment solver for square problems); 'sinkhorn': entropic, soft alignment (the paper's default for transformers).")
     reg: float = Param(0.06, gt=0.0, per_layer=False, description="Sinkhorn regularisation on the max-normalised cost (the paper's best for weight-based costs: 0.06).")
@@ -48,6 +50,7 @@ class OTFusionParameters(MethodParameters):
     data: dict[str, Any] | None = Param(None, per_layer=False, description="Inputs for cost 'activations': {evaluator: NAME, options: {...}} (the evaluator's data batches) or {text: FILE, seq_len: N} (cut with the anchor's tokenizer).")
     samples: int = Param(64, ge=1, per_layer=False, description="Sequences run through each model for cost 'activations' (bounds time and memory).")
     anchor: int = Param(0, ge=0, per_layer=False, description="Index of the model the others are aligned to (with models of different widths it must be 0: the output takes models[0]'s shapes).")
+    resid_policy: ResidPolicy = Param("shared", per_layer=False, description="Residual stream's map: 'shared' (one map throughout, branches included; exact for permuted copies) or the paper's per-sublayer policies after each residual join: 'only_resid' (keep the incoming map; branches get their own), 'no_resid' (the branch's), 'mean' (their mean), 'weighted_scalar' / 'weighted_matrix' (weighted by the anchor's mean |activation| of residual and branch, overall or per dimension; cost 'activations' only).")
 
 
 class OTFusionModelParameters(MethodParameters):
@@ -56,12 +59,30 @@ class OTFusionModelParameters(MethodParameters):
 
 @dataclass
 class ModelMaps:
-    """Transport maps of one model into the anchor's basis."""
+    """Transport maps of one model into the anchor's basis.
 
-    resid: Transport
+    ``stream`` holds the residual stream's map at every position: 2·l entering layer l, 2·l + 1
+    after its attention's residual join, 2·l + 2 leaving it (the last one: leaving the network).
+    With the ``shared`` policy every entry, and every branch map, is the same object."""
+
+    stream: list[Transport]
     heads: dict[int, Transport] = field(default_factory=dict)  # layer -> query-head map
     kv: dict[int, "torch.Tensor"] = field(default_factory=dict)  # layer -> barycentric key/value-head map
     mlp: dict[int, Transport] = field(default_factory=dict)  # layer -> hidden-unit map
+    attn_out: dict[int, Transport] = field(default_factory=dict)  # layer -> attention-output map
+    mlp_out: dict[int, Transport] = field(default_factory=dict)  # layer -> MLP-output map
+
+    def of(self, space: str, layer: int | None) -> Transport:
+        """The map of a residual-like or MLP space (not the head spaces, which move whole heads)."""
+        if space == "embed":
+            return self.stream[0]
+        if space == "final":
+            return self.stream[-1]
+        assert layer is not None, space
+        position = {"resid_in": 2 * layer, "resid_mid": 2 * layer + 1, "resid_out": 2 * layer + 2}.get(space)
+        if position is not None:
+            return self.stream[position]
+        return {"attn_out": self.attn_out, "mlp_out": self.mlp_out, "mlp": self.mlp}[space][layer]
 
 
 @dataclass
@@ -71,6 +92,7 @@ class FusionState:
     kv_heads: int
     head_dim: int
     anchor: int
+    policy: ResidPolicy
     maps: dict[int, ModelMaps]  # model index (not the anchor) -> maps
 
 
@@ -95,7 +117,29 @@ def _heads_map(q_a: "torch.Tensor", q_b: "torch.Tensor", kv_a: "torch.Tensor", k
     return plan, kv_plan.barycentric
 
 
-LayerFeatures = tuple["torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor", "torch.Tensor"]
+def _joined(resid: Transport, branch: Transport, policy: ResidPolicy, magnitudes: "tuple[torch.Tensor, torch.Tensor] | None") -> Transport:
+    """The stream's map after a residual join (Imfeld et al.'s residual policies): the map of the
+    residual entering the sublayer, the branch's, their mean, or their mean weighted by the
+    anchor's mean |activation| of residual and branch (one scalar, or one weight per dimension)."""
+    import numpy as np
+
+    from workbench_plugins._transport import Transport
+
+    if policy in ("shared", "only_resid"):
+        return resid
+    if policy == "no_resid":
+        return branch
+    if policy == "mean":
+        keep: Any = 0.5
+    else:
+        assert magnitudes is not None  # prepare refuses weighted policies without activations
+        resid_size, branch_size = (m.double().numpy() for m in magnitudes)
+        if policy == "weighted_scalar":
+            resid_size, branch_size = resid_size.mean(), branch_size.mean()
+        keep = resid_size / np.maximum(resid_size + branch_size, 1e-12)  # per anchor dimension: the plan's columns
+    plan = resid.plan * keep + branch.plan * (1 - keep)
+    share = float(np.mean(keep))
+    return Transport(plan.astype(resid.plan.dtype), policy, share * resid.cost + (1 - share) * branch.cost)
 
 
 def _as_matrix(weight: "torch.Tensor", role: "Role") -> "torch.Tensor":
@@ -113,39 +157,47 @@ def _parts(matrix: "torch.Tensor", role: "Role", state: FusionState) -> list[tup
     return list(zip(role.out, matrix.split([sizes[space] for space in role.out])))  # type: ignore[index]
 
 
-def _weight_features(a: "CheckpointReader", b: "CheckpointReader", layer: int, resid: "torch.Tensor", state: FusionState) -> LayerFeatures:
-    """(query heads, key/value heads, MLP units) of model a then anchor b, as the rows of every
-    tensor whose output lies in those spaces (biases included); a's residual inputs are first
-    mapped into the anchor's basis."""
-    groups = {"q": state.heads, "kv": state.kv_heads, "mlp": None}
-    features = []
-    for reader in (a, b):
-        rows: dict[str, list["torch.Tensor"]] = {"q": [], "kv": [], "mlp": []}
-        for name in reader.tensor_names():
-            placed = state.layout.role(name)
-            if placed is None or placed[0] != layer or not reader.info(name).is_float:
-                continue
-            role = placed[1]
-            if not any(space in rows for space in role.out):
-                continue  # outputs to the residual stream (o_proj, down_proj, norms): not a feature here
-            matrix = _as_matrix(reader.read(name).float(), role)  # float32 features: ground_cost works in float64 per block
-            if reader is a and role.inp == "resid":
-                matrix = matrix @ resid
-            for space, part in _parts(matrix, role, state):
-                if space in rows:
-                    count = groups[space]
-                    rows[space].append(part.reshape(count, -1) if count else part)
-        features.append(tuple(torch_cat(rows[space]) for space in ("q", "kv", "mlp")))
-    (qa, kva, ma), (qb, kvb, mb) = features
-    return qa, qb, kva, kvb, ma, mb
+def _inputs_aligned(matrix: "torch.Tensor", role: "Role", layer: int | None, maps: ModelMaps, state: FusionState) -> "torch.Tensor":
+    """W · T_in: the matrix's input axis in the anchor's basis."""
+    if role.inp is None:
+        return matrix
+    if role.inp == "heads":
+        return _by_heads(matrix, maps.heads[layer].barycentric, state.heads, columns=True)  # type: ignore[index]
+    return matrix @ maps.of(role.inp, layer).barycentric.to(matrix.dtype)
 
 
-def _layer_maps(features: LayerFeatures, state: FusionState, params: OTFusionParameters) -> tuple["Transport", "torch.Tensor", "Transport"]:
-    from workbench_plugins._transport import ground_cost, transport
+def _output_aligned(part: "torch.Tensor", space: str | None, layer: int | None, maps: ModelMaps, state: FusionState) -> "torch.Tensor":
+    """T_outᵀ · W: one part of the matrix's output axis in the anchor's basis."""
+    if space is None:
+        return part
+    if space == "q":
+        return _by_heads(part, maps.heads[layer].barycentric, state.heads, columns=False)  # type: ignore[index]
+    if space == "kv":
+        return _by_heads(part, maps.kv[layer], state.kv_heads, columns=False)  # type: ignore[index]
+    return maps.of(space, layer).barycentric.to(part.dtype).T @ part
 
-    qa, qb, kva, kvb, ma, mb = features
-    heads, kv_map = _heads_map(qa, qb, kva, kvb, state.heads, state.kv_heads, params)
-    return heads, kv_map, transport(ground_cost(ma, mb), params.solver, params.reg)
+
+def _weight_rows(reader: "CheckpointReader", layer: int, spaces: tuple[str, ...], maps: ModelMaps | None, state: FusionState) -> list["torch.Tensor"]:
+    """Per space, the rows of every tensor of ``layer`` whose output lies in it (biases included):
+    the points of the weight-based cost. With ``maps`` (model a, not the anchor) the inputs are
+    first mapped into the anchor's basis by the maps found so far."""
+    groups = {"q": state.heads, "kv": state.kv_heads}
+    rows: dict[str, list["torch.Tensor"]] = {space: [] for space in spaces}
+    for name in reader.tensor_names():
+        placed = state.layout.role(name)
+        if placed is None or placed[0] != layer or not reader.info(name).is_float:
+            continue
+        role = placed[1]
+        if not any(space in rows for space in role.out):
+            continue
+        matrix = _as_matrix(reader.read(name).float(), role)  # float32 features: ground_cost works in float64 per block
+        if maps is not None:
+            matrix = _inputs_aligned(matrix, role, layer, maps, state)
+        for space, part in _parts(matrix, role, state):
+            if space in rows:
+                count = groups.get(space)  # type: ignore[arg-type]
+                rows[space].append(part.reshape(count, -1) if count else part)
+    return [torch_cat(rows[space]) for space in spaces]
 
 
 def torch_cat(parts: list["torch.Tensor"]) -> "torch.Tensor":
@@ -188,6 +240,8 @@ class OTFusion(MergeMethod):
         params = OTFusionParameters.model_validate(ctx.params)
         if params.anchor >= len(ctx.models):
             raise RecipeError(f"ot_fusion: anchor = {params.anchor}, but there are only {len(ctx.models)} models (0..{len(ctx.models) - 1}).")
+        if params.resid_policy.startswith("weighted") and params.cost != "activations":
+            raise RecipeError(f"ot_fusion: resid_policy '{params.resid_policy}' weighs by activations; it needs cost 'activations'.")
         anchor = ctx.models[params.anchor]
         layout = detect(list(ctx.tensor_names))
         for model in ctx.models:
@@ -196,50 +250,77 @@ class OTFusion(MergeMethod):
         widths = {tuple(model.info(name).shape for name in model.tensor_names()) for model in ctx.models}
         if params.anchor != 0 and len(widths) > 1:
             raise RecipeError("ot_fusion: the output takes models[0]'s shapes, so with models of different widths list the anchor first (anchor: 0).")
-        state = FusionState(layout, shape[1], shape[2], shape[3], params.anchor, {})
+        state = FusionState(layout, shape[1], shape[2], shape[3], params.anchor, params.resid_policy, {})
         anchor_acts = batches = None
         if params.cost == "activations":
-            if layout.name != "llama":
-                raise RecipeError(f"ot_fusion: cost 'activations' supports Llama-style models so far, not {layout.name}; use cost 'weights'.")
             from workbench_plugins._activations import capture, input_batches
 
             batches = input_batches(params.data or {}, params.samples, ctx.seed, anchor.path, ctx.extra["registry"])
-            anchor_acts = capture(anchor.path, batches, *shape[1:])
+            anchor_acts = capture(anchor.path, layout, batches, shape[1], shape[2])
         for index, model in enumerate(ctx.models):
             if index == params.anchor:
                 continue
             if dimensions(model.config()) != shape:
                 raise RecipeError(
                     f"ot_fusion: models[{index}] has {dimensions(model.config())} (layers, heads, key/value heads, head dim) where the anchor has"
-                    f" {shape}; models may differ in hidden and intermediate width only."
+                    f" {shape}; heads move whole, so models may differ only in hidden width (with the same heads and head dimension) and intermediate width."
                 )
             state.maps[index] = self._maps(model, anchor, anchor_acts, batches, shape[0], state, params)
         return state
 
     @staticmethod
     def _maps(model: "CheckpointReader", anchor: "CheckpointReader", anchor_acts: "Activations | None", batches: Any, layers: int, state: FusionState, params: OTFusionParameters) -> ModelMaps:
-        """The maps of one model into the anchor's basis, from weights or (with ``anchor_acts``) activations."""
+        """The maps of one model into the anchor's basis, layer by layer in the order the network
+        computes (each sublayer's inputs are aligned by the maps before it), from weights or
+        (with ``anchor_acts``) activations."""
         from workbench_plugins._transport import ground_cost, transport
 
+        def solve(a: "torch.Tensor", b: "torch.Tensor") -> Transport:
+            return transport(ground_cost(a, b), params.solver, params.reg)
+
+        shared = state.policy == "shared"
+        acts = None
         if anchor_acts is not None:
             from workbench_plugins._activations import capture
 
-            acts = capture(model.path, batches, state.heads, state.kv_heads, state.head_dim)
-            resid = transport(ground_cost(acts.resid, anchor_acts.resid), params.solver, params.reg)
+            acts = capture(model.path, state.layout, batches, state.heads, state.kv_heads)
+            stream = solve(acts.resid, anchor_acts.resid) if shared else solve(acts.embed, anchor_acts.embed)
         else:
             from workbench_plugins._ot_layouts import embedding_name
 
             embedding = embedding_name(state.layout, model.tensor_names())
-            embed_a, embed_b = model.read(embedding), anchor.read(embedding)
-            resid = transport(ground_cost(embed_a.T, embed_b.T), params.solver, params.reg)
-        maps = ModelMaps(resid)
-        resid_map = resid.barycentric.float()
-        for layer in range(layers):
-            if anchor_acts is not None:
-                features = (acts.query[layer], anchor_acts.query[layer], acts.key_value[layer], anchor_acts.key_value[layer], acts.mlp[layer], anchor_acts.mlp[layer])
+            stream = solve(model.read(embedding).T, anchor.read(embedding).T)
+        maps = ModelMaps([stream])
+
+        def join(layer: int, branch_space: str, resid_key: str) -> None:
+            """The branch's map (unless shared) and the stream's map after the join."""
+            resid = maps.stream[-1]
+            if shared:
+                branch = resid
+            elif acts is not None:
+                branch = solve(getattr(acts, branch_space)[layer], getattr(anchor_acts, branch_space)[layer])
             else:
-                features = _weight_features(model, anchor, layer, resid_map, state)
-            maps.heads[layer], maps.kv[layer], maps.mlp[layer] = _layer_maps(features, state, params)
+                [rows_a], [rows_b] = (_weight_rows(reader, layer, (branch_space,), m, state) for reader, m in ((model, maps), (anchor, None)))
+                branch = solve(rows_a, rows_b)
+            getattr(maps, branch_space)[layer] = branch
+            magnitudes = None
+            if anchor_acts is not None:
+                magnitudes = (anchor_acts.magnitude[f"{resid_key}.{layer}"], anchor_acts.magnitude[f"{'attn' if branch_space == 'attn_out' else 'mlp'}.{layer}"])
+            maps.stream.append(_joined(resid, branch, state.policy, magnitudes))
+
+        for layer in range(layers):
+            if acts is not None:
+                qa, qb, kva, kvb = acts.query[layer], anchor_acts.query[layer], acts.key_value[layer], anchor_acts.key_value[layer]  # type: ignore[union-attr]
+            else:
+                (qa, kva), (qb, kvb) = (_weight_rows(reader, layer, ("q", "kv"), m, state) for reader, m in ((model, maps), (anchor, None)))
+            maps.heads[layer], maps.kv[layer] = _heads_map(qa, qb, kva, kvb, state.heads, state.kv_heads, params)
+            join(layer, "attn_out", "in")
+            if acts is not None:
+                maps.mlp[layer] = solve(acts.mlp[layer], anchor_acts.mlp[layer])  # type: ignore[union-attr]
+            else:
+                [ma], [mb] = (_weight_rows(reader, layer, ("mlp",), m, state) for reader, m in ((model, maps), (anchor, None)))
+                maps.mlp[layer] = solve(ma, mb)
+            join(layer, "mlp_out", "mid")
         return maps
 
     def apply(self, tensors: list["torch.Tensor"], base: "torch.Tensor | None", params: OTFusionParameters, model_params: list[OTFusionModelParameters], ctx: TensorContext) -> "torch.Tensor":  # type: ignore[override]
@@ -262,28 +343,8 @@ class OTFusion(MergeMethod):
         import torch
 
         layer, role = state.layout.role(name)  # type: ignore[misc]  # prepare checked every float tensor
-        resid = maps.resid.barycentric.to(weight.dtype)
-        mlp = maps.mlp[layer].barycentric.to(weight.dtype) if layer is not None else None
-        heads = maps.heads[layer].barycentric if layer is not None else None
-        matrix = _as_matrix(weight, role)
-        rows = []
-        for space, part in _parts(matrix, role, state):
-            if space == "resid":
-                part = resid.T @ part
-            elif space == "q":
-                part = _by_heads(part, heads, state.heads, columns=False)  # type: ignore[arg-type]
-            elif space == "kv":
-                part = _by_heads(part, maps.kv[layer], state.kv_heads, columns=False)  # type: ignore[index]
-            elif space == "mlp":
-                part = mlp.T @ part  # type: ignore[union-attr]
-            rows.append(part)
-        matrix = torch.cat(rows) if len(rows) > 1 else rows[0]
-        if role.inp == "resid":
-            matrix = matrix @ resid
-        elif role.inp == "heads":
-            matrix = _by_heads(matrix, heads, state.heads, columns=True)  # type: ignore[arg-type]
-        elif role.inp == "mlp":
-            matrix = matrix @ mlp
+        rows = [_output_aligned(part, space, layer, maps, state) for space, part in _parts(_as_matrix(weight, role), role, state)]
+        matrix = _inputs_aligned(torch.cat(rows) if len(rows) > 1 else rows[0], role, layer, maps, state)
         if weight.ndim == 1:
             return matrix.reshape(-1)
         return matrix.T.contiguous() if role.conv1d else matrix
@@ -297,9 +358,13 @@ class OTFusion(MergeMethod):
         tensors: dict[str, torch.Tensor] = {}
         report: dict[str, Any] = {}
         for index, maps in state.maps.items():
-            entries = {"resid": maps.resid} | {f"layers.{i}.heads": t for i, t in maps.heads.items()} | {f"layers.{i}.mlp": t for i, t in maps.mlp.items()}
+            entries = {"resid": maps.stream[0]} | {f"layers.{i}.heads": t for i, t in maps.heads.items()} | {f"layers.{i}.mlp": t for i, t in maps.mlp.items()}
+            if state.policy != "shared":  # the stream's map after every join, and the branches'
+                for i in maps.attn_out:
+                    entries |= {f"layers.{i}.attn_out": maps.attn_out[i], f"layers.{i}.resid_mid": maps.stream[2 * i + 1]}
+                    entries |= {f"layers.{i}.mlp_out": maps.mlp_out[i], f"layers.{i}.resid_out": maps.stream[2 * i + 2]}
             for key, plan in entries.items():
-                tensors[f"models.{index}.{key}"] = torch.from_numpy(plan.plan).float().contiguous()
+                tensors[f"models.{index}.{key}"] = torch.tensor(plan.plan, dtype=torch.float32)  # a copy: maps may be shared (only_resid, no_resid)
                 report[f"models.{index}.{key}"] = {"solver": plan.solver, "cost": plan.cost, "shape": list(plan.plan.shape)}
         extras = folder / "ot_fusion"
         extras.mkdir()

@@ -96,3 +96,21 @@ def assert_bf16_close(out: torch.Tensor, expected: torch.Tensor, magnitude: torc
     assert not bool(bad.any()), (
         f"{name}: {int(bad.sum())} of {bad.numel()} elements off; worst excess {(diff - bound).max().item():.3g}"
     )
+
+
+def add_word_tokenizer(folder: Path, vocab: int) -> None:
+    """Save a word-level tokenizer (word ``w<i>`` is token i, no special tokens) into a model folder,
+    so that recipes can cut a text file into token sequences with it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(folder)
+
+
+def word_text(path: Path, vocab: int, words: int = 400, seed: int = 5) -> torch.Tensor:
+    """Write ``words`` random words of that tokenizer to ``path``; returns their token ids."""
+    ids = torch.randint(0, vocab, (words,), generator=torch.Generator().manual_seed(seed))
+    path.write_text(" ".join(f"w{i}" for i in ids.tolist()))
+    return ids

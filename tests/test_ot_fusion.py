@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merging import load_dir, merge, q
+from merging import add_word_tokenizer, load_dir, merge, q, word_text
 from workbench_plugins._transport import ground_cost, transport
 
 transformers = pytest.importorskip("transformers")
@@ -115,18 +115,13 @@ def text_pair(pair: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     """The same pair with a word-level tokenizer (word i is token i) and a text to run them on."""
     import shutil
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     root = tmp_path_factory.mktemp("ot_text")
-    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     out = {}
     for key in ("a", "b"):
         shutil.copytree(pair[key], root / key)
-        transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(root / key)
+        add_word_tokenizer(root / key, VOCAB)
         out[key] = root / key
-    words = torch.randint(0, VOCAB, (400,), generator=torch.Generator().manual_seed(5)).tolist()
-    (root / "text.txt").write_text(" ".join(f"w{i}" for i in words))
+    word_text(root / "text.txt", VOCAB)
     out["text"] = root / "text.txt"
     return out
 
@@ -203,7 +198,7 @@ def test_square_emd_is_the_permutation_and_large_reg_spreads_mass() -> None:
     expected[np.arange(6), order.numpy()] = 1 / 6
     np.testing.assert_allclose(plan.plan, expected)
     assert plan.solver == "assignment"
-    torch.testing.assert_close(plan.barycentric, torch.from_numpy(expected * 6))
+    torch.testing.assert_close(plan.barycentric, torch.from_numpy(expected * 6).float())
     spread = transport(ground_cost(points[order], points), "sinkhorn", reg=1e4).plan
     np.testing.assert_allclose(spread, np.full((6, 6), 1 / 36), atol=1e-5)
 
@@ -246,3 +241,89 @@ def test_three_models_and_the_anchor_choice(tmp_path: Path, pair: dict[str, Path
     expected = load_dir(pair["a"] if anchor == 0 else third)
     for name, tensor in expected.items():
         torch.testing.assert_close(fused[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Residual policies
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy, cost", [("only_resid", "weights"), ("no_resid", "weights"), ("mean", "weights"), ("mean", "activations"), ("weighted_scalar", "activations"), ("weighted_matrix", "activations")])
+def test_every_residual_policy_returns_the_anchor_for_a_permuted_copy(tmp_path: Path, text_pair: dict[str, Path], policy: str, cost: str) -> None:
+    """Every branch and join map of a permuted copy is the same permutation, so each policy is exact."""
+    params = f"{{solver: emd, resid_policy: {policy}, cost: {cost}, data: {{text: {q(text_pair['text'])}, seq_len: 16}}, samples: 12}}"
+    fused = merge(tmp_path, f"method: ot_fusion\nmodels: [{q(text_pair['a'])}, {q(text_pair['b'])}]\nparameters: {params}\n")
+    for name, tensor in load_dir(text_pair["a"]).items():
+        torch.testing.assert_close(fused[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    report = json.loads((tmp_path / "out" / "ot_fusion" / "report.json").read_text())
+    assert report["models.1.layers.1.mlp_out"]["cost"] == pytest.approx(0.0, abs=1e-6)
+    assert report["models.1.layers.1.resid_out"]["solver"] == ("assignment" if policy in ("only_resid", "no_resid") else policy)
+
+
+@pytest.fixture(scope="module")
+def strangers(text_pair: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The anchor and an independently initialised model of the same shape (no permutation relates them)."""
+    root = tmp_path_factory.mktemp("ot_strangers")
+    torch.manual_seed(9)
+    transformers.LlamaForCausalLM(_config()).save_pretrained(root / "c")
+    add_word_tokenizer(root / "c", VOCAB)
+    return {"a": text_pair["a"], "c": root / "c", "text": text_pair["text"]}
+
+
+def _maps_of(folder: Path) -> dict[str, np.ndarray]:
+    return {k.removeprefix("models.1."): v.double().numpy() for k, v in load_file(folder / "ot_fusion" / "maps.safetensors").items()}
+
+
+def test_mean_and_no_resid_join_the_stream_and_branch_maps(tmp_path: Path, strangers: dict[str, Path]) -> None:
+    models = f"[{q(strangers['a'])}, {q(strangers['c'])}]"
+    fused = {}
+    for policy in ("shared", "mean", "no_resid"):
+        fused[policy] = merge(tmp_path, f"method: ot_fusion\nmodels: {models}\nparameters: {{resid_policy: {policy}}}\n", name=policy)
+        if policy == "shared":
+            continue
+        maps = _maps_of(tmp_path / policy)
+        stream = maps["resid"]
+        for layer in range(LAYERS):
+            for branch, joined in (("attn_out", "resid_mid"), ("mlp_out", "resid_out")):
+                branch_map = maps[f"layers.{layer}.{branch}"]
+                expected = 0.5 * (stream + branch_map) if policy == "mean" else branch_map
+                np.testing.assert_allclose(maps[f"layers.{layer}.{joined}"], expected, rtol=1e-5, atol=1e-8)
+                stream = maps[f"layers.{layer}.{joined}"]
+        assert not np.allclose(maps["layers.0.resid_mid"], maps["resid"], atol=1e-4)  # the join moved the map
+    for policy in ("mean", "no_resid"):
+        assert any(not torch.allclose(fused[policy][n], fused["shared"][n], atol=1e-4) for n in fused["shared"])
+
+
+def test_weighted_matrix_weighs_each_dimension_by_the_anchors_activations(tmp_path: Path, strangers: dict[str, Path]) -> None:
+    """Column j of the joined plan is w_j·T_resid + (1 − w_j)·T_branch, w_j = m_resid / (m_resid + m_branch),
+    m the anchor's mean |activation| of residual dimension j (computed here with transformers hooks)."""
+    data = f"{{text: {q(strangers['text'])}, seq_len: 16}}"
+    recipe = f"method: ot_fusion\nmodels: [{q(strangers['a'])}, {q(strangers['c'])}]\nparameters: {{resid_policy: weighted_matrix, cost: activations, data: {data}, samples: 12}}\n"
+    merge(tmp_path, recipe)
+    ids = torch.tensor([int(word[1:]) for word in strangers["text"].read_text().split()])[: 12 * 16].reshape(12, 16)
+    model = transformers.LlamaForCausalLM.from_pretrained(strangers["a"]).eval()
+    seen: dict[str, torch.Tensor] = {}
+    for layer in range(LAYERS):
+        block = model.model.layers[layer]
+        block.self_attn.o_proj.register_forward_hook(lambda m, i, o, k=f"attn{layer}": seen.__setitem__(k, o))
+        block.mlp.down_proj.register_forward_hook(lambda m, i, o, k=f"mlp{layer}": seen.__setitem__(k, o))
+        block.post_attention_layernorm.register_forward_pre_hook(lambda m, i, k=f"mid{layer}": seen.__setitem__(k, i[0]))
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    maps = _maps_of(tmp_path / "out")
+    stream = maps["resid"]
+    for layer in range(LAYERS):
+        for branch, joined, resid_acts, branch_acts in (("attn_out", "resid_mid", hidden[layer], seen[f"attn{layer}"]), ("mlp_out", "resid_out", seen[f"mid{layer}"], seen[f"mlp{layer}"])):
+            m_resid = resid_acts.abs().mean(dim=(0, 1)).double().numpy()
+            m_branch = branch_acts.abs().mean(dim=(0, 1)).double().numpy()
+            w = m_resid / (m_resid + m_branch)
+            expected = stream * w + maps[f"layers.{layer}.{branch}"] * (1 - w)
+            np.testing.assert_allclose(maps[f"layers.{layer}.{joined}"], expected, rtol=1e-4, atol=1e-7)
+            stream = maps[f"layers.{layer}.{joined}"]
+
+
+def test_weighted_policies_need_activations(tmp_path: Path, pair: dict[str, Path]) -> None:
+    from workbench.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="resid_policy 'weighted_scalar' weighs by activations; it needs cost 'activations'"):
+        merge(tmp_path, f"method: ot_fusion\nmodels: [{q(pair['a'])}, {q(pair['b'])}]\nparameters: {{resid_policy: weighted_scalar}}\n")

@@ -2,11 +2,14 @@
 
 As for Llama: A′ is A with residual dimensions, heads and MLP units permuted consistently (the
 permutations are written out here per architecture, independently of the plugin's layout tables);
-A′ computes the same function, fusing A with A′ by EMD gives A back, averaging does not.
+A′ computes the same function, fusing A with A′ by EMD gives A back (from weights or from
+activations read off each architecture's modules), averaging does not. Heterogeneous fusion of a
+narrower MLP takes the anchor's shapes and runs.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merging import load_dir, merge, q
+from merging import add_word_tokenizer, load_dir, merge, q, word_text
 
 transformers = pytest.importorskip("transformers")
 
@@ -132,9 +135,60 @@ def test_emd_fusion_returns_the_anchor_and_averaging_does_not(tmp_path: Path, pa
     torch.testing.assert_close(_logits(tmp_path / "out", arch), _logits(a, arch), rtol=1e-4, atol=1e-5)
 
 
-def test_activation_costs_are_refused_for_now(tmp_path: Path, pair: tuple[str, Path, Path]) -> None:
-    from workbench.errors import RecipeError
+@pytest.fixture(scope="module")
+def text_pair(pair: tuple[str, Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path, Path]:
+    """The pair with a word-level tokenizer, and a text to run them on."""
+    import shutil
 
     arch, a, b = pair
-    with pytest.raises(RecipeError, match=f"supports Llama-style models so far, not {arch}"):
-        merge(tmp_path, f"method: ot_fusion\nmodels: [{q(a)}, {q(b)}]\nparameters: {{cost: activations, data: {{text: x}}}}\n")
+    root = tmp_path_factory.mktemp(f"{arch}_text")
+    for source in (a, b):
+        shutil.copytree(source, root / source.name)
+        add_word_tokenizer(root / source.name, VOCAB)
+    word_text(root / "text.txt", VOCAB)
+    return arch, root / "a", root / "b", root / "text.txt"
+
+
+@pytest.mark.parametrize("policy", ["shared", "mean", "weighted_matrix"])
+def test_activation_costs_return_the_anchor(tmp_path: Path, text_pair: tuple[str, Path, Path, Path], policy: str) -> None:
+    """Activations are read from the architecture's own modules (GPT-2's fused c_attn split into q, k, v)."""
+    arch, a, b, text = text_pair
+    params = f"{{solver: emd, cost: activations, resid_policy: {policy}, data: {{text: {q(text)}, seq_len: 16}}, samples: 12}}"
+    fused = merge(tmp_path, f"method: ot_fusion\nmodels: [{q(a)}, {q(b)}]\nparameters: {params}\n")
+    for name, tensor in load_dir(a).items():
+        torch.testing.assert_close(fused[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_heterogeneous_mlp_width_takes_the_anchors_shapes_and_runs(tmp_path: Path, pair: tuple[str, Path, Path]) -> None:
+    """A model with a narrower MLP (40 units) fused into the anchor (48): GPT-2 and BERT tie the head
+    dimension to the hidden width, so with heads moved whole only the MLP width may differ."""
+    arch, a, _ = pair
+    build, _ = ARCHITECTURES[arch]
+    torch.manual_seed(4)
+    model = build()
+    config = model.config
+    setattr(config, "n_inner" if arch == "gpt2" else "intermediate_size", 40)
+    narrow = tmp_path / "narrow"
+    type(model)(config).save_pretrained(narrow)
+    fused = merge(tmp_path, f"method: ot_fusion\nmodels: [{q(a)}, {q(narrow)}]\nparameters: {{solver: sinkhorn, resid_policy: mean}}\n")
+    anchor = load_dir(a)
+    assert {n: tuple(t.shape) for n, t in fused.items()} == {n: tuple(t.shape) for n, t in anchor.items()}
+    assert any(not torch.equal(fused[n], anchor[n]) for n in anchor)
+    maps = load_file(tmp_path / "out" / "ot_fusion" / "maps.safetensors")
+    assert tuple(maps["models.1.layers.0.mlp"].shape) == (40, 48)
+    logits = _logits(tmp_path / "out", arch)
+    assert logits.shape == (1, 6, VOCAB) and torch.isfinite(logits).all()
+
+
+def test_other_head_dimensions_are_refused(tmp_path: Path, pair: tuple[str, Path, Path]) -> None:
+    from workbench.errors import RecipeError
+
+    arch, a, _ = pair
+    build, _ = ARCHITECTURES[arch]
+    model = build()
+    config = model.config
+    setattr(config, "n_embd" if arch == "gpt2" else "hidden_size", 24)  # 4 heads of 6 dimensions, not 8
+    type(model)(config).save_pretrained(tmp_path / "narrow")
+    with pytest.raises(RecipeError, match=re.escape("has (2, 4, 4, 6) (layers, heads, key/value heads, head dim) where the anchor has (2, 4, 4, 8); heads move whole")):
+        merge(tmp_path, f"method: ot_fusion\nmodels: [{q(a)}, {q(tmp_path / 'narrow')}]\n")
+    assert not (tmp_path / "out").exists()

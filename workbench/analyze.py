@@ -48,7 +48,7 @@ import torch
 
 from workbench import architecture
 from workbench.architecture import TensorPlace
-from workbench.checkpoint.resolve import resolve_model
+from workbench.checkpoint.resolve import open_reference
 from workbench.errors import CheckpointError, WorkbenchError
 from workbench.progress import ProgressCallback, ProgressEvent
 
@@ -167,8 +167,7 @@ class _Tensor:
 
 def _open(registry: Registry, ref: str, label: str) -> tuple[Path, CheckpointReader]:
     try:
-        path = resolve_model(ref)
-        return path, registry.open_checkpoint(path)
+        return open_reference(registry, ref)
     except CheckpointError as exc:
         raise CheckpointError(f"{label}: {exc}") from None
 

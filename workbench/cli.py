@@ -305,10 +305,10 @@ def eval_command(model: str | None, names: tuple[str, ...], options: tuple[str, 
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path")
 @handle_errors
-def inspect(path: Path) -> None:
-    """Describe a checkpoint: architecture, layers, parameters, dtypes, shards."""
+def inspect(path: str) -> None:
+    """Describe a checkpoint (or BASE+ADAPTER): architecture, layers, parameters, dtypes, shards."""
     from collections import Counter
 
     from rich.table import Table
@@ -317,7 +317,9 @@ def inspect(path: Path) -> None:
 
     registry = _registry()
     console = _console()
-    with registry.open_checkpoint(path) as reader:
+    from workbench.checkpoint.resolve import open_reference
+
+    with open_reference(registry, path)[1] as reader:
         names = reader.tensor_names()
         infos = [reader.info(n) for n in names]
         config = reader.config()
@@ -467,6 +469,10 @@ def zoo_report(directories: tuple[Path, ...], out_file: Path, n: int, seed: int)
     text = write_report(list(directories), out_file, registry, n, seed, command, log=_console(stderr=True).print)
     _console().print(text)
 
+
+from workbench.cli_lora import lora  # noqa: E402  (its commands use the helpers above)
+
+main.add_command(lora)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections import deque
@@ -27,6 +26,7 @@ from workbench.checkpoint.sidecars import copy_config, copy_tokenizer
 from workbench.errors import OutputError, RecipeError, WorkbenchError
 from workbench.hub import card_text
 from workbench.method import MergeMethod, PrepareContext, TensorContext
+from workbench.output_folder import publish, start_partial
 from workbench.plan import CHUNK_ELEMENTS, MergePlan, PlannedTensor, build_plan
 from workbench.progress import ProgressCallback, ProgressEvent
 from workbench.recipe import Recipe, load_recipe
@@ -40,8 +40,6 @@ if TYPE_CHECKING:
 RECIPE_FILE = "workbench_recipe.yaml"
 #: Results waiting for the writer thread: absorbs bursts of slow page-cache writes.
 WRITE_QUEUE = 4
-#: Marks a folder as an unfinished output of ours, so that only such a folder is ever removed.
-PARTIAL_MARKER = ".workbench-partial"
 
 
 @dataclass
@@ -265,30 +263,6 @@ def _finish_folder(plan: MergePlan, partial: Path, recipe_yaml: str, title: str)
     return [partial / name for name in written] + [partial / RECIPE_FILE, partial / "README.md"]
 
 
-def _publish(partial: Path, out_dir: Path) -> None:
-    """Move the finished folder into place, replacing an old output only now that the new one is whole."""
-    (partial / PARTIAL_MARKER).unlink()
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        out_dir.rename(old)  # onto the empty folder mkdtemp made: a unique name nobody else uses
-        partial.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        partial.rename(out_dir)
-
-
-def _start_partial(out_dir: Path) -> Path:
-    """Create ``<out>.partial/``, replacing a leftover of an earlier run but never a user's folder."""
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    if partial.exists():
-        if not (partial / PARTIAL_MARKER).exists():
-            raise OutputError(f"{partial} exists and was not made by workbench; move it away, the merge writes there first.")
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    (partial / PARTIAL_MARKER).write_text("unfinished workbench output; safe to delete\n")
-    return partial
-
-
 def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executor: str = "local", prefetch: int = 2, on_progress: ProgressCallback | None = None) -> RunResult:
     """Run a plan whose output path has been checked."""
     if plan.out_dir is None:
@@ -296,7 +270,7 @@ def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executo
     out_dir = plan.out_dir
     device = resolve_device(device)
     executor_impl = registry.executor(executor)()
-    partial = _start_partial(out_dir)
+    partial = start_partial(out_dir)
     progress = _Progress(plan, on_progress)
     start = time.perf_counter()
     try:
@@ -315,7 +289,7 @@ def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executo
         files += method.write_extras(state, partial)
         resolved = plan.recipe.model_copy(update={"output": plan.recipe.output.model_copy(update={"path": str(out_dir)})})
         files += _finish_folder(plan, partial, resolved.to_yaml(), out_dir.name)
-        _publish(partial, out_dir)
+        publish(partial, out_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise

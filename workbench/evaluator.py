@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
-from workbench.errors import WorkbenchError
+from workbench.errors import CheckpointError, WorkbenchError
 from workbench.method import MethodParameters
 
 if TYPE_CHECKING:
@@ -88,11 +88,16 @@ def load_model(path: str | Path, tokenizer: bool = True) -> LoadedModel:
     """Load a causal LM with transformers, in float32 and eval mode.
 
     ``path`` is a Hugging Face model folder, a ``.gguf`` file (dequantised by transformers, which
-    needs the ``gguf`` and ``accelerate`` packages), or ``smollm2``.
+    needs the ``gguf`` and ``accelerate`` packages), or ``smollm2``, optionally with LoRA adapters
+    (``BASE+ADAPTER``, or an adapter folder alone), whose ΔW are added to the loaded weights.
     """
-    if str(path) == SMOLLM2:
-        path = smollm2_gguf()
-    path = Path(path)
+    from workbench.checkpoint.resolve import split_adapters
+
+    try:
+        reference, adapters = split_adapters(str(path))
+    except CheckpointError as exc:
+        raise EvaluationError(str(exc)) from None
+    path = smollm2_gguf() if reference == SMOLLM2 else Path(reference)
     gguf = path.suffix == ".gguf"
     folder = path.parent if gguf else path
     if not path.exists():
@@ -110,6 +115,14 @@ def load_model(path: str | Path, tokenizer: bool = True) -> LoadedModel:
     except Exception as exc:
         raise EvaluationError(f"transformers cannot load {path} as a causal language model ({type(exc).__name__}: {exc}).") from exc
     module.eval()
+    if adapters:
+        from workbench.lora.adapter import LoraAdapter, add_to_module
+
+        try:
+            for adapter in adapters:
+                add_to_module(module, LoraAdapter(adapter))
+        except CheckpointError as exc:
+            raise EvaluationError(str(exc)) from None
     loaded_tokenizer = None
     if tokenizer and (gguf or any((folder / name).is_file() for name in _TOKENIZER_FILES)):
         loaded_tokenizer = AutoTokenizer.from_pretrained(folder, **extra)

@@ -11,7 +11,7 @@ import difflib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -19,7 +19,7 @@ from workbench import architecture
 from workbench.architecture import TensorPlace
 from workbench.checkpoint import CheckpointFormat, CheckpointReader, OutputFile, TensorSpec
 from workbench.checkpoint.dtypes import ITEMSIZE, code_from_name
-from workbench.checkpoint.resolve import resolve_model
+from workbench.checkpoint.resolve import open_reference
 from workbench.checkpoint.stacked import LayerRange, StackedReader
 from workbench.errors import CheckpointError, OutputError, RecipeError
 from workbench.method import MergeMethod, MethodParameters, is_per_layer
@@ -206,16 +206,20 @@ def tensor_seed(seed: int, name: str) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
-def _open(registry: Registry, ref: str, label: str, parameters: dict[str, Any]) -> InputModel:
+#: Opens a model reference: (local path, lazy reader). The default is ``open_reference``; callers
+#: that merge something other than checkpoints (``workbench lora merge``: adapters' ΔW) pass theirs.
+Opener = Callable[[str], tuple[Path, CheckpointReader]]
+
+
+def _open(opener: Opener, ref: str, label: str, parameters: dict[str, Any]) -> InputModel:
     try:
-        path = resolve_model(ref)
-        reader = registry.open_checkpoint(path)
+        path, reader = opener(ref)
     except CheckpointError as exc:
         raise CheckpointError(f"{label}: {exc}") from None
     return InputModel(ref=ref, label=label, path=path, reader=reader, parameters=parameters)
 
 
-def _open_stacked(registry: Registry, recipe: Recipe, j: int, model_defaults: dict[str, Any], sources: list[InputModel]) -> InputModel:
+def _open_stacked(opener: Opener, recipe: Recipe, j: int, model_defaults: dict[str, Any], sources: list[InputModel]) -> InputModel:
     """Input model ``j`` of a recipe with slices: source ``j`` of every slice, stacked in order.
 
     Each distinct model is opened once per input model; ``sources`` collects them (for the output
@@ -229,7 +233,7 @@ def _open_stacked(registry: Registry, recipe: Recipe, j: int, model_defaults: di
             source = piece.sources[j]
             label = f"slices[{i}].sources[{j}]"
             if source.model not in readers:
-                opened = _open(registry, source.model, label, {})
+                opened = _open(opener, source.model, label, {})
                 readers[source.model] = opened.reader
                 sources.append(opened)
                 paths.append(opened.path)
@@ -263,8 +267,9 @@ def check_output_path(out_dir: Path, inputs: list[InputModel], overwrite: bool) 
         raise OutputError(f"output {out_dir} exists and is not a folder.")
 
 
-def build_plan(recipe: Recipe, registry: Registry, out: str | Path | None = None, overwrite: bool = False, check_output: bool = True) -> MergePlan:
+def build_plan(recipe: Recipe, registry: Registry, out: str | Path | None = None, overwrite: bool = False, check_output: bool = True, opener: Opener | None = None) -> MergePlan:
     """Open every input, check that they agree, and plan every output tensor and file."""
+    opener = opener or (lambda ref: open_reference(registry, ref))
     method_cls = registry.method(recipe.method)
     method = method_cls()
     method.check_inputs(recipe.model_count, recipe.base is not None)
@@ -295,16 +300,16 @@ def build_plan(recipe: Recipe, registry: Registry, out: str | Path | None = None
 
     opened: list[InputModel] = []
     try:
-        base = _open(registry, recipe.base, "base", {}) if recipe.base else None
+        base = _open(opener, recipe.base, "base", {}) if recipe.base else None
         if base:
             opened.append(base)
         models = []
         for i, entry in enumerate(recipe.models):
-            models.append(_open(registry, entry.model, f"models[{i}]", {**model_defaults, **entry.parameters}))
+            models.append(_open(opener, entry.model, f"models[{i}]", {**model_defaults, **entry.parameters}))
             opened.append(models[-1])
         sources: list[InputModel] = []
         for j in range(recipe.model_count if recipe.slices else 0):
-            models.append(_open_stacked(registry, recipe, j, model_defaults, sources))
+            models.append(_open_stacked(opener, recipe, j, model_defaults, sources))
             opened.append(models[-1])
         if check_output and out_dir is not None:
             check_output_path(out_dir, opened + sources, overwrite)

@@ -3,7 +3,7 @@
 The zoo's OT pair are two models trained on one task from different random initialisations, so
 their units sit in unrelated orders (Imfeld et al., 2024). Rows: each parent, the vanilla average,
 and ``ot_fusion`` with weight-based and activation-based costs, hard (EMD) and soft (Sinkhorn)
-alignment. Activation costs run on the task's validation split, disjoint from the scored test
+alignment, one shared residual map or the paper's residual policies. Activation costs run on the task's validation split, disjoint from the scored test
 split. Figures: exact-match accuracy and token accuracy (the share of answer tokens right), since
 one-shot fusions often get many tokens right before they get whole answers right; then the same
 after a short fine-tune of every row, which the paper found to favour OT fusion over averaging.
@@ -26,6 +26,12 @@ FUSIONS: dict[str, dict[str, Any] | None] = {
     "OT fusion, weights, Sinkhorn reg 0.06": {"solver": "sinkhorn", "reg": 0.06, "cost": "weights"},
     "OT fusion, activations, EMD": {"solver": "emd", "cost": "activations"},
     "OT fusion, activations, Sinkhorn reg 0.08": {"solver": "sinkhorn", "reg": 0.08, "cost": "activations"},
+    # The paper's residual policies (the rows above keep one shared residual map)
+    "OT fusion, weights, Sinkhorn 0.06, resid mean": {"solver": "sinkhorn", "reg": 0.06, "cost": "weights", "resid_policy": "mean"},
+    **{
+        f"OT fusion, activations, Sinkhorn 0.08, resid {policy}": {"solver": "sinkhorn", "reg": 0.08, "cost": "activations", "resid_policy": policy}
+        for policy in ("only_resid", "no_resid", "mean", "weighted_scalar", "weighted_matrix")
+    },
 }
 SAMPLES = 128  # validation sequences for the activation costs
 #: The short fine-tune after fusion (the paper's second experiment): a few steps of the zoo's batch
