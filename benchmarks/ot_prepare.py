@@ -52,7 +52,7 @@ def main() -> None:
                 state = OTFusion().prepare(ctx)
                 seconds = time.perf_counter() - start
                 maps = state.maps[1]
-                used = sorted({maps.resid.solver, *(t.solver for t in maps.heads.values()), *(t.solver for t in maps.mlp.values())})
+                used = sorted({maps.stream[0].solver, *(t.solver for t in maps.heads.values()), *(t.solver for t in maps.mlp.values())})
                 print(f"| {width} | {shape.intermediate_size} | {solver} | {seconds:.2f} | {', '.join(used)} |", flush=True)
                 del state, maps  # the next solver's run should not share memory with this one's maps
                 if seconds > args.limit:

@@ -49,8 +49,10 @@ def standardised(units: torch.Tensor) -> torch.Tensor:
     return centred / (centred.std(dim=1, keepdim=True) + 1e-9)
 
 
-def input_batches(data: dict[str, Any], samples: int, seed: int, anchor: Path, registry: "Registry") -> list[dict[str, torch.Tensor]]:
-    """At most ``samples`` sequences as model inputs: ``{evaluator, options}`` or ``{text, seq_len}``."""
+def input_batches(data: dict[str, Any], samples: int, seed: int, anchor: Path, registry: "Registry", who: str = "ot_fusion") -> list[dict[str, torch.Tensor]]:
+    """At most ``samples`` sequences as model inputs (with labels where the evaluator gives them):
+    ``{evaluator, options}`` or ``{text, seq_len}`` (cut with ``anchor``'s tokenizer). ``who``
+    names the method in error messages."""
     if "evaluator" in data:
         from workbench.evaluation import make_evaluators
         from workbench.recipe import EvaluatorSpec
@@ -59,7 +61,7 @@ def input_batches(data: dict[str, Any], samples: int, seed: int, anchor: Path, r
         batches, total = [], 0
         for batch in evaluator.batches(samples, seed):
             keep = min(samples - total, batch["input_ids"].shape[0])
-            batches.append({"input_ids": batch["input_ids"][:keep], "attention_mask": batch["attention_mask"][:keep]})
+            batches.append({key: value[:keep] for key, value in batch.items() if key in ("input_ids", "attention_mask", "labels")})
             total += keep
             if total >= samples:
                 break
@@ -69,19 +71,19 @@ def input_batches(data: dict[str, Any], samples: int, seed: int, anchor: Path, r
 
         text_file = Path(data["text"])
         if not text_file.is_file():
-            raise RecipeError(f"ot_fusion: data.text = {text_file} does not exist.")
+            raise RecipeError(f"{who}: data.text = {text_file} does not exist.")
         try:
             tokenizer = AutoTokenizer.from_pretrained(anchor)
         except Exception as exc:
-            raise RecipeError(f"ot_fusion: data.text needs a tokenizer in the anchor folder {anchor} ({type(exc).__name__}: {exc}).") from exc
+            raise RecipeError(f"{who}: data.text needs a tokenizer in {anchor} ({type(exc).__name__}: {exc}).") from exc
         ids = tokenizer(text_file.read_text(), return_tensors="pt")["input_ids"][0]
         length = int(data.get("seq_len", 64))
         rows = [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)][:samples]
         if not rows:
-            raise RecipeError(f"ot_fusion: {text_file} holds fewer than seq_len = {length} tokens.")
+            raise RecipeError(f"{who}: {text_file} holds fewer than seq_len = {length} tokens.")
         stacked = torch.stack(rows)
-        return [{"input_ids": stacked, "attention_mask": torch.ones_like(stacked)}]
-    raise RecipeError("ot_fusion: cost 'activations' needs data: {evaluator: NAME, options: {...}} or {text: FILE, seq_len: N}.")
+        return [{"input_ids": stacked, "attention_mask": torch.ones_like(stacked), "labels": stacked.clone()}]
+    raise RecipeError(f"{who}: the data must be {{evaluator: NAME, options: {{...}}}} or {{text: FILE, seq_len: N}}.")
 
 
 def capture(path: Path, layout: "Layout", batches: list[dict[str, torch.Tensor]], heads: int, kv_heads: int) -> Activations:

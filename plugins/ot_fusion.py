@@ -255,7 +255,9 @@ class OTFusion(MergeMethod):
         if params.cost == "activations":
             from workbench_plugins._activations import capture, input_batches
 
-            batches = input_batches(params.data or {}, params.samples, ctx.seed, anchor.path, ctx.extra["registry"])
+            if not params.data:
+                raise RecipeError("ot_fusion: cost 'activations' needs data: {evaluator: NAME, options: {...}} or {text: FILE, seq_len: N}.")
+            batches = input_batches(params.data, params.samples, ctx.seed, anchor.path, ctx.extra["registry"])
             anchor_acts = capture(anchor.path, layout, batches, shape[1], shape[2])
         for index, model in enumerate(ctx.models):
             if index == params.anchor:

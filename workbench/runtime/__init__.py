@@ -1,0 +1,1 @@
+"""Runtimes for outputs that are more than a dense checkpoint (``mola``: routed LoRA experts)."""
