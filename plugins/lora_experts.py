@@ -156,7 +156,8 @@ class LoraExperts(MergeMethod):
         adapters = _adapters(ctx)
         assert ctx.base is not None
         layers = architecture.layer_count(ctx.tensor_names, ctx.base.config())
-        targets = sorted({name for adapter in adapters for name in adapter.factors}, key=list(ctx.tensor_names).index)
+        order = {name: i for i, name in enumerate(ctx.tensor_names)}
+        targets = sorted({name for adapter in adapters for name in adapter.factors}, key=order.__getitem__)
         by_layer: dict[int, list[str]] = {}
         for name in targets:
             by_layer.setdefault(architecture.place(name).layer_index, []).append(name)  # type: ignore[arg-type]

@@ -332,3 +332,11 @@ def test_training_lowers_the_loss_and_writes_a_folder_that_runs(tmp_path: Path, 
     assert trained_loss < base_loss
     with pytest.raises(RecipeError, match="exists; choose another folder"):
         train_mola(family["base"], tmp_path / "mola", _text_batches(family), "1-2", steps=1)
+
+
+def test_magnitude_allocation_counts_the_adapters_that_change_a_layer_enough(tmp_path: Path, family: dict[str, Any]) -> None:
+    merge(tmp_path, _recipe(family, "{allocation: magnitude, magnitude_share: 0.6, router: random}", data=False))
+    change = np.array([[sum(float(np.linalg.norm(delta_of(a, f"model.layers.{l}.{m}.weight").double().numpy())) for m in MODULES) for l in range(LAYERS)] for a in family["adapters"]])
+    want = [max(1, int((change[:, l] >= 0.6 * change.max(axis=1)).sum())) for l in range(LAYERS)]
+    config = json.loads((tmp_path / "out" / "mola" / "mola_config.json").read_text())
+    assert config["allocation"]["per_layer"] == want and want != [3] * LAYERS

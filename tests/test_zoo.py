@@ -260,9 +260,11 @@ def test_zoo_report_scores_every_row_and_reproduces_the_experts(zoo: tuple[Path,
 
     root, manifest = zoo
     out = tmp_path / "reproductions.md"
-    result = CliRunner().invoke(main, ["zoo", "report", str(root), "--out", str(out), "--n", "32", "--seed", "7"])
+    sections = "task_vectors,layer_swap,ot_fusion"  # lora_experts trains MoLA three times: tested below with fewer steps
+    result = CliRunner().invoke(main, ["zoo", "report", str(root), "--out", str(out), "--n", "32", "--seed", "7", "--sections", sections])
     assert result.exit_code == 0, result.output
     text = out.read_text()
+    assert "## Layer-wise LoRA experts" not in text
     for method in METHODS:
         assert sum(line.startswith(f"| {method.label} |") for line in text.splitlines()) == 1 + len(method.grid), method.label
     task = next(iter(manifest["experts"]))
@@ -295,7 +297,7 @@ def test_zoo_report_chooses_each_value_on_validation(zoo: tuple[Path, dict[str, 
 
     root, manifest = zoo
     method = GridMethod("scaled sum", "λ", (0.0, 0.5), lambda ex, v: {"method": "task_arithmetic", "models": ex, "parameters": {"lambda": v}})
-    text = write_report([root, root], tmp_path / "r.md", get_registry(), 32, 3, "cmd", log=lambda _: None, methods=(method,))
+    text = write_report([root, root], tmp_path / "r.md", get_registry(), 32, 3, "cmd", log=lambda _: None, methods=(method,), sections=("task_vectors",))
     grid = {}
     for line in text.splitlines():
         if line.startswith("| scaled sum | λ = "):
@@ -320,3 +322,38 @@ def test_zoo_report_refuses_a_folder_that_is_not_a_zoo(zoo: tuple[Path, dict[str
     result = CliRunner().invoke(main, ["zoo", "report", str(zoo[0]), str(tmp_path), "--out", str(out)])
     assert result.exit_code != 0 and f"{tmp_path} is not a zoo (no zoo.json)" in result.output
     assert not out.exists()
+
+
+def test_mola_section_scores_every_row(zoo: tuple[Path, dict[str, Any]], registry: Registry) -> None:
+    from workbench.evaluation import evaluate, make_evaluators
+    from workbench.recipe import EvaluatorSpec
+    from workbench.zoo_mola_report import ALLOCATIONS, measure_mola, render_mola
+
+    root, manifest = zoo
+    result = measure_mola(root, registry, n=16, seed=7, log=lambda _: None, steps=3)
+    assert set(result.tasks) == set(manifest["lora"])
+    assert len(result.rows) == 1 + len(result.tasks) + 2 + len(ALLOCATIONS)
+    task = result.tasks[0]
+    [evaluator] = make_evaluators([EvaluatorSpec(name=f"zoo_{task}", options={"n": 16, "seed": 7})], registry)
+    adapted = f"{root / 'base'}+{root / manifest['lora'][task]}"
+    assert result.rows[f"LoRA {task}"][task] == evaluate(adapted, [evaluator])[f"zoo_{task}"]["accuracy"]
+    mola = [label for label in result.rows if label.startswith("MoLA")]
+    assert len({result.parameters[label] for label in mola}) == 1  # equal expert counts, equal parameters
+    lines = render_mola([result], "note")
+    assert sum(line.startswith("| MoLA ") for line in lines) == len(ALLOCATIONS)
+
+
+def test_mola_train_cli_writes_a_folder_that_evaluates(zoo: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from workbench.cli import main
+
+    root, _ = zoo
+    out = tmp_path / "mola"
+    result = CliRunner().invoke(main, ["lora", "mola-train", str(root / "base"), "-e", "zoo_subject", "-e", "zoo_count", "-o", "batch_size=8", "-a", "1-2", "--steps", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "mola" / "mola_config.json").read_text())
+    assert config["allocation"]["per_layer"] == [1, 1, 2, 2] and config["steps"] == 4
+    result = CliRunner().invoke(main, ["eval", str(out), "-e", "zoo_subject", "-o", "n=8"])
+    assert result.exit_code == 0, result.output
+    assert "zoo_subject" in result.output and "accuracy" in result.output

@@ -41,7 +41,8 @@ def _adapter_parameters(folder: Path) -> int:
         return sum(int(handle.get_slice(key).get_shape()[0]) * int(handle.get_slice(key).get_shape()[1]) for key in handle.keys())
 
 
-def measure_mola(zoo_dir: Path, registry: Registry, n: int, seed: int, log: Log) -> MolaResult:
+def measure_mola(zoo_dir: Path, registry: Registry, n: int, seed: int, log: Log, steps: int | None = None) -> MolaResult:
+    """The table's rows on one zoo; ``steps`` overrides MoLA's training length (tests)."""
     import json
 
     from workbench.engine import run_recipe
@@ -82,7 +83,7 @@ def measure_mola(zoo_dir: Path, registry: Registry, n: int, seed: int, log: Log)
         routers = json.loads((out / "mola" / "mola_config.json").read_text())["parameters"] - all_adapters
         score("lora_experts from the LoRAs (uniform, top-2, routers from prompts)", out, all_adapters + routers)
         scale = SCALES[manifest["scale"]]
-        steps = scale.lora_steps * len(tasks)  # mola_note says the same
+        steps = steps or scale.lora_steps * len(tasks)  # mola_note says the same
         for allocation in ALLOCATIONS:
             batches = train.mixture([(t, 1.0) for t in tasks], scale.batch_size, MOLA_SEED)
             batches = train.interleave(batches, train.mixture(REPLAY_MIX, scale.batch_size, MOLA_SEED + 1), REPLAY_EVERY)

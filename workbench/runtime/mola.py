@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from workbench.errors import CheckpointError
+
 FOLDER = "mola"
 CONFIG_NAME = "mola_config.json"
 WEIGHTS_NAME = "experts.safetensors"
@@ -134,11 +136,14 @@ def wrap(model: torch.nn.Module, experts: dict[str, ExpertSet]) -> dict[str, MoL
     """Replace each targeted linear layer of ``model`` by a MoLALinear; returns them by path."""
     wrapped = {}
     for module, found in experts.items():
-        base = model.get_submodule(module)
+        try:
+            base = model.get_submodule(module)
+        except AttributeError:
+            raise CheckpointError(f"MoLA target '{module}' is not a module of this {type(model).__name__}.") from None
         if not isinstance(base, torch.nn.Linear):
-            raise ValueError(f"MoLA target '{module}' is a {type(base).__name__}, not a linear layer.")
+            raise CheckpointError(f"MoLA target '{module}' is a {type(base).__name__}, not a linear layer.")
         if (found.b.shape[1], found.a.shape[2]) != tuple(base.weight.shape):
-            raise ValueError(f"MoLA target '{module}': experts of shape {(found.b.shape[1], found.a.shape[2])} for a {tuple(base.weight.shape)} weight.")
+            raise CheckpointError(f"MoLA target '{module}': experts of shape {(found.b.shape[1], found.a.shape[2])} for a {tuple(base.weight.shape)} weight.")
         parent, _, child = module.rpartition(".")
         wrapped[module] = MoLALinear(base, found)
         setattr(model.get_submodule(parent), child, wrapped[module])
