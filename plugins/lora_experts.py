@@ -137,7 +137,7 @@ class LoraExperts(MergeMethod):
 
         allocation = params.get("allocation", "uniform")
         if allocation not in ("uniform", "magnitude"):
-            per_layer(allocation, layer_count)
+            per_layer(allocation, layer_count, "lora_experts: allocation")
         if params.get("router") == "trained" and params.get("top_k", 2) < 2:
             raise RecipeError("lora_experts: router 'trained' needs top_k >= 2: with one expert per token its renormalised gate is always 1 and gives the router no gradient.")
         if params.get("router", "prompts") in ("prompts", "trained"):

@@ -146,7 +146,7 @@ def test_group_patterns_split_layers_evenly_with_extras_outside_first() -> None:
     assert per_layer([1, 2, 3], 3) == [1, 2, 3]
 
 
-@pytest.mark.parametrize("spec, message", [("2-x", "is not a pattern like '2-4-6-8'"), ([1, 2], "2 counts for a model with 3 layers"), ("1-0-1", "at least one expert"), ("1-1-1-1", "needs at least 4 layers")])
+@pytest.mark.parametrize("spec, message", [("2-x", "is not a pattern like '2-4-6-8'"), ([1, 2], "2 counts for a model with 3 layers"), ("1-0-1", "at least one expert"), ("1-1-1-1", "has 4 groups, but the model has only 3 layers")])
 def test_bad_allocations_are_named(spec: Any, message: str) -> None:
     with pytest.raises(RecipeError, match=message):
         per_layer(spec, 3)

@@ -130,3 +130,14 @@ def test_cli_extract_and_merge(tmp_path: Path, tiny_family: dict[str, Path], ada
     assert (tmp_path / "m" / "adapter_model.safetensors").is_file()
     result = cli.invoke(main, ["lora", "merge", *map(str, adapters), "--out", str(tmp_path / "m")])
     assert result.exit_code != 0 and "exists" in result.output
+
+
+def test_merge_refuses_adapters_of_different_bases(tmp_path: Path, tiny_family: dict[str, Path], adapters: list[Path], registry: Registry, weights: dict[str, dict[str, torch.Tensor]]) -> None:
+    from workbench.errors import CheckpointError
+
+    shapes = {n: tuple(t.shape) for n, t in weights["base"].items()}
+    shapes[f"{TARGETS[0]}.weight"] = (48, 64)  # another model's q_proj
+    write_peft(tmp_path / "other", tiny_family["base"], shapes)
+    with pytest.raises(CheckpointError, match=rf"changes '{TARGETS[0]}.weight' as \(48, 64\), another adapter as \(64, 64\): they are not for one base"):
+        merge_loras([adapters[0], tmp_path / "other"], tmp_path / "merged", registry)
+    assert not (tmp_path / "merged").exists()

@@ -42,6 +42,8 @@ def per_layer(spec: str | list[int], layers: int, field: str = "allocation") -> 
         if not _PATTERN.match(spec.strip()):
             raise RecipeError(f"{field}: '{spec}' is not a pattern like '2-4-6-8' (one count per group of layers), a list of counts, 'uniform' or 'magnitude'.")
         pattern = [int(n) for n in spec.strip().split("-")]
+        if len(pattern) > layers:
+            raise RecipeError(f"{field}: '{spec}' has {len(pattern)} groups, but the model has only {layers} layers.")
         counts = [count for count, size in zip(pattern, group_sizes(layers, len(pattern))) for _ in range(size)]
     if any(c < 1 for c in counts):
         raise RecipeError(f"{field}: every layer needs at least one expert, got {counts}.")

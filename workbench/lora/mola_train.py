@@ -128,7 +128,6 @@ def train_mola(
 
 def _with_balance(model: "torch.nn.Module", wrapped: dict, batches: Iterator[dict], weight: float) -> Iterator[dict]:
     """Batches whose loss gets ``weight`` · L_aux added (through a forward hook on the model)."""
-    import torch
 
     def add_aux(module: torch.nn.Module, args: tuple, output: object) -> object:
         total = sum(load_balancing_loss(layer.last_probs.reshape(-1, layer.last_probs.shape[-1]), layer.last_gates.reshape(-1, layer.last_gates.shape[-1]) > 0) for layer in wrapped.values())
