@@ -107,6 +107,7 @@ def train_mola(
         parameter.requires_grad_(False)
     wrapped = wrap(model, new_experts(model, counts, rank, alpha, top_k, targets, seed))
     trainable = [p for layer in wrapped.values() for p in (layer.lora_A, layer.lora_B, layer.router)]
+    parameters = sum(int(p.numel()) for p in trainable)
     if aux_loss > 0:
         batches = _with_balance(model, wrapped, batches, aux_loss)
     losses = train(model, batches, steps, lr, seed=seed, parameters=trainable, weight_decay=0.0, log=log, label="mola")
@@ -117,13 +118,13 @@ def train_mola(
                 shutil.copy2(source, partial / source.name)
         config = {"source": "mola_train", "base": str(Path(base).resolve()), "allocation": {"requested": allocation, "per_layer": counts},
                   "rank": rank, "alpha": alpha, "steps": steps, "lr": lr, "aux_loss": aux_loss, "seed": seed,
-                  "parameters": sum(int(p.numel()) for p in trainable)}
+                  "parameters": parameters}
         save_experts(partial, {name: layer.experts() for name, layer in wrapped.items()}, config)
         publish(partial, out_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return MolaTraining(out_dir, counts, sum(int(p.numel()) for p in trainable), losses)
+    return MolaTraining(out_dir, counts, parameters, losses)
 
 
 def _with_balance(model: "torch.nn.Module", wrapped: dict, batches: Iterator[dict], weight: float) -> Iterator[dict]:
