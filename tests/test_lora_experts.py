@@ -125,7 +125,11 @@ def test_all_b_zero_is_the_base_and_save_load_keeps_the_outputs(tmp_path: Path, 
 
     shutil.copytree(family["base"], tmp_path / "saved")
     save_experts(tmp_path / "saved", random_b, {"source": "test"})
-    assert torch.equal(_logits(load_mola(tmp_path / "saved"), IDS), in_memory)
+    loaded = load_mola(tmp_path / "saved")
+    assert torch.equal(_logits(loaded, IDS), in_memory)
+    generated = loaded.generate(IDS, max_new_tokens=4, do_sample=False, pad_token_id=0)  # the wrapped model generates
+    assert generated.shape == (1, IDS.shape[1] + 4) and torch.equal(generated[:, : IDS.shape[1]], IDS)
+    assert int(generated[0, IDS.shape[1]]) == int(in_memory[0, -1].argmax())  # greedy: the first new token is the top logit
 
 
 # --------------------------------------------------------------------------------------------------
