@@ -6,8 +6,8 @@ points from the mean over all tasks to the mean over its adapters' tasks,
 W_r[e] = scale · (μ_e − μ) / (‖μ_e − μ‖ · σ), σ the inputs' standard deviation per dimension, so a
 token of task e leans to expert e by about ``scale`` logits per standard deviation. Trained: the
 same start, then ``steps`` AdamW steps on the language-model loss of all prompts (round-robin over
-the adapters), updating the routers only. Both report each expert's mean routing weight over the
-prompts (used by ``collapse``).
+the adapters), updating the routers only. ``mean_gates`` gives each expert's mean routing weight
+over the prompts (used by ``collapse``). One loaded base model serves all three.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from workbench.errors import RecipeError
-from workbench.runtime.mola import ExpertSet, MoLALinear, wrap
+from workbench.runtime.mola import ExpertSet, MoLALinear
 
 Batches = list[list[dict[str, torch.Tensor]]]  # per adapter, its batches
 
@@ -29,7 +29,7 @@ def by_module(experts: dict[str, ExpertSet]) -> dict[str, ExpertSet]:
     return {name.removesuffix(".weight"): found for name, found in experts.items()}
 
 
-def _load(base: Path) -> torch.nn.Module:
+def load_base(base: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
@@ -39,11 +39,11 @@ def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
-def route_from_prompts(base: Path, experts: dict[str, ExpertSet], groups: dict[int, list[list[int]]], batches: Batches, scale: float) -> dict[str, torch.Tensor]:
-    """Set every router from the prompts' mean inputs (in place); returns the mean gates."""
+def route_from_prompts(model: torch.nn.Module, experts: dict[str, ExpertSet], groups: dict[int, list[list[int]]], batches: Batches, scale: float) -> None:
+    """Set every router from the prompts' mean inputs (in place), reading the inputs of ``model``'s
+    (not yet wrapped) targeted linear layers."""
     from workbench import architecture
 
-    model = _load(base)
     sums: dict[tuple[str, int], torch.Tensor] = {}
     squares: dict[tuple[str, int], float] = {}
     counts: dict[int, int] = {}
@@ -79,14 +79,11 @@ def route_from_prompts(base: Path, experts: dict[str, ExpertSet], groups: dict[i
             centre = sum(sums[(name, i)] for i in group) / sum(counts[i] for i in group) - mean
             length = float(centre.norm())
             found.router[e] = (scale * centre / (length * sigma)).float() if length > 0 else 0.0
-    return mean_gates(model, experts, batches)
 
 
-def mean_gates(model: torch.nn.Module, experts: dict[str, ExpertSet], batches: Batches) -> dict[str, torch.Tensor]:
-    """Each expert's routing weight averaged over the prompts' tokens, per module (the model is
-    wrapped with the experts as they are now)."""
-    wrapped = wrap(model, by_module(experts))
-    totals = {name: torch.zeros(found.count, dtype=torch.float64) for name, found in experts.items()}
+def mean_gates(model: torch.nn.Module, wrapped: dict[str, MoLALinear], batches: Batches) -> dict[str, torch.Tensor]:
+    """Each expert's routing weight averaged over the prompts' tokens, per module (weight name)."""
+    totals = {f"{module}.weight": torch.zeros(layer.lora_A.shape[0], dtype=torch.float64) for module, layer in wrapped.items()}
     count = 0
     with torch.no_grad():
         for batch in (b for adapter_batches in batches for b in adapter_batches):
@@ -104,23 +101,16 @@ def _training_batches(batches: Batches) -> Iterator[dict[str, torch.Tensor]]:
         yield from adapter_batches
 
 
-def train_routers(base: Path, experts: dict[str, ExpertSet], batches: Batches, steps: int, lr: float, seed: int) -> dict[str, torch.Tensor]:
-    """Train the routers (experts and base frozen) on the prompts' language-model loss; the trained
-    routers are written back into ``experts``. Returns the mean gates afterwards."""
+def train_routers(model: torch.nn.Module, wrapped: dict[str, MoLALinear], experts: dict[str, ExpertSet], batches: Batches, steps: int, lr: float, seed: int) -> None:
+    """Train the routers of the wrapped ``model`` (experts and base frozen) on the prompts'
+    language-model loss; the trained routers are written back into ``experts``."""
     from workbench.zoo.train import train
 
     if any("labels" not in batch for adapter_batches in batches for batch in adapter_batches):
         raise RecipeError("lora_experts: router 'trained' needs data with labels (an evaluator's batches or a text file).")
-    model = _load(base)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    wrapped: dict[str, MoLALinear] = wrap(model, by_module(experts))
-    routers = []
-    for layer in wrapped.values():
-        layer.lora_A.requires_grad_(False)
-        layer.lora_B.requires_grad_(False)
-        routers.append(layer.router)
+    routers = [layer.router.requires_grad_(True) for layer in wrapped.values()]
     train(model, _training_batches(batches), steps, lr, seed=seed, parameters=routers, weight_decay=0.0)
     for module, layer in wrapped.items():
         experts[f"{module}.weight"].router = layer.router.detach().clone()
-    return mean_gates(_load(base), experts, batches)

@@ -150,7 +150,7 @@ class LoraExperts(MergeMethod):
 
         from workbench import architecture
         from workbench.plan import tensor_seed
-        from workbench.runtime.mola import stack
+        from workbench.runtime.mola import stack, wrap
 
         params = LoraExpertsParameters.model_validate(ctx.params)
         adapters = _adapters(ctx)
@@ -177,12 +177,15 @@ class LoraExperts(MergeMethod):
                 experts[name] = stack(factors, router, top_k)
         state = ExpertsState(experts, groups, collapse=params.collapse)
         if params.router != "random":
-            from workbench_plugins._lora_routing import route_from_prompts, train_routers
+            from workbench_plugins._lora_routing import by_module, load_base, mean_gates, route_from_prompts, train_routers
 
-            batches = self._prompt_batches(ctx, params)
-            state.mean_gates = route_from_prompts(ctx.base.path, experts, groups, batches, params.router_scale)
+            model, batches = load_base(ctx.base.path), self._prompt_batches(ctx, params)
+            route_from_prompts(model, experts, groups, batches, params.router_scale)
+            wrapped = wrap(model, by_module(experts))
             if params.router == "trained":
-                state.mean_gates = train_routers(ctx.base.path, experts, batches, params.router_steps, params.router_lr, ctx.seed)
+                train_routers(model, wrapped, experts, batches, params.router_steps, params.router_lr, ctx.seed)
+            if params.collapse:  # only collapse uses the mean gates
+                state.mean_gates = mean_gates(model.eval(), wrapped, batches)
         state.config = {
             "source": "lora_experts",
             "adapters": [str(a.path) for a in adapters],

@@ -37,8 +37,10 @@ class MolaResult:
 def _adapter_parameters(folder: Path) -> int:
     from safetensors import safe_open
 
+    import math
+
     with safe_open(str(folder / "adapter_model.safetensors"), "pt") as handle:
-        return sum(int(handle.get_slice(key).get_shape()[0]) * int(handle.get_slice(key).get_shape()[1]) for key in handle.keys())
+        return sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
 
 
 def measure_mola(zoo_dir: Path, registry: Registry, n: int, seed: int, log: Log, steps: int | None = None) -> MolaResult:
