@@ -13,6 +13,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -66,30 +67,51 @@ def _shade(fraction: float) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-def heatmap_tables(analysis: Analysis, stat: str) -> list[Table]:
-    """One table per model: rows are layers, columns modules, the last column the whole layer."""
-    top = scale_max(analysis, stat)
+@dataclass
+class HeatGrid:
+    """One heatmap: a value per (layer, column) cell, and optionally a bold total per layer."""
+
+    title: str
+    cells: dict[tuple[int, str], float]
+    totals: list[float] | None = None
+
+
+def grid_tables(grids: Sequence[HeatGrid], layers: int, columns: Sequence[str], text: Callable[[float], str], low: float, high: float) -> list[Table]:
+    """One table per grid: rows are layers, one column per module; colours span ``low``..``high``."""
+    span = high - low
     tables = []
-    for model in analysis.models:
-        unit = "" if stat == "mean_abs" else " (%)"
-        table = Table(title=f"{model.ref}: {stat_label(stat, analysis.top_fraction)}{unit}", box=None, pad_edge=False, title_justify="left")
+    for grid in grids:
+        table = Table(title=grid.title, box=None, pad_edge=False, title_justify="left")
         table.add_column("layer", justify="right")
-        for module in analysis.modules:
-            table.add_column(module, justify="right", overflow="fold")
-        table.add_column("layer total", justify="right", overflow="fold")
-        totals = model.layer_totals(analysis.layer_count)
-        for layer in range(analysis.layer_count):
+        for column in columns:
+            table.add_column(column, justify="right", overflow="fold")
+        if grid.totals is not None:
+            table.add_column("layer total", justify="right", overflow="fold")
+        for layer in range(layers):
             cells: list[Text] = []
-            for module in analysis.modules:
-                value = analysis.value(model, layer, module, stat)
-                if value is None:
-                    cells.append(Text("-"))
-                else:
-                    cells.append(Text(_cell_text(stat, value), style=_shade(value / top if top > 0 else 0.0)))
-            total = Text(_cell_text(stat, totals[layer].value(stat, model.top_total)), style="bold")
-            table.add_row(str(layer), *cells, total)
+            for column in columns:
+                value = grid.cells.get((layer, column))
+                shade = _shade((value - low) / span if span > 0 else 0.0) if value is not None else ""
+                cells.append(Text("-") if value is None else Text(text(value), style=shade))
+            if grid.totals is not None:
+                cells.append(Text(text(grid.totals[layer]), style="bold"))
+            table.add_row(str(layer), *cells)
         tables.append(table)
     return tables
+
+
+def heatmap_tables(analysis: Analysis, stat: str) -> list[Table]:
+    """One table per model: rows are layers, columns modules, the last column the whole layer."""
+    unit = "" if stat == "mean_abs" else " (%)"
+    grids = [
+        HeatGrid(
+            f"{model.ref}: {stat_label(stat, analysis.top_fraction)}{unit}",
+            {cell: stats.value(stat, model.top_total) for cell, stats in model.cells.items()},
+            [total.value(stat, model.top_total) for total in model.layer_totals(analysis.layer_count)],
+        )
+        for model in analysis.models
+    ]
+    return grid_tables(grids, analysis.layer_count, analysis.modules, lambda value: _cell_text(stat, value), 0.0, scale_max(analysis, stat))
 
 
 def top_set_lines(analysis: Analysis) -> list[Text]:
@@ -179,7 +201,7 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         raise
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
     write_atomic(path, lambda handle: handle.write(text.encode()))
 
 
@@ -200,7 +222,7 @@ def write_csv(analysis: Analysis, path: Path) -> None:
     for model in analysis.models:
         for (layer, module), stats in sorted(model.cells.items(), key=lambda item: (item[0][0], analysis.modules.index(item[0][1]))):
             writer.writerow([model.ref, layer, module, repr(stats.mean_abs), repr(stats.relative), repr(stats.top_share(model.top_total)), stats.count])
-    _write_text(path, buffer.getvalue())
+    write_text(path, buffer.getvalue())
 
 
 def analysis_dict(analysis: Analysis, suggestion: SwapSuggestion | None = None) -> dict[str, Any]:
@@ -254,31 +276,36 @@ def analysis_dict(analysis: Analysis, suggestion: SwapSuggestion | None = None) 
 
 
 def write_json(analysis: Analysis, path: Path, suggestion: SwapSuggestion | None = None) -> None:
-    _write_text(path, json.dumps(analysis_dict(analysis, suggestion), indent=2) + "\n")
+    write_text(path, json.dumps(analysis_dict(analysis, suggestion), indent=2) + "\n")
 
 
 def write_png(analysis: Analysis, stat: str, path: Path) -> None:
     """One heatmap per model side by side (layer 0 at the top), one colour scale and colour bar."""
+    grids = [HeatGrid(f"{model.ref}\n{stat}", {cell: stats.value(stat, model.top_total) for cell, stats in model.cells.items()}) for model in analysis.models]
+    top = scale_max(analysis, stat) or 1.0
+    write_grids_png(grids, analysis.layer_count, analysis.modules, 0.0, top, stat_label(stat, analysis.top_fraction), f"change from {analysis.base}", path)
+
+
+def write_grids_png(grids: Sequence[HeatGrid], layers: int, columns: Sequence[str], low: float, high: float, label: str, title: str, path: Path) -> None:
+    """The grids side by side (layer 0 at the top), sharing one colour scale and colour bar."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    layers, modules = analysis.layer_count, analysis.modules
-    count = len(analysis.models)
-    figure = Figure(figsize=(count * (1.6 + 0.45 * len(modules)) + 1.2, 2.2 + 0.28 * layers), layout="constrained")
+    count = len(grids)
+    figure = Figure(figsize=(count * (1.6 + 0.45 * len(columns)) + 1.2, 2.2 + 0.28 * layers), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, count, squeeze=False)[0]
-    top = scale_max(analysis, stat) or 1.0
     image = None
-    for ax, model in zip(axes, analysis.models):
-        grid = np.full((layers, len(modules)), np.nan)
-        for (layer, module), stats in model.cells.items():
-            grid[layer, modules.index(module)] = stats.value(stat, model.top_total)
-        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=top, interpolation="nearest")
-        ax.set_title(f"{model.ref}\n{stat}", fontsize=9)
-        ax.set_xticks(range(len(modules)), modules, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
+    for ax, grid in zip(axes, grids):
+        values = np.full((layers, len(columns)), np.nan)
+        for (layer, column), value in grid.cells.items():
+            values[layer, list(columns).index(column)] = value
+        image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=low, vmax=high, interpolation="nearest")
+        ax.set_title(grid.title, fontsize=9)
+        ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
         ax.set_yticks(range(layers), [str(layer) for layer in range(layers)], fontsize=8)
         ax.set_ylabel("layer (0 = first)")
-    figure.colorbar(image, ax=list(axes), label=stat_label(stat, analysis.top_fraction), shrink=0.9)
-    figure.suptitle(f"change from {analysis.base}", fontsize=10)
+    figure.colorbar(image, ax=list(axes), label=label, shrink=0.9)
+    figure.suptitle(title, fontsize=10)
     write_atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=110))

@@ -121,20 +121,21 @@ def _recipe_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--dtype", default=None, help="Compute dtype (overrides the recipe's dtype)."),
         click.option("--out-dtype", default=None, help="Storage dtype of float tensors (overrides output.dtype)."),
         click.option("--shard-size", default=None, help="Largest output file, e.g. 2GB (overrides output.shard_size)."),
+        click.option("--memory-limit", default=None, help="Most memory a whole-model method may hold, e.g. 16GB (overrides memory_limit; default: what is available)."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def _plan(recipe_path: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None) -> Any:
+def _plan(recipe_path: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None, memory_limit: str | None) -> Any:
     from workbench.plan import build_plan
     from workbench.recipe import load_recipe, with_overrides
     from workbench.registry import require_plugins
 
     registry = _registry()
     require_plugins(registry)
-    recipe = with_overrides(load_recipe(recipe_path), dtype=dtype, out_dtype=out_dtype, shard_size=shard_size)
+    recipe = with_overrides(load_recipe(recipe_path), dtype=dtype, out_dtype=out_dtype, shard_size=shard_size, memory_limit=memory_limit)
     return registry, build_plan(recipe, registry, out=out, overwrite=overwrite, check_output=out is not None or recipe.output.path is not None)
 
 
@@ -146,9 +147,9 @@ def _gb(nbytes: int) -> str:
 @click.argument("recipe", type=click.Path(path_type=Path))
 @_recipe_options
 @handle_errors
-def validate(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None) -> None:
+def validate(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None, memory_limit: str | None) -> None:
     """Check a recipe without reading tensor data: files, headers, shapes, parameters."""
-    _, plan = _plan(recipe, out, overwrite, dtype, out_dtype, shard_size)
+    _, plan = _plan(recipe, out, overwrite, dtype, out_dtype, shard_size, memory_limit)
     try:
         _warn(plan.warnings)
         _console().print(
@@ -163,11 +164,11 @@ def validate(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None,
 @click.argument("recipe", type=click.Path(path_type=Path))
 @_recipe_options
 @handle_errors
-def plan_command(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None) -> None:
+def plan_command(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None, memory_limit: str | None) -> None:
     """Print what a recipe will read and write, and its estimated peak memory."""
     from rich.table import Table
 
-    _, plan = _plan(recipe, out, overwrite, dtype, out_dtype, shard_size)
+    _, plan = _plan(recipe, out, overwrite, dtype, out_dtype, shard_size, memory_limit)
     console = _console()
     try:
         _warn(plan.warnings)
@@ -185,6 +186,8 @@ def plan_command(recipe: Path, out: Path | None, overwrite: bool, dtype: str | N
         console.print(outputs)
         console.print(f"output: {plan.out_dir or '(none: pass --out)'}")
         console.print(f"reads {_gb(plan.input_bytes)}, writes {_gb(plan.output_bytes)}; estimated peak memory {_gb(plan.estimate_peak_bytes())}")
+        if plan.prepare_memory is not None:
+            console.print(f"{plan.method.name} holds about {_gb(plan.prepare_memory.nbytes)} before merging: {_escape(plan.prepare_memory.what)}")
     finally:
         plan.close()
 
@@ -198,12 +201,12 @@ def plan_command(recipe: Path, out: Path | None, overwrite: bool, dtype: str | N
 @click.option("--stats-json", type=click.Path(path_type=Path), help="Write timings and sizes of the run to this file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @handle_errors
-def run(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None, device: str, executor: str, prefetch: int, stats_json: Path | None, quiet: bool) -> None:
+def run(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None, memory_limit: str | None, device: str, executor: str, prefetch: int, stats_json: Path | None, quiet: bool) -> None:
     """Run a recipe (native or mergekit YAML) headless."""
     from workbench.engine import execute
     from workbench.progress import RichProgress
 
-    registry, plan = _plan(recipe, out, overwrite, dtype, out_dtype, shard_size)
+    registry, plan = _plan(recipe, out, overwrite, dtype, out_dtype, shard_size, memory_limit)
     try:
         _warn(plan.warnings)
         progress = RichProgress(enabled=False if quiet else None)
@@ -390,7 +393,7 @@ def bench(size: str, method_names: str, fine_tunes: int, directory: Path, repeat
 
 @main.command()
 @click.argument("base")
-@click.argument("models", nargs=-1, required=True)
+@click.argument("models", nargs=-1)
 @click.option("--stat", type=click.Choice(["relative", "mean_abs", "top_share"]), default="relative", show_default=True, help="Statistic shown in the terminal heatmap and the PNG.")
 @click.option("--top-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.01, show_default=True, help="Fraction of most-changed entries for top_share.")
 @click.option("--png", "png_out", type=click.Path(path_type=Path), help="Write the heatmaps as a PNG image.")
@@ -400,8 +403,18 @@ def bench(size: str, method_names: str, fine_tunes: int, directory: Path, repeat
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no heatmaps (files and the suggestion are still written).")
 @handle_errors
 def analyze(base: str, models: tuple[str, ...], stat: str, top_fraction: float, png_out: Path | None, csv_out: Path | None, json_out: Path | None, swap: tuple[str, str] | None, quiet: bool) -> None:
-    """Chart where each MODEL changed from BASE, per layer and module (guides layer swapping)."""
+    """Chart where each MODEL changed from BASE, per layer and module (guides layer swapping).
+
+    With BASE alone, BASE is a merge output with learned coefficients (atlas), and the charts show
+    each task vector's λ per layer and module.
+    """
     from workbench import analyze_render as render
+
+    if not models:
+        if swap:
+            raise click.UsageError("--suggest-swap compares models: give BASE and the MODELs.")
+        _analyze_coefficients(Path(base), png_out, csv_out, json_out, quiet)
+        return
     from workbench.analyze import analyze as analyze_models
     from workbench.analyze import model_position, suggest_swap
     from workbench.progress import RichProgress
@@ -428,6 +441,32 @@ def analyze(base: str, models: tuple[str, ...], stat: str, top_fraction: float, 
     if suggestion is not None:
         for part in render.render_suggestion(suggestion):
             console.print(part)
+
+
+def _analyze_coefficients(folder: Path, png_out: Path | None, csv_out: Path | None, json_out: Path | None, quiet: bool) -> None:
+    import json
+
+    from workbench import analyze_render as render
+    from workbench.analyze_coefficients import render_coefficients, write_coefficients_png
+    from workbench.coefficients import find_table, load_table
+
+    if find_table(folder) is None:
+        raise click.UsageError(f"{folder} holds no learned coefficients; to chart changes, give BASE and one or more MODELs.")
+    render.check_output_paths([p for p in (png_out, csv_out, json_out) if p is not None])
+    table = load_table(folder)
+    console = _console()
+    if not quiet:
+        for part in render_coefficients(table):
+            console.print(part)
+    if png_out is not None:
+        write_coefficients_png(table, png_out)
+    if csv_out is not None:
+        render.write_text(csv_out, table.csv_text())
+    if json_out is not None:
+        render.write_text(json_out, json.dumps(table.to_dict(), indent=1) + "\n")
+    for path in (png_out, csv_out, json_out):
+        if path is not None:
+            console.print(f"wrote {_escape(path)}")
 
 
 # ----------------------------------------------------------------------------------------------

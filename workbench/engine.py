@@ -103,11 +103,11 @@ class _Progress:
         self.bytes_read = 0
         self._lock = threading.Lock()
 
-    def emit(self, kind: str, tensor: str | None = None, nbytes: int = 0, finished: bool = False) -> None:
+    def emit(self, kind: str, tensor: str | None = None, nbytes: int = 0, finished: bool = False, note: str | None = None) -> None:
         with self._lock:
             self.bytes_read += nbytes
             self.done += int(finished)
-            event = ProgressEvent(kind, self.done, self.total, self.bytes_read, self.total_bytes, tensor)  # type: ignore[arg-type]
+            event = ProgressEvent(kind, self.done, self.total, self.bytes_read, self.total_bytes, tensor, note)  # type: ignore[arg-type]
         if self.callback is not None:
             self.callback(event)
 
@@ -279,7 +279,9 @@ def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executo
             PrepareContext(models=[m.reader for m in plan.models], base=plan.base.reader if plan.base else None,
                            params=plan.params, model_params=[m.parameters for m in plan.models],
                            tensor_names=[t.name for t in plan.tensors], device=device, seed=plan.recipe.seed,
-                           compute_dtype=to_torch(plan.compute_dtype), extra={"registry": registry})
+                           compute_dtype=to_torch(plan.compute_dtype),
+                           extra={"registry": registry, "note": lambda text: progress.emit("note", note=text),
+                                  "model_refs": [m.ref for m in plan.models], "base_ref": plan.base.ref if plan.base else None})
         )
         runner = _TensorRunner(plan, method, state, device, prefetch, progress)
         progress.emit("start")

@@ -90,6 +90,14 @@ class PrepareContext:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class MemoryNeed:
+    """What a whole-model method holds at its peak, stated before any work."""
+
+    nbytes: int
+    what: str  # e.g. "the base model and 4 task vectors in float32"
+
+
 class MergeMethod:
     """Subclass, set the class attributes, implement :meth:`apply`, and register the class."""
 
@@ -124,6 +132,12 @@ class MergeMethod:
         Called while planning, before any tensor is read, with the recipe's raw values (top-level
         defaults merged into each model's); the default accepts everything.
         """
+
+    def memory_needed(self, params: dict[str, Any], model_params: Sequence[dict[str, Any]], tensors: Sequence[tuple[str, tuple[int, ...]]]) -> MemoryNeed | None:
+        """What :meth:`prepare` holds beyond the streaming merge (whole-model methods), from the
+        recipe's raw values and the (name, shape) of every float tensor; the planner refuses a
+        recipe that needs more than the memory limit, before any tensor is read. Default: nothing."""
+        return None
 
     def check_inputs(self, n_models: int, has_base: bool) -> None:
         """Reject a model count or base-model use this method cannot work with."""

@@ -25,6 +25,11 @@ def publish(partial: Path, out_dir: Path) -> None:
         partial.rename(out_dir)
 
 
+def final_folder(partial: Path) -> Path:
+    """Where the folder being built in ``partial`` will be once published."""
+    return partial.with_name(partial.name.removesuffix(".partial"))
+
+
 def start_partial(out_dir: Path) -> Path:
     """Create ``<out>.partial/``, replacing a leftover of an earlier run but never a user's folder."""
     partial = out_dir.with_name(out_dir.name + ".partial")

@@ -22,7 +22,7 @@ from workbench.checkpoint.dtypes import ITEMSIZE, code_from_name
 from workbench.checkpoint.resolve import open_reference
 from workbench.checkpoint.stacked import LayerRange, StackedReader
 from workbench.errors import CheckpointError, OutputError, RecipeError
-from workbench.method import MergeMethod, MethodParameters, is_per_layer
+from workbench.method import MemoryNeed, MergeMethod, MethodParameters, is_per_layer
 from workbench.params import anchors, is_filter_list, resolve, varies
 from workbench.recipe import Recipe, format_path, located
 from workbench.registry import Registry
@@ -79,6 +79,8 @@ class MergePlan:
     compute_dtype: str
     out_dir: Path | None
     warnings: list[str] = field(default_factory=list)
+    #: What the method's prepare holds (whole-model methods), checked against the memory limit.
+    prepare_memory: MemoryNeed | None = None
 
     @property
     def reference(self) -> InputModel:
@@ -107,7 +109,8 @@ class MergePlan:
         out_item = max((ITEMSIZE[t.out_dtype] for t in self.tensors), default=4)
         in_flight = (prefetch + 1) * largest * per_element_in
         working = largest * compute * (3 if self.method.elementwise else len(self.inputs) + 2)
-        return BASELINE_BYTES + in_flight + working + 3 * largest * out_item
+        streaming = in_flight + working + 3 * largest * out_item
+        return BASELINE_BYTES + max(streaming, self.prepare_memory.nbytes if self.prepare_memory else 0)
 
     def close(self) -> None:
         for model in self.inputs:
@@ -267,6 +270,27 @@ def check_output_path(out_dir: Path, inputs: list[InputModel], overwrite: bool) 
         raise OutputError(f"output {out_dir} exists and is not a folder.")
 
 
+def available_memory() -> int | None:
+    """Memory the system can give a new process now (Linux MemAvailable); None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(method: str, need: MemoryNeed, limit: int | None) -> None:
+    """Refuse a whole-model method that would hold more than the limit (default: what is available)."""
+    budget, source = (limit, "memory_limit") if limit is not None else (available_memory(), "the memory available now")
+    if budget is not None and need.nbytes > budget:
+        raise RecipeError(
+            f"method '{method}' would hold about {need.nbytes / 1e9:.2f} GB ({need.what}), more than {source}"
+            f" ({budget / 1e9:.2f} GB); hold less (see the method's parameters) or raise memory_limit / --memory-limit."
+        )
+
+
 def build_plan(recipe: Recipe, registry: Registry, out: str | Path | None = None, overwrite: bool = False, check_output: bool = True, opener: Opener | None = None) -> MergePlan:
     """Open every input, check that they agree, and plan every output tensor and file."""
     opener = opener or (lambda ref: open_reference(registry, ref))
@@ -390,6 +414,9 @@ def _plan_tensors(recipe: Recipe, method_cls: type[MergeMethod], global_raw: dic
             f"no tensor of {reference} matches a known layer layout (model.layers.N., transformer.h.N., ...);"
             " it still merges, but per-layer parameter lists apply their first value everywhere."
         )
+    prepare_memory = method_cls().memory_needed(global_raw, [m.parameters for m in models], [(t.name, t.shape) for t in tensors if t.merge])
+    if prepare_memory is not None:
+        check_memory(method_cls.name, prepare_memory, recipe.memory_limit_bytes)
     shard_size = recipe.output.shard_bytes
     files = output_format.plan_output([t.spec for t in tensors], shard_size)
     return MergePlan(
@@ -405,4 +432,5 @@ def _plan_tensors(recipe: Recipe, method_cls: type[MergeMethod], global_raw: dic
         compute_dtype=code_from_name(recipe.dtype),
         out_dir=out_dir,
         warnings=warnings,
+        prepare_memory=prepare_memory,
     )

@@ -9,12 +9,14 @@ from typing import Any, Callable, Literal
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    kind: Literal["start", "tensor", "finish"]
+    kind: Literal["note", "start", "tensor", "finish"]
     done: int  # tensors finished
     total: int  # tensors in the merge
     bytes_read: int
     total_bytes: int
     tensor: str | None = None
+    #: kind "note": what a long ``prepare`` is doing (e.g. a learning step and its loss).
+    note: str | None = None
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -36,7 +38,9 @@ class RichProgress:
     def __call__(self, event: ProgressEvent) -> None:
         if not self.enabled:
             return
-        if event.kind == "start":
+        if event.kind == "note" and event.note:
+            self.console.print(event.note, markup=False, highlight=False)
+        elif event.kind == "start":
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._start = time.perf_counter()

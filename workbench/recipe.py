@@ -141,6 +141,9 @@ class Recipe(Strict):
     parameters: dict[str, Any] = Field(default_factory=dict, description="Method parameters.")
     dtype: str = Field("float32", description="Compute dtype.")
     seed: int = Field(0, description="Seed for random methods (per tensor name).")
+    memory_limit: int | str | None = Field(
+        None, description="Most memory a whole-model method may hold, e.g. 16GB (default: the memory available when planning)."
+    )
     output: OutputSection = Field(default_factory=OutputSection)
     evaluators: list[EvaluatorSpec] = Field(default_factory=list, description="Evaluators run on the output.")
 
@@ -186,6 +189,17 @@ class Recipe(Strict):
     def model_count(self) -> int:
         """Number of models the method merges (with slices: sources per slice)."""
         return len(self.slices[0].sources) if self.slices else len(self.models)
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_limit(cls, value: int | str | None) -> int | str | None:
+        if value is not None:
+            parse_size(value)
+        return value
+
+    @property
+    def memory_limit_bytes(self) -> int | None:
+        return None if self.memory_limit is None else parse_size(self.memory_limit)
 
     @field_validator("dtype")
     @classmethod
@@ -324,12 +338,14 @@ def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(text, str(path))
 
 
-def with_overrides(recipe: Recipe, *, dtype: str | None = None, out_dtype: str | None = None, shard_size: str | None = None) -> Recipe:
+def with_overrides(recipe: Recipe, *, dtype: str | None = None, out_dtype: str | None = None, shard_size: str | None = None, memory_limit: str | None = None) -> Recipe:
     """The recipe with command-line overrides applied and validated like recipe values."""
     update: dict[str, Any] = {}
     output: dict[str, Any] = {}
     if dtype is not None:
         update["dtype"] = dtype
+    if memory_limit is not None:
+        update["memory_limit"] = memory_limit
     if out_dtype is not None:
         output["dtype"] = out_dtype
     if shard_size is not None:
