@@ -265,3 +265,17 @@ def test_analyze_draws_the_learned_coefficients(tmp_path: Path, family: dict[str
     assert (tmp_path / "c.csv").read_text() == (tmp_path / "out" / "coefficients" / "coefficients.csv").read_text()
     missing = cli.invoke(main, ["analyze", str(family["base"])])
     assert missing.exit_code != 0 and "holds no learned coefficients" in missing.output
+
+
+def test_plan_states_what_learning_holds(tmp_path: Path, family: dict[str, Any], cli: Any) -> None:
+    from workbench.cli import main
+
+    recipe = tmp_path / "atlas.yaml"
+    recipe.write_text(_recipe(family, "{trained: ['*mlp*']}"))
+    result = cli.invoke(main, ["plan", str(recipe), "--out", str(tmp_path / "out")], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    total = sum(t.numel() for t in family["weights"].values())
+    trained = sum(t.numel() for n, t in family["weights"].items() if ".mlp." in n)
+    assert f"the base model ({total:,} parameters) and 2 task vector(s) of {trained:,} trained parameters" in result.output
+    refused = cli.invoke(main, ["run", str(recipe), "--out", str(tmp_path / "out"), "--memory-limit", "1KB"])
+    assert refused.exit_code != 0 and "more than memory_limit (0.00 GB)" in refused.output

@@ -8,6 +8,8 @@ fail for an expert that learned nothing (the base scores 0 on every task it was 
 
 from __future__ import annotations
 
+import copy
+
 import json
 import shutil
 from pathlib import Path
@@ -357,3 +359,25 @@ def test_mola_train_cli_writes_a_folder_that_evaluates(zoo: tuple[Path, dict[str
     result = CliRunner().invoke(main, ["eval", str(out), "-e", "zoo_subject", "-o", "n=8"])
     assert result.exit_code == 0, result.output
     assert "zoo_subject" in result.output and "accuracy" in result.output
+
+
+def test_learned_coefficients_section_scores_every_row(zoo: tuple[Path, dict[str, Any]], registry: Registry) -> None:
+    from workbench.zoo_atlas_report import GRID_METHODS, SHARES, measure_learned, render_learned
+    from workbench.zoo_report import GridMethod, ZooScorer
+
+    root, _ = zoo
+    one_value = tuple(GridMethod(m.label, m.knob, (0.5,), m.recipe) for m in GRID_METHODS)  # one merge per baseline
+    scorer = ZooScorer(root, registry, 16, 7)
+    result = measure_learned(scorer, n=16, seed=7, log=lambda _: None, steps=2, baselines=one_value)
+    labels = list(result.rows)
+    assert len(labels) == len(GRID_METHODS) + 2 + len(SHARES)
+    assert labels[0] == "task arithmetic, λ chosen on validation" and result.values[labels[0]] == "λ = 0.5"
+    assert result.rows[labels[0]] is result.zoo.grid["task arithmetic"][0.5]
+    assert result.values[labels[3]] == "from 0.5"
+    assert labels[4].endswith("1% of validation (1 per task)") and labels[-1].endswith("100% of validation (16 per task)")
+    assert all(set(scored.test) == set(scorer.tasks) for scored in result.rows.values())
+    other = copy.deepcopy(result)  # another zoo, where task arithmetic chose another λ: rows still line up
+    other.values[labels[0]] = "λ = 0.7"
+    lines = render_learned([result, other], 16)
+    assert sum(line.startswith("| aTLAS") for line in lines) == 2 * len(SHARES)  # the comparison and the per-task table
+    assert any(line.startswith("| task arithmetic, λ chosen on validation | ") and "(λ = 0.5) | " in line and "(λ = 0.7) | " in line for line in lines)

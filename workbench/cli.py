@@ -498,7 +498,7 @@ def zoo_build(directory: Path, scale: str, seed: int) -> None:
 @click.option("--out", "out_file", type=click.Path(path_type=Path), default=Path("docs/reproductions.md"), show_default=True)
 @click.option("--n", default=512, show_default=True, help="Held-out examples per task and split.")
 @click.option("--seed", default=99, show_default=True, help="Evaluation seed.")
-@click.option("--sections", default=None, help="Comma-separated sections to measure (task_vectors, layer_swap, ot_fusion, lora_experts); default: all.")
+@click.option("--sections", default=None, help="Comma-separated sections to measure (task_vectors, learned, layer_swap, ot_fusion, lora_experts); default: all.")
 @handle_errors
 def zoo_report(directories: tuple[Path, ...], out_file: Path, n: int, seed: int, sections: str | None) -> None:
     """Measure the reproduction tables on one or more built zoos (one per seed) and write them as Markdown."""

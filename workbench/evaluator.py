@@ -110,6 +110,9 @@ def load_model(path: str | Path, tokenizer: bool = True) -> LoadedModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:
         raise EvaluationError(f"evaluation needs transformers: pip install 'merge-workbench[eval]' ({exc}).") from exc
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per load would bury our own output (merges load models in prepare)
     extra = {"gguf_file": path.name} if gguf else {}
     try:
         module = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra)

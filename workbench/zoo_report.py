@@ -261,12 +261,13 @@ def render(results: list[ZooResult], methods: tuple[GridMethod, ...], command: s
     )
 
 
-SECTIONS = ("task_vectors", "layer_swap", "ot_fusion", "lora_experts")
+SECTIONS = ("task_vectors", "learned", "layer_swap", "ot_fusion", "lora_experts")
 
 
 def write_report(zoo_dirs: list[Path], out_file: Path, registry: Registry, n: int, seed: int, command: str, log: Log = print, methods: tuple[GridMethod, ...] = METHODS, sections: tuple[str, ...] = SECTIONS) -> str:
     """Measure every zoo (all are checked first, so a typo fails before any work) and write the
     report (the chosen sections only, in the usual order)."""
+    from workbench.zoo_atlas_report import measure_learned, render_learned
     from workbench.zoo_mola_report import measure_mola, mola_note, render_mola
     from workbench.zoo_ot_report import measure_fusions, render_fusions
     from workbench.zoo_swap_report import measure_swaps, render_swaps
@@ -281,6 +282,8 @@ def write_report(zoo_dirs: list[Path], out_file: Path, registry: Registry, n: in
     parts = []
     if "task_vectors" in sections:
         parts.append(render([measure_zoo(scorer, methods, log) for scorer in scorers], methods, command, n, seed))
+    if "learned" in sections:
+        parts.append("\n".join(render_learned([measure_learned(scorer, n, seed, log) for scorer in scorers], n)))
     if "layer_swap" in sections:
         parts.append("\n".join(render_swaps([measure_swaps(zoo_dir, registry, n, seed, log) for zoo_dir in zoo_dirs])))
     if "ot_fusion" in sections:
