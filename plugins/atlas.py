@@ -81,7 +81,9 @@ class Atlas(MergeMethod):
         "that interfere. With labels use cross_entropy (aTLAS); with unlabelled inputs use entropy (AdaMerging: "
         "blocks: layer, init: 0.3). Holds the base and the trained task vectors in memory while it learns "
         "(the plan states how much and refuses what exceeds the memory limit); `trained` limits that. The "
-        "learned values are written to coefficients/ beside the output. Details: [methods.md](../methods.md#atlas)."
+        "learned values are written to coefficients/ beside the output. In the zoo, aTLAS with 512 labelled examples per "
+        "task kept three times what tuned task arithmetic keeps; entropy only helps where the starting merge is "
+        "mostly right (it sharpens whatever the merge predicts). Details: [methods.md](../methods.md#atlas)."
     )
     Parameters = AtlasParameters
     ModelParameters = AtlasModelParameters
