@@ -15,6 +15,7 @@ and drawn as a heatmap by ``workbench analyze``. It lives in ``<output>/coeffici
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 from dataclasses import asdict, dataclass
@@ -69,8 +70,13 @@ class CoefficientTable:
     #: ``partition_assignment(n, shape, partitions, seed) == k``.
     seed: int = 0
 
+    @functools.cached_property
+    def _block_index(self) -> dict[str, int]:
+        return {block: i for i, block in enumerate(self.blocks)}
+
     def value(self, model: int, tensor: str) -> list[float]:
-        return self.values[model][self.blocks.index(self.tensor_blocks[tensor])]
+        """λ of every partition of the block ``tensor`` belongs to, for one model."""
+        return self.values[model][self._block_index[self.tensor_blocks[tensor]]]
 
     def per_tensor(self, model: int) -> dict[str, float]:
         """Tensor name -> λ of one model, the form ``{file: ...}`` parameter values take."""
@@ -79,8 +85,7 @@ class CoefficientTable:
                 f"the coefficients have {self.partitions} partitions per block, so a tensor has no single λ;"
                 " only the method that learned them (atlas) can apply them."
             )
-        index = {block: i for i, block in enumerate(self.blocks)}
-        return {name: self.values[model][index[block]][0] for name, block in self.tensor_blocks.items()}
+        return {name: self.value(model, name)[0] for name in self.tensor_blocks}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
