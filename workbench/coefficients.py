@@ -134,7 +134,7 @@ def partition_assignment(shape: tuple[int, ...], partitions: int, seed: int) -> 
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(partitions, shape, generator=generator, dtype=torch.uint8 if partitions <= 256 else torch.int32)
+    return torch.randint(partitions, shape, generator=generator, dtype=torch.uint8)  # atlas allows at most 256
 
 
 def find_table(path: Path) -> Path | None:

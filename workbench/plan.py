@@ -369,7 +369,8 @@ def _plan_tensors(recipe: Recipe, method_cls: type[MergeMethod], global_raw: dic
             )
 
     layers = architecture.layer_count(names, reference.reader.config())
-    method_cls().check_plan(global_raw, [m.parameters for m in models], layers)
+    method = method_cls()
+    method.check_plan(global_raw, [m.parameters for m in models], layers)
     out_code = code_from_name(recipe.output.dtype) if recipe.output.dtype else None
     tensors: list[PlannedTensor] = []
     converted: dict[str, tuple[str, str, int]] = {}
@@ -414,7 +415,7 @@ def _plan_tensors(recipe: Recipe, method_cls: type[MergeMethod], global_raw: dic
             f"no tensor of {reference} matches a known layer layout (model.layers.N., transformer.h.N., ...);"
             " it still merges, but per-layer parameter lists apply their first value everywhere."
         )
-    prepare_memory = method_cls().memory_needed(global_raw, [m.parameters for m in models], [(t.name, t.shape) for t in tensors if t.merge])
+    prepare_memory = method.memory_needed(global_raw, [m.parameters for m in models], [(t.name, t.shape) for t in tensors if t.merge])
     if prepare_memory is not None:
         check_memory(method_cls.name, prepare_memory, recipe.memory_limit_bytes)
     shard_size = recipe.output.shard_bytes
