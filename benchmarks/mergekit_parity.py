@@ -274,7 +274,7 @@ def run(venv: Path, work: Path) -> list[Comparison]:
         if not (folder / "ft3" / "config.json").is_file():
             write_family(folder, "tiny", 3, dtype=dtype)
     weights = {str(folder): _load(folder) for family in (models, models32) for folder in sorted(family.iterdir())}
-    workbench = [sys.executable, "-m", "workbench.cli"]
+    workbench = [sys.executable, "-m", "workbench"]
     results = []
     for index, (name, (recipe, deterministic)) in enumerate(cases(models, models32).items()):
         folder = work / f"case{index:02d}"

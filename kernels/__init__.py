@@ -1,14 +1,28 @@
-"""Merge kernels: one module per op, each with a pure-torch reference, a fast path and a dispatcher.
+"""Merge kernels: one module per op, each with a pure-torch reference, a fast torch path, a Triton
+kernel and a dispatcher.
 
-``WORKBENCH_KERNELS=reference|torch`` forces an implementation (tests compare them); the default
-picks the fast path for the tensor's device.
+The dispatcher of every op picks, for the device of its inputs: Triton on CUDA (when triton is
+installed), the fast torch path elsewhere. ``WORKBENCH_KERNELS=reference|torch|triton`` forces one
+(tests and ``workbench bench --check`` compare them). Triton kernels run on CPU tensors only under
+the Triton interpreter (``TRITON_INTERPRET=1``), which the test suite uses to exercise them. The
+interpreter reads that variable when a kernel is defined, i.e. when this package is imported; triton
+itself is imported only where a kernel can run (CUDA present, or the interpreter asked for), so a
+CPU-only merge never pays for it. Kernel modules decorate their kernels with :func:`jit` and use
+:data:`tl`, both inert without triton.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
+from typing import Any, Callable, TypeVar
 
-IMPLEMENTATIONS = ("reference", "torch")
+import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+IMPLEMENTATIONS = ("reference", "torch", "triton")
 
 
 def selected_impl() -> str | None:
@@ -17,3 +31,59 @@ def selected_impl() -> str | None:
     if value and value not in IMPLEMENTATIONS:
         raise ValueError(f"WORKBENCH_KERNELS={value!r}: expected one of {', '.join(IMPLEMENTATIONS)}")
     return value or None
+
+
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True under the Triton interpreter (kernels run on CPU tensors, slowly, for tests)."""
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def _load_triton() -> Any:
+    if not triton_installed() or not (interpreting() or torch.cuda.is_available()):
+        return None
+    import triton
+
+    return triton
+
+
+#: The triton module where kernels can run here, else None.
+TRITON = _load_triton()
+#: ``triton.language`` for kernel bodies (None without triton: kernels are then never launched).
+tl: Any = TRITON.language if TRITON is not None else None
+
+
+def jit(fn: F) -> F:
+    """``triton.jit`` where triton can run; otherwise the plain function, which is never launched."""
+    return TRITON.jit(fn) if TRITON is not None else fn
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether a Triton kernel can run on tensors of this device."""
+    return TRITON is not None and (device.type == "cuda" or interpreting())
+
+
+def implementation(device: torch.device) -> str:
+    """The implementation an op uses for inputs on ``device``: forced, or the fastest available."""
+    forced = selected_impl()
+    if forced == "triton" and not triton_runs_on(device):
+        why = "triton is not installed" if not triton_installed() else f"tensors are on {device.type}, not CUDA, and TRITON_INTERPRET=1 was not set when workbench_kernels was imported"
+        raise ValueError(f"WORKBENCH_KERNELS=triton, but {why}")
+    if forced:
+        return forced
+    return "triton" if device.type == "cuda" and triton_runs_on(device) else "torch"
+
+
+def block_size() -> int:
+    """Elements per Triton program: small on a GPU; large under the interpreter, which pays ~1 ms
+    per program instance."""
+    return 1 << 16 if interpreting() else 1024
+
+
+#: The most inputs one Triton launch takes (pointer arguments are unrolled at compile time);
+#: launchers fall back to the torch path beyond it.
+MAX_TRITON_INPUTS = 8

@@ -1,5 +1,9 @@
 """N-way weighted sum with the dtype conversion fused: ``out = sum_i w_i * x_i``.
 
+Three implementations: the reference (the definition on whole converted tensors), the blocked
+torch path (CPU) and a Triton kernel (CUDA; one program per block of elements reads every input
+once in its stored dtype, accumulates in float32 registers and stores the output dtype).
+
 The core of linear merging and of task arithmetic written as ``(1 - lambda * sum w) * base +
 sum (lambda * w_i) * x_i``. The fast torch path accumulates block by block into one cache-sized
 buffer in the compute dtype, reading each input in its stored dtype (no full-precision copy of any
@@ -14,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from workbench_kernels import selected_impl
+from workbench_kernels import MAX_TRITON_INPUTS, block_size, implementation, jit, tl
 
 
 def weighted_sum_reference(tensors: Sequence[torch.Tensor], weights: Sequence[float], compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -58,10 +62,62 @@ def weighted_sum_torch(tensors: Sequence[torch.Tensor], weights: Sequence[float]
     return out
 
 
+@jit
+def _term(acc, x_ptr, w, offsets, mask):
+    return acc + tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * w
+
+
+@jit
+def _weighted_sum_kernel(out_ptr, x0, x1, x2, x3, x4, x5, x6, x7, w0, w1, w2, w3, w4, w5, w6, w7, n, N: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per BLOCK elements: each input read once in its stored dtype, float32 sums."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    acc = _term(tl.zeros([BLOCK], dtype=tl.float32), x0, w0, offsets, mask)
+    if N > 1:
+        acc = _term(acc, x1, w1, offsets, mask)
+    if N > 2:
+        acc = _term(acc, x2, w2, offsets, mask)
+    if N > 3:
+        acc = _term(acc, x3, w3, offsets, mask)
+    if N > 4:
+        acc = _term(acc, x4, w4, offsets, mask)
+    if N > 5:
+        acc = _term(acc, x5, w5, offsets, mask)
+    if N > 6:
+        acc = _term(acc, x6, w6, offsets, mask)
+    if N > 7:
+        acc = _term(acc, x7, w7, offsets, mask)
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def weighted_sum_triton(tensors: Sequence[torch.Tensor], weights: Sequence[float], compute_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Launcher: checks, drops zero-weight inputs, makes inputs contiguous, launches one grid.
+
+    The kernel accumulates in float32; with another compute dtype, or more than
+    ``MAX_TRITON_INPUTS`` inputs, the torch path runs instead.
+    """
+    _check(tensors, weights)
+    out_dtype = out_dtype or compute_dtype
+    terms = [(x.contiguous().reshape(-1), float(w)) for x, w in zip(tensors, weights) if w != 0.0]
+    if compute_dtype != torch.float32 or len(terms) > MAX_TRITON_INPUTS:
+        return weighted_sum_torch(tensors, weights, compute_dtype, out_dtype)
+    out = torch.empty(tensors[0].shape, dtype=out_dtype, device=tensors[0].device)
+    n = out.numel()
+    if not terms or n == 0:
+        return out.zero_()
+    padded = terms + [terms[0]] * (MAX_TRITON_INPUTS - len(terms))  # unused slots: never read
+    block = block_size()
+    _weighted_sum_kernel[(-(-n // block),)](out.view(-1), *[x for x, _ in padded], *[w for _, w in padded], n, N=len(terms), BLOCK=block)
+    return out
+
+
 def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float], compute_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dispatch: ``WORKBENCH_KERNELS=reference`` forces the reference; otherwise the fast torch path."""
-    if selected_impl() == "reference":
+    """Dispatch on the inputs' device (see :func:`workbench_kernels.implementation`)."""
+    impl = implementation(tensors[0].device) if tensors else "torch"
+    if impl == "reference":
         return weighted_sum_reference(tensors, weights, compute_dtype).to(out_dtype or compute_dtype)
+    if impl == "triton":
+        return weighted_sum_triton(tensors, weights, compute_dtype, out_dtype)
     return weighted_sum_torch(tensors, weights, compute_dtype, out_dtype)
 
 

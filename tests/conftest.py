@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import textwrap
 import uuid
@@ -14,6 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+
+# Without a GPU, the Triton kernels run under the Triton interpreter; it must be chosen before
+# workbench_kernels is imported (the interpreter reads this when a kernel is defined).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import workbench.registry as registry_module
 from workbench.registry import Registry, load_registry

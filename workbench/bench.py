@@ -1,10 +1,17 @@
 """``workbench bench``: end-to-end merges of generated Llama-shaped models, measured.
 
-Each merge runs in a fresh ``workbench run`` process, as a user would run it. Reported per method:
-wall time of the process (of the fastest run), its start-up (wall time minus merge time: interpreter,
-imports, planning, writing the card), the engine's own merge time (first read to final rename), best
-and median over the runs, the input throughput over the merge, and the largest peak resident memory
-of the processes (``ru_maxrss`` from ``wait4``).
+Every merge is written as one mergekit YAML file, which ``workbench run`` reads unchanged; with
+``--mergekit PATH`` the same file also goes through ``mergekit-yaml``, so the two tools are
+compared on the same work in the same run. Each merge runs in a fresh process, as a user would run
+it. Reported per method and tool: wall time of the process (of the fastest run), its start-up, the
+merge time (wall time minus start-up), best and median over the runs, the input throughput over the
+merge, and the largest peak resident memory of the processes (``ru_maxrss`` from ``wait4``).
+
+Start-up is measured in the same run: for the workbench it is the process's wall time minus the
+engine's own merge time (first read to final rename, from ``--stats-json``); for mergekit, which
+reports no merge time, it is the wall time of ``mergekit-yaml --help`` (interpreter, torch and
+its other imports). ``--check`` reruns each merge with ``WORKBENCH_KERNELS=reference`` and
+reports how far the outputs are apart, in bf16 steps.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,31 +29,91 @@ from typing import Any
 
 import yaml
 
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
 
-def _recipe(method: str, models: Path, fine_tunes: int) -> dict[str, Any]:
+
+def mergekit_recipe(method: str, models: Path, fine_tunes: int) -> dict[str, Any]:
+    """The mergekit YAML of one benchmarked merge: float32 compute, bf16 output."""
+    base = str(models / "base")
     tunes = [str(models / f"ft{i}") for i in range(1, fine_tunes + 1)]
+    common: dict[str, Any] = {"dtype": "float32", "out_dtype": "bfloat16"}
     if method == "linear":
-        return {"method": "linear", "models": [{"model": t, "parameters": {"weight": 1.0}} for t in tunes]}
+        return {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in [base, *tunes]], **common}
     if method == "task_arithmetic":
-        return {"method": "task_arithmetic", "base": str(models / "base"), "models": tunes, "parameters": {"lambda": 0.5}}
+        return {"merge_method": "task_arithmetic", "base_model": base, "models": [{"model": t, "parameters": {"weight": 0.5}} for t in tunes], **common}
+    if method in ("ties", "dare_ties"):
+        models_ = [{"model": t, "parameters": {"weight": 1.0, "density": 0.5}} for t in tunes]
+        return {"merge_method": method, "base_model": base, "models": models_, "parameters": {"normalize": True}, **common}
     if method == "slerp":
-        return {"method": "slerp", "models": tunes[:2], "parameters": {"t": 0.5}}
-    raise SystemExit(f"bench has no recipe for method '{method}' (known: linear, task_arithmetic, slerp)")
+        return {"merge_method": "slerp", "base_model": tunes[0], "models": [{"model": t} for t in tunes[:2]], "parameters": {"t": 0.5}, **common}
+    raise SystemExit(f"bench has no recipe for method '{method}' (known: {', '.join(METHODS)})")
 
 
-def measure(command: list[str]) -> tuple[float, int, int]:
-    """Run a command; return (wall seconds, exit status, peak RSS in bytes)."""
+def measure(command: list[str], env: dict[str, str] | None = None) -> tuple[float, int, int]:
+    """Run a command, output discarded; return (wall seconds, exit status, peak RSS in bytes)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(command)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    assert proc.stderr is not None
+    errors = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return wall, proc.returncode, usage.ru_maxrss * 1024
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"bench: `{' '.join(command)}` failed with status {code}:\n{errors.decode(errors='replace')[-2000:]}")
+    return wall, code, usage.ru_maxrss * 1024
 
 
-def run_bench(size: str, methods: list[str], fine_tunes: int, directory: Path, repeat: int, json_out: Path | None, console: Any) -> list[dict[str, Any]]:
-    from rich.table import Table
+def input_bytes(recipe: dict[str, Any]) -> int:
+    """Bytes of safetensors files read by a recipe's models (the base counted once)."""
+    folders = {m["model"] for m in recipe["models"]} | ({recipe["base_model"]} if "base_model" in recipe else set())
+    return sum(f.stat().st_size for folder in folders for f in Path(folder).glob("*.safetensors"))
 
+
+def bf16_steps(out: Path, reference: Path) -> tuple[int, int]:
+    """(largest distance in bf16 steps, number of elements apart) between two output folders."""
+    import torch
+
+    from workbench.checkpoint.folder import SafetensorsFolder
+
+    worst = differing = 0
+    with SafetensorsFolder(out) as ours, SafetensorsFolder(reference) as theirs:
+        for name in ours.tensor_names():
+            a, b = ours.read(name), theirs.read(name)
+            if a.dtype != torch.bfloat16:
+                a, b = a.to(torch.bfloat16), b.to(torch.bfloat16)
+            # bf16 bit patterns as sign-magnitude integers: adjacent values differ by one.
+            keys = [_ordered(x.contiguous().view(torch.int16).to(torch.int32)) for x in (a, b)]
+            gap = (keys[0] - keys[1]).abs()
+            worst = max(worst, int(gap.max()) if gap.numel() else 0)
+            differing += int((gap > 0).sum())
+    return worst, differing
+
+
+def _ordered(bits: Any) -> Any:
+    return bits.where(bits >= 0, -(bits & 0x7FFF))
+
+
+def _summary(tool: str, method: str, runs: list[dict[str, float]], startup: float | None, nbytes: int) -> dict[str, Any]:
+    """Best/median merge time of a tool's runs; ``startup`` given (mergekit) or per run (workbench)."""
+    merges = [r["wall_s"] - (startup if startup is not None else r["wall_s"] - r["merge_s"]) for r in runs]
+    best = min(range(len(runs)), key=lambda i: merges[i])
+    median = statistics.median(merges)
+    return {
+        "tool": tool,
+        "method": method,
+        "runs": len(runs),
+        "wall_s": round(runs[best]["wall_s"], 3),
+        "startup_s": round(runs[best]["wall_s"] - merges[best], 3),
+        "merge_s_best": round(merges[best], 3),
+        "merge_s_median": round(median, 3),
+        "input_gb": round(nbytes / 1e9, 3),
+        "input_gb_per_s_best": round(nbytes / max(merges[best], 1e-9) / 1e9, 3),
+        "input_gb_per_s_median": round(nbytes / max(median, 1e-9) / 1e9, 3),
+        "peak_rss_mb_max": round(max(r["rss"] for r in runs) / 2**20, 1),
+    }
+
+
+def run_bench(size: str, methods: list[str], fine_tunes: int, directory: Path, repeat: int, json_out: Path | None, console: Any, *, mergekit: Path | None = None, check: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
     from workbench.synthetic import SIZES, write_family
 
     models = directory / size
@@ -56,48 +124,69 @@ def run_bench(size: str, methods: list[str], fine_tunes: int, directory: Path, r
         write_family(models, size, fine_tunes)
         console.print(f"generated in {time.perf_counter() - start:.1f} s")
 
+    mergekit_startup = None
+    if mergekit is not None:
+        mergekit_startup = min(measure([str(mergekit), "--help"])[0] for _ in range(repeat))
+        console.print(f"mergekit start-up (`{mergekit.name} --help`, best of {repeat}): {mergekit_startup:.2f} s")
+
     results = []
     with tempfile.TemporaryDirectory(prefix="workbench-bench-") as tmp:
         for method in methods:
-            recipe = Path(tmp) / f"{method}.yaml"
-            recipe.write_text(yaml.safe_dump(_recipe(method, models, fine_tunes)))
+            recipe = mergekit_recipe(method, models, fine_tunes)
+            recipe_file = Path(tmp) / f"{method}.yaml"
+            recipe_file.write_text(yaml.safe_dump(recipe))
+            nbytes = input_bytes(recipe)
             out = directory / f"out-{size}-{method}"
+            stats_file = Path(tmp) / "stats.json"
+            def command(out: Path) -> list[str]:
+                return [sys.executable, "-m", "workbench", "run", str(recipe_file), "--out", str(out), "--overwrite", "--quiet", "--device", device, "--stats-json", str(stats_file)]
+
             runs = []
             for _ in range(repeat):
-                stats_file = Path(tmp) / "stats.json"
-                command = [sys.executable, "-m", "workbench.cli", "run", str(recipe), "--out", str(out), "--overwrite", "--quiet", "--stats-json", str(stats_file)]
-                wall, code, rss = measure(command)
-                if code != 0:
-                    raise SystemExit(f"bench: `{' '.join(command)}` failed with status {code}")
-                stats = json.loads(stats_file.read_text())
-                runs.append({"wall_s": wall, "merge_s": stats["seconds"], "bytes_read": stats["bytes_read"], "rss": rss})
+                wall, _, rss = measure(command(out))
+                runs.append({"wall_s": wall, "merge_s": json.loads(stats_file.read_text())["seconds"], "rss": rss})
+            row = _summary("workbench", method, runs, None, nbytes)
+            if check:
+                reference_out = directory / f"out-{size}-{method}-reference"
+                measure(command(reference_out), env={**os.environ, "WORKBENCH_KERNELS": "reference"})
+                row["bf16_steps_vs_reference"], row["elements_apart"] = bf16_steps(out, reference_out)
+                shutil.rmtree(reference_out, ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)
-            merge_times = sorted(r["merge_s"] for r in runs)
-            best = min(runs, key=lambda r: r["merge_s"])
-            median = merge_times[len(merge_times) // 2]
-            results.append({
-                "method": method,
-                "size": size,
-                "fine_tunes": fine_tunes,
-                "runs": len(runs),
-                "wall_s": round(best["wall_s"], 3),
-                "startup_s": round(best["wall_s"] - best["merge_s"], 3),
-                "merge_s_best": round(best["merge_s"], 3),
-                "merge_s_median": round(median, 3),
-                "input_gb": round(best["bytes_read"] / 1e9, 3),
-                "input_gb_per_s_best": round(best["bytes_read"] / best["merge_s"] / 1e9, 3),
-                "input_gb_per_s_median": round(best["bytes_read"] / median / 1e9, 3),
-                "peak_rss_mb_max": round(max(r["rss"] for r in runs) / 2**20, 1),
-            })
+            results.append(row)
+            if mergekit is not None and mergekit_startup is not None:
+                mk_runs = []
+                for _ in range(repeat):
+                    wall, _, rss = measure([str(mergekit), str(recipe_file), str(out), "--no-copy-tokenizer"])
+                    mk_runs.append({"wall_s": wall, "merge_s": wall - mergekit_startup, "rss": rss})
+                    shutil.rmtree(out, ignore_errors=True)
+                mk = _summary("mergekit", method, mk_runs, mergekit_startup, nbytes)
+                row["speedup_best"] = round(mk["merge_s_best"] / max(row["merge_s_best"], 1e-9), 1)
+                row["speedup_median"] = round(mk["merge_s_median"] / max(row["merge_s_median"], 1e-9), 1)
+                results.append(mk)
 
-    table = Table("method", "runs", "wall s", "start-up s", "merge s best/median", "input GB", "input GB/s best/median", "peak RSS MB (max)", box=None, pad_edge=False)
-    for r in results:
-        table.add_row(
-            r["method"], str(r["runs"]), f"{r['wall_s']:.2f}", f"{r['startup_s']:.2f}",
-            f"{r['merge_s_best']:.2f} / {r['merge_s_median']:.2f}", f"{r['input_gb']:.2f}",
-            f"{r['input_gb_per_s_best']:.2f} / {r['input_gb_per_s_median']:.2f}", f"{r['peak_rss_mb_max']:.0f}",
-        )
-    console.print(table)
+    _print_table(results, console)
     if json_out:
         json_out.write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def _print_table(results: list[dict[str, Any]], console: Any) -> None:
+    from rich.table import Table
+
+    columns = ["method", "tool", "runs", "wall s", "start-up s", "merge s best/median", "input GB", "input GB/s best/median", "peak RSS MB"]
+    speedups = any("speedup_best" in r for r in results)
+    checks = any("bf16_steps_vs_reference" in r for r in results)
+    columns += ["merge speed-up best/median"] * speedups + ["bf16 steps vs reference"] * checks
+    table = Table(*columns, box=None, pad_edge=False)
+    for r in results:
+        cells = [
+            r["method"], r["tool"], str(r["runs"]), f"{r['wall_s']:.2f}", f"{r['startup_s']:.2f}",
+            f"{r['merge_s_best']:.2f} / {r['merge_s_median']:.2f}", f"{r['input_gb']:.2f}",
+            f"{r['input_gb_per_s_best']:.2f} / {r['input_gb_per_s_median']:.2f}", f"{r['peak_rss_mb_max']:.0f}",
+        ]
+        if speedups:
+            cells.append(f"{r['speedup_best']}× / {r['speedup_median']}×" if "speedup_best" in r else "")
+        if checks:
+            cells.append(f"{r['bf16_steps_vs_reference']} ({r['elements_apart']} elements)" if "bf16_steps_vs_reference" in r else "")
+        table.add_row(*cells)
+    console.print(table)

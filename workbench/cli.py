@@ -15,6 +15,7 @@ from typing import Any, Callable
 import click
 
 from workbench.errors import WorkbenchError
+from workbench.synthetic import SIZES as SIZE_NAMES
 
 
 def _console(stderr: bool = False) -> Any:
@@ -348,7 +349,7 @@ def inspect(path: str) -> None:
 
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--size", type=click.Choice(["tiny", "small", "250m", "1b"]), default="tiny", show_default=True)
+@click.option("--size", type=click.Choice(list(SIZE_NAMES)), default="tiny", show_default=True)
 @click.option("--fine-tunes", default=2, show_default=True, type=click.IntRange(0, 16))
 @click.option("--dtype", default="bfloat16", show_default=True)
 @click.option("--seed", default=0, show_default=True)
@@ -372,18 +373,28 @@ def demo(recipes: Path) -> None:
 
 
 @main.command()
-@click.option("--size", type=click.Choice(["tiny", "small", "250m", "1b"]), default="250m", show_default=True)
-@click.option("--methods", "method_names", default="linear,task_arithmetic", show_default=True)
+@click.option("--size", type=click.Choice(list(SIZE_NAMES)), default="250m", show_default=True)
+@click.option("--methods", "method_names", default="linear,task_arithmetic,ties,dare_ties,slerp", show_default=True)
 @click.option("--fine-tunes", default=3, show_default=True)
 @click.option("--dir", "directory", type=click.Path(path_type=Path), default=Path("bench-models"), show_default=True, help="Generated models are kept here between runs.")
 @click.option("--repeat", default=1, show_default=True, help="Runs per method (the fastest is reported).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the results as JSON.")
+@click.option("--mergekit", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="A mergekit-yaml executable: run the same YAML through it and report the speed-up.")
+@click.option("--check", is_flag=True, help="Rerun each merge with WORKBENCH_KERNELS=reference and report the distance in bf16 steps.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda, for the workbench's runs.")
+@click.option("--ops", "ops_only", is_flag=True, help="Benchmark each kernel against its torch reference instead of whole merges.")
 @handle_errors
-def bench(size: str, method_names: str, fine_tunes: int, directory: Path, repeat: int, json_out: Path | None) -> None:
-    """Benchmark end-to-end merges: wall time, start-up, merge throughput, peak RSS."""
+def bench(size: str, method_names: str, fine_tunes: int, directory: Path, repeat: int, json_out: Path | None, mergekit: Path | None, check: bool, device: str, ops_only: bool) -> None:
+    """Benchmark end-to-end merges (wall time, start-up, merge throughput, peak RSS) or, with --ops, each kernel."""
+    if ops_only:
+        from workbench.bench_ops import run_op_bench
+
+        run_op_bench(device, repeat, json_out, _console())
+        return
     from workbench.bench import run_bench
 
-    run_bench(size, [m.strip() for m in method_names.split(",") if m.strip()], fine_tunes, directory, repeat, json_out, _console())
+    methods = [m.strip() for m in method_names.split(",") if m.strip()]
+    run_bench(size, methods, fine_tunes, directory, repeat, json_out, _console(), mergekit=mergekit, check=check, device=device)
 
 
 # ----------------------------------------------------------------------------------------------
