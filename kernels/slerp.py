@@ -6,7 +6,10 @@ omega = arccos d, sin((1 - t) omega) / sin omega * v0 + sin(t omega) / sin omega
 coefficients multiplying the original tensors. t = 0 and t = 1 return the endpoints exactly.
 
 The fast path never converts whole tensors: norms and the dot product are accumulated over
-cache-sized blocks, and the result is one blocked weighted sum written in the output dtype.
+cache-sized blocks, and the result is one blocked weighted sum written in the output dtype. The
+Triton path does the same in two launches: a reduction kernel writes each block's three float32
+partial sums (||v0||², ||v1||², <v0, v1>), which are added on the host in float64, then the
+weighted-sum kernel writes the result.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ import math
 
 import torch
 
-from workbench_kernels import selected_impl
-from workbench_kernels.weighted_sum import BLOCK, weighted_sum_torch
+from workbench_kernels import block_size, implementation, jit, tl
+from workbench_kernels.weighted_sum import BLOCK, weighted_sum_torch, weighted_sum_triton
 
 PARALLEL_THRESHOLD = 0.9995
 SMALL_NORM = 1e-8
@@ -64,10 +67,54 @@ def slerp_torch(v0: torch.Tensor, v1: torch.Tensor, t: float, compute_dtype: tor
     return weighted_sum_torch([v0, v1], [c0, c1], compute_dtype, out_dtype)
 
 
+@jit
+def _slerp_partial_sums_kernel(v0_ptr, v1_ptr, partials_ptr, n, BLOCK: tl.constexpr):
+    """One program per BLOCK elements: its (||v0||², ||v1||², <v0, v1>) in float32, at row pid."""
+    pid = tl.program_id(0)
+    offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    x = tl.load(v0_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(v1_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(partials_ptr + pid * 3, tl.sum(x * x, axis=0))
+    tl.store(partials_ptr + pid * 3 + 1, tl.sum(y * y, axis=0))
+    tl.store(partials_ptr + pid * 3 + 2, tl.sum(x * y, axis=0))
+
+
+def slerp_statistics_triton(v0: torch.Tensor, v1: torch.Tensor) -> tuple[float, float, float]:
+    """(||v0||², ||v1||², <v0, v1>): per-block float32 partial sums from the kernel, added in
+    float64 on the host so that the error does not grow with the number of blocks."""
+    a, b = v0.contiguous().reshape(-1), v1.contiguous().reshape(-1)
+    n = a.numel()
+    if n == 0:
+        return 0.0, 0.0, 0.0
+    block = block_size()
+    programs = -(-n // block)
+    partials = torch.empty((programs, 3), dtype=torch.float32, device=a.device)
+    _slerp_partial_sums_kernel[(programs,)](a, b, partials, n, BLOCK=block)
+    sq0, sq1, dot = partials.double().sum(dim=0).tolist()
+    return sq0, sq1, dot
+
+
+def slerp_triton(v0: torch.Tensor, v1: torch.Tensor, t: float, compute_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Statistics by the reduction kernel, the result by the weighted-sum kernel. The kernels
+    compute in float32; another compute dtype takes the blocked torch path."""
+    out_dtype = out_dtype or compute_dtype
+    if compute_dtype != torch.float32:
+        return slerp_torch(v0, v1, t, compute_dtype, out_dtype)
+    if t == 0.0 or t == 1.0:
+        return (v0 if t == 0.0 else v1).to(out_dtype)
+    sq0, sq1, dot = slerp_statistics_triton(v0, v1)
+    c0, c1 = slerp_coefficients(math.sqrt(sq0), math.sqrt(sq1), dot, t)
+    return weighted_sum_triton([v0, v1], [c0, c1], compute_dtype, out_dtype)
+
+
 def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, compute_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dispatch: ``WORKBENCH_KERNELS=reference`` forces the reference; otherwise the blocked path."""
+    """Dispatch on the inputs' device (see :func:`workbench_kernels.implementation`)."""
     if v0.shape != v1.shape:
         raise ValueError(f"slerp: shapes {list(v0.shape)} and {list(v1.shape)} differ")
-    if selected_impl() == "reference":
+    impl = implementation(v0.device)
+    if impl == "reference":
         return slerp_reference(v0, v1, t, compute_dtype).to(out_dtype or compute_dtype)
+    if impl == "triton":
+        return slerp_triton(v0, v1, t, compute_dtype, out_dtype)
     return slerp_torch(v0, v1, t, compute_dtype, out_dtype)

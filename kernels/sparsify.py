@@ -11,8 +11,9 @@ and reproducible:
   a threshold (common in bf16 task vectors), the earlier entry in row-major order ranks higher, as
   in a stable sort, rather than mergekit's arbitrary pick among the tied ones. A band computed over
   the whole model keeps every entry tied with its threshold (the TIES paper's ``>=`` rule);
-* random masks come from a CPU generator seeded per tensor and per model, drawn serially, so they
-  do not depend on the thread count, the device or the scheduling;
+* random masks come from a counter-based generator keyed per tensor and per model
+  (:mod:`workbench_kernels.dare`), so they do not depend on the thread count, the device or the
+  scheduling;
 * the L1 norms of the rescaling are summed in float64 over fixed blocks and combined with
   ``math.fsum``, since torch's multi-threaded reductions round differently with 1 and 2 threads.
 
@@ -40,8 +41,6 @@ RESCALE_EPS = 1e-7
 #: Elements per partial sum of :func:`l1_norm`: under torch's 32768-element grain size, so each
 #: partial sum is computed by one thread, in the same order whatever the thread count.
 L1_BLOCK = 1 << 14
-#: Random numbers drawn per call: bounds the float32 temporary of :func:`random_mask`.
-RNG_BLOCK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -197,19 +196,11 @@ def _keep_ties(mask: torch.Tensor, w: torch.Tensor, value: float, start: int, st
 
 
 def random_mask(shape: Sequence[int], density: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Bernoulli(density) keep-mask, drawn on the CPU in blocks from one seeded generator.
+    """Bernoulli(density) keep-mask from the counter-based generator of :mod:`workbench_kernels.dare`:
+    a function of (seed, shape, density) only, identical on every device and thread count."""
+    from workbench_kernels.dare import keep_mask
 
-    ``torch.rand`` is serial on the CPU, so the mask depends only on (seed, shape, density): not on
-    the thread count or the device (it is moved to ``device`` afterwards). An element is kept when
-    its uniform float32 draw is below ``density``.
-    """
-    n = math.prod(shape)
-    out = torch.empty(n, dtype=torch.bool)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    for start in range(0, n, RNG_BLOCK):
-        stop = min(start + RNG_BLOCK, n)
-        torch.lt(torch.rand(stop - start, generator=generator), density, out=out[start:stop])
-    return out.view(tuple(shape)).to(device)
+    return keep_mask(tuple(shape), density, seed, device)
 
 
 def l1_norm(x: torch.Tensor) -> float:

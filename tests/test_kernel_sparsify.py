@@ -154,12 +154,25 @@ def test_random_mask_is_seeded_and_has_the_density():
     assert random_mask((50,), 1.0, seed=1).all()
 
 
+def _documented_hash(x: int) -> int:
+    """The integer hash of workbench_kernels.dare's docstring, written out again here."""
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) % 2**32
+    x ^= x >> 15
+    x = (x * 0x735A2D97) % 2**32
+    return x ^ (x >> 15)
+
+
 def test_random_mask_is_a_documented_function_of_the_seed():
-    """Uniform float32 draws of a CPU generator, kept when below density (also across blocks)."""
-    n = (1 << 20) + 12345
-    g = torch.Generator().manual_seed(77)
-    expected = torch.rand(n, generator=g) < 0.6
-    assert torch.equal(random_mask((n,), 0.6, seed=77), expected)
+    """Element i is kept when h(h(i ^ seed_lo) ^ seed_hi) >> 8 < round(density * 2**24), also past
+    the first block of the torch path."""
+    seed = 0xDEADBEEF12345678
+    lo, hi = seed % 2**32, seed // 2**32
+    n = (1 << 16) + 1234
+    keep_below = round(0.6 * 2**24)
+    positions = list(range(0, 50)) + list(range(n - 50, n))
+    mask = random_mask((n,), 0.6, seed=seed).tolist()
+    assert [mask[i] for i in positions] == [(_documented_hash(_documented_hash(i ^ lo) ^ hi) >> 8) < keep_below for i in positions]
 
 
 def test_random_mask_and_l1_norm_do_not_depend_on_threads(threads):

@@ -45,8 +45,17 @@ def sha_seed(text: str) -> int:
 def dare_mask(recipe_seed: int, name: str, index: int, shape: torch.Size, density: float) -> torch.Tensor:
     if density >= 1:
         return torch.ones(shape, dtype=torch.bool)
-    g = torch.Generator().manual_seed(sha_seed(f"{sha_seed(f'{recipe_seed}:{name}')}:{index}"))
-    return (torch.rand(math.prod(shape), generator=g) < density).reshape(shape)
+    seed = sha_seed(f"{sha_seed(f'{recipe_seed}:{name}')}:{index}")
+
+    def h(x: torch.Tensor) -> torch.Tensor:  # the documented 32-bit hash, on int64 (no overflow)
+        x = x ^ (x >> 16)
+        x = (x * 0x21F0AAAD) % 2**32
+        x = x ^ (x >> 15)
+        x = (x * 0x735A2D97) % 2**32
+        return x ^ (x >> 15)
+
+    i = torch.arange(math.prod(shape), dtype=torch.int64)
+    return ((h(h(i ^ (seed % 2**32)) ^ (seed // 2**32)) >> 8) < round(density * 2**24)).reshape(shape)
 
 
 def band_mask64(tau: torch.Tensor, density: float, gamma: float = 0.0) -> torch.Tensor:
