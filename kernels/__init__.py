@@ -87,3 +87,31 @@ def block_size() -> int:
 #: The most inputs one Triton launch takes (pointer arguments are unrolled at compile time);
 #: launchers fall back to the torch path beyond it.
 MAX_TRITON_INPUTS = 8
+
+
+#: Tensors smaller than this run the torch path eagerly: compiling pays off only on large ones.
+COMPILE_MIN = 1 << 20
+
+
+def compiled(fn: F) -> F:
+    """``torch.compile(fn, dynamic=True)`` on first call (Inductor fuses the op into one C++/OpenMP
+    loop on CPU), or ``fn`` itself: with ``WORKBENCH_COMPILE=0``, or, with a warning, where compiling
+    fails (e.g. no C++ compiler)."""
+    state: dict[str, Any] = {}
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if "fn" not in state:
+            state["fn"] = fn if os.environ.get("WORKBENCH_COMPILE", "1") == "0" else torch.compile(fn, dynamic=True)
+        try:
+            return state["fn"](*args, **kwargs)
+        except Exception as exc:  # environment problems surface here, at the first call
+            if state["fn"] is fn:
+                raise
+            import warnings
+
+            warnings.warn(f"workbench_kernels: compiling {fn.__name__} failed ({type(exc).__name__}: {exc}); using eager torch", stacklevel=2)
+            state["fn"] = fn
+            return fn(*args, **kwargs)
+
+    return call  # type: ignore[return-value]

@@ -45,7 +45,7 @@ def hash32_python(x: int) -> int:
     return x ^ (x >> 15)
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
+def hash32(x: torch.Tensor) -> torch.Tensor:
     """The hash on an int64 tensor of values below 2**32 (products stay below 2**63)."""
     x = x ^ (x >> 16)
     x = (x * _M1) & MASK32
@@ -58,7 +58,7 @@ def draws(start: int, count: int, seed: int, device: torch.device | str = "cpu")
     """The 24-bit draws of elements ``start .. start + count - 1`` (int64)."""
     lo, hi = seed_words(seed)
     index = torch.arange(start, start + count, dtype=torch.int64, device=device)
-    return _hash32(_hash32(index ^ lo) ^ hi) >> 8
+    return hash32(hash32(index ^ lo) ^ hi) >> 8
 
 
 def keep_mask_reference(numel: int, density: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:

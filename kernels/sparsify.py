@@ -28,10 +28,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from workbench_kernels import selected_impl
+from workbench_kernels import implementation
+
+if TYPE_CHECKING:
+    from workbench_kernels.ties import Keep, Rule
 
 Sparsification = Literal["none", "magnitude", "random"]
 RescaleMode = Literal["l1", "inverse_density"]
@@ -411,9 +414,51 @@ def merge_task_vectors_torch(base: torch.Tensor, tensors: Sequence[torch.Tensor]
     return acc.add_(base_c).to(out_dtype)
 
 
+def _fused_keeps(base: torch.Tensor, tensors: Sequence[torch.Tensor], specs: Sequence[TaskVector]) -> tuple[list[Keep], Rule] | None:
+    """The keep rules of the fused kernel (:mod:`workbench_kernels.ties`), or None where it does not
+    apply: two-sided bands (breadcrumbs) and mixed rules take the streaming path."""
+    from workbench_kernels.dare import RESOLUTION, keep_below
+    from workbench_kernels.threshold import Threshold, topk_thresholds
+    from workbench_kernels.ties import Keep, l1_norms
+
+    rules = {"random" if s.sparsify == "random" else "magnitude" for s in specs}
+    if len(rules) != 1 or any(s.sparsify == "magnitude" and (s.gamma > 0 and s.density < 1 or s.band is not None and s.band.hi != math.inf) for s in specs):
+        return None
+    rule: Rule = rules.pop()  # type: ignore[assignment]
+    n = base.numel()
+    masked = [s.sparsify != "none" and s.density < 1 or s.band is not None for s in specs]
+    if rule == "magnitude":
+        computed = iter(topk_thresholds([x for x, s in zip(tensors, specs) if s.band is None], base, [keep_count(s.density, n) if m else n for s, m in zip(specs, masked) if s.band is None]))
+        thresholds = [next(computed) if s.band is None else Threshold(s.band.lo, n) for s in specs]
+        keeps = [Keep(s.weight, threshold=t.value, cut=t.cut) for s, t in zip(specs, thresholds)]
+    else:
+        keeps = [Keep(s.weight, seed=s.seed, keep_below=keep_below(s.density) if m else RESOLUTION) for s, m in zip(specs, masked)]
+    if any(s.rescale == "l1" and m for s, m in zip(specs, masked)):
+        norms = l1_norms(base, tensors, keeps, rule)
+    factors = [
+        1.0 if s.rescale is None or not m else (1.0 / s.density if s.density > 0 else 1.0) if s.rescale == "inverse_density"
+        else (norms[i][0] / norms[i][1] if norms[i][0] >= RESCALE_EPS and norms[i][1] >= RESCALE_EPS else 1.0)
+        for i, (s, m) in enumerate(zip(specs, masked))
+    ]
+    return [Keep(k.weight, f, k.threshold, k.cut, k.seed, k.keep_below) for k, f in zip(keeps, factors)], rule
+
+
 def merge_task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor], specs: Sequence[TaskVector], *, consensus: bool, normalize: bool, scale: float, compute_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dispatch: ``WORKBENCH_KERNELS=reference`` forces the reference; otherwise the streaming path."""
-    if selected_impl() == "reference":
+    """Dispatch on the base's device: the reference where forced; the fused kernel (torch or Triton)
+    where it applies (float32 compute, one keep rule); otherwise the streaming torch path."""
+    impl = implementation(base.device)
+    if impl == "reference":
         result = merge_task_vectors_reference(base, tensors, specs, consensus=consensus, normalize=normalize, scale=scale, compute_dtype=compute_dtype)
         return result.to(out_dtype or compute_dtype)
-    return merge_task_vectors_torch(base, tensors, specs, consensus=consensus, normalize=normalize, scale=scale, compute_dtype=compute_dtype, out_dtype=out_dtype)
+    _check(tensors, base, specs)
+    active = [(x, s) for x, s in zip(tensors, specs) if s.weight != 0.0]
+    fused = _fused_keeps(base, [x for x, _ in active], [s for _, s in active]) if active and compute_dtype == torch.float32 else None
+    if fused is None:
+        return merge_task_vectors_torch(base, tensors, specs, consensus=consensus, normalize=normalize, scale=scale, compute_dtype=compute_dtype, out_dtype=out_dtype)
+    from workbench_kernels.ties import ties_merge_torch, ties_merge_triton
+
+    keeps, rule = fused
+    if not consensus:
+        _linear_divisor([s for _, s in active], normalize)  # a zero sum of weights is an error
+    run = ties_merge_triton if impl == "triton" else ties_merge_torch
+    return run(base, [x for x, _ in active], keeps, rule, consensus=consensus, normalize=normalize, scale=scale, out_dtype=out_dtype or compute_dtype)

@@ -1,0 +1,238 @@
+"""Exact top-k magnitude thresholds of task vectors, without sorting whole tensors.
+
+For each task vector ``tau = x - base`` (float32) and a count ``k``, the :class:`Threshold`
+``(value, cut)`` keeps exactly k entries: those with ``|tau| > value``, and those with
+``|tau| == value`` whose flat (row-major) index is below ``cut``, i.e. among entries tied at the
+threshold the earliest rank higher, as in a stable sort by decreasing magnitude.
+
+The reference sorts. The fast paths select: a strided sample of each task vector (n / 32 entries, at
+most 131072, sorted) brackets the threshold between two sample order statistics ``lo <= value <= hi``
+with a safety margin; one pass over the data counts the entries above ``hi``, equal to ``hi`` and
+equal to ``lo``, and marks those strictly between (about 1.4% of them, fewer where bf16 task vectors
+pile up on a few values); the threshold is then read off the counts and the marked entries alone,
+and a tie cut, where needed, from a scan that stops at the chunk holding it. The counts prove the bracket: when they show the threshold outside it (rare, e.g.
+many equal magnitudes), that model falls back to a sort-free exact radix select over its whole
+task vector (:func:`workbench_kernels.order_stats.kth_smallest`). All models of a tensor share the
+pass, which reads the base once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from workbench_kernels import COMPILE_MIN, MAX_TRITON_INPUTS, block_size, compiled, implementation, jit, tl
+
+#: Sample size: n / 32, between 4096 and 131072 entries (sorting it must stay cheap beside the pass).
+SAMPLE_MIN, SAMPLE_MAX = 1 << 12, 1 << 17
+#: Bracket half-width in sample ranks, in standard deviations of a sample quantile (sqrt(m q (1-q))
+#: <= sqrt(m)/2): a threshold outside it (probability ~1e-6) only costs the exact fallback.
+MARGIN_SIGMAS = 5.0
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """Keep ``|tau| > value``, and ``|tau| == value`` at flat indices below ``cut``."""
+
+    value: float
+    cut: int
+
+    @staticmethod
+    def keep_all() -> Threshold:
+        return Threshold(-math.inf, 0)
+
+    @staticmethod
+    def keep_none() -> Threshold:
+        return Threshold(math.inf, 0)
+
+
+def magnitudes(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """|x - base| flat, in float32 (the task vector as the merge computes it)."""
+    return (x.reshape(-1).to(torch.float32) - base.reshape(-1).to(torch.float32)).abs()
+
+
+def _trivial(k: int, n: int) -> Threshold | None:
+    if k <= 0:
+        return Threshold.keep_none()
+    if k >= n:
+        return Threshold.keep_all()
+    return None
+
+
+def _from_candidates(values: torch.Tensor, positions: torch.Tensor, k_inside: int, above_value: int, k: int) -> Threshold:
+    """The threshold when the k_inside-th largest of ``values`` (1-based) is it; ``above_value``
+    counts the entries outside ``values`` that are larger than every one of them."""
+    value = float(torch.kthvalue(values, values.numel() - k_inside + 1).values)
+    kept_ties = k - above_value - int((values > value).sum())
+    tie_positions = positions[values == value]
+    return Threshold(value, int(tie_positions[kept_ties - 1]) + 1)
+
+
+def topk_threshold_reference(x: torch.Tensor, base: torch.Tensor, k: int) -> Threshold:
+    """The definition: a stable sort of all magnitudes, largest first."""
+    w = magnitudes(x, base)
+    trivial = _trivial(k, w.numel())
+    if trivial is not None:
+        return trivial
+    order = torch.sort(w, descending=True, stable=True).indices
+    value = float(w[order[k - 1]])
+    return Threshold(value, int(order[:k][w[order[:k]] == value].max()) + 1)
+
+
+def _bracket(x: torch.Tensor, base: torch.Tensor, k: int) -> tuple[float, float]:
+    """(lo, hi): sample order statistics around the threshold's rank, widened by the margin."""
+    n = x.numel()
+    stride = max(1, n // max(SAMPLE_MIN, min(SAMPLE_MAX, n // 32)))
+    sample = torch.sort(magnitudes(x.reshape(-1)[::stride], base.reshape(-1)[::stride])).values
+    m = sample.numel()
+    centre = (n - k) / n * m  # ascending rank of the threshold, scaled to the sample
+    margin = MARGIN_SIGMAS * math.sqrt(m) / 2 + 2
+    lo_rank, hi_rank = math.floor(centre - margin), math.ceil(centre + margin)
+    lo = float(sample[lo_rank]) if lo_rank >= 0 else 0.0
+    hi = float(sample[hi_rank]) if hi_rank < m else math.inf
+    return lo, hi
+
+
+def _count_band(base: torch.Tensor, xs: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per model: counts [entries above hi, equal to hi, equal to lo]; and a byte per entry whose
+    bit i says that model i's entry lies strictly inside (lo, hi)."""
+    b = base.to(torch.float32)
+    counts = []
+    bits = torch.zeros(b.shape, dtype=torch.uint8, device=b.device)
+    for i, x in enumerate(xs):
+        w = (x.to(torch.float32) - b).abs()
+        counts.append(torch.stack([(w > hi[i]).sum(), (w == hi[i]).sum(), (w == lo[i]).sum()]))
+        bits = bits | (((w > lo[i]) & (w < hi[i])).to(torch.uint8) << i)
+    return torch.stack(counts), bits
+
+
+_count_band_compiled = compiled(_count_band)
+
+#: Elements per chunk of the tie scan: ties are counted per chunk in one pass, then located
+#: inside the one chunk that holds the wanted tie.
+TIE_CHUNK = 1 << 14
+
+
+def _tie_counts(x: torch.Tensor, base: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Entries of magnitude ``value`` per chunk of ``TIE_CHUNK`` (the length is a multiple of it)."""
+    w = (x.to(torch.float32) - base.to(torch.float32)).abs()
+    return (w == value).view(-1, TIE_CHUNK).sum(1)
+
+
+_tie_counts_compiled = compiled(_tie_counts)
+
+
+def _tie_cut(x: torch.Tensor, base: torch.Tensor, value: float, j: int) -> int:
+    """One past the flat index of the j-th (1-based) entry whose magnitude equals ``value``."""
+    flat_x, flat_b = x.reshape(-1), base.reshape(-1)
+    whole = flat_x.numel() // TIE_CHUNK * TIE_CHUNK
+    count_ties = _tie_counts_compiled if whole >= COMPILE_MIN else _tie_counts
+    per_chunk = count_ties(flat_x[:whole], flat_b[:whole], torch.tensor(value, dtype=torch.float32, device=flat_x.device))
+    cumulative = torch.cumsum(per_chunk, 0)
+    chunk = int(torch.searchsorted(cumulative, torch.tensor(j, device=cumulative.device)))  # first chunk reaching j
+    start = chunk * TIE_CHUNK
+    seen = int(cumulative[chunk - 1]) if chunk > 0 else 0
+    stop = start + TIE_CHUNK if chunk < per_chunk.numel() else None  # else: the tail past ``whole``
+    ties = magnitudes(flat_x[start:stop], flat_b[start:stop]) == value
+    return start + int(torch.nonzero(ties).squeeze(1)[j - seen - 1]) + 1
+
+
+def _select(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int], counting: str) -> list[Threshold]:
+    """The bracketed selection shared by the torch and Triton paths (``counting`` picks the pass)."""
+    n = base.numel()
+    results: list[Threshold | None] = [_trivial(k, n) for k in ks]
+    open_models = [i for i, r in enumerate(results) if r is None]
+    if not open_models:
+        return results  # type: ignore[return-value]
+    bounds = [_bracket(xs[i], base, ks[i]) for i in open_models]
+    lo = torch.tensor([b[0] for b in bounds], dtype=torch.float32, device=base.device)
+    hi = torch.tensor([b[1] for b in bounds], dtype=torch.float32, device=base.device)
+    flat = [xs[i].reshape(-1) for i in open_models]
+    if counting == "triton":
+        counts, bits = _count_band_triton(base.reshape(-1), flat, lo, hi)
+    elif n >= COMPILE_MIN:
+        counts, bits = _count_band_compiled(base.reshape(-1), flat, lo, hi)
+    else:
+        counts, bits = _count_band(base.reshape(-1), flat, lo, hi)
+    marked = torch.nonzero(bits).squeeze(1)
+    marked_bits = bits[marked]
+    base_marked = base.reshape(-1)[marked]
+    for slot, i in enumerate(open_models):
+        k = ks[i]
+        above_hi, at_hi, at_lo = (int(c) for c in counts[slot])
+        inside = (marked_bits >> slot) & 1 == 1
+        positions = marked[inside]
+        if above_hi < k <= above_hi + at_hi:  # the threshold is hi itself
+            results[i] = Threshold(bounds[slot][1], _tie_cut(xs[i], base, bounds[slot][1], k - above_hi))
+        elif above_hi + at_hi < k <= above_hi + at_hi + positions.numel():  # strictly inside
+            values = magnitudes(xs[i].reshape(-1)[positions], base_marked[inside])
+            results[i] = _from_candidates(values, positions, k - above_hi - at_hi, above_hi + at_hi, k)
+        elif lo[slot] < hi[slot] and 0 < k - above_hi - at_hi - positions.numel() <= at_lo:  # lo itself
+            results[i] = Threshold(bounds[slot][0], _tie_cut(xs[i], base, bounds[slot][0], k - above_hi - at_hi - positions.numel()))
+        else:  # the sample misled the bracket: exact selection over the whole task vector
+            from workbench_kernels.order_stats import kth_smallest
+
+            w = magnitudes(xs[i], base)
+            value = kth_smallest(w, [n - k])[0]
+            results[i] = Threshold(value, _tie_cut(xs[i], base, value, k - int((w > value).sum())))
+    return results  # type: ignore[return-value]
+
+
+def topk_thresholds_torch(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int]) -> list[Threshold]:
+    """Thresholds of several task vectors of one tensor, in one counting pass (compiled when large)."""
+    _check(xs, base, ks)
+    return _select(xs, base, ks, "torch")
+
+
+@jit
+def _count_band_kernel(base_ptr, x_ptr, lo, hi, counts_ptr, bits_ptr, n, slot, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    b = tl.load(base_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    w = tl.abs(tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) - b)
+    tl.atomic_add(counts_ptr, tl.sum((mask & (w > hi)).to(tl.int64), axis=0))
+    tl.atomic_add(counts_ptr + 1, tl.sum((mask & (w == hi)).to(tl.int64), axis=0))
+    tl.atomic_add(counts_ptr + 2, tl.sum((mask & (w == lo)).to(tl.int64), axis=0))
+    inside = (mask & (w > lo) & (w < hi)).to(tl.uint8) << slot
+    bits = tl.load(bits_ptr + offsets, mask=mask, other=0)
+    tl.store(bits_ptr + offsets, bits | inside, mask=mask)
+
+
+def _count_band_triton(base: torch.Tensor, xs: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = base.numel()
+    counts = torch.zeros(len(xs), 3, dtype=torch.int64, device=base.device)
+    bits = torch.zeros(n, dtype=torch.uint8, device=base.device)
+    block = block_size()
+    for slot, x in enumerate(xs):
+        _count_band_kernel[(-(-n // block),)](base.contiguous(), x.contiguous(), float(lo[slot]), float(hi[slot]), counts[slot], bits, n, slot, BLOCK=block)
+    return counts, bits
+
+
+def topk_thresholds_triton(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int]) -> list[Threshold]:
+    """The same selection with the counting pass as a Triton kernel (one launch per model)."""
+    _check(xs, base, ks)
+    return _select(xs, base, ks, "triton")
+
+
+def topk_thresholds(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int]) -> list[Threshold]:
+    """Dispatch on the base's device (see :func:`workbench_kernels.implementation`)."""
+    impl = implementation(base.device)
+    if impl == "reference":
+        _check(xs, base, ks)
+        return [topk_threshold_reference(x, base, k) for x, k in zip(xs, ks)]
+    if impl == "triton":
+        return topk_thresholds_triton(xs, base, ks)
+    return topk_thresholds_torch(xs, base, ks)
+
+
+def _check(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int]) -> None:
+    if len(xs) != len(ks):
+        raise ValueError(f"topk_thresholds got {len(xs)} tensors but {len(ks)} counts")
+    if len(xs) > MAX_TRITON_INPUTS:
+        raise ValueError(f"topk_thresholds takes at most {MAX_TRITON_INPUTS} task vectors per call, got {len(xs)}")
+    for i, x in enumerate(xs):
+        if x.shape != base.shape:
+            raise ValueError(f"topk_thresholds: tensor {i} has shape {list(x.shape)}, base has {list(base.shape)}")

@@ -1,0 +1,244 @@
+"""The TIES-family merge of one tensor, fused into one pass once the keep rules are known.
+
+Per model i, ``tau_i = x_i - base`` (float32) is trimmed by its rule, scaled by its rescale factor
+and its weight: ``d_i = weight_i * (factor_i * where(keep_i, tau_i, 0))``. Keep rules: a magnitude
+:class:`~workbench_kernels.threshold.Threshold` (TIES) or DARE's counter-based draw below
+``keep_below_i`` (:mod:`workbench_kernels.dare`). Then either TIES consensus (elected sign: the sign
+of ``sum d_i``; result ``sum of agreeing d_i``, divided with ``normalize`` by the summed weights of
+the agreeing models) or a plain sum (divided by ``sum weight_i`` with ``normalize``); finally
+``base + scale * merged`` in the output dtype. The operations and their order are those of
+:func:`workbench_kernels.sparsify.merge_task_vectors_reference`, which is this op's reference.
+
+The torch path runs the whole tensor through one Inductor-compiled loop (large tensors) or in
+cache-sized blocks (small ones); the Triton kernel does the same per block of elements, reading
+each input once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+
+from workbench_kernels import COMPILE_MIN, MAX_TRITON_INPUTS, block_size, compiled, jit, tl
+from workbench_kernels.dare import RESOLUTION, draws_triton, hash32, seed_words
+
+Rule = Literal["magnitude", "random"]
+#: Elements per block of the eager torch path.
+BLOCK = 1 << 16
+
+
+@dataclass(frozen=True)
+class Keep:
+    """One model's part: its weight, rescale factor and keep rule."""
+
+    weight: float
+    factor: float = 1.0
+    #: magnitude rule: keep |tau| > threshold, and == threshold at flat indices below cut.
+    threshold: float = float("-inf")
+    cut: int = 0
+    #: random rule: keep where the 24-bit draw of (seed, index) is below keep_below.
+    seed: int = 0
+    keep_below: int = RESOLUTION
+
+
+def _merge_block(start: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], params: dict[str, torch.Tensor], rule: Rule, consensus: bool, normalize: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """The op on flat slices starting at flat index ``start``; ``params`` holds per-model float32
+    threshold/factor/weight and int64 cut/seed words/keep_below, plus the scalars scale and total."""
+    b = base.to(torch.float32)
+    index = torch.arange(b.numel(), dtype=torch.int64, device=b.device) + start
+    deltas = []
+    for i, x in enumerate(xs):
+        tau = x.to(torch.float32) - b
+        if rule == "magnitude":
+            w = tau.abs()
+            drop = (w < params["threshold"][i]) | ((w == params["threshold"][i]) & (index >= params["cut"][i]))
+            kept = torch.where(drop, 0.0, tau)
+        else:
+            draw = hash32(hash32(index ^ params["seed_lo"][i]) ^ params["seed_hi"][i]) >> 8
+            kept = torch.where(draw < params["keep_below"][i], tau, 0.0)
+        deltas.append(kept * params["factor"][i] * params["weight"][i])
+    total = deltas[0]
+    for d in deltas[1:]:
+        total = total + d
+    if consensus:
+        positive = total >= 0
+        merged = torch.zeros_like(b)
+        divisor = torch.zeros_like(b)
+        for i, d in enumerate(deltas):
+            agree = torch.where(positive, d > 0, d < 0)
+            merged = merged + torch.where(agree, d, 0.0)
+            divisor = divisor + agree.to(torch.float32) * params["weight"][i]
+        if normalize:
+            merged = merged / torch.where(divisor == 0, 1.0, divisor)
+    else:
+        merged = total / params["total"] if normalize else total
+    return (merged * params["scale"] + b).to(out_dtype)
+
+
+_merge_compiled = compiled(_merge_block)
+
+
+def _params(keeps: Sequence[Keep], scale: float, device: torch.device) -> dict[str, torch.Tensor]:
+    words = [seed_words(k.seed) for k in keeps]
+    f32 = {"threshold": [k.threshold for k in keeps], "factor": [k.factor for k in keeps], "weight": [k.weight for k in keeps]}
+    i64 = {"cut": [k.cut for k in keeps], "seed_lo": [w[0] for w in words], "seed_hi": [w[1] for w in words], "keep_below": [k.keep_below for k in keeps]}
+    params = {name: torch.tensor(v, dtype=torch.float32, device=device) for name, v in f32.items()}
+    params.update({name: torch.tensor(v, dtype=torch.int64, device=device) for name, v in i64.items()})
+    params["scale"] = torch.tensor(scale, dtype=torch.float32, device=device)
+    params["total"] = torch.tensor(sum(k.weight for k in keeps), dtype=torch.float32, device=device)
+    return params
+
+
+def ties_merge_torch(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence[Keep], rule: Rule, *, consensus: bool, normalize: bool, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """Compiled over the whole tensor when it is large, else in eager blocks."""
+    _check(base, tensors, keeps)
+    params = _params(keeps, scale, base.device)
+    flat_base = base.reshape(-1)
+    flat = [x.reshape(-1) for x in tensors]
+    n = flat_base.numel()
+    if n >= COMPILE_MIN:
+        start = torch.tensor(0, dtype=torch.int64, device=base.device)
+        return _merge_compiled(start, flat_base, flat, params, rule, consensus, normalize, out_dtype).view(base.shape)
+    out = torch.empty(n, dtype=out_dtype, device=base.device)
+    for s in range(0, n, BLOCK):
+        e = min(s + BLOCK, n)
+        start = torch.tensor(s, dtype=torch.int64, device=base.device)
+        out[s:e] = _merge_block(start, flat_base[s:e], [x[s:e] for x in flat], params, rule, consensus, normalize, out_dtype)
+    return out.view(base.shape)
+
+
+@jit
+def _model_delta(x_ptr, b, offsets, mask, p_ptr, i64_ptr, RANDOM: tl.constexpr):
+    """d_i of one model (``p_ptr``: threshold, factor, weight; ``i64_ptr``: cut, seed lo/hi, keep_below)."""
+    tau = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) - b
+    if RANDOM:
+        keep = draws_triton(offsets, tl.load(i64_ptr + 1), tl.load(i64_ptr + 2)) < tl.load(i64_ptr + 3).to(tl.int32)
+    else:
+        w = tl.abs(tau)
+        threshold = tl.load(p_ptr)
+        keep = ~((w < threshold) | ((w == threshold) & (offsets >= tl.load(i64_ptr))))
+    kept = tl.where(keep, tau, 0.0)
+    return kept * tl.load(p_ptr + 1) * tl.load(p_ptr + 2)
+
+
+@jit
+def _agree(merged, divisor, d, positive, weight):
+    agree = tl.where(positive, d > 0, d < 0)
+    return merged + tl.where(agree, d, 0.0), divisor + agree.to(tl.float32) * weight
+
+
+@jit
+def _ties_kernel(out_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, p_ptr, i64_ptr, scale, total_weight, n, N: tl.constexpr, RANDOM: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    b = tl.load(base_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    d0 = _model_delta(x0, b, offsets, mask, p_ptr, i64_ptr, RANDOM)
+    zero = tl.zeros([BLOCK], dtype=tl.float32)
+    d1 = zero
+    d2 = zero
+    d3 = zero
+    d4 = zero
+    d5 = zero
+    d6 = zero
+    d7 = zero
+    total = d0
+    if N > 1:
+        d1 = _model_delta(x1, b, offsets, mask, p_ptr + 3, i64_ptr + 4, RANDOM)
+        total = total + d1
+    if N > 2:
+        d2 = _model_delta(x2, b, offsets, mask, p_ptr + 6, i64_ptr + 8, RANDOM)
+        total = total + d2
+    if N > 3:
+        d3 = _model_delta(x3, b, offsets, mask, p_ptr + 9, i64_ptr + 12, RANDOM)
+        total = total + d3
+    if N > 4:
+        d4 = _model_delta(x4, b, offsets, mask, p_ptr + 12, i64_ptr + 16, RANDOM)
+        total = total + d4
+    if N > 5:
+        d5 = _model_delta(x5, b, offsets, mask, p_ptr + 15, i64_ptr + 20, RANDOM)
+        total = total + d5
+    if N > 6:
+        d6 = _model_delta(x6, b, offsets, mask, p_ptr + 18, i64_ptr + 24, RANDOM)
+        total = total + d6
+    if N > 7:
+        d7 = _model_delta(x7, b, offsets, mask, p_ptr + 21, i64_ptr + 28, RANDOM)
+        total = total + d7
+    merged = total
+    if CONSENSUS:
+        positive = total >= 0
+        merged, divisor = _agree(tl.zeros([BLOCK], dtype=tl.float32), tl.zeros([BLOCK], dtype=tl.float32), d0, positive, tl.load(p_ptr + 2))
+        if N > 1:
+            merged, divisor = _agree(merged, divisor, d1, positive, tl.load(p_ptr + 5))
+        if N > 2:
+            merged, divisor = _agree(merged, divisor, d2, positive, tl.load(p_ptr + 8))
+        if N > 3:
+            merged, divisor = _agree(merged, divisor, d3, positive, tl.load(p_ptr + 11))
+        if N > 4:
+            merged, divisor = _agree(merged, divisor, d4, positive, tl.load(p_ptr + 14))
+        if N > 5:
+            merged, divisor = _agree(merged, divisor, d5, positive, tl.load(p_ptr + 17))
+        if N > 6:
+            merged, divisor = _agree(merged, divisor, d6, positive, tl.load(p_ptr + 20))
+        if N > 7:
+            merged, divisor = _agree(merged, divisor, d7, positive, tl.load(p_ptr + 23))
+        if NORMALIZE:
+            merged = merged / tl.where(divisor == 0, 1.0, divisor)
+    elif NORMALIZE:
+        merged = merged / total_weight
+    tl.store(out_ptr + offsets, (merged * scale + b).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def ties_merge_triton(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence[Keep], rule: Rule, *, consensus: bool, normalize: bool, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """Launcher: one grid over the elements; more than ``MAX_TRITON_INPUTS`` models use the torch path."""
+    _check(base, tensors, keeps)
+    if len(tensors) > MAX_TRITON_INPUTS:
+        return ties_merge_torch(base, tensors, keeps, rule, consensus=consensus, normalize=normalize, scale=scale, out_dtype=out_dtype)
+    device = base.device
+    p = torch.tensor([[k.threshold, k.factor, k.weight] for k in keeps], dtype=torch.float32, device=device)
+    i64 = torch.tensor([[k.cut, *seed_words(k.seed), k.keep_below] for k in keeps], dtype=torch.int64, device=device)
+    out = torch.empty(base.shape, dtype=out_dtype, device=device)
+    n = out.numel()
+    if n:
+        flat = [x.contiguous().reshape(-1) for x in tensors]
+        flat += [flat[0]] * (MAX_TRITON_INPUTS - len(flat))
+        block = block_size()
+        _ties_kernel[(-(-n // block),)](out.view(-1), base.contiguous().reshape(-1), *flat, p, i64, scale, sum(k.weight for k in keeps), n, N=len(tensors), RANDOM=rule == "random", CONSENSUS=consensus, NORMALIZE=normalize, BLOCK=block)
+    return out
+
+
+def _check(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence[Keep]) -> None:
+    if not tensors or len(tensors) != len(keeps):
+        raise ValueError(f"ties_merge got {len(tensors)} tensors and {len(keeps)} keep rules")
+    for i, x in enumerate(tensors):
+        if x.shape != base.shape:
+            raise ValueError(f"ties_merge: tensor {i} has shape {list(x.shape)}, base has {list(base.shape)}")
+
+
+def _l1_sums(base: torch.Tensor, xs: list[torch.Tensor], params: dict[str, torch.Tensor], rule: Rule) -> torch.Tensor:
+    """Per model: [sum |tau|, sum |kept|] in float64 (the ``l1`` rescale's norms)."""
+    b = base.to(torch.float32)
+    index = torch.arange(b.numel(), dtype=torch.int64, device=b.device)
+    sums = []
+    for i, x in enumerate(xs):
+        tau = x.to(torch.float32) - b
+        if rule == "magnitude":
+            w = tau.abs()
+            keep = ~((w < params["threshold"][i]) | ((w == params["threshold"][i]) & (index >= params["cut"][i])))
+        else:
+            keep = (hash32(hash32(index ^ params["seed_lo"][i]) ^ params["seed_hi"][i]) >> 8) < params["keep_below"][i]
+        sums.append(torch.stack([tau.abs().sum(dtype=torch.float64), torch.where(keep, tau, 0.0).abs().sum(dtype=torch.float64)]))
+    return torch.stack(sums)
+
+
+_l1_sums_compiled = compiled(_l1_sums)
+
+
+def l1_norms(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence[Keep], rule: Rule) -> list[tuple[float, float]]:
+    """(||tau||_1, ||kept||_1) per model, in one pass over the inputs (compiled when large)."""
+    _check(base, tensors, keeps)
+    params = _params(keeps, 1.0, base.device)
+    flat = [x.reshape(-1) for x in tensors]
+    run = _l1_sums_compiled if base.numel() >= COMPILE_MIN else _l1_sums
+    return [(float(a), float(k)) for a, k in run(base.reshape(-1), flat, params, rule).tolist()]
