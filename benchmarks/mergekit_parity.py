@@ -12,7 +12,8 @@ breadcrumbs keep exactly k entries by magnitude; where a group of equal magnitud
 cut (frequent in bf16 task vectors), mergekit's argsort keeps an arbitrary part of the group and
 the workbench the earliest entries, so those entries are excluded from the element-wise check and
 counted apart. DARE's random masks come from different random generators in the two tools
-(mergekit: torch's global generator; the workbench: a generator seeded per tensor and model), so
+(mergekit: torch's global generator; the workbench: a counter-based generator keyed per tensor and
+model), so
 those rows are compared by the size of the merged change instead (‖merge − base‖₁ per tensor,
 workbench / mergekit), and DARE with density 1 (nothing dropped) is compared element-wise.
 

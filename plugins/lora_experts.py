@@ -209,12 +209,14 @@ class LoraExperts(MergeMethod):
         found = state.experts.get(ctx.name)
         if not state.collapse or found is None:
             return base
-        weight = base.to(ctx.compute_dtype)
+        from workbench_kernels.lora_delta import lora_delta_add
+
+        weight = base
         gates = state.mean_gates.get(ctx.name)
-        for e in range(found.count):
+        for e in range(found.count):  # W += ḡ_e s_e B_e A_e, in float32, stored in the compute dtype
             share = float(gates[e]) if gates is not None else 1.0 / found.count
-            weight = weight + share * found.delta(e).to(weight.dtype)
-        return weight
+            weight = lora_delta_add(weight, found.b[e], found.a[e], share * float(found.scale[e]), out_dtype=ctx.compute_dtype)
+        return weight.to(ctx.compute_dtype)
 
     def write_extras(self, state: ExpertsState, folder: Path) -> list[Path]:
         if state.collapse:

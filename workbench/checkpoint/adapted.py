@@ -46,10 +46,12 @@ class AdaptedReader(CheckpointReader):
         changes = self.changes.get(name)
         if not changes:
             return weight
-        total = weight.float()
-        for factors in changes:
-            total += factors.delta(rows)
-        return total.to(weight.dtype)
+        import torch
+
+        total = weight  # float32 between adapters, rounded once into W's dtype by the last one
+        for i, factors in enumerate(changes):
+            total = factors.added_to(total, rows, out_dtype=weight.dtype if i == len(changes) - 1 else torch.float32)
+        return total
 
     def config(self) -> dict[str, Any] | None:
         return self.base.config()

@@ -63,6 +63,17 @@ class LoraFactors:
         b_rows = b if rows is None else b[rows[0] : rows[1]]
         return (b_rows @ a).mul_(self.scale)
 
+    def added_to(self, weight: "torch.Tensor", rows: tuple[int, int] | None = None, out_dtype: "torch.dtype | None" = None) -> "torch.Tensor":
+        """``weight`` + ΔW (``weight`` being rows ``[start, stop)`` of the base tensor if given), in
+        ``out_dtype`` (``weight``'s by default). The LoRA delta kernel computes it in float32
+        without materialising ΔW or a float32 copy of the weight; the factors are sliced as views."""
+        from workbench_kernels.lora_delta import lora_delta_add
+
+        a, b = self.a.to(weight.device), self.b.to(weight.device)  # the adapter is read on the CPU
+        if rows is not None:  # rows of ΔW are rows of B, or columns of A when ΔW is transposed
+            a, b = (a[:, rows[0] : rows[1]], b) if self.transposed else (a, b[rows[0] : rows[1]])
+        return lora_delta_add(weight, b, a, self.scale, self.transposed, out_dtype)
+
     @property
     def shape(self) -> tuple[int, int]:
         out, inp = int(self.b.shape[0]), int(self.a.shape[1])
@@ -181,5 +192,5 @@ def add_to_module(model: "torch.nn.Module", adapter: LoraAdapter) -> "torch.nn.M
             target = weights[name]
             if tuple(target.shape) != factors.shape:
                 raise CheckpointError(f"{adapter.path}: '{name}' is {tuple(target.shape)} in the model but the adapter's ΔW is {factors.shape}.")
-            target += factors.delta().to(target.dtype)
+            target.copy_(factors.added_to(target))
     return model
