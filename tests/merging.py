@@ -114,3 +114,12 @@ def word_text(path: Path, vocab: int, words: int = 400, seed: int = 5) -> torch.
     ids = torch.randint(0, vocab, (words,), generator=torch.Generator().manual_seed(seed))
     path.write_text(" ".join(f"w{i}" for i in ids.tolist()))
     return ids
+
+
+def documented_hash(x: int) -> int:
+    """The 32-bit integer hash of DARE's masks, as workbench_kernels.dare's docstring gives it."""
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) % 2**32
+    x ^= x >> 15
+    x = (x * 0x735A2D97) % 2**32
+    return x ^ (x >> 15)

@@ -5,16 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from merging import documented_hash
 from workbench_kernels.dare import keep_mask, keep_mask_reference, keep_mask_torch, keep_mask_triton
-
-
-def documented_hash(x: int) -> int:
-    """The hash of the module docstring, written out again."""
-    x ^= x >> 16
-    x = (x * 0x21F0AAAD) % 2**32
-    x ^= x >> 15
-    x = (x * 0x735A2D97) % 2**32
-    return x ^ (x >> 15)
 
 
 def documented_mask(n: int, density: float, seed: int) -> list[bool]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from merging import documented_hash
 from workbench_kernels.sparsify import (
     KEEP_ALL,
     KEEP_NONE,
@@ -154,15 +155,6 @@ def test_random_mask_is_seeded_and_has_the_density():
     assert random_mask((50,), 1.0, seed=1).all()
 
 
-def _documented_hash(x: int) -> int:
-    """The integer hash of workbench_kernels.dare's docstring, written out again here."""
-    x ^= x >> 16
-    x = (x * 0x21F0AAAD) % 2**32
-    x ^= x >> 15
-    x = (x * 0x735A2D97) % 2**32
-    return x ^ (x >> 15)
-
-
 def test_random_mask_is_a_documented_function_of_the_seed():
     """Element i is kept when h(h(i ^ seed_lo) ^ seed_hi) >> 8 < round(density * 2**24), also past
     the first block of the torch path."""
@@ -172,7 +164,7 @@ def test_random_mask_is_a_documented_function_of_the_seed():
     keep_below = round(0.6 * 2**24)
     positions = list(range(0, 50)) + list(range(n - 50, n))
     mask = random_mask((n,), 0.6, seed=seed).tolist()
-    assert [mask[i] for i in positions] == [(_documented_hash(_documented_hash(i ^ lo) ^ hi) >> 8) < keep_below for i in positions]
+    assert [mask[i] for i in positions] == [(documented_hash(documented_hash(i ^ lo) ^ hi) >> 8) < keep_below for i in positions]
 
 
 def test_random_mask_and_l1_norm_do_not_depend_on_threads(threads):
