@@ -25,6 +25,7 @@ them (masks and scale factors are deterministic, so both passes see identical va
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -225,14 +226,18 @@ def rescale_factor(tau: torch.Tensor, kept: torch.Tensor, mode: RescaleMode, den
 
 
 def _factor(mode: RescaleMode | None, density: float, l1_before: float, kept: torch.Tensor) -> float:
+    return _rescale(mode, density, l1_before, l1_norm(kept) if mode == "l1" else 0.0)
+
+
+def _rescale(mode: RescaleMode | None, density: float, l1_before: float, l1_after: float) -> float:
+    """The rescale factor from the L1 norms before and after sparsifying (see :func:`rescale_factor`)."""
     if mode is None:
         return 1.0
     if mode == "inverse_density":
         return 1.0 / density if density > 0 else 1.0
-    after = l1_norm(kept)
-    if l1_before < RESCALE_EPS or after < RESCALE_EPS:
+    if l1_before < RESCALE_EPS or l1_after < RESCALE_EPS:
         return 1.0
-    return l1_before / after
+    return l1_before / l1_after
 
 
 def elect_sign(weighted: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -433,14 +438,9 @@ def _fused_keeps(base: torch.Tensor, tensors: Sequence[torch.Tensor], specs: Seq
         keeps = [Keep(s.weight, threshold=t.value, cut=t.cut) for s, t in zip(specs, thresholds)]
     else:
         keeps = [Keep(s.weight, seed=s.seed, keep_below=keep_below(s.density) if m else RESOLUTION) for s, m in zip(specs, masked)]
-    if any(s.rescale == "l1" and m for s, m in zip(specs, masked)):
-        norms = l1_norms(base, tensors, keeps, rule)
-    factors = [
-        1.0 if s.rescale is None or not m else (1.0 / s.density if s.density > 0 else 1.0) if s.rescale == "inverse_density"
-        else (norms[i][0] / norms[i][1] if norms[i][0] >= RESCALE_EPS and norms[i][1] >= RESCALE_EPS else 1.0)
-        for i, (s, m) in enumerate(zip(specs, masked))
-    ]
-    return [Keep(k.weight, f, k.threshold, k.cut, k.seed, k.keep_below) for k, f in zip(keeps, factors)], rule
+    norms = l1_norms(base, tensors, keeps, rule) if any(s.rescale == "l1" and m for s, m in zip(specs, masked)) else [(0.0, 0.0)] * len(specs)
+    factors = [_rescale(s.rescale, s.density, *l1) if m else 1.0 for s, m, l1 in zip(specs, masked, norms)]
+    return [dataclasses.replace(k, factor=f) for k, f in zip(keeps, factors)], rule
 
 
 def merge_task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor], specs: Sequence[TaskVector], *, consensus: bool, normalize: bool, scale: float, compute_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -43,6 +43,14 @@ class Keep:
     keep_below: int = RESOLUTION
 
 
+def _keep(tau: torch.Tensor, index: torch.Tensor, params: dict[str, torch.Tensor], i: int, rule: Rule) -> torch.Tensor:
+    """Model i's keep mask: its magnitude threshold and tie cut, or its counter-based draws."""
+    if rule == "magnitude":
+        w = tau.abs()
+        return ~((w < params["threshold"][i]) | ((w == params["threshold"][i]) & (index >= params["cut"][i])))
+    return (hash32(hash32(index ^ params["seed_lo"][i]) ^ params["seed_hi"][i]) >> 8) < params["keep_below"][i]
+
+
 def _merge_block(start: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], params: dict[str, torch.Tensor], rule: Rule, consensus: bool, normalize: bool, out_dtype: torch.dtype) -> torch.Tensor:
     """The op on flat slices starting at flat index ``start``; ``params`` holds per-model float32
     threshold/factor/weight and int64 cut/seed words/keep_below, plus the scalars scale and total."""
@@ -51,13 +59,7 @@ def _merge_block(start: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor]
     deltas = []
     for i, x in enumerate(xs):
         tau = x.to(torch.float32) - b
-        if rule == "magnitude":
-            w = tau.abs()
-            drop = (w < params["threshold"][i]) | ((w == params["threshold"][i]) & (index >= params["cut"][i]))
-            kept = torch.where(drop, 0.0, tau)
-        else:
-            draw = hash32(hash32(index ^ params["seed_lo"][i]) ^ params["seed_hi"][i]) >> 8
-            kept = torch.where(draw < params["keep_below"][i], tau, 0.0)
+        kept = torch.where(_keep(tau, index, params, i, rule), tau, 0.0)
         deltas.append(kept * params["factor"][i] * params["weight"][i])
     total = deltas[0]
     for d in deltas[1:]:
@@ -223,12 +225,8 @@ def _l1_sums(base: torch.Tensor, xs: list[torch.Tensor], params: dict[str, torch
     sums = []
     for i, x in enumerate(xs):
         tau = x.to(torch.float32) - b
-        if rule == "magnitude":
-            w = tau.abs()
-            keep = ~((w < params["threshold"][i]) | ((w == params["threshold"][i]) & (index >= params["cut"][i])))
-        else:
-            keep = (hash32(hash32(index ^ params["seed_lo"][i]) ^ params["seed_hi"][i]) >> 8) < params["keep_below"][i]
-        sums.append(torch.stack([tau.abs().sum(dtype=torch.float64), torch.where(keep, tau, 0.0).abs().sum(dtype=torch.float64)]))
+        kept = torch.where(_keep(tau, index, params, i, rule), tau, 0.0)
+        sums.append(torch.stack([tau.abs().sum(dtype=torch.float64), kept.abs().sum(dtype=torch.float64)]))
     return torch.stack(sums)
 
 
