@@ -34,3 +34,5 @@ bench: setup
 
 clean:
 	rm -rf demo bench-models .pytest_cache
+	# Numba's kernel caches (kernels/__pycache__/*.nbi, *.nbc) are keyed by each kernel's own file only
+	find kernels -name '*.nb[ic]' -delete

@@ -1,9 +1,11 @@
-"""Merge kernels: one module per op, each with a pure-torch reference, a fast torch path, a Triton
-kernel and a dispatcher.
+"""Merge kernels: one module per op, each with a pure-torch reference, a torch path, a Triton
+kernel, for the hot ops a CPU kernel compiled by Numba (:mod:`workbench_kernels.cpu`), and a
+dispatcher.
 
 The dispatcher of every op picks, for the device of its inputs: Triton on CUDA (when triton is
-installed), the fast torch path elsewhere. ``WORKBENCH_KERNELS=reference|torch|triton`` forces one
-(tests and ``workbench bench --check`` compare them). Triton kernels run on CPU tensors only under
+installed), the Numba kernel on CPU where the op has one, the torch path otherwise (other devices,
+other dtypes). ``WORKBENCH_KERNELS=reference|torch|numba|triton`` forces one (tests and
+``workbench bench --check`` compare them; an op without a Numba kernel runs its torch path). Triton kernels run on CPU tensors only under
 the Triton interpreter (``TRITON_INTERPRET=1``), which the test suite uses to exercise them. The
 interpreter reads that variable when a kernel is defined, i.e. when this package is imported; triton
 itself is imported only where a kernel can run (CUDA present, or the interpreter asked for), so a
@@ -22,7 +24,7 @@ import torch
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-IMPLEMENTATIONS = ("reference", "torch", "triton")
+IMPLEMENTATIONS = ("reference", "torch", "numba", "triton")
 
 
 def selected_impl() -> str | None:
@@ -75,7 +77,9 @@ def implementation(device: torch.device) -> str:
         raise ValueError(f"WORKBENCH_KERNELS=triton, but {why}")
     if forced:
         return forced
-    return "triton" if device.type == "cuda" and triton_runs_on(device) else "torch"
+    if device.type == "cuda" and triton_runs_on(device):
+        return "triton"
+    return "numba" if device.type == "cpu" else "torch"
 
 
 def block_size() -> int:
@@ -88,30 +92,3 @@ def block_size() -> int:
 #: launchers fall back to the torch path beyond it.
 MAX_TRITON_INPUTS = 8
 
-
-#: Tensors smaller than this run the torch path eagerly: compiling pays off only on large ones.
-COMPILE_MIN = 1 << 20
-
-
-def compiled(fn: F) -> F:
-    """``torch.compile(fn, dynamic=True)`` on first call (Inductor fuses the op into one C++/OpenMP
-    loop on CPU), or ``fn`` itself: with ``WORKBENCH_COMPILE=0``, or, with a warning, where compiling
-    fails (e.g. no C++ compiler)."""
-    state: dict[str, Any] = {}
-
-    @functools.wraps(fn)
-    def call(*args: Any, **kwargs: Any) -> Any:
-        if "fn" not in state:
-            state["fn"] = fn if os.environ.get("WORKBENCH_COMPILE", "1") == "0" else torch.compile(fn, dynamic=True)
-        try:
-            return state["fn"](*args, **kwargs)
-        except Exception as exc:  # environment problems surface here, at the first call
-            if state["fn"] is fn:
-                raise
-            import warnings
-
-            warnings.warn(f"workbench_kernels: compiling {fn.__name__} failed ({type(exc).__name__}: {exc}); using eager torch", stacklevel=2)
-            state["fn"] = fn
-            return fn(*args, **kwargs)
-
-    return call  # type: ignore[return-value]

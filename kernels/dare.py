@@ -12,9 +12,11 @@ bits. Both multipliers are below 2**31, so the torch path computes exactly in in
 
 from __future__ import annotations
 
+import numba
+import numpy as np
 import torch
 
-from workbench_kernels import block_size, implementation, jit, tl
+from workbench_kernels import block_size, cpu, implementation, jit, tl
 
 MASK32 = 0xFFFFFFFF
 _M1 = 0x21F0AAAD
@@ -96,6 +98,22 @@ def draws_triton(offsets, seed_lo, seed_hi):
     return (x >> 8).to(tl.int32)
 
 
+@cpu.helper
+def hash32_numba(x: np.uint32) -> np.uint32:
+    """The hash on one uint32 (products truncated to 32 bits)."""
+    x = x ^ (x >> np.uint32(16))
+    x = np.uint32(x * np.uint32(_M1))
+    x = x ^ (x >> np.uint32(15))
+    x = np.uint32(x * np.uint32(_M2))
+    return x ^ (x >> np.uint32(15))
+
+
+@cpu.helper
+def draw_numba(index: int, seed_lo: np.uint32, seed_hi: np.uint32) -> np.uint32:
+    """The 24-bit draw of the element at flat ``index`` (< 2**32)."""
+    return hash32_numba(hash32_numba(np.uint32(index) ^ seed_lo) ^ seed_hi) >> np.uint32(8)
+
+
 @jit
 def _keep_mask_kernel(out_ptr, n, seed_lo, seed_hi, threshold, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -113,13 +131,31 @@ def keep_mask_triton(numel: int, density: float, seed: int, device: torch.device
     return out.view(torch.bool)
 
 
+@cpu.kernel
+def _keep_mask_kernel_numba(out, seed_lo, seed_hi, threshold):  # pragma: no cover (compiled)
+    for chunk in numba.prange((out.size + cpu.CHUNK - 1) // cpu.CHUNK):
+        for j in range(chunk * cpu.CHUNK, min((chunk + 1) * cpu.CHUNK, out.size)):
+            out[j] = draw_numba(j, seed_lo, seed_hi) < threshold
+
+
+def keep_mask_numba(numel: int, density: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The CPU kernel: the draws of both cores' chunks, straight into the mask."""
+    _check(numel)
+    if torch.device(device).type != "cpu" or not cpu.usable():
+        return keep_mask_torch(numel, density, seed, device)
+    out = torch.empty(numel, dtype=torch.bool)
+    lo, hi = seed_words(seed)
+    _keep_mask_kernel_numba(out.numpy(), np.uint32(lo), np.uint32(hi), np.uint32(keep_below(density)))
+    return out
+
+
 def keep_mask(shape: tuple[int, ...] | torch.Size, density: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """DARE's keep-mask of a tensor of this shape: Bernoulli(density) per element, fixed by the seed."""
     numel = 1
     for d in shape:
         numel *= d
     impl = implementation(torch.device(device))
-    make = {"reference": keep_mask_reference, "torch": keep_mask_torch, "triton": keep_mask_triton}[impl]
+    make = {"reference": keep_mask_reference, "torch": keep_mask_torch, "numba": keep_mask_numba, "triton": keep_mask_triton}[impl]
     return make(numel, density, seed, device).view(tuple(shape))
 
 

@@ -444,7 +444,7 @@ def _fused_keeps(base: torch.Tensor, tensors: Sequence[torch.Tensor], specs: Seq
 
 
 def merge_task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor], specs: Sequence[TaskVector], *, consensus: bool, normalize: bool, scale: float, compute_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Dispatch on the base's device: the reference where forced; the fused kernel (torch or Triton)
+    """Dispatch on the base's device: the reference where forced; the fused kernel (Numba, Triton or torch)
     where it applies (float32 compute, one keep rule); otherwise the streaming torch path."""
     impl = implementation(base.device)
     if impl == "reference":
@@ -455,10 +455,10 @@ def merge_task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor], spec
     fused = _fused_keeps(base, [x for x, _ in active], [s for _, s in active]) if active and compute_dtype == torch.float32 else None
     if fused is None:
         return merge_task_vectors_torch(base, tensors, specs, consensus=consensus, normalize=normalize, scale=scale, compute_dtype=compute_dtype, out_dtype=out_dtype)
-    from workbench_kernels.ties import ties_merge_torch, ties_merge_triton
+    from workbench_kernels.ties import ties_merge_numba, ties_merge_torch, ties_merge_triton
 
     keeps, rule = fused
     if not consensus:
         _linear_divisor([s for _, s in active], normalize)  # a zero sum of weights is an error
-    run = ties_merge_triton if impl == "triton" else ties_merge_torch
+    run = {"triton": ties_merge_triton, "numba": ties_merge_numba}.get(impl, ties_merge_torch)
     return run(base, [x for x, _ in active], keeps, rule, consensus=consensus, normalize=normalize, scale=scale, out_dtype=out_dtype or compute_dtype)

@@ -22,12 +22,14 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numba
+import numpy as np
 import torch
 
-from workbench_kernels import COMPILE_MIN, MAX_TRITON_INPUTS, block_size, compiled, implementation, jit, tl
+from workbench_kernels import MAX_TRITON_INPUTS, block_size, cpu, implementation, jit, tl
 
 #: Sample size: n / 32, between 4096 and 131072 entries (sorting it must stay cheap beside the pass).
-SAMPLE_MIN, SAMPLE_MAX = 1 << 12, 1 << 17
+SAMPLE_MIN, SAMPLE_MAX = 1 << 12, 1 << 15
 #: Bracket half-width in sample ranks, in standard deviations of a sample quantile (sqrt(m q (1-q))
 #: <= sqrt(m)/2): a threshold outside it (probability ~1e-6) only costs the exact fallback.
 MARGIN_SIGMAS = 5.0
@@ -86,19 +88,29 @@ def _bracket(x: torch.Tensor, base: torch.Tensor, k: int) -> tuple[float, float]
     """(lo, hi): sample order statistics around the threshold's rank, widened by the margin."""
     n = x.numel()
     stride = max(1, n // max(SAMPLE_MIN, min(SAMPLE_MAX, n // 32)))
-    sample = torch.sort(magnitudes(x.reshape(-1)[::stride], base.reshape(-1)[::stride])).values
+    sample = magnitudes(x.reshape(-1)[::stride], base.reshape(-1)[::stride])
     m = sample.numel()
     centre = (n - k) / n * m  # ascending rank of the threshold, scaled to the sample
     margin = MARGIN_SIGMAS * math.sqrt(m) / 2 + 2
     lo_rank, hi_rank = math.floor(centre - margin), math.ceil(centre + margin)
-    lo = float(sample[lo_rank]) if lo_rank >= 0 else 0.0
-    hi = float(sample[hi_rank]) if hi_rank < m else math.inf
-    return lo, hi
+    ranks = [r for r in (lo_rank, hi_rank) if 0 <= r < m]
+    stats = dict(zip(ranks, _order_statistics(sample, ranks)))
+    return stats.get(lo_rank, 0.0), stats.get(hi_rank, math.inf)
 
 
-def _count_band(base: torch.Tensor, xs: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _order_statistics(values: torch.Tensor, ranks: list[int]) -> list[float]:
+    """The values of these 0-based ascending ranks, by selection (NumPy's introselect on CPU)."""
+    if not ranks:
+        return []
+    if values.device.type == "cpu":
+        selected = np.partition(values.numpy(), ranks)
+        return [float(selected[r]) for r in ranks]
+    return [float(torch.kthvalue(values, r + 1).values) for r in ranks]
+
+
+def _count_band(base: torch.Tensor, xs: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
     """Per model: counts [entries above hi, equal to hi, equal to lo]; and a byte per entry whose
-    bit i says that model i's entry lies strictly inside (lo, hi)."""
+    bit i says that model i's entry lies strictly inside (lo, hi). (No counts per chunk.)"""
     b = base.to(torch.float32)
     counts = []
     bits = torch.zeros(b.shape, dtype=torch.uint8, device=b.device)
@@ -106,37 +118,76 @@ def _count_band(base: torch.Tensor, xs: list[torch.Tensor], lo: torch.Tensor, hi
         w = (x.to(torch.float32) - b).abs()
         counts.append(torch.stack([(w > hi[i]).sum(), (w == hi[i]).sum(), (w == lo[i]).sum()]))
         bits = bits | (((w > lo[i]) & (w < hi[i])).to(torch.uint8) << i)
-    return torch.stack(counts), bits
+    return torch.stack(counts), bits, None
 
 
-_count_band_compiled = compiled(_count_band)
-
-#: Elements per chunk of the tie scan: ties are counted per chunk in one pass, then located
-#: inside the one chunk that holds the wanted tie.
-TIE_CHUNK = 1 << 14
+#: Elements per chunk of the numba counting pass and of the tie scans.
+CHUNK = cpu.CHUNK
 
 
-def _tie_counts(x: torch.Tensor, base: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Entries of magnitude ``value`` per chunk of ``TIE_CHUNK`` (the length is a multiple of it)."""
-    w = (x.to(torch.float32) - base.to(torch.float32)).abs()
-    return (w == value).view(-1, TIE_CHUNK).sum(1)
+@cpu.kernel
+def _count_band_kernel_numba(base, xs, count, kind, lo, hi, counts, bits):  # pragma: no cover (compiled)
+    n = base.size
+    for chunk in numba.prange((n + CHUNK - 1) // CHUNK):
+        start = chunk * CHUNK
+        m = min(CHUNK, n - start)
+        b = np.empty(m, np.float32)
+        cpu.decode(base, start, b, kind)
+        x = np.empty(m, np.float32)
+        marks = bits[start : start + m]
+        for i in range(count):
+            cpu.decode(xs[i], start, x, kind)
+            low, high, bit = lo[i], hi[i], np.uint8(i)
+            above = 0
+            at_hi = 0
+            at_lo = 0
+            for j in range(m):  # int32 sums and no stores: this loop vectorises
+                w = abs(x[j] - b[j])
+                above += np.int32(w > high)
+                at_hi += np.int32(w == high)
+                at_lo += np.int32(w == low)
+            for j in range(m):
+                w = abs(x[j] - b[j])
+                marks[j] |= np.uint8((w > low) & (w < high)) << bit
+            counts[chunk, i, 0] = above
+            counts[chunk, i, 1] = at_hi
+            counts[chunk, i, 2] = at_lo
 
 
-_tie_counts_compiled = compiled(_tie_counts)
+def _count_band_numba(base: torch.Tensor, xs: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`_count_band` as one parallel pass on CPU (bf16/fp16/fp32), which also returns the
+    counts per chunk of ``CHUNK`` elements (chunks x models x 3), so that a tie cut at ``lo`` or
+    ``hi`` needs no pass of its own."""
+    if not cpu.supported(base, *xs):
+        return _count_band(base, xs, lo, hi)
+    n = base.numel()
+    per_chunk = np.zeros((-(-n // CHUNK), len(xs), 3), dtype=np.int64)
+    bits = torch.zeros(n, dtype=torch.uint8)
+    _count_band_kernel_numba(cpu.array(base), cpu.padded(xs), len(xs), cpu.KINDS[base.dtype], lo.numpy(), hi.numpy(), per_chunk, bits.numpy())
+    per_chunk_tensor = torch.from_numpy(per_chunk)
+    return per_chunk_tensor.sum(0), bits, per_chunk_tensor
 
 
-def _tie_cut(x: torch.Tensor, base: torch.Tensor, value: float, j: int) -> int:
-    """One past the flat index of the j-th (1-based) entry whose magnitude equals ``value``."""
+def _tie_counts(x: torch.Tensor, base: torch.Tensor, value: float) -> torch.Tensor:
+    """Entries of magnitude ``value`` per chunk of ``CHUNK`` elements (the last may be shorter)."""
+    w = magnitudes(x, base) == value
+    whole = w.numel() // CHUNK * CHUNK
+    counts = w[:whole].view(-1, CHUNK).sum(1)
+    return torch.cat([counts, w[whole:].sum().view(1)]) if whole < w.numel() else counts
+
+
+def _tie_cut(x: torch.Tensor, base: torch.Tensor, value: float, j: int, per_chunk: torch.Tensor | None = None) -> int:
+    """One past the flat index of the j-th (1-based) entry whose magnitude equals ``value``:
+    the chunk holding it from the tie counts per chunk (counted here unless given), then a scan of
+    that chunk alone."""
     flat_x, flat_b = x.reshape(-1), base.reshape(-1)
-    whole = flat_x.numel() // TIE_CHUNK * TIE_CHUNK
-    count_ties = _tie_counts_compiled if whole >= COMPILE_MIN else _tie_counts
-    per_chunk = count_ties(flat_x[:whole], flat_b[:whole], torch.tensor(value, dtype=torch.float32, device=flat_x.device))
-    cumulative = torch.cumsum(per_chunk, 0)
+    if per_chunk is None:
+        per_chunk = _tie_counts(flat_x, flat_b, value)
+    cumulative = torch.cumsum(per_chunk.to(flat_x.device), 0)
     chunk = int(torch.searchsorted(cumulative, torch.tensor(j, device=cumulative.device)))  # first chunk reaching j
-    start = chunk * TIE_CHUNK
+    start = chunk * CHUNK
     seen = int(cumulative[chunk - 1]) if chunk > 0 else 0
-    stop = start + TIE_CHUNK if chunk < per_chunk.numel() else None  # else: the tail past ``whole``
-    ties = magnitudes(flat_x[start:stop], flat_b[start:stop]) == value
+    ties = magnitudes(flat_x[start : start + CHUNK], flat_b[start : start + CHUNK]) == value
     return start + int(torch.nonzero(ties).squeeze(1)[j - seen - 1]) + 1
 
 
@@ -151,12 +202,8 @@ def _select(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int], c
     lo = torch.tensor([b[0] for b in bounds], dtype=torch.float32, device=base.device)
     hi = torch.tensor([b[1] for b in bounds], dtype=torch.float32, device=base.device)
     flat = [xs[i].reshape(-1) for i in open_models]
-    if counting == "triton":
-        counts, bits = _count_band_triton(base.reshape(-1), flat, lo, hi)
-    elif n >= COMPILE_MIN:
-        counts, bits = _count_band_compiled(base.reshape(-1), flat, lo, hi)
-    else:
-        counts, bits = _count_band(base.reshape(-1), flat, lo, hi)
+    count_band = {"triton": _count_band_triton, "numba": _count_band_numba}.get(counting, _count_band)
+    counts, bits, per_chunk = count_band(base.reshape(-1), flat, lo, hi)
     marked = torch.nonzero(bits).squeeze(1)
     marked_bits = bits[marked]
     base_marked = base.reshape(-1)[marked]
@@ -166,12 +213,12 @@ def _select(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int], c
         inside = (marked_bits >> slot) & 1 == 1
         positions = marked[inside]
         if above_hi < k <= above_hi + at_hi:  # the threshold is hi itself
-            results[i] = Threshold(bounds[slot][1], _tie_cut(xs[i], base, bounds[slot][1], k - above_hi))
+            results[i] = Threshold(bounds[slot][1], _tie_cut(xs[i], base, bounds[slot][1], k - above_hi, None if per_chunk is None else per_chunk[:, slot, 1]))
         elif above_hi + at_hi < k <= above_hi + at_hi + positions.numel():  # strictly inside
             values = magnitudes(xs[i].reshape(-1)[positions], base_marked[inside])
             results[i] = _from_candidates(values, positions, k - above_hi - at_hi, above_hi + at_hi, k)
         elif lo[slot] < hi[slot] and 0 < k - above_hi - at_hi - positions.numel() <= at_lo:  # lo itself
-            results[i] = Threshold(bounds[slot][0], _tie_cut(xs[i], base, bounds[slot][0], k - above_hi - at_hi - positions.numel()))
+            results[i] = Threshold(bounds[slot][0], _tie_cut(xs[i], base, bounds[slot][0], k - above_hi - at_hi - positions.numel(), None if per_chunk is None else per_chunk[:, slot, 2]))
         else:  # the sample misled the bracket: exact selection over the whole task vector
             from workbench_kernels.order_stats import kth_smallest
 
@@ -182,9 +229,15 @@ def _select(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int], c
 
 
 def topk_thresholds_torch(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int]) -> list[Threshold]:
-    """Thresholds of several task vectors of one tensor, in one counting pass (compiled when large)."""
+    """Thresholds of several task vectors of one tensor, in one counting pass of eager torch ops."""
     _check(xs, base, ks)
     return _select(xs, base, ks, "torch")
+
+
+def topk_thresholds_numba(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int]) -> list[Threshold]:
+    """The same selection with the counting passes as CPU kernels."""
+    _check(xs, base, ks)
+    return _select(xs, base, ks, "numba")
 
 
 @jit
@@ -201,14 +254,14 @@ def _count_band_kernel(base_ptr, x_ptr, lo, hi, counts_ptr, bits_ptr, n, slot, B
     tl.store(bits_ptr + offsets, bits | inside, mask=mask)
 
 
-def _count_band_triton(base: torch.Tensor, xs: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _count_band_triton(base: torch.Tensor, xs: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
     n = base.numel()
     counts = torch.zeros(len(xs), 3, dtype=torch.int64, device=base.device)
     bits = torch.zeros(n, dtype=torch.uint8, device=base.device)
     block = block_size()
     for slot, x in enumerate(xs):
         _count_band_kernel[(-(-n // block),)](base.contiguous(), x.contiguous(), float(lo[slot]), float(hi[slot]), counts[slot], bits, n, slot, BLOCK=block)
-    return counts, bits
+    return counts, bits, None
 
 
 def topk_thresholds_triton(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int]) -> list[Threshold]:
@@ -225,6 +278,8 @@ def topk_thresholds(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence
         return [topk_threshold_reference(x, base, k) for x, k in zip(xs, ks)]
     if impl == "triton":
         return topk_thresholds_triton(xs, base, ks)
+    if impl == "numba":
+        return topk_thresholds_numba(xs, base, ks)
     return topk_thresholds_torch(xs, base, ks)
 
 

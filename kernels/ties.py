@@ -9,9 +9,8 @@ the agreeing models) or a plain sum (divided by ``sum weight_i`` with ``normaliz
 ``base + scale * merged`` in the output dtype. The operations and their order are those of
 :func:`workbench_kernels.sparsify.merge_task_vectors_reference`, which is this op's reference.
 
-The torch path runs the whole tensor through one Inductor-compiled loop (large tensors) or in
-cache-sized blocks (small ones); the Triton kernel does the same per block of elements, reading
-each input once.
+The CPU kernel (Numba) and the Triton kernel read each input once, per chunk of elements, in its
+stored dtype; the torch path (other devices and dtypes) runs cache-sized blocks of eager ops.
 """
 
 from __future__ import annotations
@@ -19,10 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
+import numba
+import numpy as np
 import torch
 
-from workbench_kernels import COMPILE_MIN, MAX_TRITON_INPUTS, block_size, compiled, jit, tl
-from workbench_kernels.dare import RESOLUTION, draws_triton, hash32, seed_words
+from workbench_kernels import MAX_TRITON_INPUTS, block_size, cpu, jit, tl
+from workbench_kernels.dare import RESOLUTION, draw_numba, draws_triton, hash32, seed_words
 
 Rule = Literal["magnitude", "random"]
 #: Elements per block of the eager torch path.
@@ -79,9 +80,6 @@ def _merge_block(start: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor]
     return (merged * params["scale"] + b).to(out_dtype)
 
 
-_merge_compiled = compiled(_merge_block)
-
-
 def _params(keeps: Sequence[Keep], scale: float, device: torch.device) -> dict[str, torch.Tensor]:
     words = [seed_words(k.seed) for k in keeps]
     f32 = {"threshold": [k.threshold for k in keeps], "factor": [k.factor for k in keeps], "weight": [k.weight for k in keeps]}
@@ -94,21 +92,89 @@ def _params(keeps: Sequence[Keep], scale: float, device: torch.device) -> dict[s
 
 
 def ties_merge_torch(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence[Keep], rule: Rule, *, consensus: bool, normalize: bool, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """Compiled over the whole tensor when it is large, else in eager blocks."""
+    """In cache-sized blocks of eager torch ops (any device, any dtype)."""
     _check(base, tensors, keeps)
     params = _params(keeps, scale, base.device)
     flat_base = base.reshape(-1)
     flat = [x.reshape(-1) for x in tensors]
     n = flat_base.numel()
-    if n >= COMPILE_MIN:
-        start = torch.tensor(0, dtype=torch.int64, device=base.device)
-        return _merge_compiled(start, flat_base, flat, params, rule, consensus, normalize, out_dtype).view(base.shape)
     out = torch.empty(n, dtype=out_dtype, device=base.device)
     for s in range(0, n, BLOCK):
         e = min(s + BLOCK, n)
         start = torch.tensor(s, dtype=torch.int64, device=base.device)
         out[s:e] = _merge_block(start, flat_base[s:e], [x[s:e] for x in flat], params, rule, consensus, normalize, out_dtype)
     return out.view(base.shape)
+
+
+@cpu.kernel
+def _ties_numba(out, base, xs, count, kind, out_kind, threshold, cut, factor, weight, seed_lo, seed_hi, keep_below, random, consensus, normalize, scale, total_weight):  # pragma: no cover (compiled)
+    n = base.size
+    for chunk in numba.prange((n + cpu.CHUNK - 1) // cpu.CHUNK):
+        start = chunk * cpu.CHUNK
+        m = min(cpu.CHUNK, n - start)
+        b = np.empty(m, np.float32)
+        cpu.decode(base, start, b, kind)
+        x = np.empty(m, np.float32)
+        deltas = np.empty((count, m), np.float32)
+        for i in range(count):
+            cpu.decode(xs[i], start, x, kind)
+            d = deltas[i]
+            f, w = factor[i], weight[i]
+            if random:
+                lo, hi, below = seed_lo[i], seed_hi[i], keep_below[i]
+                for j in range(m):
+                    tau = x[j] - b[j]
+                    d[j] = (tau if draw_numba(start + j, lo, hi) < below else np.float32(0.0)) * f * w
+            else:
+                t, c = threshold[i], cut[i] - start
+                for j in range(m):
+                    tau = x[j] - b[j]
+                    a = abs(tau)
+                    d[j] = (np.float32(0.0) if (a < t) | ((a == t) & (j >= c)) else tau) * f * w
+        total = deltas[0].copy()
+        for i in range(1, count):
+            d = deltas[i]
+            for j in range(m):
+                total[j] += d[j]
+        if consensus:
+            merged = np.zeros(m, np.float32)
+            divisor = np.zeros(m, np.float32)
+            for i in range(count):
+                d = deltas[i]
+                w = weight[i]
+                for j in range(m):
+                    agree = d[j] > 0 if total[j] >= 0 else d[j] < 0
+                    merged[j] += d[j] if agree else np.float32(0.0)
+                    divisor[j] += np.float32(1.0 if agree else 0.0) * w
+            if normalize:
+                for j in range(m):
+                    merged[j] /= divisor[j] if divisor[j] != 0 else np.float32(1.0)
+        else:
+            merged = total
+            if normalize:
+                for j in range(m):
+                    merged[j] /= total_weight
+        for j in range(m):
+            merged[j] = merged[j] * scale + b[j]
+        cpu.encode(merged, out, start, out_kind)
+
+
+def ties_merge_numba(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence[Keep], rule: Rule, *, consensus: bool, normalize: bool, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """The CPU kernel (one pass over the inputs in their stored dtype, both cores); other dtypes
+    and devices take the torch path."""
+    _check(base, tensors, keeps)
+    if not cpu.supported(base, *tensors, out_dtype=out_dtype):
+        return ties_merge_torch(base, tensors, keeps, rule, consensus=consensus, normalize=normalize, scale=scale, out_dtype=out_dtype)
+    out = torch.empty(base.shape, dtype=out_dtype)
+    words = np.array([seed_words(k.seed) for k in keeps], dtype=np.uint32).reshape(-1, 2)
+    f32 = lambda values: np.array(values, dtype=np.float32)  # noqa: E731
+    _ties_numba(
+        cpu.array(out), cpu.array(base), cpu.padded(tensors), len(tensors), cpu.KINDS[base.dtype], cpu.KINDS[out_dtype],
+        f32([k.threshold for k in keeps]), np.array([k.cut for k in keeps], dtype=np.int64), f32([k.factor for k in keeps]), f32([k.weight for k in keeps]),
+        words[:, 0].copy(), words[:, 1].copy(), np.array([k.keep_below for k in keeps], dtype=np.uint32),
+        rule == "random", consensus, normalize, np.float32(scale), np.float32(sum(k.weight for k in keeps)),
+    )
+    return out
 
 
 @jit
@@ -218,10 +284,10 @@ def _check(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence[
             raise ValueError(f"ties_merge: tensor {i} has shape {list(x.shape)}, base has {list(base.shape)}")
 
 
-def _l1_sums(base: torch.Tensor, xs: list[torch.Tensor], params: dict[str, torch.Tensor], rule: Rule) -> torch.Tensor:
-    """Per model: [sum |tau|, sum |kept|] in float64 (the ``l1`` rescale's norms)."""
+def _l1_sums(start: int, base: torch.Tensor, xs: list[torch.Tensor], params: dict[str, torch.Tensor], rule: Rule) -> torch.Tensor:
+    """Per model: [sum |tau|, sum |kept|] in float64 over flat slices starting at ``start``."""
     b = base.to(torch.float32)
-    index = torch.arange(b.numel(), dtype=torch.int64, device=b.device)
+    index = torch.arange(b.numel(), dtype=torch.int64, device=b.device) + start
     sums = []
     for i, x in enumerate(xs):
         tau = x.to(torch.float32) - b
@@ -230,13 +296,13 @@ def _l1_sums(base: torch.Tensor, xs: list[torch.Tensor], params: dict[str, torch
     return torch.stack(sums)
 
 
-_l1_sums_compiled = compiled(_l1_sums)
-
-
 def l1_norms(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence[Keep], rule: Rule) -> list[tuple[float, float]]:
-    """(||tau||_1, ||kept||_1) per model, in one pass over the inputs (compiled when large)."""
+    """(||tau||_1, ||kept||_1) per model (the ``l1`` rescale's norms), in float64, block by block."""
     _check(base, tensors, keeps)
     params = _params(keeps, 1.0, base.device)
+    flat_base = base.reshape(-1)
     flat = [x.reshape(-1) for x in tensors]
-    run = _l1_sums_compiled if base.numel() >= COMPILE_MIN else _l1_sums
-    return [(float(a), float(k)) for a, k in run(base.reshape(-1), flat, params, rule).tolist()]
+    sums = torch.zeros(len(keeps), 2, dtype=torch.float64, device=base.device)
+    for s in range(0, flat_base.numel(), BLOCK):
+        sums += _l1_sums(s, flat_base[s : s + BLOCK], [x[s : s + BLOCK] for x in flat], params, rule)
+    return [(float(a), float(k)) for a, k in sums.tolist()]

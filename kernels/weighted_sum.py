@@ -1,8 +1,9 @@
 """N-way weighted sum with the dtype conversion fused: ``out = sum_i w_i * x_i``.
 
-Three implementations: the reference (the definition on whole converted tensors), the blocked
-torch path (CPU) and a Triton kernel (CUDA; one program per block of elements reads every input
-once in its stored dtype, accumulates in float32 registers and stores the output dtype).
+Four implementations: the reference (the definition on whole converted tensors), the blocked
+torch path, the CPU kernel (Numba: both cores, every input read once in its stored dtype, float32
+sums per cache-sized chunk, the output dtype written directly) and a Triton kernel (CUDA; the same
+per block of elements in registers).
 
 The core of linear merging and of task arithmetic written as ``(1 - lambda * sum w) * base +
 sum (lambda * w_i) * x_i``. The fast torch path accumulates block by block into one cache-sized
@@ -16,9 +17,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numba
+import numpy as np
 import torch
 
-from workbench_kernels import MAX_TRITON_INPUTS, block_size, implementation, jit, tl
+from workbench_kernels import MAX_TRITON_INPUTS, block_size, cpu, implementation, jit, tl
 
 
 def weighted_sum_reference(tensors: Sequence[torch.Tensor], weights: Sequence[float], compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -59,6 +62,39 @@ def weighted_sum_torch(tensors: Sequence[torch.Tensor], weights: Sequence[float]
         for x, w in rest:
             acc.add_(x[start:stop], alpha=w)
         flat_out[start:stop].copy_(acc)
+    return out
+
+
+@cpu.kernel
+def _weighted_sum_numba(out, xs, weights, count, kind, out_kind):  # pragma: no cover (compiled)
+    n = out.size
+    for chunk in numba.prange((n + cpu.CHUNK - 1) // cpu.CHUNK):
+        start = chunk * cpu.CHUNK
+        m = min(cpu.CHUNK, n - start)
+        x = np.empty(m, np.float32)
+        total = np.empty(m, np.float32)
+        cpu.decode(xs[0], start, total, kind)
+        w = weights[0]
+        for j in range(m):
+            total[j] *= w
+        for i in range(1, count):
+            cpu.decode(xs[i], start, x, kind)
+            w = weights[i]
+            for j in range(m):
+                total[j] += x[j] * w
+        cpu.encode(total, out, start, out_kind)
+
+
+def weighted_sum_numba(tensors: Sequence[torch.Tensor], weights: Sequence[float], compute_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The CPU kernel; float32 compute on bf16/fp16/fp32 inputs (others take the torch path)."""
+    _check(tensors, weights)
+    out_dtype = out_dtype or compute_dtype
+    terms = [(x, float(w)) for x, w in zip(tensors, weights) if w != 0.0]
+    if compute_dtype != torch.float32 or not terms or not cpu.supported(*[x for x, _ in terms], out_dtype=out_dtype):
+        return weighted_sum_torch(tensors, weights, compute_dtype, out_dtype)
+    out = torch.empty(tensors[0].shape, dtype=out_dtype)
+    xs = [x for x, _ in terms]
+    _weighted_sum_numba(cpu.array(out), cpu.padded(xs), np.array([w for _, w in terms], dtype=np.float32), len(xs), cpu.KINDS[xs[0].dtype], cpu.KINDS[out_dtype])
     return out
 
 
@@ -118,6 +154,8 @@ def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float], comp
         return weighted_sum_reference(tensors, weights, compute_dtype).to(out_dtype or compute_dtype)
     if impl == "triton":
         return weighted_sum_triton(tensors, weights, compute_dtype, out_dtype)
+    if impl == "numba":
+        return weighted_sum_numba(tensors, weights, compute_dtype, out_dtype)
     return weighted_sum_torch(tensors, weights, compute_dtype, out_dtype)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from merging import documented_hash
-from workbench_kernels.dare import keep_mask, keep_mask_reference, keep_mask_torch, keep_mask_triton
+from workbench_kernels.dare import keep_mask, keep_mask_numba, keep_mask_reference, keep_mask_torch, keep_mask_triton
 
 
 def documented_mask(n: int, density: float, seed: int) -> list[bool]:
@@ -14,7 +14,7 @@ def documented_mask(n: int, density: float, seed: int) -> list[bool]:
     return [(documented_hash(documented_hash(i ^ lo) ^ hi) >> 8) < round(density * 2**24) for i in range(n)]
 
 
-@pytest.mark.parametrize("make", [keep_mask_reference, keep_mask_torch, keep_mask_triton], ids=["reference", "torch", "triton"])
+@pytest.mark.parametrize("make", [keep_mask_reference, keep_mask_torch, keep_mask_numba, keep_mask_triton], ids=["reference", "torch", "numba", "triton"])
 @pytest.mark.parametrize("n", [1, 7, 1023, 65537])
 def test_every_implementation_gives_the_documented_bits(make, n):
     seed = 0x9E3779B97F4A7C15
@@ -29,7 +29,7 @@ def test_every_implementation_gives_the_documented_bits(make, n):
 
 def test_dispatch_honours_the_forced_implementation(monkeypatch):
     expected = keep_mask_reference(5000, 0.5, 3).view(50, 100)
-    for impl in ("reference", "torch", "triton"):
+    for impl in ("reference", "torch", "numba", "triton"):
         monkeypatch.setenv("WORKBENCH_KERNELS", impl)
         assert torch.equal(keep_mask((50, 100), 0.5, 3), expected)
 

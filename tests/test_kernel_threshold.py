@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import workbench_kernels.threshold as threshold_module
-from workbench_kernels.threshold import Threshold, topk_thresholds, topk_thresholds_torch, topk_thresholds_triton
+from workbench_kernels.threshold import CHUNK, Threshold, topk_thresholds, topk_thresholds_numba, topk_thresholds_torch, topk_thresholds_triton
+
+CPU_PATHS = pytest.mark.parametrize("impl", [topk_thresholds_torch, topk_thresholds_numba], ids=["torch", "numba"])
 
 
 def sorted_definition(x: torch.Tensor, base: torch.Tensor, k: int) -> Threshold:
@@ -28,7 +30,7 @@ def family(n: int, dtype: torch.dtype, seed: int, shape: tuple[int, ...] | None 
     return base, [(base.float() + 0.01 * torch.randn(base.shape, generator=g)).to(dtype) for _ in range(3)]
 
 
-@pytest.mark.parametrize("impl", [topk_thresholds_torch, topk_thresholds_triton], ids=["torch", "triton"])
+@pytest.mark.parametrize("impl", [topk_thresholds_torch, topk_thresholds_numba, topk_thresholds_triton], ids=["torch", "numba", "triton"])
 @pytest.mark.parametrize("n", [1, 7, 1023, 65537])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_thresholds_equal_the_sort_definition(impl, n, dtype):
@@ -42,27 +44,42 @@ def test_thresholds_equal_the_sort_definition(impl, n, dtype):
         assert int(kept.sum()) == k
 
 
-def test_non_contiguous_inputs_and_the_compiled_pass(monkeypatch):
-    monkeypatch.setattr(threshold_module, "COMPILE_MIN", 0)  # run the Inductor-compiled counting pass
+@CPU_PATHS
+def test_non_contiguous_inputs(impl):
     base, xs = family(0, torch.bfloat16, 3, shape=(130, 257))
     base, xs = base[:, ::2], [x[:, ::2] for x in xs]
     ks = [3000, 1, 8000]
-    assert topk_thresholds_torch(xs, base, ks) == [sorted_definition(x, base, k) for x, k in zip(xs, ks)]
+    assert impl(xs, base, ks) == [sorted_definition(x, base, k) for x, k in zip(xs, ks)]
 
 
-def test_a_misleading_sample_falls_back_to_exact_selection(monkeypatch):
+@CPU_PATHS
+def test_a_misleading_sample_falls_back_to_exact_selection(impl, monkeypatch):
     """A bracket that misses the threshold (forced here) still gives the exact answer."""
     monkeypatch.setattr(threshold_module, "_bracket", lambda x, base, k: (10.0, 20.0))
     base, xs = family(5000, torch.float32, 1)
-    assert topk_thresholds_torch(xs, base, [100, 2500, 4999]) == [sorted_definition(x, base, k) for x, k in zip(xs, [100, 2500, 4999])]
+    assert impl(xs, base, [100, 2500, 4999]) == [sorted_definition(x, base, k) for x, k in zip(xs, [100, 2500, 4999])]
 
 
-def test_heavy_ties_cut_at_the_right_position():
+@CPU_PATHS
+def test_heavy_ties_cut_at_the_right_position(impl):
     base = torch.zeros(10000)
     x = torch.ones(10000)
     x[::7] = 2.0  # 1429 entries above, 8571 tied at 1
     for k in (1429, 1430, 5000, 10000 - 1):
-        assert topk_thresholds_torch([x], base, [k]) == [sorted_definition(x, base, k)]
+        assert impl([x], base, [k]) == [sorted_definition(x, base, k)]
+
+
+@CPU_PATHS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ties_spread_over_several_chunks_are_located_by_their_chunk_counts(impl, dtype):
+    """bf16-like data: few distinct magnitudes, so the threshold equals a bracket end and the
+    k-th tie lies in a later chunk of the counting pass."""
+    n = 3 * CHUNK + 5
+    g = torch.Generator().manual_seed(4)
+    base = torch.zeros(n, dtype=dtype)
+    x = (torch.randint(0, 4, (n,), generator=g) * 0.25).to(dtype)
+    for k in (n // 2, n // 3, n - 7, 5):
+        assert impl([x], base, [k]) == [sorted_definition(x, base, k)]
 
 
 def test_dispatch_and_bad_input(monkeypatch):

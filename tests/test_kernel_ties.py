@@ -1,4 +1,4 @@
-"""The fused TIES-family merge: eager blocks, the compiled loop and the Triton kernel equal the
+"""The fused TIES-family merge: eager torch blocks, the Numba kernel and the Triton kernel equal the
 reference definition (itself checked against float64 arithmetic in test_ties_dare.py)."""
 
 from __future__ import annotations
@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import workbench_kernels.threshold as threshold_module
-import workbench_kernels.ties as ties_module
+from workbench_kernels.cpu import CHUNK
 from workbench_kernels.sparsify import TaskVector, merge_task_vectors, merge_task_vectors_reference
 
 CASES = {
@@ -31,10 +30,12 @@ def run_both(base, xs, specs, consensus, normalize, out_dtype):
     return got, expected
 
 
+@pytest.mark.parametrize("impl", ["torch", "numba"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("n", [1, 7, 1023, 65537])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_torch_path_equals_reference(case, n, dtype):
+def test_cpu_paths_equal_reference(impl, case, n, dtype, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_KERNELS", impl)
     specs, consensus, normalize = CASES[case]
     base, xs = family((n,), dtype, len(specs), seed=n)
     got, expected = run_both(base, xs, specs, consensus, normalize, dtype)
@@ -52,11 +53,10 @@ def test_triton_kernel_equals_reference(case, n, dtype, monkeypatch):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("impl", ["torch", "numba"])
 @pytest.mark.parametrize("case", ["ties", "dare_ties_l1"])
-def test_compiled_loop_equals_reference_on_2d_non_contiguous(case, monkeypatch):
-    """Inductor's fused loop (forced on a small tensor), on strided bf16 views, bf16 out."""
-    monkeypatch.setattr(ties_module, "COMPILE_MIN", 0)
-    monkeypatch.setattr(threshold_module, "COMPILE_MIN", 0)
+def test_strided_bf16_views(impl, case, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_KERNELS", impl)
     specs, consensus, normalize = CASES[case]
     base, xs = family((300, 514), torch.bfloat16, len(specs))
     base, xs = base[:, ::2], [x[:, ::2] for x in xs]
@@ -64,7 +64,17 @@ def test_compiled_loop_equals_reference_on_2d_non_contiguous(case, monkeypatch):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize(("stored", "out"), [(torch.bfloat16, torch.float16), (torch.float32, torch.bfloat16), (torch.float16, torch.float32)])
+def test_numba_output_dtype_differs_from_the_inputs(stored, out, monkeypatch):
+    """The kernel rounds its float32 result straight into another stored dtype, as torch does."""
+    monkeypatch.setenv("WORKBENCH_KERNELS", "numba")
+    specs, consensus, normalize = CASES["ties"]
+    base, xs = family((CHUNK * 2 + 3,), stored, len(specs), seed=9)
+    got, expected = run_both(base, xs, specs, consensus, normalize, out)
+    assert got.dtype == out and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("impl", ["torch", "numba", "triton"])
 def test_non_contiguous_2d_and_float32_output(impl, monkeypatch):
     monkeypatch.setenv("WORKBENCH_KERNELS", impl)
     specs, consensus, normalize = CASES["ties"]

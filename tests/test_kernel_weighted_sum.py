@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workbench_kernels.weighted_sum import weighted_sum, weighted_sum_reference, weighted_sum_torch
+from workbench_kernels.weighted_sum import weighted_sum, weighted_sum_numba, weighted_sum_reference, weighted_sum_torch
 from merging import combo, merge, q
 
-IMPLS = {"torch": weighted_sum_torch, "reference": weighted_sum_reference, "dispatch": weighted_sum}
+IMPLS = {"torch": weighted_sum_torch, "numba": weighted_sum_numba, "reference": weighted_sum_reference, "dispatch": weighted_sum}
 
 
 def exact_sum(tensors: list[torch.Tensor], w: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,6 +41,8 @@ def test_kernel_fast_path_equals_reference(numel, dtype, same_compute):
     # The two implementations agree to within the rounding of the compute dtype.
     expected, magnitude = exact_sum(tensors, w)
     assert bool(((fast.double() - ref.double()).abs() <= 4 * len(w) * torch.finfo(compute).eps * magnitude + torch.finfo(compute).tiny).all())
+    if compute == torch.float32:  # the CPU kernel does the reference's operations in its order
+        assert torch.equal(weighted_sum_numba(tensors, w, compute), ref)
     for x, x0 in zip(tensors, originals):  # inputs untouched
         assert torch.equal(x, x0)
 
@@ -91,7 +93,7 @@ def test_kernel_out_dtype(out_dtype):
     tensors = [torch.randn(numel, generator=g).to(torch.bfloat16) for _ in range(3)]
     w = [0.25, 0.6, -0.3]
     expected, magnitude = exact_sum(tensors, w)
-    for impl in ("torch", "dispatch"):
+    for impl in ("torch", "numba", "dispatch"):
         out = IMPLS[impl](tensors, w, torch.float32, out_dtype=out_dtype)
         assert out.dtype == out_dtype and out.shape == (numel,)
         bound = torch.finfo(out_dtype).eps * expected.abs() + 8 * torch.finfo(torch.float32).eps * magnitude + 1e-30

@@ -1,0 +1,58 @@
+"""Whether a tensor holds no NaN or Inf: the engine asks it of every merged tensor.
+
+The reference is ``isfinite(x).all()``. The torch path sums in float32 first (a finite sum means
+finite elements; only a non-finite sum, which overflow can also cause, needs the exact check). The
+CPU kernel (Numba) counts, per chunk and on both cores, the elements whose magnitude is not at most
+the largest float32, which NaN and Inf are not.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+from workbench_kernels import cpu, implementation
+
+_LARGEST = np.float32(np.finfo(np.float32).max)
+
+
+def all_finite_reference(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x).all())
+
+
+def all_finite_torch(x: torch.Tensor) -> bool:
+    if bool(torch.isfinite(x.sum(dtype=torch.float32))):
+        return True
+    return all_finite_reference(x)
+
+
+@cpu.kernel
+def _count_non_finite_numba(x, kind, counts):  # pragma: no cover (compiled)
+    n = x.size
+    for chunk in numba.prange(counts.size):
+        start = chunk * cpu.CHUNK
+        values = np.empty(min(cpu.CHUNK, n - start), np.float32)
+        cpu.decode(x, start, values, kind)
+        bad = 0
+        for j in range(values.size):
+            bad += np.int32(not abs(values[j]) <= _LARGEST)
+        counts[chunk] = bad
+
+
+def all_finite_numba(x: torch.Tensor) -> bool:
+    if not cpu.supported(x):
+        return all_finite_torch(x)
+    counts = np.empty(-(-x.numel() // cpu.CHUNK), dtype=np.int64)
+    _count_non_finite_numba(cpu.array(x), cpu.KINDS[x.dtype], counts)
+    return not counts.any()
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """True for tensors without NaN/Inf (and for empty and integer tensors)."""
+    if not x.is_floating_point() or x.numel() == 0:
+        return True
+    impl = implementation(x.device)
+    if impl == "reference":
+        return all_finite_reference(x)
+    return all_finite_numba(x) if impl == "numba" else all_finite_torch(x)
