@@ -152,25 +152,26 @@ def encode(buf, a, start, kind):  # type: ignore[no-untyped-def]
     raise NotImplementedError("cpu.encode runs inside Numba kernels only")
 
 
-# Each branch is a plain loop over a chunk, so LLVM vectorises it; kernels then compute on the
-# float32 buffers.
+# Each branch is a plain loop over a slice, so LLVM vectorises it (indexing ``a[start + j]``
+# instead would make Numba handle negative indices per element and LLVM emit gathers); kernels then
+# compute on the float32 buffers.
 @overload(decode, inline="always")
 def _decode(a, start, buf, kind):  # type: ignore[no-untyped-def]
     if a.dtype == types.float32:
 
         def decode32(a, start, buf, kind):  # type: ignore[no-untyped-def]
-            for j in range(buf.size):
-                buf[j] = a[start + j]
+            buf[:] = a[start : start + buf.size]
 
         return decode32
 
     def decode16(a, start, buf, kind):  # type: ignore[no-untyped-def]
+        src = a[start : start + buf.size]
         if kind == BF16:
             for j in range(buf.size):
-                buf[j] = u32_as_f32(np.uint32(a[start + j]) << np.uint32(16))
+                buf[j] = u32_as_f32(np.uint32(src[j]) << np.uint32(16))
         else:
             for j in range(buf.size):
-                buf[j] = f16_to_f32(a[start + j])
+                buf[j] = f16_to_f32(src[j])
 
     return decode16
 
@@ -180,17 +181,17 @@ def _encode(buf, a, start, kind):  # type: ignore[no-untyped-def]
     if a.dtype == types.float32:
 
         def encode32(buf, a, start, kind):  # type: ignore[no-untyped-def]
-            for j in range(buf.size):
-                a[start + j] = buf[j]
+            a[start : start + buf.size] = buf
 
         return encode32
 
     def encode16(buf, a, start, kind):  # type: ignore[no-untyped-def]
+        dst = a[start : start + buf.size]
         if kind == BF16:
             for j in range(buf.size):
-                a[start + j] = f32_to_bf16(buf[j])
+                dst[j] = f32_to_bf16(buf[j])
         else:
             for j in range(buf.size):
-                a[start + j] = f32_to_f16(buf[j])
+                dst[j] = f32_to_f16(buf[j])
 
     return encode16

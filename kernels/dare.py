@@ -134,8 +134,10 @@ def keep_mask_triton(numel: int, density: float, seed: int, device: torch.device
 @cpu.kernel
 def _keep_mask_kernel_numba(out, seed_lo, seed_hi, threshold):  # pragma: no cover (compiled)
     for chunk in numba.prange((out.size + cpu.CHUNK - 1) // cpu.CHUNK):
-        for j in range(chunk * cpu.CHUNK, min((chunk + 1) * cpu.CHUNK, out.size)):
-            out[j] = draw_numba(j, seed_lo, seed_hi) < threshold
+        start = chunk * cpu.CHUNK
+        dst = out[start : start + cpu.CHUNK]
+        for j in range(dst.size):
+            dst[j] = draw_numba(start + j, seed_lo, seed_hi) < threshold
 
 
 def keep_mask_numba(numel: int, density: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:

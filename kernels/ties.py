@@ -22,7 +22,7 @@ import numba
 import numpy as np
 import torch
 
-from workbench_kernels import MAX_TRITON_INPUTS, block_size, cpu, jit, tl
+from workbench_kernels import MAX_TRITON_INPUTS, block_size, cpu, implementation, jit, tl
 from workbench_kernels.dare import RESOLUTION, draw_numba, draws_triton, hash32, seed_words
 
 Rule = Literal["magnitude", "random"]
@@ -106,6 +106,21 @@ def ties_merge_torch(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps:
     return out.view(base.shape)
 
 
+@cpu.helper
+def _kept_numba(x, b, start, kept, random, threshold, cut, seed_lo, seed_hi, keep_below):  # pragma: no cover (compiled)
+    """One model's kept task vector on one chunk (flat indices from ``start``)."""
+    if random:
+        for j in range(kept.size):
+            tau = x[j] - b[j]
+            kept[j] = tau if draw_numba(start + j, seed_lo, seed_hi) < keep_below else np.float32(0.0)
+    else:
+        c = cut - start
+        for j in range(kept.size):
+            tau = x[j] - b[j]
+            a = abs(tau)
+            kept[j] = np.float32(0.0) if (a < threshold) | ((a == threshold) & (j >= c)) else tau
+
+
 @cpu.kernel
 def _ties_numba(out, base, xs, count, kind, out_kind, threshold, cut, factor, weight, seed_lo, seed_hi, keep_below, random, consensus, normalize, scale, total_weight):  # pragma: no cover (compiled)
     n = base.size
@@ -119,18 +134,10 @@ def _ties_numba(out, base, xs, count, kind, out_kind, threshold, cut, factor, we
         for i in range(count):
             cpu.decode(xs[i], start, x, kind)
             d = deltas[i]
+            _kept_numba(x, b, start, d, random, threshold[i], cut[i], seed_lo[i], seed_hi[i], keep_below[i])
             f, w = factor[i], weight[i]
-            if random:
-                lo, hi, below = seed_lo[i], seed_hi[i], keep_below[i]
-                for j in range(m):
-                    tau = x[j] - b[j]
-                    d[j] = (tau if draw_numba(start + j, lo, hi) < below else np.float32(0.0)) * f * w
-            else:
-                t, c = threshold[i], cut[i] - start
-                for j in range(m):
-                    tau = x[j] - b[j]
-                    a = abs(tau)
-                    d[j] = (np.float32(0.0) if (a < t) | ((a == t) & (j >= c)) else tau) * f * w
+            for j in range(m):
+                d[j] = d[j] * f * w
         total = deltas[0].copy()
         for i in range(1, count):
             d = deltas[i]
@@ -159,6 +166,15 @@ def _ties_numba(out, base, xs, count, kind, out_kind, threshold, cut, factor, we
         cpu.encode(merged, out, start, out_kind)
 
 
+def _numba_rules(keeps: Sequence[Keep]) -> tuple[np.ndarray, ...]:
+    """The kernels' keep-rule arrays: threshold, cut, seed low and high words, keep_below."""
+    words = np.array([seed_words(k.seed) for k in keeps], dtype=np.uint32).reshape(-1, 2)
+    return (
+        np.array([k.threshold for k in keeps], dtype=np.float32), np.array([k.cut for k in keeps], dtype=np.int64),
+        words[:, 0].copy(), words[:, 1].copy(), np.array([k.keep_below for k in keeps], dtype=np.uint32),
+    )
+
+
 def ties_merge_numba(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence[Keep], rule: Rule, *, consensus: bool, normalize: bool, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
     """The CPU kernel (one pass over the inputs in their stored dtype, both cores); other dtypes
     and devices take the torch path."""
@@ -166,13 +182,11 @@ def ties_merge_numba(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps:
     if not cpu.supported(base, *tensors, out_dtype=out_dtype):
         return ties_merge_torch(base, tensors, keeps, rule, consensus=consensus, normalize=normalize, scale=scale, out_dtype=out_dtype)
     out = torch.empty(base.shape, dtype=out_dtype)
-    words = np.array([seed_words(k.seed) for k in keeps], dtype=np.uint32).reshape(-1, 2)
-    f32 = lambda values: np.array(values, dtype=np.float32)  # noqa: E731
+    threshold, cut, seed_lo, seed_hi, keep_below = _numba_rules(keeps)
     _ties_numba(
         cpu.array(out), cpu.array(base), cpu.padded(tensors), len(tensors), cpu.KINDS[base.dtype], cpu.KINDS[out_dtype],
-        f32([k.threshold for k in keeps]), np.array([k.cut for k in keeps], dtype=np.int64), f32([k.factor for k in keeps]), f32([k.weight for k in keeps]),
-        words[:, 0].copy(), words[:, 1].copy(), np.array([k.keep_below for k in keeps], dtype=np.uint32),
-        rule == "random", consensus, normalize, np.float32(scale), np.float32(sum(k.weight for k in keeps)),
+        threshold, cut, np.array([k.factor for k in keeps], dtype=np.float32), np.array([k.weight for k in keeps], dtype=np.float32),
+        seed_lo, seed_hi, keep_below, rule == "random", consensus, normalize, np.float32(scale), np.float32(sum(k.weight for k in keeps)),
     )
     return out
 
@@ -296,13 +310,40 @@ def _l1_sums(start: int, base: torch.Tensor, xs: list[torch.Tensor], params: dic
     return torch.stack(sums)
 
 
+@cpu.kernel
+def _l1_numba(base, xs, count, kind, threshold, cut, seed_lo, seed_hi, keep_below, random, sums):  # pragma: no cover (compiled)
+    n = base.size
+    for chunk in numba.prange((n + cpu.CHUNK - 1) // cpu.CHUNK):
+        start = chunk * cpu.CHUNK
+        m = min(cpu.CHUNK, n - start)
+        b = np.empty(m, np.float32)
+        cpu.decode(base, start, b, kind)
+        x = np.empty(m, np.float32)
+        kept = np.empty(m, np.float32)
+        for i in range(count):
+            cpu.decode(xs[i], start, x, kind)
+            _kept_numba(x, b, start, kept, random, threshold[i], cut[i], seed_lo[i], seed_hi[i], keep_below[i])
+            whole = 0.0
+            part = 0.0
+            for j in range(m):
+                whole += abs(np.float64(x[j] - b[j]))
+                part += abs(np.float64(kept[j]))
+            sums[chunk, i, 0] = whole
+            sums[chunk, i, 1] = part
+
+
 def l1_norms(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence[Keep], rule: Rule) -> list[tuple[float, float]]:
-    """(||tau||_1, ||kept||_1) per model (the ``l1`` rescale's norms), in float64, block by block."""
+    """(||tau||_1, ||kept||_1) per model (the ``l1`` rescale's norms) in float64: per chunk by the
+    CPU kernel, else block by block in torch."""
     _check(base, tensors, keeps)
+    if implementation(base.device) == "numba" and cpu.supported(base, *tensors):
+        sums = np.zeros((-(-base.numel() // cpu.CHUNK), len(keeps), 2))
+        _l1_numba(cpu.array(base), cpu.padded(tensors), len(tensors), cpu.KINDS[base.dtype], *_numba_rules(keeps), rule == "random", sums)
+        return [(float(a), float(k)) for a, k in sums.sum(0).tolist()]
     params = _params(keeps, 1.0, base.device)
     flat_base = base.reshape(-1)
     flat = [x.reshape(-1) for x in tensors]
-    sums = torch.zeros(len(keeps), 2, dtype=torch.float64, device=base.device)
+    totals = torch.zeros(len(keeps), 2, dtype=torch.float64, device=base.device)
     for s in range(0, flat_base.numel(), BLOCK):
-        sums += _l1_sums(s, flat_base[s : s + BLOCK], [x[s : s + BLOCK] for x in flat], params, rule)
-    return [(float(a), float(k)) for a, k in sums.tolist()]
+        totals += _l1_sums(s, flat_base[s : s + BLOCK], [x[s : s + BLOCK] for x in flat], params, rule)
+    return [(float(a), float(k)) for a, k in totals.tolist()]
