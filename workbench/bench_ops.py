@@ -1,4 +1,5 @@
-"""``workbench bench --ops``: each kernel against its torch reference, in one process.
+"""``workbench bench --ops``: each kernel against its torch reference, in one process (the Numba
+kernels on CPU, the Triton kernels on CUDA).
 
 Inputs: a base and three "fine-tunes" of 2**24 bf16 elements (the base plus small noise, so task
 vectors tie in bf16 as real ones do). Reported per op and implementation: best time of the repeats
@@ -47,7 +48,7 @@ def run_op_bench(device: str, repeat: int, json_out: Path | None, console: Any) 
     import torch
     from rich.table import Table
 
-    implementations = ["reference", "torch"] + (["triton"] if device.startswith("cuda") else [])
+    implementations = ["reference", "torch"] + (["triton"] if device.startswith("cuda") else ["numba"])
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     results = []
     previous = os.environ.get("WORKBENCH_KERNELS")
