@@ -6,12 +6,13 @@ For each task vector ``tau = x - base`` (float32) and a count ``k``, the :class:
 threshold the earliest rank higher, as in a stable sort by decreasing magnitude.
 
 The reference sorts. The fast paths select: a strided sample of each task vector (n / 32 entries, at
-most 131072, sorted) brackets the threshold between two sample order statistics ``lo <= value <= hi``
+most 32768) brackets the threshold between two sample order statistics ``lo <= value <= hi``
 with a safety margin; one pass over the data counts the entries above ``hi``, equal to ``hi`` and
-equal to ``lo``, and marks those strictly between (about 1.4% of them, fewer where bf16 task vectors
-pile up on a few values); the threshold is then read off the counts and the marked entries alone,
-and a tie cut, where needed, from a scan that stops at the chunk holding it. The counts prove the bracket: when they show the threshold outside it (rare, e.g.
-many equal magnitudes), that model falls back to a sort-free exact radix select over its whole
+equal to ``lo``, and marks those strictly between (about 3% of them, fewer where bf16 task vectors
+pile up on a few values); the threshold is then read off the counts and the marked entries alone.
+A tie cut, where needed, comes from tie counts per chunk (kept by the CPU kernel's pass, counted
+anew on the other paths) and a scan of the one chunk holding it. The counts prove the bracket: when
+they show the threshold outside it (rare, e.g. many equal magnitudes), that model falls back to a sort-free exact radix select over its whole
 task vector (:func:`workbench_kernels.order_stats.kth_smallest`). All models of a tensor share the
 pass, which reads the base once.
 """
@@ -28,7 +29,8 @@ import torch
 
 from workbench_kernels import MAX_TRITON_INPUTS, block_size, cpu, implementation, jit, tl
 
-#: Sample size: n / 32, between 4096 and 131072 entries (sorting it must stay cheap beside the pass).
+#: Sample size: n / 32, between 4096 and 32768 entries (selecting in it must stay cheap beside the
+#: pass; a smaller sample only widens the band of candidates the pass marks).
 SAMPLE_MIN, SAMPLE_MAX = 1 << 12, 1 << 15
 #: Bracket half-width in sample ranks, in standard deviations of a sample quantile (sqrt(m q (1-q))
 #: <= sqrt(m)/2): a threshold outside it (probability ~1e-6) only costs the exact fallback.

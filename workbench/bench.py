@@ -49,18 +49,35 @@ def mergekit_recipe(method: str, models: Path, fine_tunes: int) -> dict[str, Any
     raise SystemExit(f"bench has no recipe for method '{method}' (known: {', '.join(METHODS)})")
 
 
+#: Runs a command as its own child and writes "wall_seconds peak_rss_kb" to a file. A process
+#: started straight from the benchmark would carry the benchmark's own resident memory in its
+#: high-water mark (its address space begins as a copy of, or shares, the parent's until exec), so
+#: its children start from this small launcher instead.
+_LAUNCHER = """
+import os, sys, time
+report, command = sys.argv[1], sys.argv[2:]
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execvp(command[0], command)
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+with open(report, "w") as f:
+    f.write(f"{time.perf_counter() - start} {usage.ru_maxrss}")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def measure(command: list[str], env: dict[str, str] | None = None) -> tuple[float, int, int]:
     """Run a command, output discarded; return (wall seconds, exit status, peak RSS in bytes)."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    assert proc.stderr is not None
-    errors = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"bench: `{' '.join(command)}` failed with status {code}:\n{errors.decode(errors='replace')[-2000:]}")
-    return wall, code, usage.ru_maxrss * 1024
+    with tempfile.NamedTemporaryFile("r", suffix=".txt") as report:
+        proc = subprocess.run([sys.executable, "-c", _LAUNCHER, report.name, *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        if proc.returncode != 0:
+            raise SystemExit(f"bench: `{' '.join(command)}` failed with status {proc.returncode}:\n{proc.stderr.decode(errors='replace')[-2000:]}")
+        wall, rss_kb = report.read().split()
+    return float(wall), proc.returncode, int(rss_kb) * 1024
 
 
 def input_bytes(recipe: dict[str, Any]) -> int:
