@@ -5,8 +5,9 @@ flat tensors, spread over the cores with ``prange``, that reads every input once
 dtype and writes the output dtype directly. It is compiled on first use and cached on disk (next to
 this package, or in Numba's user cache where that is read-only), so later processes load machine
 code in milliseconds instead of tracing and compiling as ``torch.compile`` does each process.
-Numba caches are keyed by the file of the kernel only: after editing this module, delete the
-``*.nbi``/``*.nbc`` files under ``kernels/__pycache__`` (``make clean``).
+Numba caches are keyed by the kernel's own file only: after editing a helper that kernels of other
+files call (the codecs here, DARE's hash), delete the ``*.nbi``/``*.nbc`` files under
+``kernels/__pycache__`` (``make clean``).
 
 Numba has no 16-bit floats on CPU, so bf16 and fp16 tensors are handed over as ``uint16`` views
 and converted here bit-exactly, with the rounding torch uses (to nearest, ties to even).

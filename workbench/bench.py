@@ -5,7 +5,9 @@ Every merge is written as one mergekit YAML file, which ``workbench run`` reads 
 compared on the same work in the same run. Each merge runs in a fresh process, as a user would run
 it. Reported per method and tool: wall time of the process (of the fastest run), its start-up, the
 merge time (wall time minus start-up), best and median over the runs, the input throughput over the
-merge, and the largest peak resident memory of the processes (``ru_maxrss`` from ``wait4``).
+merge, and the largest peak resident memory of the processes (``ru_maxrss`` from ``wait4``, of
+processes started from a small launcher). The inputs are read once before each method's runs, so
+every run finds them in the page cache.
 
 Start-up is measured in the same run: for the workbench it is the process's wall time minus the
 engine's own merge time (first read to final rename, from ``--stats-json``); for mergekit, which
@@ -80,10 +82,24 @@ def measure(command: list[str], env: dict[str, str] | None = None) -> tuple[floa
     return float(wall), proc.returncode, int(rss_kb) * 1024
 
 
-def input_bytes(recipe: dict[str, Any]) -> int:
-    """Bytes of safetensors files read by a recipe's models (the base counted once)."""
+def input_files(recipe: dict[str, Any]) -> list[Path]:
+    """The safetensors files read by a recipe's models (the base counted once)."""
     folders = {m["model"] for m in recipe["models"]} | ({recipe["base_model"]} if "base_model" in recipe else set())
-    return sum(f.stat().st_size for folder in folders for f in Path(folder).glob("*.safetensors"))
+    return sorted(f for folder in folders for f in Path(folder).glob("*.safetensors"))
+
+
+def input_bytes(recipe: dict[str, Any]) -> int:
+    return sum(f.stat().st_size for f in input_files(recipe))
+
+
+def warm_page_cache(files: list[Path]) -> None:
+    """Read the inputs once, so every timed run (of either tool) finds them in the page cache
+    rather than the first one paying for the disk."""
+    buffer = bytearray(1 << 24)
+    for path in files:
+        with path.open("rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
 
 
 def bf16_steps(out: Path, reference: Path) -> tuple[int, int]:
@@ -153,6 +169,7 @@ def run_bench(size: str, methods: list[str], fine_tunes: int, directory: Path, r
             recipe_file = Path(tmp) / f"{method}.yaml"
             recipe_file.write_text(yaml.safe_dump(recipe))
             nbytes = input_bytes(recipe)
+            warm_page_cache(input_files(recipe))
             out = directory / f"out-{size}-{method}"
             stats_file = Path(tmp) / "stats.json"
             def command(out: Path) -> list[str]:
