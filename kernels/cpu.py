@@ -85,6 +85,19 @@ def helper(fn: F) -> F:
     return numba.njit(cache=True)(fn)  # type: ignore[return-value]
 
 
+@helper
+def chunks(n: int) -> int:
+    """How many chunks of ``CHUNK`` elements cover n elements."""
+    return (n + CHUNK - 1) // CHUNK
+
+
+@helper
+def span(chunk: int, n: int) -> tuple[int, int]:
+    """(first element, length) of a chunk."""
+    start = chunk * CHUNK
+    return start, min(CHUNK, n - start)
+
+
 @intrinsic
 def u32_as_f32(typingctx: Any, x: Any) -> Any:
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
@@ -196,3 +209,11 @@ def _encode(buf, a, start, kind):  # type: ignore[no-untyped-def]
                 dst[j] = f32_to_f16(buf[j])
 
     return encode16
+
+
+@helper
+def decoded(a, start, m, kind):  # type: ignore[no-untyped-def]
+    """Elements ``start .. start + m`` of a stored array as a new float32 array."""
+    buf = np.empty(m, np.float32)
+    decode(a, start, buf, kind)
+    return buf

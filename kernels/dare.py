@@ -133,9 +133,9 @@ def keep_mask_triton(numel: int, density: float, seed: int, device: torch.device
 
 @cpu.kernel
 def _keep_mask_kernel_numba(out, seed_lo, seed_hi, threshold):  # pragma: no cover (compiled)
-    for chunk in numba.prange((out.size + cpu.CHUNK - 1) // cpu.CHUNK):
-        start = chunk * cpu.CHUNK
-        dst = out[start : start + cpu.CHUNK]
+    for chunk in numba.prange(cpu.chunks(out.size)):
+        start, m = cpu.span(chunk, out.size)
+        dst = out[start : start + m]
         for j in range(dst.size):
             dst[j] = draw_numba(start + j, seed_lo, seed_hi) < threshold
 

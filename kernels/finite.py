@@ -31,9 +31,8 @@ def all_finite_torch(x: torch.Tensor) -> bool:
 def _count_non_finite_numba(x, kind, counts):  # pragma: no cover (compiled)
     n = x.size
     for chunk in numba.prange(counts.size):
-        start = chunk * cpu.CHUNK
-        values = np.empty(min(cpu.CHUNK, n - start), np.float32)
-        cpu.decode(x, start, values, kind)
+        start, m = cpu.span(chunk, n)
+        values = cpu.decoded(x, start, m, kind)
         bad = 0
         for j in range(values.size):
             bad += np.int32(not abs(values[j]) <= _LARGEST)

@@ -130,11 +130,9 @@ CHUNK = cpu.CHUNK
 @cpu.kernel
 def _count_band_kernel_numba(base, xs, count, kind, lo, hi, counts, bits):  # pragma: no cover (compiled)
     n = base.size
-    for chunk in numba.prange((n + CHUNK - 1) // CHUNK):
-        start = chunk * CHUNK
-        m = min(CHUNK, n - start)
-        b = np.empty(m, np.float32)
-        cpu.decode(base, start, b, kind)
+    for chunk in numba.prange(cpu.chunks(n)):
+        start, m = cpu.span(chunk, n)
+        b = cpu.decoded(base, start, m, kind)
         x = np.empty(m, np.float32)
         marks = bits[start : start + m]
         for i in range(count):

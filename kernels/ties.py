@@ -124,11 +124,9 @@ def _kept_numba(x, b, start, kept, random, threshold, cut, seed_lo, seed_hi, kee
 @cpu.kernel
 def _ties_numba(out, base, xs, count, kind, out_kind, threshold, cut, factor, weight, seed_lo, seed_hi, keep_below, random, consensus, normalize, scale, total_weight):  # pragma: no cover (compiled)
     n = base.size
-    for chunk in numba.prange((n + cpu.CHUNK - 1) // cpu.CHUNK):
-        start = chunk * cpu.CHUNK
-        m = min(cpu.CHUNK, n - start)
-        b = np.empty(m, np.float32)
-        cpu.decode(base, start, b, kind)
+    for chunk in numba.prange(cpu.chunks(n)):
+        start, m = cpu.span(chunk, n)
+        b = cpu.decoded(base, start, m, kind)
         x = np.empty(m, np.float32)
         deltas = np.empty((count, m), np.float32)
         for i in range(count):
@@ -313,11 +311,9 @@ def _l1_sums(start: int, base: torch.Tensor, xs: list[torch.Tensor], params: dic
 @cpu.kernel
 def _l1_numba(base, xs, count, kind, threshold, cut, seed_lo, seed_hi, keep_below, random, sums):  # pragma: no cover (compiled)
     n = base.size
-    for chunk in numba.prange((n + cpu.CHUNK - 1) // cpu.CHUNK):
-        start = chunk * cpu.CHUNK
-        m = min(cpu.CHUNK, n - start)
-        b = np.empty(m, np.float32)
-        cpu.decode(base, start, b, kind)
+    for chunk in numba.prange(cpu.chunks(n)):
+        start, m = cpu.span(chunk, n)
+        b = cpu.decoded(base, start, m, kind)
         x = np.empty(m, np.float32)
         kept = np.empty(m, np.float32)
         for i in range(count):

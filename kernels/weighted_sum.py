@@ -68,12 +68,10 @@ def weighted_sum_torch(tensors: Sequence[torch.Tensor], weights: Sequence[float]
 @cpu.kernel
 def _weighted_sum_numba(out, xs, weights, count, kind, out_kind):  # pragma: no cover (compiled)
     n = out.size
-    for chunk in numba.prange((n + cpu.CHUNK - 1) // cpu.CHUNK):
-        start = chunk * cpu.CHUNK
-        m = min(cpu.CHUNK, n - start)
+    for chunk in numba.prange(cpu.chunks(n)):
+        start, m = cpu.span(chunk, n)
+        total = cpu.decoded(xs[0], start, m, kind)
         x = np.empty(m, np.float32)
-        total = np.empty(m, np.float32)
-        cpu.decode(xs[0], start, total, kind)
         w = weights[0]
         for j in range(m):
             total[j] *= w
