@@ -2,8 +2,10 @@
 
 The header is parsed and checked here (offsets inside the file, sizes matching shapes) before any
 allocation, so a truncated or lying file fails with a message naming the file and tensor instead of
-an allocation or a crash. Tensor data is read with ``preadv`` straight into a fresh tensor: no mmap
-whose touched pages would stay in the process's resident memory for the whole merge.
+an allocation or a crash. Each tensor (or row block) is mapped on its own, privately: its pages come
+from the page cache without the copy a ``read`` makes, and are unmapped when the tensor is freed, so
+resident memory stays bounded by the tensors in flight (one mapping per file, as safetensors'
+``safe_open`` keeps, would hold every touched page for the whole merge).
 
 Writing streams: the header of each output file is computed from the planned tensor specs, written
 first, and tensor bytes follow in order as they are produced, so no shard is ever buffered whole.
@@ -60,15 +62,14 @@ class SafetensorsFile:
             offset += start * row_bytes
             nbytes = (stop - start) * row_bytes
             shape[0] = stop - start
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes:
-            got = os.preadv(self._fd, [buffer.numpy()], offset)
-            if got != nbytes:
-                raise CheckpointError(
-                    f"{self.path}: tensor '{info.name}' is cut short ({got} of {nbytes} bytes could be read);"
-                    " the file is truncated or was modified while the merge ran."
-                )
-        return buffer.view(to_torch(info.dtype)).reshape(shape)
+        if not nbytes:
+            return torch.empty(shape, dtype=to_torch(info.dtype))
+        if os.fstat(self._fd).st_size < offset + nbytes:
+            raise CheckpointError(
+                f"{self.path}: tensor '{info.name}' is cut short (its bytes end past the end of the file);"
+                " the file is truncated or was modified while the merge ran."
+            )
+        return _mapped(self._fd, offset, nbytes).view(to_torch(info.dtype)).reshape(shape)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -80,6 +81,19 @@ class SafetensorsFile:
             self.close()
         except Exception:
             pass
+
+
+def _mapped(fd: int, offset: int, nbytes: int) -> "torch.Tensor":
+    """Bytes ``offset .. offset + nbytes`` of a file as a uint8 tensor over a private mapping of just
+    that range: pages come from the page cache without a copy, writes stay private (copy on write),
+    and the range is unmapped when the tensor is freed."""
+    import mmap
+
+    import torch
+
+    aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
+    mapping = mmap.mmap(fd, offset + nbytes - aligned, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
+    return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=offset - aligned)
 
 
 def _parse_header(path: Path, fd: int) -> tuple[dict[str, tuple[TensorInfo, int]], dict[str, str], int]:
