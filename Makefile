@@ -30,7 +30,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/workbench bench --size 250m --methods linear,task_arithmetic --repeat 2
+	$(BIN)/workbench bench --size 230m --methods linear,task_arithmetic,ties,dare_ties,slerp --repeat 2
 
 clean:
 	rm -rf demo bench-models .pytest_cache
