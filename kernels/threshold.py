@@ -12,9 +12,10 @@ equal to ``lo``, and marks those strictly between (about 3% of them, fewer where
 pile up on a few values); the threshold is then read off the counts and the marked entries alone.
 A tie cut, where needed, comes from tie counts per chunk (kept by the CPU kernel's pass, counted
 anew on the other paths) and a scan of the one chunk holding it. The counts prove the bracket: when
-they show the threshold outside it (rare, e.g. many equal magnitudes), that model falls back to a sort-free exact radix select over its whole
-task vector (:func:`workbench_kernels.order_stats.kth_smallest`). All models of a tensor share the
-pass, which reads the base once.
+they show the threshold outside it (rare, e.g. many equal magnitudes), that model falls back to a
+sort-free exact radix select over its whole task vector
+(:func:`workbench_kernels.order_stats.kth_smallest`). All models of a tensor share the pass, which
+reads the base once.
 """
 
 from __future__ import annotations
@@ -212,13 +213,14 @@ def _select(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int], c
         above_hi, at_hi, at_lo = (int(c) for c in counts[slot])
         inside = (marked_bits >> slot) & 1 == 1
         positions = marked[inside]
+        chunk_ties = None if per_chunk is None else per_chunk[:, slot]  # counts at hi (1), at lo (2)
         if above_hi < k <= above_hi + at_hi:  # the threshold is hi itself
-            results[i] = Threshold(bounds[slot][1], _tie_cut(xs[i], base, bounds[slot][1], k - above_hi, None if per_chunk is None else per_chunk[:, slot, 1]))
+            results[i] = Threshold(bounds[slot][1], _tie_cut(xs[i], base, bounds[slot][1], k - above_hi, None if chunk_ties is None else chunk_ties[:, 1]))
         elif above_hi + at_hi < k <= above_hi + at_hi + positions.numel():  # strictly inside
             values = magnitudes(xs[i].reshape(-1)[positions], base_marked[inside])
             results[i] = _from_candidates(values, positions, k - above_hi - at_hi, above_hi + at_hi, k)
         elif lo[slot] < hi[slot] and 0 < k - above_hi - at_hi - positions.numel() <= at_lo:  # lo itself
-            results[i] = Threshold(bounds[slot][0], _tie_cut(xs[i], base, bounds[slot][0], k - above_hi - at_hi - positions.numel(), None if per_chunk is None else per_chunk[:, slot, 2]))
+            results[i] = Threshold(bounds[slot][0], _tie_cut(xs[i], base, bounds[slot][0], k - above_hi - at_hi - positions.numel(), None if chunk_ties is None else chunk_ties[:, 2]))
         else:  # the sample misled the bracket: exact selection over the whole task vector
             from workbench_kernels.order_stats import kth_smallest
 
