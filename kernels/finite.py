@@ -42,7 +42,7 @@ def _count_non_finite_numba(x, kind, counts):  # pragma: no cover (compiled)
 def all_finite_numba(x: torch.Tensor) -> bool:
     if not cpu.supported(x):
         return all_finite_torch(x)
-    counts = np.empty(-(-x.numel() // cpu.CHUNK), dtype=np.int64)
+    counts = np.empty(cpu.chunks(x.numel()), dtype=np.int64)
     _count_non_finite_numba(cpu.array(x), cpu.KINDS[x.dtype], counts)
     return not counts.any()
 

@@ -162,7 +162,7 @@ def _count_band_numba(base: torch.Tensor, xs: list[torch.Tensor], lo: torch.Tens
     if not cpu.supported(base, *xs):
         return _count_band(base, xs, lo, hi)
     n = base.numel()
-    per_chunk = np.zeros((-(-n // CHUNK), len(xs), 3), dtype=np.int64)
+    per_chunk = np.zeros((cpu.chunks(n), len(xs), 3), dtype=np.int64)
     bits = torch.zeros(n, dtype=torch.uint8)
     _count_band_kernel_numba(cpu.array(base), cpu.padded(xs), len(xs), cpu.KINDS[base.dtype], lo.numpy(), hi.numpy(), per_chunk, bits.numpy())
     per_chunk_tensor = torch.from_numpy(per_chunk)

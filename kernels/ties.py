@@ -333,7 +333,7 @@ def l1_norms(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequenc
     CPU kernel, else block by block in torch."""
     _check(base, tensors, keeps)
     if implementation(base.device) == "numba" and cpu.supported(base, *tensors):
-        sums = np.zeros((-(-base.numel() // cpu.CHUNK), len(keeps), 2))
+        sums = np.zeros((cpu.chunks(base.numel()), len(keeps), 2))
         _l1_numba(cpu.array(base), cpu.padded(tensors), len(tensors), cpu.KINDS[base.dtype], *_numba_rules(keeps), rule == "random", sums)
         return [(float(a), float(k)) for a, k in sums.sum(0).tolist()]
     params = _params(keeps, 1.0, base.device)
