@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 from workbench_kernels import implementation
+from workbench_kernels.blocks import Blocks
 
 if TYPE_CHECKING:
     from workbench_kernels.ties import Keep, Rule
@@ -419,46 +420,71 @@ def merge_task_vectors_torch(base: torch.Tensor, tensors: Sequence[torch.Tensor]
     return acc.add_(base_c).to(out_dtype)
 
 
-def _fused_keeps(base: torch.Tensor, tensors: Sequence[torch.Tensor], specs: Sequence[TaskVector]) -> tuple[list[Keep], Rule] | None:
-    """The keep rules of the fused kernel (:mod:`workbench_kernels.ties`), or None where it does not
-    apply: two-sided bands (breadcrumbs) and mixed rules take the streaming path."""
+@dataclass(frozen=True)
+class FusedMerge:
+    """A merge the fused kernel (:mod:`workbench_kernels.ties`) runs, with every model's keep rule
+    and rescale factor resolved over the whole tensor, so that each block of the tensor can then be
+    merged on its own (``offset``: the flat index of the block's first element)."""
+
+    models: tuple[int, ...]  # the models with a non-zero weight, in order
+    keeps: tuple[Keep, ...]
+    rule: Rule
+    consensus: bool
+    normalize: bool
+    scale: float
+
+    def __call__(self, base: torch.Tensor, tensors: Sequence[torch.Tensor], out_dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
+        from workbench_kernels.ties import ties_merge_numba, ties_merge_torch, ties_merge_triton
+
+        run = {"triton": ties_merge_triton, "numba": ties_merge_numba}.get(implementation(base.device), ties_merge_torch)
+        return run(base, [tensors[i] for i in self.models], self.keeps, self.rule, consensus=self.consensus, normalize=self.normalize, scale=self.scale, out_dtype=out_dtype, offset=offset)
+
+
+def plan_fused(blocks: Blocks, specs: Sequence[TaskVector], *, consensus: bool, normalize: bool, scale: float, compute_dtype: torch.dtype = torch.float32) -> FusedMerge | None:
+    """The keep rules of the fused kernel from a tensor given block by block (thresholds and L1
+    norms gathered from the blocks), or None where it does not apply: the reference forced, a
+    compute dtype other than float32, no model with a weight, two-sided bands (breadcrumbs) or
+    mixed rules; those take :func:`merge_task_vectors` on whole tensors."""
     from workbench_kernels.dare import RESOLUTION, keep_below
-    from workbench_kernels.threshold import Threshold, topk_thresholds
+    from workbench_kernels.threshold import Threshold, topk_thresholds_blocks
     from workbench_kernels.ties import Keep, l1_norms
 
-    rules = {"random" if s.sparsify == "random" else "magnitude" for s in specs}
-    if len(rules) != 1 or any(s.sparsify == "magnitude" and (s.gamma > 0 and s.density < 1 or s.band is not None and s.band.hi != math.inf) for s in specs):
+    models = tuple(i for i, s in enumerate(specs) if s.weight != 0.0)
+    active = [specs[i] for i in models]
+    rules = {"random" if s.sparsify == "random" else "magnitude" for s in active}
+    base = blocks.load(0)[1]
+    assert base is not None
+    if compute_dtype != torch.float32 or implementation(base.device) == "reference" or len(rules) != 1:
         return None
+    if any(s.sparsify == "magnitude" and (s.gamma > 0 and s.density < 1 or s.band is not None and s.band.hi != math.inf) for s in active):
+        return None
+    if not consensus:
+        _linear_divisor(active, normalize)  # a zero sum of weights is an error
     rule: Rule = rules.pop()  # type: ignore[assignment]
-    n = base.numel()
-    masked = [s.sparsify != "none" and s.density < 1 or s.band is not None for s in specs]
+    n = blocks.numel
+    blocks = blocks.select(models)
+    masked = [s.sparsify != "none" and s.density < 1 or s.band is not None for s in active]
     if rule == "magnitude":
-        computed = iter(topk_thresholds([x for x, s in zip(tensors, specs) if s.band is None], base, [keep_count(s.density, n) if m else n for s, m in zip(specs, masked) if s.band is None]))
-        thresholds = [next(computed) if s.band is None else Threshold(s.band.lo, n) for s in specs]
-        keeps = [Keep(s.weight, threshold=t.value, cut=t.cut) for s, t in zip(specs, thresholds)]
+        own = [i for i, s in enumerate(active) if s.band is None]
+        computed = iter(topk_thresholds_blocks(blocks.select(own), [keep_count(active[i].density, n) if masked[i] else n for i in own]))
+        thresholds = [next(computed) if s.band is None else Threshold(s.band.lo, n) for s in active]
+        keeps = [Keep(s.weight, threshold=t.value, cut=t.cut) for s, t in zip(active, thresholds)]
     else:
-        keeps = [Keep(s.weight, seed=s.seed, keep_below=keep_below(s.density) if m else RESOLUTION) for s, m in zip(specs, masked)]
-    norms = l1_norms(base, tensors, keeps, rule) if any(s.rescale == "l1" and m for s, m in zip(specs, masked)) else [(0.0, 0.0)] * len(specs)
-    factors = [_rescale(s.rescale, s.density, *l1) if m else 1.0 for s, m, l1 in zip(specs, masked, norms)]
-    return [dataclasses.replace(k, factor=f) for k, f in zip(keeps, factors)], rule
+        keeps = [Keep(s.weight, seed=s.seed, keep_below=keep_below(s.density) if m else RESOLUTION) for s, m in zip(active, masked)]
+    norms = l1_norms(blocks, keeps, rule) if any(s.rescale == "l1" and m for s, m in zip(active, masked)) else [(0.0, 0.0)] * len(active)
+    factors = [_rescale(s.rescale, s.density, *l1) if m else 1.0 for s, m, l1 in zip(active, masked, norms)]
+    keeps = [dataclasses.replace(k, factor=f) for k, f in zip(keeps, factors)]
+    return FusedMerge(models, tuple(keeps), rule, consensus, normalize, scale)
 
 
 def merge_task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor], specs: Sequence[TaskVector], *, consensus: bool, normalize: bool, scale: float, compute_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Dispatch on the base's device: the reference where forced; the fused kernel (Numba, Triton or torch)
-    where it applies (float32 compute, one keep rule); otherwise the streaming torch path."""
-    impl = implementation(base.device)
-    if impl == "reference":
+    where it applies (see :func:`plan_fused`); otherwise the streaming torch path."""
+    if implementation(base.device) == "reference":
         result = merge_task_vectors_reference(base, tensors, specs, consensus=consensus, normalize=normalize, scale=scale, compute_dtype=compute_dtype)
         return result.to(out_dtype or compute_dtype)
     _check(tensors, base, specs)
-    active = [(x, s) for x, s in zip(tensors, specs) if s.weight != 0.0]
-    fused = _fused_keeps(base, [x for x, _ in active], [s for _, s in active]) if active and compute_dtype == torch.float32 else None
+    fused = plan_fused(Blocks.whole(tensors, base), specs, consensus=consensus, normalize=normalize, scale=scale, compute_dtype=compute_dtype)
     if fused is None:
         return merge_task_vectors_torch(base, tensors, specs, consensus=consensus, normalize=normalize, scale=scale, compute_dtype=compute_dtype, out_dtype=out_dtype)
-    from workbench_kernels.ties import ties_merge_numba, ties_merge_torch, ties_merge_triton
-
-    keeps, rule = fused
-    if not consensus:
-        _linear_divisor([s for _, s in active], normalize)  # a zero sum of weights is an error
-    run = {"triton": ties_merge_triton, "numba": ties_merge_numba}.get(impl, ties_merge_torch)
-    return run(base, [x for x, _ in active], keeps, rule, consensus=consensus, normalize=normalize, scale=scale, out_dtype=out_dtype or compute_dtype)
+    return fused(base, tensors, out_dtype or compute_dtype)

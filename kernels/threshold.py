@@ -21,7 +21,7 @@ reads the base once.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numba
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from workbench_kernels import MAX_TRITON_INPUTS, block_size, cpu, implementation, jit, tl
+from workbench_kernels.blocks import Blocks
 
 #: Sample size: n / 32, between 4096 and 32768 entries (selecting in it must stay cheap beside the
 #: pass; a smaller sample only widens the band of candidates the pass marks).
@@ -87,11 +88,22 @@ def topk_threshold_reference(x: torch.Tensor, base: torch.Tensor, k: int) -> Thr
     return Threshold(value, int(order[:k][w[order[:k]] == value].max()) + 1)
 
 
-def _bracket(x: torch.Tensor, base: torch.Tensor, k: int) -> tuple[float, float]:
-    """(lo, hi): sample order statistics around the threshold's rank, widened by the margin."""
-    n = x.numel()
+def _sample(blocks: Blocks) -> list[torch.Tensor]:
+    """Each model's magnitudes at the flat indices that are multiples of the sample stride."""
+    n = blocks.numel
     stride = max(1, n // max(SAMPLE_MIN, min(SAMPLE_MAX, n // 32)))
-    sample = magnitudes(x.reshape(-1)[::stride], base.reshape(-1)[::stride])
+    parts: list[list[torch.Tensor]] = []
+    for start, xs, base in blocks:
+        first = (-start) % stride
+        b = base[first::stride]
+        parts = parts or [[] for _ in xs]
+        for part, x in zip(parts, xs):
+            part.append(magnitudes(x[first::stride], b))
+    return [torch.cat(part) for part in parts]
+
+
+def _bracket(sample: torch.Tensor, n: int, k: int) -> tuple[float, float]:
+    """(lo, hi): sample order statistics around the threshold's rank, widened by the margin."""
     m = sample.numel()
     centre = (n - k) / n * m  # ascending rank of the threshold, scaled to the sample
     margin = MARGIN_SIGMAS * math.sqrt(m) / 2 + 2
@@ -177,69 +189,122 @@ def _tie_counts(x: torch.Tensor, base: torch.Tensor, value: float) -> torch.Tens
     return torch.cat([counts, w[whole:].sum().view(1)]) if whole < w.numel() else counts
 
 
-def _tie_cut(x: torch.Tensor, base: torch.Tensor, value: float, j: int, per_chunk: torch.Tensor | None = None) -> int:
-    """One past the flat index of the j-th (1-based) entry whose magnitude equals ``value``:
-    the chunk holding it from the tie counts per chunk (counted here unless given), then a scan of
-    that chunk alone."""
-    flat_x, flat_b = x.reshape(-1), base.reshape(-1)
-    if per_chunk is None:
-        per_chunk = _tie_counts(flat_x, flat_b, value)
-    cumulative = torch.cumsum(per_chunk.to(flat_x.device), 0)
-    chunk = int(torch.searchsorted(cumulative, torch.tensor(j, device=cumulative.device)))  # first chunk reaching j
-    start = chunk * CHUNK
-    seen = int(cumulative[chunk - 1]) if chunk > 0 else 0
-    ties = magnitudes(flat_x[start : start + CHUNK], flat_b[start : start + CHUNK]) == value
-    return start + int(torch.nonzero(ties).squeeze(1)[j - seen - 1]) + 1
+def _tie_cut(blocks: Blocks, value: float, j: int, per_chunk: Sequence[torch.Tensor] | None = None) -> int:
+    """One past the flat index of the j-th (1-based) entry whose magnitude equals ``value``, for
+    the one model of ``blocks``: the block and chunk holding it from the tie counts per chunk of
+    each block (counted here unless given), then a scan of that chunk alone."""
+    seen = 0
+    for i, start in enumerate(blocks.starts):
+        loaded = None if per_chunk is not None else blocks.load(i)
+        counts = per_chunk[i] if per_chunk is not None else _tie_counts(loaded[0][0], loaded[1], value)
+        cumulative = torch.cumsum(counts, 0)
+        if seen + int(cumulative[-1]) < j:
+            seen += int(cumulative[-1])
+            continue
+        (x,), base = loaded or blocks.load(i)
+        chunk = int(torch.searchsorted(cumulative, torch.tensor(j - seen, device=cumulative.device)))  # first chunk reaching j
+        if chunk > 0:
+            seen += int(cumulative[chunk - 1])
+        at = chunk * CHUNK
+        ties = magnitudes(x[at : at + CHUNK], base[at : at + CHUNK]) == value
+        return start + at + int(torch.nonzero(ties).squeeze(1)[j - seen - 1]) + 1
+    raise ValueError(f"fewer than {j} entries of magnitude {value}")
 
 
-def _select(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int], counting: str) -> list[Threshold]:
-    """The bracketed selection shared by the torch and Triton paths (``counting`` picks the pass)."""
-    n = base.numel()
+def _exact(blocks: Blocks, k: int) -> Threshold:
+    """The threshold of the one model of ``blocks`` by an exact radix select over all of it."""
+    from workbench_kernels.order_stats import RadixSelect
+
+    select = RadixSelect([blocks.numel - k])
+    for _, (x,), base in blocks:
+        select.coarse(magnitudes(x, base))
+    select.start_fine()
+    for _, (x,), base in blocks:
+        select.fine(magnitudes(x, base))
+    value = select.values()[0]
+    above = sum(int((magnitudes(x, base) > value).sum()) for _, (x,), base in blocks)
+    return Threshold(value, _tie_cut(blocks, value, k - above))
+
+
+@dataclass
+class _Pass:
+    """What the counting pass gathers for the open models of one tensor, block by block."""
+
+    counts: torch.Tensor | None = None
+    #: per block: the kernel's counts per chunk (chunks x models x 3), or None where it keeps none.
+    per_chunk: list[torch.Tensor | None] = field(default_factory=list)
+    #: per model: the magnitudes strictly inside its bracket, and their flat indices.
+    values: list[list[torch.Tensor]] = field(default_factory=list)
+    positions: list[list[torch.Tensor]] = field(default_factory=list)
+
+
+def _count(blocks: Blocks, lo: torch.Tensor, hi: torch.Tensor, counting: str) -> _Pass:
+    count_band = {"triton": _count_band_triton, "numba": _count_band_numba}.get(counting, _count_band)
+    gathered = _Pass()
+    for start, xs, base in blocks:
+        counts, bits, per_chunk = count_band(base, xs, lo, hi)
+        gathered.counts = counts if gathered.counts is None else gathered.counts + counts
+        gathered.per_chunk.append(per_chunk)
+        marked = torch.nonzero(bits).squeeze(1)
+        marked_bits = bits[marked]
+        base_marked = base[marked]
+        for slot, x in enumerate(xs):
+            if slot == len(gathered.values):
+                gathered.values.append([])
+                gathered.positions.append([])
+            inside = (marked_bits >> slot) & 1 == 1
+            positions = marked[inside]
+            gathered.values[slot].append(magnitudes(x[positions], base_marked[inside]))
+            gathered.positions[slot].append(positions + start)
+    return gathered
+
+
+def _select(blocks: Blocks, ks: Sequence[int], counting: str) -> list[Threshold]:
+    """The bracketed selection shared by every fast path (``counting`` picks the counting pass)."""
+    n = blocks.numel
     results: list[Threshold | None] = [_trivial(k, n) for k in ks]
     open_models = [i for i, r in enumerate(results) if r is None]
     if not open_models:
         return results  # type: ignore[return-value]
-    bounds = [_bracket(xs[i], base, ks[i]) for i in open_models]
-    lo = torch.tensor([b[0] for b in bounds], dtype=torch.float32, device=base.device)
-    hi = torch.tensor([b[1] for b in bounds], dtype=torch.float32, device=base.device)
-    flat = [xs[i].reshape(-1) for i in open_models]
-    count_band = {"triton": _count_band_triton, "numba": _count_band_numba}.get(counting, _count_band)
-    counts, bits, per_chunk = count_band(base.reshape(-1), flat, lo, hi)
-    marked = torch.nonzero(bits).squeeze(1)
-    marked_bits = bits[marked]
-    base_marked = base.reshape(-1)[marked]
+    blocks = blocks.select(open_models)
+    bounds = [_bracket(sample, n, ks[i]) for sample, i in zip(_sample(blocks), open_models)]
+    device = blocks.load(0)[1].device  # type: ignore[union-attr]
+    lo = torch.tensor([b[0] for b in bounds], dtype=torch.float32, device=device)
+    hi = torch.tensor([b[1] for b in bounds], dtype=torch.float32, device=device)
+    gathered = _count(blocks, lo, hi, counting)
+    assert gathered.counts is not None
     for slot, i in enumerate(open_models):
         k = ks[i]
-        above_hi, at_hi, at_lo = (int(c) for c in counts[slot])
-        inside = (marked_bits >> slot) & 1 == 1
-        positions = marked[inside]
-        chunk_ties = None if per_chunk is None else per_chunk[:, slot]  # counts at hi (1), at lo (2)
+        model = blocks.select([slot])
+        above_hi, at_hi, at_lo = (int(c) for c in gathered.counts[slot])
+        positions = torch.cat(gathered.positions[slot])
+
+        def ties(column: int) -> list[torch.Tensor] | None:  # counts per chunk at hi (1) or lo (2)
+            per_chunk = gathered.per_chunk
+            return None if any(p is None for p in per_chunk) else [p[:, slot, column] for p in per_chunk]  # type: ignore[index]
+
         if above_hi < k <= above_hi + at_hi:  # the threshold is hi itself
-            results[i] = Threshold(bounds[slot][1], _tie_cut(xs[i], base, bounds[slot][1], k - above_hi, None if chunk_ties is None else chunk_ties[:, 1]))
+            results[i] = Threshold(bounds[slot][1], _tie_cut(model, bounds[slot][1], k - above_hi, ties(1)))
         elif above_hi + at_hi < k <= above_hi + at_hi + positions.numel():  # strictly inside
-            values = magnitudes(xs[i].reshape(-1)[positions], base_marked[inside])
+            values = torch.cat(gathered.values[slot])
             results[i] = _from_candidates(values, positions, k - above_hi - at_hi, above_hi + at_hi, k)
         elif lo[slot] < hi[slot] and 0 < k - above_hi - at_hi - positions.numel() <= at_lo:  # lo itself
-            results[i] = Threshold(bounds[slot][0], _tie_cut(xs[i], base, bounds[slot][0], k - above_hi - at_hi - positions.numel(), None if chunk_ties is None else chunk_ties[:, 2]))
+            results[i] = Threshold(bounds[slot][0], _tie_cut(model, bounds[slot][0], k - above_hi - at_hi - positions.numel(), ties(2)))
         else:  # the sample misled the bracket: exact selection over the whole task vector
-            from workbench_kernels.order_stats import kth_smallest
-
-            w = magnitudes(xs[i], base)
-            value = kth_smallest(w, [n - k])[0]
-            results[i] = Threshold(value, _tie_cut(xs[i], base, value, k - int((w > value).sum())))
+            results[i] = _exact(model, k)
     return results  # type: ignore[return-value]
 
 
 def topk_thresholds_torch(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int]) -> list[Threshold]:
     """Thresholds of several task vectors of one tensor, in one counting pass of eager torch ops."""
     _check(xs, base, ks)
-    return _select(xs, base, ks, "torch")
+    return _select(Blocks.whole(xs, base), ks, "torch")
 
 
 def topk_thresholds_numba(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int]) -> list[Threshold]:
     """The same selection with the counting passes as CPU kernels."""
     _check(xs, base, ks)
-    return _select(xs, base, ks, "numba")
+    return _select(Blocks.whole(xs, base), ks, "numba")
 
 
 @jit
@@ -269,27 +334,39 @@ def _count_band_triton(base: torch.Tensor, xs: list[torch.Tensor], lo: torch.Ten
 def topk_thresholds_triton(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int]) -> list[Threshold]:
     """The same selection with the counting pass as a Triton kernel (one launch per model)."""
     _check(xs, base, ks)
-    return _select(xs, base, ks, "triton")
+    return _select(Blocks.whole(xs, base), ks, "triton")
 
 
 def topk_thresholds(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int]) -> list[Threshold]:
     """Dispatch on the base's device (see :func:`workbench_kernels.implementation`)."""
+    _check(xs, base, ks)
+    return topk_thresholds_blocks(Blocks.whole(xs, base), ks)
+
+
+def topk_thresholds_blocks(blocks: Blocks, ks: Sequence[int]) -> list[Threshold]:
+    """The thresholds of task vectors given block by block (the sample, the counting pass and any
+    tie scan each load the blocks they need), dispatched on the device of the first block. The
+    reference concatenates the blocks and sorts."""
+    xs, base = blocks.load(0)
+    assert base is not None
+    _check_counts(len(xs), ks)
     impl = implementation(base.device)
     if impl == "reference":
-        _check(xs, base, ks)
-        return [topk_threshold_reference(x, base, k) for x, k in zip(xs, ks)]
-    if impl == "triton":
-        return topk_thresholds_triton(xs, base, ks)
-    if impl == "numba":
-        return topk_thresholds_numba(xs, base, ks)
-    return topk_thresholds_torch(xs, base, ks)
+        parts = [(xs, base) for _, xs, base in blocks]
+        whole_base = torch.cat([b for _, b in parts])
+        return [topk_threshold_reference(torch.cat([p[0][i] for p in parts]), whole_base, k) for i, k in enumerate(ks)]
+    return _select(blocks, ks, impl if impl in ("triton", "numba") else "torch")
+
+
+def _check_counts(models: int, ks: Sequence[int]) -> None:
+    if models != len(ks):
+        raise ValueError(f"topk_thresholds got {models} tensors but {len(ks)} counts")
+    if models > MAX_TRITON_INPUTS:
+        raise ValueError(f"topk_thresholds takes at most {MAX_TRITON_INPUTS} task vectors per call, got {models}")
 
 
 def _check(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int]) -> None:
-    if len(xs) != len(ks):
-        raise ValueError(f"topk_thresholds got {len(xs)} tensors but {len(ks)} counts")
-    if len(xs) > MAX_TRITON_INPUTS:
-        raise ValueError(f"topk_thresholds takes at most {MAX_TRITON_INPUTS} task vectors per call, got {len(xs)}")
+    _check_counts(len(xs), ks)
     for i, x in enumerate(xs):
         if x.shape != base.shape:
             raise ValueError(f"topk_thresholds: tensor {i} has shape {list(x.shape)}, base has {list(base.shape)}")

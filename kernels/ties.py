@@ -15,6 +15,7 @@ stored dtype; the torch path (other devices and dtypes) runs cache-sized blocks 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from workbench_kernels import MAX_TRITON_INPUTS, block_size, cpu, implementation, jit, tl
+from workbench_kernels.blocks import Blocks
 from workbench_kernels.dare import RESOLUTION, draw_numba, draws_triton, hash32, seed_words
 
 Rule = Literal["magnitude", "random"]
@@ -91,8 +93,10 @@ def _params(keeps: Sequence[Keep], scale: float, device: torch.device) -> dict[s
     return params
 
 
-def ties_merge_torch(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence[Keep], rule: Rule, *, consensus: bool, normalize: bool, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
-    """In cache-sized blocks of eager torch ops (any device, any dtype)."""
+def ties_merge_torch(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence[Keep], rule: Rule, *, consensus: bool, normalize: bool, scale: float, out_dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
+    """In cache-sized blocks of eager torch ops (any device, any dtype). ``offset``: the flat index
+    of the first element in the whole tensor, where the inputs are a block of it (every
+    implementation takes it: the keep rules are defined on whole-tensor indices)."""
     _check(base, tensors, keeps)
     params = _params(keeps, scale, base.device)
     flat_base = base.reshape(-1)
@@ -101,7 +105,7 @@ def ties_merge_torch(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps:
     out = torch.empty(n, dtype=out_dtype, device=base.device)
     for s in range(0, n, BLOCK):
         e = min(s + BLOCK, n)
-        start = torch.tensor(s, dtype=torch.int64, device=base.device)
+        start = torch.tensor(offset + s, dtype=torch.int64, device=base.device)
         out[s:e] = _merge_block(start, flat_base[s:e], [x[s:e] for x in flat], params, rule, consensus, normalize, out_dtype)
     return out.view(base.shape)
 
@@ -122,7 +126,7 @@ def _kept_numba(x, b, start, kept, random, threshold, cut, seed_lo, seed_hi, kee
 
 
 @cpu.kernel
-def _ties_numba(out, base, xs, count, kind, out_kind, threshold, cut, factor, weight, seed_lo, seed_hi, keep_below, random, consensus, normalize, scale, total_weight):  # pragma: no cover (compiled)
+def _ties_numba(out, base, xs, count, kind, out_kind, offset, threshold, cut, factor, weight, seed_lo, seed_hi, keep_below, random, consensus, normalize, scale, total_weight):  # pragma: no cover (compiled)
     n = base.size
     for chunk in numba.prange(cpu.chunks(n)):
         start, m = cpu.span(chunk, n)
@@ -132,7 +136,7 @@ def _ties_numba(out, base, xs, count, kind, out_kind, threshold, cut, factor, we
         for i in range(count):
             cpu.decode(xs[i], start, x, kind)
             d = deltas[i]
-            _kept_numba(x, b, start, d, random, threshold[i], cut[i], seed_lo[i], seed_hi[i], keep_below[i])
+            _kept_numba(x, b, offset + start, d, random, threshold[i], cut[i], seed_lo[i], seed_hi[i], keep_below[i])
             f, w = factor[i], weight[i]
             for j in range(m):
                 d[j] = d[j] * f * w
@@ -173,16 +177,16 @@ def _numba_rules(keeps: Sequence[Keep]) -> tuple[np.ndarray, ...]:
     )
 
 
-def ties_merge_numba(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence[Keep], rule: Rule, *, consensus: bool, normalize: bool, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+def ties_merge_numba(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence[Keep], rule: Rule, *, consensus: bool, normalize: bool, scale: float, out_dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
     """The CPU kernel (one pass over the inputs in their stored dtype, both cores); other dtypes
     and devices take the torch path."""
     _check(base, tensors, keeps)
     if not cpu.supported(base, *tensors, out_dtype=out_dtype):
-        return ties_merge_torch(base, tensors, keeps, rule, consensus=consensus, normalize=normalize, scale=scale, out_dtype=out_dtype)
+        return ties_merge_torch(base, tensors, keeps, rule, consensus=consensus, normalize=normalize, scale=scale, out_dtype=out_dtype, offset=offset)
     out = torch.empty(base.shape, dtype=out_dtype)
     threshold, cut, seed_lo, seed_hi, keep_below = _numba_rules(keeps)
     _ties_numba(
-        cpu.array(out), cpu.array(base), cpu.padded(tensors), len(tensors), cpu.KINDS[base.dtype], cpu.KINDS[out_dtype],
+        cpu.array(out), cpu.array(base), cpu.padded(tensors), len(tensors), cpu.KINDS[base.dtype], cpu.KINDS[out_dtype], offset,
         threshold, cut, np.array([k.factor for k in keeps], dtype=np.float32), np.array([k.weight for k in keeps], dtype=np.float32),
         seed_lo, seed_hi, keep_below, rule == "random", consensus, normalize, np.float32(scale), np.float32(sum(k.weight for k in keeps)),
     )
@@ -190,15 +194,16 @@ def ties_merge_numba(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps:
 
 
 @jit
-def _model_delta(x_ptr, b, offsets, mask, p_ptr, i64_ptr, RANDOM: tl.constexpr):
-    """d_i of one model (``p_ptr``: threshold, factor, weight; ``i64_ptr``: cut, seed lo/hi, keep_below)."""
+def _model_delta(x_ptr, b, offsets, index, mask, p_ptr, i64_ptr, RANDOM: tl.constexpr):
+    """d_i of one model (``p_ptr``: threshold, factor, weight; ``i64_ptr``: cut, seed lo/hi,
+    keep_below); ``index``: the elements' flat indices in the whole tensor (draws and tie cut)."""
     tau = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) - b
     if RANDOM:
-        keep = draws_triton(offsets, tl.load(i64_ptr + 1), tl.load(i64_ptr + 2)) < tl.load(i64_ptr + 3).to(tl.int32)
+        keep = draws_triton(index, tl.load(i64_ptr + 1), tl.load(i64_ptr + 2)) < tl.load(i64_ptr + 3).to(tl.int32)
     else:
         w = tl.abs(tau)
         threshold = tl.load(p_ptr)
-        keep = ~((w < threshold) | ((w == threshold) & (offsets >= tl.load(i64_ptr))))
+        keep = ~((w < threshold) | ((w == threshold) & (index >= tl.load(i64_ptr))))
     kept = tl.where(keep, tau, 0.0)
     return kept * tl.load(p_ptr + 1) * tl.load(p_ptr + 2)
 
@@ -210,11 +215,12 @@ def _agree(merged, divisor, d, positive, weight):
 
 
 @jit
-def _ties_kernel(out_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, p_ptr, i64_ptr, scale, total_weight, n, N: tl.constexpr, RANDOM: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
+def _ties_kernel(out_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, p_ptr, i64_ptr, scale, total_weight, n, first, N: tl.constexpr, RANDOM: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    index = offsets + first
     mask = offsets < n
     b = tl.load(base_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    d0 = _model_delta(x0, b, offsets, mask, p_ptr, i64_ptr, RANDOM)
+    d0 = _model_delta(x0, b, offsets, index, mask, p_ptr, i64_ptr, RANDOM)
     zero = tl.zeros([BLOCK], dtype=tl.float32)
     d1 = zero
     d2 = zero
@@ -225,25 +231,25 @@ def _ties_kernel(out_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, p_ptr, i64_p
     d7 = zero
     total = d0
     if N > 1:
-        d1 = _model_delta(x1, b, offsets, mask, p_ptr + 3, i64_ptr + 4, RANDOM)
+        d1 = _model_delta(x1, b, offsets, index, mask, p_ptr + 3, i64_ptr + 4, RANDOM)
         total = total + d1
     if N > 2:
-        d2 = _model_delta(x2, b, offsets, mask, p_ptr + 6, i64_ptr + 8, RANDOM)
+        d2 = _model_delta(x2, b, offsets, index, mask, p_ptr + 6, i64_ptr + 8, RANDOM)
         total = total + d2
     if N > 3:
-        d3 = _model_delta(x3, b, offsets, mask, p_ptr + 9, i64_ptr + 12, RANDOM)
+        d3 = _model_delta(x3, b, offsets, index, mask, p_ptr + 9, i64_ptr + 12, RANDOM)
         total = total + d3
     if N > 4:
-        d4 = _model_delta(x4, b, offsets, mask, p_ptr + 12, i64_ptr + 16, RANDOM)
+        d4 = _model_delta(x4, b, offsets, index, mask, p_ptr + 12, i64_ptr + 16, RANDOM)
         total = total + d4
     if N > 5:
-        d5 = _model_delta(x5, b, offsets, mask, p_ptr + 15, i64_ptr + 20, RANDOM)
+        d5 = _model_delta(x5, b, offsets, index, mask, p_ptr + 15, i64_ptr + 20, RANDOM)
         total = total + d5
     if N > 6:
-        d6 = _model_delta(x6, b, offsets, mask, p_ptr + 18, i64_ptr + 24, RANDOM)
+        d6 = _model_delta(x6, b, offsets, index, mask, p_ptr + 18, i64_ptr + 24, RANDOM)
         total = total + d6
     if N > 7:
-        d7 = _model_delta(x7, b, offsets, mask, p_ptr + 21, i64_ptr + 28, RANDOM)
+        d7 = _model_delta(x7, b, offsets, index, mask, p_ptr + 21, i64_ptr + 28, RANDOM)
         total = total + d7
     merged = total
     if CONSENSUS:
@@ -270,11 +276,11 @@ def _ties_kernel(out_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, p_ptr, i64_p
     tl.store(out_ptr + offsets, (merged * scale + b).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def ties_merge_triton(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence[Keep], rule: Rule, *, consensus: bool, normalize: bool, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+def ties_merge_triton(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence[Keep], rule: Rule, *, consensus: bool, normalize: bool, scale: float, out_dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
     """Launcher: one grid over the elements; more than ``MAX_TRITON_INPUTS`` models use the torch path."""
     _check(base, tensors, keeps)
     if len(tensors) > MAX_TRITON_INPUTS:
-        return ties_merge_torch(base, tensors, keeps, rule, consensus=consensus, normalize=normalize, scale=scale, out_dtype=out_dtype)
+        return ties_merge_torch(base, tensors, keeps, rule, consensus=consensus, normalize=normalize, scale=scale, out_dtype=out_dtype, offset=offset)
     device = base.device
     p = torch.tensor([[k.threshold, k.factor, k.weight] for k in keeps], dtype=torch.float32, device=device)
     i64 = torch.tensor([[k.cut, *seed_words(k.seed), k.keep_below] for k in keeps], dtype=torch.int64, device=device)
@@ -284,7 +290,7 @@ def ties_merge_triton(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps
         flat = [x.contiguous().reshape(-1) for x in tensors]
         flat += [flat[0]] * (MAX_TRITON_INPUTS - len(flat))
         block = block_size()
-        _ties_kernel[(-(-n // block),)](out.view(-1), base.contiguous().reshape(-1), *flat, p, i64, scale, sum(k.weight for k in keeps), n, N=len(tensors), RANDOM=rule == "random", CONSENSUS=consensus, NORMALIZE=normalize, BLOCK=block)
+        _ties_kernel[(-(-n // block),)](out.view(-1), base.contiguous().reshape(-1), *flat, p, i64, scale, sum(k.weight for k in keeps), n, offset, N=len(tensors), RANDOM=rule == "random", CONSENSUS=consensus, NORMALIZE=normalize, BLOCK=block)
     return out
 
 
@@ -309,7 +315,7 @@ def _l1_sums(start: int, base: torch.Tensor, xs: list[torch.Tensor], params: dic
 
 
 @cpu.kernel
-def _l1_numba(base, xs, count, kind, threshold, cut, seed_lo, seed_hi, keep_below, random, sums):  # pragma: no cover (compiled)
+def _l1_numba(base, xs, count, kind, offset, threshold, cut, seed_lo, seed_hi, keep_below, random, sums):  # pragma: no cover (compiled)
     n = base.size
     for chunk in numba.prange(cpu.chunks(n)):
         start, m = cpu.span(chunk, n)
@@ -318,7 +324,7 @@ def _l1_numba(base, xs, count, kind, threshold, cut, seed_lo, seed_hi, keep_belo
         kept = np.empty(m, np.float32)
         for i in range(count):
             cpu.decode(xs[i], start, x, kind)
-            _kept_numba(x, b, start, kept, random, threshold[i], cut[i], seed_lo[i], seed_hi[i], keep_below[i])
+            _kept_numba(x, b, offset + start, kept, random, threshold[i], cut[i], seed_lo[i], seed_hi[i], keep_below[i])
             whole = 0.0
             part = 0.0
             for j in range(m):
@@ -328,18 +334,24 @@ def _l1_numba(base, xs, count, kind, threshold, cut, seed_lo, seed_hi, keep_belo
             sums[chunk, i, 1] = part
 
 
-def l1_norms(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence[Keep], rule: Rule) -> list[tuple[float, float]]:
-    """(||tau||_1, ||kept||_1) per model (the ``l1`` rescale's norms) in float64: per chunk by the
-    CPU kernel, else block by block in torch."""
-    _check(base, tensors, keeps)
-    if implementation(base.device) == "numba" and cpu.supported(base, *tensors):
-        sums = np.zeros((cpu.chunks(base.numel()), len(keeps), 2))
-        _l1_numba(cpu.array(base), cpu.padded(tensors), len(tensors), cpu.KINDS[base.dtype], *_numba_rules(keeps), rule == "random", sums)
-        return [(float(a), float(k)) for a, k in sums.sum(0).tolist()]
-    params = _params(keeps, 1.0, base.device)
-    flat_base = base.reshape(-1)
-    flat = [x.reshape(-1) for x in tensors]
-    totals = torch.zeros(len(keeps), 2, dtype=torch.float64, device=base.device)
-    for s in range(0, flat_base.numel(), BLOCK):
-        totals += _l1_sums(s, flat_base[s : s + BLOCK], [x[s : s + BLOCK] for x in flat], params, rule)
-    return [(float(a), float(k)) for a, k in totals.tolist()]
+def l1_norms(blocks: Blocks, keeps: Sequence[Keep], rule: Rule) -> list[tuple[float, float]]:
+    """(||tau||_1, ||kept||_1) per model (the ``l1`` rescale's norms) over a tensor given block by
+    block: float64 partial sums per chunk (the CPU kernel) or per block of the torch path, added
+    with ``math.fsum`` so that the result does not depend on how they are grouped."""
+    partials: list[np.ndarray] = []
+    for start, xs, base in blocks:
+        assert base is not None
+        _check(base, xs, keeps)
+        if implementation(base.device) == "numba" and cpu.supported(base, *xs):
+            sums = np.zeros((cpu.chunks(base.numel()), len(keeps), 2))
+            _l1_numba(cpu.array(base), cpu.padded(xs), len(xs), cpu.KINDS[base.dtype], start, *_numba_rules(keeps), rule == "random", sums)
+            partials.append(sums)
+            continue
+        params = _params(keeps, 1.0, base.device)
+        flat_base = base.reshape(-1)
+        flat = [x.reshape(-1) for x in xs]
+        for s in range(0, flat_base.numel(), BLOCK):
+            partials.append(_l1_sums(start + s, flat_base[s : s + BLOCK], [x[s : s + BLOCK] for x in flat], params, rule).cpu().numpy()[None])
+    columns = np.concatenate(partials).reshape(-1, len(keeps) * 2).T
+    totals = [math.fsum(column) for column in columns.tolist()]
+    return [(totals[2 * i], totals[2 * i + 1]) for i in range(len(keeps))]

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import model_validator
 
 from workbench.errors import RecipeError
-from workbench.method import MergeMethod, MethodParameters, Param, PrepareContext, TensorContext
+from workbench.method import MergeMethod, MethodParameters, Param, PrepareContext, RowBlocks, TensorContext
 from workbench.params import varies
 from workbench_plugins._weights import normalized
 
 if TYPE_CHECKING:
     import torch
 
-    from workbench_kernels.sparsify import MagnitudeBand, Sparsification, TaskVector
+    from workbench_kernels.sparsify import FusedMerge, MagnitudeBand, Sparsification, TaskVector
 
 
 _LAMBDA = "lambda: scale of the merged task vector (result = base + lambda * merged)."
@@ -95,12 +95,26 @@ def model_seed(tensor_seed: int, model_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+@dataclass(frozen=True)
+class TensorMerge:
+    """How one tensor is merged, decided over the whole tensor before any row block is (exactly one
+    field is set): task arithmetic's coefficients of (base, models...) when nothing is dropped; the
+    fused kernel with every keep rule resolved; or the result itself, computed on whole tensors
+    where no fused kernel applies (another compute dtype, breadcrumbs' two-sided bands, the
+    reference path)."""
+
+    coefficients: tuple[float, ...] | None = None
+    fused: FusedMerge | None = None
+    whole: torch.Tensor | None = None
+
+
 class TaskVectorMethod(MergeMethod):
     """Base of the sparsified task-vector methods: subclasses set the class attributes only."""
 
     base_model = "required"
-    #: Top-k thresholds and random masks are defined over the whole tensor.
-    elementwise = False
+    #: Top-k thresholds, L1 norms and random masks are defined over the whole tensor; given those,
+    #: each element merges on its own.
+    blockwise = True
     sparsification: ClassVar[Sparsification]
     consensus: ClassVar[bool]
 
@@ -154,24 +168,39 @@ class TaskVectorMethod(MergeMethod):
             for i, mp in enumerate(model_params)
         ]
 
+    def tensor_statistics(self, blocks: RowBlocks, params: TaskVectorParameters, model_params: list[DensityModelParameters], ctx: TensorContext) -> TensorMerge:  # type: ignore[override]
+        """How this tensor is merged: thresholds and rescale factors gathered block by block for the
+        fused kernel, or, on paths without one, the whole result."""
+        from workbench_kernels.sparsify import merge_task_vectors, plan_fused
+
+        specs = self.specs(params, model_params, ctx)
+        normalize = params.normalize
+        if not self.consensus and all(s.density >= 1.0 and s.band is None for s in specs):
+            # Nothing is dropped: this is task arithmetic, computed exactly as that method does.
+            weights = [s.weight for s in specs]
+            coefficients = [params.scale * w for w in (normalized(weights, self.name, ctx.name) if normalize else weights)]
+            return TensorMerge(coefficients=(1.0 - sum(coefficients), *coefficients))
+        try:
+            fused = plan_fused(blocks.flat(), specs, consensus=self.consensus, normalize=normalize, scale=params.scale, compute_dtype=ctx.compute_dtype)
+            if fused is not None:
+                return TensorMerge(fused=fused)
+            tensors, base = blocks.read(None)
+            assert base is not None
+            return TensorMerge(whole=merge_task_vectors(
+                base, tensors, specs, consensus=self.consensus, normalize=normalize, scale=params.scale,
+                compute_dtype=ctx.compute_dtype, out_dtype=ctx.out_dtype,
+            ))
+        except ValueError as exc:
+            raise RecipeError(f"{self.name}: tensor '{ctx.name}': {exc}.") from None
+
     def apply(self, tensors: list[torch.Tensor], base: torch.Tensor | None, params: TaskVectorParameters, model_params: list[DensityModelParameters], ctx: TensorContext) -> torch.Tensor:  # type: ignore[override]
-        from workbench_kernels.sparsify import merge_task_vectors
         from workbench_kernels.weighted_sum import weighted_sum
 
         assert base is not None
-        specs = self.specs(params, model_params, ctx)
-        normalize = params.normalize
-        weights = [s.weight for s in specs]
-        if normalize and not self.consensus:
-            weights = normalized(weights, self.name, ctx.name)  # a zero sum is a recipe error
-        if not self.consensus and all(s.density >= 1.0 and s.band is None for s in specs):
-            # Nothing is dropped: this is task arithmetic, computed exactly as that method does.
-            coefficients = [params.scale * w for w in weights]
-            return weighted_sum([base, *tensors], [1.0 - sum(coefficients), *coefficients], ctx.compute_dtype, ctx.out_dtype)
-        try:
-            return merge_task_vectors(
-                base, tensors, specs, consensus=self.consensus, normalize=normalize, scale=params.scale,
-                compute_dtype=ctx.compute_dtype, out_dtype=ctx.out_dtype,
-            )
-        except ValueError as exc:
-            raise RecipeError(f"{self.name}: tensor '{ctx.name}': {exc}.") from None
+        merge: TensorMerge = self.statistics(tensors, base, params, model_params, ctx)
+        if merge.coefficients is not None:
+            return weighted_sum([base, *tensors], list(merge.coefficients), ctx.compute_dtype, ctx.out_dtype)
+        if merge.fused is not None:
+            return merge.fused(base, tensors, ctx.out_dtype, ctx.offset)
+        assert merge.whole is not None
+        return merge.whole if ctx.rows is None else merge.whole[ctx.rows[0] : ctx.rows[1]]

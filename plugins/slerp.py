@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from workbench import hookimpl
-from workbench.method import MergeMethod, MethodParameters, Param, TensorContext
+from workbench.method import MergeMethod, MethodParameters, Param, RowBlocks, TensorContext
 
 if TYPE_CHECKING:
     import torch
@@ -31,14 +31,30 @@ class Slerp(MergeMethod):
     min_models = 2
     max_models = 2
 
+    #: The angle comes from the norms and dot product of whole tensors; given it, the result is a
+    #: weighted sum of the two, element by element.
+    blockwise = True
+
+    def tensor_statistics(self, blocks: RowBlocks, params: SlerpParameters, model_params: list[MethodParameters], ctx: TensorContext) -> tuple[float, float]:  # type: ignore[override]
+        """The weights of models[0] and models[1] (the endpoints exactly at t = 0 and 1)."""
+        from workbench_kernels.slerp import slerp_weights
+
+        if params.t in (0.0, 1.0):
+            return 1.0 - params.t, params.t
+        return slerp_weights(blocks.flat(), params.t, _angle_dtype(ctx))
+
     def apply(self, tensors: list["torch.Tensor"], base: "torch.Tensor | None", params: SlerpParameters, model_params: list[MethodParameters], ctx: TensorContext) -> "torch.Tensor":  # type: ignore[override]
-        import torch
+        from workbench_kernels.weighted_sum import weighted_sum
 
-        from workbench_kernels.slerp import slerp
+        weights = self.statistics(tensors, base, params, model_params, ctx)
+        return weighted_sum(tensors, list(weights), _angle_dtype(ctx), ctx.out_dtype)
 
-        # The angle needs at least float32, whatever the compute dtype.
-        dtype = torch.float64 if ctx.compute_dtype == torch.float64 else torch.float32
-        return slerp(tensors[0], tensors[1], params.t, dtype, ctx.out_dtype)
+
+def _angle_dtype(ctx: TensorContext) -> "torch.dtype":
+    """The angle needs at least float32, whatever the compute dtype."""
+    import torch
+
+    return torch.float64 if ctx.compute_dtype == torch.float64 else torch.float32
 
 
 @hookimpl

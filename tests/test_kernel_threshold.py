@@ -55,7 +55,7 @@ def test_non_contiguous_inputs(impl):
 @CPU_PATHS
 def test_a_misleading_sample_falls_back_to_exact_selection(impl, monkeypatch):
     """A bracket that misses the threshold (forced here) still gives the exact answer."""
-    monkeypatch.setattr(threshold_module, "_bracket", lambda x, base, k: (10.0, 20.0))
+    monkeypatch.setattr(threshold_module, "_bracket", lambda sample, n, k: (10.0, 20.0))
     base, xs = family(5000, torch.float32, 1)
     assert impl(xs, base, [100, 2500, 4999]) == [sorted_definition(x, base, k) for x, k in zip(xs, [100, 2500, 4999])]
 

@@ -9,7 +9,9 @@ place only when complete; a failure removes it, so nothing half-written is ever 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
+import math
 import os
 import shutil
 import threading
@@ -25,7 +27,7 @@ from workbench.checkpoint.dtypes import to_torch, torch_name
 from workbench.checkpoint.sidecars import copy_config, copy_tokenizer
 from workbench.errors import OutputError, RecipeError, WorkbenchError
 from workbench.hub import card_text
-from workbench.method import MergeMethod, PrepareContext, TensorContext
+from workbench.method import MergeMethod, PrepareContext, RowBlocks, TensorContext
 from workbench.output_folder import publish, start_partial
 from workbench.plan import CHUNK_ELEMENTS, MergePlan, PlannedTensor, build_plan
 from workbench.progress import ProgressCallback, ProgressEvent
@@ -68,15 +70,22 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _row_blocks(tensor: PlannedTensor, elementwise: bool) -> list[tuple[int, int] | None]:
+#: Row blocks of a blockwise method start at multiples of this many elements where the row length
+#: allows it within twice ``CHUNK_ELEMENTS``, so that statistics summed per fixed block (L1 norms,
+#: slerp's dot products) meet the same partial sums as over the whole tensor.
+ALIGN_ELEMENTS = 1 << 18
+
+
+def _row_blocks(tensor: PlannedTensor, by_rows: bool, align: int = 1) -> list[tuple[int, int] | None]:
     shape = tensor.shape
-    numel = 1
-    for d in shape:
-        numel *= d
-    if not elementwise or not shape or numel <= CHUNK_ELEMENTS or shape[0] < 2:
+    numel = math.prod(shape)
+    if not by_rows or not shape or numel <= CHUNK_ELEMENTS or shape[0] < 2:
         return [None]
     row = numel // shape[0]
     step = max(1, CHUNK_ELEMENTS // max(row, 1))
+    aligned = align // math.gcd(row, align)  # rows per aligned start
+    if aligned * row <= 2 * CHUNK_ELEMENTS:
+        step = max(aligned, step // aligned * aligned)
     return [(start, min(start + step, shape[0])) for start in range(0, shape[0], step)]
 
 
@@ -115,11 +124,16 @@ class _TensorRunner:
         self.warnings: list[str] = []
         self._warned: set[str] = set()
         self._lock = threading.Lock()
+        #: A blockwise method's statistics, by tensor, from its first row block to its last.
+        self._statistics: dict[str, Any] = {}
+
+    def _blocks(self, tensor: PlannedTensor) -> list[tuple[int, int] | None]:
+        return _row_blocks(tensor, self.method.row_blocks and tensor.merge, ALIGN_ELEMENTS if self.method.blockwise else 1)
 
     def _units(self, file: "OutputFile") -> Iterator[tuple[PlannedTensor, tuple[int, int] | None, bool]]:
         for spec in file.tensors:
             tensor = self.by_name[spec.name]
-            blocks = _row_blocks(tensor, self.method.elementwise and tensor.merge)
+            blocks = self._blocks(tensor)
             for i, rows in enumerate(blocks):
                 yield tensor, rows, i == len(blocks) - 1
 
@@ -133,12 +147,26 @@ class _TensorRunner:
                 self._warned.add(key)
                 self.warnings.append(message)
 
-    def _compute(self, tensor: PlannedTensor, rows: tuple[int, int] | None, inputs: list["torch.Tensor"]) -> "torch.Tensor":
+    def _split(self, inputs: list["torch.Tensor"]) -> tuple[list["torch.Tensor"], "torch.Tensor | None"]:
+        """(models, base) on the merge device."""
+        moved = [x.to(self.device, non_blocking=True) for x in inputs] if self.device != "cpu" else inputs
+        return (moved[1:], moved[0]) if self.plan.base is not None else (moved, None)
+
+    def _gathered(self, tensor: PlannedTensor, rows: tuple[int, int] | None, models: list["torch.Tensor"], base: "torch.Tensor | None", last: bool, ctx: TensorContext) -> Any:
+        """The blockwise method's statistics of this tensor: gathered at its first row block (which
+        is already read), kept until its last."""
+        if tensor.name not in self._statistics:
+            def read(block: tuple[int, int] | None) -> tuple[list["torch.Tensor"], "torch.Tensor | None"]:
+                return (models, base) if block == rows else self._split(self._read(tensor, block))
+
+            blocks = RowBlocks(tensor.shape, self._blocks(tensor), read)
+            self._statistics[tensor.name] = self.method.tensor_statistics(blocks, tensor.params, tensor.model_params, ctx)  # type: ignore[arg-type]
+        return self._statistics.pop(tensor.name) if last else self._statistics[tensor.name]
+
+    def _compute(self, tensor: PlannedTensor, rows: tuple[int, int] | None, inputs: list["torch.Tensor"], last: bool = True) -> "torch.Tensor":
         if not tensor.merge:
             return inputs[0]
-        moved = [x.to(self.device, non_blocking=True) for x in inputs] if self.device != "cpu" else inputs
-        base = moved[0] if self.plan.base is not None else None
-        models = moved[1:] if self.plan.base is not None else moved
+        models, base = self._split(inputs)
         ctx = TensorContext(
             name=tensor.name,
             layer_index=tensor.place.layer_index,
@@ -149,9 +177,10 @@ class _TensorRunner:
             compute_dtype=self.compute_dtype,
             out_dtype=to_torch(tensor.out_dtype),
             seed=tensor.seed,
-            rows=rows,
             state=self.state,
         )
+        statistics = self._gathered(tensor, rows, models, base, last, ctx) if self.method.blockwise else None
+        ctx = dataclasses.replace(ctx, rows=rows, statistics=statistics)
         out = self.method.apply(models, base, tensor.params, tensor.model_params, ctx)  # type: ignore[arg-type]
         expected = tuple(inputs[0].shape)
         if tuple(out.shape) != expected:
@@ -190,7 +219,7 @@ class _TensorRunner:
                 tensor, rows, last, future = pending_reads.popleft()
                 inputs = future.result()
                 submit_next()
-                out = self._compute(tensor, rows, inputs)
+                out = self._compute(tensor, rows, inputs, last)
                 nbytes = sum(x.numel() * x.element_size() for x in inputs)
                 del inputs
                 while len(pending_writes) >= WRITE_QUEUE:

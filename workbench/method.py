@@ -9,9 +9,10 @@ scheduling and writing, so every method streams with bounded memory unless it sa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:  # torch is imported only where tensors are touched
     import torch
 
     from workbench.checkpoint import CheckpointReader
+    from workbench_kernels.blocks import Blocks
 
 BaseRequirement = Literal["required", "optional", "unused"]
 
@@ -66,9 +68,46 @@ class TensorContext:
     #: The dtype the result is stored in; returning it directly saves the engine a conversion.
     out_dtype: "torch.dtype"
     seed: int
-    #: Rows ``[start, stop)`` of the full tensor this call sees (elementwise methods get row blocks).
+    #: Rows ``[start, stop)`` of the full tensor this call sees (elementwise and blockwise methods
+    #: get row blocks).
     rows: tuple[int, int] | None = None
     state: Any = None
+    #: What :meth:`MergeMethod.tensor_statistics` returned for this tensor (blockwise methods).
+    statistics: Any = None
+
+    @property
+    def offset(self) -> int:
+        """Flat index, in the whole tensor, of the first element this call sees."""
+        return 0 if self.rows is None else self.rows[0] * math.prod(self.shape[1:])
+
+
+@dataclass(frozen=True)
+class RowBlocks:
+    """One tensor's inputs as row blocks, read when asked for, for the statistics of a blockwise
+    method (see :attr:`MergeMethod.blockwise`). The engine's inputs are memory-mapped, so reading a
+    block again costs page faults, not a copy: a method may make as many passes as it needs."""
+
+    shape: tuple[int, ...]
+    #: Row ranges ``[start, stop)`` covering the tensor in order (``[None]``: one whole block).
+    rows: Sequence[tuple[int, int] | None]
+    #: rows -> (the models' blocks in recipe order, the base's block or None), on the merge device.
+    read: Callable[[tuple[int, int] | None], tuple[list["torch.Tensor"], "torch.Tensor | None"]]
+
+    @staticmethod
+    def whole(tensors: Sequence["torch.Tensor"], base: "torch.Tensor | None") -> RowBlocks:
+        return RowBlocks(tuple(tensors[0].shape), [None], lambda rows: (list(tensors), base))
+
+    def flat(self) -> "Blocks":
+        """The same blocks as the kernels take them: flat, with each block's flat start."""
+        from workbench_kernels.blocks import Blocks
+
+        row = math.prod(self.shape[1:])
+
+        def load(i: int) -> tuple[list["torch.Tensor"], "torch.Tensor | None"]:
+            xs, base = self.read(self.rows[i])
+            return [x.reshape(-1) for x in xs], None if base is None else base.reshape(-1)
+
+        return Blocks(math.prod(self.shape), [0 if r is None else r[0] * row for r in self.rows], load)
 
 
 @dataclass
@@ -118,8 +157,18 @@ class MergeMethod:
     #: Every input must have the reference model's shape for every tensor; a method that maps
     #: inputs of other widths into the reference's (e.g. ``ot_fusion``) sets this False.
     equal_shapes: ClassVar[bool] = True
+    #: The output at each element depends on the inputs at that element and on statistics of the
+    #: whole tensor (a top-k threshold, an L1 norm, a norm): the engine hands the tensor's row blocks
+    #: to :meth:`tensor_statistics` first, then feeds row blocks to :meth:`apply` with the result in
+    #: ``ctx.statistics``, so no whole large tensor is ever held.
+    blockwise: ClassVar[bool] = False
     #: ``prepare`` holds whole models in memory (the engine warns about the memory this takes).
     whole_model: ClassVar[bool] = False
+
+    @property
+    def row_blocks(self) -> bool:
+        """Whether the engine may feed row blocks of large tensors to :meth:`apply`."""
+        return self.elementwise or self.blockwise
 
     def write_extras(self, state: Any, folder: "Path") -> list["Path"]:
         """Files to keep beside the merged weights (e.g. the transport maps of ``ot_fusion``), written
@@ -154,6 +203,20 @@ class MergeMethod:
     def prepare(self, ctx: PrepareContext) -> Any:
         """Compute global state before any tensor is merged; the result is passed as ``ctx.state``."""
         return None
+
+    def tensor_statistics(self, blocks: RowBlocks, params: MethodParameters, model_params: list[MethodParameters], ctx: TensorContext) -> Any:
+        """What a blockwise method needs to know about the whole tensor before merging any block of
+        it, gathered from ``blocks`` (``ctx`` describes the whole tensor, ``rows`` None)."""
+        raise NotImplementedError(f"method '{self.name}' is blockwise but has no tensor_statistics")
+
+    def statistics(self, tensors: list["torch.Tensor"], base: "torch.Tensor | None", params: MethodParameters, model_params: list[MethodParameters], ctx: TensorContext) -> Any:
+        """``ctx.statistics`` as the engine gathered them, or, when :meth:`apply` is called directly on
+        whole tensors (another method wrapping this one, a test), gathered from those tensors."""
+        if ctx.statistics is not None:
+            return ctx.statistics
+        if ctx.rows is not None:
+            raise RuntimeError(f"method '{self.name}' got a row block of '{ctx.name}' without its tensor statistics")
+        return self.tensor_statistics(RowBlocks.whole(tensors, base), params, model_params, ctx)
 
     def apply(
         self,

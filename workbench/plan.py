@@ -105,10 +105,10 @@ class MergePlan:
         largest = 0
         for t in self.tensors:
             numel = t.input_bytes // max(per_element_in, 1)
-            largest = max(largest, min(numel, CHUNK_ELEMENTS) if self.method.elementwise else numel)
+            largest = max(largest, min(numel, CHUNK_ELEMENTS * (2 if self.method.blockwise else 1)) if self.method.row_blocks else numel)
         out_item = max((ITEMSIZE[t.out_dtype] for t in self.tensors), default=4)
         in_flight = (prefetch + 1) * largest * per_element_in
-        working = largest * compute * (3 if self.method.elementwise else len(self.inputs) + 2)
+        working = largest * compute * (3 if self.method.row_blocks else len(self.inputs) + 2)
         streaming = in_flight + working + 3 * largest * out_item
         return BASELINE_BYTES + max(streaming, self.prepare_memory.nbytes if self.prepare_memory else 0)
 
