@@ -88,15 +88,23 @@ def topk_threshold_reference(x: torch.Tensor, base: torch.Tensor, k: int) -> Thr
     return Threshold(value, int(order[:k][w[order[:k]] == value].max()) + 1)
 
 
-def _sample(blocks: Blocks) -> list[torch.Tensor]:
-    """Each model's magnitudes at the flat indices that are multiples of the sample stride."""
+def _sample(blocks: Blocks, counting: str) -> list[torch.Tensor]:
+    """Each model's magnitudes at the flat indices that are multiples of the sample stride. (The
+    CPU kernel gathers them on both cores: the cost is the page faults of mapped inputs.)"""
     n = blocks.numel
     stride = max(1, n // max(SAMPLE_MIN, min(SAMPLE_MAX, n // 32)))
     parts: list[list[torch.Tensor]] = []
     for start, xs, base in blocks:
+        assert base is not None
         first = (-start) % stride
-        b = base[first::stride]
         parts = parts or [[] for _ in xs]
+        if counting == "numba" and cpu.supported(base, *xs):
+            out = np.empty((len(xs), len(range(first, base.numel(), stride))), dtype=np.float32)
+            _sample_kernel_numba(cpu.array(base), cpu.padded(xs), len(xs), cpu.KINDS[base.dtype], first, stride, out)
+            for part, row in zip(parts, torch.from_numpy(out)):
+                part.append(row)
+            continue
+        b = base[first::stride]
         for part, x in zip(parts, xs):
             part.append(magnitudes(x[first::stride], b))
     return [torch.cat(part) for part in parts]
@@ -123,9 +131,28 @@ def _order_statistics(values: torch.Tensor, ranks: list[int]) -> list[float]:
     return [float(torch.kthvalue(values, r + 1).values) for r in ranks]
 
 
-def _count_band(base: torch.Tensor, xs: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-    """Per model: counts [entries above hi, equal to hi, equal to lo]; and a byte per entry whose
-    bit i says that model i's entry lies strictly inside (lo, hi). (No counts per chunk.)"""
+#: What a counting pass returns for one block: per model the counts [entries above hi, equal to
+#: hi, equal to lo]; the same per chunk of ``CHUNK`` elements (chunks x models x 3) where the pass
+#: keeps them (so that a tie cut needs no pass of its own), else None; and per model the
+#: magnitudes strictly inside (lo, hi) with their flat indices in the block.
+Counted = tuple[torch.Tensor, "torch.Tensor | None", list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _candidates(bits: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per model, the magnitudes and indices of the entries whose bit is set in ``bits``."""
+    marked = torch.nonzero(bits).squeeze(1)
+    marked_bits = bits[marked]
+    base_marked = base[marked]
+    found = []
+    for slot, x in enumerate(xs):
+        inside = (marked_bits >> slot) & 1 == 1
+        positions = marked[inside]
+        found.append((magnitudes(x[positions], base_marked[inside]), positions))
+    return found
+
+
+def _count_band(base: torch.Tensor, xs: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor) -> Counted:
+    """The counting pass in eager torch ops (no counts per chunk)."""
     b = base.to(torch.float32)
     counts = []
     bits = torch.zeros(b.shape, dtype=torch.uint8, device=b.device)
@@ -133,11 +160,25 @@ def _count_band(base: torch.Tensor, xs: list[torch.Tensor], lo: torch.Tensor, hi
         w = (x.to(torch.float32) - b).abs()
         counts.append(torch.stack([(w > hi[i]).sum(), (w == hi[i]).sum(), (w == lo[i]).sum()]))
         bits = bits | (((w > lo[i]) & (w < hi[i])).to(torch.uint8) << i)
-    return torch.stack(counts), bits, None
+    return torch.stack(counts), None, _candidates(bits, base, xs)
 
 
 #: Elements per chunk of the numba counting pass and of the tie scans.
 CHUNK = cpu.CHUNK
+
+
+@cpu.kernel
+def _sample_kernel_numba(base, xs, count, kind, first, stride, out):  # pragma: no cover (compiled)
+    m = out.shape[1]
+    for part in numba.prange((m + 255) // 256):
+        one = np.empty(1, np.float32)
+        b = np.empty(1, np.float32)
+        for s in range(part * 256, min(m, part * 256 + 256)):
+            j = first + s * stride
+            cpu.decode(base, j, b, kind)
+            for i in range(count):
+                cpu.decode(xs[i], j, one, kind)
+                out[i, s] = abs(one[0] - b[0])
 
 
 @cpu.kernel
@@ -154,31 +195,65 @@ def _count_band_kernel_numba(base, xs, count, kind, lo, hi, counts, bits):  # pr
             above = 0
             at_hi = 0
             at_lo = 0
+            inside = 0
             for j in range(m):  # int32 sums and no stores: this loop vectorises
                 w = abs(x[j] - b[j])
                 above += np.int32(w > high)
                 at_hi += np.int32(w == high)
                 at_lo += np.int32(w == low)
+                inside += np.int32((w > low) & (w < high))
             for j in range(m):
                 w = abs(x[j] - b[j])
                 marks[j] |= np.uint8((w > low) & (w < high)) << bit
             counts[chunk, i, 0] = above
             counts[chunk, i, 1] = at_hi
             counts[chunk, i, 2] = at_lo
+            counts[chunk, i, 3] = inside
 
 
-def _count_band_numba(base: torch.Tensor, xs: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """:func:`_count_band` as one parallel pass on CPU (bf16/fp16/fp32), which also returns the
-    counts per chunk of ``CHUNK`` elements (chunks x models x 3), so that a tie cut at ``lo`` or
-    ``hi`` needs no pass of its own."""
+@cpu.kernel
+def _candidates_kernel_numba(base, xs, count, kind, bits, offsets, values, positions):  # pragma: no cover (compiled)
+    """Per model i, the magnitudes and indices of the entries with bit i set, each chunk's written
+    from ``offsets[chunk, i]`` on (its place in index order)."""
+    n = base.size
+    for chunk in numba.prange(cpu.chunks(n)):
+        start, m = cpu.span(chunk, n)
+        b = cpu.decoded(base, start, m, kind)
+        x = np.empty((count, m), np.float32)
+        for i in range(count):
+            cpu.decode(xs[i], start, x[i], kind)
+        marks = bits[start : start + m]
+        at = offsets[chunk].copy()
+        for j in range(m):
+            mark = marks[j]
+            if mark:
+                for i in range(count):
+                    if (mark >> i) & 1:
+                        values[i, at[i]] = abs(x[i, j] - b[j])
+                        positions[i, at[i]] = start + j
+                        at[i] += 1
+
+
+def _count_band_numba(base: torch.Tensor, xs: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor) -> Counted:
+    """The counting pass as parallel CPU kernels (bf16/fp16/fp32), with counts per chunk: one pass
+    counts and marks, a second gathers the marked entries (a few percent) in index order."""
     if not cpu.supported(base, *xs):
         return _count_band(base, xs, lo, hi)
     n = base.numel()
-    per_chunk = np.zeros((cpu.chunks(n), len(xs), 3), dtype=np.int64)
-    bits = torch.zeros(n, dtype=torch.uint8)
-    _count_band_kernel_numba(cpu.array(base), cpu.padded(xs), len(xs), cpu.KINDS[base.dtype], lo.numpy(), hi.numpy(), per_chunk, bits.numpy())
-    per_chunk_tensor = torch.from_numpy(per_chunk)
-    return per_chunk_tensor.sum(0), bits, per_chunk_tensor
+    per_chunk = np.zeros((cpu.chunks(n), len(xs), 4), dtype=np.int64)
+    bits = np.zeros(n, dtype=np.uint8)
+    arrays, kind = cpu.padded(xs), cpu.KINDS[base.dtype]
+    _count_band_kernel_numba(cpu.array(base), arrays, len(xs), kind, lo.numpy(), hi.numpy(), per_chunk, bits)
+    inside = per_chunk[:, :, 3]
+    offsets = np.cumsum(inside, axis=0) - inside
+    width = int(inside.sum(0).max(initial=0))
+    values = np.empty((len(xs), width), dtype=np.float32)
+    positions = np.empty((len(xs), width), dtype=np.int64)
+    _candidates_kernel_numba(cpu.array(base), arrays, len(xs), kind, bits, offsets, values, positions)
+    totals = inside.sum(0)
+    found = [(torch.from_numpy(values[i, : totals[i]]), torch.from_numpy(positions[i, : totals[i]])) for i in range(len(xs))]
+    per_chunk_tensor = torch.from_numpy(per_chunk[:, :, :3])
+    return per_chunk_tensor.sum(0), per_chunk_tensor, found
 
 
 def _tie_counts(x: torch.Tensor, base: torch.Tensor, value: float) -> torch.Tensor:
@@ -242,19 +317,14 @@ def _count(blocks: Blocks, lo: torch.Tensor, hi: torch.Tensor, counting: str) ->
     count_band = {"triton": _count_band_triton, "numba": _count_band_numba}.get(counting, _count_band)
     gathered = _Pass()
     for start, xs, base in blocks:
-        counts, bits, per_chunk = count_band(base, xs, lo, hi)
+        assert base is not None
+        counts, per_chunk, found = count_band(base, xs, lo, hi)
         gathered.counts = counts if gathered.counts is None else gathered.counts + counts
         gathered.per_chunk.append(per_chunk)
-        marked = torch.nonzero(bits).squeeze(1)
-        marked_bits = bits[marked]
-        base_marked = base[marked]
-        for slot, x in enumerate(xs):
-            if slot == len(gathered.values):
-                gathered.values.append([])
-                gathered.positions.append([])
-            inside = (marked_bits >> slot) & 1 == 1
-            positions = marked[inside]
-            gathered.values[slot].append(magnitudes(x[positions], base_marked[inside]))
+        gathered.values = gathered.values or [[] for _ in xs]
+        gathered.positions = gathered.positions or [[] for _ in xs]
+        for slot, (values, positions) in enumerate(found):
+            gathered.values[slot].append(values)
             gathered.positions[slot].append(positions + start)
     return gathered
 
@@ -267,7 +337,7 @@ def _select(blocks: Blocks, ks: Sequence[int], counting: str) -> list[Threshold]
     if not open_models:
         return results  # type: ignore[return-value]
     blocks = blocks.select(open_models)
-    bounds = [_bracket(sample, n, ks[i]) for sample, i in zip(_sample(blocks), open_models)]
+    bounds = [_bracket(sample, n, ks[i]) for sample, i in zip(_sample(blocks, counting), open_models)]
     device = blocks.load(0)[1].device  # type: ignore[union-attr]
     lo = torch.tensor([b[0] for b in bounds], dtype=torch.float32, device=device)
     hi = torch.tensor([b[1] for b in bounds], dtype=torch.float32, device=device)
@@ -321,14 +391,14 @@ def _count_band_kernel(base_ptr, x_ptr, lo, hi, counts_ptr, bits_ptr, n, slot, B
     tl.store(bits_ptr + offsets, bits | inside, mask=mask)
 
 
-def _count_band_triton(base: torch.Tensor, xs: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+def _count_band_triton(base: torch.Tensor, xs: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor) -> Counted:
     n = base.numel()
     counts = torch.zeros(len(xs), 3, dtype=torch.int64, device=base.device)
     bits = torch.zeros(n, dtype=torch.uint8, device=base.device)
     block = block_size()
     for slot, x in enumerate(xs):
         _count_band_kernel[(-(-n // block),)](base.contiguous(), x.contiguous(), float(lo[slot]), float(hi[slot]), counts[slot], bits, n, slot, BLOCK=block)
-    return counts, bits, None
+    return counts, None, _candidates(bits, base, xs)
 
 
 def topk_thresholds_triton(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int]) -> list[Threshold]:
