@@ -39,13 +39,6 @@ class Blocks:
             xs, base = self.load(i)
             yield start, xs, base
 
-    def block_of(self, index: int) -> int:
-        """The block holding flat element ``index``."""
-        for i in range(len(self.starts) - 1, -1, -1):
-            if self.starts[i] <= index:
-                return i
-        raise IndexError(index)
-
     def select(self, models: Sequence[int]) -> Blocks:
         """The same blocks with only these models (base unchanged)."""
         def load(i: int) -> Loaded:

@@ -218,18 +218,18 @@ def _candidates_kernel_numba(base, xs, count, kind, bits, offsets, values, posit
     n = base.size
     for chunk in numba.prange(cpu.chunks(n)):
         start, m = cpu.span(chunk, n)
-        b = cpu.decoded(base, start, m, kind)
-        x = np.empty((count, m), np.float32)
-        for i in range(count):
-            cpu.decode(xs[i], start, x[i], kind)
         marks = bits[start : start + m]
         at = offsets[chunk].copy()
+        b = np.empty(1, np.float32)
+        x = np.empty(1, np.float32)
         for j in range(m):
             mark = marks[j]
-            if mark:
+            if mark:  # a few percent of the entries: decode just those
+                cpu.decode(base, start + j, b, kind)
                 for i in range(count):
                     if (mark >> i) & 1:
-                        values[i, at[i]] = abs(x[i, j] - b[j])
+                        cpu.decode(xs[i], start + j, x, kind)
+                        values[i, at[i]] = abs(x[0] - b[0])
                         positions[i, at[i]] = start + j
                         at[i] += 1
 
