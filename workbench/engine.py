@@ -1,5 +1,9 @@
 """The streaming merge engine: plan -> read -> method -> write, one tensor (or row block) at a time.
 
+A blockwise method (``MergeMethod.blockwise``) first gathers statistics of each large tensor from
+its row blocks, read again in the compute thread (inputs are mapped: a pass costs page faults),
+and is then fed the row blocks like an elementwise method.
+
 Reading, computing and writing overlap: a reader thread prefetches the inputs of the next work
 units into a bounded window, the calling thread runs the method, and a writer thread streams results
 into the output file (torch and file I/O release the GIL). Peak memory is therefore bounded by the
