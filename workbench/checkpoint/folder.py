@@ -30,6 +30,19 @@ def find_safetensors(path: Path) -> tuple[Path | None, list[Path]]:
     return None, sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("adapter_"))
 
 
+def folder_config(path: Path) -> dict[str, Any] | None:
+    """The ``config.json`` beside a model (``path``: its folder or one of its files), if any."""
+    folder = path if path.is_dir() else path.parent
+    config = folder / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{config} is not valid JSON ({exc}).") from exc
+    return data if isinstance(data, dict) else None
+
+
 class SafetensorsFolder(CheckpointReader):
     """A lazily opened safetensors checkpoint: a folder (single file or sharded) or one file."""
 
@@ -115,15 +128,7 @@ class SafetensorsFolder(CheckpointReader):
         return st.read(info, begin, rows)
 
     def config(self) -> dict[str, Any] | None:
-        folder = self.path if self.path.is_dir() else self.path.parent
-        config = folder / "config.json"
-        if not config.is_file():
-            return None
-        try:
-            data = json.loads(config.read_text())
-        except ValueError as exc:
-            raise CheckpointError(f"{config} is not valid JSON ({exc}).") from exc
-        return data if isinstance(data, dict) else None
+        return folder_config(self.path)
 
     def files(self) -> list[Path]:
         return list(self._files)
