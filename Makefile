@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch is kept on these machines; pinning it first keeps pip from pulling CUDA builds.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench fuzz clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The fuzz targets of the suite, with many more examples each (tens of minutes); see docs/inputs.md.
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/test_fuzz_*.py
 
 bench: setup
 	$(BIN)/workbench bench --size 230m --methods linear,task_arithmetic,ties,dare_ties,slerp --repeat 2

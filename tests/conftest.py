@@ -15,6 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import HealthCheck, settings
+
+# Fuzzing (tests/test_fuzz_*.py): the suite runs a bounded number of examples per target;
+# `make fuzz` (HYPOTHESIS_PROFILE=fuzz) runs many more. Deadlines are off: a slow example on a
+# loaded CI machine is not a failure; a hang is caught by the fuzz tests' own time limit.
+settings.register_profile("suite", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fuzz", max_examples=50_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 # Without a GPU, the Triton kernels run under the Triton interpreter; it must be chosen before
 # workbench_kernels is imported (the interpreter reads this when a kernel is defined).
