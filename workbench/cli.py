@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import click
 
-from workbench.errors import WorkbenchError
+from workbench.errors import RunInterrupted, WorkbenchError
 from workbench.synthetic import SIZES as SIZE_NAMES
 
 
@@ -44,6 +44,9 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except RunInterrupted as exc:
+            _console(stderr=True).print(f"[bold yellow]stopped:[/] {_escape(exc)}", markup=True)
+            sys.exit(exc.exit_code)
         except WorkbenchError as exc:
             _console(stderr=True).print(f"[bold red]error:[/] {_escape(exc)}", markup=True)
             sys.exit(exc.exit_code)
@@ -201,8 +204,9 @@ def plan_command(recipe: Path, out: Path | None, overwrite: bool, dtype: str | N
 @click.option("--prefetch", default=2, show_default=True, type=click.IntRange(1, 64), help="Work units read ahead of the computation.")
 @click.option("--stats-json", type=click.Path(path_type=Path), help="Write timings and sizes of the run to this file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@click.option("--resume", is_flag=True, help="Continue a stopped run of the same recipe: keep the output files it finished.")
 @handle_errors
-def run(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None, memory_limit: str | None, device: str, executor: str, prefetch: int, stats_json: Path | None, quiet: bool) -> None:
+def run(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None, memory_limit: str | None, device: str, executor: str, prefetch: int, stats_json: Path | None, quiet: bool, resume: bool) -> None:
     """Run a recipe (native or mergekit YAML) headless."""
     from workbench.engine import execute
     from workbench.progress import RichProgress
@@ -211,7 +215,7 @@ def run(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_
     try:
         _warn(plan.warnings)
         progress = RichProgress(enabled=False if quiet else None)
-        result = execute(plan, registry, device=device, executor=executor, prefetch=prefetch, on_progress=progress)
+        result = execute(plan, registry, device=device, executor=executor, prefetch=prefetch, on_progress=progress, resume=resume)
     finally:
         plan.close()
     _warn([w for w in result.warnings if w not in plan.warnings])
@@ -233,6 +237,21 @@ def run(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_
             f"[green]wrote[/] {_escape(result.out_dir)}: {result.tensors} tensors, {_gb(result.bytes_written)} in {result.seconds:.2f} s"
             f" ({result.bytes_read / max(result.seconds, 1e-9) / 1e9:.2f} GB/s of input)"
         )
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@handle_errors
+def verify(folder: Path) -> None:
+    """Check a merged folder against its manifest: every file present, sizes and sha256 as written."""
+    from workbench.manifest import verify_folder
+
+    problems = verify_folder(folder)
+    for problem in problems:
+        _console(stderr=True).print(f"[bold red]bad:[/] {_escape(problem)}")
+    if problems:
+        sys.exit(1)
+    _console().print(f"[green]ok[/]: every file of {_escape(folder)} matches its manifest.")
 
 
 @main.command()

@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from workbench.checkpoint.dtypes import to_torch, torch_name
 from workbench.checkpoint.sidecars import copy_config, copy_tokenizer
-from workbench.errors import OutputError, RecipeError, WorkbenchError
+from workbench.errors import OutputError, RecipeError, RunInterrupted, WorkbenchError
 from workbench.hub import card_text
 from workbench.method import MergeMethod, PrepareContext, RowBlocks, TensorContext
-from workbench.output_folder import publish, start_partial
+from workbench.manifest import MANIFEST_FILE, Manifest, run_identity
+from workbench.output_folder import DISK_FULL, PARTIAL_MARKER, check_free_space, partial_folder, publish, start_partial
 from workbench.plan import CHUNK_ELEMENTS, MergePlan, PlannedTensor, build_plan
 from workbench.progress import ProgressCallback, ProgressEvent
 from workbench.recipe import Recipe, load_recipe
@@ -96,10 +97,12 @@ def _row_blocks(tensor: PlannedTensor, by_rows: bool, align: int = 1) -> list[tu
 class _Progress:
     """Counts finished tensors across output files (which an executor may run concurrently)."""
 
-    def __init__(self, plan: MergePlan, callback: ProgressCallback | None) -> None:
+    def __init__(self, plan: MergePlan, callback: ProgressCallback | None, todo: list["OutputFile"]) -> None:
+        """Counts the work of the files in ``todo`` (a resumed run skips the finished ones)."""
+        names = {spec.name for file in todo for spec in file.tensors}
         self.callback = callback
-        self.total = len(plan.tensors)
-        self.total_bytes = plan.input_bytes
+        self.total = len(names)
+        self.total_bytes = sum(t.input_bytes for t in plan.tensors if t.name in names)
         self.done = 0
         self.bytes_read = 0
         self._lock = threading.Lock()
@@ -202,8 +205,23 @@ class _TensorRunner:
             self._warn(tensor.name, f"tensor '{tensor.name}': the merged tensor has NaN/Inf values; {cause}.")
         return out
 
-    def write_file(self, directory: Path, file: "OutputFile") -> Path:
-        writer = self.plan.output_format.open_file(directory / file.name, file.tensors)
+    def write_file(self, directory: Path, file: "OutputFile", manifest: Manifest | None = None) -> Path:
+        """Write one output file; once it is whole, list it in ``manifest``. A file cut short by a
+        failure is removed (it would only mislead; a resumed run writes it again)."""
+        path = directory / file.name
+        try:
+            sha256 = self._write_file(path, file)
+        except BaseException as exc:
+            path.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+                raise OSError(exc.errno, exc.strerror, str(path)) from exc
+            raise
+        if manifest is not None:
+            manifest.record(path, sha256)
+        return path
+
+    def _write_file(self, path: Path, file: "OutputFile") -> str | None:
+        writer = self.plan.output_format.open_file(path, file.tensors)
         readers = ThreadPoolExecutor(1, thread_name_prefix="workbench-read")
         writers = ThreadPoolExecutor(1, thread_name_prefix="workbench-write")
         pending_reads: deque[tuple[PlannedTensor, Any, bool, Future[list["torch.Tensor"]]]] = deque()
@@ -239,7 +257,7 @@ class _TensorRunner:
             readers.shutdown(wait=True, cancel_futures=True)
             writers.shutdown(wait=True, cancel_futures=True)
             writer.close()
-        return directory / file.name
+        return writer.sha256
 
 
 @contextmanager
@@ -286,15 +304,52 @@ def _finish_folder(plan: MergePlan, partial: Path, recipe_yaml: str, title: str)
     return [partial / name for name in written] + [partial / RECIPE_FILE, partial / "README.md"]
 
 
-def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executor: str = "local", prefetch: int = 2, on_progress: ProgressCallback | None = None) -> RunResult:
-    """Run a plan whose output path has been checked."""
+def _open_manifest(plan: MergePlan, device: str, resume: bool) -> Manifest:
+    """The manifest of ``<out>.partial/``: a fresh one, or with ``resume`` the one a stopped run of
+    the same recipe over the same inputs left, keeping only files whose bytes are still intact."""
+    assert plan.out_dir is not None
+    identity = run_identity(plan, device)
+    partial = partial_folder(plan.out_dir)
+    if resume and (partial / PARTIAL_MARKER).exists() and (partial / MANIFEST_FILE).exists():
+        manifest = Manifest.read(partial)
+        changed = manifest.changes(identity)
+        if changed:
+            raise OutputError(
+                f"cannot resume {plan.out_dir}: the unfinished output in {partial} was started with a different"
+                f" {', '.join(changed)}. Run without --resume to start over."
+            )
+        manifest.files = {f.name: manifest.files[f.name] for f in plan.files if manifest.intact(f.name)}
+        manifest.save()
+        check_free_space(plan.out_dir, sum(f.nbytes for f in plan.files if f.name not in manifest.files))
+        return manifest
+    check_free_space(plan.out_dir, plan.output_bytes)
+    manifest = Manifest(start_partial(plan.out_dir), identity)
+    manifest.save()
+    return manifest
+
+
+def _stopped(what: str, plan: MergePlan, manifest: Manifest) -> str:
+    """The end of the message of a run that stopped: what is kept, and how to go on."""
+    done = sum(f.name in manifest.files for f in plan.files)
+    if not done:
+        return f"{what}; nothing was written at {plan.out_dir}."
+    return (
+        f"{what}; nothing was written at {plan.out_dir}. {done} of {len(plan.files)} output files are finished"
+        f" and kept in {manifest.directory}: run the same command with --resume to continue."
+    )
+
+
+def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executor: str = "local", prefetch: int = 2, on_progress: ProgressCallback | None = None, resume: bool = False) -> RunResult:
+    """Run a plan whose output path has been checked; with ``resume``, continue a stopped run."""
     if plan.out_dir is None:
         raise OutputError("the recipe has no output.path; give one with --out DIR.")
     out_dir = plan.out_dir
     device = resolve_device(device)
     executor_impl = registry.executor(executor)()
-    partial = start_partial(out_dir)
-    progress = _Progress(plan, on_progress)
+    manifest = _open_manifest(plan, device, resume)
+    partial = manifest.directory
+    todo = [f for f in plan.files if f.name not in manifest.files]
+    progress = _Progress(plan, on_progress, todo)
     start = time.perf_counter()
     try:
         method = plan.method()
@@ -309,12 +364,26 @@ def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executo
         runner = _TensorRunner(plan, method, state, device, prefetch, progress)
         progress.emit("start")
         with _merge_runtime(device):
-            files = executor_impl.run(plan.files, lambda f: runner.write_file(partial, f))
-        files += plan.output_format.finish_output(partial, plan.files)
-        files += method.write_extras(state, partial)
+            executor_impl.run(todo, lambda f: runner.write_file(partial, f, manifest))
+        plan.output_format.finish_output(partial, plan.files)
+        method.write_extras(state, partial)
         resolved = plan.recipe.model_copy(update={"output": plan.recipe.output.model_copy(update={"path": str(out_dir)})})
-        files += _finish_folder(plan, partial, resolved.to_yaml(), out_dir.name)
+        _finish_folder(plan, partial, resolved.to_yaml(), out_dir.name)
+        for path in sorted(partial.rglob("*")):
+            if path.is_file() and path.name not in (PARTIAL_MARKER, MANIFEST_FILE) and path.relative_to(partial).as_posix() not in manifest.files:
+                manifest.record(path)
+        manifest.complete = True
+        manifest.save()
         publish(partial, out_dir)
+    except KeyboardInterrupt:
+        _discard_unless_resumable(plan, manifest)
+        raise RunInterrupted(_stopped("interrupted", plan, manifest)) from None
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        _discard_unless_resumable(plan, manifest)
+        raise OutputError(_stopped(f"the disk ran out of space writing {exc.filename or partial} ({exc.strerror})", plan, manifest)) from exc
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -323,7 +392,7 @@ def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executo
     seconds = time.perf_counter() - start
     return RunResult(
         out_dir=out_dir,
-        files=[out_dir / f.name for f in files],
+        files=[out_dir / name for name in manifest.files] + [out_dir / MANIFEST_FILE],
         tensors=len(plan.tensors),
         bytes_read=progress.bytes_read,
         bytes_written=plan.output_bytes,
@@ -332,7 +401,13 @@ def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executo
     )
 
 
-def run_recipe(recipe: Recipe | str | Path, *, out: str | Path | None = None, overwrite: bool = False, device: str = "cpu", executor: str = "local", prefetch: int = 2, on_progress: ProgressCallback | None = None, registry: Registry | None = None) -> RunResult:
+def _discard_unless_resumable(plan: MergePlan, manifest: Manifest) -> None:
+    """Keep ``<out>.partial`` after an interruption only if it holds finished files to resume from."""
+    if not any(f.name in manifest.files for f in plan.files):
+        shutil.rmtree(manifest.directory, ignore_errors=True)
+
+
+def run_recipe(recipe: Recipe | str | Path, *, out: str | Path | None = None, overwrite: bool = False, device: str = "cpu", executor: str = "local", prefetch: int = 2, on_progress: ProgressCallback | None = None, registry: Registry | None = None, resume: bool = False) -> RunResult:
     """Load (if needed), plan and run a recipe; the Python API behind ``workbench run``."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
@@ -340,7 +415,7 @@ def run_recipe(recipe: Recipe | str | Path, *, out: str | Path | None = None, ov
     require_plugins(registry)
     plan = build_plan(recipe, registry, out=out, overwrite=overwrite)
     try:
-        result = execute(plan, registry, device=device, executor=executor, prefetch=prefetch, on_progress=on_progress)
+        result = execute(plan, registry, device=device, executor=executor, prefetch=prefetch, on_progress=on_progress, resume=resume)
     finally:
         plan.close()
     if recipe.evaluators:

@@ -28,3 +28,9 @@ class PluginError(WorkbenchError):
 
 class OutputError(WorkbenchError):
     """The output location is unusable (exists, inside an input, not writable)."""
+
+
+class RunInterrupted(WorkbenchError):
+    """The user stopped a run (Ctrl-C); the message says what was kept."""
+
+    exit_code = 130

@@ -3,11 +3,17 @@
 
 from __future__ import annotations
 
+import errno
 import shutil
 import tempfile
 from pathlib import Path
 
 from workbench.errors import OutputError
+
+#: Errors of a write that found the disk (or the user's quota) full.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+#: Free space kept beyond the estimated output: file-system metadata, sidecars, the manifest.
+SPACE_MARGIN = 16 << 20
 
 #: Marks a folder as an unfinished output of ours, so that only such a folder is ever removed.
 PARTIAL_MARKER = ".workbench-partial"
@@ -30,13 +36,34 @@ def final_folder(partial: Path) -> Path:
     return partial.with_name(partial.name.removesuffix(".partial"))
 
 
-def start_partial(out_dir: Path) -> Path:
-    """Create ``<out>.partial/``, replacing a leftover of an earlier run but never a user's folder."""
-    partial = out_dir.with_name(out_dir.name + ".partial")
+def partial_folder(out_dir: Path) -> Path:
+    """Where ``out_dir`` is built: ``<out>.partial/``."""
+    return out_dir.with_name(out_dir.name + ".partial")
+
+
+def start_partial(out_dir: Path, keep: bool = False) -> Path:
+    """Create ``<out>.partial/``, replacing a leftover of an earlier run (or, with ``keep``,
+    continuing in it) but never touching a folder of the user's."""
+    partial = partial_folder(out_dir)
     if partial.exists():
         if not (partial / PARTIAL_MARKER).exists():
             raise OutputError(f"{partial} exists and was not made by workbench; move it away, the merge writes there first.")
+        if keep:
+            return partial
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     (partial / PARTIAL_MARKER).write_text("unfinished workbench output; safe to delete\n")
     return partial
+
+
+def check_free_space(out_dir: Path, nbytes: int) -> None:
+    """Refuse to start a run whose output cannot fit on the disk it is written to."""
+    folder = out_dir.parent.resolve()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < nbytes + SPACE_MARGIN:
+        raise OutputError(
+            f"not enough free space for {out_dir}: the output needs about {(nbytes + SPACE_MARGIN) / 1e9:.2f} GB,"
+            f" the disk holding {folder} has {free / 1e9:.2f} GB free. Free some space or choose another --out."
+        )

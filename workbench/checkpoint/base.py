@@ -115,6 +115,12 @@ class FileWriter(ABC):
     def close(self) -> None:
         """Close the file (also after a failure)."""
 
+    @property
+    def sha256(self) -> str | None:
+        """The hex sha256 of the finished file, if the writer hashed the bytes as it wrote them
+        (sequential writers can; otherwise the engine reads the file back to hash it)."""
+        return None
+
 
 class CheckpointFormat(ABC):
     """A format plugin: detects and opens checkpoints, and optionally writes them.

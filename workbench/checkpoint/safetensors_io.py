@@ -13,6 +13,7 @@ first, and tensor bytes follow in order as they are produced, so no shard is eve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -172,7 +173,9 @@ class StreamingFileWriter(FileWriter):
         self.path = path
         self.specs = specs
         self._file = open(path, "wb")
-        self._file.write(build_header(specs, metadata))
+        header = build_header(specs, metadata)
+        self._file.write(header)
+        self._digest = hashlib.sha256(header)  # bytes are written in order, so hashed as they go
         self._index = 0
         self._written = 0  # bytes of the current tensor written so far
 
@@ -184,9 +187,10 @@ class StreamingFileWriter(FileWriter):
             raise RuntimeError(f"{self.path}: expected tensor '{spec.name}' next, got '{name}'")
         import torch
 
-        flat = data.detach().contiguous().reshape(-1).view(torch.uint8)
-        self._file.write(memoryview(flat.numpy()))
-        self._written += flat.numel()
+        flat = memoryview(data.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        self._file.write(flat)
+        self._digest.update(flat)
+        self._written += flat.nbytes
         if self._written > spec.nbytes:
             raise RuntimeError(f"{self.path}: tensor '{name}' got more bytes than its shape {spec.shape} holds")
         if self._written == spec.nbytes:
@@ -196,6 +200,10 @@ class StreamingFileWriter(FileWriter):
     @property
     def complete(self) -> bool:
         return self._index >= len(self.specs)
+
+    @property
+    def sha256(self) -> str | None:
+        return self._digest.hexdigest() if self.complete else None
 
     def close(self) -> None:
         if not self._file.closed:
