@@ -188,7 +188,13 @@ def plan_command(recipe: Path, out: Path | None, overwrite: bool, dtype: str | N
         for file in plan.files:
             outputs.add_row(file.name, str(len(file.tensors)), _gb(file.nbytes))
         console.print(outputs)
-        console.print(f"output: {plan.out_dir or '(none: pass --out)'}")
+        if plan.out_dir is None:
+            console.print("output: (none: pass --out)")
+        else:
+            from workbench.output_folder import free_space
+
+            folder, free = free_space(plan.out_dir)
+            console.print(f"output: {_escape(plan.out_dir)} ({_gb(free)} free on the disk holding {_escape(folder)})")
         console.print(f"reads {_gb(plan.input_bytes)}, writes {_gb(plan.output_bytes)}; estimated peak memory {_gb(plan.estimate_peak_bytes())}")
         if plan.prepare_memory is not None:
             console.print(f"{plan.method.name} holds about {_gb(plan.prepare_memory.nbytes)} before merging: {_escape(plan.prepare_memory.what)}")

@@ -56,12 +56,17 @@ def start_partial(out_dir: Path, keep: bool = False) -> Path:
     return partial
 
 
-def check_free_space(out_dir: Path, nbytes: int) -> None:
-    """Refuse to start a run whose output cannot fit on the disk it is written to."""
+def free_space(out_dir: Path) -> tuple[Path, int]:
+    """The nearest existing folder above ``out_dir`` and the free bytes of its disk."""
     folder = out_dir.parent.resolve()
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
-    free = shutil.disk_usage(folder).free
+    return folder, shutil.disk_usage(folder).free
+
+
+def check_free_space(out_dir: Path, nbytes: int) -> None:
+    """Refuse to start a run whose output cannot fit on the disk it is written to."""
+    folder, free = free_space(out_dir)
     if free < nbytes + SPACE_MARGIN:
         raise OutputError(
             f"not enough free space for {out_dir}: the output needs about {(nbytes + SPACE_MARGIN) / 1e9:.2f} GB,"
