@@ -172,6 +172,8 @@ def plan_command(recipe: Path, out: Path | None, overwrite: bool, dtype: str | N
     """Print what a recipe will read and write, and its estimated peak memory."""
     from rich.table import Table
 
+    from workbench.checkpoint.remote import is_downloaded
+
     _, plan = _plan(recipe, out, overwrite, dtype, out_dtype, shard_size, memory_limit)
     console = _console()
     try:
@@ -179,8 +181,12 @@ def plan_command(recipe: Path, out: Path | None, overwrite: bool, dtype: str | N
         console.print(f"method: [bold]{plan.method.name}[/]   layers: {plan.layer_count}   compute dtype: {plan.compute_dtype}")
         inputs = Table("input", "reference", "path", "files", "size", box=None, pad_edge=False)
         for model in plan.inputs:
-            files = model.reader.files()
-            inputs.add_row(model.label, model.ref, str(model.path), str(len(files)), _gb(sum(f.stat().st_size for f in files)))
+            if is_downloaded(model.reader):
+                files = model.reader.files()
+                inputs.add_row(model.label, model.ref, str(model.path), str(len(files)), _gb(sum(f.stat().st_size for f in files)))
+            else:  # planned from the Hub's headers: nothing is downloaded to plan
+                size = sum(model.reader.info(name).nbytes for name in model.reader.tensor_names())
+                inputs.add_row(model.label, model.ref, "(on the Hub, not downloaded yet)", "", _gb(size))
         console.print(inputs)
         merged = sum(t.merge for t in plan.tensors)
         console.print(f"tensors: {len(plan.tensors)} ({merged} merged, {len(plan.tensors) - merged} copied from {plan.reference.label})")
@@ -243,6 +249,11 @@ def run(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_
             f"[green]wrote[/] {_escape(result.out_dir)}: {result.tensors} tensors, {_gb(result.bytes_written)} in {result.seconds:.2f} s"
             f" ({result.bytes_read / max(result.seconds, 1e-9) / 1e9:.2f} GB/s of input)"
         )
+    if plan.recipe.output.push is not None:  # only after a complete, evaluated output
+        from workbench.cli_hub import push_output
+
+        target = plan.recipe.output.push
+        push_output(result.out_dir, target.repo, private=target.private, revision=target.revision, create_pr=target.create_pr)
 
 
 @main.command()
@@ -465,9 +476,11 @@ def zoo_report(directories: tuple[Path, ...], out_file: Path, n: int, seed: int,
 
 
 from workbench.cli_analyze import analyze  # noqa: E402  (its commands use the helpers above)
+from workbench.cli_hub import push  # noqa: E402
 from workbench.cli_lora import lora  # noqa: E402
 
 main.add_command(analyze)
+main.add_command(push)
 main.add_command(lora)
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from workbench.checkpoint.dtypes import to_torch, torch_name
+from workbench.checkpoint.resolve import ensure_local
 from workbench.checkpoint.sidecars import copy_config, copy_tokenizer
 from workbench.errors import OutputError, RecipeError, RunInterrupted, WorkbenchError
 from workbench.hub import card_text
@@ -346,6 +347,7 @@ def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executo
     out_dir = plan.out_dir
     device = resolve_device(device)
     executor_impl = registry.executor(executor)()
+    ensure_local(m.reader for m in plan.inputs)  # Hub inputs planned from headers: download them before starting
     manifest = _open_manifest(plan, device, resume)
     partial = manifest.directory
     todo = [f for f in plan.files if f.name not in manifest.files]

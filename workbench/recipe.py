@@ -20,6 +20,7 @@ Native format::
       dtype: bfloat16                   # storage dtype (default: each input tensor's own)
       shard_size: 5GB
       copy_tokenizer_from: base         # base | <model index> | <path>
+      push: {repo: org/name, private: true}  # optional: upload after a successful run
     evaluators: [zoo_copy]              # optional: scored on the output after the merge
 
 A mergekit recipe (it has ``merge_method``) is translated on load; see
@@ -40,6 +41,15 @@ from workbench.errors import RecipeError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+#: Sizes count bytes: from 2**63 up they are typos (and as floats they may not even be finite).
+_MAX_SIZE = 2**63 - 1
+
+#: Limits on a recipe's YAML (real recipes are kilobytes, a few levels deep, with a few aliases). A
+#: larger file is not read; a document nesting deeper, or expanding (every use of an alias counted)
+#: to more values, is refused before anything walks it, so an alias bomb costs neither time nor memory.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_DEPTH = 64
+MAX_RECIPE_VALUES = 100_000
 
 
 def parse_size(value: str | int) -> int:
@@ -47,12 +57,17 @@ def parse_size(value: str | int) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         if value <= 0:
             raise ValueError("a size must be positive")
+        if value > _MAX_SIZE:
+            raise ValueError("a size must be below 2**63 bytes")
         return value
     match = _SIZE.match(str(value))
     if not match:
         raise ValueError(f"'{value}' is not a size (examples: 500MB, 2GB, 1GiB, 1000000)")
     unit = (match[2] or "").lower().removesuffix("b")
-    size = int(float(match[1]) * _UNITS[unit])
+    scaled = float(match[1]) * _UNITS[unit]
+    if not scaled <= _MAX_SIZE:  # also infinity, which int() cannot convert
+        raise ValueError(f"'{value}' is too large for a size (below 2**63 bytes)")
+    size = int(scaled)
     if size <= 0:
         raise ValueError("a size must be positive")
     return size
@@ -98,6 +113,31 @@ class SliceEntry(Strict):
         return value
 
 
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class PushSection(Strict):
+    """Where ``workbench run`` uploads the output once it is complete (as ``workbench push`` would)."""
+
+    repo: str = Field(description="Hub repo id 'org/name' (created if missing).")
+    private: bool = Field(False, description="Create the repo private; refuse to push into an existing public repo.")
+    revision: str | None = Field(None, description="Branch to push to (created from main if missing).")
+    create_pr: bool = Field(False, description="Open a pull request against the default branch instead of committing.")
+
+    @field_validator("repo")
+    @classmethod
+    def _repo_id(cls, value: str) -> str:
+        if not _REPO_ID.match(value) or ".." in value or value.endswith((".", "-")):
+            raise ValueError(f"'{value}' is not a Hub repo id (org/name)")
+        return value
+
+    @model_validator(mode="after")
+    def _pr_on_default_branch(self) -> "PushSection":
+        if self.create_pr and self.revision not in (None, "main"):
+            raise ValueError("create_pr opens a pull request against the default branch; drop revision or create_pr")
+        return self
+
+
 class OutputSection(Strict):
     path: str | None = Field(None, description="Output folder (overridden by --out).")
     dtype: str | None = Field(None, description="Storage dtype of float tensors; default: the input's.")
@@ -106,6 +146,7 @@ class OutputSection(Strict):
         None, description="Where config/tokenizer files come from: 'base', a model index, or a path."
     )
     format: str = Field("safetensors", description="Output checkpoint format.")
+    push: PushSection | None = Field(None, description="Upload the output to the Hugging Face Hub after a successful run.")
 
     @field_validator("dtype")
     @classmethod
@@ -229,7 +270,7 @@ def _line_map(node: yaml.Node | None, path: tuple[Any, ...] = (), out: dict[tupl
     out.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         for key, value in node.value:
-            sub = path + (key.value,)
+            sub = path + (_key_label(key),)
             out[sub] = key.start_mark.line + 1
             _line_map(value, sub, out)
     elif isinstance(node, yaml.SequenceNode):
@@ -250,7 +291,7 @@ def _duplicate_key(node: yaml.Node | None, path: tuple[Any, ...] = ()) -> tuple[
                 if key.value in seen:
                     return path + (key.value,), key.start_mark.line + 1, seen[key.value]
                 seen[key.value] = key.start_mark.line + 1
-            found = _duplicate_key(value, path + (key.value,))
+            found = _duplicate_key(value, path + (_key_label(key),))
             if found:
                 return found
     elif isinstance(node, yaml.SequenceNode):
@@ -261,6 +302,54 @@ def _duplicate_key(node: yaml.Node | None, path: tuple[Any, ...] = ()) -> tuple[
     return None
 
 
+def _key_label(key: yaml.Node) -> Any:
+    """A mapping key as a field-path part: its text; a list or mapping used as a key (as in !!omap)
+    has no text, and its node list could not be hashed into the line map."""
+    return key.value if isinstance(key, yaml.ScalarNode) else "?"
+
+
+def _check_expansion(root: yaml.Node | None, name: str) -> None:
+    """Refuse a document nested deeper than MAX_RECIPE_DEPTH, expanding to more than MAX_RECIPE_VALUES
+    values, holding itself (a recursive alias), or holding a string that is not valid Unicode. The
+    parser shares an aliased node, but every later walk (line map, validation, printing) copies it,
+    so nine aliases of nine aliases... are a billion values; sizes are memoised here, so this walk
+    stays linear in the text."""
+    sizes: dict[int, int] = {}
+    walking: set[int] = set()
+
+    def size(node: yaml.Node, depth: int) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        where = f"{name}:{node.start_mark.line + 1}"
+        if key in walking:
+            raise RecipeError(f"{where}: an alias refers to a value that contains it; a recipe cannot be recursive.")
+        if depth > MAX_RECIPE_DEPTH:
+            raise RecipeError(f"{where}: nested more than {MAX_RECIPE_DEPTH} levels deep.")
+        total = 1
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                node.value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RecipeError(f"{where}: a string is not valid Unicode (a lone surrogate escape such as \\ud800).") from None
+        else:
+            walking.add(key)
+            children = [part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else node.value
+            for child in children:
+                total += size(child, depth + 1)
+                if total > MAX_RECIPE_VALUES:
+                    raise RecipeError(
+                        f"{where}: the YAML expands to more than {MAX_RECIPE_VALUES} values (each use of an alias counts);"
+                        " a recipe is far smaller."
+                    )
+            walking.discard(key)
+        sizes[key] = total
+        return total
+
+    if root is not None:
+        size(root, 0)
+
+
 class LocatedSource:
     """A YAML text with the line of every field, for error messages."""
 
@@ -268,11 +357,18 @@ class LocatedSource:
         self.name = name
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
+            _check_expansion(node, name)
             self.data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{name}:{mark.line + 1}" if mark else name
             raise RecipeError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}).") from exc
+        except RecursionError:  # the parser recurses per level: far past MAX_RECIPE_DEPTH
+            raise RecipeError(f"{name}: nested more than {MAX_RECIPE_DEPTH} levels deep.") from None
+        # PyYAML's constructors fail with plain Python errors on some values: an integer of 5000
+        # digits, an impossible date, an explicitly tagged scalar of the wrong form (!!int '', !!bool x).
+        except (ValueError, OverflowError, TypeError, AttributeError, KeyError, IndexError) as exc:
+            raise RecipeError(f"{name}: not valid YAML (a value cannot be read: {type(exc).__name__}: {exc}).") from exc
         duplicate = _duplicate_key(node)
         if duplicate:
             path, line, first = duplicate
@@ -330,7 +426,11 @@ def parse_recipe(text: str, name: str = "<recipe>") -> Recipe:
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     try:
-        text = path.read_text()
+        with path.open("rb") as handle:  # at most one byte past the cap: /dev/zero is not read whole
+            raw = handle.read(MAX_RECIPE_BYTES + 1)
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise RecipeError(f"recipe file {path} is larger than {MAX_RECIPE_BYTES} bytes; a recipe is a few kilobytes.")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise RecipeError(f"recipe file {path} does not exist.") from None
     except (OSError, UnicodeDecodeError) as exc:

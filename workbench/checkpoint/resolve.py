@@ -1,14 +1,17 @@
 """Turning a model reference from a recipe into a local path.
 
-A reference is a local file or folder, or a Hub id ``org/name[@revision]``. Hub ids are fetched
-(only weights, configs and tokenizer files) through huggingface_hub's cache, which also serves them
-offline once downloaded. ``BASE+ADAPTER`` (or a PEFT adapter folder alone) is a base with LoRA
-adapters applied as it is read.
+A reference is a local file or folder, or a Hub id ``org/name[@revision]``. Hub ids go through
+huggingface_hub's cache (see :mod:`workbench.checkpoint.remote`): a cached model opens from there; an
+uncached one is first known from its safetensors headers alone (so validating a recipe downloads no
+weights) and is downloaded (only weights, configs and tokenizer files) when its data or files are
+first needed; offline, only the cache is used. ``BASE+ADAPTER`` (or a PEFT adapter folder alone) is
+a base with LoRA adapters applied as it is read.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,11 +22,15 @@ if TYPE_CHECKING:
     from workbench.registry import Registry
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
 
 
 def looks_like_hub_id(ref: str) -> bool:
     return bool(_HUB_ID.match(ref)) and not ref.startswith((".", "/", "~"))
+
+
+def is_hub_reference(ref: str) -> bool:
+    """A Hub id that is not also a local path (a local folder wins, as for transformers)."""
+    return looks_like_hub_id(ref) and not Path(ref).expanduser().exists()
 
 
 def resolve_model(ref: str) -> Path:
@@ -33,16 +40,17 @@ def resolve_model(ref: str) -> Path:
         return path
     if not looks_like_hub_id(ref):
         raise CheckpointError(f"model path {ref} does not exist.")
-    repo_id, _, revision = ref.partition("@")
-    try:
-        from huggingface_hub import snapshot_download
+    from workbench.checkpoint.remote import HubRef, download
 
-        return Path(snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS))
-    except Exception as exc:
-        raise CheckpointError(
-            f"model '{ref}' is not a local path and could not be fetched from the Hugging Face Hub"
-            f" ({type(exc).__name__}: {exc})."
-        ) from exc
+    hub = HubRef.parse(ref)
+    return download(hub, hub.revision)
+
+
+def ensure_local(readers: Iterable[CheckpointReader]) -> None:
+    """Download every Hub input still known only from its headers, before a merge starts, so that a
+    download failure comes first and every input has its files on disk (``files()`` needs them)."""
+    for reader in readers:
+        reader.files()
 
 
 def split_adapters(ref: str) -> tuple[str, list[Path]]:
@@ -66,14 +74,19 @@ def split_adapters(ref: str) -> tuple[str, list[Path]]:
     return base, folders
 
 
-def open_reference(registry: "Registry", ref: str) -> tuple[Path, "CheckpointReader"]:
+def open_reference(registry: Registry, ref: str) -> tuple[Path, CheckpointReader]:
     """The local path (the base's, for ``BASE+ADAPTER``) and a lazy reader of a model reference."""
     from workbench.checkpoint.adapted import AdaptedReader
     from workbench.lora.adapter import LoraAdapter
 
     base, adapters = split_adapters(ref)
-    path = resolve_model(base)
-    reader = registry.open_checkpoint(path)
+    if is_hub_reference(base):
+        from workbench.checkpoint.remote import open_hub
+
+        path, reader = open_hub(base, registry.open_checkpoint)
+    else:
+        path = resolve_model(base)
+        reader = registry.open_checkpoint(path)
     if not adapters:
         return path, reader
     try:

@@ -17,9 +17,10 @@ import hashlib
 import json
 import math
 import os
+import stat
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from workbench.checkpoint.base import FileWriter, TensorInfo, TensorSpec
 from workbench.checkpoint.dtypes import ITEMSIZE, to_torch
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 
 #: A header larger than this is refused (real headers are kilobytes; this bounds allocation).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: No tensor dimension product (zero dimensions counted as one) may reach this: torch computes
+#: strides in int64, so even an empty tensor with larger dimensions cannot be created.
+_MAX_ELEMENTS = 2**63
 ALIGNMENT = 8
 
 
@@ -39,7 +43,8 @@ class SafetensorsFile:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         try:
-            self._fd = os.open(self.path, os.O_RDONLY)
+            # Non-blocking: opening a pipe named *.safetensors must not wait for a writer (it is refused next).
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except OSError as exc:
             raise CheckpointError(f"cannot open {self.path}: {exc.strerror}.") from exc
         try:
@@ -98,31 +103,80 @@ def _mapped(fd: int, offset: int, nbytes: int) -> "torch.Tensor":
 
 
 def _parse_header(path: Path, fd: int) -> tuple[dict[str, tuple[TensorInfo, int]], dict[str, str], int]:
-    size = os.fstat(fd).st_size
+    info = os.fstat(fd)
+    # A folder or pipe named *.safetensors (the folder reader globs for them) is not a checkpoint.
+    if not stat.S_ISREG(info.st_mode):
+        raise CheckpointError(f"{path} is not a regular file (a folder, pipe or device named like a safetensors file).")
+
+    def read_at(offset: int, n: int) -> bytes:
+        try:
+            return os.pread(fd, n, offset)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {path}: {exc.strerror}.") from exc
+
+    return parse_header(path, info.st_size, read_at)
+
+
+def loads_json(raw: bytes) -> Any:
+    """Strict JSON for headers and indexes: UTF-8 only, no key given twice (readers disagree on
+    which one wins), no lone surrogate escapes (they cannot be printed). Every refusal, including
+    nesting too deep for the parser, is a ``ValueError``."""
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_strict_object)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {json.dumps(key)} is given twice in one object")
+        for text in (key, value) if isinstance(value, str) else (key,):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"the string {json.dumps(text)} is not valid Unicode (a lone surrogate escape)") from None
+        out[key] = value
+    return out
+
+
+def parse_header(path: Path, size: int, read_at: Callable[[int, int], bytes]) -> tuple[dict[str, tuple[TensorInfo, int]], dict[str, str], int]:
+    """Parse and check the header of a safetensors file of ``size`` bytes whose bytes ``read_at(offset,
+    n)`` returns: a local file, or one on the Hub read by byte ranges (``workbench validate``)."""
     if size < 8:
         raise CheckpointError(f"{path} is {size} bytes long: too short to be a safetensors file (truncated?).")
-    (header_len,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    (header_len,) = struct.unpack("<Q", read_at(0, 8))
     if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
         raise CheckpointError(
             f"{path} has a corrupt safetensors header: it claims {header_len} header bytes but the file holds"
             f" {size - 8} after the length field (truncated or not a safetensors file)."
         )
-    raw = os.pread(fd, header_len, 8)
+    raw = read_at(8, header_len)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = loads_json(raw)
+    except ValueError as exc:  # also UnicodeDecodeError, JSONDecodeError and too many digits
         raise CheckpointError(f"{path} has a corrupt safetensors header: not valid JSON ({exc}).") from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} has a corrupt safetensors header: expected a JSON object.")
     data_start = 8 + header_len
     data_size = size - data_start
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: '__metadata__' in the header must be an object of strings.")
     tensors: dict[str, tuple[TensorInfo, int]] = {}
     for name, entry in header.items():
         tensors[name] = _check_entry(path, name, entry, data_size)
-    return tensors, {str(k): str(v) for k, v in metadata.items()}, data_start
+    # Two tensors sharing bytes would let a small file stand for many large tensors.
+    spans = sorted((begin, info.nbytes, name) for name, (info, begin) in tensors.items() if info.nbytes)
+    for (begin, nbytes, name), (next_begin, _, next_name) in zip(spans, spans[1:]):
+        if next_begin < begin + nbytes:
+            raise CheckpointError(
+                f"{path}: tensors '{name}' and '{next_name}' overlap in the data section (bytes {next_begin} to"
+                f" {begin + nbytes}); each tensor must have bytes of its own."
+            )
+    return tensors, metadata, data_start
 
 
 def _check_entry(path: Path, name: str, entry: Any, data_size: int) -> tuple[TensorInfo, int]:
@@ -130,10 +184,15 @@ def _check_entry(path: Path, name: str, entry: Any, data_size: int) -> tuple[Ten
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where} has a malformed header entry (expected an object).")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
         raise CheckpointError(f"{where} has unknown dtype {dtype!r}.")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise CheckpointError(f"{where} has a malformed shape {shape!r}.")
+    product = 1
+    for d in shape:  # stops early: a product of many huge dimensions is itself costly to compute
+        product *= max(d, 1)
+        if product >= _MAX_ELEMENTS:
+            raise CheckpointError(f"{where} has a shape {shape} too large for any tensor.")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
