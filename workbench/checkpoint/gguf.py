@@ -1,0 +1,492 @@
+"""GGUF checkpoints (llama.cpp's format) as inputs, for Llama-family models.
+
+The file is parsed by the ``gguf`` package's memory-mapped ``GGUFReader``; a tensor is dequantised to
+torch only when it is read (and only the rows asked for), so memory stays bounded by one tensor.
+Names are mapped to the Hugging Face layout, and a ``config.json`` is synthesised from the metadata.
+
+Why the header is walked before ``GGUFReader`` sees it: GGUFReader trusts the counts in the file. It
+loops ``n_kv``, ``n_tensors`` and array-length times (an array said to hold 2**63 one-byte items makes
+it read past the end of the file for ever, growing lists as it goes) and raises whatever numpy raises
+on a short file. :func:`check_header` walks the same structure
+with ``struct``, checks every count and length against the bytes left and every tensor's extent
+against the file size, and refuses nested arrays and unknown types. GGUFReader then only parses a
+header whose loops are bounded by the file's size and whose tensors lie inside it.
+
+llama.cpp's converter interleaves the rows of each attention head of q_proj and k_proj (its rotary
+embedding rotates adjacent pairs, Hugging Face's rotates the two halves of a head); reading undoes it.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import mmap
+import re
+import struct
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from workbench.checkpoint.base import CheckpointReader, TensorInfo
+from workbench.checkpoint.dtypes import to_torch
+from workbench.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from gguf import GGMLQuantizationType, GGUFReader
+
+MAGIC = b"GGUF"
+VERSIONS = (2, 3)
+MAX_DIMS = 4  # GGML_MAX_DIMS
+#: Items of one metadata array: 16x the largest vocabulary in use. GGUFReader keeps numpy views per
+#: item, so this also bounds what a (truthful but absurd) header costs to parse.
+MAX_ARRAY = 1 << 22
+DEFAULT_ALIGNMENT = 32
+_UINT32, _STRING, _ARRAY = 4, 8, 9
+_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_MIN_KV = 8 + 4 + 1  # key length, value type, a one-byte value
+_MIN_TENSOR_INFO = 8 + 4 + 8 + 4 + 8  # name length, dimension count, one dimension, type, offset
+#: Tensor types read as they are stored; every other type is dequantised to F32.
+_NATIVE = {"F32": "F32", "F16": "F16", "BF16": "BF16", "F64": "F64", "I8": "I8", "I16": "I16", "I32": "I32", "I64": "I64"}
+
+
+def find_gguf(path: Path) -> list[Path]:
+    """The ``.gguf`` file itself, or the ``.gguf`` files of a folder (sorted)."""
+    if path.is_file():
+        return [path] if path.suffix.lower() == ".gguf" else []
+    if path.is_dir():
+        return sorted(p for p in path.iterdir() if p.suffix.lower() == ".gguf" and p.is_file())
+    return []
+
+
+# ------------------------------------------------------------------------------------------------
+# The header walk: nothing is trusted before it passes
+# ------------------------------------------------------------------------------------------------
+
+
+class _Cursor:
+    """Little-endian fields of a buffer, refusing any that would run past its end."""
+
+    def __init__(self, buf: mmap.mmap, path: Path) -> None:
+        self.buf, self.path, self.pos, self.size = buf, path, 0, len(buf)
+
+    def left(self) -> int:
+        return self.size - self.pos
+
+    def skip(self, n: int, what: str) -> int:
+        if n > self.left():
+            raise CheckpointError(f"{self.path}: GGUF header cut short or lying: {what} at byte {self.pos} needs {n} bytes, the file has {self.left()} left.")
+        start = self.pos
+        self.pos += n
+        return start
+
+    def u32(self, what: str) -> int:
+        return int(struct.unpack_from("<I", self.buf, self.skip(4, what))[0])
+
+    def u64(self, what: str) -> int:
+        return int(struct.unpack_from("<Q", self.buf, self.skip(8, what))[0])
+
+    def string(self, what: str) -> bytes:
+        n = self.u64(f"length of {what}")
+        start = self.skip(n, what)
+        return bytes(self.buf[start : start + n])
+
+
+def _skip_value(cur: _Cursor, vtype: int, key: str) -> None:
+    what = f"value of metadata '{key}'"
+    if vtype in _SCALAR_SIZE:
+        cur.skip(_SCALAR_SIZE[vtype], what)
+    elif vtype == _STRING:
+        cur.skip(cur.u64(what), what)
+    elif vtype == _ARRAY:
+        item, count = cur.u32(what), cur.u64(what)
+        if count > MAX_ARRAY:
+            raise CheckpointError(f"{cur.path}: metadata '{key}' claims an array of {count} items (at most {MAX_ARRAY} are read).")
+        if item == _STRING:
+            if count * 8 > cur.left():
+                raise CheckpointError(f"{cur.path}: metadata '{key}' claims {count} strings; the file has {cur.left()} bytes left.")
+            for _ in range(count):
+                cur.skip(cur.u64(what), what)
+        elif item in _SCALAR_SIZE:
+            cur.skip(count * _SCALAR_SIZE[item], what)
+        else:
+            raise CheckpointError(f"{cur.path}: metadata '{key}' is an array of value type {item}, which GGUF readers refuse (nested or unknown).")
+    else:
+        raise CheckpointError(f"{cur.path}: metadata '{key}' has unknown value type {vtype}.")
+
+
+@dataclass(frozen=True)
+class _TensorHeader:
+    name: str
+    dims: tuple[int, ...]  # GGUF order: innermost (the row) first
+    qtype: int
+    offset: int
+
+
+def check_header(path: Path) -> None:
+    """Refuse ``path`` unless its header is self-consistent and every tensor lies inside the file.
+
+    Checked: magic, version (2 or 3, little-endian), the key and tensor counts against the bytes left,
+    every string and array length (arrays: at most ``MAX_ARRAY`` items, none nested), value and tensor
+    types, 1 to 4 non-zero dimensions, rows whole quantisation blocks, the alignment, and each
+    tensor's byte range (aligned, inside the file, not overlapping another).
+    """
+    with path.open("rb") as fh:
+        size = path.stat().st_size
+        if size < 24:
+            raise CheckpointError(f"{path} is not a GGUF file: {size} bytes is shorter than a GGUF header.")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            _walk(_Cursor(buf, path))
+
+
+def _walk(cur: _Cursor) -> None:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    path = cur.path
+    if cur.buf[:4] != MAGIC:
+        raise CheckpointError(f"{path} is not a GGUF file (it does not start with 'GGUF').")
+    cur.skip(4, "magic")
+    version = cur.u32("version")
+    if version not in VERSIONS:
+        hint = " (a big-endian file? only little-endian GGUF is read)" if version & 0xFFFF == 0 else ""
+        raise CheckpointError(f"{path}: GGUF version {version} is not supported (2 and 3 are){hint}.")
+    n_tensors, n_kv = cur.u64("tensor count"), cur.u64("metadata count")
+    if n_kv * _MIN_KV + n_tensors * _MIN_TENSOR_INFO > cur.left():
+        raise CheckpointError(f"{path}: the GGUF header claims {n_tensors} tensors and {n_kv} metadata entries; the file ({cur.size} bytes) is too short to describe them.")
+    alignment, keys = DEFAULT_ALIGNMENT, set()
+    for i in range(n_kv):
+        raw = cur.string(f"key of metadata entry {i}")
+        key = raw.decode("utf-8", "replace")
+        if raw in keys:
+            raise CheckpointError(f"{path}: metadata '{key}' appears twice.")
+        keys.add(raw)
+        vtype = cur.u32(f"type of metadata '{key}'")
+        if raw == b"general.alignment":
+            alignment = cur.u32("value of general.alignment") if vtype == _UINT32 else 0
+            if alignment == 0 or alignment & (alignment - 1):
+                raise CheckpointError(f"{path}: general.alignment must be a uint32 power of two.")
+        else:
+            _skip_value(cur, vtype, key)
+    tensors, names = [], set()
+    for i in range(n_tensors):
+        raw = cur.string(f"name of tensor {i}")
+        name = raw.decode("utf-8", "replace")
+        if raw in names:
+            raise CheckpointError(f"{path}: tensor '{name}' is stored twice.")
+        names.add(raw)
+        n_dims = cur.u32(f"dimension count of tensor '{name}'")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise CheckpointError(f"{path}: tensor '{name}' claims {n_dims} dimensions (1 to {MAX_DIMS} are valid).")
+        dims = tuple(cur.u64(f"shape of tensor '{name}'") for _ in range(n_dims))
+        tensors.append(_TensorHeader(name, dims, cur.u32(f"type of tensor '{name}'"), cur.u64(f"offset of tensor '{name}'")))
+    data_start = -(-cur.pos // alignment) * alignment
+    known = {int(t): (GGMLQuantizationType(t).name, *GGML_QUANT_SIZES[t]) for t in GGML_QUANT_SIZES}
+    extents = []
+    for t in tensors:
+        if t.qtype not in known:
+            raise CheckpointError(f"{path}: tensor '{t.name}' has unknown GGML type {t.qtype}.")
+        type_name, block, type_size = known[t.qtype]
+        if 0 in t.dims or t.dims[0] % block:
+            raise CheckpointError(f"{path}: tensor '{t.name}' has shape {list(t.dims)}, not whole {type_name} blocks of {block} (or a zero dimension).")
+        nbytes = math.prod(t.dims) // block * type_size
+        start = data_start + t.offset
+        if t.offset % alignment or start + nbytes > cur.size:
+            raise CheckpointError(
+                f"{path}: tensor '{t.name}' ({type_name}, shape {list(t.dims)}, {math.prod(t.dims)} elements) claims bytes"
+                f" [{start}, {start + nbytes}), which are not {alignment}-aligned inside the file ({cur.size} bytes)."
+            )
+        extents.append((start, start + nbytes, t.name))
+    extents.sort()
+    for (_, end, before), (start, _, after) in itertools.pairwise(extents):
+        if start < end:
+            raise CheckpointError(f"{path}: the data of tensors '{before}' and '{after}' overlap.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Llama: names, shapes and config
+# ------------------------------------------------------------------------------------------------
+
+_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_ATTENTION, _MLP, _NORMS = ("attn_q", "attn_k", "attn_v", "attn_output"), ("ffn_gate", "ffn_up", "ffn_down"), ("attn_norm", "ffn_norm")
+_NAME = re.compile(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)")
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The Hugging Face (Llama) name of a GGUF tensor name, or None if it has none."""
+    m = _NAME.fullmatch(gguf_name)
+    if not m:
+        return None
+    layer, module, kind = m.groups()
+    if layer is None:
+        return f"{_TOP[module]}.{kind}" if module in _TOP else None
+    return f"model.layers.{int(layer)}.{_BLOCK[module]}.{kind}" if module in _BLOCK else None
+
+
+class _Metadata:
+    """Typed access to the metadata of a parsed file; every failure names the file and the key."""
+
+    def __init__(self, reader: GGUFReader, path: Path, prefix: str = "") -> None:
+        self.reader, self.path, self.prefix = reader, path, prefix
+
+    def get(self, key: str) -> Any:
+        field = self.reader.get_field(self.prefix + key)
+        if field is None:
+            return None
+        try:
+            return field.contents()
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the gguf package: UnicodeDecodeError, IndexError, ... on bad bytes
+            raise CheckpointError(f"{self.path}: metadata '{self.prefix}{key}' is unreadable ({type(exc).__name__}: {exc}).") from None
+
+    def _typed(self, key: str, kinds: tuple[type, ...], label: str, default: Any) -> Any:
+        value = self.get(key)
+        if value is None:
+            if default is None:
+                raise CheckpointError(f"{self.path}: metadata '{self.prefix}{key}' is missing.")
+            return default
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            raise CheckpointError(f"{self.path}: metadata '{self.prefix}{key}' is {value!r}, not {label}.")
+        return value
+
+    def integer(self, key: str, default: int | None = None, low: int = 1) -> int:
+        value = self._typed(key, (int,), "an integer", default)
+        if value < low:
+            raise CheckpointError(f"{self.path}: metadata '{self.prefix}{key}' is {value}; it must be at least {low}.")
+        return int(value)
+
+    def number(self, key: str, default: float | None = None) -> float:
+        value = float(self._typed(key, (int, float), "a number", default))
+        if not math.isfinite(value) or value <= 0:
+            raise CheckpointError(f"{self.path}: metadata '{self.prefix}{key}' is {value}; it must be a positive number.")
+        return value
+
+    def text(self, key: str, default: str | None = None) -> str:
+        return str(self._typed(key, (str,), "a string", default))
+
+
+def _llama_config(meta: _Metadata, shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """config.json of a Hugging Face ``LlamaForCausalLM`` from the file's ``llama.*`` metadata, checked
+    against the tensors present (every expected tensor, nothing else, every shape)."""
+    path = meta.path
+    if meta.integer("expert_count", 0, low=0) > 0:
+        raise CheckpointError(f"{path}: a mixture-of-experts GGUF (llama.expert_count > 0) is not supported.")
+    if "rope_freqs.weight" in shapes:
+        raise CheckpointError(f"{path}: tensor 'rope_freqs.weight' (Llama 3.1-style rope scaling) is not supported.")
+    layers = meta.integer("block_count")
+    if layers > len(shapes):
+        raise CheckpointError(f"{path}: llama.block_count is {layers}, but the file has only {len(shapes)} tensors.")
+    hidden, ffn, heads = meta.integer("embedding_length"), meta.integer("feed_forward_length"), meta.integer("attention.head_count")
+    kv_heads = meta.integer("attention.head_count_kv", heads)
+    head_dim = meta.integer("attention.key_length", max(1, hidden // heads))
+    if heads % kv_heads or head_dim % 2 or meta.integer("attention.value_length", head_dim) != head_dim:
+        raise CheckpointError(f"{path}: {heads} attention heads, {kv_heads} key/value heads, head size {head_dim}: not a Llama attention layout.")
+    if meta.integer("rope.dimension_count", head_dim) != head_dim:
+        raise CheckpointError(f"{path}: llama.rope.dimension_count differs from the head size {head_dim} (partial rotary is not Llama).")
+    embed = shapes.get("token_embd.weight")
+    if embed is None or len(embed) != 2:
+        raise CheckpointError(f"{path}: tensor 'token_embd.weight' is missing or not a matrix.")
+    vocab = embed[1]
+    if meta.integer("vocab_size", vocab) != vocab:
+        raise CheckpointError(f"{path}: llama.vocab_size says {meta.integer('vocab_size')}, tensor 'token_embd.weight' has {vocab} rows.")
+    q, kv = heads * head_dim, kv_heads * head_dim
+    rows = {"attn_q": q, "attn_k": kv, "attn_v": kv, "attn_output": hidden, "ffn_gate": ffn, "ffn_up": ffn, "ffn_down": hidden}
+    cols = {"attn_q": hidden, "attn_k": hidden, "attn_v": hidden, "attn_output": q, "ffn_gate": hidden, "ffn_up": hidden, "ffn_down": ffn}
+    attention_bias, mlp_bias = "blk.0.attn_q.bias" in shapes, "blk.0.ffn_up.bias" in shapes
+    expected = {"token_embd.weight": (hidden, vocab), "output_norm.weight": (hidden,)}
+    tied = "output.weight" not in shapes
+    if not tied:
+        expected["output.weight"] = (hidden, vocab)
+    for i in range(layers):
+        for module in _ATTENTION + _MLP:
+            expected[f"blk.{i}.{module}.weight"] = (cols[module], rows[module])  # GGUF order
+            if attention_bias if module in _ATTENTION else mlp_bias:
+                expected[f"blk.{i}.{module}.bias"] = (rows[module],)
+        for module in _NORMS:
+            expected[f"blk.{i}.{module}.weight"] = (hidden,)
+    for name, shape in shapes.items():
+        if name not in expected:
+            raise CheckpointError(f"{path}: tensor '{name}' has no place in a Llama model of {layers} layers" + ("" if hf_name(name) else " (no Hugging Face name)") + ".")
+        if shape != expected[name]:
+            raise CheckpointError(f"{path}: tensor '{name}' has shape {list(shape)}; the metadata implies {list(expected[name])} (GGUF order).")
+    missing = [name for name in expected if name not in shapes]
+    if missing:
+        raise CheckpointError(f"{path}: tensor '{missing[0]}' is missing ({len(missing)} tensor(s) missing).")
+    config: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden,
+        "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "head_dim": head_dim, "hidden_act": "silu", "max_position_embeddings": meta.integer("context_length", 2048),
+        "rms_norm_eps": meta.number("attention.layer_norm_rms_epsilon"), "rope_theta": meta.number("rope.freq_base", 10000.0),
+        "attention_bias": attention_bias, "mlp_bias": mlp_bias, "tie_word_embeddings": tied, "torch_dtype": "float32",
+    }
+    scaling = meta.text("rope.scaling.type", "none")
+    if scaling == "linear":
+        config["rope_scaling"] = {"rope_type": "linear", "factor": meta.number("rope.scaling.factor")}
+    elif scaling != "none":
+        raise CheckpointError(f"{path}: rope scaling '{scaling}' is not supported (only linear).")
+    tokenizer = _Metadata(meta.reader, path, "tokenizer.ggml.")
+    for key, ours in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("padding_token_id", "pad_token_id")):
+        if tokenizer.get(key) is not None:
+            config[ours] = tokenizer.integer(key, low=0)
+    return config
+
+
+# ------------------------------------------------------------------------------------------------
+# The reader
+# ------------------------------------------------------------------------------------------------
+
+
+@cache
+def _dequantisable() -> frozenset[int]:
+    """GGML types the installed gguf package can dequantise (probed on one zero block each, so a
+    newer gguf with more types is used as it is)."""
+    import numpy as np
+    from gguf.constants import GGML_QUANT_SIZES
+    from gguf.quants import dequantize
+
+    ok = set()
+    for qtype, (_, type_size) in GGML_QUANT_SIZES.items():
+        try:
+            dequantize(np.zeros((1, type_size), np.uint8), qtype)
+            ok.add(int(qtype))
+        except NotImplementedError:
+            pass
+    return frozenset(ok)
+
+
+def unpermuted_rows(n_rows: int, heads: int) -> np.ndarray:
+    """For each Hugging Face row of q_proj/k_proj, the GGUF row it is stored in.
+
+    llama.cpp stores row ``h*d + 2i + j`` of head ``h`` where Hugging Face has ``h*d + j*d/2 + i``
+    (``d`` the head size, ``i < d/2``, ``j`` in {0, 1})."""
+    import numpy as np
+
+    d = n_rows // heads
+    head, within = np.divmod(np.arange(n_rows), d)
+    j, i = np.divmod(within, d // 2)
+    return head * d + 2 * i + j
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    gguf_name: str
+    qtype: GGMLQuantizationType
+    dtype: str
+    shape: tuple[int, ...]  # Hugging Face order
+    data: np.ndarray  # memory-mapped; a quantised tensor's last axis is bytes
+    heads: int | None  # rotary heads whose rows llama.cpp interleaved
+
+    @property
+    def quantised(self) -> bool:
+        return self.qtype.name not in _NATIVE
+
+
+def _parse(file: Path) -> GGUFReader:
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(file, "r")
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the gguf package raises whatever numpy raises on bad input
+        raise CheckpointError(f"{file} is not a readable GGUF file ({type(exc).__name__}: {exc}).") from None
+
+
+class GGUFCheckpoint(CheckpointReader):
+    """A Llama-family GGUF file (or a folder holding exactly one), read lazily under Hugging Face names."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"model path {self.path} does not exist.")
+        files = find_gguf(self.path)
+        if len(files) != 1:
+            found = f"holds {len(files)} GGUF files ({', '.join(f.name for f in files)}); name the one to use" if files else "is not a .gguf file and holds none"
+            raise CheckpointError(f"{self.path} {found}.")
+        self.file = files[0]
+        check_header(self.file)
+        reader = _parse(self.file)
+        general = _Metadata(reader, self.file, "general.")
+        arch = general.text("architecture")
+        if arch != "llama":
+            raise CheckpointError(f"{self.file}: architecture '{arch}' is not supported (GGUF inputs are mapped for llama only).")
+        if _Metadata(reader, self.file, "split.").integer("count", 1) > 1:
+            raise CheckpointError(f"{self.file} is one part of a split GGUF; join the parts first (llama-gguf-split --merge).")
+        shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
+        self._config = _llama_config(_Metadata(reader, self.file, "llama."), shapes)
+        heads = {"attn_q": self._config["num_attention_heads"], "attn_k": self._config["num_key_value_heads"]}
+        self._tensors: dict[str, _Tensor] = {}
+        for t in reader.tensors:
+            name = hf_name(t.name)
+            assert name is not None  # _llama_config accepted only mapped names
+            type_name = t.tensor_type.name
+            if type_name not in _NATIVE and int(t.tensor_type) not in _dequantisable():
+                raise CheckpointError(f"{self.file}: tensor '{t.name}' is quantised as {type_name}, which the installed gguf package cannot dequantise.")
+            module = t.name.split(".")[2] if t.name.startswith("blk.") else ""
+            shape = tuple(reversed(shapes[t.name]))
+            self._tensors[name] = _Tensor(t.name, t.tensor_type, _NATIVE.get(type_name, "F32"), shape, t.data, heads.get(module))
+
+    def tensor_names(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def _get(self, name: str) -> _Tensor:
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise CheckpointError(f"tensor '{name}' is missing from model {self.file}.") from None
+
+    def info(self, name: str) -> TensorInfo:
+        t = self._get(name)
+        return TensorInfo(name, t.dtype, t.shape, self.file)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Dequantise rows ``[start, stop)`` (default: all) of one tensor, and nothing more."""
+        t = self._get(name)
+        start, stop = (0, t.shape[0]) if rows is None else rows
+        if not 0 <= start <= stop <= t.shape[0]:
+            raise CheckpointError(f"{self.file}: rows [{start}, {stop}) of tensor '{name}' are outside its {t.shape[0]} rows.")
+        try:
+            return _decode(t, start, stop)
+        except (ValueError, TypeError, IndexError, NotImplementedError) as exc:
+            raise CheckpointError(f"{self.file}: tensor '{t.gguf_name}' ({t.qtype.name}) could not be decoded ({type(exc).__name__}: {exc}).") from None
+
+    def config(self) -> dict[str, Any] | None:
+        """Synthesised from the GGUF metadata, never from a config.json beside the file: the metadata
+        is what llama.cpp runs these tensors with."""
+        return copy.deepcopy(self._config)
+
+    def files(self) -> list[Path]:
+        return [self.file]
+
+    def close(self) -> None:
+        self._tensors.clear()  # the memory maps go with the last views
+
+
+def _decode(t: _Tensor, start: int, stop: int) -> torch.Tensor:
+    import numpy as np
+    import torch
+    from gguf.quants import dequantize
+
+    if start == stop:  # the dequantisers cannot reshape zero rows
+        return torch.empty((0, *t.shape[1:]), dtype=to_torch(t.dtype))
+    index: slice | np.ndarray = slice(start, stop) if t.heads is None else unpermuted_rows(t.shape[0], t.heads)[start:stop]
+    with np.errstate(all="ignore"):  # non-finite scales give non-finite values, as they do in llama.cpp
+        if t.quantised and len(t.shape) == 1:  # its rows are elements inside quantisation blocks
+            return torch.from_numpy(np.ascontiguousarray(dequantize(np.asarray(t.data), t.qtype)[index]))
+        block = np.array(t.data[index])  # a copy of just these rows, out of the memory map
+        if t.quantised:
+            return torch.from_numpy(dequantize(block, t.qtype))
+    if t.dtype == "BF16":
+        return torch.from_numpy(block.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(block)
