@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFWriter
+from gguf import GGUFReader, GGUFWriter
 from gguf.quants import quantize
 from merging import load_dir, merge, q
 
@@ -286,6 +286,10 @@ def test_a_recipe_merges_gguf_inputs_through_the_cli(tiny: dict[str, TinyGGUF], 
         torch.testing.assert_close(out[name].double(), expected, rtol=1e-6, atol=1e-7)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_key_value_heads"] == KV_HEADS and config["torch_dtype"] == "float32"
+    # these tiny files' BPE merge "t 0" names tokens that are not in their vocabulary: the weights are
+    # kept, no tokenizer file is written, and a warning names the file and what to do
+    assert "could not be converted" in result.output and a.path.name in result.output and "copy_tokenizer_from" in result.output
+    assert not list((tmp_path / "out").glob("tokenizer*"))
 
 
 def test_inspect_describes_a_gguf(tiny: dict[str, TinyGGUF]) -> None:
@@ -383,11 +387,9 @@ def test_smollm2_reads_exactly_as_transformers_loads_it(smollm2: Path, smollm2_r
 
 
 def test_a_merge_of_smollm2_loads_in_transformers_and_knows_paris(smollm2: Path, smollm2_reference: dict[str, torch.Tensor], tmp_path: Path) -> None:
-    """linear(GGUF, GGUF) into a bf16 safetensors folder with a tokenizer (built by transformers from
-    the GGUF, handed to the recipe as copy_tokenizer_from): a complete Hugging Face model."""
+    """linear(GGUF, GGUF) into a bf16 safetensors folder with the tokenizer the GGUF carries in its
+    metadata written out as tokenizer files: a complete Hugging Face model."""
     transformers = pytest.importorskip("transformers")
-    tokenizer_dir = tmp_path / "tokenizer"
-    transformers.AutoTokenizer.from_pretrained(smollm2.parent, gguf_file=smollm2.name).save_pretrained(tokenizer_dir)
     out = merge(tmp_path, f"""
 method: linear
 models:
@@ -397,13 +399,17 @@ models:
     parameters: {{weight: 0.5}}
 output:
   dtype: bfloat16
-  copy_tokenizer_from: {q(tokenizer_dir)}
 """)
     assert set(out) == set(smollm2_reference) - {"lm_head.weight"}
     for name, tensor in out.items():
         assert torch.equal(tensor, smollm2_reference[name].to(torch.bfloat16)), name
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "out").iterdir()}
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    # the GGUF's own vocabulary: token ids as llama.cpp's metadata lists them
+    tokens = GGUFReader(smollm2).fields["tokenizer.ggml.tokens"]
+    vocab = [bytes(tokens.parts[i]).decode() for i in tokens.data]
+    assert [vocab[i] for i in tokenizer("The capital")["input_ids"]] == ["The", "Ġcapital"]
     prompt = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)

@@ -25,12 +25,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from workbench.checkpoint.dtypes import to_torch, torch_name
 from workbench.checkpoint.resolve import ensure_local
 from workbench.checkpoint.sidecars import copy_config, copy_tokenizer
-from workbench.errors import OutputError, RecipeError, RunInterrupted, WorkbenchError
+from workbench.errors import CheckpointError, OutputError, RecipeError, RunInterrupted, WorkbenchError
 from workbench.hub import card_text
 from workbench.method import MergeMethod, PrepareContext, RowBlocks, TensorContext
 from workbench.manifest import MANIFEST_FILE, Manifest, run_identity
@@ -149,7 +149,7 @@ class _TensorRunner:
         sources = self.plan.inputs if tensor.merge else [self.plan.reference]
         return [model.reader.read(tensor.name, rows) for model in sources]
 
-    def _warn(self, key: str, message: str) -> None:
+    def warn(self, key: str, message: str) -> None:
         with self._lock:
             if key not in self._warned:
                 self._warned.add(key)
@@ -203,7 +203,7 @@ class _TensorRunner:
         if not all_finite(out):
             culprits = [str(m) for m, x in zip(self.plan.inputs, inputs) if not all_finite(x)]
             cause = f"input {', '.join(culprits)} hold(s) NaN/Inf values" if culprits else "the method produced them"
-            self._warn(tensor.name, f"tensor '{tensor.name}': the merged tensor has NaN/Inf values; {cause}.")
+            self.warn(tensor.name, f"tensor '{tensor.name}': the merged tensor has NaN/Inf values; {cause}.")
         return out
 
     def write_file(self, directory: Path, file: "OutputFile", manifest: Manifest | None = None) -> Path:
@@ -283,23 +283,29 @@ def _merge_runtime(device: str) -> Iterator[None]:
             gc.enable()
 
 
-def _finish_folder(plan: MergePlan, partial: Path, recipe_yaml: str, title: str) -> list[Path]:
+def _finish_folder(plan: MergePlan, partial: Path, recipe_yaml: str, title: str, warn: Callable[[str], None]) -> list[Path]:
     """Sidecar files, the resolved recipe and the model card."""
     out_dtype = next((t.out_dtype for t in plan.tensors if t.merge), None)
     written = copy_config(plan.reference.path, partial, torch_name(out_dtype) if out_dtype else None, plan.reference.reader.config())
     source = plan.recipe.output.copy_tokenizer_from
+    model = None  # the input the tokenizer comes from, if it is one
     if source is None or source == "base":
-        tokenizer_from = plan.reference.path
+        model = plan.reference
     elif isinstance(source, int) or (isinstance(source, str) and source.isdigit()):
         index = int(source)
         if not 0 <= index < len(plan.models):
             raise RecipeError(f"output.copy_tokenizer_from = {source}: there is no models[{index}].")
-        tokenizer_from = plan.models[index].path
-    else:
-        tokenizer_from = Path(source)
-        if not tokenizer_from.exists():
-            raise RecipeError(f"output.copy_tokenizer_from: {source} does not exist.")
-    written += copy_tokenizer(tokenizer_from, partial)
+        model = plan.models[index]
+    tokenizer_from = model.path if model is not None else Path(str(source))
+    if not tokenizer_from.exists():
+        raise RecipeError(f"output.copy_tokenizer_from: {source} does not exist.")
+    copied = copy_tokenizer(tokenizer_from, partial)
+    if not copied and model is not None:
+        try:
+            copied = model.reader.embedded_tokenizer(partial)
+        except CheckpointError as exc:  # the weights are the result: keep them, say what is missing
+            warn(f"{exc} The output has no tokenizer; name a folder with tokenizer files in output.copy_tokenizer_from.")
+    written += copied
     (partial / RECIPE_FILE).write_text(recipe_yaml)
     (partial / "README.md").write_text(card_text(plan, recipe_yaml, title))
     return [partial / name for name in written] + [partial / RECIPE_FILE, partial / "README.md"]
@@ -370,7 +376,7 @@ def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executo
         plan.output_format.finish_output(partial, plan.files)
         method.write_extras(state, partial)
         resolved = plan.recipe.model_copy(update={"output": plan.recipe.output.model_copy(update={"path": str(out_dir)})})
-        _finish_folder(plan, partial, resolved.to_yaml(), out_dir.name)
+        _finish_folder(plan, partial, resolved.to_yaml(), out_dir.name, lambda message: runner.warn("tokenizer", message))
         for path in sorted(partial.rglob("*")):
             if path.is_file() and path.name not in (PARTIAL_MARKER, MANIFEST_FILE) and path.relative_to(partial).as_posix() not in manifest.files:
                 manifest.record(path)

@@ -61,6 +61,12 @@ class CheckpointReader(ABC):
     def files(self) -> list[Path]:
         """The files holding tensor data."""
 
+    def embedded_tokenizer(self, dest: Path) -> list[str]:
+        """Write tokenizer files that the checkpoint carries inside itself (a GGUF's metadata) into
+        ``dest``; returns the names written. Most formats keep them beside the weights, where they
+        are copied from instead: none here."""
+        return []
+
     def close(self) -> None:
         """Release file handles."""
 

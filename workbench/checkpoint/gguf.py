@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from workbench.checkpoint.base import CheckpointReader, TensorInfo
 from workbench.checkpoint.dtypes import to_torch
+from workbench.checkpoint.sidecars import tokenizer_from_gguf
 from workbench.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -420,6 +421,7 @@ class GGUFCheckpoint(CheckpointReader):
             raise CheckpointError(f"{self.file}: architecture '{arch}' is not supported (GGUF inputs are mapped for llama only).")
         if _Metadata(reader, self.file, "split.").integer("count", 1) > 1:
             raise CheckpointError(f"{self.file} is one part of a split GGUF; join the parts first (llama-gguf-split --merge).")
+        self._has_tokenizer = "tokenizer.ggml.model" in reader.fields
         shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
         self._config = _llama_config(_Metadata(reader, self.file, "llama."), shapes)
         heads = {"attn_q": self._config["num_attention_heads"], "attn_k": self._config["num_key_value_heads"]}
@@ -468,6 +470,9 @@ class GGUFCheckpoint(CheckpointReader):
 
     def files(self) -> list[Path]:
         return [self.file]
+
+    def embedded_tokenizer(self, dest: Path) -> list[str]:
+        return tokenizer_from_gguf(self.file, dest) if self._has_tokenizer else []
 
     def close(self) -> None:
         self._tensors.clear()  # the memory maps go with the last views

@@ -7,6 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from workbench.errors import CheckpointError
+
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -55,3 +57,21 @@ def copy_tokenizer(source: Path, dest: Path) -> list[str]:
             shutil.copyfile(folder / name, dest / name)
             copied.append(name)
     return copied
+
+
+def tokenizer_from_gguf(file: Path, dest: Path) -> list[str]:
+    """Tokenizer files built from a GGUF file's metadata (by transformers, which knows every GGUF
+    tokenizer type); none without transformers (the ``eval`` extra). Returns the names written."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return []
+    before = {p.name for p in dest.iterdir()}
+    try:
+        AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name).save_pretrained(dest)
+    except Exception as exc:  # transformers raises anything from ValueError to tokenizers' own errors
+        for path in dest.iterdir():
+            if path.name not in before:
+                path.unlink()
+        raise CheckpointError(f"{file}: the tokenizer in its metadata could not be converted ({type(exc).__name__}: {exc}).") from None
+    return sorted(p.name for p in dest.iterdir() if p.name not in before)
