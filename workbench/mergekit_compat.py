@@ -37,6 +37,15 @@ def _model_ref(entry: Any, source: "LocatedSource", path: tuple[Any, ...]) -> st
     raise RecipeError(f"{source.where(path)}: expected a model reference (a string).")
 
 
+def _parameters(value: Any, source: "LocatedSource", path: tuple[Any, ...]) -> dict[str, Any]:
+    """A copy of a ``parameters`` mapping (none given: empty); any other value is refused by line."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RecipeError(f"{source.where(path)}: expected a mapping of parameters (name: value).")
+    return dict(value)
+
+
 def _remap_model_lines(source: "LocatedSource", order: list[int]) -> None:
     """Native ``models[j]`` is mergekit ``models[order[j]]``: move the recorded lines accordingly."""
     lines = source.lines
@@ -58,16 +67,16 @@ def _slices(slices: Any, method: str, base: str | None, source: "LocatedSource")
     native = []
     for i, piece in enumerate(slices):
         if not isinstance(piece, dict) or set(piece) - {"sources"} or not isinstance(piece.get("sources"), list):
-            extra = sorted(set(piece) - {"sources"}) if isinstance(piece, dict) else []
+            extra = sorted(set(piece) - {"sources"}, key=str) if isinstance(piece, dict) else []
             what = f"slice option '{extra[0]}' is not supported" if extra else "expected 'sources: [...]'"
             raise RecipeError(f"{source.where(('slices', i))}: {what}.")
         sources = []
         for j, entry in enumerate(piece["sources"]):
             where = ("slices", i, "sources", j)
             if not isinstance(entry, dict) or set(entry) - {"model", "layer_range", "parameters"}:
-                extra = sorted(set(entry) - {"model", "layer_range", "parameters"}) if isinstance(entry, dict) else []
+                extra = sorted(set(entry) - {"model", "layer_range", "parameters"}, key=str) if isinstance(entry, dict) else []
                 raise RecipeError(f"{source.where(where)}: " + (f"source option '{extra[0]}' is not supported." if extra else "expected a mapping with 'model' and 'layer_range'."))
-            sources.append({"model": _model_ref(entry.get("model"), source, where + ("model",)), "layer_range": entry.get("layer_range"), "parameters": dict(entry.get("parameters") or {})})
+            sources.append({"model": _model_ref(entry.get("model"), source, where + ("model",)), "layer_range": entry.get("layer_range"), "parameters": _parameters(entry.get("parameters"), source, where + ("parameters",))})
         if method == "slerp":
             if base is None or base not in [s["model"] for s in sources]:
                 raise RecipeError(f"{source.where(('slices', i))}: mergekit slerp needs base_model to be one of each slice's sources.")
@@ -81,11 +90,11 @@ def translate(data: dict[str, Any], source: "LocatedSource") -> dict[str, Any]:
     for key, why in _UNSUPPORTED_KEYS.items():
         if key in data:
             raise RecipeError(f"{source.where((key,))}: mergekit option '{key}' is not supported: {why}.")
-    unknown = sorted(set(data) - _KNOWN_KEYS - set(_UNSUPPORTED_KEYS))
+    unknown = sorted(set(data) - _KNOWN_KEYS - set(_UNSUPPORTED_KEYS), key=str)  # keys may be numbers, dates...
     if unknown:
         raise RecipeError(f"{source.where((unknown[0],))}: unknown mergekit option '{unknown[0]}'.")
     method = data["merge_method"]
-    if method not in SUPPORTED_METHODS:
+    if not isinstance(method, str) or method not in SUPPORTED_METHODS:
         raise RecipeError(
             f"{source.where(('merge_method',))}: mergekit method '{method}' is not supported yet"
             f" (supported: {', '.join(sorted(SUPPORTED_METHODS))})."
@@ -94,13 +103,16 @@ def translate(data: dict[str, Any], source: "LocatedSource") -> dict[str, Any]:
     if base is not None:
         base = _model_ref(base, source, ("base_model",))
     models = []
-    for i, entry in enumerate(data.get("models") or []):
+    entries = data.get("models") or []
+    if not isinstance(entries, list):
+        raise RecipeError(f"{source.where(('models',))}: expected a list of '- model: <ref>' entries.")
+    for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise RecipeError(f"{source.where(('models', i))}: expected '- model: <ref>' with optional parameters.")
         ref = _model_ref(entry.get("model"), source, ("models", i, "model"))
-        models.append({"model": ref, "parameters": dict(entry.get("parameters") or {}), "_index": i})
+        models.append({"model": ref, "parameters": _parameters(entry.get("parameters"), source, ("models", i, "parameters")), "_index": i})
 
-    native: dict[str, Any] = {"method": method, "models": models, "parameters": dict(data.get("parameters") or {})}
+    native: dict[str, Any] = {"method": method, "models": models, "parameters": _parameters(data.get("parameters"), source, ("parameters",))}
     if "slices" in data:
         if models:
             raise RecipeError(f"{source.where(('slices',))}: give either 'models' or 'slices', not both.")

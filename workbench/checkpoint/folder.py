@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from workbench.checkpoint.base import CheckpointReader, OutputFile, TensorInfo, TensorSpec
-from workbench.checkpoint.safetensors_io import SafetensorsFile
+from workbench.checkpoint.safetensors_io import MAX_HEADER_BYTES, SafetensorsFile, loads_json
 from workbench.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -37,10 +37,34 @@ def folder_config(path: Path) -> dict[str, Any] | None:
     if not config.is_file():
         return None
     try:
-        data = json.loads(config.read_text())
+        data = json.loads(_read_small(config))
+    except RecursionError:
+        raise CheckpointError(f"{config} is not valid JSON (nested too deeply).") from None
     except ValueError as exc:
         raise CheckpointError(f"{config} is not valid JSON ({exc}).") from exc
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {config}: {exc.strerror}.") from exc
     return data if isinstance(data, dict) else None
+
+
+def _read_small(path: Path) -> bytes:
+    """A JSON side file's bytes; refused (``ValueError``) past the header cap, so a huge or endless
+    file is never read whole (real indexes and configs are kilobytes)."""
+    with path.open("rb") as handle:
+        raw = handle.read(MAX_HEADER_BYTES + 1)
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ValueError(f"larger than {MAX_HEADER_BYTES} bytes")
+    return raw
+
+
+def _shard_name_problem(file: object) -> str | None:
+    """Why an index entry cannot name a shard: only relative paths inside the model folder are read,
+    never an absolute path or one climbing out with '..' (an index may come from anyone)."""
+    if not isinstance(file, str) or not file:
+        return "is not a file name"
+    if "\0" in file or Path(file).is_absolute() or ".." in Path(file).parts:
+        return "is not a file inside the model folder"
+    return None
 
 
 class SafetensorsFolder(CheckpointReader):
@@ -86,17 +110,24 @@ class SafetensorsFolder(CheckpointReader):
 
     def _open_index(self, index: Path) -> None:
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = loads_json(_read_small(index))["weight_map"]
             if not isinstance(weight_map, dict):
                 raise TypeError("weight_map is not an object")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{index} is not a valid safetensors index ({exc}).") from exc
         by_file: dict[str, set[str]] = {}
         for name, file in weight_map.items():
-            by_file.setdefault(str(file), set()).add(name)
+            problem = _shard_name_problem(file)
+            if problem:
+                raise CheckpointError(f"{index} places tensor '{name}' in {json.dumps(file)}, which {problem}.")
+            by_file.setdefault(file, set()).add(name)
         for file, names in by_file.items():
             shard = self.path / file
-            if not shard.is_file():
+            try:
+                present = shard.is_file()
+            except OSError:  # a name the file system refuses (too long): no such shard either
+                present = False
+            if not present:
                 raise CheckpointError(f"{index} lists shard '{file}', which is missing from {self.path}.")
             st = self._open(shard)
             missing = sorted(names - set(st.tensors))
