@@ -283,10 +283,10 @@ def _merge_runtime(device: str) -> Iterator[None]:
             gc.enable()
 
 
-def _finish_folder(plan: MergePlan, partial: Path, recipe_yaml: str, title: str, warn: Callable[[str], None]) -> list[Path]:
+def _finish_folder(plan: MergePlan, partial: Path, recipe_yaml: str, title: str, warn: Callable[[str], None]) -> None:
     """Sidecar files, the resolved recipe and the model card."""
     out_dtype = next((t.out_dtype for t in plan.tensors if t.merge), None)
-    written = copy_config(plan.reference.path, partial, torch_name(out_dtype) if out_dtype else None, plan.reference.reader.config())
+    copy_config(plan.reference.path, partial, torch_name(out_dtype) if out_dtype else None, plan.reference.reader.config())
     source = plan.recipe.output.copy_tokenizer_from
     model = None  # the input the tokenizer comes from, if it is one
     if source is None or source == "base":
@@ -299,16 +299,13 @@ def _finish_folder(plan: MergePlan, partial: Path, recipe_yaml: str, title: str,
     tokenizer_from = model.path if model is not None else Path(str(source))
     if not tokenizer_from.exists():
         raise RecipeError(f"output.copy_tokenizer_from: {source} does not exist.")
-    copied = copy_tokenizer(tokenizer_from, partial)
-    if not copied and model is not None:
+    if not copy_tokenizer(tokenizer_from, partial) and model is not None:
         try:
-            copied = model.reader.embedded_tokenizer(partial)
+            model.reader.embedded_tokenizer(partial)
         except CheckpointError as exc:  # the weights are the result: keep them, say what is missing
             warn(f"{exc} The output has no tokenizer; name a folder with tokenizer files in output.copy_tokenizer_from.")
-    written += copied
     (partial / RECIPE_FILE).write_text(recipe_yaml)
     (partial / "README.md").write_text(card_text(plan, recipe_yaml, title))
-    return [partial / name for name in written] + [partial / RECIPE_FILE, partial / "README.md"]
 
 
 def _open_manifest(plan: MergePlan, device: str, resume: bool) -> Manifest:
