@@ -257,6 +257,17 @@ def run(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_
 
 
 @main.command()
+@click.argument("recipe", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@handle_errors
+def tui(recipe: Path | None) -> None:
+    """Compose, inspect, run and publish a merge in the terminal (opens RECIPE if given; a new path is
+    where the composed recipe is saved)."""
+    from workbench.tui import run_tui
+
+    run_tui(recipe)
+
+
+@main.command()
 @click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @handle_errors
 def verify(folder: Path) -> None:

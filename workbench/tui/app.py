@@ -1,0 +1,70 @@
+"""The Textual app: six screens (one module each, switched with F2-F7) over one recipe state.
+
+Run it with ``workbench tui [RECIPE]``; tests build it with :func:`make_app`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual.app import App
+from textual.binding import Binding
+
+from workbench.registry import Registry, get_registry
+from workbench.tui.help_screen import HelpScreen
+from workbench.tui.layers_screen import LayersScreen
+from workbench.tui.method_screen import MethodScreen
+from workbench.tui.models_screen import ModelsScreen
+from workbench.tui.publish_screen import PublishScreen
+from workbench.tui.recipe_screen import RecipeScreen
+from workbench.tui.run_screen import RunScreen
+from workbench.tui.state import RecipeState
+
+
+class WorkbenchApp(App[None]):
+    """Compose, inspect, run and publish a merge."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "Merge Workbench"
+    MODES = {
+        "models": ModelsScreen,
+        "method": MethodScreen,
+        "layers": LayersScreen,
+        "recipe": RecipeScreen,
+        "run": RunScreen,
+        "publish": PublishScreen,
+    }
+    BINDINGS = [
+        Binding("f1", "help", "Help"),
+        Binding("f2", "switch_mode('models')", "Models"),
+        Binding("f3", "switch_mode('method')", "Method"),
+        Binding("f4", "switch_mode('layers')", "Layers"),
+        Binding("f5", "switch_mode('recipe')", "Recipe"),
+        Binding("f6", "switch_mode('run')", "Run"),
+        Binding("f7", "switch_mode('publish')", "Publish"),
+        Binding("ctrl+q", "quit", "Quit"),
+    ]
+
+    def __init__(self, state: RecipeState | None = None, registry: Registry | None = None) -> None:
+        super().__init__()
+        self.state = state if state is not None else RecipeState()
+        self.registry = registry if registry is not None else get_registry()
+
+    def on_mount(self) -> None:
+        self.switch_mode("models")
+
+    def action_help(self) -> None:
+        """Show the keys over the current screen."""
+        self.push_screen(HelpScreen())
+
+
+def make_app(recipe: Path | None = None, registry: Registry | None = None) -> WorkbenchApp:
+    """The app on ``recipe`` (opened and checked first; a path that does not exist yet starts an
+    empty composition that will be saved there), or on an empty composition."""
+    if recipe is None:
+        state = RecipeState()
+    elif recipe.exists():
+        state = RecipeState.open(recipe)
+    else:
+        state = RecipeState(path=recipe)
+    return WorkbenchApp(state, registry)

@@ -1,0 +1,60 @@
+"""What every screen of the app shares: the header, the footer with the keys, access to the recipe
+state and the registry, and a refresh when the screen is shown again (another screen may have
+changed the recipe meanwhile)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from textual.app import ComposeResult
+from textual.screen import Screen
+from textual.widget import Widget
+from textual.widgets import Footer, Header
+
+if TYPE_CHECKING:
+    from workbench.registry import Registry
+    from workbench.tui.app import WorkbenchApp
+    from workbench.tui.state import RecipeState
+
+
+class WorkbenchScreen(Screen[None]):
+    """A screen of the app; subclasses yield their body from ``compose_body`` and show the state in
+    ``refresh_from_state``."""
+
+    #: The screen's title in the header (e.g. "Models").
+    TITLE = ""
+
+    @property
+    def workbench(self) -> "WorkbenchApp":
+        from workbench.tui.app import WorkbenchApp
+
+        assert isinstance(self.app, WorkbenchApp)
+        return self.app
+
+    @property
+    def state(self) -> "RecipeState":
+        return self.workbench.state
+
+    @property
+    def registry(self) -> "Registry":
+        return self.workbench.registry
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield from self.compose_body()
+        yield Footer()
+
+    def compose_body(self) -> Iterable[Widget]:
+        """The screen's own widgets."""
+        return ()
+
+    def on_mount(self) -> None:
+        self.sub_title = self.TITLE
+        self.refresh_from_state()
+
+    def on_screen_resume(self) -> None:
+        self.refresh_from_state()
+
+    def refresh_from_state(self) -> None:
+        """Show what the recipe state holds now."""

@@ -1,0 +1,9 @@
+"""The Models screen (placeholder until it is built)."""
+
+from __future__ import annotations
+
+from workbench.tui.base import WorkbenchScreen
+
+
+class ModelsScreen(WorkbenchScreen):
+    TITLE = "Models"

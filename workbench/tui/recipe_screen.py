@@ -1,0 +1,9 @@
+"""The Recipe screen (placeholder until it is built)."""
+
+from __future__ import annotations
+
+from workbench.tui.base import WorkbenchScreen
+
+
+class RecipeScreen(WorkbenchScreen):
+    TITLE = "Recipe"
