@@ -7,6 +7,7 @@ turns it into a ``Recipe`` with the same checks and messages as ``workbench vali
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +53,15 @@ class RecipeState:
         return recipe
 
     def save(self, path: Path) -> None:
-        """Write the YAML (validated first: a saved recipe always loads)."""
+        """Write the YAML (validated first: a saved recipe always loads), beside the target first and
+        renamed onto it, so a failed save never leaves half a recipe where the old one was."""
         self.validate()
+        scratch = path.with_name(f".{path.name}.saving")
         try:
-            path.write_text(self.to_yaml())
+            scratch.write_text(self.to_yaml())
+            os.replace(scratch, path)
         except OSError as exc:
+            scratch.unlink(missing_ok=True)
             raise RecipeError(f"cannot save the recipe to {path}: {exc.strerror}.") from exc
         self.path = path
 
