@@ -92,6 +92,20 @@ def language_weights(params: LayerSwapParameters, layers: int) -> list[float]:
     )
 
 
+def swap_parameters(params: dict[str, Any], weights: Sequence[float]) -> dict[str, Any]:
+    """``params`` rewritten to give ``weights`` (the language weight per layer): bottom/top when the
+    map is the paper's plain shape (language outside, task inside), else an explicit layer_map.
+    Options that are not about the layer map (``non_layer``) are kept."""
+    layout_keys = ("bottom", "top", "transition_bottom", "transition_top", "transition_weight", "layer_map")
+    kept = {k: v for k, v in params.items() if k not in layout_keys}
+    bottom = next((i for i, w in enumerate(weights) if w != 1.0), len(weights))
+    top = next((i for i, w in enumerate(reversed(weights[bottom:])) if w != 1.0), len(weights) - bottom)
+    if all(w == 0.0 for w in weights[bottom : len(weights) - top]):
+        return {**kept, "bottom": bottom, "top": top}
+    entries: list[Role | float] = ["language" if w == 1.0 else "task" if w == 0.0 else float(w) for w in weights]
+    return {**kept, "layer_map": entries}
+
+
 def roles(model_params: list[dict[str, Any]]) -> tuple[int, int]:
     """(index of the task expert, index of the language expert) among the two models."""
     given = [p.get("role") for p in model_params]
@@ -138,6 +152,16 @@ class LayerSwap(MergeMethod):
         except ValidationError as exc:
             raise RecipeError(f"layer_swap: {exc.errors()[0]['msg'].removeprefix('Value error, ')}.") from None
         return language_weights(checked, layers), task, language
+
+    @classmethod
+    def layer_layout(cls, params: dict[str, Any], model_params: Sequence[dict[str, Any]], layers: int) -> tuple[list[float], int, int]:
+        """The layout the merge will use (for the TUI's layer map, so it never re-derives it)."""
+        return cls._layout(params, model_params, layers)
+
+    @staticmethod
+    def with_layout(params: dict[str, Any], weights: Sequence[float]) -> dict[str, Any]:
+        """``params`` rewritten to give ``weights`` (an edited layer map), in this method's own format."""
+        return swap_parameters(params, weights)
 
     def apply(self, tensors: list["torch.Tensor"], base: "torch.Tensor | None", params: LayerSwapParameters, model_params: list[LayerSwapModelParameters], ctx: TensorContext) -> "torch.Tensor":  # type: ignore[override]
         weights, task, language = ctx.state

@@ -34,14 +34,15 @@ class WorkbenchApp(App[None]):
         "run": RunScreen,
         "publish": PublishScreen,
     }
+    # priority: the screen keys work from any field (the recipe editor has its own F6/F7)
     BINDINGS = [
-        Binding("f1", "help", "Help"),
-        Binding("f2", "switch_mode('models')", "Models"),
-        Binding("f3", "switch_mode('method')", "Method"),
-        Binding("f4", "switch_mode('layers')", "Layers"),
-        Binding("f5", "switch_mode('recipe')", "Recipe"),
-        Binding("f6", "switch_mode('run')", "Run"),
-        Binding("f7", "switch_mode('publish')", "Publish"),
+        Binding("f1", "help", "Help", priority=True),
+        Binding("f2", "switch_mode('models')", "Models", priority=True),
+        Binding("f3", "switch_mode('method')", "Method", priority=True),
+        Binding("f4", "switch_mode('layers')", "Layers", priority=True),
+        Binding("f5", "switch_mode('recipe')", "Recipe", priority=True),
+        Binding("f6", "switch_mode('run')", "Run", priority=True),
+        Binding("f7", "switch_mode('publish')", "Publish", priority=True),
         Binding("ctrl+q", "quit", "Quit"),
     ]
 
@@ -54,8 +55,11 @@ class WorkbenchApp(App[None]):
         self.switch_mode("models")
 
     def action_help(self) -> None:
-        """Show the keys over the current screen."""
-        self.push_screen(HelpScreen())
+        """Show the keys over the current screen, or close them again."""
+        if isinstance(self.screen, HelpScreen):
+            self.screen.dismiss()
+        else:
+            self.push_screen(HelpScreen())
 
 
 def make_app(recipe: Path | None = None, registry: Registry | None = None) -> WorkbenchApp:

@@ -22,8 +22,8 @@ class WorkbenchScreen(Screen[None]):
     """A screen of the app; subclasses yield their body from ``compose_body`` and show the state in
     ``refresh_from_state``."""
 
-    #: The screen's title in the header (e.g. "Models").
-    TITLE = ""
+    #: The screen's name, shown in the header after the app's title (e.g. "Models").
+    SUB_TITLE: str | None = None
 
     @property
     def workbench(self) -> "WorkbenchApp":
@@ -50,7 +50,6 @@ class WorkbenchScreen(Screen[None]):
         return ()
 
     def on_mount(self) -> None:
-        self.sub_title = self.TITLE
         self.refresh_from_state()
 
     def on_screen_resume(self) -> None:

@@ -73,7 +73,10 @@ class RecipeState:
 
     @property
     def models(self) -> list[dict[str, Any]]:
-        """Model entries as ``{model: REF, parameters: {...}}``, normalised in place."""
+        """Model entries as ``{model: REF, parameters: {...}}``, normalised in place (none for a
+        recipe of slices, which must not gain an empty ``models``)."""
+        if "models" not in self.data and self.data.get("slices"):
+            return []
         entries = self.data.setdefault("models", [])
         for i, entry in enumerate(entries):
             if isinstance(entry, str):
