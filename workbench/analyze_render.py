@@ -41,7 +41,7 @@ def format_value(stat: str, value: float) -> str:
     return f"{value:.2e}" if stat == "mean_abs" else f"{value:.2%}"
 
 
-def _cell_text(stat: str, value: float) -> str:
+def cell_text(stat: str, value: float) -> str:
     """Narrow enough for a dozen columns in 80 characters: the unit is in the table title."""
     return f"{value:.1e}" if stat == "mean_abs" else f"{100 * value:.1f}"
 
@@ -52,7 +52,7 @@ def scale_max(analysis: Analysis, stat: str) -> float:
     return max((v for v in values if math.isfinite(v)), default=0.0)
 
 
-def _shade(fraction: float) -> str:
+def shade(fraction: float) -> str:
     """Background colour at ``fraction`` (0..1) of the palette, with a readable foreground."""
     position = min(max(fraction, 0.0), 1.0) * (len(_PALETTE) - 1)
     low = min(int(position), len(_PALETTE) - 2)
@@ -91,8 +91,8 @@ def grid_tables(grids: Sequence[HeatGrid], layers: int, columns: Sequence[str], 
             cells: list[Text] = []
             for column in columns:
                 value = grid.cells.get((layer, column))
-                shade = _shade((value - low) / span if span > 0 else 0.0) if value is not None else ""
-                cells.append(Text("-") if value is None else Text(text(value), style=shade))
+                style = shade((value - low) / span if span > 0 else 0.0) if value is not None else ""
+                cells.append(Text("-") if value is None else Text(text(value), style=style))
             if grid.totals is not None:
                 cells.append(Text(text(grid.totals[layer]), style="bold"))
             table.add_row(str(layer), *cells)
@@ -111,7 +111,7 @@ def heatmap_tables(analysis: Analysis, stat: str) -> list[Table]:
         )
         for model in analysis.models
     ]
-    return grid_tables(grids, analysis.layer_count, analysis.modules, lambda value: _cell_text(stat, value), 0.0, scale_max(analysis, stat))
+    return grid_tables(grids, analysis.layer_count, analysis.modules, lambda value: cell_text(stat, value), 0.0, scale_max(analysis, stat))
 
 
 def top_set_lines(analysis: Analysis) -> list[Text]:

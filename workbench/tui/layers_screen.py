@@ -21,7 +21,7 @@ from textual.widgets import DataTable, Label, Static
 from textual.worker import get_current_worker
 
 from workbench.analyze import Analysis, analyze
-from workbench.analyze_render import _cell_text, _shade, scale_max, stat_label
+from workbench.analyze_render import cell_text, shade, scale_max, stat_label
 from workbench.errors import WorkbenchError
 from workbench.tui.base import WorkbenchScreen
 from workbench.tui.layer_map import LayerMap, build_map
@@ -149,7 +149,7 @@ class LayersScreen(WorkbenchScreen):
             totals = model.layer_totals(analysis.layer_count)
             for layer in range(analysis.layer_count):
                 cells = [self._cell(analysis.value(model, layer, module, STAT), high) for module in analysis.modules]
-                total = Text(_cell_text(STAT, totals[layer].relative), style="bold")
+                total = Text(cell_text(STAT, totals[layer].relative), style="bold")
                 table.add_row(str(layer), *cells, total, key=str(layer))
             tables += [Label(model.ref, classes="heatmap-title"), table]
         self.query_one("#heatmaps", VerticalScroll).mount_all(tables)
@@ -160,4 +160,4 @@ class LayersScreen(WorkbenchScreen):
         if value is None:
             return Text("")
         fraction = value / high if high > 0 and math.isfinite(value) else 1.0 if value > 0 else 0.0
-        return Text(_cell_text(STAT, value), style=_shade(fraction))
+        return Text(cell_text(STAT, value), style=shade(fraction))
