@@ -6,8 +6,6 @@ test_tui_run_publish.py.)"""
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +19,11 @@ from workbench.cli import main
 from workbench.recipe import load_recipe
 from workbench.registry import load_registry
 from workbench.tui.app import WorkbenchApp, make_app
+from tui_helpers import settle, until
 
 
-async def until(pilot: Pilot[Any], done: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert time.monotonic() < deadline, "timed out waiting for the screen"
-        await pilot.pause(0.05)
 
 
-async def settle(pilot: Pilot[Any]) -> None:
-    await pilot.app.workers.wait_for_complete()
-    await pilot.pause()
 
 
 async def type_into(pilot: Pilot[Any], selector: str, text: str) -> None:

@@ -26,6 +26,7 @@ from workbench.recipe import load_recipe, parse_recipe
 from workbench.registry import Registry
 from workbench.tui.app import WorkbenchApp, make_app
 from workbench.tui.state import recipe_data
+from tui_helpers import settle
 
 SIZE = (120, 40)
 LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn\.|mlp\.)?(.+?)(?:\.weight|\.bias)?$")
@@ -50,12 +51,6 @@ def column(table: DataTable, index: int) -> list[str]:
     return [str(table.get_row_at(row)[index]) for row in range(table.row_count)]
 
 
-async def settle(pilot: Pilot) -> None:
-    """Let the thread workers (layer map, heatmap, check) finish and their results be shown."""
-    await pilot.app.workers.wait_for_complete()
-    await pilot.pause()
-    await pilot.app.workers.wait_for_complete()
-    await pilot.pause()
 
 
 def message(app: WorkbenchApp) -> tuple[str, set[str]]:

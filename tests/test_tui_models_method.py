@@ -19,6 +19,7 @@ from textual.widgets import DataTable, Input, Select, Static, Switch
 from workbench.registry import Registry, load_registry
 from workbench.tui.app import WorkbenchApp, make_app
 from workbench.tui.models_screen import ModelsScreen
+from tui_helpers import settle
 
 SIZE = (120, 40)
 
@@ -42,11 +43,6 @@ def builtin_registry() -> Registry:
     return load_registry()
 
 
-async def settle(pilot: Pilot[None]) -> None:
-    """Let the model-opening and form-building workers finish and the screen catch up."""
-    await pilot.pause()
-    await pilot.app.workers.wait_for_complete()
-    await pilot.pause()
 
 
 async def add_models(pilot: Pilot[None], *refs: str) -> None:

@@ -9,7 +9,6 @@ import asyncio
 import importlib
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from textual.widgets import Input, Log, ProgressBar, Static, Switch
 from workbench.cli import main
 from workbench.registry import load_registry
 from workbench.tui.app import WorkbenchApp, make_app
+from tui_helpers import until
 
 WIDE = {"COLUMNS": "1000"}
 SIZE = (120, 40)
@@ -73,11 +73,6 @@ def log_lines(app: WorkbenchApp) -> list[str]:
     return list(app.screen.query_one("#run-log", Log).lines)
 
 
-async def until(pilot: Pilot[Any], done: Callable[[], bool], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not done():
-        assert time.monotonic() < deadline, "timed out waiting for the screen"
-        await pilot.pause(0.05)
 
 
 async def run_and_wait(pilot: Pilot[Any]) -> None:
