@@ -46,7 +46,7 @@ def test_workbench_disable_plugins_blocks_one(monkeypatch: pytest.MonkeyPatch) -
     registry = load_registry()
     assert set(registry.methods) == BUILTIN_METHODS - {"slerp"}
     assert "slerp" not in {p.name for p in registry.plugins}
-    assert set(registry.formats) == {"safetensors", "torch_bin", "gguf"} and set(registry.executors) == {"local"}
+    assert set(registry.formats) == {"safetensors", "torch_bin", "gguf"} and set(registry.executors) == {"local", "ray"}
 
 
 def test_plugin_lists_accept_package_names(make_plugin: MakePlugin, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -213,21 +213,25 @@ def plan_command(recipe: Path, out: Path | None, overwrite: bool, dtype: str | N
 @_recipe_options
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option("--executor", default="local", show_default=True, help="Where shard jobs run (see registered executors).")
+@click.option("--address", help="The cluster of a remote executor (e.g. ray: host:port); default: start a local one.")
 @click.option("--prefetch", default=2, show_default=True, type=click.IntRange(1, 64), help="Work units read ahead of the computation.")
 @click.option("--stats-json", type=click.Path(path_type=Path), help="Write timings and sizes of the run to this file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
 @click.option("--resume", is_flag=True, help="Continue a stopped run of the same recipe: keep the output files it finished.")
 @handle_errors
-def run(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None, memory_limit: str | None, device: str, executor: str, prefetch: int, stats_json: Path | None, quiet: bool, resume: bool) -> None:
+def run(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None, memory_limit: str | None, device: str, executor: str, address: str | None, prefetch: int, stats_json: Path | None, quiet: bool, resume: bool) -> None:
     """Run a recipe (native or mergekit YAML) headless."""
     from workbench.engine import execute
     from workbench.progress import RichProgress
 
     registry, plan = _plan(recipe, out, overwrite, dtype, out_dtype, shard_size, memory_limit)
     try:
+        if address and not registry.executor(executor).remote:
+            raise click.UsageError(f"--address names a cluster, but the '{executor}' executor runs in this process; use --executor ray.")
         _warn(plan.warnings)
         progress = RichProgress(enabled=False if quiet else None)
-        result = execute(plan, registry, device=device, executor=executor, prefetch=prefetch, on_progress=progress, resume=resume)
+        result = execute(plan, registry, device=device, executor=executor, prefetch=prefetch, on_progress=progress, resume=resume,
+                         executor_options={"address": address} if address else None)
     finally:
         plan.close()
     _warn([w for w in result.warnings if w not in plan.warnings])
@@ -489,10 +493,12 @@ def zoo_report(directories: tuple[Path, ...], out_file: Path, n: int, seed: int,
 from workbench.cli_analyze import analyze  # noqa: E402  (its commands use the helpers above)
 from workbench.cli_hub import push  # noqa: E402
 from workbench.cli_lora import lora  # noqa: E402
+from workbench.cli_sweep import sweep  # noqa: E402
 
 main.add_command(analyze)
 main.add_command(push)
 main.add_command(lora)
+main.add_command(sweep)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -343,13 +343,34 @@ def _stopped(what: str, plan: MergePlan, manifest: Manifest) -> str:
     )
 
 
-def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executor: str = "local", prefetch: int = 2, on_progress: ProgressCallback | None = None, resume: bool = False) -> RunResult:
-    """Run a plan whose output path has been checked; with ``resume``, continue a stopped run."""
+def prepare_state(plan: MergePlan, registry: Registry, method: MergeMethod, device: str, note: Callable[[str], None]) -> Any:
+    """The method's global state (``prepare``): shared by the driver and remote shard tasks, which
+    must both derive it from the same plan."""
+    return method.prepare(
+        PrepareContext(models=[m.reader for m in plan.models], base=plan.base.reader if plan.base else None,
+                       params=plan.params, model_params=[m.parameters for m in plan.models],
+                       tensor_names=[t.name for t in plan.tensors], device=device, seed=plan.recipe.seed,
+                       compute_dtype=to_torch(plan.compute_dtype),
+                       extra={"registry": registry, "note": note,
+                              "model_refs": [m.ref for m in plan.models], "base_ref": plan.base.ref if plan.base else None})
+    )
+
+
+def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executor: str = "local", prefetch: int = 2, on_progress: ProgressCallback | None = None, resume: bool = False, executor_options: dict[str, Any] | None = None) -> RunResult:
+    """Run a plan whose output path has been checked; with ``resume``, continue a stopped run.
+
+    ``executor_options`` go to the executor's constructor (e.g. a Ray cluster's ``address``).
+    """
     if plan.out_dir is None:
         raise OutputError("the recipe has no output.path; give one with --out DIR.")
     out_dir = plan.out_dir
     device = resolve_device(device)
-    executor_impl = registry.executor(executor)()
+    executor_impl = registry.executor(executor)(**(executor_options or {}))
+    resolved = plan.recipe.model_copy(update={"output": plan.recipe.output.model_copy(update={"path": str(out_dir)})})
+    if executor_impl.remote:
+        from workbench.shard_task import check_remote
+
+        check_remote(plan, executor)
     ensure_local(m.reader for m in plan.inputs)  # Hub inputs planned from headers: download them before starting
     manifest = _open_manifest(plan, device, resume)
     partial = manifest.directory
@@ -358,21 +379,19 @@ def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executo
     start = time.perf_counter()
     try:
         method = plan.method()
-        state = method.prepare(
-            PrepareContext(models=[m.reader for m in plan.models], base=plan.base.reader if plan.base else None,
-                           params=plan.params, model_params=[m.parameters for m in plan.models],
-                           tensor_names=[t.name for t in plan.tensors], device=device, seed=plan.recipe.seed,
-                           compute_dtype=to_torch(plan.compute_dtype),
-                           extra={"registry": registry, "note": lambda text: progress.emit("note", note=text),
-                                  "model_refs": [m.ref for m in plan.models], "base_ref": plan.base.ref if plan.base else None})
-        )
+        state = prepare_state(plan, registry, method, device, lambda text: progress.emit("note", note=text))
         runner = _TensorRunner(plan, method, state, device, prefetch, progress)
         progress.emit("start")
-        with _merge_runtime(device):
-            executor_impl.run(todo, lambda f: runner.write_file(partial, f, manifest))
+        if executor_impl.remote:  # the closure below cannot leave this process: send a picklable task
+            from workbench.shard_task import ShardTask, record_shards
+
+            task = ShardTask(resolved.to_yaml(), str(out_dir), str(partial), device, prefetch, os.getcwd())
+            record_shards(plan, todo, executor_impl.run(todo, task), manifest, runner, progress)
+        else:
+            with _merge_runtime(device):
+                executor_impl.run(todo, lambda f: runner.write_file(partial, f, manifest))
         plan.output_format.finish_output(partial, plan.files)
         method.write_extras(state, partial)
-        resolved = plan.recipe.model_copy(update={"output": plan.recipe.output.model_copy(update={"path": str(out_dir)})})
         _finish_folder(plan, partial, resolved.to_yaml(), out_dir.name, lambda message: runner.warn("tokenizer", message))
         for path in sorted(partial.rglob("*")):
             if path.is_file() and path.name not in (PARTIAL_MARKER, MANIFEST_FILE) and path.relative_to(partial).as_posix() not in manifest.files:
@@ -412,7 +431,7 @@ def _discard_unless_resumable(plan: MergePlan, manifest: Manifest) -> None:
         shutil.rmtree(manifest.directory, ignore_errors=True)
 
 
-def run_recipe(recipe: Recipe | str | Path, *, out: str | Path | None = None, overwrite: bool = False, device: str = "cpu", executor: str = "local", prefetch: int = 2, on_progress: ProgressCallback | None = None, registry: Registry | None = None, resume: bool = False) -> RunResult:
+def run_recipe(recipe: Recipe | str | Path, *, out: str | Path | None = None, overwrite: bool = False, device: str = "cpu", executor: str = "local", prefetch: int = 2, on_progress: ProgressCallback | None = None, registry: Registry | None = None, resume: bool = False, executor_options: dict[str, Any] | None = None) -> RunResult:
     """Load (if needed), plan and run a recipe; the Python API behind ``workbench run``."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
@@ -420,7 +439,7 @@ def run_recipe(recipe: Recipe | str | Path, *, out: str | Path | None = None, ov
     require_plugins(registry)
     plan = build_plan(recipe, registry, out=out, overwrite=overwrite)
     try:
-        result = execute(plan, registry, device=device, executor=executor, prefetch=prefetch, on_progress=on_progress, resume=resume)
+        result = execute(plan, registry, device=device, executor=executor, prefetch=prefetch, on_progress=on_progress, resume=resume, executor_options=executor_options)
     finally:
         plan.close()
     if recipe.evaluators:

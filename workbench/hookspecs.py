@@ -50,7 +50,9 @@ def register_executors(register: Register) -> None:
 
     Call ``register(executor_cls)`` with a subclass of :class:`workbench.executor.Executor`. The
     engine hands an executor a list of independent shard jobs and a function that runs one; the
-    executor returns their results in order (threads locally, a cluster elsewhere).
+    executor returns their results in order (threads locally, a cluster elsewhere). An executor
+    that runs jobs in other processes sets ``remote = True`` and receives a picklable
+    :class:`workbench.shard_task.ShardTask` per run instead of an in-process closure.
     """
 
 

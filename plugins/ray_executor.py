@@ -1,0 +1,97 @@
+"""The ``ray`` executor: each output file of a merge is a Ray task, on a cluster or a local instance.
+
+Ray is an optional extra (``merge-workbench[ray]``): it is imported only when this executor runs.
+A task whose worker process dies (killed, out of memory, node lost) is retried by Ray up to
+``max_retries`` times; an error raised by the merge itself is not retried, since it would only
+fail again, and reaches the user as the original message.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from workbench import hookimpl
+from workbench.errors import WorkbenchError
+from workbench.executor import Executor
+
+Job = TypeVar("Job")
+Result = TypeVar("Result")
+
+#: Retries of a task whose worker died; Ray's own default for tasks.
+MAX_RETRIES = 3
+#: The object store of a local instance: tasks exchange only small results, so keep it small.
+OBJECT_STORE_BYTES = 256 * 1024 * 1024
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise WorkbenchError(
+            f"the 'ray' executor needs Ray, which is not installed ({exc}); install merge-workbench[ray]."
+        ) from None
+    return ray
+
+
+class RayExecutor(Executor):
+    """Options: ``address`` (a running cluster; default: start a local instance), ``num_cpus`` (of a
+    local instance; default: the CPU count), ``max_retries``, ``runtime_env`` (for the tasks)."""
+
+    name = "ray"
+    summary = "Run each output file as a Ray task (a cluster with --address, else a local instance)."
+    remote = True
+
+    def run(self, jobs: Sequence[Job], run_job: Callable[[Job], Result]) -> list[Result]:
+        if not jobs:
+            return []
+        ray = _import_ray()
+        started = self._connect(ray)
+        try:
+            task = ray.remote(max_retries=int(self.options.get("max_retries", MAX_RETRIES)), retry_exceptions=False)(_call)
+            options = {"runtime_env": self.options["runtime_env"]} if self.options.get("runtime_env") else {}
+            job_fn = ray.put(run_job)
+            refs = [task.options(**options).remote(job_fn, job) for job in jobs]
+            return self._gather(ray, refs)
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _connect(self, ray: Any) -> bool:
+        """Use an already initialised Ray as it is; else connect or start one. True if started here."""
+        if ray.is_initialized():
+            return False
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # 2.60 turns on token auth by default
+        address = self.options.get("address")
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=int(self.options.get("num_cpus") or os.cpu_count() or 1), include_dashboard=False,
+                     object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False)
+        return True
+
+    @staticmethod
+    def _gather(ray: Any, refs: list[Any]) -> list[Any]:
+        """Results in job order. On the first failure, cancel the other tasks and wait for them, so
+        nothing writes into the output folder after the engine removes it, then raise the cause."""
+        try:
+            return list(ray.get(refs))
+        except BaseException as exc:
+            for ref in refs:
+                ray.cancel(ref)
+            ray.wait(refs, num_returns=len(refs), timeout=60)
+            cause = getattr(exc, "cause", None)
+            if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(cause, BaseException):
+                raise cause from None
+            raise
+
+
+def _call(run_job: Callable[[Any], Any], job: Any) -> Any:
+    """The Ray task: one job in a worker process."""
+    return run_job(job)
+
+
+@hookimpl
+def register_executors(register: Callable[[type[Executor]], None]) -> None:
+    register(RayExecutor)
