@@ -9,7 +9,8 @@ fail again, and reaches the user as the original message.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from workbench import hookimpl
@@ -25,7 +26,8 @@ MAX_RETRIES = 3
 OBJECT_STORE_BYTES = 256 * 1024 * 1024
 
 
-def _import_ray() -> Any:
+def import_ray() -> Any:
+    """The ``ray`` module, or an error naming the extra to install (checked before any work starts)."""
     try:
         import ray
     except ImportError as exc:
@@ -33,6 +35,37 @@ def _import_ray() -> Any:
             f"the 'ray' executor needs Ray, which is not installed ({exc}); install merge-workbench[ray]."
         ) from None
     return ray
+
+
+@contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[Any]:
+    """The ``ray`` module, initialised for the block and shared by merges and sweeps.
+
+    An already initialised Ray (a caller's ``ray.init``) is used as it is and left running; else
+    this connects to ``address`` or starts a small local instance, and shuts it down afterwards.
+    """
+    ray = import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # 2.60 turns on token auth by default
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(num_cpus=int(num_cpus or os.cpu_count() or 1), include_dashboard=False,
+                 object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def task_cause(ray: Any, exc: BaseException) -> BaseException:
+    """The exception a task raised, out of Ray's ``RayTaskError`` wrapper (other errors as they are)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(cause, BaseException):
+        return cause
+    return exc
 
 
 class RayExecutor(Executor):
@@ -46,30 +79,13 @@ class RayExecutor(Executor):
     def run(self, jobs: Sequence[Job], run_job: Callable[[Job], Result]) -> list[Result]:
         if not jobs:
             return []
-        ray = _import_ray()
-        started = self._connect(ray)
-        try:
+        num_cpus = self.options.get("num_cpus")
+        with ray_session(self.options.get("address"), int(num_cpus) if num_cpus else None) as ray:
             task = ray.remote(max_retries=int(self.options.get("max_retries", MAX_RETRIES)), retry_exceptions=False)(_call)
             options = {"runtime_env": self.options["runtime_env"]} if self.options.get("runtime_env") else {}
             job_fn = ray.put(run_job)
             refs = [task.options(**options).remote(job_fn, job) for job in jobs]
             return self._gather(ray, refs)
-        finally:
-            if started:
-                ray.shutdown()
-
-    def _connect(self, ray: Any) -> bool:
-        """Use an already initialised Ray as it is; else connect or start one. True if started here."""
-        if ray.is_initialized():
-            return False
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # 2.60 turns on token auth by default
-        address = self.options.get("address")
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=int(self.options.get("num_cpus") or os.cpu_count() or 1), include_dashboard=False,
-                     object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False)
-        return True
 
     @staticmethod
     def _gather(ray: Any, refs: list[Any]) -> list[Any]:
@@ -81,8 +97,8 @@ class RayExecutor(Executor):
             for ref in refs:
                 ray.cancel(ref)
             ray.wait(refs, num_returns=len(refs), timeout=60)
-            cause = getattr(exc, "cause", None)
-            if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(cause, BaseException):
+            cause = task_cause(ray, exc)
+            if cause is not exc:
                 raise cause from None
             raise
 

@@ -21,10 +21,12 @@ from workbench.cli import _console, _escape, _registry, handle_errors
 @click.option("--budget", type=click.IntRange(min=1), default=None, help="Most candidates (random: how many to sample).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random search.")
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True, help="Candidates run at once, one process each.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True, help="Where candidates run: here (--jobs processes) or as Ray tasks.")
+@click.option("--address", default=None, help="Ray cluster to run on (HOST:PORT or auto; default: a local instance). Needs --executor ray.")
 @click.option("--out", "out", type=click.Path(path_type=Path), required=True, help="Sweep folder: results, best.yaml, candidates/ (rerun to resume).")
 @click.option("--keep-outputs", is_flag=True, help="Keep every candidate's merged model (default: only the best one's).")
 @handle_errors
-def sweep(recipe: Path, sets: tuple[str, ...], names: tuple[str, ...], options: tuple[str, ...], metric: str | None, search: str, budget: int | None, seed: int, jobs: int, out: Path, keep_outputs: bool) -> None:
+def sweep(recipe: Path, sets: tuple[str, ...], names: tuple[str, ...], options: tuple[str, ...], metric: str | None, search: str, budget: int | None, seed: int, jobs: int, executor: str, address: str | None, out: Path, keep_outputs: bool) -> None:
     """Merge RECIPE once per combination of --set values, score each with the evaluators, and
     write results.json/results.csv and best.yaml to --out. Rerunning resumes."""
     from rich.table import Table
@@ -55,7 +57,8 @@ def sweep(recipe: Path, sets: tuple[str, ...], names: tuple[str, ...], options: 
         outcome = f"score {row.score:.6g}" if row.status == "ok" else f"[red]failed[/]: {_escape(row.error)}"
         err.print(f"[{done}/{total}] {row.id} {_escape(shown)}: {outcome}", markup=True)
 
-    result = run_sweep(base, settings, specs, out, registry, search=search, budget=budget, seed=seed, jobs=jobs, metric=metric, keep_outputs=keep_outputs, on_result=progress)
+    result = run_sweep(base, settings, specs, out, registry, search=search, budget=budget, seed=seed, jobs=jobs, metric=metric, keep_outputs=keep_outputs,
+                       executor=executor, address=address, on_result=progress)
     labels = [s.label for s in settings]
     direction = "lower is better" if result.lower_is_better else "higher is better"
     table = Table("#", "id", *labels, f"{result.metric or 'score'} ({direction})", "status", box=None, pad_edge=False)

@@ -6,8 +6,8 @@ grid), merges each into ``<sweep>/candidates/<id>/`` and scores it with evaluato
 candidate ``results.json`` and ``results.csv`` are rewritten atomically, so a killed sweep resumes
 where it stopped: candidates already scored are skipped, a finished merge is only re-scored.
 
-Candidates run through :func:`run_candidates`, the seam a distributed backend (Ray) plugs into: it
-takes picklable :class:`CandidateTask` objects and a top-level ``run_one`` function.
+Candidates run through :func:`workbench.sweep_backends.run_candidates`: here, in ``--jobs``
+processes, or as Ray tasks (``executor="ray"``); it takes picklable :class:`CandidateTask` objects.
 """
 
 from __future__ import annotations
@@ -21,10 +21,8 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,7 @@ from workbench.recipe import (
     parse_recipe,
 )
 from workbench.registry import Registry
+from workbench.sweep_backends import check_executor, run_candidates
 
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
@@ -277,33 +276,6 @@ def run_one(task: CandidateTask, registry: Registry | None = None, metric: str |
         return CandidateResult(task.id, task.settings, "failed", error=message, seconds=time.perf_counter() - start, merged=merged)
 
 
-def _run_in_worker(task: CandidateTask, metric: str | None) -> CandidateResult:
-    """Entry point of a worker process (top level, so it pickles); the worker loads its registry."""
-    return run_one(task, None, metric)
-
-
-def run_candidates(
-    tasks: list[CandidateTask], run: Callable[[CandidateTask], CandidateResult], jobs: int, metric: str | None = None
-) -> Iterator[CandidateResult]:
-    """Yield each candidate's result as it finishes: in order here with ``jobs == 1``, otherwise in
-    ``jobs`` spawned processes (a fresh interpreter each: torch and forked threads do not mix).
-
-    This is the seam for other backends: a Ray backend submits the same tasks remotely.
-    """
-    if jobs <= 1 or len(tasks) <= 1:
-        for task in tasks:
-            yield run(task)
-        return
-    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(_run_in_worker, task, metric): task for task in tasks}
-        for future in as_completed(futures):
-            task = futures[future]
-            try:
-                yield future.result()
-            except Exception as exc:  # the worker died (out of memory, killed)
-                yield CandidateResult(task.id, task.settings, "failed", error=f"worker process failed ({type(exc).__name__}: {exc})")
-
-
 # --------------------------------------------------------------------------------------------------
 # The sweep
 # --------------------------------------------------------------------------------------------------
@@ -386,6 +358,8 @@ def run_sweep(
     jobs: int = 1,
     metric: str | None = None,
     keep_outputs: bool = False,
+    executor: str = "local",
+    address: str | None = None,
     on_result: Callable[[CandidateResult, int, int], None] | None = None,
 ) -> SweepResult:
     """Run (or resume) a sweep in ``out``; see the module docstring. Paths and evaluators are
@@ -396,6 +370,7 @@ def run_sweep(
         raise RecipeError("a sweep needs at least one --set PATH=V1,V2,...")
     if not evaluators:
         raise RecipeError("a sweep needs at least one --evaluator to score the candidates by.")
+    check_executor(executor, address)
     labels = [s.label for s in settings]
     if len(set(labels)) != len(labels):
         raise RecipeError(f"--set names a path twice: {', '.join(sorted({l for l in labels if labels.count(l) > 1}))}.")
@@ -441,7 +416,7 @@ def run_sweep(
     def run_here(task: CandidateTask) -> CandidateResult:
         return run_one(task, registry, chosen)
 
-    for result in run_candidates(tasks, run_here, jobs, chosen):
+    for result in run_candidates(tasks, run_here, jobs, chosen, executor=executor, address=address):
         ran.append(result.id)
         if result.status == "ok" and metric is None:
             metric, _ = pick_score(result.metrics, None)
