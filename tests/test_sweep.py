@@ -165,7 +165,7 @@ def test_unknown_evaluator_and_cma_are_clear_errors(recipe_file: Path, probe_reg
     settings = [parse_setting("parameters.lambda=0.1,0.2")]
     with pytest.raises(Exception, match="tiny_prob"):
         run_sweep(load_recipe(recipe_file), settings, [EvaluatorSpec(name="tiny_prob")], tmp_path / "s", probe_registry)
-    with pytest.raises(RecipeError, match="cma"):
+    with pytest.raises(RecipeError, match="cma needs --budget"):
         run_sweep(load_recipe(recipe_file), settings, [EvaluatorSpec(name="tiny_probe")], tmp_path / "s", probe_registry, search="cma")
 
 
@@ -194,3 +194,86 @@ def test_parallel_jobs_give_the_same_scores(recipe_file: Path, probe_registry: R
     parallel = run_sweep(load_recipe(recipe_file), settings, specs, tmp_path / "b", probe_registry, jobs=2)
     assert [(r.id, r.score) for r in parallel.rows] == [(r.id, r.score) for r in serial.rows]
     assert all(r.status == "ok" for r in parallel.rows), [r.error for r in parallel.rows]
+
+
+LAMBDA_FIT = """
+from pathlib import Path
+
+from safetensors import safe_open
+
+from workbench import hookimpl
+from workbench.evaluator import Evaluator, EvaluatorOptions
+
+KEY = "model.layers.0.mlp.up_proj.weight"
+
+
+def tensor(folder, key=KEY):
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            if key in handle.keys():
+                return handle.get_tensor(key).double()
+    raise KeyError(key)
+
+
+class FitOptions(EvaluatorOptions):
+    base: str = ""
+    tuned: str = ""
+    target: float = 0.7
+
+
+class LambdaFit(Evaluator):
+    name = "lambda_fit"
+    summary = "The task-arithmetic lambda read back from the merged weights, scored against a target (test only)."
+    Options = FitOptions
+
+    def evaluate(self, model):
+        merged = tensor(model.path)  # the file, not the loaded module, which transformers may round to bf16
+        base, delta = tensor(self.options.base), tensor(self.options.tuned) - tensor(self.options.base)
+        lam = float(((merged - base) * delta).sum() / (delta * delta).sum())
+        return {"fit": -((lam - self.options.target) ** 2), "loss": (lam - self.options.target) ** 2, "lambda": lam}
+
+
+@hookimpl
+def register_evaluators(register):
+    register(LambdaFit)
+"""
+
+
+@pytest.mark.parametrize("metric", ["lambda_fit.fit", "lambda_fit.loss"])
+def test_cma_finds_the_optimum_of_a_smooth_objective_and_resumes(
+    make_plugin: Callable[..., str], fresh_cli_registry: None, _no_plugin_env: None, tiny_family: dict[str, Path], tmp_path: Path, metric: str
+) -> None:
+    """The objective peaks at lambda = 0.7, read back from the merged weights (merged = base + lambda * delta)."""
+    make_plugin("wb-lambda-fit", "lambda_fit", LAMBDA_FIT)
+    registry = load_registry()
+    recipe = parse_recipe(f"method: task_arithmetic\nbase: '{tiny_family['base']}'\nmodels: ['{tiny_family['ft1']}']\noutput: {{dtype: float32}}\nparameters: {{lambda: 0.5}}\n")
+    specs = [EvaluatorSpec(name="lambda_fit", options={"base": str(tiny_family["base"]), "tuned": str(tiny_family["ft1"])})]
+    settings = [parse_setting("parameters.lambda=0.1:1.5")]
+    assert settings[0].bounds == (0.1, 1.5)
+    sweep = run_sweep(recipe, settings, specs, tmp_path / "s", registry, search="cma", budget=16, seed=0, metric=metric)
+    assert len(sweep.rows) == 16 and all(r.status == "ok" for r in sweep.rows), [r.error for r in sweep.rows]
+    assert sweep.lower_is_better == metric.endswith("loss")
+    lambdas = [r.settings["parameters.lambda"] for r in sweep.rows]
+    assert all(0.1 <= lam <= 1.5 for lam in lambdas) and len(set(lambdas)) == 16
+    for row in sweep.rows:  # each score is the objective at its own lambda (stored as float32)
+        assert row.metrics["lambda_fit"]["lambda"] == pytest.approx(row.settings["parameters.lambda"], abs=1e-4)
+        assert row.id == candidate_id(row.settings)
+    assert sweep.best is not None and abs(sweep.best.settings["parameters.lambda"] - 0.7) < 0.05
+    assert abs(lambdas[0] - 0.7) < abs(0.1 - 0.7)  # ranked best first, and better than the range's worst end
+    assert load_recipe(tmp_path / "s" / "best.yaml").parameters["lambda"] == sweep.best.settings["parameters.lambda"]
+
+    again = run_sweep(recipe, settings, specs, tmp_path / "s", registry, search="cma", budget=16, seed=0, metric=metric)
+    assert again.ran == [] and [(r.id, r.score) for r in again.rows] == [(r.id, r.score) for r in sweep.rows]
+
+
+def test_cma_and_ranges_are_checked_before_anything_runs() -> None:
+    ranged, listed = parse_setting("parameters.lambda=0.1:1.5"), parse_setting("parameters.lambda=0.1,1.5")
+    with pytest.raises(RecipeError, match="--budget"):
+        generate([ranged], "cma", None, 0)
+    with pytest.raises(RecipeError, match="range LO:HI for every --set"):
+        generate([listed], "cma", 8, 0)
+    with pytest.raises(RecipeError, match="searched by --search cma"):
+        generate([ranged], "grid", None, 0)
+    with pytest.raises(RecipeError, match="LO < HI"):
+        parse_setting("parameters.lambda=1.5:0.1")
+    assert parse_setting("parameters.lambda=-1e-1:2").bounds == (-0.1, 2.0)

@@ -19,6 +19,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -37,7 +38,12 @@ from workbench.recipe import (
     parse_recipe,
 )
 from workbench.registry import Registry
-from workbench.sweep_backends import check_executor, run_candidates
+from workbench.sweep_backends import (
+    check_cma,
+    check_executor,
+    cma_search,
+    run_candidates,
+)
 
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
@@ -48,6 +54,8 @@ SEARCHES = ("grid", "random", "cma")
 LOWER_IS_BETTER = ("perplexity", "loss")
 
 Path_ = tuple[str | int, ...]
+_NUMBER = r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*"
+RANGE = re.compile(_NUMBER + ":" + _NUMBER)
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,8 @@ class Setting:
     label: str
     path: Path_
     values: tuple[Any, ...]
+    #: ``LO:HI``: a continuous range, searched by ``--search cma`` (``values`` is then empty).
+    bounds: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -100,11 +110,18 @@ def parse_setting(text: str) -> Setting:
     """``parameters.lambda=0.3,0.5`` -> Setting; each value read as YAML (numbers, lists, text).
 
     Commas inside brackets belong to one value, so ``parameters.weight=[1,0],[0,1]`` is two values.
+    ``parameters.lambda=0.1:1.5`` is a continuous range (for ``--search cma``).
     """
     label, sep, rest = text.partition("=")
     label = label.strip()
     if not sep or not rest.strip():
         raise RecipeError(f"--set '{text}' is not PATH=V1,V2,... (for example parameters.lambda=0.3,0.5).")
+    span = RANGE.fullmatch(rest.strip())
+    if span:
+        low, high = float(span[1]), float(span[2])
+        if not low < high:
+            raise RecipeError(f"--set {label}: the range {rest.strip()} is empty (LO:HI needs LO < HI).")
+        return Setting(label, _split_path(label), (), (low, high))
     values, depth, current = [], 0, ""
     for char in rest:
         depth += char in "[{"
@@ -197,10 +214,12 @@ def generate(settings: list[Setting], search: str, budget: int | None, seed: int
     """The candidates' settings for a search mode; duplicates (equal settings) appear once."""
     if search not in SEARCHES:
         raise RecipeError(f"--search must be one of {', '.join(SEARCHES)}, got '{search}'.")
-    if search == "cma":
-        raise RecipeError(
-            "--search cma is not available yet: it needs the 'cma' package and numeric ranges (lo:hi); use --search grid or random."
-        )
+    if search == "cma":  # cma proposes candidates as it goes: see sweep_backends.cma_search
+        check_cma(settings, budget)
+        return []
+    ranged = [s.label for s in settings if s.bounds]
+    if ranged:
+        raise RecipeError(f"--set {ranged[0]}: a range LO:HI is searched by --search cma; for {search} give values V1,V2,...")
     unique: dict[str, dict[str, Any]] = {}
     for combo in grid(settings):
         unique.setdefault(candidate_id(combo), combo)
@@ -390,43 +409,58 @@ def run_sweep(
     done = _load(out, identity)
     rows: dict[str, CandidateResult] = dict(done)
     paths = {s.label: s.path for s in settings}
-    tasks: list[CandidateTask] = []
-    for combo in combos:
-        cid = candidate_id(combo)
-        if cid in done:
-            continue
-        try:
-            text = _validate(apply_settings(data, paths, combo), registry, f"candidate {cid}")
-        except WorkbenchError as exc:
-            rows[cid] = CandidateResult(cid, combo, "failed", error=str(exc))
-            continue
-        folder = out / CANDIDATES / cid
-        tasks.append(CandidateTask(cid, combo, text, str(folder), identity["evaluators"]))
-    wanted = {candidate_id(c) for c in combos}
-    total, finished = len(wanted), len(wanted) - len(tasks)
-    if metric is None and done:
-        metric, _ = pick_score(next(iter(done.values())).metrics, None)
-    for row in (r for r in rows.values() if r.status == "failed"):
-        if on_result:
-            on_result(row, finished, total)
+    wanted: dict[str, None] = {}  # the candidates of this sweep, in the order they were proposed
+    total = (budget or 0) if search == "cma" else len({candidate_id(c) for c in combos})
     ran: list[str] = []
-    _save(out, identity, list(rows.values()), lower)
-    chosen = metric  # what workers rank by; with None each picks the first numeric metric, as here
+    if metric is None and done:  # the metric, and so the direction, of the earlier run
+        metric, _ = pick_score(next(iter(done.values())).metrics, None)
+        lower = lower_is_better(metric)
 
-    def run_here(task: CandidateTask) -> CandidateResult:
-        return run_one(task, registry, chosen)
-
-    for result in run_candidates(tasks, run_here, jobs, chosen, executor=executor, address=address):
-        ran.append(result.id)
-        if result.status == "ok" and metric is None:
-            metric, _ = pick_score(result.metrics, None)
-            lower = lower_is_better(metric)
-        rows[result.id] = result
-        finished += 1
-        _save(out, identity, list(rows.values()), lower)
+    def report(row: CandidateResult) -> None:
         if on_result:
-            on_result(result, finished, total)
-    ordered = sort_rows((rows[i] for i in rows if i in wanted), lower)
+            on_result(row, sum(i in rows for i in wanted), total)
+
+    def run_batch(batch: list[dict[str, Any]]) -> list[CandidateResult]:
+        """Merge and score the batch's new candidates (others are found in ``rows``), saving as they finish."""
+        nonlocal metric, lower
+        tasks: list[CandidateTask] = []
+        for combo in batch:
+            cid = candidate_id(combo)
+            if cid in wanted:
+                continue
+            wanted[cid] = None
+            if cid in done:
+                continue
+            try:
+                text = _validate(apply_settings(data, paths, combo), registry, f"candidate {cid}")
+            except WorkbenchError as exc:
+                rows[cid] = CandidateResult(cid, combo, "failed", error=str(exc))
+                report(rows[cid])
+                continue
+            tasks.append(CandidateTask(cid, combo, text, str(out / CANDIDATES / cid), identity["evaluators"]))
+        _save(out, identity, list(rows.values()), lower)
+        chosen = metric  # what workers rank by; with None each picks the first numeric metric, as here
+
+        def run_here(task: CandidateTask) -> CandidateResult:
+            return run_one(task, registry, chosen)
+
+        for result in run_candidates(tasks, run_here, jobs, chosen, executor=executor, address=address):
+            ran.append(result.id)
+            if result.status == "ok" and metric is None:
+                metric, _ = pick_score(result.metrics, None)
+                lower = lower_is_better(metric)
+            rows[result.id] = result
+            _save(out, identity, list(rows.values()), lower)
+            report(result)
+        return [rows[candidate_id(combo)] for combo in batch]
+
+    if search == "cma":
+        cma_search(settings, budget or 0, seed, lambda batch: [
+            None if r.score is None else -r.score if lower else r.score for r in run_batch(batch)
+        ])
+    else:
+        run_batch(combos)
+    ordered = sort_rows((rows[i] for i in wanted), lower)
     best = ordered[0] if ordered and ordered[0].status == "ok" else None
     best_path = None
     if best is not None:
