@@ -328,8 +328,7 @@ def eval_command(model: str | None, names: tuple[str, ...], options: tuple[str, 
     """Score MODEL (a folder, a .gguf file, or 'smollm2') with evaluators."""
     from rich.table import Table
 
-    from workbench.evaluation import evaluate, make_evaluators, parse_options
-    from workbench.recipe import EvaluatorSpec
+    from workbench.evaluation import evaluate, evaluator_specs, make_evaluators
 
     registry = _registry()
     if list_only:
@@ -340,15 +339,7 @@ def eval_command(model: str | None, names: tuple[str, ...], options: tuple[str, 
         return
     if model is None or not names:
         raise click.UsageError("give a MODEL and at least one --evaluator (see --list).")
-    given = parse_options(options)
-    specs = []
-    for name in names:
-        fields = registry.evaluator(name).Options.model_fields
-        specs.append(EvaluatorSpec(name=name, options={k: v for k, v in given.items() if k in fields}))
-    unused = set(given) - {k for name in names for k in registry.evaluator(name).Options.model_fields}
-    if unused:
-        raise click.UsageError(f"no chosen evaluator has option(s) {', '.join(sorted(unused))}.")
-    results = evaluate(model, make_evaluators(specs, registry))
+    results = evaluate(model, make_evaluators(evaluator_specs(registry, names, options), registry))
     _print_results(results)
     if json_out:
         json_out.write_text(json.dumps(results, indent=2) + "\n")

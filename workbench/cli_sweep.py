@@ -31,8 +31,8 @@ def sweep(recipe: Path, sets: tuple[str, ...], names: tuple[str, ...], options: 
     write results.json/results.csv and best.yaml to --out. Rerunning resumes."""
     from rich.table import Table
 
-    from workbench.evaluation import parse_options
-    from workbench.recipe import EvaluatorSpec, load_recipe
+    from workbench.evaluation import evaluator_specs
+    from workbench.recipe import load_recipe
     from workbench.sweep import CandidateResult, parse_setting, run_sweep
 
     registry = _registry()
@@ -42,14 +42,7 @@ def sweep(recipe: Path, sets: tuple[str, ...], names: tuple[str, ...], options: 
         raise click.UsageError("give at least one --evaluator (see `workbench eval --list`).")
     base = load_recipe(recipe)
     settings = [parse_setting(text) for text in sets]
-    given = parse_options(options)
-    specs = []
-    for name in names:
-        fields = registry.evaluator(name).Options.model_fields
-        specs.append(EvaluatorSpec(name=name, options={k: v for k, v in given.items() if k in fields}))
-    unused = set(given) - {k for name in names for k in registry.evaluator(name).Options.model_fields}
-    if unused:
-        raise click.UsageError(f"no chosen evaluator has option(s) {', '.join(sorted(unused))}.")
+    specs = evaluator_specs(registry, names, options)
     err = _console(stderr=True)
 
     def progress(row: CandidateResult, done: int, total: int) -> None:

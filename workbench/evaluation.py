@@ -44,6 +44,21 @@ def parse_options(pairs: Iterable[str]) -> dict[str, Any]:
     return options
 
 
+def evaluator_specs(registry: Registry, names: Iterable[str], pairs: Iterable[str]) -> list[EvaluatorSpec]:
+    """``-e NAME ... -o KEY=VALUE ...`` as evaluator specs: each option goes to the evaluators that
+    have it; an option none of them has is refused (a typo would otherwise be ignored)."""
+    given = parse_options(pairs)
+    specs, known = [], set()
+    for name in names:
+        fields = registry.evaluator(name).Options.model_fields
+        known |= set(fields)
+        specs.append(EvaluatorSpec(name=name, options={k: v for k, v in given.items() if k in fields}))
+    unused = set(given) - known
+    if unused:
+        raise RecipeError(f"no chosen evaluator has option(s) {', '.join(sorted(unused))}.")
+    return specs
+
+
 def evaluate(model: LoadedModel | str | Path, evaluators: list[Evaluator]) -> Results:
     """Score one model with every evaluator (each checks that it can score it first)."""
     loaded = model if isinstance(model, LoadedModel) else load_model(model)
