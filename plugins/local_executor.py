@@ -19,8 +19,13 @@ class LocalExecutor(Executor):
     name = "local"
     summary = "Run shard jobs in this process, in order (default)."
 
-    def run(self, jobs: Sequence[Job], run_job: Callable[[Job], Result]) -> list[Result]:
-        return [run_job(job) for job in jobs]
+    def run(self, jobs: Sequence[Job], run_job: Callable[[Job], Result], on_done: Callable[[Job, Result], None] | None = None) -> list[Result]:
+        results = []
+        for job in jobs:
+            results.append(run_job(job))
+            if on_done is not None:
+                on_done(job, results[-1])
+        return results
 
 
 @hookimpl

@@ -76,7 +76,7 @@ class RayExecutor(Executor):
     summary = "Run each output file as a Ray task (a cluster with --address, else a local instance)."
     remote = True
 
-    def run(self, jobs: Sequence[Job], run_job: Callable[[Job], Result]) -> list[Result]:
+    def run(self, jobs: Sequence[Job], run_job: Callable[[Job], Result], on_done: Callable[[Job, Result], None] | None = None) -> list[Result]:
         if not jobs:
             return []
         num_cpus = self.options.get("num_cpus")
@@ -85,14 +85,24 @@ class RayExecutor(Executor):
             options = {"runtime_env": self.options["runtime_env"]} if self.options.get("runtime_env") else {}
             job_fn = ray.put(run_job)
             refs = [task.options(**options).remote(job_fn, job) for job in jobs]
-            return self._gather(ray, refs)
+            return self._gather(ray, refs, list(jobs), on_done)
 
     @staticmethod
-    def _gather(ray: Any, refs: list[Any]) -> list[Any]:
-        """Results in job order. On the first failure, cancel the other tasks and wait for them, so
-        nothing writes into the output folder after the engine removes it, then raise the cause."""
+    def _gather(ray: Any, refs: list[Any], jobs: list[Any], on_done: Callable[[Any, Any], None] | None) -> list[Any]:
+        """Results in job order, each handed to ``on_done`` as it arrives. On the first failure,
+        cancel the other tasks and wait for them, so nothing writes into the output folder after the
+        engine removes it, then raise the cause."""
+        index = {ref: i for i, ref in enumerate(refs)}
+        results: list[Any] = [None] * len(refs)
+        pending = list(refs)
         try:
-            return list(ray.get(refs))
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                i = index[done[0]]
+                results[i] = ray.get(done[0])
+                if on_done is not None:
+                    on_done(jobs[i], results[i])
+            return results
         except BaseException as exc:
             for ref in refs:
                 ray.cancel(ref)

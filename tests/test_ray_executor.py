@@ -198,3 +198,16 @@ def test_address_needs_a_remote_executor(cli: CliRunner, tiny_family: dict[str, 
     assert result.exit_code == 2, result.output
     assert "--address" in result.output and "'local'" in result.output
     assert not out.exists() and not partial_folder(out).exists()
+
+
+def test_finished_jobs_are_handed_over_as_they_finish(ray_site: Path) -> None:
+    """``on_done`` sees each result when its task ends (the quick job first), while the returned
+    list keeps job order: the engine records a finished shard at once, so --resume keeps it."""
+    import time
+
+    from workbench_plugins.ray_executor import RayExecutor
+
+    seen: list[float] = []
+    results = RayExecutor().run([3.0, 0.0], lambda seconds: (time.sleep(seconds), seconds)[1], lambda job, result: seen.append(result))
+    assert results == [3.0, 0.0]
+    assert seen == [0.0, 3.0]

@@ -332,3 +332,11 @@ def test_the_manifest_lists_every_file_and_verify_checks_it(cli: CliRunner, tiny
     result = cli.invoke(main, ["verify", str(out)], env=WIDE)
     assert result.exit_code == 1, result.output
     assert f"{victim.name}: sha256 differs" in result.output and "config.json: missing" in result.output
+
+
+def test_the_local_executor_hands_over_each_finished_job() -> None:
+    from workbench_plugins.local_executor import LocalExecutor
+
+    seen: list[tuple[int, int]] = []
+    assert LocalExecutor().run([1, 2, 3], lambda job: job * 10, lambda job, result: seen.append((job, result))) == [10, 20, 30]
+    assert seen == [(1, 10), (2, 20), (3, 30)]

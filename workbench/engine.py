@@ -383,10 +383,10 @@ def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executo
         runner = _TensorRunner(plan, method, state, device, prefetch, progress)
         progress.emit("start")
         if executor_impl.remote:  # the closure below cannot leave this process: send a picklable task
-            from workbench.shard_task import ShardTask, record_shards
+            from workbench.shard_task import ShardTask, record_shard
 
             task = ShardTask(resolved.to_yaml(), str(out_dir), str(partial), device, prefetch, os.getcwd())
-            record_shards(plan, todo, executor_impl.run(todo, task), manifest, runner, progress)
+            executor_impl.run(todo, task, lambda file, result: record_shard(plan, file, result, manifest, runner, progress))
         else:
             with _merge_runtime(device):
                 executor_impl.run(todo, lambda f: runner.write_file(partial, f, manifest))

@@ -30,5 +30,9 @@ class Executor(ABC):
         self.options = options
 
     @abstractmethod
-    def run(self, jobs: Sequence[Job], run_job: Callable[[Job], Result]) -> list[Result]:
-        """Run every job and return the results in job order; re-raise the first failure."""
+    def run(self, jobs: Sequence[Job], run_job: Callable[[Job], Result], on_done: Callable[[Job, Result], None] | None = None) -> list[Result]:
+        """Run every job and return the results in job order; re-raise the first failure.
+
+        ``on_done(job, result)`` is called in the caller's thread as each job finishes (in finishing
+        order), so the engine can record a finished file at once: a run stopped midway then resumes
+        from every file that was done, not only from those of an earlier run."""

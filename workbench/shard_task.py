@@ -5,13 +5,13 @@ cannot be sent to another machine. A :class:`ShardTask` instead carries the reso
 worker plans it again from the checkpoint headers (reading inputs from shared storage or its Hub
 cache), runs the method's ``prepare`` itself, writes its one file into ``<out>.partial/`` and returns
 the file's checksum. The driver then checks each file against that checksum on its own view of the
-storage (:func:`record_shards`), so an output folder that is not shared fails loudly.
+storage (:func:`record_shard`), so an output folder that is not shared fails loudly.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,26 +105,25 @@ class ShardTask:
         return ShardResult(file.name, sha256_file(path), path.stat().st_size, runner.warnings)
 
 
-def record_shards(plan: MergePlan, files: Sequence[OutputFile], results: Sequence[ShardResult], manifest: Manifest, runner: _TensorRunner, progress: _Progress) -> None:
-    """Check each file the workers wrote against its reported size and checksum, as this machine
-    reads it, then list it in the manifest (so that ``--resume`` keeps it)."""
+def record_shard(plan: MergePlan, file: OutputFile, result: ShardResult, manifest: Manifest, runner: _TensorRunner, progress: _Progress) -> None:
+    """Check a file a worker wrote against its reported size and checksum, as this machine reads
+    it, then list it in the manifest (so that ``--resume`` keeps it)."""
     by_name = {t.name: t for t in plan.tensors}
-    for file, result in zip(files, results, strict=True):
-        path = manifest.directory / file.name
-        try:
-            size, sha256 = path.stat().st_size, sha256_file(path)
-        except FileNotFoundError:
-            raise OutputError(
-                f"a worker wrote {file.name} but it is not in {manifest.directory} here: the output folder must be on"
-                " storage shared by the driver and every worker."
-            ) from None
-        if result.name != file.name or (size, sha256) != (result.size, result.sha256):
-            raise OutputError(
-                f"{path} ({size} bytes, sha256 {sha256[:12]}) is not the file the worker wrote ({result.size} bytes,"
-                f" sha256 {result.sha256[:12]}): is the output folder on storage shared by every worker?"
-            )
-        manifest.record(path, sha256)
-        for message in result.warnings:
-            runner.warn(message, message)
-        for spec in file.tensors:
-            progress.emit("tensor", spec.name, by_name[spec.name].input_bytes, finished=True)
+    path = manifest.directory / file.name
+    try:
+        size, sha256 = path.stat().st_size, sha256_file(path)
+    except FileNotFoundError:
+        raise OutputError(
+            f"a worker wrote {file.name} but it is not in {manifest.directory} here: the output folder must be on"
+            " storage shared by the driver and every worker."
+        ) from None
+    if result.name != file.name or (size, sha256) != (result.size, result.sha256):
+        raise OutputError(
+            f"{path} ({size} bytes, sha256 {sha256[:12]}) is not the file the worker wrote ({result.size} bytes,"
+            f" sha256 {result.sha256[:12]}): is the output folder on storage shared by every worker?"
+        )
+    manifest.record(path, sha256)
+    for message in result.warnings:
+        runner.warn(message, message)
+    for spec in file.tensors:
+        progress.emit("tensor", spec.name, by_name[spec.name].input_bytes, finished=True)
