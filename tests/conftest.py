@@ -7,7 +7,6 @@ import importlib
 import json
 import os
 import sys
-import textwrap
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,6 +32,7 @@ import workbench.registry as registry_module
 from workbench.registry import Registry, load_registry
 from workbench.synthetic import write_family
 from merging import load_dir
+from plugin_site import install_plugin
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -86,11 +86,7 @@ def make_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cal
 
     def make(package: str, entry_point: str, source: str, version: str = "0.1") -> str:
         module = f"wb_test_plugin_{entry_point}_{uuid.uuid4().hex[:8]}"
-        dist_info = site / f"{package.replace('-', '_')}-{version}.dist-info"
-        dist_info.mkdir()
-        (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: {version}\n")
-        (dist_info / "entry_points.txt").write_text(f"[workbench.plugins]\n{entry_point} = {module}\n")
-        (site / f"{module}.py").write_text(textwrap.dedent(source))
+        install_plugin(site, package, entry_point, module, source, version)
         modules.append(module)
         importlib.invalidate_caches()
         return module

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from click.testing import CliRunner
 from workbench.cli import main
 from workbench.manifest import MANIFEST_FILE, Manifest
 from workbench.output_folder import PARTIAL_MARKER, partial_folder
+from plugin_site import install_plugin, local_ray
 
 ray = pytest.importorskip("ray")
 
@@ -60,21 +60,9 @@ CRASHING_PLUGIN = """
 def ray_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Start Ray once for the module (workers see the plugin site); stop it and check it is gone."""
     site = tmp_path_factory.mktemp("ray_site")
-    dist = site / "wb_crash_once-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: wb-crash-once\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[workbench.plugins]\ncrash_once = wb_crash_once_plugin\n")
-    (site / "wb_crash_once_plugin.py").write_text(textwrap.dedent(CRASHING_PLUGIN.format(marker=str(site / "crashed"))))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024 * 1024, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(site), *sys.path])}})
-        node = ray._private.worker._global_node
-        pids = [p.process.pid for procs in node.all_processes.values() for p in procs]
-        try:
-            yield site
-        finally:
-            ray.shutdown()
+    install_plugin(site, "wb-crash-once", "crash_once", "wb_crash_once_plugin", CRASHING_PLUGIN.format(marker=str(site / "crashed")))
+    with local_ray(site) as pids:
+        yield site
     assert not ray.is_initialized()
     alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     assert pids and not alive, f"Ray processes left running: {alive}"

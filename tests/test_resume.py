@@ -17,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from cli_failures import WIDE, partial_of
+from plugin_site import install_plugin
 from workbench.checkpoint.safetensors_io import StreamingFileWriter
 from workbench.cli import main
 
@@ -69,11 +69,7 @@ STALLING_PLUGIN = """
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A site folder holding the stalling plugin as an installed distribution (for subprocesses)."""
     site = tmp_path_factory.mktemp("site")
-    dist = site / "wb_stalling-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: wb-stalling\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[workbench.plugins]\nstalling = wb_stalling_plugin\n")
-    (site / "wb_stalling_plugin.py").write_text(textwrap.dedent(STALLING_PLUGIN))
+    install_plugin(site, "wb-stalling", "stalling", "wb_stalling_plugin", STALLING_PLUGIN)
     return site
 
 

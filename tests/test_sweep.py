@@ -20,6 +20,7 @@ from workbench.errors import RecipeError
 from workbench.evaluation import evaluate_output
 from workbench.recipe import EvaluatorSpec, load_recipe, parse_recipe
 from workbench.registry import Registry, load_registry
+from plugin_site import tiny_ta_recipe
 from workbench.sweep import (
     candidate_id,
     generate,
@@ -64,12 +65,7 @@ def probe_registry(make_plugin: Callable[..., str], fresh_cli_registry: None, _n
 
 @pytest.fixture
 def recipe_file(tiny_family: dict[str, Path], tmp_path: Path) -> Path:
-    path = tmp_path / "ta.yaml"
-    path.write_text(
-        f"method: task_arithmetic\nbase: '{tiny_family['base']}'\nmodels: ['{tiny_family['ft1']}', '{tiny_family['ft2']}']\n"
-        "parameters: {lambda: 0.5}\n"
-    )
-    return path
+    return tiny_ta_recipe(tiny_family, tmp_path / "ta.yaml")
 
 
 def direct_score(recipe_file: Path, lam: float, out: Path, registry: Registry, metric: str = "norm") -> float:

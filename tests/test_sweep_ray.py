@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from workbench.evaluation import evaluate_output
 from workbench.recipe import EvaluatorSpec, load_recipe, parse_recipe
 from workbench.registry import Registry, load_registry
 from workbench.sweep import parse_setting, run_sweep
+from plugin_site import install_plugin, local_ray, tiny_ta_recipe
 
 ray = pytest.importorskip("ray")
 
@@ -59,20 +58,12 @@ PROBE = """
 def ray_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Start Ray once for the module, its workers seeing the probe plugin; stop it afterwards."""
     site = tmp_path_factory.mktemp("ray_sweep_site")
-    dist = site / "wb_ray_probe-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: wb-ray-probe\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[workbench.plugins]\nray_probe = wb_ray_probe_plugin\n")
-    (site / "wb_ray_probe_plugin.py").write_text(textwrap.dedent(PROBE))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024 * 1024, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(site), *sys.path])}})
-        try:
+    install_plugin(site, "wb-ray-probe", "ray_probe", "wb_ray_probe_plugin", PROBE)
+    try:
+        with local_ray(site):
             yield site
-        finally:
-            ray.shutdown()
-            sys.modules.pop("wb_ray_probe_plugin", None)
+    finally:
+        sys.modules.pop("wb_ray_probe_plugin", None)
 
 
 @pytest.fixture
@@ -87,12 +78,7 @@ def registry(ray_site: Path, monkeypatch: pytest.MonkeyPatch, fresh_cli_registry
 
 @pytest.fixture
 def recipe_file(tiny_family: dict[str, Path], tmp_path: Path) -> Path:
-    path = tmp_path / "ta.yaml"
-    path.write_text(
-        f"method: task_arithmetic\nbase: '{tiny_family['base']}'\nmodels: ['{tiny_family['ft1']}', '{tiny_family['ft2']}']\n"
-        "parameters: {lambda: 0.5}\n"
-    )
-    return path
+    return tiny_ta_recipe(tiny_family, tmp_path / "ta.yaml")
 
 
 def direct_norm(recipe_file: Path, lam: float, out: Path, registry: Registry) -> float:
