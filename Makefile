@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch is kept on these machines; pinning it first keeps pip from pulling CUDA builds.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test bench fuzz clean
+.PHONY: setup demo test bench fuzz docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: setup
 # The fuzz targets of the suite, with many more examples each (tens of minutes); see docs/inputs.md.
 fuzz: setup
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q tests/test_fuzz_*.py
+
+# The generated docs: the hook reference in docs/plugins.md and the method pages in docs/methods/.
+docs: setup
+	$(BIN)/python -m workbench.hook_docs docs/plugins.md
+	$(BIN)/workbench methods --docs docs/methods
 
 bench: setup
 	$(BIN)/workbench bench --size 230m --methods linear,task_arithmetic,ties,dare_ties,slerp --repeat 2

@@ -99,6 +99,7 @@ def _local_reference(cli: CliRunner, recipe: Path, out: Path) -> dict[str, bytes
     return reference
 
 
+@pytest.mark.hook("register_executors")
 def test_sharded_merge_is_byte_identical_to_local(ray_site: Path, cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, "linear", tiny_family["ft1"], tiny_family["ft2"], (0.3, 0.7))
     out = tmp_path / "out"

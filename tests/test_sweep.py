@@ -75,6 +75,7 @@ def direct_score(recipe_file: Path, lam: float, out: Path, registry: Registry, m
     return float(evaluate_output([EvaluatorSpec(name="tiny_probe")], result.out_dir, registry)["tiny_probe"][metric])
 
 
+@pytest.mark.hook("register_evaluators")
 def test_grid_sweep_ranks_by_score_writes_best_and_resumes(cli: CliRunner, recipe_file: Path, probe_registry: Registry, tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
     args = ["sweep", str(recipe_file), "--set", "parameters.lambda=0.2,0.6,1.0", "-e", "tiny_probe", "-o", "layer=1", "--out", str(sweep_dir)]

@@ -48,6 +48,7 @@ models:
 """
 
 
+@pytest.mark.hook("register_formats")
 @pytest.mark.parametrize(("shards", "legacy"), [(1, False), (3, False), (1, True)], ids=["single", "sharded", "legacy"])
 def test_bin_input_merges_like_its_safetensors(tmp_path, tiny_family, shards, legacy):
     converted = as_bin(tiny_family["ft1"], tmp_path / "ft1_bin", shards, legacy)
@@ -90,6 +91,7 @@ def test_not_a_state_dict_and_a_missing_shard_are_named(tmp_path, tiny_family):
         get_registry().open_checkpoint(sharded)
 
 
+@pytest.mark.hook("register_formats")
 def test_safetensors_wins_where_a_folder_has_both(tmp_path, tiny_family):
     both = tmp_path / "both"
     shutil.copytree(tiny_family["ft1"], both)
