@@ -1,13 +1,15 @@
 """Every example recipe in recipes/ runs on generated tiny models, through the CLI as a user would.
 
-The recipes name their inputs ``demo/models/{base,ft1,ft2}`` relative to the current folder, so each
-test works in its own temporary folder where it generates those models.
+The recipes name their inputs ``demo/models/...`` (base, ft1, ft2, LoRA adapters, texts) relative to
+the current folder, so each test works in its own temporary folder where it generates them with
+``workbench.demo.write_demo_inputs``, as ``workbench demo`` does.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import struct
 from pathlib import Path
 
@@ -17,7 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 from workbench.cli import main
-from workbench.synthetic import write_family
+from workbench.demo import write_demo_inputs
+from workbench.recipe import Recipe, load_recipe
+from workbench.registry import load_registry
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES_DIR = REPO / "recipes"
@@ -52,13 +56,38 @@ def header_dtypes(file: Path) -> set[str]:
     return {entry["dtype"] for entry in header.values()}
 
 
+@pytest.fixture(scope="module")
+def demo_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """demo/models as ``workbench demo`` writes it, generated once for this module (the tests copy it)."""
+    root = tmp_path_factory.mktemp("demo-inputs")
+    paths = write_demo_inputs(root / "demo" / "models")
+    assert {"base", "ft1", "ft2", "lora/ft1", "lora/ft2", "data/prose.txt", "data/arithmetic.txt"} <= set(paths)
+    return root / "demo" / "models"
+
+
 @pytest.fixture
-def demo_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, torch.Tensor]]:
-    """A fresh working folder holding demo/models/{base,ft1,ft2}; returns their tensors."""
+def demo_models(demo_inputs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, torch.Tensor]]:
+    """A fresh working folder holding demo/models (base, ft1, ft2, lora/, data/); returns the models' tensors."""
     monkeypatch.chdir(tmp_path)
-    paths = write_family(Path("demo/models"), "tiny", fine_tunes=2)
-    assert [p.name for p in paths] == ["base", "ft1", "ft2"]
-    return {p.name: read_folder(p) for p in paths}
+    shutil.copytree(demo_inputs, Path("demo/models"))
+    return {name: read_folder(Path("demo/models") / name) for name in ("base", "ft1", "ft2")}
+
+
+def recipe_layers(recipe: Recipe, base_layers: int) -> int:
+    """The output's layer count: the slices' ranges together, else the inputs'."""
+    if recipe.slices:
+        return sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in recipe.slices)
+    return base_layers
+
+
+def expected_shapes(reference: dict[str, torch.Tensor], layers: int) -> dict[str, tuple[int, ...]]:
+    """The reference model's tensors with ``layers`` layers (every layer shaped as layer 0)."""
+    shapes = {k: tuple(v.shape) for k, v in reference.items() if _layer(k) is None}
+    for name, value in reference.items():
+        if _layer(name) == 0:
+            for i in range(layers):
+                shapes[name.replace("model.layers.0.", f"model.layers.{i}.", 1)] = tuple(value.shape)
+    return shapes
 
 
 def test_recipes_are_found():
@@ -76,19 +105,68 @@ def test_recipe_runs_on_tiny_models(recipe: Path, demo_models, tmp_path: Path, c
     # Nothing was written where the recipe's own output.path points (--out wins).
     assert not Path("demo/out").exists()
 
+    parsed = load_recipe(recipe)
     merged = read_folder(out)
     reference = demo_models["base"]
-    assert {k: tuple(v.shape) for k, v in merged.items()} == {k: tuple(v.shape) for k, v in reference.items()}
+    config = json.loads((out / "config.json").read_text())
+    layers = recipe_layers(parsed, json.loads(Path("demo/models/base/config.json").read_text())["num_hidden_layers"])
+    assert config["num_hidden_layers"] == layers
+    assert {k: tuple(v.shape) for k, v in merged.items()} == expected_shapes(reference, layers)
     for name, value in merged.items():
         assert value.dtype == torch.bfloat16, name
         assert bool(torch.isfinite(value.float()).all()), name
     for file in out.glob("*.safetensors"):
         assert header_dtypes(file) == {"BF16"}
-    # Merged from the fine-tunes, so the output is not just a copy of the base.
-    assert any(not torch.equal(merged[n], reference[n]) for n in merged)
-    config = json.loads((out / "config.json").read_text())
+    if parsed.method == "lora_experts":
+        # Experts and routers: the dense weights stay the base's, the adapters live in mola/.
+        assert all(torch.equal(merged[n], reference[n]) for n in merged)
+        assert (out / "mola" / "experts.safetensors").is_file() and (out / "mola" / "mola_config.json").is_file()
+    else:
+        # Merged from the fine-tunes, so the output is not just a copy of the base.
+        assert any(n in reference and not torch.equal(merged[n], reference[n]) for n in merged)
     assert config["model_type"] == "llama"
     assert (out / "workbench_recipe.yaml").is_file()
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.name for p in RECIPES])
+def test_recipe_validates_on_tiny_models(recipe: Path, demo_models, cli) -> None:
+    result = cli.invoke(main, ["validate", str(recipe)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "ok" in result.output
+
+
+def test_every_builtin_method_has_a_recipe() -> None:
+    """Each method the merge-workbench package registers is used by at least one recipe in recipes/
+    (a mergekit recipe counts under its translated method)."""
+    builtin = {name for name, entry in load_registry().methods.items() if entry.plugin.package == "merge-workbench"}
+    assert builtin, "no built-in methods registered"
+    used = {load_recipe(path).method for path in RECIPES}
+    assert builtin - used == set(), f"methods without an example recipe in recipes/: {sorted(builtin - used)}"
+
+
+def test_lora_experts_recipe_builds_its_allocation(demo_models, tmp_path: Path, cli) -> None:
+    """recipes/lora_experts.yaml: allocation 1-2 over 4 layers gives 1, 1, 2, 2 experts, the single
+    expert of the lower layers holding both adapters (overflow: merge)."""
+    out = tmp_path / "mola"
+    result = cli.invoke(main, ["run", str(RECIPES_DIR / "lora_experts.yaml"), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "mola" / "mola_config.json").read_text())
+    assert config["allocation"]["per_layer"] == [1, 1, 2, 2]
+    assert config["experts_per_layer"]["0"] == [["ft1", "ft2"]]
+    assert config["experts_per_layer"]["3"] == [["ft1"], ["ft2"]]
+    assert config["router"] == "prompts"
+
+
+def test_passthrough_recipe_stacks_layers(demo_models, tmp_path: Path, cli) -> None:
+    """recipes/passthrough.yaml: ft1's layers [0, 3) then [1, 4), renumbered 0..5."""
+    out = tmp_path / "dus"
+    result = cli.invoke(main, ["run", str(RECIPES_DIR / "passthrough.yaml"), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    merged, ft1 = read_folder(out), demo_models["ft1"]
+    for new, old in enumerate([0, 1, 2, 1, 2, 3]):
+        name = "self_attn.q_proj.weight"
+        assert torch.equal(merged[f"model.layers.{new}.{name}"], ft1[f"model.layers.{old}.{name}"])
+    assert torch.equal(merged["lm_head.weight"], ft1["lm_head.weight"])
 
 
 def test_task_arithmetic_recipe_shards_its_output(demo_models, tmp_path: Path, cli) -> None:
@@ -110,14 +188,19 @@ def test_demo_command_runs_every_recipe(tmp_path: Path, monkeypatch: pytest.Monk
     result = cli.invoke(main, ["demo", "--recipes", str(RECIPES_DIR)])
     assert result.exit_code == 0, result.output + repr(result.exception)
     inputs = read_folder(Path("demo/models/base"))
+    layers = json.loads(Path("demo/models/base/config.json").read_text())["num_hidden_layers"]
     for model in ("base", "ft1", "ft2"):
         assert (Path("demo/models") / model / "config.json").is_file()
+        assert (Path("demo/models") / model / "tokenizer.json").is_file()
+    for adapter in ("ft1", "ft2"):
+        assert (Path("demo/models/lora") / adapter / "adapter_config.json").is_file()
+    assert Path("demo/models/data/prose.txt").is_file() and Path("demo/models/data/arithmetic.txt").is_file()
     outputs = sorted(p.name for p in Path("demo/out").iterdir())
     assert outputs == sorted(p.stem for p in RECIPES)
     for recipe in RECIPES:
         out = Path("demo/out") / recipe.stem
         merged = read_folder(out)
-        assert {k: tuple(v.shape) for k, v in merged.items()} == {k: tuple(v.shape) for k, v in inputs.items()}
+        assert {k: tuple(v.shape) for k, v in merged.items()} == expected_shapes(inputs, recipe_layers(load_recipe(recipe), layers))
         assert f"{recipe.name}" in result.output
 
 
