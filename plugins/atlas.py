@@ -214,6 +214,10 @@ class Atlas(MergeMethod):
         return [*written, folder / FOLDER / "training.json"]
 
 
+#: The plugin API this module is written for (checked when the registry loads it).
+WORKBENCH_API = "1.0"
+
+
 @hookimpl
 def register_methods(register: Callable[[type[MergeMethod]], None]) -> None:
     register(Atlas)

@@ -48,6 +48,10 @@ class BreadcrumbsTies(TaskVectorMethod):
     consensus = True
 
 
+#: The plugin API this module is written for (checked when the registry loads it).
+WORKBENCH_API = "1.0"
+
+
 @hookimpl
 def register_methods(register: Callable[[type[MergeMethod]], None]) -> None:
     register(Breadcrumbs)

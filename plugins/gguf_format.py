@@ -32,6 +32,10 @@ class GGUFFormat(CheckpointFormat):
         return GGUFCheckpoint(path)
 
 
+#: The plugin API this module is written for (checked when the registry loads it).
+WORKBENCH_API = "1.0"
+
+
 @hookimpl
 def register_formats(register: Callable[[CheckpointFormat], None]) -> None:
     register(GGUFFormat())

@@ -179,6 +179,10 @@ class LayerSwap(MergeMethod):
         return mixed.add_(tensors[language].to(ctx.compute_dtype), alpha=weight).to(ctx.out_dtype)
 
 
+#: The plugin API this module is written for (checked when the registry loads it).
+WORKBENCH_API = "1.0"
+
+
 @hookimpl
 def register_methods(register: Callable[[type[MergeMethod]], None]) -> None:
     register(LayerSwap)

@@ -45,6 +45,10 @@ class Linear(MergeMethod):
         return weighted_sum(tensors, weights, ctx.compute_dtype, ctx.out_dtype)
 
 
+#: The plugin API this module is written for (checked when the registry loads it).
+WORKBENCH_API = "1.0"
+
+
 @hookimpl
 def register_methods(register: Callable[[type[MergeMethod]], None]) -> None:
     register(Linear)

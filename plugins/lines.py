@@ -271,6 +271,10 @@ class Lines(MergeMethod):
         return b + scale * (merged - b)
 
 
+#: The plugin API this module is written for (checked when the registry loads it).
+WORKBENCH_API = "1.0"
+
+
 @hookimpl
 def register_methods(register: Callable[[type[MergeMethod]], None]) -> None:
     register(Lines)

@@ -86,6 +86,10 @@ class GenerationCheck(Evaluator):
         return {"contains_expected": float(self.options.expect in completion), "completion": completion}
 
 
+#: The plugin API this module is written for (checked when the registry loads it).
+WORKBENCH_API = "1.0"
+
+
 @hookimpl
 def register_evaluators(register: Callable[[type[Evaluator]], None]) -> None:
     register(Perplexity)

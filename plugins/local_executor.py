@@ -28,6 +28,10 @@ class LocalExecutor(Executor):
         return results
 
 
+#: The plugin API this module is written for (checked when the registry loads it).
+WORKBENCH_API = "1.0"
+
+
 @hookimpl
 def register_executors(register: Callable[[type[Executor]], None]) -> None:
     register(LocalExecutor)

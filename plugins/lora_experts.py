@@ -227,6 +227,10 @@ class LoraExperts(MergeMethod):
         return [save_experts(folder, by_module(state.experts), state.config)]
 
 
+#: The plugin API this module is written for (checked when the registry loads it).
+WORKBENCH_API = "1.0"
+
+
 @hookimpl
 def register_methods(register: Callable[[type[MergeMethod]], None]) -> None:
     register(LoraExperts)

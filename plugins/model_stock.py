@@ -119,6 +119,10 @@ def _row_wise(xs: list["torch.Tensor"], base: "torch.Tensor", dtype: "torch.dtyp
     return out.reshape(base.shape)
 
 
+#: The plugin API this module is written for (checked when the registry loads it).
+WORKBENCH_API = "1.0"
+
+
 @hookimpl
 def register_methods(register: Callable[[type[MergeMethod]], None]) -> None:
     register(ModelStock)

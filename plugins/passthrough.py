@@ -36,6 +36,10 @@ class Passthrough(MergeMethod):
         return (tensors[0].to(ctx.compute_dtype) * scale).to(ctx.out_dtype)
 
 
+#: The plugin API this module is written for (checked when the registry loads it).
+WORKBENCH_API = "1.0"
+
+
 @hookimpl
 def register_methods(register: Callable[[type[MergeMethod]], None]) -> None:
     register(Passthrough)

@@ -238,6 +238,10 @@ class PCB(MergeMethod):
         return merge_block(inputs, base, [model_params[i].weight for i in active], stats, params, ctx.compute_dtype, betas)
 
 
+#: The plugin API this module is written for (checked when the registry loads it).
+WORKBENCH_API = "1.0"
+
+
 @hookimpl
 def register_methods(register: Callable[[type[MergeMethod]], None]) -> None:
     register(PCB)

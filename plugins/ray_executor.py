@@ -118,6 +118,10 @@ def _call(run_job: Callable[[Any], Any], job: Any) -> Any:
     return run_job(job)
 
 
+#: The plugin API this module is written for (checked when the registry loads it).
+WORKBENCH_API = "1.0"
+
+
 @hookimpl
 def register_executors(register: Callable[[type[Executor]], None]) -> None:
     register(RayExecutor)

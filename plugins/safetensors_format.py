@@ -33,6 +33,10 @@ class SafetensorsFormat(CheckpointFormat):
         return write_index(directory, files)
 
 
+#: The plugin API this module is written for (checked when the registry loads it).
+WORKBENCH_API = "1.0"
+
+
 @hookimpl
 def register_formats(register: Callable[[CheckpointFormat], None]) -> None:
     register(SafetensorsFormat())

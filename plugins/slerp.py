@@ -57,6 +57,10 @@ def _angle_dtype(ctx: TensorContext) -> "torch.dtype":
     return torch.float64 if ctx.compute_dtype == torch.float64 else torch.float32
 
 
+#: The plugin API this module is written for (checked when the registry loads it).
+WORKBENCH_API = "1.0"
+
+
 @hookimpl
 def register_methods(register: Callable[[type[MergeMethod]], None]) -> None:
     register(Slerp)

@@ -50,6 +50,10 @@ class TaskArithmetic(MergeMethod):
         return weighted_sum([base, *tensors], [1.0 - sum(coefficients), *coefficients], ctx.compute_dtype, ctx.out_dtype)
 
 
+#: The plugin API this module is written for (checked when the registry loads it).
+WORKBENCH_API = "1.0"
+
+
 @hookimpl
 def register_methods(register: Callable[[type[MergeMethod]], None]) -> None:
     register(TaskArithmetic)

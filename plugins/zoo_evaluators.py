@@ -67,6 +67,10 @@ def _evaluator(task: str) -> type[ZooEvaluator]:
 EVALUATORS: dict[str, type[ZooEvaluator]] = {task: _evaluator(task) for task in TASKS}
 
 
+#: The plugin API this module is written for (checked when the registry loads it).
+WORKBENCH_API = "1.0"
+
+
 @hookimpl
 def register_evaluators(register: Callable[[type[Evaluator]], None]) -> None:
     for evaluator in EVALUATORS.values():

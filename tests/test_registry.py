@@ -39,6 +39,7 @@ def _linear_recipe_text(a: Path, b: Path) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.hook("register_methods")
 def test_third_party_plugin_is_discovered_with_its_package(make_plugin: MakePlugin) -> None:
     make_plugin("workbench-fake", "fake", FAKE_MAX)
     registry = load_registry()
@@ -53,6 +54,7 @@ def test_third_party_plugin_is_discovered_with_its_package(make_plugin: MakePlug
     assert all(registry.methods[m].plugin.package == CORE for m in BUILTIN_METHODS)
 
 
+@pytest.mark.hook("register_methods")
 def test_third_party_method_runs_a_real_merge(make_plugin: MakePlugin, tiny_family: dict[str, Path], tmp_path: Path) -> None:
     make_plugin("workbench-fake", "fake", FAKE_MAX)
     registry = load_registry()
@@ -183,6 +185,7 @@ def _assert_builtin_linear_kept(registry: registry_module.Registry) -> None:
     assert entry.obj.summary.startswith("Weighted average")
 
 
+@pytest.mark.hook("register_methods")
 def test_duplicate_method_name_is_reported_and_skipped(make_plugin: MakePlugin) -> None:
     make_plugin("workbench-dup", "dup", DUPLICATE)
     registry = load_registry()
@@ -287,6 +290,7 @@ INVALID = """
 """
 
 
+@pytest.mark.hook("register_methods")
 def test_invalid_methods_are_reported_and_skipped(make_plugin: MakePlugin) -> None:
     make_plugin("workbench-invalid", "invalid", INVALID)
     registry = load_registry()
@@ -341,3 +345,56 @@ def test_misspelled_hook_is_reported_and_the_plugin_skipped(make_plugin: MakePlu
     assert "fake_unused" not in registry.methods
     assert all(p.package != "workbench-typo" for p in registry.plugins)
     assert set(registry.methods) == BUILTIN_METHODS
+
+
+# ------------------------------------------------------------------------------------------------
+# (d) hook ordering flags and the plugin API version
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["trylast=True", "tryfirst=True"])
+def test_hook_ordering_flags_cannot_take_a_builtin_name(flag: str, make_plugin: MakePlugin) -> None:
+    """pluggy calls tryfirst/trylast implementations out of registration order; the registry does not."""
+    make_plugin("workbench-pushy", "pushy", DUPLICATE.replace("@hookimpl", f"@hookimpl({flag})"))
+    registry = load_registry()
+    _assert_builtin_linear_kept(registry)
+    assert len(registry.problems) == 1 and "workbench-pushy" in registry.problems[0] and "already provides" in registry.problems[0]
+
+
+def test_a_hook_wrapper_is_reported_not_silently_ignored(make_plugin: MakePlugin) -> None:
+    make_plugin("workbench-wrapper", "wrapper", DUPLICATE.replace("@hookimpl", "@hookimpl(hookwrapper=True)").replace("register(Distinct)", "register(Distinct)\n        yield"))
+    registry = load_registry()
+    assert "fake_distinct" not in registry.methods
+    assert len(registry.problems) == 1
+    assert "workbench-wrapper" in registry.problems[0] and "hook wrapper" in registry.problems[0]
+    assert set(registry.methods) == BUILTIN_METHODS
+
+
+@pytest.mark.parametrize(("declared", "loads"), [("1.0", True), (None, True), ("0.9", False), ("1.1", False), ("2.0", False), ("one", False), (1.0, False)])
+def test_plugin_api_version_is_checked(declared: object, loads: bool, make_plugin: MakePlugin) -> None:
+    import workbench
+
+    assert workbench.API_VERSION == "1.0"  # the cases above are written for it
+    source = FAKE_MAX + ("" if declared is None else f"\n    WORKBENCH_API = {declared!r}\n")
+    make_plugin("workbench-versioned", "versioned", source)
+    registry = load_registry()
+    assert ("fake_max" in registry.methods) is loads
+    assert set(registry.methods) - {"fake_max"} == BUILTIN_METHODS
+    if loads:
+        assert registry.problems == []
+    else:
+        assert len(registry.problems) == 1
+        problem = registry.problems[0]
+        assert "workbench-versioned" in problem and str(declared) in problem
+        if declared in ("0.9", "1.1", "2.0"):
+            assert f"API {declared}" in problem and "plugin API 1.0" in problem
+
+
+def test_a_newer_minor_version_of_the_core_loads_an_older_plugin(make_plugin: MakePlugin, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry_module, "API_VERSION", "1.3")
+    make_plugin("workbench-versioned", "versioned", FAKE_MAX + "\n    WORKBENCH_API = '1.2'\n")
+    assert "fake_max" in load_registry().methods
+    make_plugin("workbench-newer", "newer", FAKE_MAX.replace("fake_max", "fake_newer") + "\n    WORKBENCH_API = '1.4'\n")
+    registry = load_registry()
+    assert "fake_newer" not in registry.methods
+    assert "built for workbench plugin API 1.4, but this workbench provides plugin API 1.3 (compatible: 1.0 to 1.3)" in registry.problems[0]

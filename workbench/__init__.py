@@ -1,27 +1,74 @@
 """Merge Workbench: plugin-based merging and editing of neural-network checkpoints.
 
-Importing this package is cheap (no torch): the Python API functions load what they need on use.
+The names in ``__all__`` are the stable public API, versioned by :data:`API_VERSION` (see
+docs/plugins.md, "The public API and its version"). Importing this package is cheap (no torch,
+no pydantic): each name is imported from its module on first use.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from workbench.hookspecs import hookimpl
 
-__all__ = ["hookimpl", "load_recipe", "run", "__version__"]
 __version__ = "0.1.0"
 
+#: The plugin API version, MAJOR.MINOR. A plugin declares the version it was built for as
+#: ``WORKBENCH_API = "1.0"`` in its module; it loads into any 1.x from 1.0 up and is refused by
+#: another major version, with a message naming both. Bump MINOR for additions to the public
+#: API, MAJOR for any change that can break a plugin (tests/test_public_api.py holds the surface).
+API_VERSION = "1.0"
 
-def load_recipe(path: Any) -> Any:
-    """Load and validate a recipe file (native or mergekit YAML); see :mod:`workbench.recipe`."""
-    from workbench.recipe import load_recipe as _load
+#: Public name -> module that defines it (imported when the name is first used).
+_LAZY = {
+    "load_recipe": "workbench.recipe",
+    "run_recipe": "workbench.engine",
+    # the method contract
+    "MergeMethod": "workbench.method",
+    "MethodParameters": "workbench.method",
+    "Param": "workbench.method",
+    "TensorContext": "workbench.method",
+    "PrepareContext": "workbench.method",
+    "RowBlocks": "workbench.method",
+    "MemoryNeed": "workbench.method",
+    # the other things a plugin can register
+    "CheckpointFormat": "workbench.checkpoint.base",
+    "CheckpointReader": "workbench.checkpoint.base",
+    "Executor": "workbench.executor",
+    "Evaluator": "workbench.evaluator",
+    "EvaluatorOptions": "workbench.evaluator",
+    # errors a plugin raises for bad input (the CLI prints the message, exits non-zero)
+    "WorkbenchError": "workbench.errors",
+    "RecipeError": "workbench.errors",
+    "CheckpointError": "workbench.errors",
+    "PluginError": "workbench.errors",
+}
 
-    return _load(path)
+__all__ = ["API_VERSION", "__version__", "hookimpl", "run", *_LAZY]
+
+if TYPE_CHECKING:
+    from workbench.checkpoint.base import CheckpointFormat, CheckpointReader
+    from workbench.engine import run_recipe
+    from workbench.errors import CheckpointError, PluginError, RecipeError, WorkbenchError
+    from workbench.evaluator import Evaluator, EvaluatorOptions
+    from workbench.executor import Executor
+    from workbench.method import MemoryNeed, MergeMethod, MethodParameters, Param, PrepareContext, RowBlocks, TensorContext
+    from workbench.recipe import load_recipe
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'workbench' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def run(recipe: Any, **options: Any) -> Any:
     """Run a recipe (a path or a loaded ``Recipe``); see :func:`workbench.engine.run_recipe`."""
-    from workbench.engine import run_recipe
-
-    return run_recipe(recipe, **options)
+    return __getattr__("run_recipe")(recipe, **options)

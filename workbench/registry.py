@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import pluggy
 
-from workbench import hookspecs
+from workbench import API_VERSION, hookspecs
 from workbench.checkpoint.base import CheckpointFormat, CheckpointReader
 from workbench.errors import CheckpointError, PluginError, RecipeError
 from workbench.evaluator import Evaluator, EvaluatorOptions
@@ -33,6 +33,7 @@ ENTRY_POINT_GROUP = "workbench.plugins"
 #: The distribution of the built-in plugins: they are loaded first, so a name they register is kept.
 CORE_DISTRIBUTION = "merge-workbench"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_API = re.compile(r"^(\d+)\.(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,10 @@ class _Loader:
             self.add(plugin, info)
 
     def add(self, plugin: Any, info: PluginInfo) -> None:
+        refusal = api_refusal(getattr(plugin, "WORKBENCH_API", None))
+        if refusal:
+            self.problem(info, refusal)
+            return
         try:
             self.pm.register(plugin, name=info.name)
         except Exception as exc:
@@ -158,17 +163,23 @@ class _Loader:
         self.registry.problems.append(f"plugin '{info.name}' (package {info.package}) {message}; skipped.")
 
     def call(self, hook_name: str, table: dict[str, Registered], check: Callable[[Any], str]) -> None:
-        """Call one hook plugin by plugin, in load order (``get_hookimpls`` lists implementations in
-        registration order), so every item records which plugin supplied it and the first plugin to
-        register a name keeps it."""
+        """Call one hook plugin by plugin, in load order, so every item records which plugin
+        supplied it and the first plugin to register a name keeps it. The order is the registry's,
+        not pluggy's: ``tryfirst``/``trylast`` on a hookimpl must not let a plugin take a name
+        from one loaded before it."""
         infos = {p.name: p for p in self.registry.plugins}
-        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+        order = {p.name: i for i, p in enumerate(self.registry.plugins)}
+        impls = sorted(getattr(self.pm.hook, hook_name).get_hookimpls(), key=lambda impl: order.get(impl.plugin_name, len(order)))
+        for impl in impls:
             info = infos.get(impl.plugin_name) or PluginInfo(impl.plugin_name, impl.plugin_name, "?")
+            if impl.hookwrapper or impl.wrapper:
+                self.problem(info, f"marks {hook_name} as a hook wrapper, which registration hooks do not support")
+                continue
 
             def register(obj: Any, _info: PluginInfo = info) -> None:
                 try:
                     name = check(obj)
-                except (TypeError, ValueError) as exc:
+                except Exception as exc:  # a check failing on a strange object is still that object's fault
                     self.problem(_info, f"registered an invalid {hook_name.removeprefix('register_')[:-1]}: {exc}")
                     return
                 if name in table:
@@ -181,6 +192,28 @@ class _Loader:
                 impl.function(register=register)
             except Exception as exc:
                 self.problem(info, f"raised in {hook_name} ({type(exc).__name__}: {exc})")
+
+
+def api_refusal(required: Any) -> str | None:
+    """Why a plugin that declares ``WORKBENCH_API = required`` cannot load here, or None if it can.
+
+    The plugin API is versioned MAJOR.MINOR (:data:`workbench.API_VERSION`): a minor release only
+    adds, so a plugin built for 1.0 loads into any 1.x from 1.0 up; a major release breaks, so a
+    plugin built for another major version is refused. A plugin that declares nothing is loaded.
+    """
+    if required is None:
+        return None
+    match = _API.match(required) if isinstance(required, str) else None
+    if match is None:
+        return f"declares WORKBENCH_API = {required!r}, which is not a 'MAJOR.MINOR' version string"
+    major, minor = int(match[1]), int(match[2])
+    have_major, have_minor = (int(part) for part in API_VERSION.split("."))
+    if major != have_major or minor > have_minor:
+        return (
+            f"was built for workbench plugin API {required}, but this workbench provides plugin API {API_VERSION} "
+            f"(compatible: {have_major}.0 to {API_VERSION}); install a version of the plugin built for API {have_major}.x"
+        )
+    return None
 
 
 def _check_name(obj: Any, kind: str) -> str:

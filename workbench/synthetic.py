@@ -128,9 +128,10 @@ def write_model(directory: Path, shape: LlamaShape, *, dtype: str = "bfloat16", 
     return directory
 
 
-def write_family(directory: Path, size: str = "tiny", fine_tunes: int = 2, *, dtype: str = "bfloat16", seed: int = 0) -> list[Path]:
-    """A base model and ``fine_tunes`` fine-tunes of it: ``directory/base``, ``directory/ft1``, ..."""
-    shape = SIZES[size]
+def write_family(directory: Path, size: str | LlamaShape = "tiny", fine_tunes: int = 2, *, dtype: str = "bfloat16", seed: int = 0) -> list[Path]:
+    """A base model and ``fine_tunes`` fine-tunes of it: ``directory/base``, ``directory/ft1``, ...
+    (``size``: a name of :data:`SIZES` or a shape)."""
+    shape = size if isinstance(size, LlamaShape) else SIZES[size]
     paths = [write_model(directory / "base", shape, dtype=dtype, seed=seed)]
     for variant in range(1, fine_tunes + 1):
         paths.append(write_model(directory / f"ft{variant}", shape, dtype=dtype, seed=seed, variant=variant))
