@@ -1,0 +1,29 @@
+"""An example Merge Workbench plugin: registers the ``trimmed_mean`` merge method.
+
+The workbench finds this module through the entry point in pyproject.toml::
+
+    [project.entry-points."workbench.plugins"]
+    example = "workbench_example"
+
+and calls the ``@hookimpl`` functions below once per registry load.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from workbench import hookimpl
+from workbench.method import MergeMethod
+
+from workbench_example.trimmed_mean import TrimmedMean
+
+__all__ = ["TrimmedMean", "WORKBENCH_API", "register_methods"]
+
+#: The plugin API this package is written for: it loads into workbench 1.0 up to any 1.x, and a
+#: workbench with another major API version refuses it with a warning instead of failing later.
+WORKBENCH_API = "1.0"
+
+
+@hookimpl
+def register_methods(register: Callable[[type[MergeMethod]], None]) -> None:
+    register(TrimmedMean)
