@@ -21,6 +21,7 @@ This module is part of the plugin API (:data:`workbench.API_VERSION`).
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import math
 import re
@@ -212,6 +213,16 @@ def _status_kb(field: str) -> int:
     return int(match[1]) * 1024
 
 
+def _release_free_memory() -> None:
+    """Give freed heap memory back to the system, so that memory an earlier merge freed cannot hide
+    what this one holds (it would be reused without raising the resident size)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def _reset_peak() -> None:
     try:
         Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM restarts from VmRSS
@@ -250,7 +261,7 @@ def check_streaming_memory(method: str, root: str | Path, fragment: Fragment | N
     count = len(family.models) + (1 if "base" in recipe else 0)
     allowance = slack + tensors_held * (count + 1) * largest + declared
 
-    gc.collect()
+    _release_free_memory()
     before = _status_kb("VmRSS")
     _reset_peak()
     _run(recipe, root / "out", registry)
