@@ -47,6 +47,7 @@ __all__ = [
     "Family",
     "MemoryReport",
     "PropertyViolation",
+    "assert_models_equal",
     "build_recipe",
     "check_deterministic",
     "check_identity",
@@ -141,7 +142,9 @@ def merge(recipe: Mapping[str, Any], *, registry: "Registry | None" = None) -> d
         return read_model(_run(recipe, Path(tmp) / "out", registry))
 
 
-def _compare(merged: Mapping[str, "torch.Tensor"], expected: Mapping[str, "torch.Tensor"], tolerance: float, what: str) -> None:
+def assert_models_equal(merged: Mapping[str, "torch.Tensor"], expected: Mapping[str, "torch.Tensor"], *, tolerance: float = 0.0, what: str = "merge") -> None:
+    """The same tensor names, shapes and dtypes, and values within ``tolerance`` (absolute, in
+    float64) of each other; else a :class:`PropertyViolation` naming the first tensor that differs."""
     if set(merged) != set(expected):
         missing, extra = sorted(set(expected) - set(merged)), sorted(set(merged) - set(expected))
         raise PropertyViolation(f"{what}: the output's tensors differ from the expected model's (missing {missing[:3]}, extra {extra[:3]})")
@@ -165,7 +168,7 @@ def check_identity(method: str, family: Family, fragment: Fragment | None = None
     count = copies or max(cls.min_models, 1 if cls.max_models == 1 else 2)
     model = family.models[0]
     recipe = build_recipe(method, family, fragment, models=[model] * count, registry=registry)
-    _compare(merge(recipe, registry=registry), read_model(model), tolerance, f"identity ({count} copies of {model.name})")
+    assert_models_equal(merge(recipe, registry=registry), read_model(model), tolerance=tolerance, what=f"identity ({count} copies of {model.name})")
 
 
 def check_one_hot(method: str, family: Family, select: Callable[[int, int], Fragment], *, models: Sequence[Path] | None = None, tolerance: float = 0.0, registry: "Registry | None" = None) -> None:
@@ -175,7 +178,7 @@ def check_one_hot(method: str, family: Family, select: Callable[[int, int], Frag
     count = len(models)
     for i, model in enumerate(models):
         recipe = build_recipe(method, family, select(i, count), models=models, registry=registry)
-        _compare(merge(recipe, registry=registry), read_model(model), tolerance, f"one-hot selection of model {i} ({model.name}) of {count}")
+        assert_models_equal(merge(recipe, registry=registry), read_model(model), tolerance=tolerance, what=f"one-hot selection of model {i} ({model.name}) of {count}")
 
 
 def check_deterministic(method: str, family: Family, fragment: Fragment | None = None, *, models: Sequence[Path] | None = None, registry: "Registry | None" = None) -> None:
@@ -236,7 +239,8 @@ def check_streaming_memory(method: str, root: str | Path, fragment: Fragment | N
     the method declares with ``memory_needed``: the core streams tensor by tensor, and a method
     that keeps tensors (or its outputs) across calls breaks this bound.
 
-    The deep family is written under ``root`` (~50 MB per model) unless given. A small merge
+    Give the method the inputs that reach its real code path (``fine_tunes``, or ``family``): a
+    trimmed mean of two models trims nothing. The deep family is written under ``root`` (~50 MB per model) unless given. A small merge
     (of ``warm_up``, by default a tiny family written under ``root``) runs first so that one-time
     costs (compiled kernels, imports) are not counted. Linux only (the peak is read from
     ``/proc``); elsewhere the check is skipped.

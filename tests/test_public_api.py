@@ -1,0 +1,82 @@
+"""The public plugin API is a versioned surface: ``workbench.__all__``, the hookspecs, the method
+contract and ``workbench.testing``. Its shape is recorded in tests/data/plugin_api.json under the
+API version; any change to it fails here until ``workbench.API_VERSION`` is bumped (MINOR for an
+addition, MAJOR for anything that can break a plugin) and the record is rewritten with
+``python tests/test_public_api.py``."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import workbench
+from workbench import hookspecs, method, testing
+
+RECORD = Path(__file__).resolve().parent / "data" / "plugin_api.json"
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"
+CONTRACT_CLASSES = ("TensorContext", "PrepareContext", "RowBlocks", "MemoryNeed")
+
+
+def _signature(obj: Any) -> str:
+    return str(inspect.signature(obj))
+
+
+def surface() -> dict[str, Any]:
+    """The shape of the public API as plain data (names and signatures, not behaviour)."""
+    merge_method = {
+        name: "class" if inspect.isclass(value) else _signature(value) if callable(value) else type(value).__name__
+        for name, value in vars(method.MergeMethod).items()
+        if not name.startswith("_")
+    }
+    return {
+        "api_version": workbench.API_VERSION,
+        "workbench.__all__": sorted(workbench.__all__),
+        "hookspecs": {name: _signature(fn) for name, fn in vars(hookspecs).items() if hasattr(fn, "workbench_spec")},
+        "MergeMethod": dict(sorted(merge_method.items())),
+        "MergeMethod annotations": sorted(method.MergeMethod.__annotations__),
+        "contract dataclasses": {name: [f.name for f in dataclasses.fields(getattr(method, name))] for name in CONTRACT_CLASSES},
+        "workbench.testing": {name: _signature(getattr(testing, name)) if inspect.isfunction(getattr(testing, name)) else type(getattr(testing, name)).__name__ for name in sorted(testing.__all__)},
+    }
+
+
+def test_the_public_api_matches_its_record() -> None:
+    recorded = json.loads(RECORD.read_text())
+    current = surface()
+    changed = sorted(key for key in current.keys() | recorded.keys() if current.get(key) != recorded.get(key))
+    assert not changed, (
+        f"the public plugin API changed ({', '.join(changed)}): bump workbench.API_VERSION (MINOR for an addition, "
+        "MAJOR for a change that can break a plugin), then record it: python tests/test_public_api.py"
+    )
+
+
+def test_every_public_name_resolves_and_importing_stays_cheap() -> None:
+    for name in workbench.__all__:
+        assert getattr(workbench, name) is not None, name
+    probe = "import sys, workbench; print(sorted(m for m in ('torch', 'pydantic', 'textual') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_guide_documents_every_public_name_and_the_version() -> None:
+    guide = DOCS.read_text()
+    for name in workbench.__all__:
+        assert f"`{name}`" in guide or f"`workbench.{name}`" in guide, f"docs/plugins.md does not mention `{name}`"
+    for name in testing.__all__:
+        assert re.search(rf"`{name}[`(]", guide), f"docs/plugins.md does not mention workbench.testing's `{name}`"
+    assert f'WORKBENCH_API = "{workbench.API_VERSION}"' in guide
+
+
+def test_the_record_guard_can_fail(monkeypatch: Any) -> None:
+    monkeypatch.setattr(workbench, "API_VERSION", "9.9")
+    assert surface()["api_version"] != json.loads(RECORD.read_text())["api_version"]
+
+
+if __name__ == "__main__":
+    RECORD.write_text(json.dumps(surface(), indent=1) + "\n")
+    print(f"recorded plugin API {workbench.API_VERSION} in {RECORD}")
