@@ -398,3 +398,43 @@ def test_a_newer_minor_version_of_the_core_loads_an_older_plugin(make_plugin: Ma
     registry = load_registry()
     assert "fake_newer" not in registry.methods
     assert "built for workbench plugin API 1.4, but this workbench provides plugin API 1.3 (compatible: 1.0 to 1.3)" in registry.problems[0]
+
+
+BAD_DEFAULT = """
+    from workbench import hookimpl
+    from workbench.method import MergeMethod, MethodParameters, Param
+
+
+    class Strength(MethodParameters):
+        strength: float = Param(2.0, description="Must lie in [0, 1], but its default does not.", ge=0.0, le=1.0)
+
+
+    class BadDefault(MergeMethod):
+        name = "fake_bad_default"
+        summary = "A schema whose default its own constraint refuses."
+        Parameters = Strength
+
+        def apply(self, tensors, base, params, model_params, ctx):
+            return tensors[0]
+
+
+    @hookimpl
+    def register_methods(register):
+        register(BadDefault)
+"""
+
+
+@pytest.mark.hook("register_methods")
+def test_a_schema_with_an_invalid_default_gives_one_warning(make_plugin: MakePlugin, cli: CliRunner, fresh_cli_registry: None, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+    """Every recipe that leaves the parameter out would fail: the method is refused at load instead."""
+    make_plugin("workbench-bad-default", "bad_default", BAD_DEFAULT)
+    result = cli.invoke(main, ["methods"], env=WIDE)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, warnings
+    assert "workbench-bad-default" in warnings[0] and "default of 'strength' is invalid" in warnings[0] and "less than or equal to 1" in warnings[0]
+    assert set(_rows(result.output)) >= BUILTIN_METHODS and "fake_bad_default" not in _rows(result.output)
+    recipe = tmp_path / "linear.yaml"
+    recipe.write_text(_linear_recipe_text(tiny_family["ft1"], tiny_family["ft2"]))
+    run = cli.invoke(main, ["run", str(recipe), "--out", str(tmp_path / "out"), "-q"], env=WIDE)
+    assert run.exit_code == 0, run.output

@@ -41,7 +41,8 @@ def register_methods(register: Register) -> None:
     - ``name`` is a lowercase identifier (``[a-z][a-z0-9_]*``): the recipe's ``method:``;
     - ``summary`` is a non-empty string (one line for ``workbench methods``);
     - ``Parameters`` and ``ModelParameters`` subclass :class:`workbench.method.MethodParameters`,
-      every field has a description (``Param(default, description=...)``) and no name is in both;
+      every field has a description (``Param(default, description=...)``), every default passes
+      its own constraints (a recipe leaving the parameter out gets it) and no name is in both;
     - ``base_model`` is ``"required"``, ``"optional"`` or ``"unused"``;
     - ``apply`` is implemented.
 

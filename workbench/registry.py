@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pluggy
+from pydantic import ValidationError
 
 from workbench import API_VERSION, hookspecs
 from workbench.checkpoint.base import CheckpointFormat, CheckpointReader
@@ -239,11 +240,28 @@ def check_method(obj: Any) -> str:
         for fname, finfo in schema.model_fields.items():
             if not finfo.description:
                 raise ValueError(f"method '{name}': parameter '{fname}' has no description")
+        _check_schema(schema, f"method '{name}': {attr}")
     if obj.base_model not in ("required", "optional", "unused"):
         raise ValueError(f"method '{name}': base_model must be 'required', 'optional' or 'unused'")
     if obj.apply is MergeMethod.apply:
         raise ValueError(f"method '{name}' does not implement apply()")
     return name
+
+
+def _check_schema(schema: type[MethodParameters], where: str) -> None:
+    """A recipe that leaves a parameter out gets its default, and pydantic does not check defaults:
+    a default its own constraints refuse would fail every such recipe, so it is refused here. Each
+    default is checked alone (cross-field validators see only the fields a recipe sets)."""
+    for field_name, info in schema.model_fields.items():
+        if info.is_required():
+            continue
+        key = info.alias or field_name
+        try:
+            schema.model_validate({key: info.get_default(call_default_factory=True)})
+        except ValidationError as exc:
+            for error in exc.errors():
+                if error["loc"][:1] == (key,):
+                    raise ValueError(f"{where}: the default of '{key}' is invalid ({error['msg']})") from None
 
 
 def check_format(obj: Any) -> str:
