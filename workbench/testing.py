@@ -240,21 +240,23 @@ def check_streaming_memory(method: str, root: str | Path, fragment: Fragment | N
     that keeps tensors (or its outputs) across calls breaks this bound.
 
     Give the method the inputs that reach its real code path (``fine_tunes``, or ``family``): a
-    trimmed mean of two models trims nothing. The deep family is written under ``root`` (~50 MB per model) unless given. A small merge
-    (of ``warm_up``, by default a tiny family written under ``root``) runs first so that one-time
-    costs (compiled kernels, imports) are not counted. Linux only (the peak is read from
-    ``/proc``); elsewhere the check is skipped.
+    trimmed mean of two models trims nothing. The deep family (~50 MB per model) and the output are
+    written under ``root``. A small merge (of ``warm_up``, by default a tiny family written under
+    ``root``) runs first so that one-time costs (compiled kernels, imports) are not counted. Linux
+    only (the peak is read from ``/proc``); elsewhere the check is skipped.
     """
     from workbench.plan import build_plan
     from workbench.recipe import parse_recipe
 
     root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix="memory-check-", dir=root)) / "out"
     family = family or tiny_family(root / "deep", fine_tunes=fine_tunes, shape=DEEP)
     warm_up = warm_up or tiny_family(root / "warm-up", fine_tunes=len(family.models))
     merge(build_recipe(method, warm_up, fragment, registry=registry), registry=registry)
 
     recipe = build_recipe(method, family, fragment, registry=registry)
-    plan = build_plan(parse_recipe(yaml.safe_dump(recipe), "<memory check>"), _registry(registry), out=root / "out", overwrite=True)
+    plan = build_plan(parse_recipe(yaml.safe_dump(recipe), "<memory check>"), _registry(registry), out=out)
     try:
         inputs = sum(t.input_bytes for t in plan.tensors)
         # in the compute dtype, at least float32 (methods may widen to compute)
@@ -268,7 +270,7 @@ def check_streaming_memory(method: str, root: str | Path, fragment: Fragment | N
     _release_free_memory()
     before = _status_kb("VmRSS")
     _reset_peak()
-    _run(recipe, root / "out", registry)
+    _run(recipe, out, registry)
     peak = _status_kb("VmHWM")
     report = MemoryReport(peak - before, allowance, inputs, largest, declared)
     if report.peak_extra > allowance:
