@@ -22,6 +22,7 @@ from merging import add_word_tokenizer, word_text
 from workbench.lora.extract import extract_lora
 from workbench.method import MergeMethod, MethodParameters, Param
 from workbench.registry import Registry, load_registry
+from workbench import hookimpl
 from workbench.testing import (
     DEEP,
     Family,
@@ -33,7 +34,6 @@ from workbench.testing import (
     check_streaming_memory,
     tiny_family,
 )
-from workbench import hookimpl
 
 Select = Callable[[int, int], dict[str, Any]]
 
@@ -54,7 +54,6 @@ class Properties:
     models: int | None = None
     #: The inputs are LoRA adapters of the fine-tunes, not the fine-tunes.
     adapters: bool = False
-    tolerance: float = 0.0
 
 
 def weights(i: int, n: int) -> list[dict[str, float]]:
@@ -176,7 +175,7 @@ def test_identity_at_full_weight(name: str, tiny: Inputs) -> None:
     props = PROPERTIES[name]
     if isinstance(props.identity, NotApplicable):
         pytest.skip(props.identity.why)
-    check_identity(name, tiny.family, _fragment(name, props, tiny.text, props.identity), tolerance=props.tolerance)
+    check_identity(name, tiny.family, _fragment(name, props, tiny.text, props.identity))
 
 
 @pytest.mark.parametrize("name", sorted(PROPERTIES))
@@ -185,7 +184,7 @@ def test_one_hot_selection(name: str, tiny: Inputs) -> None:
     if isinstance(props.one_hot, NotApplicable):
         pytest.skip(props.one_hot.why)
     select = props.one_hot
-    check_one_hot(name, tiny.family, lambda i, n: {**_fragment(name, props, tiny.text), **select(i, n)}, models=tiny.models(props), tolerance=props.tolerance)
+    check_one_hot(name, tiny.family, lambda i, n: {**_fragment(name, props, tiny.text), **select(i, n)}, models=tiny.models(props))
 
 
 @pytest.mark.parametrize("name", sorted(PROPERTIES))
