@@ -16,6 +16,7 @@ import importlib.metadata as metadata
 import inspect
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -100,10 +101,17 @@ def _split_env(name: str) -> set[str]:
     return {part.strip() for part in os.environ.get(name, "").split(",") if part.strip()}
 
 
-def _dist_info(ep: metadata.EntryPoint) -> PluginInfo:
+def _dist_info(ep: metadata.EntryPoint, parsed: dict[int, tuple[str, str]]) -> PluginInfo:
+    """Where an entry point comes from. ``Distribution.name`` and ``.version`` parse the METADATA
+    file on every access, so each distribution's are read once into ``parsed`` (keyed by the
+    distribution object, which every entry point of one distribution shares)."""
     dist = getattr(ep, "dist", None)
-    package = dist.name if dist is not None else ep.module.split(".")[0]
-    version = dist.version if dist is not None else "?"
+    if dist is None:
+        return PluginInfo(name=ep.name, package=ep.module.split(".")[0], version="?")
+    if id(dist) not in parsed:
+        fields = dist.metadata
+        parsed[id(dist)] = (fields["Name"], fields["Version"])
+    package, version = parsed[id(dist)]
     return PluginInfo(name=ep.name, package=package, version=version)
 
 
@@ -115,14 +123,16 @@ class _Loader:
 
     def load_entry_points(self, only: set[str], blocked: set[str]) -> None:
         seen: set[tuple[str, str]] = set()
+        parsed: dict[int, tuple[str, str]] = {}
+        found = [(ep, _dist_info(ep, parsed)) for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)]
+
         # Built-in plugins first, then the others by package and name: when two plugins register the
         # same name the first one keeps it, whatever the order of sys.path or of a folder listing.
-        def order(ep: metadata.EntryPoint) -> tuple[bool, str, str]:
-            package = re.sub(r"[-_.]+", "-", _dist_info(ep).package).lower()
-            return (package != CORE_DISTRIBUTION, package, ep.name)
+        def order(item: tuple[metadata.EntryPoint, PluginInfo]) -> tuple[bool, str, str]:
+            package = re.sub(r"[-_.]+", "-", item[1].package).lower()
+            return (package != CORE_DISTRIBUTION, package, item[0].name)
 
-        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=order):
-            info = _dist_info(ep)
+        for ep, info in sorted(found, key=order):
             if (info.package, ep.name) in seen:  # the same distribution visible twice on sys.path
                 continue
             seen.add((info.package, ep.name))
@@ -159,6 +169,15 @@ class _Loader:
             self.problem(info, f"implements unknown hook(s) {', '.join(sorted(unknown))}")
             return
         self.registry.plugins.append(info)
+
+    def check_registered(self, table: dict[str, Registered], kind: str, check: Callable[[Any], None]) -> None:
+        """A check that needs every item registered first: an item that fails it is dropped."""
+        for name, entry in list(table.items()):
+            try:
+                check(entry.obj)
+            except Exception as exc:
+                del table[name]
+                self.problem(entry.plugin, f"registered an invalid {kind}: {exc}")
 
     def problem(self, info: PluginInfo, message: str) -> None:
         self.registry.problems.append(f"plugin '{info.name}' (package {info.package}) {message}; skipped.")
@@ -240,7 +259,6 @@ def check_method(obj: Any) -> str:
         for fname, finfo in schema.model_fields.items():
             if not finfo.description:
                 raise ValueError(f"method '{name}': parameter '{fname}' has no description")
-        _check_schema(schema, f"method '{name}': {attr}")
     if obj.base_model not in ("required", "optional", "unused"):
         raise ValueError(f"method '{name}': base_model must be 'required', 'optional' or 'unused'")
     if obj.apply is MergeMethod.apply:
@@ -248,10 +266,18 @@ def check_method(obj: Any) -> str:
     return name
 
 
-def _check_schema(schema: type[MethodParameters], where: str) -> None:
+def check_defaults(method: type[MergeMethod]) -> None:
     """A recipe that leaves a parameter out gets its default, and pydantic does not check defaults:
     a default its own constraints refuse would fail every such recipe, so it is refused here. Each
-    default is checked alone (cross-field validators see only the fields a recipe sets)."""
+    default is checked alone (cross-field validators see only the fields a recipe sets).
+
+    Run once every method is registered: a validator may look up another method (LiNeS checks the
+    method it wraps), and :func:`get_registry` then answers with the registry being built."""
+    for attr in ("Parameters", "ModelParameters"):
+        _check_schema(getattr(method, attr), f"method '{method.name}': {attr}")
+
+
+def _check_schema(schema: type[MethodParameters], where: str) -> None:
     for field_name, info in schema.model_fields.items():
         if info.is_required():
             continue
@@ -294,22 +320,42 @@ def load_registry(extra_plugins: list[tuple[Any, str]] | None = None) -> Registr
     loader.load_entry_points(_split_env("WORKBENCH_PLUGINS"), _split_env("WORKBENCH_DISABLE_PLUGINS"))
     for plugin, name in extra_plugins or []:
         loader.add(plugin, PluginInfo(name=name, package=name, version="local"))
-    loader.call("register_methods", registry.methods, check_method)
-    loader.call("register_formats", registry.formats, check_format)
-    loader.call("register_executors", registry.executors, check_executor)
-    loader.call("register_evaluators", registry.evaluators, check_evaluator)
+    _building.stack.append(registry)
+    try:
+        loader.call("register_methods", registry.methods, check_method)
+        loader.call("register_formats", registry.formats, check_format)
+        loader.call("register_executors", registry.executors, check_executor)
+        loader.call("register_evaluators", registry.evaluators, check_evaluator)
+        loader.check_registered(registry.methods, "method", check_defaults)
+    finally:
+        _building.stack.pop()
     return registry
 
 
+class _Building(threading.local):
+    """The registries this thread is loading, innermost last."""
+
+    def __init__(self) -> None:
+        self.stack: list[Registry] = []
+
+
+_building = _Building()
 _cached: Registry | None = None
+_lock = threading.Lock()
 
 
 def get_registry(reload: bool = False) -> Registry:
-    """The process-wide registry, loaded on first use."""
+    """The process-wide registry, loaded once, on first use.
+
+    Code that runs while a registry is loading (a parameter validator checked at registration that
+    looks up another method) gets that registry, not a new load of its own."""
     global _cached
-    if _cached is None or reload:
-        _cached = load_registry()
-    return _cached
+    if _building.stack and not reload:
+        return _building.stack[-1]
+    with _lock:
+        if _cached is None or reload:
+            _cached = load_registry()
+        return _cached
 
 
 def require_plugins(registry: Registry) -> None:
