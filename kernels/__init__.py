@@ -69,8 +69,13 @@ def triton_runs_on(device: torch.device) -> bool:
     return TRITON is not None and (device.type == "cuda" or interpreting())
 
 
-def implementation(device: torch.device) -> str:
-    """The implementation an op uses for inputs on ``device``: forced, or the fastest available."""
+def implementation(device: torch.device, *, numba_on_cpu: bool = True) -> str:
+    """The implementation an op uses for inputs on ``device``: forced, or the fastest available.
+
+    An op whose Numba kernel is no faster than its torch path inside a merge passes
+    ``numba_on_cpu=False``: the first Numba kernel of a process costs ~0.4 s of Numba's own set-up
+    (its CPU target's registries) on the 2-core development machine, which such an op would add to
+    every merge for nothing (``WORKBENCH_KERNELS=numba`` still selects its kernel)."""
     forced = selected_impl()
     if forced == "triton" and not triton_runs_on(device):
         why = "triton is not installed" if not triton_installed() else f"tensors are on {device.type}, not CUDA, and TRITON_INTERPRET=1 was not set when workbench_kernels was imported"
@@ -79,7 +84,7 @@ def implementation(device: torch.device) -> str:
         return forced
     if device.type == "cuda" and triton_runs_on(device):
         return "triton"
-    return "numba" if device.type == "cpu" else "torch"
+    return "numba" if device.type == "cpu" and numba_on_cpu else "torch"
 
 
 def block_size() -> int:

@@ -135,7 +135,7 @@ def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, compute_dtype: torch.dty
     """Dispatch on the inputs' device (see :func:`workbench_kernels.implementation`)."""
     if v0.shape != v1.shape:
         raise ValueError(f"slerp: shapes {list(v0.shape)} and {list(v1.shape)} differ")
-    impl = implementation(v0.device)
+    impl = implementation(v0.device, numba_on_cpu=False)  # its sum is weighted_sum's: the torch path on CPU
     if impl == "reference":
         return slerp_reference(v0, v1, t, compute_dtype).to(out_dtype or compute_dtype)
     if impl == "triton":

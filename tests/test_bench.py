@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import torch
 from click.testing import CliRunner
 
-from workbench.bench import bf16_steps, measure
+from workbench.bench import bf16_steps, io_floor, measure
 from safetensors.torch import save_file
 from workbench.cli import main
 
@@ -36,6 +39,36 @@ def test_bench_runs_a_merge_and_checks_it_against_the_reference_kernels(tmp_path
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(main, ["bench", "--size", "tiny", "--methods", "ties", "--dir", str(tmp_path / "models"), "--check", "--json", str(out)])
     assert result.exit_code == 0, result.output
-    (row,) = json.loads(out.read_text())
+    report = json.loads(out.read_text())
+    (row,) = report["merges"]
     assert row["method"] == "ties" and row["tool"] == "workbench"
     assert row["bf16_steps_vs_reference"] == 0 and row["peak_rss_mb_max"] > 0 and row["merge_s_best"] > 0
+    assert row["io_floor_s"] > 0 and row["merge_over_floor_best"] == pytest.approx(row["merge_s_best"] / row["io_floor_s"], rel=0.01)
+    startup = {r["command"]: r for r in report["startup"]}
+    assert set(startup) == {"workbench --help", "workbench methods", "workbench validate RECIPE", "workbench tui (first screen)"}
+    assert all(r["runs"] == 3 and 0 < r["best_s"] <= r["median_s"] for r in startup.values())
+
+
+def test_the_io_floor_reads_every_input_and_writes_the_output_size(tmp_path, monkeypatch):
+    inputs = [tmp_path / "a.bin", tmp_path / "b.bin"]
+    inputs[0].write_bytes(b"x" * 5_000_000)
+    inputs[1].write_bytes(b"y" * 123)
+    written: list[int] = []
+    real_open = Path.open
+
+    def spy(self, mode="r", *args, **kwargs):
+        handle = real_open(self, mode, *args, **kwargs)
+        if "w" in mode:
+            real_write = handle.write
+            handle.write = lambda data: written.append(len(data)) or real_write(data)  # type: ignore[method-assign]
+        return handle
+
+    monkeypatch.setattr(Path, "open", spy)
+    assert io_floor(inputs, 40_000_123, tmp_path, repeat=1) > 0
+    assert sum(written) == 40_000_123
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]  # its scratch file is gone
+
+
+def test_tui_exit_when_ready_opens_the_first_screen_and_leaves():
+    done = subprocess.run([sys.executable, "-m", "workbench", "tui", "--exit-when-ready"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -44,8 +44,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from workbench import architecture
 from workbench.architecture import TensorPlace
 from workbench.checkpoint.resolve import open_reference
@@ -53,6 +51,8 @@ from workbench.errors import CheckpointError, WorkbenchError
 from workbench.progress import ProgressCallback, ProgressEvent
 
 if TYPE_CHECKING:
+    import torch
+
     from workbench.checkpoint import CheckpointReader
     from workbench.registry import Registry
 

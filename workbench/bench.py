@@ -14,6 +14,13 @@ engine's own merge time (first read to final rename, from ``--stats-json``); for
 reports no merge time, it is the wall time of ``mergekit-yaml --help`` (interpreter, torch and
 its other imports). ``--check`` reruns each merge with ``WORKBENCH_KERNELS=reference`` and
 reports how far the outputs are apart, in bf16 steps.
+
+Two more figures put the merges in context. The start-up of the commands a user waits on without
+merging anything (``--help``, ``methods``, ``validate`` of the first benchmarked recipe, the TUI's
+first screen), each a fresh process, so a regression in imports or plugin loading shows in the
+numbers. And the machine's I/O floor for each merge: the time to read its inputs once from the
+page cache and write as many bytes as its output holds, by a plain copy; no tool can merge faster
+than that, so each merge time is also shown as a multiple of it.
 """
 
 from __future__ import annotations
@@ -92,6 +99,53 @@ def input_bytes(recipe: dict[str, Any]) -> int:
     return sum(f.stat().st_size for f in input_files(recipe))
 
 
+def output_bytes(folder: Path) -> int:
+    """Bytes of the weights a merge wrote (its safetensors files)."""
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def startup_commands(recipe_file: Path) -> dict[str, list[str]]:
+    """The commands whose start-up is timed: label -> command line."""
+    workbench = [sys.executable, "-m", "workbench"]
+    return {
+        "workbench --help": [*workbench, "--help"],
+        "workbench methods": [*workbench, "methods"],
+        "workbench validate RECIPE": [*workbench, "validate", str(recipe_file)],
+        "workbench tui (first screen)": [*workbench, "tui", "--exit-when-ready"],
+    }
+
+
+def measure_startup(recipe_file: Path, repeat: int) -> list[dict[str, Any]]:
+    """Best and median wall time of each start-up command, each run a fresh process."""
+    rows = []
+    for label, command in startup_commands(recipe_file).items():
+        walls = [measure(command)[0] for _ in range(max(3, repeat))]
+        rows.append({"command": label, "runs": len(walls), "best_s": round(min(walls), 3), "median_s": round(statistics.median(walls), 3)})
+    return rows
+
+
+def io_floor(files: list[Path], nbytes_out: int, folder: Path, repeat: int) -> float:
+    """Best time to read ``files`` once (from the page cache) and write ``nbytes_out`` bytes to a
+    new file in ``folder`` (into the page cache, as a merge's output is written), by plain
+    ``readinto``/``write`` calls through one 16 MiB buffer."""
+    buffer = memoryview(bytearray(1 << 24))
+    target = folder / ".workbench-bench-io-floor"
+    best = float("inf")
+    for _ in range(max(1, repeat)):
+        start = time.perf_counter()
+        for path in files:
+            with path.open("rb", buffering=0) as f:
+                while f.readinto(buffer):
+                    pass
+        with target.open("wb", buffering=0) as f:
+            left = nbytes_out
+            while left:
+                left -= f.write(buffer[: min(left, len(buffer))])
+        best = min(best, time.perf_counter() - start)
+        target.unlink()
+    return best
+
+
 def warm_page_cache(files: list[Path]) -> None:
     """Read the inputs once, so every timed run (of either tool) finds them in the page cache
     rather than the first one paying for the disk."""
@@ -126,7 +180,7 @@ def _ordered(bits: Any) -> Any:
     return bits.where(bits >= 0, -(bits & 0x7FFF))
 
 
-def _summary(tool: str, method: str, runs: list[dict[str, float]], startup: float | None, nbytes: int) -> dict[str, Any]:
+def _summary(tool: str, method: str, runs: list[dict[str, float]], startup: float | None, nbytes: int, floor: float) -> dict[str, Any]:
     """Best/median merge time of a tool's runs; ``startup`` given (mergekit) or per run (workbench)."""
     merges = [r["wall_s"] - (startup if startup is not None else r["wall_s"] - r["merge_s"]) for r in runs]
     best = min(range(len(runs)), key=lambda i: merges[i])
@@ -136,9 +190,13 @@ def _summary(tool: str, method: str, runs: list[dict[str, float]], startup: floa
         "method": method,
         "runs": len(runs),
         "wall_s": round(runs[best]["wall_s"], 3),
+        "wall_s_median": round(statistics.median(r["wall_s"] for r in runs), 3),
         "startup_s": round(runs[best]["wall_s"] - merges[best], 3),
         "merge_s_best": round(merges[best], 3),
         "merge_s_median": round(median, 3),
+        "io_floor_s": round(floor, 5),
+        "merge_over_floor_best": round(merges[best] / max(floor, 1e-9), 2),
+        "merge_over_floor_median": round(median / max(floor, 1e-9), 2),
         "input_gb": round(nbytes / 1e9, 3),
         "input_gb_per_s_best": round(nbytes / max(merges[best], 1e-9) / 1e9, 3),
         "input_gb_per_s_median": round(nbytes / max(median, 1e-9) / 1e9, 3),
@@ -146,7 +204,7 @@ def _summary(tool: str, method: str, runs: list[dict[str, float]], startup: floa
     }
 
 
-def run_bench(size: str, methods: list[str], fine_tunes: int, directory: Path, repeat: int, json_out: Path | None, console: Any, *, mergekit: Path | None = None, check: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
+def run_bench(size: str, methods: list[str], fine_tunes: int, directory: Path, repeat: int, json_out: Path | None, console: Any, *, mergekit: Path | None = None, check: bool = False, device: str = "cpu") -> dict[str, list[dict[str, Any]]]:
     from workbench.synthetic import SIZES, write_family
 
     models = directory / size
@@ -164,10 +222,14 @@ def run_bench(size: str, methods: list[str], fine_tunes: int, directory: Path, r
 
     results = []
     with tempfile.TemporaryDirectory(prefix="workbench-bench-") as tmp:
+        recipe_files = {}
         for method in methods:
-            recipe = mergekit_recipe(method, models, fine_tunes)
-            recipe_file = Path(tmp) / f"{method}.yaml"
-            recipe_file.write_text(yaml.safe_dump(recipe))
+            recipe_files[method] = Path(tmp) / f"{method}.yaml"
+            recipe_files[method].write_text(yaml.safe_dump(mergekit_recipe(method, models, fine_tunes)))
+        startup = measure_startup(recipe_files[methods[0]], repeat) if methods else []
+        _print_startup(startup, console)
+        for method in methods:
+            recipe, recipe_file = mergekit_recipe(method, models, fine_tunes), recipe_files[method]
             nbytes = input_bytes(recipe)
             warm_page_cache(input_files(recipe))
             out = directory / f"out-{size}-{method}"
@@ -179,7 +241,8 @@ def run_bench(size: str, methods: list[str], fine_tunes: int, directory: Path, r
             for _ in range(repeat):
                 wall, _, rss = measure(command(out))
                 runs.append({"wall_s": wall, "merge_s": json.loads(stats_file.read_text())["seconds"], "rss": rss})
-            row = _summary("workbench", method, runs, None, nbytes)
+            floor = io_floor(input_files(recipe), output_bytes(out), directory, repeat)
+            row = _summary("workbench", method, runs, None, nbytes, floor)
             if check:
                 reference_out = directory / f"out-{size}-{method}-reference"
                 measure(command(reference_out), env={**os.environ, "WORKBENCH_KERNELS": "reference"})
@@ -193,33 +256,45 @@ def run_bench(size: str, methods: list[str], fine_tunes: int, directory: Path, r
                     wall, _, rss = measure([str(mergekit), str(recipe_file), str(out), "--no-copy-tokenizer"])
                     mk_runs.append({"wall_s": wall, "merge_s": wall - mergekit_startup, "rss": rss})
                     shutil.rmtree(out, ignore_errors=True)
-                mk = _summary("mergekit", method, mk_runs, mergekit_startup, nbytes)
+                mk = _summary("mergekit", method, mk_runs, mergekit_startup, nbytes, floor)
                 row["speedup_best"] = round(mk["merge_s_best"] / max(row["merge_s_best"], 1e-9), 1)
                 row["speedup_median"] = round(mk["merge_s_median"] / max(row["merge_s_median"], 1e-9), 1)
+                row["wall_speedup"] = round(mk["wall_s"] / max(row["wall_s"], 1e-9), 1)
                 results.append(mk)
 
     _print_table(results, console)
+    report = {"startup": startup, "merges": results}
     if json_out:
-        json_out.write_text(json.dumps(results, indent=2) + "\n")
-    return results
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _print_startup(rows: list[dict[str, Any]], console: Any) -> None:
+    from rich.table import Table
+
+    table = Table("start-up (fresh process)", "runs", "best s", "median s", box=None, pad_edge=False)
+    for r in rows:
+        table.add_row(r["command"], str(r["runs"]), f"{r['best_s']:.2f}", f"{r['median_s']:.2f}")
+    console.print(table)
 
 
 def _print_table(results: list[dict[str, Any]], console: Any) -> None:
     from rich.table import Table
 
-    columns = ["method", "tool", "runs", "wall s", "start-up s", "merge s best/median", "input GB", "input GB/s best/median", "peak RSS MB"]
+    columns = ["method", "tool", "runs", "wall s best/median", "start-up s", "merge s best/median", "I/O floor s", "merge / floor best/median", "input GB", "input GB/s best/median", "peak RSS MB"]
     speedups = any("speedup_best" in r for r in results)
     checks = any("bf16_steps_vs_reference" in r for r in results)
-    columns += ["merge speed-up best/median"] * speedups + ["bf16 steps vs reference"] * checks
+    columns += ["merge speed-up best/median", "wall speed-up"] * speedups + ["bf16 steps vs reference"] * checks
     table = Table(*columns, box=None, pad_edge=False)
     for r in results:
         cells = [
-            r["method"], r["tool"], str(r["runs"]), f"{r['wall_s']:.2f}", f"{r['startup_s']:.2f}",
-            f"{r['merge_s_best']:.2f} / {r['merge_s_median']:.2f}", f"{r['input_gb']:.2f}",
+            r["method"], r["tool"], str(r["runs"]), f"{r['wall_s']:.2f} / {r['wall_s_median']:.2f}", f"{r['startup_s']:.2f}",
+            f"{r['merge_s_best']:.2f} / {r['merge_s_median']:.2f}", f"{r['io_floor_s']:.2f}",
+            f"{r['merge_over_floor_best']:.1f}× / {r['merge_over_floor_median']:.1f}×", f"{r['input_gb']:.2f}",
             f"{r['input_gb_per_s_best']:.2f} / {r['input_gb_per_s_median']:.2f}", f"{r['peak_rss_mb_max']:.0f}",
         ]
         if speedups:
-            cells.append(f"{r['speedup_best']}× / {r['speedup_median']}×" if "speedup_best" in r else "")
+            cells += [f"{r['speedup_best']}× / {r['speedup_median']}×", f"{r['wall_speedup']}×"] if "speedup_best" in r else ["", ""]
         if checks:
             cells.append(f"{r['bf16_steps_vs_reference']} ({r['elements_apart']} elements)" if "bf16_steps_vs_reference" in r else "")
         table.add_row(*cells)

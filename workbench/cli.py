@@ -262,13 +262,14 @@ def run(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_
 
 @main.command()
 @click.argument("recipe", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--exit-when-ready", is_flag=True, hidden=True, help="Run headless and exit once the first screen is up (start-up benchmarks).")
 @handle_errors
-def tui(recipe: Path | None) -> None:
+def tui(recipe: Path | None, exit_when_ready: bool) -> None:
     """Compose, inspect, run and publish a merge in the terminal (opens RECIPE if given; a new path is
     where the composed recipe is saved)."""
     from workbench.tui import run_tui
 
-    run_tui(recipe)
+    run_tui(recipe, exit_when_ready=exit_when_ready)
 
 
 @main.command()

@@ -6,8 +6,21 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def run_tui(recipe: Path | None = None) -> None:
-    """Open the app on ``recipe`` (or on an empty composition)."""
+def run_tui(recipe: Path | None = None, exit_when_ready: bool = False) -> None:
+    """Open the app on ``recipe`` (or on an empty composition). ``exit_when_ready`` runs it headless
+    and leaves as soon as the first screen is up: ``workbench bench`` times the start-up a user
+    waits for that way."""
+    from textual.pilot import Pilot
+
     from workbench.tui.app import make_app
 
-    make_app(recipe).run()
+    app = make_app(recipe)
+    if not exit_when_ready:
+        app.run()
+        return
+
+    async def leave(pilot: Pilot[None]) -> None:
+        await pilot.pause()  # the first screen mounted and laid out
+        pilot.app.exit()
+
+    app.run(headless=True, auto_pilot=leave)
