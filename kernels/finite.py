@@ -1,9 +1,11 @@
 """Whether a tensor holds no NaN or Inf: the engine asks it of every merged tensor.
 
-The reference is ``isfinite(x).all()``. The torch path sums in float32 first (a finite sum means
-finite elements; only a non-finite sum, which overflow can also cause, needs the exact check). The
-CPU kernel (Numba) counts, per chunk and on both cores, the elements whose magnitude is not at most
-the largest float32, which NaN and Inf are not.
+The reference is ``isfinite(x).all()``. The torch path takes the smallest and the largest element
+in one ``aminmax`` pass: both are finite exactly when every element is (a NaN propagates to both,
+an infinity is the largest or the smallest); on one thread it reads bf16 about 18x faster than a
+float32 sum (7.7 against 144 ms for 32.8M elements here). The CPU kernel (Numba) counts, per chunk
+and on both cores, the elements whose magnitude is not at most the largest float32, which NaN and
+Inf are not.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ def all_finite_reference(x: torch.Tensor) -> bool:
 
 
 def all_finite_torch(x: torch.Tensor) -> bool:
-    if bool(torch.isfinite(x.sum(dtype=torch.float32))):
+    if x.numel() == 0:
         return True
-    return all_finite_reference(x)
+    return bool(torch.isfinite(torch.stack(torch.aminmax(x))).all())
 
 
 @cpu.kernel
@@ -49,8 +51,7 @@ def all_finite_numba(x: torch.Tensor) -> bool:
 
 def all_finite(x: torch.Tensor) -> bool:
     """True for tensors without NaN/Inf (and for empty and integer tensors). On CPU the torch path
-    by default: one float32 sum, as fast as the Numba count inside a merge, without Numba's
-    start-up."""
+    by default: its one ``aminmax`` pass is as fast as the Numba count, without Numba's start-up."""
     if not x.is_floating_point() or x.numel() == 0:
         return True
     impl = implementation(x.device, numba_on_cpu=False)
