@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from workbench.bench import bf16_steps, io_floor, measure
+from workbench.bench import bf16_steps, io_floor, measure, mergekit_command
 from safetensors.torch import save_file
 from workbench.cli import main
 
@@ -72,3 +73,23 @@ def test_the_io_floor_reads_every_input_and_writes_the_output_size(tmp_path, mon
 def test_tui_exit_when_ready_opens_the_first_screen_and_leaves():
     done = subprocess.run([sys.executable, "-m", "workbench", "tui", "--exit-when-ready"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_mergekit_runs_under_a_timer_that_leaves_out_its_imports(tmp_path):
+    """A stand-in ``mergekit-yaml`` whose module takes 0.5 s to import and whose command takes
+    0.3 s: the timer reports the command alone, and the exit status is the command's."""
+    package = tmp_path / "site" / "mergekit" / "scripts"
+    package.mkdir(parents=True)
+    for folder in (package.parent, package):
+        (folder / "__init__.py").write_text("")
+    (package / "run_yaml.py").write_text(
+        "import sys, time\ntime.sleep(0.5)\n"
+        "def main():\n    time.sleep(0.3)\n    open(sys.argv[2], 'w').write(sys.argv[1])\n    sys.exit(0)\n"
+    )
+    script = tmp_path / "mergekit-yaml"
+    script.write_text(f"#!{sys.executable}\nimport sys\nfrom mergekit.scripts.run_yaml import main\nif __name__ == '__main__':\n    sys.exit(main())\n")
+    report, written = tmp_path / "seconds.txt", tmp_path / "out.txt"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    wall, status, _ = measure(mergekit_command(script, report, ["recipe.yml", str(written)]), env=env)
+    assert status == 0 and written.read_text() == "recipe.yml"
+    assert 0.3 <= float(report.read_text()) < wall - 0.5

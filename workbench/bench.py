@@ -9,10 +9,12 @@ merge, and the largest peak resident memory of the processes (``ru_maxrss`` from
 processes started from a small launcher). The inputs are read once before each method's runs, so
 every run finds them in the page cache.
 
-Start-up is measured in the same run: for the workbench it is the process's wall time minus the
-engine's own merge time (first read to final rename, from ``--stats-json``); for mergekit, which
-reports no merge time, it is the wall time of ``mergekit-yaml --help`` (interpreter, torch and
-its other imports). ``--check`` reruns each merge with ``WORKBENCH_KERNELS=reference`` and
+Start-up is measured in each run: for the workbench it is the process's wall time minus the
+engine's own merge time (first read to final rename, from ``--stats-json``); mergekit reports no
+merge time, so its command runs under a small timer (:data:`_MERGEKIT_TIMER`, in mergekit's own
+interpreter) that imports ``mergekit-yaml``'s module first and times the command from there on:
+its merge time excludes the interpreter, torch and mergekit's imports, as the workbench's does.
+``--check`` reruns each merge with ``WORKBENCH_KERNELS=reference`` and
 reports how far the outputs are apart, in bf16 steps.
 
 Two more figures put the merges in context. The start-up of the commands a user waits on without
@@ -77,6 +79,32 @@ with open(report, "w") as f:
     f.write(f"{time.perf_counter() - start} {usage.ru_maxrss}")
 sys.exit(os.waitstatus_to_exitcode(status))
 """
+
+
+#: Runs ``mergekit-yaml SCRIPT ARGS`` in mergekit's interpreter and writes the seconds from the end
+#: of its imports (the script's own module imported first) to the end of the command into REPORT.
+_MERGEKIT_TIMER = """
+import importlib, runpy, sys, time
+report, script, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+importlib.import_module("mergekit.scripts.run_yaml")
+start = time.perf_counter()
+sys.argv = [script, *args]
+try:
+    runpy.run_path(script, run_name="__main__")
+    code = 0
+except SystemExit as exc:
+    code = exc.code
+with open(report, "w") as f:
+    f.write(str(time.perf_counter() - start))
+sys.exit(code)
+"""
+
+
+def mergekit_command(mergekit: Path, report: Path, args: list[str]) -> list[str]:
+    """``mergekit-yaml ARGS`` under the timer, in the interpreter its script names."""
+    first = mergekit.read_text().splitlines()[0] if mergekit.is_file() else ""
+    python = first[2:].strip() if first.startswith("#!") else sys.executable
+    return [python, "-c", _MERGEKIT_TIMER, str(report), str(mergekit), *args]
 
 
 def measure(command: list[str], env: dict[str, str] | None = None) -> tuple[float, int, int]:
@@ -180,9 +208,9 @@ def _ordered(bits: Any) -> Any:
     return bits.where(bits >= 0, -(bits & 0x7FFF))
 
 
-def _summary(tool: str, method: str, runs: list[dict[str, float]], startup: float | None, nbytes: int, floor: float) -> dict[str, Any]:
-    """Best/median merge time of a tool's runs; ``startup`` given (mergekit) or per run (workbench)."""
-    merges = [r["wall_s"] - (startup if startup is not None else r["wall_s"] - r["merge_s"]) for r in runs]
+def _summary(tool: str, method: str, runs: list[dict[str, float]], nbytes: int, floor: float) -> dict[str, Any]:
+    """Best/median merge time of a tool's runs (the rest of each run's wall time is its start-up)."""
+    merges = [r["merge_s"] for r in runs]
     best = min(range(len(runs)), key=lambda i: merges[i])
     median = statistics.median(merges)
     return {
@@ -215,11 +243,6 @@ def run_bench(size: str, methods: list[str], fine_tunes: int, directory: Path, r
         write_family(models, size, fine_tunes)
         console.print(f"generated in {time.perf_counter() - start:.1f} s")
 
-    mergekit_startup = None
-    if mergekit is not None:
-        mergekit_startup = min(measure([str(mergekit), "--help"])[0] for _ in range(repeat))
-        console.print(f"mergekit start-up (`{mergekit.name} --help`, best of {repeat}): {mergekit_startup:.2f} s")
-
     results = []
     with tempfile.TemporaryDirectory(prefix="workbench-bench-") as tmp:
         recipe_files = {}
@@ -242,7 +265,7 @@ def run_bench(size: str, methods: list[str], fine_tunes: int, directory: Path, r
                 wall, _, rss = measure(command(out))
                 runs.append({"wall_s": wall, "merge_s": json.loads(stats_file.read_text())["seconds"], "rss": rss})
             floor = io_floor(input_files(recipe), output_bytes(out), directory, repeat)
-            row = _summary("workbench", method, runs, None, nbytes, floor)
+            row = _summary("workbench", method, runs, nbytes, floor)
             if check:
                 reference_out = directory / f"out-{size}-{method}-reference"
                 measure(command(reference_out), env={**os.environ, "WORKBENCH_KERNELS": "reference"})
@@ -250,13 +273,14 @@ def run_bench(size: str, methods: list[str], fine_tunes: int, directory: Path, r
                 shutil.rmtree(reference_out, ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)
             results.append(row)
-            if mergekit is not None and mergekit_startup is not None:
+            if mergekit is not None:
                 mk_runs = []
+                timer = Path(tmp) / "mergekit-seconds.txt"
                 for _ in range(repeat):
-                    wall, _, rss = measure([str(mergekit), str(recipe_file), str(out), "--no-copy-tokenizer"])
-                    mk_runs.append({"wall_s": wall, "merge_s": wall - mergekit_startup, "rss": rss})
+                    wall, _, rss = measure(mergekit_command(mergekit, timer, [str(recipe_file), str(out), "--no-copy-tokenizer"]))
+                    mk_runs.append({"wall_s": wall, "merge_s": float(timer.read_text()), "rss": rss})
                     shutil.rmtree(out, ignore_errors=True)
-                mk = _summary("mergekit", method, mk_runs, mergekit_startup, nbytes, floor)
+                mk = _summary("mergekit", method, mk_runs, nbytes, floor)
                 row["speedup_best"] = round(mk["merge_s_best"] / max(row["merge_s_best"], 1e-9), 1)
                 row["speedup_median"] = round(mk["merge_s_median"] / max(row["merge_s_median"], 1e-9), 1)
                 row["wall_speedup"] = round(mk["wall_s"] / max(row["wall_s"], 1e-9), 1)
