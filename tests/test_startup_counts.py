@@ -108,3 +108,37 @@ def test_the_load_counter_sees_a_second_load() -> None:
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"loads": 2, "entry_point_scans": 2}
+
+
+#: A task_arithmetic merge in a fresh process, then which Numba kernels hold a compiled (or
+#: cache-loaded) version: none may, since its ops take the torch path on CPU.
+NUMBA_USE = r"""
+import json, sys
+from workbench.engine import run_recipe
+run_recipe(sys.argv[1], out=sys.argv[2])
+from workbench_kernels import finite, threshold, ties, weighted_sum
+kernels = {"weighted_sum": weighted_sum._weighted_sum_numba, "finite": finite._count_non_finite_numba,
+           "threshold": threshold._count_band_kernel_numba, "ties": ties._ties_numba}
+print(json.dumps({name: len(kernel.overloads) for name, kernel in kernels.items()}))
+"""
+
+
+def _numba_use(tiny_family: dict[str, Path], folder: Path, method: str, model_parameters: dict | None = None) -> dict[str, int]:
+    recipe = folder / f"{method}.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "method": method, "base": str(tiny_family["base"]),
+        "models": [{"model": str(tiny_family[key]), "parameters": model_parameters or {}} for key in ("ft1", "ft2")],
+    }))
+    done = subprocess.run([sys.executable, "-c", NUMBA_USE, str(recipe), str(folder / f"out-{method}")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_task_arithmetic_merge_sets_up_no_numba_kernel(tiny_family: dict[str, Path], tmp_path: Path) -> None:
+    assert _numba_use(tiny_family, tmp_path, "task_arithmetic") == {"weighted_sum": 0, "finite": 0, "threshold": 0, "ties": 0}
+
+
+def test_the_numba_check_sees_a_kernel_that_ran(tiny_family: dict[str, Path], tmp_path: Path) -> None:
+    """Guard for the check above: a ties merge runs its Numba kernels, and the check sees them."""
+    used = _numba_use(tiny_family, tmp_path, "ties", {"density": 0.5})
+    assert used["threshold"] >= 1 and used["ties"] >= 1
