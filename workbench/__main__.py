@@ -37,7 +37,10 @@ def exit_now(code: object) -> NoReturn:
     else:
         print(code, file=sys.stderr)
         status = 1
-    threading._shutdown()  # type: ignore[attr-defined]  # what a normal exit runs first: join non-daemon threads
+    shutdown = getattr(threading, "_shutdown", None)  # CPython's: what a normal exit runs first
+    if shutdown is None:  # another interpreter: its ordinary exit
+        sys.exit(code)  # type: ignore[arg-type]
+    shutdown()  # joins the threads that are not daemons
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -245,14 +245,14 @@ def run_bench(size: str, methods: list[str], fine_tunes: int, directory: Path, r
 
     results = []
     with tempfile.TemporaryDirectory(prefix="workbench-bench-") as tmp:
-        recipe_files = {}
-        for method in methods:
-            recipe_files[method] = Path(tmp) / f"{method}.yaml"
-            recipe_files[method].write_text(yaml.safe_dump(mergekit_recipe(method, models, fine_tunes)))
+        recipes = {method: mergekit_recipe(method, models, fine_tunes) for method in methods}
+        recipe_files = {method: Path(tmp) / f"{method}.yaml" for method in methods}
+        for method, recipe in recipes.items():
+            recipe_files[method].write_text(yaml.safe_dump(recipe))
         startup = measure_startup(recipe_files[methods[0]], repeat) if methods else []
         _print_startup(startup, console)
         for method in methods:
-            recipe, recipe_file = mergekit_recipe(method, models, fine_tunes), recipe_files[method]
+            recipe, recipe_file = recipes[method], recipe_files[method]
             nbytes = input_bytes(recipe)
             warm_page_cache(input_files(recipe))
             out = directory / f"out-{size}-{method}"
