@@ -256,6 +256,27 @@ def test_shape_mismatch_names_tensor_and_both_shapes(cli: CliRunner, tiny_family
     assert_failed(result, out, f"'{name}'", str(changed), str(original), "models[1]")
 
 
+@COMMANDS
+@pytest.mark.parametrize("relabelled", ["ft1", "base"], ids=["in-a-model", "in-the-reference"])
+def test_a_float_tensor_relabelled_as_an_integer_is_refused_by_name(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str, relabelled: str) -> None:
+    """The header says I16 for a bf16 tensor (sizes still consistent): refused while planning,
+    naming the tensor, the model and both dtypes, instead of reaching a float kernel."""
+    models = {key: copy_model(tiny_family[key], tmp_path / key) for key in ("base", "ft1")}
+    file = models[relabelled] / "model.safetensors"
+    header, data = header_of(file)
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert header[name]["dtype"] == "BF16"
+    header[name]["dtype"] = "I16"
+    write_with_header(file, header, data)
+    recipe = linear_recipe(tmp_path, models["base"], models["ft1"])
+    out = tmp_path / "out"
+    result = invoke(cli, command, recipe, out)
+    assert_failed(result, out, f"'{name}'", "I16", "BF16", "integer or bool")
+    integer, floating = ("models[1]", "models[0]") if relabelled == "ft1" else ("models[0]", "models[1]")
+    said = " ".join(result.output.split())
+    assert f"as I16 in {integer}" in said and f"as BF16 in {floating}" in said, said
+
+
 def test_dtype_mismatch_is_converted_with_a_warning(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path) -> None:
     model = copy_model(tiny_family["ft1"], tmp_path / "fp16")
 

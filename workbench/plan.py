@@ -387,6 +387,11 @@ def _plan_tensors(recipe: Recipe, method_cls: type[MergeMethod], global_raw: dic
                     f"tensor '{name}' has shape {list(info.shape)} in {model} but {list(ref_info.shape)} in {reference};"
                     " the models must have the same architecture."
                 )
+            if info.is_float != ref_info.is_float:  # a float kernel must never see an integer or bool tensor
+                raise CheckpointError(
+                    f"tensor '{name}' is stored as {info.dtype} in {model} but as {ref_info.dtype} in {reference};"
+                    " an integer or bool tensor cannot be merged with a floating-point one (is a file damaged or mislabelled?)."
+                )
             if info.dtype != ref_info.dtype:
                 count = converted.get(model.label, (info.dtype, ref_info.dtype, 0))[2] + 1
                 converted[model.label] = (info.dtype, ref_info.dtype, count)
