@@ -189,14 +189,35 @@ def test_address_needs_a_remote_executor(cli: CliRunner, tiny_family: dict[str, 
     assert not out.exists() and not partial_folder(out).exists()
 
 
-def test_finished_jobs_are_handed_over_as_they_finish(ray_site: Path) -> None:
+def test_finished_jobs_are_handed_over_as_they_finish(ray_site: Path, tmp_path: Path) -> None:
     """``on_done`` sees each result when its task ends (the quick job first), while the returned
-    list keeps job order: the engine records a finished shard at once, so --resume keeps it."""
+    list keeps job order: the engine records a finished shard at once, so --resume keeps it.
+
+    The order is fixed by an event, not by sleeps: the slow job ends only once the driver has been
+    handed the quick job's result (its ``on_done`` writes a marker file), so on a busy machine it
+    still finishes second, and an executor that handed results over only at the end would leave
+    the slow job waiting out its deadline and returning "never told"."""
     import time
 
     from workbench_plugins.ray_executor import RayExecutor
 
-    seen: list[float] = []
-    results = RayExecutor().run([3.0, 0.0], lambda seconds: (time.sleep(seconds), seconds)[1], lambda job, result: seen.append(result))
-    assert results == [3.0, 0.0]
-    assert seen == [0.0, 3.0]
+    marker = tmp_path / "quick-job-handed-over"
+
+    def job(name: str) -> str:
+        if name == "quick":
+            return "quick"
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return "slow" if marker.exists() else "slow, never told"
+
+    seen: list[str] = []
+
+    def on_done(job_name: str, result: str) -> None:
+        seen.append(result)
+        if result == "quick":
+            marker.write_text("")
+
+    results = RayExecutor().run(["slow", "quick"], job, on_done)
+    assert results == ["slow", "quick"]
+    assert seen == ["quick", "slow"]
