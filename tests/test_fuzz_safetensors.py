@@ -339,7 +339,7 @@ def index_texts(draw: st.DrawFn) -> str:
     ]))
 
 
-@given(index_texts(), st.one_of(st.none(), st.text(max_size=20), st.just(deep(50_000)), st.just("{}")))
+@given(index_texts(), st.one_of(st.none(), st.text(max_size=20), st.just(deep(50_000)), st.just("{}"), st.just('{"model_type": "llama", "num_hidden_layers": 2}'), st.just("[1, 2]")))
 @example('{"weight_map": {"a": "../outside.safetensors", "b": "../outside.safetensors"}}', None)  # read outside the folder
 @example('{"weight_map": {"a": "ABSOLUTE"}}', None)  # an absolute path was read
 @example('{"weight_map": ' + deep(50_000) + "}", deep(50_000))  # RecursionError from index and config.json
@@ -366,7 +366,13 @@ def test_hostile_indexes_fail_cleanly(sharded: Path, index_text: str, config_tex
                     assert list(values) == SHARD_TENSORS[info.file.name][name]
             finally:
                 reader.close()
-            assert folder_config(sharded) is None or isinstance(folder_config(sharded), dict)
+            seen = folder_config(sharded)
+            if config_text is None:
+                assert seen is None
+            else:  # what the JSON parser makes of the bytes written (folder_config raised otherwise)
+                parsed = json.loads(config.read_bytes())
+                expected = parsed if isinstance(parsed, dict) else None
+                assert json.dumps(seen, sort_keys=True) == json.dumps(expected, sort_keys=True)
     except CheckpointError as exc:
         assert str(sharded) in str(exc), f"the error does not name the folder: {exc}"
 

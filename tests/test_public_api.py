@@ -45,10 +45,25 @@ def surface() -> dict[str, Any]:
     }
 
 
-def test_the_public_api_matches_its_record() -> None:
-    recorded = json.loads(RECORD.read_text())
+def changes(current: dict[str, Any], recorded: dict[str, Any]) -> list[str]:
+    """The parts of the surface that differ from the record."""
+    return sorted(key for key in current.keys() | recorded.keys() if current.get(key) != recorded.get(key))
+
+
+def record(path: Path = RECORD) -> None:
+    """Write the current surface to ``path``; refused when it differs from the recorded one under
+    the same API version, so a change cannot be recorded without a version bump."""
     current = surface()
-    changed = sorted(key for key in current.keys() | recorded.keys() if current.get(key) != recorded.get(key))
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        changed = changes(current, recorded)
+        if changed and recorded.get("api_version") == current["api_version"]:
+            raise SystemExit(f"the plugin API changed ({', '.join(changed)}) but workbench.API_VERSION is still {current['api_version']}: bump it first")
+    path.write_text(json.dumps(current, indent=1) + "\n")
+
+
+def test_the_public_api_matches_its_record() -> None:
+    changed = changes(surface(), json.loads(RECORD.read_text()))
     assert not changed, (
         f"the public plugin API changed ({', '.join(changed)}): bump workbench.API_VERSION (MINOR for an addition, "
         "MAJOR for a change that can break a plugin), then record it: python tests/test_public_api.py"
@@ -72,11 +87,31 @@ def test_the_guide_documents_every_public_name_and_the_version() -> None:
     assert f'WORKBENCH_API = "{workbench.API_VERSION}"' in guide
 
 
-def test_the_record_guard_can_fail(monkeypatch: Any) -> None:
-    monkeypatch.setattr(workbench, "API_VERSION", "9.9")
-    assert surface()["api_version"] != json.loads(RECORD.read_text())["api_version"]
+def test_the_record_guard_sees_a_changed_surface(monkeypatch: Any) -> None:
+    """Guard for the check above: a new public name (or a changed signature) is reported."""
+    recorded = json.loads(RECORD.read_text())
+    monkeypatch.setattr(workbench, "__all__", [*workbench.__all__, "a_new_public_name"])
+    assert changes(surface(), recorded) == ["workbench.__all__"]
+    monkeypatch.setattr(testing, "merge", lambda recipe, extra_argument: None)
+    assert changes(surface(), recorded) == ["workbench.__all__", "workbench.testing"]
+
+
+def test_a_changed_surface_cannot_be_recorded_without_a_version_bump(monkeypatch: Any, tmp_path: Path) -> None:
+    copy = tmp_path / "plugin_api.json"
+    copy.write_text(RECORD.read_text())
+    monkeypatch.setattr(workbench, "__all__", [*workbench.__all__, "a_new_public_name"])
+    try:
+        record(copy)
+    except SystemExit as refusal:
+        assert "bump it first" in str(refusal)
+    else:
+        raise AssertionError("a changed surface was recorded under the same API version")
+    assert copy.read_text() == RECORD.read_text()
+    monkeypatch.setattr(workbench, "API_VERSION", "1.1")
+    record(copy)
+    assert json.loads(copy.read_text())["api_version"] == "1.1"
 
 
 if __name__ == "__main__":
-    RECORD.write_text(json.dumps(surface(), indent=1) + "\n")
+    record()
     print(f"recorded plugin API {workbench.API_VERSION} in {RECORD}")
