@@ -3,8 +3,8 @@ kernel, for the hot ops a CPU kernel compiled by Numba (:mod:`workbench_kernels.
 dispatcher.
 
 The dispatcher of every op picks, for the device of its inputs: Triton on CUDA (when triton is
-installed), the Numba kernel on CPU where the op has one worth Numba's set-up, the torch path otherwise (other devices,
-other dtypes). ``WORKBENCH_KERNELS=reference|torch|numba|triton`` forces one (tests and
+installed), the Numba kernel on CPU where the op has one worth Numba's set-up, the torch path
+otherwise (other devices, other dtypes). ``WORKBENCH_KERNELS=reference|torch|numba|triton`` forces one (tests and
 ``workbench bench --check`` compare them; an op without a Numba kernel runs its torch path). Triton kernels run on CPU tensors only under
 the Triton interpreter (``TRITON_INTERPRET=1``), which the test suite uses to exercise them. The
 interpreter reads that variable when a kernel is defined, i.e. when this package is imported; triton

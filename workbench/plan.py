@@ -382,15 +382,15 @@ def _plan_tensors(recipe: Recipe, method_cls: type[MergeMethod], global_raw: dic
         input_bytes = 0
         for model in inputs:
             info = model.reader.info(name)
-            if info.shape != ref_info.shape and (method_cls.equal_shapes or info.is_float != ref_info.is_float):
-                raise CheckpointError(
-                    f"tensor '{name}' has shape {list(info.shape)} in {model} but {list(ref_info.shape)} in {reference};"
-                    " the models must have the same architecture."
-                )
             if info.is_float != ref_info.is_float:  # a float kernel must never see an integer or bool tensor
                 raise CheckpointError(
                     f"tensor '{name}' is stored as {info.dtype} in {model} but as {ref_info.dtype} in {reference};"
                     " an integer or bool tensor cannot be merged with a floating-point one (is a file damaged or mislabelled?)."
+                )
+            if info.shape != ref_info.shape and method_cls.equal_shapes:
+                raise CheckpointError(
+                    f"tensor '{name}' has shape {list(info.shape)} in {model} but {list(ref_info.shape)} in {reference};"
+                    " the models must have the same architecture."
                 )
             if info.dtype != ref_info.dtype:
                 count = converted.get(model.label, (info.dtype, ref_info.dtype, 0))[2] + 1
