@@ -23,6 +23,7 @@ def _ops(device: str) -> dict[str, tuple[Callable[[], Any], int]]:
     """op name -> (call, bytes of input it reads)."""
     import torch
 
+    from workbench_kernels.finite import all_finite
     from workbench_kernels.slerp import slerp
     from workbench_kernels.sparsify import TaskVector, merge_task_vectors
     from workbench_kernels.threshold import topk_thresholds
@@ -41,6 +42,7 @@ def _ops(device: str) -> dict[str, tuple[Callable[[], Any], int]]:
         "ties (thresholds + fused merge)": (lambda: merge_task_vectors(base, xs, ties, consensus=True, normalize=True, scale=1.0, out_dtype=torch.bfloat16), four),
         "dare_ties (l1 rescale + fused merge)": (lambda: merge_task_vectors(base, xs, dare, consensus=True, normalize=True, scale=1.0, out_dtype=torch.bfloat16), four),
         "slerp (2 inputs)": (lambda: slerp(xs[0], xs[1], 0.3, out_dtype=torch.bfloat16), 2 * ELEMENTS * 2),
+        "NaN/Inf check (1 input)": (lambda: all_finite(base), ELEMENTS * 2),
     }
 
 
