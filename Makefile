@@ -35,7 +35,7 @@ fuzz: setup
 
 # The generated docs: the hook reference in docs/plugins.md and the method pages in docs/methods/.
 docs: setup
-	$(BIN)/python -m workbench.hook_docs docs/plugins.md
+	$(BIN)/python -m workbench.tools.hook_docs docs/plugins.md
 	$(BIN)/workbench methods --docs docs/methods
 
 bench: setup

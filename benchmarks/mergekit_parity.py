@@ -3,7 +3,7 @@
 mergekit is never a dependency of the workbench: this script installs it into a throwaway virtual
 environment of its own (CPU torch first, so no CUDA build is pulled) and calls its ``mergekit-yaml``
 command. Both tools read the same YAML file, unchanged, on tiny generated Llama-shaped models (a
-bf16 base and three fine-tunes from ``workbench.synthetic``), and every output tensor is compared.
+bf16 base and three fine-tunes from ``workbench.checkpoint.synthetic``), and every output tensor is compared.
 
 For the deterministic methods the outputs must agree within bf16 rounding: the recipes compute in
 float32 and write bfloat16, so two correct implementations that sum in a different order may round
@@ -267,7 +267,7 @@ def magnitude_cuts(recipe: dict[str, Any]) -> list[tuple[float, float]]:
 
 
 def run(venv: Path, work: Path) -> list[Comparison]:
-    from workbench.synthetic import write_family
+    from workbench.checkpoint.synthetic import write_family
 
     mergekit_yaml = ensure_mergekit(venv)
     models, models32 = work / "models", work / "models32"

@@ -24,8 +24,8 @@ from pathlib import Path
 def main() -> None:
     from workbench.method import PrepareContext
     from workbench.registry import get_registry
-    from workbench.synthetic import LlamaShape, write_model
-    from workbench_plugins.ot_fusion import OTFusion
+    from workbench.checkpoint.synthetic import LlamaShape, write_model
+    from workbench_plugins.methods.ot_fusion.plugin import OTFusion
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--widths", default="256,512,1024,2048,4096")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from workbench.cli import main
+from workbench.cli.main import main
 
 WIDE = {"COLUMNS": "1000"}  # rich never wraps a message in the middle of a path
 

@@ -30,7 +30,7 @@ if not torch.cuda.is_available():
 
 import workbench.registry as registry_module
 from workbench.registry import Registry, load_registry
-from workbench.synthetic import write_family
+from workbench.checkpoint.synthetic import write_family
 from merging import load_dir
 from plugin_site import install_plugin
 

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from workbench.engine import run_recipe
-from workbench.recipe import parse_recipe
+from workbench.engine.runner import run_recipe
+from workbench.recipe.schema import parse_recipe
 
 BF16_HALF_ULP = 2.0**-8  # relative rounding error of round-to-nearest bfloat16
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")

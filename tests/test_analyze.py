@@ -18,9 +18,9 @@ import yaml
 from click.testing import CliRunner, Result
 from safetensors.torch import load_file, save_file
 
-from workbench import analyze as analyze_module
-from workbench.analyze import analyze, suggest_swap
-from workbench.cli import main
+from workbench.analysis import deltas as analyze_module
+from workbench.analysis.deltas import analyze, suggest_swap
+from workbench.cli.main import main
 from workbench.errors import CheckpointError, WorkbenchError
 
 WIDE = {"COLUMNS": "200"}
@@ -376,7 +376,7 @@ def test_column_labels_and_stat_choices() -> None:
 
 
 def test_a_failed_write_leaves_nothing(tmp_path: Path) -> None:
-    from workbench.analyze_render import write_atomic
+    from workbench.analysis.render import write_atomic
 
     def fail(handle: object) -> None:
         raise RuntimeError("disk full")

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from merging import add_word_tokenizer, load_dir, merge, q, word_text
 from workbench.errors import RecipeError
-from workbench.recipe import load_recipe
-from workbench.engine import run_recipe
+from workbench.recipe.schema import load_recipe
+from workbench.engine.runner import run_recipe
 
 VOCAB = 24
 
@@ -196,7 +196,7 @@ def test_untrained_tensors_keep_the_initial_coefficient(tmp_path: Path, family: 
 
 
 def test_the_entropy_objective_reads_answer_starts_or_every_token_and_never_label_values() -> None:
-    from workbench_plugins._atlas_training import objective_terms
+    from workbench_plugins.methods.atlas.training import objective_terms
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 7, generator=g)
@@ -227,7 +227,7 @@ def test_the_entropy_objective_learns_without_labels(tmp_path: Path, family: dic
 
 
 def test_only_the_coefficients_receive_gradients(family: dict[str, Any]) -> None:
-    from workbench_plugins._atlas_training import Sequences, Settings, TrainedTensors, learn
+    from workbench_plugins.methods.atlas.training import Sequences, Settings, TrainedTensors, learn
 
     model = transformers.LlamaForCausalLM.from_pretrained(family["base"], dtype=torch.float32)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -255,7 +255,7 @@ def test_every_model_needs_data(tmp_path: Path, family: dict[str, Any]) -> None:
 
 
 def test_analyze_draws_the_learned_coefficients(tmp_path: Path, family: dict[str, Any], cli: Any) -> None:
-    from workbench.cli import main
+    from workbench.cli.main import main
 
     merge(tmp_path, _recipe(family, "{blocks: layer, steps: 2, batch_size: 4}"))
     result = cli.invoke(main, ["analyze", str(tmp_path / "out"), "--png", str(tmp_path / "c.png"), "--csv", str(tmp_path / "c.csv")], env={"COLUMNS": "200"})
@@ -268,7 +268,7 @@ def test_analyze_draws_the_learned_coefficients(tmp_path: Path, family: dict[str
 
 
 def test_plan_states_what_learning_holds(tmp_path: Path, family: dict[str, Any], cli: Any) -> None:
-    from workbench.cli import main
+    from workbench.cli.main import main
 
     recipe = tmp_path / "atlas.yaml"
     recipe.write_text(_recipe(family, "{trained: ['*mlp*']}"))

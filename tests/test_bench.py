@@ -12,9 +12,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from workbench.bench import bf16_steps, io_floor, measure, mergekit_command
+from workbench.tools.bench import bf16_steps, io_floor, measure, mergekit_command
 from safetensors.torch import save_file
-from workbench.cli import main
+from workbench.cli.main import main
 
 
 def test_a_child_does_not_inherit_the_benchmarks_resident_memory():

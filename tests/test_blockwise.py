@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 import pytest
 import torch
 
-import workbench.engine as engine
+import workbench.engine.runner as engine
 from workbench.registry import get_registry
 
 from merging import merge, q

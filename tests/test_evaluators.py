@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from workbench.cli import main
-from workbench.evaluation import evaluate, make_evaluators
+from workbench.cli.main import main
+from workbench.evaluation.running import evaluate, make_evaluators
 from workbench.evaluator import EvaluationError, LoadedModel, load_model
-from workbench.recipe import EvaluatorSpec, parse_recipe
+from workbench.recipe.schema import EvaluatorSpec, parse_recipe
 from workbench.registry import Registry
 
 SAMPLE = Path(__file__).parent / "data" / "sample.txt"
@@ -92,7 +92,7 @@ def test_unknown_evaluator_and_options(cli: CliRunner, tiny_family: dict[str, Pa
 
 
 def test_recipe_evaluators_are_checked_before_any_work(tiny_family: dict[str, Path], registry: Registry, tmp_path: Path) -> None:
-    from workbench.engine import run_recipe
+    from workbench.engine.runner import run_recipe
     from workbench.errors import RecipeError
 
     text = f"method: linear\nmodels: [{tiny_family['ft1']}, {tiny_family['ft2']}]\nevaluators: [no_such_evaluator]\n"

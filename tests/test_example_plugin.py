@@ -51,7 +51,7 @@ def _env(site: Path, **extra: str) -> dict[str, str]:
 
 def _workbench(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     script = Path(sys.executable).with_name("workbench")
-    command = [str(script)] if script.exists() else [sys.executable, "-c", "from workbench.cli import main; main()"]
+    command = [str(script)] if script.exists() else [sys.executable, "-c", "from workbench.cli.main import main; main()"]
     return subprocess.run(command + args, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from cli_failures import assert_failed, invoke
 from fuzz_guards import time_limit
 from workbench.errors import RecipeError
-from workbench.recipe import MAX_RECIPE_BYTES, MAX_RECIPE_DEPTH, MAX_RECIPE_VALUES, Recipe, load_recipe, parse_recipe
+from workbench.recipe.schema import MAX_RECIPE_BYTES, MAX_RECIPE_DEPTH, MAX_RECIPE_VALUES, Recipe, load_recipe, parse_recipe
 
 #: Wall time one example may take. Parsing is milliseconds; the worst legitimate case measured is
 #: flow nesting hundreds deep, where PyYAML's scanner is quadratic until the parser's recursion

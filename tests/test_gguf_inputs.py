@@ -20,7 +20,7 @@ from gguf.quants import quantize
 from merging import load_dir, merge, q
 
 from workbench.checkpoint.gguf import GGUFCheckpoint
-from workbench.cli import main
+from workbench.cli.main import main
 from workbench.errors import CheckpointError
 from workbench.registry import get_registry
 

@@ -1,4 +1,4 @@
-"""Meta-tests of the plugin hooks: the reference in docs/plugins.md is what workbench.hook_docs
+"""Meta-tests of the plugin hooks: the reference in docs/plugins.md is what workbench.tools.hook_docs
 generates from workbench/hookspecs.py, every hookspec is documented, and every hookspec has a test
 marked ``@pytest.mark.hook("<name>")`` somewhere in tests/."""
 
@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from workbench import hook_docs, hookspecs
+from workbench import hookspecs
 
+
+from workbench.tools import hook_docs
 REPO = Path(__file__).resolve().parent.parent
 PLUGINS_MD = REPO / "docs" / "plugins.md"
 TESTS = Path(__file__).resolve().parent
-REGENERATE = "python -m workbench.hook_docs docs/plugins.md (or: make docs)"
+REGENERATE = "python -m workbench.tools.hook_docs docs/plugins.md (or: make docs)"
 
 #: Found by introspection: the functions pluggy's HookspecMarker marked (attribute "workbench_spec").
 HOOKS = {hook.__name__: hook for hook in hook_docs.find_hookspecs(hookspecs)}
@@ -119,7 +121,7 @@ class TestFormats:
 
 
 def _run_hook_docs(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "workbench.hook_docs", *args], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run([sys.executable, "-m", "workbench.tools.hook_docs", *args], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_check_fails_on_a_stale_file_and_regeneration_fixes_it(tmp_path: Path) -> None:
@@ -134,7 +136,7 @@ def test_check_fails_on_a_stale_file_and_regeneration_fixes_it(tmp_path: Path) -
     copy.write_text(stale, encoding="utf-8")
     checked = _run_hook_docs("--check", str(copy))
     assert checked.returncode == 1
-    assert "out of date" in checked.stderr and f"python -m workbench.hook_docs {copy}" in checked.stderr
+    assert "out of date" in checked.stderr and f"python -m workbench.tools.hook_docs {copy}" in checked.stderr
     assert copy.read_text(encoding="utf-8") == stale  # --check writes nothing
 
     assert _run_hook_docs(str(copy)).returncode == 0

@@ -19,12 +19,12 @@ from safetensors.torch import load_file
 from workbench import hookimpl
 from workbench.checkpoint import CheckpointFormat, CheckpointReader
 from workbench.checkpoint.base import TensorInfo
-from workbench.engine import run_recipe
+from workbench.engine.runner import run_recipe
 from workbench.errors import CheckpointError
 from workbench.evaluator import Evaluator, EvaluatorOptions, LoadedModel
 from workbench.executor import Executor
 from workbench.method import MergeMethod
-from workbench.recipe import parse_recipe
+from workbench.recipe.schema import parse_recipe
 from workbench.registry import Registry, load_registry
 
 pytestmark = pytest.mark.usefixtures("_no_plugin_env")

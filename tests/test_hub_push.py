@@ -17,9 +17,9 @@ from cli_failures import WIDE, assert_failed
 from click.testing import CliRunner, Result
 from fake_hub import TOKEN, FakeHub, hub_fixture, sha256_tree  # noqa: F401  (hub_fixture provides `hub`)
 
-from workbench.cli import main
+from workbench.cli.main import main
 from workbench.errors import RecipeError
-from workbench.recipe import parse_recipe
+from workbench.recipe.schema import parse_recipe
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +223,7 @@ def test_recipe_push_section_is_validated() -> None:
 
 
 def test_messages_are_scrubbed_of_tokens(hub: FakeHub) -> None:
-    from workbench.hub_client import scrub
+    from workbench.checkpoint.hub_client import scrub
 
     other = "hf_" + "Q" * 34  # a token of the right shape that is not the current one
     text = scrub(f"server said: token {TOKEN} refused; also {other}; header Authorization: Bearer abc.def; hf_hub_download failed")

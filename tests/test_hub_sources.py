@@ -15,7 +15,7 @@ from fake_hub import FakeHub, hub_fixture, sha256_tree  # noqa: F401  (hub_fixtu
 
 from workbench.checkpoint.remote import FIRST_BLOCK, RemoteSafetensorsReader
 from workbench.checkpoint.resolve import open_reference
-from workbench.cli import main
+from workbench.cli.main import main
 
 BIG = b"\0" * 200_000  # a file a merge does not need: it must never be fetched
 

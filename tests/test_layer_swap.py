@@ -13,8 +13,8 @@ import torch
 
 from merging import load_dir, merge, q
 from workbench.errors import RecipeError
-from workbench.recipe import parse_recipe
-from workbench.synthetic import LlamaShape, write_model
+from workbench.recipe.schema import parse_recipe
+from workbench.checkpoint.synthetic import LlamaShape, write_model
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -123,7 +123,7 @@ def test_roles_must_name_one_task_and_one_language_expert(tmp_path: Path, expert
 
 
 def test_validate_reports_the_layer_count_without_reading_tensors(experts: dict[str, Path]) -> None:
-    from workbench.plan import build_plan
+    from workbench.engine.plan import build_plan
     from workbench.registry import get_registry
 
     text = recipe(experts["task12"], experts["language12"], "{bottom: 6, top: 6, transition_top: 1}")

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench.engine import run_recipe
+from workbench.engine.runner import run_recipe
 from workbench.errors import RecipeError
-from workbench.recipe import parse_recipe
+from workbench.recipe.schema import parse_recipe
 from workbench.registry import get_registry
 from merging import load_dir, merge, q
 
@@ -187,7 +187,7 @@ output: {{dtype: float32}}
 
 
 def test_pass_agrees_with_the_task_arithmetic_shortcut(tmp_path, tiny_family, monkeypatch) -> None:
-    import workbench_plugins.lines as lines
+    import workbench_plugins.methods.lines as lines
 
     text = two_models(tiny_family, "{beta: 0.5}", 0.6, 1.1, "output: {dtype: float32}")
     short = merge(tmp_path, text, "short")
@@ -252,9 +252,9 @@ def test_alpha_one_beta_zero_is_the_inner_method_with_lambda_one(tmp_path, tiny_
 
 def test_elementwise_inner_method_gets_row_blocks(tmp_path, tiny_family, monkeypatch) -> None:
     """Wrapping an elementwise method (task arithmetic) keeps the engine's row blocks, same result."""
-    import workbench_plugins.lines as lines
+    import workbench_plugins.methods.lines as lines
 
-    import workbench.engine as engine
+    import workbench.engine.runner as engine
 
     text = two_models(tiny_family, "{alpha: 0.4, beta: 0.5}", 0.9, 0.6)
     whole = merge(tmp_path, text, "whole")

@@ -155,7 +155,7 @@ def test_a_plus_part_that_is_not_an_adapter_is_named(tmp_path: Path, tiny_family
 
 
 def test_inspect_accepts_base_plus_adapter(tmp_path: Path, tiny_family: dict[str, Path], shapes: dict[str, tuple[int, ...]], cli: Any) -> None:
-    from workbench.cli import main
+    from workbench.cli.main import main
 
     write_peft(tmp_path / "adapter", tiny_family["base"], shapes)
     result = cli.invoke(main, ["inspect", f"{tiny_family['base']}+{tmp_path / 'adapter'}"])

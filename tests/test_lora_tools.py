@@ -120,7 +120,7 @@ def test_merge_refuses_a_weight_count_that_does_not_match(tmp_path: Path, adapte
 
 
 def test_cli_extract_and_merge(tmp_path: Path, tiny_family: dict[str, Path], adapters: list[Path], cli: Any) -> None:
-    from workbench.cli import main
+    from workbench.cli.main import main
 
     result = cli.invoke(main, ["lora", "extract", str(tiny_family["base"]), str(tiny_family["ft1"]), "--rank", "4", "--out", str(tmp_path / "x")])
     assert result.exit_code == 0, result.output

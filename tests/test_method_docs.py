@@ -6,9 +6,9 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from workbench.cli import main
+from workbench.cli.main import main
 from workbench.method import MergeMethod, MethodParameters, Param
-from workbench.method_docs import method_page, method_pages
+from workbench.tools.method_docs import method_page, method_pages
 from workbench.registry import Registry
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "methods"

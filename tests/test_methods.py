@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from workbench.engine import run_recipe
-from workbench.recipe import parse_recipe
+from workbench.engine.runner import run_recipe
+from workbench.recipe.schema import parse_recipe
 from merging import assert_bf16_close, combo, gradient, layer_t, load_dir, merge, q, slerp_reference
 
 # --------------------------------------------------------------------------------------------------
@@ -299,7 +299,7 @@ models:
 
 def test_row_blocks_match_whole_tensors(tmp_path, tiny_family, monkeypatch):
     """Forcing the engine's row-block path (tiny chunk size) changes nothing in the result."""
-    import workbench.engine as engine
+    import workbench.engine.runner as engine
 
     text = f"""
 method: task_arithmetic

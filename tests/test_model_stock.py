@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench.engine import run_recipe
+from workbench.engine.runner import run_recipe
 from workbench.errors import RecipeError
 from workbench.method import TensorContext
-from workbench.recipe import parse_recipe
-from workbench.synthetic import write_family
-from workbench_plugins.model_stock import ModelStock, ModelStockParameters
+from workbench.recipe.schema import parse_recipe
+from workbench.checkpoint.synthetic import write_family
+from workbench_plugins.methods.model_stock import ModelStock, ModelStockParameters
 from merging import load_dir, merge, q
 
 HALF_ULP_BF16 = 2.0**-8
@@ -152,7 +152,7 @@ models: [{q(tiny_family['ft1'])}, {q(tiny_family['ft1'])}, {q(tiny_family['ft1']
 @pytest.mark.parametrize("n", [2, 3])
 def test_engine_matches_float64_reference(tmp_path, family3, weights3, monkeypatch, filter_wise, n, block) -> None:
     """block = 1000: the Gram sums and the row blocks are accumulated over many small blocks."""
-    import workbench_plugins.model_stock as ms
+    import workbench_plugins.methods.model_stock as ms
 
     if block is not None:
         monkeypatch.setattr(ms, "BLOCK", block)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from merging import add_word_tokenizer, load_dir, merge, q, word_text
-from workbench_plugins._transport import ground_cost, transport
+from workbench_plugins.methods.ot_fusion.transport import ground_cost, transport
 
 transformers = pytest.importorskip("transformers")
 

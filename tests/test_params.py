@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workbench.engine import run_recipe
+from workbench.engine.runner import run_recipe
 from workbench.params import anchors, evaluate_gradient, filter_matches, is_filter_list, layer_position, resolve, varies
-from workbench.recipe import parse_recipe
+from workbench.recipe.schema import parse_recipe
 
 LAYER = "model.layers.{}.mlp.up_proj.weight"
 
@@ -275,8 +275,8 @@ def test_file_holding_a_filter_list(tmp_path: Path) -> None:
 def test_task_arithmetic_with_per_tensor_lambdas_from_a_file(tiny_family: dict[str, Path], tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from workbench.engine import run_recipe
-    from workbench.recipe import parse_recipe
+    from workbench.engine.runner import run_recipe
+    from workbench.recipe.schema import parse_recipe
 
     name = "model.layers.1.mlp.down_proj.weight"
     (tmp_path / "coef.json").write_text(f'{{"{name}": 0.25}}')
@@ -294,9 +294,9 @@ def test_task_arithmetic_with_per_tensor_lambdas_from_a_file(tiny_family: dict[s
 
 
 def test_missing_or_bad_parameter_file_is_a_located_error(tiny_family: dict[str, Path], tmp_path: Path) -> None:
-    from workbench.engine import run_recipe
+    from workbench.engine.runner import run_recipe
     from workbench.errors import RecipeError
-    from workbench.recipe import parse_recipe
+    from workbench.recipe.schema import parse_recipe
 
     base = f"method: task_arithmetic\nbase: {tiny_family['base']}\nmodels: [{tiny_family['ft1']}]\nparameters:\n"
     with pytest.raises(RecipeError, match=r"recipe.yaml:5: .*missing.json does not exist"):

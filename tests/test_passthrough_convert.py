@@ -8,9 +8,9 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from workbench.cli import main
-from workbench.engine import run_recipe
-from workbench.recipe import parse_recipe
+from workbench.cli.main import main
+from workbench.engine.runner import run_recipe
+from workbench.recipe.schema import parse_recipe
 
 
 def test_passthrough_copies_bit_exactly_and_scales(tiny_family: dict[str, Path], tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from workbench.method import TensorContext
 from workbench_kernels.order_stats import RadixSelect, kth_smallest
-from workbench_plugins.pcb import PCB, PCBModelParameters, PCBParameters
+from workbench_plugins.methods.pcb import PCB, PCBModelParameters, PCBParameters
 from merging import load_dir, merge, q
 
 AMBIGUOUS = 1e-5  # relative distance of a score to its threshold below which float32 may decide otherwise
@@ -200,9 +200,9 @@ def _flat(weights: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
 def test_global_scope_matches_released_code_on_the_flattened_model(tmp_path, tiny_family, monkeypatch, inter) -> None:
     """Whole-model ranking (the released code's flattening), with the engine's row blocks and the
     statistics passes forced to stream in small blocks."""
-    import workbench_plugins.pcb as pcb
+    import workbench_plugins.methods.pcb as pcb
 
-    import workbench.engine as engine
+    import workbench.engine.runner as engine
 
     monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 3000)
     monkeypatch.setattr(pcb, "BLOCK_ELEMENTS", 5000)

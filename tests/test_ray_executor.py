@@ -20,9 +20,9 @@ import psutil
 import pytest
 from click.testing import CliRunner
 
-from workbench.cli import main
-from workbench.manifest import MANIFEST_FILE, Manifest
-from workbench.output_folder import PARTIAL_MARKER, partial_folder
+from workbench.cli.main import main
+from workbench.engine.manifest import MANIFEST_FILE, Manifest
+from workbench.checkpoint.output_folder import PARTIAL_MARKER, partial_folder
 from plugin_site import install_plugin, local_ray
 
 ray = pytest.importorskip("ray")
@@ -34,7 +34,7 @@ CRASHING_PLUGIN = """
     import pathlib
 
     from workbench import hookimpl
-    from workbench_plugins.linear import Linear
+    from workbench_plugins.methods.linear import Linear
 
     MARKER = pathlib.Path({marker!r})
 
@@ -199,7 +199,7 @@ def test_finished_jobs_are_handed_over_as_they_finish(ray_site: Path, tmp_path: 
     the slow job waiting out its deadline and returning "never told"."""
     import time
 
-    from workbench_plugins.ray_executor import RayExecutor
+    from workbench_plugins.executors.ray import RayExecutor
 
     marker = tmp_path / "quick-job-handed-over"
 

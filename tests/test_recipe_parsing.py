@@ -11,10 +11,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from workbench.cli import main
-from workbench.engine import run_recipe
+from workbench.cli.main import main
+from workbench.engine.runner import run_recipe
 from workbench.errors import RecipeError, WorkbenchError
-from workbench.recipe import load_recipe, parse_recipe, parse_size
+from workbench.recipe.schema import load_recipe, parse_recipe, parse_size
 
 WIDE = {"COLUMNS": "1000"}
 
@@ -113,7 +113,7 @@ def test_missing_recipe_file(tmp_path: Path) -> None:
 
 
 def test_parameter_errors_name_the_line(tiny_family: dict[str, Path], registry) -> None:
-    from workbench.plan import build_plan
+    from workbench.engine.plan import build_plan
 
     text = (
         "method: linear\n"

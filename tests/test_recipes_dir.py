@@ -2,7 +2,7 @@
 
 The recipes name their inputs ``demo/models/...`` (base, ft1, ft2, LoRA adapters, texts) relative to
 the current folder, so each test works in its own temporary folder where it generates them with
-``workbench.demo.write_demo_inputs``, as ``workbench demo`` does.
+``workbench.tools.demo.write_demo_inputs``, as ``workbench demo`` does.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workbench.cli import main
-from workbench.demo import write_demo_inputs
-from workbench.recipe import Recipe, load_recipe
+from workbench.cli.main import main
+from workbench.tools.demo import write_demo_inputs
+from workbench.recipe.schema import Recipe, load_recipe
 from workbench.registry import load_registry
 
 REPO = Path(__file__).resolve().parent.parent

@@ -21,9 +21,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import workbench.registry as registry_module
-from workbench.cli import main
-from workbench.engine import run_recipe
-from workbench.recipe import parse_recipe
+from workbench.cli.main import main
+from workbench.engine.runner import run_recipe
+from workbench.recipe.schema import parse_recipe
 from workbench.registry import load_registry
 from plugin_helpers import BUILTIN_METHODS, CORE, FAKE_MAX, WIDE, MakePlugin, _rows
 

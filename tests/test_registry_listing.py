@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from workbench import hookspecs
-from workbench.cli import main
+from workbench.cli.main import main
 from workbench.registry import load_registry
 from plugin_helpers import BUILTIN_METHODS, CORE, FAKE_MAX, WIDE, MakePlugin, _rows
 
@@ -153,7 +153,7 @@ def test_listing_methods_does_not_import_torch() -> None:
     code = (
         "import sys\n"
         "from click.testing import CliRunner\n"
-        "from workbench.cli import main\n"
+        "from workbench.cli.main import main\n"
         "r = CliRunner().invoke(main, ['methods', 'task_arithmetic'])\n"
         "assert r.exit_code == 0, r.output\n"
         "print('torch' in sys.modules)\n"

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 from cli_failures import WIDE, partial_of
 from plugin_site import install_plugin
 from workbench.checkpoint.safetensors_io import StreamingFileWriter
-from workbench.cli import main
+from workbench.cli.main import main
 
 SHARD = "24KB"  # the tiny models become a dozen or more output files
 
@@ -246,7 +246,7 @@ def test_a_disk_full_before_any_file_finished_leaves_nothing(cli: CliRunner, tin
 
 
 def test_not_enough_free_space_is_refused_before_starting(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import workbench.output_folder as output_folder
+    import workbench.checkpoint.output_folder as output_folder
 
     needed = sum(f.stat().st_size for f in tiny_family["ft1"].glob("*.safetensors"))
     usage = shutil.disk_usage(tmp_path)
@@ -331,7 +331,7 @@ def test_the_manifest_lists_every_file_and_verify_checks_it(cli: CliRunner, tiny
 
 
 def test_the_local_executor_hands_over_each_finished_job() -> None:
-    from workbench_plugins.local_executor import LocalExecutor
+    from workbench_plugins.executors.local import LocalExecutor
 
     seen: list[tuple[int, int]] = []
     assert LocalExecutor().run([1, 2, 3], lambda job: job * 10, lambda job, result: seen.append((job, result))) == [10, 20, 30]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench.synthetic import SIZES, write_model
+from workbench.checkpoint.synthetic import SIZES, write_model
 from merging import LAYER, assert_bf16_close, load_dir, merge, q, slerp_reference
 
 # --------------------------------------------------------------------------------------------------

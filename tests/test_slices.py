@@ -14,7 +14,7 @@ import torch
 
 from merging import load_dir, merge, q
 from workbench.errors import CheckpointError, RecipeError
-from workbench.recipe import parse_recipe
+from workbench.recipe.schema import parse_recipe
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 

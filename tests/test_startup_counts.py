@@ -48,7 +48,7 @@ def counting_metadata(self):
 metadata.Distribution.metadata = property(counting_metadata)
 
 from click.testing import CliRunner
-from workbench.cli import main
+from workbench.cli.main import main
 
 recipe, out = sys.argv[1], sys.argv[2]
 heavy = ("torch", "numba", "transformers", "textual")
@@ -114,7 +114,7 @@ def test_the_load_counter_sees_a_second_load() -> None:
 #: cache-loaded) version: none may, since its ops take the torch path on CPU.
 NUMBA_USE = r"""
 import json, sys
-from workbench.engine import run_recipe
+from workbench.engine.runner import run_recipe
 run_recipe(sys.argv[1], out=sys.argv[2])
 from workbench_kernels import finite, threshold, ties, weighted_sum
 kernels = {"weighted_sum": weighted_sum._weighted_sum_numba, "finite": finite._count_non_finite_numba,

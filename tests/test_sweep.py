@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from workbench.cli import main
-from workbench.engine import run_recipe
+from workbench.cli.main import main
+from workbench.engine.runner import run_recipe
 from workbench.errors import RecipeError
-from workbench.evaluation import evaluate_output
-from workbench.recipe import EvaluatorSpec, load_recipe, parse_recipe
+from workbench.evaluation.running import evaluate_output
+from workbench.recipe.schema import EvaluatorSpec, load_recipe, parse_recipe
 from workbench.registry import Registry, load_registry
 from plugin_site import tiny_ta_recipe
-from workbench.sweep import (
+from workbench.sweep.search import (
     candidate_id,
     generate,
     lower_is_better,

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from workbench.cli import main
-from workbench.engine import run_recipe
-from workbench.evaluation import evaluate_output
-from workbench.recipe import EvaluatorSpec, load_recipe, parse_recipe
+from workbench.cli.main import main
+from workbench.engine.runner import run_recipe
+from workbench.evaluation.running import evaluate_output
+from workbench.recipe.schema import EvaluatorSpec, load_recipe, parse_recipe
 from workbench.registry import Registry, load_registry
-from workbench.sweep import parse_setting, run_sweep
+from workbench.sweep.search import parse_setting, run_sweep
 from plugin_site import install_plugin, local_ray, tiny_ta_recipe
 
 ray = pytest.importorskip("ray")
@@ -119,7 +119,7 @@ def test_a_candidate_failing_on_ray_is_recorded_and_the_others_finish(recipe_fil
     def not_here(*args: object, **kwargs: object) -> None:
         raise AssertionError("a candidate ran in the driver, not in a Ray worker")
 
-    monkeypatch.setattr("workbench.sweep.run_one", not_here)  # Ray workers import their own copy
+    monkeypatch.setattr("workbench.sweep.search.run_one", not_here)  # Ray workers import their own copy
     high, low = sorted(norms, key=norms.__getitem__, reverse=True)
     limit = (norms[high] + norms[low]) / 2
     result = run_sweep(

@@ -18,12 +18,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from workbench_kernels.sparsify import MagnitudeBand
-from workbench_plugins._task_vectors import Thresholds
+from workbench_plugins.methods._task_vectors import Thresholds
 
-from workbench.engine import run_recipe
+from workbench.engine.runner import run_recipe
 from workbench.errors import RecipeError
 from workbench.method import TensorContext
-from workbench.recipe import parse_recipe
+from workbench.recipe.schema import parse_recipe
 from merging import BF16_HALF_ULP, gradient, layer_t, merge, q
 
 METHODS = ["ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"]

@@ -23,8 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workbench.engine import run_recipe
-from workbench.recipe import parse_recipe
+from workbench.engine.runner import run_recipe
+from workbench.recipe.schema import parse_recipe
 
 transformers = pytest.importorskip("transformers")
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from textual.pilot import Pilot
 from textual.widgets import Input, Select
 
-from workbench.cli import main
-from workbench.recipe import load_recipe
+from workbench.cli.main import main
+from workbench.recipe.schema import load_recipe
 from workbench.registry import load_registry
 from workbench.tui.app import WorkbenchApp, make_app
 from tui_helpers import settle, until

@@ -12,8 +12,8 @@ from pathlib import Path
 SCRIPT = """
 import sys
 from click.testing import CliRunner
-import workbench, workbench.engine, workbench.cli, workbench.registry
-from workbench.cli import main
+import workbench, workbench.engine.runner, workbench.cli.main, workbench.registry
+from workbench.cli.main import main
 
 result = CliRunner().invoke(main, ["run", sys.argv[1], "--out", sys.argv[2], "-q"])
 assert result.exit_code == 0, result.output

@@ -20,9 +20,9 @@ from click.testing import CliRunner
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, Static, TextArea
 
-from workbench.cli import main
+from workbench.cli.main import main
 from workbench.errors import RecipeError
-from workbench.recipe import load_recipe, parse_recipe
+from workbench.recipe.schema import load_recipe, parse_recipe
 from workbench.registry import Registry
 from workbench.tui.app import WorkbenchApp, make_app
 from workbench.tui.state import recipe_data

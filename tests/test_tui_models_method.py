@@ -18,7 +18,7 @@ from textual.widgets import DataTable, Input, Select, Static, Switch
 
 from workbench.registry import Registry, load_registry
 from workbench.tui.app import WorkbenchApp, make_app
-from workbench.tui.models_screen import ModelsScreen
+from workbench.tui.screens.models import ModelsScreen
 from tui_helpers import settle
 
 SIZE = (120, 40)

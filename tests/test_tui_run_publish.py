@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from textual.pilot import Pilot
 from textual.widgets import Input, Log, ProgressBar, Static, Switch
 
-from workbench.cli import main
+from workbench.cli.main import main
 from workbench.registry import load_registry
 from workbench.tui.app import WorkbenchApp, make_app
 from tui_helpers import until

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from workbench.errors import RecipeError
-from workbench.recipe import load_recipe
+from workbench.recipe.schema import load_recipe
 from workbench.tui.state import RecipeState
 
 

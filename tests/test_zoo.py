@@ -254,11 +254,11 @@ def test_zoo_report_scores_every_row_and_reproduces_the_experts(zoo: tuple[Path,
     """`workbench zoo report` on the tiny zoo: every method row present, experts scored as the evaluators say."""
     from click.testing import CliRunner
 
-    from workbench.cli import main
-    from workbench.evaluation import evaluate, make_evaluators
-    from workbench.recipe import EvaluatorSpec
+    from workbench.cli.main import main
+    from workbench.evaluation.running import evaluate, make_evaluators
+    from workbench.recipe.schema import EvaluatorSpec
     from workbench.registry import get_registry
-    from workbench.zoo_report import METHODS
+    from workbench.zoo.reports.report import METHODS
 
     root, manifest = zoo
     out = tmp_path / "reproductions.md"
@@ -281,7 +281,7 @@ def test_zoo_report_scores_every_row_and_reproduces_the_experts(zoo: tuple[Path,
     row = next(line for line in text.splitlines() if line.startswith("| math expert |"))
     assert row.split("|")[2].split(" / ")[1].strip() == f"{math_accuracy:.3f}"
     # The OT-fusion table: every fusion row, and parent 1 scored as its evaluator scores it.
-    from workbench.zoo_ot_report import FUSIONS
+    from workbench.zoo.reports.ot_fusion import FUSIONS
 
     assert all(text.count(f"| {label} |") == 2 for label in FUSIONS)  # one shot, then after the short fine-tune
     assert "### After 10 fine-tuning steps" in text
@@ -295,7 +295,7 @@ def test_zoo_report_scores_every_row_and_reproduces_the_experts(zoo: tuple[Path,
 def test_zoo_report_chooses_each_value_on_validation(zoo: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     """The reported value is the grid point with the best validation score, and its test score is the one printed."""
     from workbench.registry import get_registry
-    from workbench.zoo_report import GridMethod, write_report
+    from workbench.zoo.reports.report import GridMethod, write_report
 
     root, manifest = zoo
     method = GridMethod("scaled sum", "λ", (0.0, 0.5), lambda ex, v: {"method": "task_arithmetic", "models": ex, "parameters": {"lambda": v}})
@@ -318,7 +318,7 @@ def test_zoo_report_chooses_each_value_on_validation(zoo: tuple[Path, dict[str, 
 def test_zoo_report_refuses_a_folder_that_is_not_a_zoo(zoo: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from workbench.cli import main
+    from workbench.cli.main import main
 
     out = tmp_path / "r.md"
     result = CliRunner().invoke(main, ["zoo", "report", str(zoo[0]), str(tmp_path), "--out", str(out)])
@@ -327,9 +327,9 @@ def test_zoo_report_refuses_a_folder_that_is_not_a_zoo(zoo: tuple[Path, dict[str
 
 
 def test_mola_section_scores_every_row(zoo: tuple[Path, dict[str, Any]], registry: Registry) -> None:
-    from workbench.evaluation import evaluate, make_evaluators
-    from workbench.recipe import EvaluatorSpec
-    from workbench.zoo_mola_report import ALLOCATIONS, measure_mola, render_mola
+    from workbench.evaluation.running import evaluate, make_evaluators
+    from workbench.recipe.schema import EvaluatorSpec
+    from workbench.zoo.reports.mola import ALLOCATIONS, measure_mola, render_mola
 
     root, manifest = zoo
     result = measure_mola(root, registry, n=16, seed=7, log=lambda _: None, steps=3)
@@ -348,7 +348,7 @@ def test_mola_section_scores_every_row(zoo: tuple[Path, dict[str, Any]], registr
 def test_mola_train_cli_writes_a_folder_that_evaluates(zoo: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from workbench.cli import main
+    from workbench.cli.main import main
 
     root, _ = zoo
     out = tmp_path / "mola"
@@ -362,8 +362,8 @@ def test_mola_train_cli_writes_a_folder_that_evaluates(zoo: tuple[Path, dict[str
 
 
 def test_learned_coefficients_section_scores_every_row(zoo: tuple[Path, dict[str, Any]], registry: Registry) -> None:
-    from workbench.zoo_atlas_report import GRID_METHODS, SHARES, measure_learned, render_learned
-    from workbench.zoo_report import GridMethod, ZooScorer
+    from workbench.zoo.reports.atlas import GRID_METHODS, SHARES, measure_learned, render_learned
+    from workbench.zoo.reports.report import GridMethod, ZooScorer
 
     root, _ = zoo
     one_value = tuple(GridMethod(m.label, m.knob, (0.5,), m.recipe) for m in GRID_METHODS)  # one merge per baseline

@@ -22,8 +22,8 @@ API_VERSION = "1.0"
 
 #: Public name -> module that defines it (imported when the name is first used).
 _LAZY = {
-    "load_recipe": "workbench.recipe",
-    "run_recipe": "workbench.engine",
+    "load_recipe": "workbench.recipe.schema",
+    "run_recipe": "workbench.engine.runner",
     # the method contract
     "MergeMethod": "workbench.method",
     "MethodParameters": "workbench.method",
@@ -49,12 +49,12 @@ __all__ = ["API_VERSION", "__version__", "hookimpl", "run", *_LAZY]
 
 if TYPE_CHECKING:
     from workbench.checkpoint.base import CheckpointFormat, CheckpointReader
-    from workbench.engine import run_recipe
+    from workbench.engine.runner import run_recipe
     from workbench.errors import CheckpointError, PluginError, RecipeError, WorkbenchError
     from workbench.evaluator import Evaluator, EvaluatorOptions
     from workbench.executor import Executor
     from workbench.method import MemoryNeed, MergeMethod, MethodParameters, Param, PrepareContext, RowBlocks, TensorContext
-    from workbench.recipe import load_recipe
+    from workbench.recipe.schema import load_recipe
 
 
 def __getattr__(name: str) -> Any:
@@ -70,5 +70,5 @@ def __dir__() -> list[str]:
 
 
 def run(recipe: Any, **options: Any) -> Any:
-    """Run a recipe (a path or a loaded ``Recipe``); see :func:`workbench.engine.run_recipe`."""
+    """Run a recipe (a path or a loaded ``Recipe``); see :func:`workbench.engine.runner.run_recipe`."""
     return __getattr__("run_recipe")(recipe, **options)

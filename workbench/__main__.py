@@ -16,7 +16,7 @@ from typing import NoReturn
 
 
 def run() -> NoReturn:
-    from workbench.cli import main
+    from workbench.cli.main import main
 
     try:
         main(prog_name="workbench")

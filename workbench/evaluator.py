@@ -90,7 +90,7 @@ def load_model(path: str | Path, tokenizer: bool = True) -> LoadedModel:
     ``path`` is a Hugging Face model folder, a ``.gguf`` file (dequantised by transformers, which
     needs the ``gguf`` and ``accelerate`` packages), or ``smollm2``, optionally with LoRA adapters
     (``BASE+ADAPTER``, or an adapter folder alone), whose ΔW are added to the loaded weights. A
-    folder with routed LoRA experts (``mola/``) runs them (``workbench.runtime.mola``).
+    folder with routed LoRA experts (``mola/``) runs them (``workbench.lora.mola``).
     """
     from workbench.checkpoint.resolve import split_adapters
 
@@ -127,10 +127,10 @@ def load_model(path: str | Path, tokenizer: bool = True) -> LoadedModel:
                 add_to_module(module, LoraAdapter(adapter))
         except CheckpointError as exc:
             raise EvaluationError(str(exc)) from None
-    from workbench.runtime.mola import is_mola
+    from workbench.lora.mola import is_mola
 
     if not gguf and is_mola(folder):  # routed LoRA experts on top of the base weights
-        from workbench.runtime.mola import load_experts, wrap
+        from workbench.lora.mola import load_experts, wrap
 
         wrap(module, load_experts(folder)[0])
     loaded_tokenizer = None

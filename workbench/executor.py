@@ -5,7 +5,7 @@ others) and passes the executor the jobs plus the function that runs one. The ex
 the engine, so executors are plain plugins: threads in this process by default, a cluster elsewhere.
 
 An executor whose jobs run in other processes sets ``remote = True``. The engine then passes it a
-picklable :class:`workbench.shard_task.ShardTask` instead of a closure over open readers: the task
+picklable :class:`workbench.engine.shard_task.ShardTask` instead of a closure over open readers: the task
 plans the recipe again in the worker, writes its one file under ``<out>.partial/`` on storage the
 driver shares, and returns the file's checksum, which the driver verifies before recording it.
 """

@@ -6,7 +6,7 @@ returning a list: the core owns the registry and its rules (unique names, valid 
 and a plugin only says what it offers. An object that fails validation is reported with the plugin's
 package name and skipped; the rest of the plugin and every other plugin keep working.
 
-The hook reference in docs/plugins.md is generated from this module (``python -m workbench.hook_docs
+The hook reference in docs/plugins.md is generated from this module (``python -m workbench.tools.hook_docs
 docs/plugins.md``, or ``make docs``): the docstrings below are what plugin authors read. Hooks are
 grouped by the section comments ``# <Title> phase: <when the hooks run>``; every hookspec must come
 after one.
@@ -106,7 +106,7 @@ def register_executors(register: Register) -> None:
     registration (set ``summary`` and implement ``run`` anyway). The engine hands an executor a list of
     independent shard jobs and a function that runs one; ``run`` returns their results in order
     (threads locally, a cluster elsewhere). An executor that runs jobs in other processes sets
-    ``remote = True`` and receives a picklable :class:`workbench.shard_task.ShardTask` per run instead
+    ``remote = True`` and receives a picklable :class:`workbench.engine.shard_task.ShardTask` per run instead
     of an in-process closure. Executor options are passed to the constructor.
 
     **On a problem:** a class that is not an ``Executor`` subclass or has a bad ``name`` is skipped
@@ -119,7 +119,7 @@ def register_executors(register: Register) -> None:
     later one is skipped with a warning naming the plugin that has it. Methods, formats, executors and
     evaluators are separate namespaces.
 
-    **Contract:** :class:`workbench.executor.Executor`; ``plugins/ray_executor.py`` is a remote one.
+    **Contract:** :class:`workbench.executor.Executor`; ``plugins/executors/ray.py`` is a remote one.
     """
 
 

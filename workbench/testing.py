@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from workbench.checkpoint.dtypes import ITEMSIZE
-from workbench.synthetic import LlamaShape, write_family
+from workbench.checkpoint.synthetic import LlamaShape, write_family
 
 if TYPE_CHECKING:
     import torch
@@ -83,8 +83,8 @@ def tiny_family(root: str | Path, *, fine_tunes: int = 3, shape: str | LlamaShap
     """Write a base and ``fine_tunes`` fine-tunes into ``root`` (``base``, ``ft1``...), in bfloat16.
 
     Each fine-tune is the base plus its own small perturbation, so they differ from the base and
-    from each other everywhere. ``shape`` is a size name of :data:`workbench.synthetic.SIZES` or a
-    :class:`~workbench.synthetic.LlamaShape` (e.g. :data:`DEEP`). Nothing is downloaded.
+    from each other everywhere. ``shape`` is a size name of :data:`workbench.checkpoint.synthetic.SIZES` or a
+    :class:`~workbench.checkpoint.synthetic.LlamaShape` (e.g. :data:`DEEP`). Nothing is downloaded.
     """
     base, *models = write_family(Path(root), shape, fine_tunes=fine_tunes, seed=seed)
     return Family(base, tuple(models))
@@ -128,8 +128,8 @@ def build_recipe(method: str, family: Family, fragment: Fragment | None = None, 
 
 
 def _run(recipe: Mapping[str, Any], out: Path, registry: "Registry | None", prefetch: int = 2) -> Path:
-    from workbench.engine import run_recipe
-    from workbench.recipe import parse_recipe
+    from workbench.engine.runner import run_recipe
+    from workbench.recipe.schema import parse_recipe
 
     parsed = parse_recipe(yaml.safe_dump(dict(recipe), sort_keys=False), f"<{recipe['method']} test recipe>")
     return run_recipe(parsed, out=out, registry=_registry(registry), prefetch=prefetch).out_dir
@@ -245,8 +245,8 @@ def check_streaming_memory(method: str, root: str | Path, fragment: Fragment | N
     ``root``) runs first so that one-time costs (compiled kernels, imports) are not counted. Linux
     only (the peak is read from ``/proc``); elsewhere the check is skipped.
     """
-    from workbench.plan import build_plan
-    from workbench.recipe import parse_recipe
+    from workbench.engine.plan import build_plan
+    from workbench.recipe.schema import parse_recipe
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

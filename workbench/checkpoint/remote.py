@@ -33,7 +33,7 @@ from workbench.checkpoint.safetensors_io import (
     parse_header,
 )
 from workbench.errors import CheckpointError
-from workbench.hub_client import cache_dir, describe, endpoint, failures, offline
+from workbench.checkpoint.hub_client import cache_dir, describe, endpoint, failures, offline
 
 if TYPE_CHECKING:
     import torch

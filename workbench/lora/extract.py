@@ -96,7 +96,7 @@ def write_factored(pairs: Iterator[tuple[str, "torch.Tensor"]], out_dir: Path, r
     """Factor every (name, ΔW) at ``rank`` (one for all, or per tensor) and publish a PEFT adapter
     folder (whole or not at all)."""
     from workbench.lora.adapter import write_adapter
-    from workbench.output_folder import publish, start_partial
+    from workbench.checkpoint.output_folder import publish, start_partial
 
     if isinstance(rank, int) and rank < 1:
         raise RecipeError(f"rank must be at least 1, not {rank}.")

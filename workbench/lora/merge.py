@@ -62,9 +62,9 @@ class DeltaReader(CheckpointReader):
 
 def merge_loras(adapters: list[Path], out_dir: Path, registry: "Registry", method: str = "task_arithmetic", parameters: dict[str, Any] | None = None, weights: list[float] | None = None, rank: int | None = None, overwrite: bool = False, on_tensor: Callable[[str], None] | None = None) -> LoraReport:
     """``workbench lora merge``: one adapter from several, through any merge method."""
-    from workbench.engine import execute
-    from workbench.plan import build_plan
-    from workbench.recipe import Recipe
+    from workbench.engine.runner import execute
+    from workbench.engine.plan import build_plan
+    from workbench.recipe.schema import Recipe
 
     if weights is not None and len(weights) != len(adapters):
         raise RecipeError(f"{len(weights)} weights for {len(adapters)} adapters; give one --weight per adapter, in order.")

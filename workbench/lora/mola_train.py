@@ -6,7 +6,7 @@ training starts exactly at the base; scale alpha / r) and a kaiming-uniform rout
 train with AdamW on the language-model loss of the data, plus optionally the Switch-style
 load-balancing loss L_aux = Σ_modules E · Σ_e f_e P_e (f_e: share of the top-k assignments that go
 to expert e, P_e: its mean router probability), weighted by ``aux_loss`` (MoLA: 0.001 when
-enabled, off by default). The result is the folder ``workbench.runtime.mola`` runs: the base's
+enabled, off by default). The result is the folder ``workbench.lora.mola`` runs: the base's
 files plus ``mola/``.
 """
 
@@ -48,7 +48,7 @@ def new_experts(model: "torch.nn.Module", counts: Sequence[int], rank: int, alph
     import torch
 
     from workbench import architecture
-    from workbench.runtime.mola import ExpertSet
+    from workbench.lora.mola import ExpertSet
 
     generator = torch.Generator().manual_seed(seed)
     experts = {}
@@ -94,8 +94,8 @@ def train_mola(
 
     from workbench import architecture
     from workbench.lora.allocation import per_layer
-    from workbench.output_folder import publish, start_partial
-    from workbench.runtime.mola import save_experts, wrap
+    from workbench.checkpoint.output_folder import publish, start_partial
+    from workbench.lora.mola import save_experts, wrap
     from workbench.zoo.train import train
 
     if out_dir.exists() and not overwrite:

@@ -11,13 +11,13 @@ from textual.app import App
 from textual.binding import Binding
 
 from workbench.registry import Registry, get_registry
-from workbench.tui.help_screen import HelpScreen
-from workbench.tui.layers_screen import LayersScreen
-from workbench.tui.method_screen import MethodScreen
-from workbench.tui.models_screen import ModelsScreen
-from workbench.tui.publish_screen import PublishScreen
-from workbench.tui.recipe_screen import RecipeScreen
-from workbench.tui.run_screen import RunScreen
+from workbench.tui.screens.help import HelpScreen
+from workbench.tui.screens.layers import LayersScreen
+from workbench.tui.screens.method import MethodScreen
+from workbench.tui.screens.models import ModelsScreen
+from workbench.tui.screens.publish import PublishScreen
+from workbench.tui.screens.recipe import RecipeScreen
+from workbench.tui.screens.run import RunScreen
 from workbench.tui.state import RecipeState
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from workbench.errors import RecipeError
-from workbench.recipe import Recipe, load_recipe, parse_recipe
+from workbench.recipe.schema import Recipe, load_recipe, parse_recipe
 
 
 def recipe_data(recipe: Recipe) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Built-in evaluators for any causal language model."""

@@ -1,0 +1,1 @@
+"""Built-in executors: this process (``local``) and Ray tasks (``ray``)."""

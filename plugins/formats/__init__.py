@@ -1,0 +1,1 @@
+"""Built-in checkpoint formats: safetensors folders, PyTorch ``.bin`` folders, GGUF files."""

@@ -1,0 +1,206 @@
+"""Shared machinery of the sparsified task-vector methods (TIES, DARE, Model Breadcrumbs).
+
+These are mergekit's "generalized task arithmetic" family: per tensor, each task vector
+``tau_i = theta_i - base`` is sparsified (by magnitude or at random), optionally rescaled, weighted,
+then either summed (``*_linear`` / ``breadcrumbs``) or merged with TIES sign consensus, and the
+result is ``base + lambda * merged``. Parameter names and defaults are mergekit's; where its
+behaviour is arbitrary or unsafe the deviation is documented in docs/methods.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import model_validator
+
+from workbench.errors import RecipeError
+from workbench.method import MergeMethod, MethodParameters, Param, PrepareContext, RowBlocks, TensorContext
+from workbench.params import varies
+from workbench_plugins.methods._weights import normalized
+
+if TYPE_CHECKING:
+    import torch
+
+    from workbench_kernels.sparsify import FusedMerge, MagnitudeBand, Sparsification, TaskVector
+
+
+_LAMBDA = "lambda: scale of the merged task vector (result = base + lambda * merged)."
+_NORMALIZE_SUM = "Divide the sum of the task vectors by the sum of the weights."
+NORMALIZE_CONSENSUS = (
+    "Divide each element by the summed weights of the models agreeing with its elected sign (TIES's disjoint mean)."
+)
+RESCALE = "Rescale each sparsified task vector to make up for what was dropped (see rescale_mode)."
+_RESCALE_MODE = (
+    "How rescale restores a sparsified task vector: 'l1' (mergekit) scales it so that its L1 norm"
+    " matches the original's; 'inverse_density' (DARE paper) multiplies it by 1/density."
+)
+_SCOPE = (
+    "Where the magnitude top-k is taken: 'tensor' (mergekit: each tensor keeps its own top density) or"
+    " 'model' (the TIES paper: one exact threshold per task vector over the whole model, found by a"
+    " streaming pass over the inputs before the merge)."
+)
+_INT8_MASK = (
+    "Accepted for mergekit recipes; changes nothing here: masks are always 1-byte booleans (the"
+    " memory saving int8_mask buys in mergekit), and results never depended on it."
+)
+
+
+class TaskVectorParameters(MethodParameters):
+    """Global parameters of the family; subclasses change the defaults of normalize and rescale."""
+
+    scale: float = Param(1.0, alias="lambda", description=_LAMBDA)
+    normalize: bool = Param(False, description=_NORMALIZE_SUM, per_layer=False)
+    rescale: bool = Param(False, description=RESCALE, per_layer=False)
+    rescale_mode: Literal["l1", "inverse_density"] = Param("l1", description=_RESCALE_MODE, per_layer=False)
+    int8_mask: bool = Param(False, description=_INT8_MASK, per_layer=False)
+    scope: Literal["tensor", "model"] = Param("tensor", description=_SCOPE, per_layer=False)
+
+    @model_validator(mode="after")
+    def _mode_needs_rescale(self) -> TaskVectorParameters:
+        if "rescale_mode" in self.model_fields_set and not self.rescale:
+            raise ValueError("rescale_mode has no effect unless rescale is true")
+        return self
+
+
+class LinearParameters(TaskVectorParameters):
+    """Sum of the sparsified task vectors (dare_linear, breadcrumbs)."""
+
+
+class ConsensusParameters(TaskVectorParameters):
+    """TIES sign consensus (ties, dare_ties, breadcrumbs_ties)."""
+
+    normalize: bool = Param(False, description=NORMALIZE_CONSENSUS, per_layer=False)
+
+
+class DensityModelParameters(MethodParameters):
+    weight: float = Param(1.0, description="Weight of this model's task vector (0 removes the model).")
+    density: float = Param(1.0, description="Fraction of this task vector's entries kept (1 keeps all).", ge=0.0, le=1.0)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Magnitude bands computed before the merge (e.g. one per task vector over the whole model,
+    by a ``prepare`` pass), by model index. When ``ctx.state`` is a ``Thresholds``, a model listed
+    in it uses that band instead of its per-tensor top-k."""
+
+    bands: Mapping[int, MagnitudeBand]
+
+
+def model_seed(tensor_seed: int, model_index: int) -> int:
+    """Seed of a model's random mask: independent across models, fixed by (recipe seed, tensor, model)."""
+    digest = hashlib.sha256(f"{tensor_seed}:{model_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@dataclass(frozen=True)
+class TensorMerge:
+    """How one tensor is merged, decided over the whole tensor before any row block is (exactly one
+    field is set): task arithmetic's coefficients of (base, models...) when nothing is dropped; the
+    fused kernel with every keep rule resolved; or the result itself, computed on whole tensors
+    where no fused kernel applies (another compute dtype, breadcrumbs' two-sided bands, the
+    reference path)."""
+
+    coefficients: tuple[float, ...] | None = None
+    fused: FusedMerge | None = None
+    whole: torch.Tensor | None = None
+
+
+class TaskVectorMethod(MergeMethod):
+    """Base of the sparsified task-vector methods: subclasses set the class attributes only."""
+
+    base_model = "required"
+    #: Top-k thresholds, L1 norms and random masks are defined over the whole tensor; given those,
+    #: each element merges on its own.
+    blockwise = True
+    sparsification: ClassVar[Sparsification]
+    consensus: ClassVar[bool]
+
+    def prepare(self, ctx: PrepareContext) -> Thresholds | None:
+        """With ``scope: model``, one magnitude band per task vector over the whole model."""
+        if ctx.params.get("scope", "tensor") != "model":
+            return None
+        if self.sparsification != "magnitude":
+            raise RecipeError(f"{self.name}: 'scope' applies to magnitude trimming; this method drops entries at random.")
+        import torch
+
+        from workbench_kernels.sparsify import model_band
+
+        assert ctx.base is not None
+        base = ctx.base
+        names = [n for n in ctx.tensor_names if base.info(n).is_float]
+        bands = {}
+        for i, raw in enumerate(ctx.model_params):
+            given = {k: v for k, v in raw.items() if k in ("density", "gamma")}
+            varying = [k for k, v in given.items() if varies(v)]
+            if varying:
+                raise RecipeError(f"{self.name}: scope 'model' needs one {varying[0]} per model, not a list, a filter or a file.")
+            options = self.ModelParameters.model_validate(given)
+            reader = ctx.models[i]
+
+            def stream(reader: Any = reader) -> Any:
+                return (reader.read(n).to(torch.float32) - base.read(n).to(torch.float32) for n in names)
+
+            bands[i] = model_band(stream, options.density, float(getattr(options, "gamma", 0.0)))
+        return Thresholds(bands)
+
+    def precomputed_band(self, model_index: int, ctx: TensorContext) -> MagnitudeBand | None:
+        """A threshold given through ``ctx.state`` (see :class:`Thresholds`); None: per tensor."""
+        if self.sparsification == "magnitude" and isinstance(ctx.state, Thresholds):
+            return ctx.state.bands.get(model_index)
+        return None
+
+    def specs(self, params: TaskVectorParameters, model_params: list[DensityModelParameters], ctx: TensorContext) -> list[TaskVector]:
+        from workbench_kernels.sparsify import TaskVector
+
+        return [
+            TaskVector(
+                weight=mp.weight,
+                density=mp.density,
+                sparsify=self.sparsification,
+                gamma=float(getattr(mp, "gamma", 0.0)),
+                rescale=params.rescale_mode if params.rescale else None,
+                seed=model_seed(ctx.seed, i),
+                band=self.precomputed_band(i, ctx),
+            )
+            for i, mp in enumerate(model_params)
+        ]
+
+    def tensor_statistics(self, blocks: RowBlocks, params: TaskVectorParameters, model_params: list[DensityModelParameters], ctx: TensorContext) -> TensorMerge:  # type: ignore[override]
+        """How this tensor is merged: thresholds and rescale factors gathered block by block for the
+        fused kernel, or, on paths without one, the whole result."""
+        from workbench_kernels.sparsify import merge_task_vectors, plan_fused
+
+        specs = self.specs(params, model_params, ctx)
+        normalize = params.normalize
+        if not self.consensus and all(s.density >= 1.0 and s.band is None for s in specs):
+            # Nothing is dropped: this is task arithmetic, computed exactly as that method does.
+            weights = [s.weight for s in specs]
+            coefficients = [params.scale * w for w in (normalized(weights, self.name, ctx.name) if normalize else weights)]
+            return TensorMerge(coefficients=(1.0 - sum(coefficients), *coefficients))
+        try:
+            fused = plan_fused(blocks.flat(), specs, consensus=self.consensus, normalize=normalize, scale=params.scale, compute_dtype=ctx.compute_dtype)
+            if fused is not None:
+                return TensorMerge(fused=fused)
+            tensors, base = blocks.read(None)
+            assert base is not None
+            return TensorMerge(whole=merge_task_vectors(
+                base, tensors, specs, consensus=self.consensus, normalize=normalize, scale=params.scale,
+                compute_dtype=ctx.compute_dtype, out_dtype=ctx.out_dtype,
+            ))
+        except ValueError as exc:
+            raise RecipeError(f"{self.name}: tensor '{ctx.name}': {exc}.") from None
+
+    def apply(self, tensors: list[torch.Tensor], base: torch.Tensor | None, params: TaskVectorParameters, model_params: list[DensityModelParameters], ctx: TensorContext) -> torch.Tensor:  # type: ignore[override]
+        from workbench_kernels.weighted_sum import weighted_sum
+
+        assert base is not None
+        merge: TensorMerge = self.statistics(tensors, base, params, model_params, ctx)
+        if merge.coefficients is not None:
+            return weighted_sum([base, *tensors], list(merge.coefficients), ctx.compute_dtype, ctx.out_dtype)
+        if merge.fused is not None:
+            return merge.fused(base, tensors, ctx.out_dtype, ctx.offset)
+        assert merge.whole is not None
+        return merge.whole if ctx.rows is None else merge.whole[ctx.rows[0] : ctx.rows[1]]

@@ -1,0 +1,1 @@
+"""aTLAS: the plugin and the training of its anisotropic coefficients."""

@@ -1,0 +1,1 @@
+"""Layer-wise LoRA experts (MoLA): the plugin and its routers."""

@@ -1,0 +1,1 @@
+"""Optimal-transport fusion: the plugin, its transport primitives and the architecture layouts."""

@@ -1,0 +1,1 @@
+"""Where fine-tuning changed a model and what a merge learned: statistics, heatmaps, summaries."""

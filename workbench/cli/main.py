@@ -1,0 +1,496 @@
+"""The ``workbench`` command line: run, validate, plan, inspect, methods, demo, generate, bench.
+
+Every command calls the same Python functions the API and the TUI use. Errors caused by input are
+printed as one paragraph and exit with status 2; listing methods and ``--help`` never import torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from workbench.errors import RunInterrupted, WorkbenchError
+from workbench.checkpoint.synthetic import SIZES as SIZE_NAMES
+
+
+def _console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def _escape(text: object) -> str:
+    """Messages hold paths and tensor names, which may contain '[...]': never read them as markup."""
+    from rich.markup import escape
+
+    return escape(str(text))
+
+
+def _warn(messages: list[str]) -> None:
+    console = _console(stderr=True)
+    for message in messages:
+        console.print(f"[yellow]warning:[/] {_escape(message)}", markup=True)
+
+
+def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a ``WorkbenchError`` into a one-paragraph message and exit status 2."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except RunInterrupted as exc:
+            _console(stderr=True).print(f"[bold yellow]stopped:[/] {_escape(exc)}", markup=True)
+            sys.exit(exc.exit_code)
+        except WorkbenchError as exc:
+            _console(stderr=True).print(f"[bold red]error:[/] {_escape(exc)}", markup=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            _console(stderr=True).print("[bold red]interrupted:[/] nothing was written at the output path.", markup=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _registry() -> Any:
+    from workbench.registry import get_registry
+
+    registry = get_registry()
+    _warn(registry.problems)
+    return registry
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="merge-workbench")
+def main() -> None:
+    """Merge and edit neural-network checkpoints with plugin methods."""
+
+
+# ----------------------------------------------------------------------------------------------
+# methods
+# ----------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--docs", "docs_dir", type=click.Path(file_okay=False, path_type=Path), help="Write one Markdown page per method (and an index) into this folder.")
+@handle_errors
+def methods(name: str | None, docs_dir: Path | None) -> None:
+    """List merge methods, or show the parameters of method NAME."""
+    from rich.table import Table
+
+    from workbench.tools.method_docs import parameter_rows, write_method_docs
+
+    registry = _registry()
+    console = _console()
+    if docs_dir is not None:
+        written = write_method_docs(registry, docs_dir)
+        console.print(f"wrote {len(written)} pages to {docs_dir}")
+        return
+    if name is None:
+        table = Table("method", "plugin", "summary", box=None, pad_edge=False)
+        table.add_column("paper", overflow="fold")
+        for method_name, entry in sorted(registry.methods.items()):
+            table.add_row(method_name, entry.plugin.package, entry.obj.summary, entry.obj.paper or "")
+        console.print(table)
+        return
+    method = registry.method(name)
+    entry = registry.methods[name]
+    console.print(f"[bold]{method.name}[/] (plugin {entry.plugin.name}, package {entry.plugin.package})")
+    console.print(method.summary)
+    if method.paper:
+        console.print(f"paper: {method.paper}")
+    console.print(f"base model: {method.base_model}; models: {method.min_models}..{method.max_models or 'any'}")
+    table = Table("parameter", "scope", "type", "default", "per-layer", "description", box=None, pad_edge=False)
+    for scope, schema in (("global", method.Parameters), ("per-model", method.ModelParameters)):
+        for row in parameter_rows(schema):
+            table.add_row(row[0], scope, *row[1:])
+    console.print(table)
+
+
+# ----------------------------------------------------------------------------------------------
+# validate / plan / run
+# ----------------------------------------------------------------------------------------------
+
+def _recipe_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by validate, plan and run: the output folder and overrides of recipe values."""
+    options = [
+        click.option("--out", "out", type=click.Path(path_type=Path), help="Output folder (overrides output.path)."),
+        click.option("--overwrite", is_flag=True, help="Replace an existing output folder (only once the new one is complete)."),
+        click.option("--dtype", default=None, help="Compute dtype (overrides the recipe's dtype)."),
+        click.option("--out-dtype", default=None, help="Storage dtype of float tensors (overrides output.dtype)."),
+        click.option("--shard-size", default=None, help="Largest output file, e.g. 2GB (overrides output.shard_size)."),
+        click.option("--memory-limit", default=None, help="Most memory a whole-model method may hold, e.g. 16GB (overrides memory_limit; default: what is available)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _plan(recipe_path: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None, memory_limit: str | None) -> Any:
+    from workbench.engine.plan import build_plan
+    from workbench.recipe.schema import load_recipe, with_overrides
+    from workbench.registry import require_plugins
+
+    registry = _registry()
+    require_plugins(registry)
+    recipe = with_overrides(load_recipe(recipe_path), dtype=dtype, out_dtype=out_dtype, shard_size=shard_size, memory_limit=memory_limit)
+    return registry, build_plan(recipe, registry, out=out, overwrite=overwrite, check_output=out is not None or recipe.output.path is not None)
+
+
+def _gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.3f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.2f} MB"
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@_recipe_options
+@handle_errors
+def validate(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None, memory_limit: str | None) -> None:
+    """Check a recipe without reading tensor data: files, headers, shapes, parameters."""
+    _, plan = _plan(recipe, out, overwrite, dtype, out_dtype, shard_size, memory_limit)
+    try:
+        _warn(plan.warnings)
+        _console().print(
+            f"[green]ok[/]: {plan.method.name} over {len(plan.inputs)} input(s), {len(plan.tensors)} tensors,"
+            f" {len(plan.files)} output file(s)."
+        )
+    finally:
+        plan.close()
+
+
+@main.command(name="plan")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@_recipe_options
+@handle_errors
+def plan_command(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None, memory_limit: str | None) -> None:
+    """Print what a recipe will read and write, and its estimated peak memory."""
+    from rich.table import Table
+
+    from workbench.checkpoint.remote import is_downloaded
+
+    _, plan = _plan(recipe, out, overwrite, dtype, out_dtype, shard_size, memory_limit)
+    console = _console()
+    try:
+        _warn(plan.warnings)
+        console.print(f"method: [bold]{plan.method.name}[/]   layers: {plan.layer_count}   compute dtype: {plan.compute_dtype}")
+        inputs = Table("input", "reference", "path", "files", "size", box=None, pad_edge=False)
+        for model in plan.inputs:
+            if is_downloaded(model.reader):
+                files = model.reader.files()
+                inputs.add_row(model.label, model.ref, str(model.path), str(len(files)), _gb(sum(f.stat().st_size for f in files)))
+            else:  # planned from the Hub's headers: nothing is downloaded to plan
+                size = sum(model.reader.info(name).nbytes for name in model.reader.tensor_names())
+                inputs.add_row(model.label, model.ref, "(on the Hub, not downloaded yet)", "", _gb(size))
+        console.print(inputs)
+        merged = sum(t.merge for t in plan.tensors)
+        console.print(f"tensors: {len(plan.tensors)} ({merged} merged, {len(plan.tensors) - merged} copied from {plan.reference.label})")
+        outputs = Table("output file", "tensors", "size", box=None, pad_edge=False)
+        for file in plan.files:
+            outputs.add_row(file.name, str(len(file.tensors)), _gb(file.nbytes))
+        console.print(outputs)
+        if plan.out_dir is None:
+            console.print("output: (none: pass --out)")
+        else:
+            from workbench.checkpoint.output_folder import free_space
+
+            folder, free = free_space(plan.out_dir)
+            console.print(f"output: {_escape(plan.out_dir)} ({_gb(free)} free on the disk holding {_escape(folder)})")
+        console.print(f"reads {_gb(plan.input_bytes)}, writes {_gb(plan.output_bytes)}; estimated peak memory {_gb(plan.estimate_peak_bytes())}")
+        if plan.prepare_memory is not None:
+            console.print(f"{plan.method.name} holds about {_gb(plan.prepare_memory.nbytes)} before merging: {_escape(plan.prepare_memory.what)}")
+    finally:
+        plan.close()
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@_recipe_options
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+@click.option("--executor", default="local", show_default=True, help="Where shard jobs run (see registered executors).")
+@click.option("--address", help="The cluster of a remote executor (e.g. ray: host:port); default: start a local one.")
+@click.option("--prefetch", default=2, show_default=True, type=click.IntRange(1, 64), help="Work units read ahead of the computation.")
+@click.option("--stats-json", type=click.Path(path_type=Path), help="Write timings and sizes of the run to this file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
+@click.option("--resume", is_flag=True, help="Continue a stopped run of the same recipe: keep the output files it finished.")
+@handle_errors
+def run(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None, memory_limit: str | None, device: str, executor: str, address: str | None, prefetch: int, stats_json: Path | None, quiet: bool, resume: bool) -> None:
+    """Run a recipe (native or mergekit YAML) headless."""
+    from workbench.engine.runner import execute
+    from workbench.engine.progress import RichProgress
+
+    registry, plan = _plan(recipe, out, overwrite, dtype, out_dtype, shard_size, memory_limit)
+    try:
+        if address and not registry.executor(executor).remote:
+            raise click.UsageError(f"--address names a cluster, but the '{executor}' executor runs in this process; use --executor ray.")
+        _warn(plan.warnings)
+        progress = RichProgress(enabled=False if quiet else None)
+        result = execute(plan, registry, device=device, executor=executor, prefetch=prefetch, on_progress=progress, resume=resume,
+                         executor_options={"address": address} if address else None)
+    finally:
+        plan.close()
+    _warn([w for w in result.warnings if w not in plan.warnings])
+    if plan.recipe.evaluators:
+        from workbench.evaluation.running import evaluate_output
+
+        _print_results(evaluate_output(plan.recipe.evaluators, result.out_dir, registry))
+    if stats_json:
+        stats = {
+            "seconds": result.seconds,
+            "bytes_read": result.bytes_read,
+            "bytes_written": result.bytes_written,
+            "tensors": result.tensors,
+            "input_gb_per_s": result.bytes_read / result.seconds / 1e9 if result.seconds else None,
+        }
+        stats_json.write_text(json.dumps(stats, indent=2) + "\n")
+    if not quiet:
+        _console().print(
+            f"[green]wrote[/] {_escape(result.out_dir)}: {result.tensors} tensors, {_gb(result.bytes_written)} in {result.seconds:.2f} s"
+            f" ({result.bytes_read / max(result.seconds, 1e-9) / 1e9:.2f} GB/s of input)"
+        )
+    if plan.recipe.output.push is not None:  # only after a complete, evaluated output
+        from workbench.cli.hub import push_output
+
+        target = plan.recipe.output.push
+        push_output(result.out_dir, target.repo, private=target.private, revision=target.revision, create_pr=target.create_pr)
+
+
+@main.command()
+@click.argument("recipe", required=False, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--exit-when-ready", is_flag=True, hidden=True, help="Run headless and exit once the first screen is up (start-up benchmarks).")
+@handle_errors
+def tui(recipe: Path | None, exit_when_ready: bool) -> None:
+    """Compose, inspect, run and publish a merge in the terminal (opens RECIPE if given; a new path is
+    where the composed recipe is saved)."""
+    from workbench.tui import run_tui
+
+    run_tui(recipe, exit_when_ready=exit_when_ready)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@handle_errors
+def verify(folder: Path) -> None:
+    """Check a merged folder against its manifest: every file present, sizes and sha256 as written."""
+    from workbench.engine.manifest import verify_folder
+
+    problems = verify_folder(folder)
+    for problem in problems:
+        _console(stderr=True).print(f"[bold red]bad:[/] {_escape(problem)}")
+    if problems:
+        sys.exit(1)
+    _console().print(f"[green]ok[/]: every file of {_escape(folder)} matches its manifest.")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output", type=click.Path(path_type=Path), help="Write the native recipe here (default: print it).")
+@handle_errors
+def convert(recipe: Path, output: Path | None) -> None:
+    """Translate a mergekit recipe into the equivalent native recipe."""
+    from workbench.recipe.schema import load_recipe
+
+    text = load_recipe(recipe).to_yaml()
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text)
+        _console().print(f"wrote {output}")
+
+
+# ----------------------------------------------------------------------------------------------
+# eval
+# ----------------------------------------------------------------------------------------------
+
+
+def _print_results(results: dict[str, dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    table = Table("evaluator", "metric", "value", box=None, pad_edge=False)
+    for evaluator, metrics in results.items():
+        for metric, value in metrics.items():
+            table.add_row(evaluator, metric, f"{value:.4f}" if isinstance(value, float) else repr(value))
+    _console().print(table)
+
+
+@main.command(name="eval")
+@click.argument("model", required=False)
+@click.option("-e", "--evaluator", "names", multiple=True, help="Evaluator to run (repeatable).")
+@click.option("-o", "--option", "options", multiple=True, help="KEY=VALUE option for the evaluators that have KEY (repeatable).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the scores as JSON.")
+@click.option("--list", "list_only", is_flag=True, help="List the registered evaluators.")
+@handle_errors
+def eval_command(model: str | None, names: tuple[str, ...], options: tuple[str, ...], json_out: Path | None, list_only: bool) -> None:
+    """Score MODEL (a folder, a .gguf file, or 'smollm2') with evaluators."""
+    from rich.table import Table
+
+    from workbench.evaluation.running import evaluate, evaluator_specs, make_evaluators
+
+    registry = _registry()
+    if list_only:
+        table = Table("evaluator", "plugin", "summary", "options", box=None, pad_edge=False)
+        for name, entry in sorted(registry.evaluators.items()):
+            table.add_row(name, entry.plugin.package, entry.obj.summary, ", ".join(entry.obj.Options.model_fields))
+        _console().print(table)
+        return
+    if model is None or not names:
+        raise click.UsageError("give a MODEL and at least one --evaluator (see --list).")
+    results = evaluate(model, make_evaluators(evaluator_specs(registry, names, options), registry))
+    _print_results(results)
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# inspect
+# ----------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("path")
+@handle_errors
+def inspect(path: str) -> None:
+    """Describe a checkpoint (or BASE+ADAPTER): architecture, layers, parameters, dtypes, shards."""
+    from collections import Counter
+
+    from rich.table import Table
+
+    from workbench import architecture
+
+    registry = _registry()
+    console = _console()
+    from workbench.checkpoint.resolve import open_reference
+
+    with open_reference(registry, path)[1] as reader:
+        names = reader.tensor_names()
+        infos = [reader.info(n) for n in names]
+        config = reader.config()
+        console.print(f"[bold]{path}[/]")
+        console.print(f"architecture: {architecture.describe(config)}")
+        console.print(f"layers: {architecture.layer_count(names, config)}")
+        console.print(f"tensors: {len(names)}   parameters: {sum(i.numel for i in infos):,}")
+        dtypes = Counter(i.dtype for i in infos)
+        console.print("dtypes: " + ", ".join(f"{d} x{c}" for d, c in dtypes.most_common()))
+        kinds = Counter(architecture.place(n).module_kind for n in names)
+        console.print("modules: " + ", ".join(f"{k} x{c}" for k, c in kinds.most_common()))
+        table = Table("file", "tensors", "size", box=None, pad_edge=False)
+        per_file = Counter(i.file for i in infos)
+        for file in reader.files():
+            table.add_row(file.name, str(per_file[file]), _gb(file.stat().st_size))
+        console.print(table)
+
+
+# ----------------------------------------------------------------------------------------------
+# demo / generate / bench
+# ----------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--size", type=click.Choice(list(SIZE_NAMES)), default="tiny", show_default=True)
+@click.option("--fine-tunes", default=2, show_default=True, type=click.IntRange(0, 16))
+@click.option("--dtype", default="bfloat16", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@handle_errors
+def generate(directory: Path, size: str, fine_tunes: int, dtype: str, seed: int) -> None:
+    """Generate a Llama-shaped base model and fine-tunes of it (DIRECTORY/base, ft1, ...)."""
+    from workbench.checkpoint.synthetic import write_family
+
+    for path in write_family(directory, size, fine_tunes, dtype=dtype, seed=seed):
+        _console().print(f"wrote {path}")
+
+
+@main.command()
+@click.option("--recipes", type=click.Path(path_type=Path), default=Path("recipes"), show_default=True, help="Folder of recipes to run.")
+@handle_errors
+def demo(recipes: Path) -> None:
+    """Generate tiny models in ./demo/models and run every recipe in RECIPES on them (no downloads)."""
+    from workbench.tools.demo import run_demo
+
+    run_demo(recipes, _console())
+
+
+@main.command()
+@click.option("--size", type=click.Choice(list(SIZE_NAMES)), default="250m", show_default=True)
+@click.option("--methods", "method_names", default="linear,task_arithmetic,ties,dare_ties,slerp", show_default=True)
+@click.option("--fine-tunes", default=3, show_default=True)
+@click.option("--dir", "directory", type=click.Path(path_type=Path), default=Path("bench-models"), show_default=True, help="Generated models are kept here between runs.")
+@click.option("--repeat", default=1, show_default=True, help="Runs per method (the fastest is reported).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the results as JSON.")
+@click.option("--mergekit", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="A mergekit-yaml executable: run the same YAML through it and report the speed-up.")
+@click.option("--check", is_flag=True, help="Rerun each merge with WORKBENCH_KERNELS=reference and report the distance in bf16 steps.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda, for the workbench's runs.")
+@click.option("--ops", "ops_only", is_flag=True, help="Benchmark each kernel against its torch reference instead of whole merges.")
+@handle_errors
+def bench(size: str, method_names: str, fine_tunes: int, directory: Path, repeat: int, json_out: Path | None, mergekit: Path | None, check: bool, device: str, ops_only: bool) -> None:
+    """Benchmark end-to-end merges (wall time, start-up, merge throughput, peak RSS) or, with --ops, each kernel."""
+    if ops_only:
+        from workbench.tools.bench_ops import run_op_bench
+
+        run_op_bench(device, repeat, json_out, _console())
+        return
+    from workbench.tools.bench import run_bench
+
+    methods = [m.strip() for m in method_names.split(",") if m.strip()]
+    run_bench(size, methods, fine_tunes, directory, repeat, json_out, _console(), mergekit=mergekit, check=check, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# zoo
+# ----------------------------------------------------------------------------------------------
+
+
+@main.group()
+def zoo() -> None:
+    """Tiny models trained here (no downloads) and the reproduction tables measured on them."""
+
+
+@zoo.command(name="build")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--scale", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True, help="tiny: under a minute; small: about 10 minutes on 2 cores.")
+@click.option("--seed", default=0, show_default=True)
+@handle_errors
+def zoo_build(directory: Path, scale: str, seed: int) -> None:
+    """Pretrain a base model on synthetic languages, then fine-tune experts, LoRA adapters and an OT pair."""
+    from workbench.zoo.build import build_zoo
+
+    console = _console()
+    build_zoo(directory, scale, seed, log=console.print)
+    console.print(f"[green]zoo written to[/] {directory} (manifest: {directory / 'zoo.json'})")
+
+
+@zoo.command(name="report")
+@click.argument("directories", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out_file", type=click.Path(path_type=Path), default=Path("docs/reproductions.md"), show_default=True)
+@click.option("--n", default=512, show_default=True, help="Held-out examples per task and split.")
+@click.option("--seed", default=99, show_default=True, help="Evaluation seed.")
+@click.option("--sections", default=None, help="Comma-separated sections to measure (task_vectors, learned, layer_swap, ot_fusion, lora_experts); default: all.")
+@handle_errors
+def zoo_report(directories: tuple[Path, ...], out_file: Path, n: int, seed: int, sections: str | None) -> None:
+    """Measure the reproduction tables on one or more built zoos (one per seed) and write them as Markdown."""
+    from workbench.zoo.reports.report import SECTIONS, write_report
+
+    registry = _registry()
+    chosen = tuple(part.strip() for part in sections.split(",")) if sections else SECTIONS
+    command = f"workbench zoo report {' '.join(map(str, directories))} --out {out_file} --n {n} --seed {seed}" + (f" --sections {sections}" if sections else "")
+    text = write_report(list(directories), out_file, registry, n, seed, command, log=_console(stderr=True).print, sections=chosen)
+    _console().print(text)
+
+
+from workbench.cli.analyze import analyze  # noqa: E402  (its commands use the helpers above)
+from workbench.cli.hub import push  # noqa: E402
+from workbench.cli.lora import lora  # noqa: E402
+from workbench.cli.sweep import sweep  # noqa: E402
+
+main.add_command(analyze)
+main.add_command(push)
+main.add_command(lora)
+main.add_command(sweep)
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,148 @@
+"""The output manifest: every file of a merge with its size and sha256, and what makes a run resumable.
+
+While a merge runs, ``<out>.partial/workbench_manifest.json`` lists each output file as soon as it
+is whole, together with the identity of the run (recipe, inputs, output layout, environment). A
+killed or interrupted run can then be continued with ``--resume``: files listed there, whose bytes
+still hash to the recorded sha256, are kept; everything else is written again. The published
+folder keeps the manifest, complete, as a record of what was written (``workbench verify``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from workbench.errors import OutputError
+
+if TYPE_CHECKING:
+    from workbench.engine.plan import MergePlan
+
+MANIFEST_FILE = "workbench_manifest.json"
+MANIFEST_VERSION = 1
+_HASH_CHUNK = 1 << 24
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_identity(plan: "MergePlan", device: str) -> dict[str, str]:
+    """What a run's output depends on, hashed part by part, so that a refused resume can say which
+    part changed. Inputs are identified by their files' sizes and modification times (hashing every
+    input again would cost as much as the merge)."""
+    from workbench import __version__
+
+    inputs = {}
+    for model in plan.inputs:
+        stats = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in model.reader.files()]
+        inputs[f"input {model.label} ({model.ref})"] = _digest(stats)
+    return {
+        "recipe": _digest(plan.recipe.to_yaml()),
+        "output layout": _digest([(f.name, [(t.name, t.dtype, list(t.shape)) for t in f.tensors]) for f in plan.files]),
+        "environment": _digest({"workbench": __version__, "device": device, "kernels": os.environ.get("WORKBENCH_KERNELS", "")}),
+        **inputs,
+    }
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    sha256: str
+    bytes: int
+
+
+class Manifest:
+    """The files of one output folder that are finished; saved atomically after every change, so a
+    kill at any moment leaves either the old or the new list, never a torn one."""
+
+    def __init__(self, directory: Path, identity: dict[str, str], files: dict[str, FileRecord] | None = None, complete: bool = False) -> None:
+        self.directory = directory
+        self.identity = identity
+        self.files: dict[str, FileRecord] = dict(files or {})
+        #: True once the run finished and every file of the folder is listed.
+        self.complete = complete
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        return self.directory / MANIFEST_FILE
+
+    @classmethod
+    def read(cls, directory: Path) -> "Manifest":
+        path = directory / MANIFEST_FILE
+        try:
+            data = json.loads(path.read_text())
+            if data.get("version") != MANIFEST_VERSION:
+                raise ValueError(f"version {data.get('version')!r}, expected {MANIFEST_VERSION}")
+            files = {name: FileRecord(str(r["sha256"]), int(r["bytes"])) for name, r in data["files"].items()}
+            return cls(directory, {str(k): str(v) for k, v in data["identity"].items()}, files, data["complete"] is True)
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise OutputError(f"{path} is not a readable workbench manifest ({exc}).") from exc
+
+    def changes(self, identity: dict[str, str]) -> list[str]:
+        """The parts of ``identity`` that differ from the run this manifest was started by."""
+        keys = sorted(set(identity) | set(self.identity))
+        return [key for key in keys if identity.get(key) != self.identity.get(key)]
+
+    def record(self, path: Path, sha256: str | None = None) -> None:
+        """Add a finished file (hashing it unless its writer already did)."""
+        record = FileRecord(sha256 or sha256_file(path), path.stat().st_size)
+        with self._lock:
+            self.files[path.relative_to(self.directory).as_posix()] = record
+            self.save()
+
+    def intact(self, name: str) -> bool:
+        """Whether ``name`` is listed and its bytes on disk are still the ones recorded."""
+        record = self.files.get(name)
+        path = self.directory / name
+        if record is None or not path.is_file() or path.stat().st_size != record.bytes:
+            return False
+        return sha256_file(path) == record.sha256
+
+    def save(self) -> None:
+        data = {
+            "version": MANIFEST_VERSION,
+            "complete": self.complete,
+            "identity": self.identity,
+            "files": {name: {"sha256": r.sha256, "bytes": r.bytes} for name, r in sorted(self.files.items())},
+        }
+        scratch = self.path.with_name(self.path.name + ".tmp")
+        with open(scratch, "w") as handle:
+            handle.write(json.dumps(data, indent=1) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(scratch, self.path)
+
+
+def verify_folder(directory: Path) -> list[str]:
+    """Problems of a published output folder against its manifest (empty: every file intact)."""
+    try:
+        manifest = Manifest.read(directory)
+    except FileNotFoundError:
+        return [f"{directory} has no {MANIFEST_FILE} (not written by workbench, or by a version before manifests)."]
+    except OutputError as exc:
+        return [str(exc)]
+    problems = [] if manifest.complete else [f"{manifest.path} is not marked complete: the run that wrote it did not finish."]
+    for name, record in sorted(manifest.files.items()):
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif path.stat().st_size != record.bytes:
+            problems.append(f"{name}: {path.stat().st_size} bytes, the manifest says {record.bytes}")
+        elif sha256_file(path) != record.sha256:
+            problems.append(f"{name}: sha256 differs from the manifest (the file was changed or is damaged)")
+    return problems

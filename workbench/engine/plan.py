@@ -1,0 +1,442 @@
+"""From a recipe to a merge plan: every input opened lazily, every output tensor known in advance.
+
+Planning reads headers only (names, shapes, dtypes), so ``workbench validate`` and ``workbench plan``
+can check a recipe end to end without touching tensor data. Every problem is reported with the
+file, tensor, field or line it concerns.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Callable
+
+from pydantic import TypeAdapter, ValidationError
+
+from workbench import architecture
+from workbench.architecture import TensorPlace
+from workbench.checkpoint import CheckpointFormat, CheckpointReader, OutputFile, TensorSpec
+from workbench.checkpoint.dtypes import ITEMSIZE, code_from_name
+from workbench.checkpoint.resolve import open_reference
+from workbench.checkpoint.stacked import LayerRange, StackedReader
+from workbench.errors import CheckpointError, OutputError, RecipeError
+from workbench.method import MemoryNeed, MergeMethod, MethodParameters, is_per_layer
+from workbench.params import anchors, is_filter_list, resolve, varies
+from workbench.recipe.schema import Recipe, format_path, located
+from workbench.registry import Registry
+
+#: Elementwise methods see large tensors in row blocks of about this many elements.
+CHUNK_ELEMENTS = 1 << 22
+#: Resident memory of a process that has imported torch, for the peak-memory estimate.
+BASELINE_BYTES = 300 * 2**20
+_MISSING = object()
+
+
+@dataclass
+class InputModel:
+    """One input checkpoint, opened lazily."""
+
+    ref: str
+    label: str  # 'models[1]' or 'base'
+    path: Path
+    reader: CheckpointReader
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.label} ({self.ref})"
+
+
+@dataclass
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: str
+    place: TensorPlace
+    merge: bool  # False: copied unchanged from the reference model (integer buffers)
+    seed: int
+    input_bytes: int
+    params: MethodParameters | None = None
+    model_params: list[MethodParameters] = field(default_factory=list)
+
+    @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.out_dtype, self.shape)
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    method: type[MergeMethod]
+    params: dict[str, Any]  # global raw values (scalars, gradients, filter lists)
+    models: list[InputModel]
+    base: InputModel | None
+    tensors: list[PlannedTensor]
+    layer_count: int
+    output_format: CheckpointFormat
+    files: list[OutputFile]
+    compute_dtype: str
+    out_dir: Path | None
+    warnings: list[str] = field(default_factory=list)
+    #: What the method's prepare holds (whole-model methods), checked against the memory limit.
+    prepare_memory: MemoryNeed | None = None
+
+    @property
+    def reference(self) -> InputModel:
+        return self.base or self.models[0]
+
+    @property
+    def inputs(self) -> list[InputModel]:
+        return ([self.base] if self.base else []) + self.models
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(t.input_bytes for t in self.tensors)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(f.nbytes for f in self.files)
+
+    def estimate_peak_bytes(self, prefetch: int = 2) -> int:
+        """Peak resident memory: inputs and outputs of the work units in flight, not the model size."""
+        per_element_in = sum(ITEMSIZE[m.reader.info(self.tensors[0].name).dtype] for m in self.inputs) if self.tensors else 0
+        compute = ITEMSIZE[self.compute_dtype]
+        largest = 0
+        for t in self.tensors:
+            numel = t.input_bytes // max(per_element_in, 1)
+            largest = max(largest, min(numel, CHUNK_ELEMENTS * (2 if self.method.blockwise else 1)) if self.method.row_blocks else numel)
+        out_item = max((ITEMSIZE[t.out_dtype] for t in self.tensors), default=4)
+        in_flight = (prefetch + 1) * largest * per_element_in
+        working = largest * compute * (3 if self.method.row_blocks else len(self.inputs) + 2)
+        streaming = in_flight + working + 3 * largest * out_item
+        return BASELINE_BYTES + max(streaming, self.prepare_memory.nbytes if self.prepare_memory else 0)
+
+    def close(self) -> None:
+        for model in self.inputs:
+            model.reader.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters
+# --------------------------------------------------------------------------------------------------
+
+
+def param_keys(schema: type[MethodParameters]) -> dict[str, str]:
+    """Recipe key -> field name (a field may use an alias such as 'lambda')."""
+    return {(f.alias or name): name for name, f in schema.model_fields.items()}
+
+
+class _ParamChecker:
+    def __init__(self, recipe: Recipe) -> None:
+        self.source = located(recipe)
+        self.recipe_name = recipe.source or "<recipe>"
+
+    def where(self, path: tuple[Any, ...]) -> str:
+        return self.source.where(path) if self.source else f"{self.recipe_name}: {format_path(path)}"
+
+    def check(self, raw: dict[str, Any], schema: type[MethodParameters], path: tuple[Any, ...], method: str, allowed_elsewhere: set[str], defaults: dict[str, Any] | None = None) -> None:
+        keys = param_keys(schema)
+        for key in raw:
+            if key in keys or key in allowed_elsewhere:
+                continue
+            close = difflib.get_close_matches(key, list(keys) + list(allowed_elsewhere), n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            known = ", ".join(sorted(keys)) or "none"
+            raise RecipeError(f"{self.where(path + (key,))}: unknown parameter '{key}' for method '{method}'.{hint} Its parameters here: {known}.")
+        for key, fname in keys.items():
+            info = schema.model_fields[fname]
+            if key not in raw:
+                if info.is_required() and not (defaults and key in defaults):
+                    raise RecipeError(f"{self.where(path)}: method '{method}' needs parameter '{key}' ({info.description}).")
+                continue
+            value = raw[key]
+            if value == [] or (is_filter_list(value) and any(entry.get("value") == [] for entry in value)):
+                raise RecipeError(f"{self.where(path + (key,))}: parameter '{key}' has an empty list as its value.")
+            annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation  # type: ignore[misc]
+            adapter = TypeAdapter(annotation)
+            if not is_per_layer(schema, fname):  # one value for the whole model, taken literally
+                try:
+                    adapter.validate_python(value)
+                except ValidationError as exc:
+                    if varies(value):
+                        raise RecipeError(f"{self.where(path + (key,))}: parameter '{key}' takes a single value, not a list or a file.") from None
+                    raise RecipeError(f"{self.where(path + (key,))}: parameter '{key}' = {value!r} is invalid: {exc.errors()[0]['msg']}.") from None
+                continue
+            if is_filter_list(value):
+                for i, entry in enumerate(value):
+                    extra = set(entry) - {"filter", "value"}
+                    if extra or "value" not in entry:
+                        raise RecipeError(f"{self.where(path + (key, i))}: a filter entry has keys 'filter' and 'value' only.")
+            try:
+                values = anchors(value)
+            except ValueError as exc:
+                raise RecipeError(f"{self.where(path + (key,))}: {exc}.") from None
+            for anchor in values:
+                try:
+                    adapter.validate_python(anchor)
+                except ValidationError as exc:
+                    message = exc.errors()[0]["msg"]
+                    raise RecipeError(f"{self.where(path + (key,))}: parameter '{key}' = {anchor!r} is invalid: {message}.") from None
+
+
+def resolve_params(schema: type[MethodParameters], raw: dict[str, Any], place: TensorPlace, name: str, layers: int) -> MethodParameters:
+    """The parameters of one tensor: gradients interpolated, filters applied, schema validated."""
+    values: dict[str, Any] = {}
+    for key, fname in param_keys(schema).items():
+        if key not in raw:
+            continue
+        if not is_per_layer(schema, fname):
+            values[key] = raw[key]
+            continue
+        value = resolve(raw[key], name, place.layer_index, layers, _MISSING)
+        if value is _MISSING:
+            if schema.model_fields[fname].is_required():
+                raise RecipeError(f"no filter of parameter '{key}' matches tensor '{name}', and '{key}' has no default.")
+            continue
+        values[key] = value
+    return schema.model_validate(values)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A seed that depends only on the recipe seed and the tensor name (not on scheduling)."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan
+# --------------------------------------------------------------------------------------------------
+
+
+#: Opens a model reference: (local path, lazy reader). The default is ``open_reference``; callers
+#: that merge something other than checkpoints (``workbench lora merge``: adapters' ΔW) pass theirs.
+Opener = Callable[[str], tuple[Path, CheckpointReader]]
+
+
+def _open(opener: Opener, ref: str, label: str, parameters: dict[str, Any]) -> InputModel:
+    try:
+        path, reader = opener(ref)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{label}: {exc}") from None
+    return InputModel(ref=ref, label=label, path=path, reader=reader, parameters=parameters)
+
+
+def _open_stacked(opener: Opener, recipe: Recipe, j: int, model_defaults: dict[str, Any], sources: list[InputModel]) -> InputModel:
+    """Input model ``j`` of a recipe with slices: source ``j`` of every slice, stacked in order.
+
+    Each distinct model is opened once per input model; ``sources`` collects them (for the output
+    path checks), and the stacked reader closes them.
+    """
+    readers: dict[str, CheckpointReader] = {}
+    parts: list[LayerRange] = []
+    paths: list[Path] = []
+    try:
+        for i, piece in enumerate(recipe.slices or []):
+            source = piece.sources[j]
+            label = f"slices[{i}].sources[{j}]"
+            if source.model not in readers:
+                opened = _open(opener, source.model, label, {})
+                readers[source.model] = opened.reader
+                sources.append(opened)
+                paths.append(opened.path)
+            parts.append(LayerRange(readers[source.model], source.layer_range[0], source.layer_range[1], f"{label} ({source.model})"))
+        reader = StackedReader(parts)
+    except BaseException:
+        for opened_reader in readers.values():
+            opened_reader.close()
+        raise
+    first = (recipe.slices or [])[0].sources[j]
+    return InputModel(ref=first.model, label=f"slices[*].sources[{j}]", path=paths[0], reader=reader, parameters={**model_defaults, **first.parameters})
+
+
+def check_output_path(out_dir: Path, inputs: list[InputModel], overwrite: bool) -> None:
+    out = out_dir.resolve()
+    for model in inputs:
+        folder = (model.path if model.path.is_dir() else model.path.parent).resolve()
+        if out == folder or folder in out.parents:
+            raise OutputError(f"output {out_dir} is inside input {model} ({folder}); choose a folder outside every input.")
+        if out in folder.parents:
+            raise OutputError(f"input {model} lies inside the output folder {out_dir}; choose another output folder.")
+        # The engine writes into <out>.partial first (and replaces an unfinished one it left there).
+        scratch = out.with_name(out.name + ".partial")
+        if folder == scratch or scratch in folder.parents:
+            raise OutputError(
+                f"input {model} lies in {scratch}, where output {out_dir} is written first; choose another output folder."
+            )
+    if out.exists() and not overwrite:
+        raise OutputError(f"output {out_dir} already exists; pass --overwrite to replace it.")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out_dir} exists and is not a folder.")
+
+
+def available_memory() -> int | None:
+    """Memory the system can give a new process now (Linux MemAvailable); None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(method: str, need: MemoryNeed, limit: int | None) -> None:
+    """Refuse a whole-model method that would hold more than the limit (default: what is available)."""
+    budget, source = (limit, "memory_limit") if limit is not None else (available_memory(), "the memory available now")
+    if budget is not None and need.nbytes > budget:
+        raise RecipeError(
+            f"method '{method}' would hold about {need.nbytes / 1e9:.2f} GB ({need.what}), more than {source}"
+            f" ({budget / 1e9:.2f} GB); hold less (see the method's parameters) or raise memory_limit / --memory-limit."
+        )
+
+
+def build_plan(recipe: Recipe, registry: Registry, out: str | Path | None = None, overwrite: bool = False, check_output: bool = True, opener: Opener | None = None) -> MergePlan:
+    """Open every input, check that they agree, and plan every output tensor and file."""
+    opener = opener or (lambda ref: open_reference(registry, ref))
+    method_cls = registry.method(recipe.method)
+    method = method_cls()
+    method.check_inputs(recipe.model_count, recipe.base is not None)
+    checker = _ParamChecker(recipe)
+    model_keys = set(param_keys(method_cls.ModelParameters))
+    # A per-model parameter given at the top level is the default for every model (as in mergekit).
+    global_raw = {k: v for k, v in recipe.parameters.items() if k not in model_keys}
+    model_defaults = {k: v for k, v in recipe.parameters.items() if k in model_keys}
+    checker.check(recipe.parameters, method_cls.Parameters, ("parameters",), method_cls.name, model_keys)
+    for i, entry in enumerate(recipe.models):
+        checker.check(entry.parameters, method_cls.ModelParameters, ("models", i, "parameters"), method_cls.name, set(), model_defaults)
+    for i, piece in enumerate(recipe.slices or []):
+        for j, source in enumerate(piece.sources):
+            checker.check(source.parameters, method_cls.ModelParameters, ("slices", i, "sources", j, "parameters"), method_cls.name, set(), model_defaults)
+            if source.parameters != recipe.slices[0].sources[j].parameters:  # type: ignore[index]
+                raise RecipeError(
+                    f"{checker.where(('slices', i, 'sources', j, 'parameters'))}: source {j} has other parameters than in slice 0;"
+                    " source j of every slice is one input model, with one set of parameters (use per-layer values to vary them)."
+                )
+
+    from workbench.evaluation.running import make_evaluators
+
+    make_evaluators(recipe.evaluators, registry)  # unknown names and bad options fail before any work
+    output_format = registry.format(recipe.output.format)
+    if not output_format.can_write:
+        raise RecipeError(f"output format '{output_format.name}' cannot write checkpoints.")
+    out_dir = Path(out) if out is not None else (Path(recipe.output.path) if recipe.output.path else None)
+
+    opened: list[InputModel] = []
+    try:
+        base = _open(opener, recipe.base, "base", {}) if recipe.base else None
+        if base:
+            opened.append(base)
+        models = []
+        for i, entry in enumerate(recipe.models):
+            models.append(_open(opener, entry.model, f"models[{i}]", {**model_defaults, **entry.parameters}))
+            opened.append(models[-1])
+        sources: list[InputModel] = []
+        for j in range(recipe.model_count if recipe.slices else 0):
+            models.append(_open_stacked(opener, recipe, j, model_defaults, sources))
+            opened.append(models[-1])
+        if check_output and out_dir is not None:
+            check_output_path(out_dir, opened + sources, overwrite)
+        plan = _plan_tensors(recipe, method_cls, global_raw, models, base, output_format, out_dir)
+    except BaseException:
+        for model in opened:
+            model.reader.close()
+        raise
+    return plan
+
+
+def _plan_tensors(recipe: Recipe, method_cls: type[MergeMethod], global_raw: dict[str, Any], models: list[InputModel], base: InputModel | None, output_format: CheckpointFormat, out_dir: Path | None) -> MergePlan:
+    reference = base or models[0]
+    inputs = ([base] if base else []) + models
+    names = reference.reader.tensor_names()
+    if not names:
+        raise CheckpointError(f"{reference} holds no tensors.")
+    warnings: list[str] = []
+    for model in inputs:
+        if model is reference:
+            continue
+        missing = [n for n in names if n not in model.reader]
+        if missing:
+            raise CheckpointError(
+                f"tensor '{missing[0]}' is missing from {model} but present in {reference}"
+                f" ({len(missing)} tensor(s) missing in all); the models must have the same architecture."
+            )
+        known = set(names)
+        extra = [n for n in model.reader.tensor_names() if n not in known]
+        if extra:
+            warnings.append(
+                f"{model} has {len(extra)} tensor(s) that {reference} lacks (first: '{extra[0]}'); they are not in the output."
+            )
+
+    layers = architecture.layer_count(names, reference.reader.config())
+    method = method_cls()
+    method.check_plan(global_raw, [m.parameters for m in models], layers)
+    out_code = code_from_name(recipe.output.dtype) if recipe.output.dtype else None
+    tensors: list[PlannedTensor] = []
+    converted: dict[str, tuple[str, str, int]] = {}
+    placed_any = False
+    for name in names:
+        ref_info = reference.reader.info(name)
+        place = architecture.place(name)
+        placed_any |= place.layer_index is not None
+        input_bytes = 0
+        for model in inputs:
+            info = model.reader.info(name)
+            if info.is_float != ref_info.is_float:  # a float kernel must never see an integer or bool tensor
+                raise CheckpointError(
+                    f"tensor '{name}' is stored as {info.dtype} in {model} but as {ref_info.dtype} in {reference};"
+                    " an integer or bool tensor cannot be merged with a floating-point one (is a file damaged or mislabelled?)."
+                )
+            if info.shape != ref_info.shape and method_cls.equal_shapes:
+                raise CheckpointError(
+                    f"tensor '{name}' has shape {list(info.shape)} in {model} but {list(ref_info.shape)} in {reference};"
+                    " the models must have the same architecture."
+                )
+            if info.dtype != ref_info.dtype:
+                count = converted.get(model.label, (info.dtype, ref_info.dtype, 0))[2] + 1
+                converted[model.label] = (info.dtype, ref_info.dtype, count)
+            input_bytes += info.nbytes
+        merge = ref_info.is_float
+        planned = PlannedTensor(
+            name=name,
+            shape=ref_info.shape,
+            out_dtype=(out_code if (merge and out_code) else ref_info.dtype),
+            place=place,
+            merge=merge,
+            seed=tensor_seed(recipe.seed, name),
+            input_bytes=input_bytes if merge else ref_info.nbytes,
+        )
+        if merge:
+            try:
+                planned.params = resolve_params(method_cls.Parameters, global_raw, place, name, layers)
+                planned.model_params = [resolve_params(method_cls.ModelParameters, m.parameters, place, name, layers) for m in models]
+            except ValidationError as exc:
+                raise RecipeError(f"parameters for tensor '{name}' are invalid: {exc.errors()[0]['msg']}.") from None
+        tensors.append(planned)
+    for label, (have, want, count) in converted.items():
+        warnings.append(f"{label} stores {count} tensor(s) as {have} where the reference has {want}; they are converted for the merge.")
+    if not placed_any:
+        warnings.append(
+            f"no tensor of {reference} matches a known layer layout (model.layers.N., transformer.h.N., ...);"
+            " it still merges, but per-layer parameter lists apply their first value everywhere."
+        )
+    prepare_memory = method.memory_needed(global_raw, [m.parameters for m in models], [(t.name, t.shape) for t in tensors if t.merge])
+    if prepare_memory is not None:
+        check_memory(method_cls.name, prepare_memory, recipe.memory_limit_bytes)
+    shard_size = recipe.output.shard_bytes
+    files = output_format.plan_output([t.spec for t in tensors], shard_size)
+    return MergePlan(
+        recipe=recipe,
+        method=method_cls,
+        params=global_raw,
+        models=models,
+        base=base,
+        tensors=tensors,
+        layer_count=layers,
+        output_format=output_format,
+        files=files,
+        compute_dtype=code_from_name(recipe.dtype),
+        out_dir=out_dir,
+        warnings=warnings,
+        prepare_memory=prepare_memory,
+    )

@@ -1,0 +1,1 @@
+"""Running evaluator plugins on a model folder or on a merge's output."""

@@ -1,0 +1,151 @@
+"""Reading mergekit YAML recipes unchanged.
+
+A mergekit recipe is recognised by its ``merge_method`` key and translated into a native recipe
+with mergekit's semantics (model order, which model is the base, dtype defaults). Options this
+version does not support are named in an error, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from workbench.errors import RecipeError
+
+if TYPE_CHECKING:
+    from workbench.recipe.schema import LocatedSource
+
+#: mergekit methods whose task vectors are taken against the base: a base listed among the
+#: models contributes a zero task vector in mergekit, so it is dropped from the model list.
+_TASK_VECTOR_METHODS = {
+    "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "model_stock",
+}
+#: Every mergekit method this version reads (others are refused by name).
+SUPPORTED_METHODS = _TASK_VECTOR_METHODS | {"linear", "slerp", "passthrough"}
+_UNSUPPORTED_KEYS = {
+    "modules": "multi-module recipes are not supported yet",
+    "tokenizer": "tokenizer merging is not supported yet",
+    "chat_template": "chat-template selection is not supported yet",
+}
+_KNOWN_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "name"}
+
+
+def _model_ref(entry: Any, source: "LocatedSource", path: tuple[Any, ...]) -> str:
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry, dict) and isinstance(entry.get("model"), str):
+        return entry["model"]
+    raise RecipeError(f"{source.where(path)}: expected a model reference (a string).")
+
+
+def _parameters(value: Any, source: "LocatedSource", path: tuple[Any, ...]) -> dict[str, Any]:
+    """A copy of a ``parameters`` mapping (none given: empty); any other value is refused by line."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RecipeError(f"{source.where(path)}: expected a mapping of parameters (name: value).")
+    return dict(value)
+
+
+def _remap_model_lines(source: "LocatedSource", order: list[int]) -> None:
+    """Native ``models[j]`` is mergekit ``models[order[j]]``: move the recorded lines accordingly."""
+    lines = source.lines
+    entries = {k: v for k, v in lines.items() if len(k) >= 2 and k[0] == "models" and isinstance(k[1], int)}
+    for key in entries:
+        del lines[key]
+    for j, i in enumerate(order):
+        for key, line in entries.items():
+            if key[1] == i:
+                lines[("models", j) + key[2:]] = line
+
+
+def _slices(slices: Any, method: str, base: str | None, source: "LocatedSource") -> list[dict[str, Any]]:
+    """mergekit ``slices`` as native ones: the same sources and layer ranges (end exclusive)."""
+    if not isinstance(slices, list) or not slices:
+        raise RecipeError(f"{source.where(('slices',))}: expected a list of slices, each with 'sources'.")
+    if base is not None and method in _TASK_VECTOR_METHODS:
+        raise RecipeError(f"{source.where(('base_model',))}: mergekit method '{method}' with a base_model and slices is not supported yet.")
+    native = []
+    for i, piece in enumerate(slices):
+        if not isinstance(piece, dict) or set(piece) - {"sources"} or not isinstance(piece.get("sources"), list):
+            extra = sorted(set(piece) - {"sources"}, key=str) if isinstance(piece, dict) else []
+            what = f"slice option '{extra[0]}' is not supported" if extra else "expected 'sources: [...]'"
+            raise RecipeError(f"{source.where(('slices', i))}: {what}.")
+        sources = []
+        for j, entry in enumerate(piece["sources"]):
+            where = ("slices", i, "sources", j)
+            if not isinstance(entry, dict) or set(entry) - {"model", "layer_range", "parameters"}:
+                extra = sorted(set(entry) - {"model", "layer_range", "parameters"}, key=str) if isinstance(entry, dict) else []
+                raise RecipeError(f"{source.where(where)}: " + (f"source option '{extra[0]}' is not supported." if extra else "expected a mapping with 'model' and 'layer_range'."))
+            sources.append({"model": _model_ref(entry.get("model"), source, where + ("model",)), "layer_range": entry.get("layer_range"), "parameters": _parameters(entry.get("parameters"), source, where + ("parameters",))})
+        if method == "slerp":
+            if base is None or base not in [s["model"] for s in sources]:
+                raise RecipeError(f"{source.where(('slices', i))}: mergekit slerp needs base_model to be one of each slice's sources.")
+            sources = [s for s in sources if s["model"] == base][:1] + [s for s in sources if s["model"] != base]
+        native.append({"sources": sources})
+    return native
+
+
+def translate(data: dict[str, Any], source: "LocatedSource") -> dict[str, Any]:
+    """A native recipe dict equivalent to the mergekit recipe ``data``."""
+    for key, why in _UNSUPPORTED_KEYS.items():
+        if key in data:
+            raise RecipeError(f"{source.where((key,))}: mergekit option '{key}' is not supported: {why}.")
+    unknown = sorted(set(data) - _KNOWN_KEYS - set(_UNSUPPORTED_KEYS), key=str)  # keys may be numbers, dates...
+    if unknown:
+        raise RecipeError(f"{source.where((unknown[0],))}: unknown mergekit option '{unknown[0]}'.")
+    method = data["merge_method"]
+    if not isinstance(method, str) or method not in SUPPORTED_METHODS:
+        raise RecipeError(
+            f"{source.where(('merge_method',))}: mergekit method '{method}' is not supported yet"
+            f" (supported: {', '.join(sorted(SUPPORTED_METHODS))})."
+        )
+    base = data.get("base_model")
+    if base is not None:
+        base = _model_ref(base, source, ("base_model",))
+    models = []
+    entries = data.get("models") or []
+    if not isinstance(entries, list):
+        raise RecipeError(f"{source.where(('models',))}: expected a list of '- model: <ref>' entries.")
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise RecipeError(f"{source.where(('models', i))}: expected '- model: <ref>' with optional parameters.")
+        ref = _model_ref(entry.get("model"), source, ("models", i, "model"))
+        models.append({"model": ref, "parameters": _parameters(entry.get("parameters"), source, ("models", i, "parameters")), "_index": i})
+
+    native: dict[str, Any] = {"method": method, "models": models, "parameters": _parameters(data.get("parameters"), source, ("parameters",))}
+    if "slices" in data:
+        if models:
+            raise RecipeError(f"{source.where(('slices',))}: give either 'models' or 'slices', not both.")
+        del native["models"]
+        native["slices"] = _slices(data["slices"], method, base, source)
+        base = None  # slerp's base picked each slice's t = 0 end; linear and passthrough ignore it
+    elif method == "slerp":
+        # mergekit interpolates from the base (t = 0) to the other model (t = 1).
+        if base is None or base not in [m["model"] for m in models]:
+            raise RecipeError(f"{source.where(('base_model',))}: mergekit slerp needs base_model to be one of its two models.")
+        native["models"] = [m for m in models if m["model"] == base][:1] + [m for m in models if m["model"] != base]
+    elif method == "linear":
+        pass  # mergekit's linear ignores base_model
+    elif base is not None:
+        native["base"] = base
+        if method in _TASK_VECTOR_METHODS:
+            native["models"] = [m for m in models if m["model"] != base]
+    # Models may have been reordered or dropped: errors about native models[j] must point at the
+    # line of the entry the user wrote, so remap the located lines of 'models'.
+    _remap_model_lines(source, [m.pop("_index") for m in native.get("models", [])])
+    for m in models:
+        m.pop("_index", None)
+    if "dtype" in data:
+        native["dtype"] = data["dtype"]
+    out_dtype = data.get("out_dtype") or data.get("dtype")
+    output: dict[str, Any] = {}
+    if out_dtype:
+        output["dtype"] = out_dtype
+    tokenizer = data.get("tokenizer_source")
+    if tokenizer is not None:
+        if tokenizer == "union":
+            raise RecipeError(f"{source.where(('tokenizer_source',))}: tokenizer_source 'union' is not supported yet.")
+        output["copy_tokenizer_from"] = "base" if tokenizer == "base" else tokenizer
+    if output:
+        native["output"] = output
+    return native

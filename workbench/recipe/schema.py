@@ -1,0 +1,470 @@
+"""Recipes: YAML files that say which models to merge, how, and where the result goes.
+
+Native format::
+
+    method: task_arithmetic
+    base: ./models/base                 # optional; a path or org/name@revision
+    models:
+      - model: ./models/math
+        parameters: {weight: 1.0}
+      - ./models/code                   # shorthand: no per-model parameters
+    # or, instead of models, layer ranges stacked in order (source i of every slice is model i):
+    # slices:
+    #   - sources: [{model: ./models/a, layer_range: [0, 6]}]
+    #   - sources: [{model: ./models/a, layer_range: [2, 8]}]
+    parameters: {lambda: 0.8}
+    dtype: float32                      # compute dtype
+    seed: 0                             # seeds random methods per tensor name
+    output:
+      path: ./merged                    # or `workbench run --out DIR`
+      dtype: bfloat16                   # storage dtype (default: each input tensor's own)
+      shard_size: 5GB
+      copy_tokenizer_from: base         # base | <model index> | <path>
+      push: {repo: org/name, private: true}  # optional: upload after a successful run
+    evaluators: [zoo_copy]              # optional: scored on the output after the merge
+
+A mergekit recipe (it has ``merge_method``) is translated on load; see
+:mod:`workbench.recipe.mergekit`. Errors name the field path and the line of the YAML file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from workbench.checkpoint.dtypes import FLOAT_CODES, code_from_name
+from workbench.errors import RecipeError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+#: Sizes count bytes: from 2**63 up they are typos (and as floats they may not even be finite).
+_MAX_SIZE = 2**63 - 1
+
+#: Limits on a recipe's YAML (real recipes are kilobytes, a few levels deep, with a few aliases). A
+#: larger file is not read; a document nesting deeper, or expanding (every use of an alias counted)
+#: to more values, is refused before anything walks it, so an alias bomb costs neither time nor memory.
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_DEPTH = 64
+MAX_RECIPE_VALUES = 100_000
+
+
+def parse_size(value: str | int) -> int:
+    """'5GB' -> 5_000_000_000, '512MiB' -> 536_870_912, 1000 -> 1000."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise ValueError("a size must be positive")
+        if value > _MAX_SIZE:
+            raise ValueError("a size must be below 2**63 bytes")
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ValueError(f"'{value}' is not a size (examples: 500MB, 2GB, 1GiB, 1000000)")
+    unit = (match[2] or "").lower().removesuffix("b")
+    scaled = float(match[1]) * _UNITS[unit]
+    if not scaled <= _MAX_SIZE:  # also infinity, which int() cannot convert
+        raise ValueError(f"'{value}' is too large for a size (below 2**63 bytes)")
+    size = int(scaled)
+    if size <= 0:
+        raise ValueError("a size must be positive")
+    return size
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelEntry(Strict):
+    model: str = Field(description="A local folder or file, or a Hub id 'org/name[@revision]'.")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="Per-model method parameters.")
+
+    @field_validator("model")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the model reference is empty")
+        return value
+
+
+class SliceSource(Strict):
+    model: str = Field(description="A local folder or file, or a Hub id 'org/name[@revision]'.")
+    layer_range: tuple[int, int] = Field(description="Layers [start, end) of this model (the end is exclusive, as in mergekit).")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="Per-model method parameters.")
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= value[0] < value[1]:
+            raise ValueError(f"layer_range must be [start, end) with 0 <= start < end, got {list(value)}")
+        return value
+
+
+class SliceEntry(Strict):
+    sources: list[SliceSource] = Field(description="The models whose layer ranges are merged into this slice.")
+
+    @field_validator("sources")
+    @classmethod
+    def _some_sources(cls, value: list[SliceSource]) -> list[SliceSource]:
+        if not value:
+            raise ValueError("a slice needs at least one source")
+        return value
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class PushSection(Strict):
+    """Where ``workbench run`` uploads the output once it is complete (as ``workbench push`` would)."""
+
+    repo: str = Field(description="Hub repo id 'org/name' (created if missing).")
+    private: bool = Field(False, description="Create the repo private; refuse to push into an existing public repo.")
+    revision: str | None = Field(None, description="Branch to push to (created from main if missing).")
+    create_pr: bool = Field(False, description="Open a pull request against the default branch instead of committing.")
+
+    @field_validator("repo")
+    @classmethod
+    def _repo_id(cls, value: str) -> str:
+        if not _REPO_ID.match(value) or ".." in value or value.endswith((".", "-")):
+            raise ValueError(f"'{value}' is not a Hub repo id (org/name)")
+        return value
+
+    @model_validator(mode="after")
+    def _pr_on_default_branch(self) -> "PushSection":
+        if self.create_pr and self.revision not in (None, "main"):
+            raise ValueError("create_pr opens a pull request against the default branch; drop revision or create_pr")
+        return self
+
+
+class OutputSection(Strict):
+    path: str | None = Field(None, description="Output folder (overridden by --out).")
+    dtype: str | None = Field(None, description="Storage dtype of float tensors; default: the input's.")
+    shard_size: int | str = Field("5GB", description="Largest output shard, e.g. 2GB or 500MB.")
+    copy_tokenizer_from: str | int | None = Field(
+        None, description="Where config/tokenizer files come from: 'base', a model index, or a path."
+    )
+    format: str = Field("safetensors", description="Output checkpoint format.")
+    push: PushSection | None = Field(None, description="Upload the output to the Hugging Face Hub after a successful run.")
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str | None) -> str | None:
+        if value is not None and code_from_name(value) not in FLOAT_CODES:
+            raise ValueError(f"the output dtype of float tensors must be a float type, got '{value}'")
+        return value
+
+    # "before": pydantic would otherwise turn `true` into the size 1 before this check sees it.
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _size(cls, value: int | str) -> int | str:
+        parse_size(value)
+        return value
+
+    @property
+    def shard_bytes(self) -> int:
+        return parse_size(self.shard_size)
+
+
+class EvaluatorSpec(Strict):
+    name: str = Field(description="A registered evaluator (see `workbench eval --list`).")
+    options: dict[str, Any] = Field(default_factory=dict, description="The evaluator's options.")
+
+
+class Recipe(Strict):
+    method: str = Field(description="A registered merge method (see `workbench methods`).")
+    base: str | None = Field(None, description="Base model for task-vector methods.")
+    models: list[ModelEntry] = Field(default_factory=list, description="The models to merge, in order.")
+    slices: list[SliceEntry] | None = Field(
+        None, description="Instead of models: layer ranges of models, stacked in order (each slice's sources are merged)."
+    )
+    parameters: dict[str, Any] = Field(default_factory=dict, description="Method parameters.")
+    dtype: str = Field("float32", description="Compute dtype.")
+    seed: int = Field(0, description="Seed for random methods (per tensor name).")
+    memory_limit: int | str | None = Field(
+        None, description="Most memory a whole-model method may hold, e.g. 16GB (default: the memory available when planning)."
+    )
+    output: OutputSection = Field(default_factory=OutputSection)
+    evaluators: list[EvaluatorSpec] = Field(default_factory=list, description="Evaluators run on the output.")
+
+    #: Where the recipe came from (for messages); not part of the recipe itself.
+    source: str | None = Field(None, exclude=True)
+    _located: Any = PrivateAttr(None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("models"), list):
+            data = dict(data)
+            data["models"] = [{"model": m} if isinstance(m, str) else m for m in data["models"]]
+        if isinstance(data, dict) and isinstance(data.get("evaluators"), list):
+            data = dict(data)
+            data["evaluators"] = [{"name": e} if isinstance(e, str) else e for e in data["evaluators"]]
+        return data
+
+    @field_validator("models")
+    @classmethod
+    def _some_models(cls, value: list[ModelEntry]) -> list[ModelEntry]:
+        if not value:  # only when given: without 'models', 'slices' may stand in for it
+            raise ValueError("at least one model is needed")
+        return value
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> "Recipe":
+        if self.slices is not None and self.models:
+            raise ValueError("give either 'models' or 'slices', not both")
+        if self.slices is None and not self.models:
+            raise ValueError("'models' is missing: at least one model is needed (or give 'slices')")
+        if self.slices is not None:
+            if not self.slices:
+                raise ValueError("'slices' is empty: at least one slice is needed")
+            counts = {len(entry.sources) for entry in self.slices}
+            if len(counts) > 1:
+                raise ValueError(f"every slice needs the same number of sources (found {sorted(counts)}): source i of each slice is stacked into input model i")
+            if self.base is not None:
+                raise ValueError("a base model with 'slices' is not supported yet")
+        return self
+
+    @property
+    def model_count(self) -> int:
+        """Number of models the method merges (with slices: sources per slice)."""
+        return len(self.slices[0].sources) if self.slices else len(self.models)
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _memory_limit(cls, value: int | str | None) -> int | str | None:
+        if value is not None:
+            parse_size(value)
+        return value
+
+    @property
+    def memory_limit_bytes(self) -> int | None:
+        return None if self.memory_limit is None else parse_size(self.memory_limit)
+
+    @field_validator("dtype")
+    @classmethod
+    def _compute_dtype(cls, value: str) -> str:
+        code = code_from_name(value)
+        if code not in ("F32", "F64", "F16", "BF16"):
+            raise ValueError(f"compute dtype must be a float type, got '{value}'")
+        return value
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", exclude_none=True)
+        if self.slices is not None:
+            del data["models"]
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading with located errors
+# --------------------------------------------------------------------------------------------------
+
+
+def _line_map(node: yaml.Node | None, path: tuple[Any, ...] = (), out: dict[tuple[Any, ...], int] | None = None) -> dict[tuple[Any, ...], int]:
+    """Map every field path of a composed YAML document to its 1-based line."""
+    out = {} if out is None else out
+    if node is None:
+        return out
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            sub = path + (_key_label(key),)
+            out[sub] = key.start_mark.line + 1
+            _line_map(value, sub, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            sub = path + (i,)
+            out[sub] = item.start_mark.line + 1
+            _line_map(item, sub, out)
+    return out
+
+
+def _duplicate_key(node: yaml.Node | None, path: tuple[Any, ...] = ()) -> tuple[tuple[Any, ...], int, int] | None:
+    """(path, line, first line) of the first key given twice in one mapping: PyYAML keeps the last
+    value silently, which would drop part of a recipe without a word."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and not key.tag.endswith(":merge"):
+                if key.value in seen:
+                    return path + (key.value,), key.start_mark.line + 1, seen[key.value]
+                seen[key.value] = key.start_mark.line + 1
+            found = _duplicate_key(value, path + (_key_label(key),))
+            if found:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found = _duplicate_key(item, path + (i,))
+            if found:
+                return found
+    return None
+
+
+def _key_label(key: yaml.Node) -> Any:
+    """A mapping key as a field-path part: its text; a list or mapping used as a key (as in !!omap)
+    has no text, and its node list could not be hashed into the line map."""
+    return key.value if isinstance(key, yaml.ScalarNode) else "?"
+
+
+def _check_expansion(root: yaml.Node | None, name: str) -> None:
+    """Refuse a document nested deeper than MAX_RECIPE_DEPTH, expanding to more than MAX_RECIPE_VALUES
+    values, holding itself (a recursive alias), or holding a string that is not valid Unicode. The
+    parser shares an aliased node, but every later walk (line map, validation, printing) copies it,
+    so nine aliases of nine aliases... are a billion values; sizes are memoised here, so this walk
+    stays linear in the text."""
+    sizes: dict[int, int] = {}
+    walking: set[int] = set()
+
+    def size(node: yaml.Node, depth: int) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        where = f"{name}:{node.start_mark.line + 1}"
+        if key in walking:
+            raise RecipeError(f"{where}: an alias refers to a value that contains it; a recipe cannot be recursive.")
+        if depth > MAX_RECIPE_DEPTH:
+            raise RecipeError(f"{where}: nested more than {MAX_RECIPE_DEPTH} levels deep.")
+        total = 1
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                node.value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise RecipeError(f"{where}: a string is not valid Unicode (a lone surrogate escape such as \\ud800).") from None
+        else:
+            walking.add(key)
+            children = [part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else node.value
+            for child in children:
+                total += size(child, depth + 1)
+                if total > MAX_RECIPE_VALUES:
+                    raise RecipeError(
+                        f"{where}: the YAML expands to more than {MAX_RECIPE_VALUES} values (each use of an alias counts);"
+                        " a recipe is far smaller."
+                    )
+            walking.discard(key)
+        sizes[key] = total
+        return total
+
+    if root is not None:
+        size(root, 0)
+
+
+class LocatedSource:
+    """A YAML text with the line of every field, for error messages."""
+
+    def __init__(self, text: str, name: str) -> None:
+        self.name = name
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            _check_expansion(node, name)
+            self.data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{name}:{mark.line + 1}" if mark else name
+            raise RecipeError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc}).") from exc
+        except RecursionError:  # the parser recurses per level: far past MAX_RECIPE_DEPTH
+            raise RecipeError(f"{name}: nested more than {MAX_RECIPE_DEPTH} levels deep.") from None
+        # PyYAML's constructors fail with plain Python errors on some values: an integer of 5000
+        # digits, an impossible date, an explicitly tagged scalar of the wrong form (!!int '', !!bool x).
+        except (ValueError, OverflowError, TypeError, AttributeError, KeyError, IndexError) as exc:
+            raise RecipeError(f"{name}: not valid YAML (a value cannot be read: {type(exc).__name__}: {exc}).") from exc
+        duplicate = _duplicate_key(node)
+        if duplicate:
+            path, line, first = duplicate
+            raise RecipeError(f"{name}:{line}: {format_path(path)}: given twice (first on line {first}); each key may appear once.")
+        self.lines = _line_map(node)
+
+    def where(self, path: tuple[Any, ...]) -> str:
+        """'recipe.yaml:12: models[0].parameters.weight' for the deepest known prefix of ``path``."""
+        line = None
+        for cut in range(len(path), -1, -1):
+            if path[:cut] in self.lines:
+                line = self.lines[path[:cut]]
+                break
+        label = format_path(path) or "(top level)"
+        return f"{self.name}:{line}: {label}" if line else f"{self.name}: {label}"
+
+
+def format_path(path: tuple[Any, ...]) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _raise_validation(exc: ValidationError, source: LocatedSource, prefix: tuple[Any, ...] = ()) -> None:
+    problems = []
+    for error in exc.errors():
+        loc = prefix + tuple(p for p in error["loc"] if p not in ("function-before", "function-after"))
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        problems.append(f"{source.where(loc)}: {message}")
+    raise RecipeError("invalid recipe: " + "; ".join(problems) + ".")
+
+
+def parse_recipe(text: str, name: str = "<recipe>") -> Recipe:
+    """Parse recipe text (native or mergekit)."""
+    source = LocatedSource(text, name)
+    data = source.data
+    if not isinstance(data, dict):
+        raise RecipeError(f"{name}: a recipe must be a YAML mapping (method, models, ...), got {type(data).__name__}.")
+    if "merge_method" in data:
+        from workbench.recipe.mergekit import translate
+
+        data = translate(data, source)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        _raise_validation(exc, source)
+    recipe.source = name
+    recipe._located = source
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:  # at most one byte past the cap: /dev/zero is not read whole
+            raw = handle.read(MAX_RECIPE_BYTES + 1)
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise RecipeError(f"recipe file {path} is larger than {MAX_RECIPE_BYTES} bytes; a recipe is a few kilobytes.")
+        text = raw.decode("utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read recipe file {path} ({exc}).") from exc
+    return parse_recipe(text, str(path))
+
+
+def with_overrides(recipe: Recipe, *, dtype: str | None = None, out_dtype: str | None = None, shard_size: str | None = None, memory_limit: str | None = None) -> Recipe:
+    """The recipe with command-line overrides applied and validated like recipe values."""
+    update: dict[str, Any] = {}
+    output: dict[str, Any] = {}
+    if dtype is not None:
+        update["dtype"] = dtype
+    if memory_limit is not None:
+        update["memory_limit"] = memory_limit
+    if out_dtype is not None:
+        output["dtype"] = out_dtype
+    if shard_size is not None:
+        output["shard_size"] = shard_size
+    if not update and not output:
+        return recipe
+    data = recipe.model_dump()
+    data.update(update)
+    data["output"].update(output)
+    try:
+        new = Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{format_path(tuple(e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        raise RecipeError(f"invalid command-line override: {problems}.") from None
+    new.source = recipe.source
+    new._located = recipe._located
+    return new
+
+
+def located(recipe: Recipe) -> LocatedSource | None:
+    """The YAML source a recipe was parsed from, when it came from text."""
+    return recipe._located

@@ -1,1 +1,0 @@
-"""Runtimes for outputs that are more than a dense checkpoint (``mola``: routed LoRA experts)."""

@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps: candidate recipes merged and scored, and where candidates run."""

@@ -1,0 +1,1 @@
+"""Developer tools run from the command line: the demo, the benchmarks and the doc generators."""

@@ -1,0 +1,1 @@
+"""The terminal UI's screens, one module (and one stylesheet) per screen."""

@@ -1,0 +1,1 @@
+"""``workbench zoo report``: the miniature counterparts of the papers' headline tables, one module per section."""
