@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # A CPU build of torch is kept on these machines; pinning it first keeps pip from pulling CUDA builds.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test bench fuzz docs clean
+.PHONY: setup check demo test bench fuzz docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,14 @@ demo: setup
 	$(BIN)/workbench demo
 	$(BIN)/workbench inspect demo/out/task_arithmetic
 
-test: setup
+# The floors (import contracts), lint, format and the core's type check, then the test suite.
+check: setup
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: check
 	$(BIN)/python -m pytest -q
 
 # The fuzz targets of the suite, with many more examples each (tens of minutes); see docs/inputs.md.

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from workbench.engine.runner import run_recipe
+from workbench.engine.run import run_recipe
 from workbench.recipe.schema import parse_recipe
 
 BF16_HALF_ULP = 2.0**-8  # relative rounding error of round-to-nearest bfloat16

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from merging import add_word_tokenizer, load_dir, merge, q, word_text
 from workbench.errors import RecipeError
 from workbench.recipe.schema import load_recipe
-from workbench.engine.runner import run_recipe
+from workbench.engine.run import run_recipe
 
 VOCAB = 24
 

@@ -88,10 +88,10 @@ def test_row_blocks_are_aligned_where_the_row_length_allows():
     from types import SimpleNamespace
 
     tensor = SimpleNamespace(shape=(32000, 2048))
-    blocks = engine._row_blocks(tensor, True, engine.ALIGN_ELEMENTS)  # type: ignore[arg-type]
+    blocks = engine.row_blocks(tensor, True, engine.ALIGN_ELEMENTS)  # type: ignore[arg-type]
     assert all(start * 2048 % engine.ALIGN_ELEMENTS == 0 for start, _ in blocks)
     assert max(stop - start for start, stop in blocks) * 2048 <= 2 * engine.CHUNK_ELEMENTS
     odd = SimpleNamespace(shape=(5000, 4099))  # alignment would need 2**18 rows: bounded blocks instead
-    blocks = engine._row_blocks(odd, True, engine.ALIGN_ELEMENTS)  # type: ignore[arg-type]
+    blocks = engine.row_blocks(odd, True, engine.ALIGN_ELEMENTS)  # type: ignore[arg-type]
     assert max(stop - start for start, stop in blocks) * 4099 <= engine.CHUNK_ELEMENTS
     assert blocks[-1][1] == 5000

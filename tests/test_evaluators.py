@@ -92,7 +92,7 @@ def test_unknown_evaluator_and_options(cli: CliRunner, tiny_family: dict[str, Pa
 
 
 def test_recipe_evaluators_are_checked_before_any_work(tiny_family: dict[str, Path], registry: Registry, tmp_path: Path) -> None:
-    from workbench.engine.runner import run_recipe
+    from workbench.engine.run import run_recipe
     from workbench.errors import RecipeError
 
     text = f"method: linear\nmodels: [{tiny_family['ft1']}, {tiny_family['ft2']}]\nevaluators: [no_such_evaluator]\n"

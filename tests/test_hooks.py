@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from workbench import hookimpl
 from workbench.checkpoint import CheckpointFormat, CheckpointReader
 from workbench.checkpoint.base import TensorInfo
-from workbench.engine.runner import run_recipe
+from workbench.engine.run import run_recipe
 from workbench.errors import CheckpointError
 from workbench.evaluator import Evaluator, EvaluatorOptions, LoadedModel
 from workbench.executor import Executor

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench.engine.runner import run_recipe
+from workbench.engine.run import run_recipe
 from workbench.errors import RecipeError
 from workbench.recipe.schema import parse_recipe
 from workbench.registry import get_registry

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from merging import add_word_tokenizer, load_dir, merge, q
 from workbench.errors import RecipeError
-from workbench.lora.allocation import group_sizes, per_layer
-from workbench.lora.mola import ExpertSet, MoLALinear, gates, load_mola, save_experts, wrap
+from workbench.modeling.allocation import group_sizes, per_layer
+from workbench.modeling.mola import ExpertSet, MoLALinear, gates, load_mola, save_experts, wrap
 
 transformers = pytest.importorskip("transformers")
 

@@ -82,7 +82,7 @@ def test_fan_in_fan_out_adapters_change_the_transposed_weight(tmp_path: Path) ->
     """GPT-2 style Conv1D weights are stored (in, out); PEFT then stores ΔWᵀ's factors as usual."""
     from workbench.checkpoint.adapted import AdaptedReader
     from workbench.checkpoint.folder import SafetensorsFolder
-    from workbench.lora.adapter import LoraAdapter
+    from workbench.checkpoint.lora_adapter import LoraAdapter
 
     base = tmp_path / "base"
     base.mkdir()

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from workbench.engine.runner import run_recipe
+from workbench.engine.run import run_recipe
 from workbench.recipe.schema import parse_recipe
 from merging import assert_bf16_close, combo, gradient, layer_t, load_dir, merge, q, slerp_reference
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench.engine.runner import run_recipe
+from workbench.engine.run import run_recipe
 from workbench.errors import RecipeError
 from workbench.method import TensorContext
 from workbench.recipe.schema import parse_recipe

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workbench.engine.runner import run_recipe
+from workbench.engine.run import run_recipe
 from workbench.params import anchors, evaluate_gradient, filter_matches, is_filter_list, layer_position, resolve, varies
 from workbench.recipe.schema import parse_recipe
 
@@ -275,7 +275,7 @@ def test_file_holding_a_filter_list(tmp_path: Path) -> None:
 def test_task_arithmetic_with_per_tensor_lambdas_from_a_file(tiny_family: dict[str, Path], tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from workbench.engine.runner import run_recipe
+    from workbench.engine.run import run_recipe
     from workbench.recipe.schema import parse_recipe
 
     name = "model.layers.1.mlp.down_proj.weight"
@@ -294,7 +294,7 @@ def test_task_arithmetic_with_per_tensor_lambdas_from_a_file(tiny_family: dict[s
 
 
 def test_missing_or_bad_parameter_file_is_a_located_error(tiny_family: dict[str, Path], tmp_path: Path) -> None:
-    from workbench.engine.runner import run_recipe
+    from workbench.engine.run import run_recipe
     from workbench.errors import RecipeError
     from workbench.recipe.schema import parse_recipe
 

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from workbench.cli.main import main
-from workbench.engine.runner import run_recipe
+from workbench.engine.run import run_recipe
 from workbench.recipe.schema import parse_recipe
 
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 import workbench.registry as registry_module
 from workbench.cli.main import main
-from workbench.engine.runner import run_recipe
+from workbench.engine.run import run_recipe
 from workbench.recipe.schema import parse_recipe
 from workbench.registry import load_registry
 from plugin_helpers import BUILTIN_METHODS, CORE, FAKE_MAX, WIDE, MakePlugin, _rows

@@ -114,7 +114,7 @@ def test_the_load_counter_sees_a_second_load() -> None:
 #: cache-loaded) version: none may, since its ops take the torch path on CPU.
 NUMBA_USE = r"""
 import json, sys
-from workbench.engine.runner import run_recipe
+from workbench.engine.run import run_recipe
 run_recipe(sys.argv[1], out=sys.argv[2])
 from workbench_kernels import finite, threshold, ties, weighted_sum
 kernels = {"weighted_sum": weighted_sum._weighted_sum_numba, "finite": finite._count_non_finite_numba,

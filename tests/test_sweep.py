@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from workbench.cli.main import main
-from workbench.engine.runner import run_recipe
+from workbench.engine.run import run_recipe
 from workbench.errors import RecipeError
 from workbench.evaluation.running import evaluate_output
 from workbench.recipe.schema import EvaluatorSpec, load_recipe, parse_recipe

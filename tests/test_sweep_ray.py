@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from workbench.cli.main import main
-from workbench.engine.runner import run_recipe
+from workbench.engine.run import run_recipe
 from workbench.evaluation.running import evaluate_output
 from workbench.recipe.schema import EvaluatorSpec, load_recipe, parse_recipe
 from workbench.registry import Registry, load_registry
@@ -120,6 +120,7 @@ def test_a_candidate_failing_on_ray_is_recorded_and_the_others_finish(recipe_fil
         raise AssertionError("a candidate ran in the driver, not in a Ray worker")
 
     monkeypatch.setattr("workbench.sweep.search.run_one", not_here)  # Ray workers import their own copy
+    monkeypatch.setattr("workbench.sweep.backends.run_one", not_here)  # the worker entry point, run in the driver
     high, low = sorted(norms, key=norms.__getitem__, reverse=True)
     limit = (norms[high] + norms[low]) / 2
     result = run_sweep(

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from workbench_kernels.sparsify import MagnitudeBand
 from workbench_plugins.methods._task_vectors import Thresholds
 
-from workbench.engine.runner import run_recipe
+from workbench.engine.run import run_recipe
 from workbench.errors import RecipeError
 from workbench.method import TensorContext
 from workbench.recipe.schema import parse_recipe

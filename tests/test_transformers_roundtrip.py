@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workbench.engine.runner import run_recipe
+from workbench.engine.run import run_recipe
 from workbench.recipe.schema import parse_recipe
 
 transformers = pytest.importorskip("transformers")

@@ -258,7 +258,7 @@ def test_zoo_report_scores_every_row_and_reproduces_the_experts(zoo: tuple[Path,
     from workbench.evaluation.running import evaluate, make_evaluators
     from workbench.recipe.schema import EvaluatorSpec
     from workbench.registry import get_registry
-    from workbench.zoo.reports.report import METHODS
+    from workbench.zoo.reports.task_vectors import METHODS
 
     root, manifest = zoo
     out = tmp_path / "reproductions.md"
@@ -295,7 +295,8 @@ def test_zoo_report_scores_every_row_and_reproduces_the_experts(zoo: tuple[Path,
 def test_zoo_report_chooses_each_value_on_validation(zoo: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     """The reported value is the grid point with the best validation score, and its test score is the one printed."""
     from workbench.registry import get_registry
-    from workbench.zoo.reports.report import GridMethod, write_report
+    from workbench.zoo.reports.report import write_report
+    from workbench.zoo.reports.task_vectors import GridMethod
 
     root, manifest = zoo
     method = GridMethod("scaled sum", "λ", (0.0, 0.5), lambda ex, v: {"method": "task_arithmetic", "models": ex, "parameters": {"lambda": v}})
@@ -363,7 +364,8 @@ def test_mola_train_cli_writes_a_folder_that_evaluates(zoo: tuple[Path, dict[str
 
 def test_learned_coefficients_section_scores_every_row(zoo: tuple[Path, dict[str, Any]], registry: Registry) -> None:
     from workbench.zoo.reports.atlas import GRID_METHODS, SHARES, measure_learned, render_learned
-    from workbench.zoo.reports.report import GridMethod, ZooScorer
+    from workbench.zoo.reports.common import ZooScorer
+    from workbench.zoo.reports.task_vectors import GridMethod
 
     root, _ = zoo
     one_value = tuple(GridMethod(m.label, m.knob, (0.5,), m.recipe) for m in GRID_METHODS)  # one merge per baseline

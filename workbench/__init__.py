@@ -10,20 +10,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from workbench._version import API_VERSION, __version__
 from workbench.hookspecs import hookimpl
 
-__version__ = "0.1.0"
-
-#: The plugin API version, MAJOR.MINOR. A plugin declares the version it was built for as
-#: ``WORKBENCH_API = "1.0"`` in its module; it loads into any 1.x from 1.0 up and is refused by
-#: another major version, with a message naming both. Bump MINOR for additions to the public
-#: API, MAJOR for any change that can break a plugin (tests/test_public_api.py holds the surface).
-API_VERSION = "1.0"
 
 #: Public name -> module that defines it (imported when the name is first used).
 _LAZY = {
     "load_recipe": "workbench.recipe.schema",
-    "run_recipe": "workbench.engine.runner",
+    "run_recipe": "workbench.engine.run",
     # the method contract
     "MergeMethod": "workbench.method",
     "MethodParameters": "workbench.method",
@@ -49,7 +43,7 @@ __all__ = ["API_VERSION", "__version__", "hookimpl", "run", *_LAZY]
 
 if TYPE_CHECKING:
     from workbench.checkpoint.base import CheckpointFormat, CheckpointReader
-    from workbench.engine.runner import run_recipe
+    from workbench.engine.run import run_recipe
     from workbench.errors import CheckpointError, PluginError, RecipeError, WorkbenchError
     from workbench.evaluator import Evaluator, EvaluatorOptions
     from workbench.executor import Executor
@@ -70,5 +64,5 @@ def __dir__() -> list[str]:
 
 
 def run(recipe: Any, **options: Any) -> Any:
-    """Run a recipe (a path or a loaded ``Recipe``); see :func:`workbench.engine.runner.run_recipe`."""
+    """Run a recipe (a path or a loaded ``Recipe``); see :func:`workbench.engine.run.run_recipe`."""
     return __getattr__("run_recipe")(recipe, **options)

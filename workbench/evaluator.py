@@ -90,7 +90,7 @@ def load_model(path: str | Path, tokenizer: bool = True) -> LoadedModel:
     ``path`` is a Hugging Face model folder, a ``.gguf`` file (dequantised by transformers, which
     needs the ``gguf`` and ``accelerate`` packages), or ``smollm2``, optionally with LoRA adapters
     (``BASE+ADAPTER``, or an adapter folder alone), whose ΔW are added to the loaded weights. A
-    folder with routed LoRA experts (``mola/``) runs them (``workbench.lora.mola``).
+    folder with routed LoRA experts (``mola/``) runs them (``workbench.modeling.mola``).
     """
     from workbench.checkpoint.resolve import split_adapters
 
@@ -120,17 +120,17 @@ def load_model(path: str | Path, tokenizer: bool = True) -> LoadedModel:
         raise EvaluationError(f"transformers cannot load {path} as a causal language model ({type(exc).__name__}: {exc}).") from exc
     module.eval()
     if adapters:
-        from workbench.lora.adapter import LoraAdapter, add_to_module
+        from workbench.checkpoint.lora_adapter import LoraAdapter, add_to_module
 
         try:
             for adapter in adapters:
                 add_to_module(module, LoraAdapter(adapter))
         except CheckpointError as exc:
             raise EvaluationError(str(exc)) from None
-    from workbench.lora.mola import is_mola
+    from workbench.modeling.mola import is_mola
 
     if not gguf and is_mola(folder):  # routed LoRA experts on top of the base weights
-        from workbench.lora.mola import load_experts, wrap
+        from workbench.modeling.mola import load_experts, wrap
 
         wrap(module, load_experts(folder)[0])
     loaded_tokenizer = None

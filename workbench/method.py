@@ -9,6 +9,7 @@ scheduling and writing, so every method streams with bounded memory unless it sa
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,9 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from workbench.architecture import TensorPlace
 from workbench.errors import RecipeError
+from workbench.params import resolve
 
 if TYPE_CHECKING:  # torch is imported only where tensors are touched
     import torch
@@ -234,3 +237,38 @@ class MergeMethod:
         ``ctx.out_dtype`` if it is not in that dtype already.
         """
         raise NotImplementedError
+
+
+# The engine resolves parameters and seeds with these; a plugin or its tests may call them too.
+
+_NO_VALUE = object()
+
+
+def param_keys(schema: type[MethodParameters]) -> dict[str, str]:
+    """Recipe key -> field name (a field may use an alias such as 'lambda')."""
+    return {(f.alias or name): name for name, f in schema.model_fields.items()}
+
+
+def resolve_params(schema: type[MethodParameters], raw: dict[str, Any], place: TensorPlace, name: str, layers: int) -> MethodParameters:
+    """The parameters of one tensor: gradients interpolated, filters applied, schema validated."""
+    values: dict[str, Any] = {}
+    for key, fname in param_keys(schema).items():
+        if key not in raw:
+            continue
+        if not is_per_layer(schema, fname):
+            values[key] = raw[key]
+            continue
+        value = resolve(raw[key], name, place.layer_index, layers, _NO_VALUE)
+        if value is _NO_VALUE:
+            if schema.model_fields[fname].is_required():
+                raise RecipeError(f"no filter of parameter '{key}' matches tensor '{name}', and '{key}' has no default.")
+            continue
+        values[key] = value
+    return schema.model_validate(values)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """The ``ctx.seed`` of tensor ``name`` under the recipe's ``seed``: it depends only on the two (not on
+    scheduling or device), so a test can reproduce a random method's draws."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)

@@ -24,7 +24,8 @@ from typing import Any, Callable
 import pluggy
 from pydantic import ValidationError
 
-from workbench import API_VERSION, hookspecs
+from workbench import hookspecs
+from workbench._version import API_VERSION
 from workbench.checkpoint.base import CheckpointFormat, CheckpointReader
 from workbench.errors import CheckpointError, PluginError, RecipeError
 from workbench.evaluator import Evaluator, EvaluatorOptions
@@ -72,6 +73,16 @@ class Registry:
 
     def evaluator(self, name: str) -> type[Evaluator]:
         return self._lookup(self.evaluators, name, "evaluator").obj
+
+    def make_evaluator(self, name: str, options: dict[str, Any]) -> Evaluator:
+        """An evaluator with validated options; an error names the evaluator and the option."""
+        cls = self.evaluator(name)
+        try:
+            validated = cls.Options.model_validate(options)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors())
+            raise RecipeError(f"evaluator '{name}': invalid options ({problems}).") from None
+        return cls(validated)
 
     def format(self, name: str) -> CheckpointFormat:
         return self._lookup(self.formats, name, "format").obj

@@ -128,7 +128,7 @@ def build_recipe(method: str, family: Family, fragment: Fragment | None = None, 
 
 
 def _run(recipe: Mapping[str, Any], out: Path, registry: "Registry | None", prefetch: int = 2) -> Path:
-    from workbench.engine.runner import run_recipe
+    from workbench.engine.run import run_recipe
     from workbench.recipe.schema import parse_recipe
 
     parsed = parse_recipe(yaml.safe_dump(dict(recipe), sort_keys=False), f"<{recipe['method']} test recipe>")

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Callable
 
-from workbench import hookimpl
+from workbench.hookspecs import hookimpl
 from workbench.evaluator import EvaluationError, Evaluator, EvaluatorOptions, LoadedModel
 from workbench.method import Param
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence, TypeVar
 
-from workbench import hookimpl
+from workbench.hookspecs import hookimpl
 from workbench.executor import Executor
 
 Job = TypeVar("Job")

@@ -3,69 +3,21 @@
 Ray is an optional extra (``merge-workbench[ray]``): it is imported only when this executor runs.
 A task whose worker process dies (killed, out of memory, node lost) is retried by Ray up to
 ``max_retries`` times; an error raised by the merge itself is not retried, since it would only
-fail again, and reaches the user as the original message.
+fail again, and reaches the user as the original message. The Ray session itself (start, stop,
+retries, unwrapping a task's error) is :mod:`workbench.executor`'s, shared with sweeps on Ray.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from workbench import hookimpl
-from workbench.errors import WorkbenchError
-from workbench.executor import Executor
+from workbench.hookspecs import hookimpl
+from workbench.executor import MAX_RETRIES, Executor, ray_session, task_cause
+from workbench.executor import OBJECT_STORE_BYTES, import_ray  # noqa: F401  (still importable from here)
 
 Job = TypeVar("Job")
 Result = TypeVar("Result")
-
-#: Retries of a task whose worker died; Ray's own default for tasks.
-MAX_RETRIES = 3
-#: The object store of a local instance: tasks exchange only small results, so keep it small.
-OBJECT_STORE_BYTES = 256 * 1024 * 1024
-
-
-def import_ray() -> Any:
-    """The ``ray`` module, or an error naming the extra to install (checked before any work starts)."""
-    try:
-        import ray
-    except ImportError as exc:
-        raise WorkbenchError(
-            f"the 'ray' executor needs Ray, which is not installed ({exc}); install merge-workbench[ray]."
-        ) from None
-    return ray
-
-
-@contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[Any]:
-    """The ``ray`` module, initialised for the block and shared by merges and sweeps.
-
-    An already initialised Ray (a caller's ``ray.init``) is used as it is and left running; else
-    this connects to ``address`` or starts a small local instance, and shuts it down afterwards.
-    """
-    ray = import_ray()
-    if ray.is_initialized():
-        yield ray
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # 2.60 turns on token auth by default
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=int(num_cpus or os.cpu_count() or 1), include_dashboard=False,
-                 object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
-def task_cause(ray: Any, exc: BaseException) -> BaseException:
-    """The exception a task raised, out of Ray's ``RayTaskError`` wrapper (other errors as they are)."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(cause, BaseException):
-        return cause
-    return exc
 
 
 class RayExecutor(Executor):

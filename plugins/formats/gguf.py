@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from workbench import hookimpl
+from workbench.hookspecs import hookimpl
 from workbench.checkpoint import CheckpointFormat, CheckpointReader
 from workbench.checkpoint.folder import find_safetensors
 from workbench.checkpoint.gguf import GGUFCheckpoint, find_gguf

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from workbench import hookimpl
+from workbench.hookspecs import hookimpl
 from workbench.checkpoint import CheckpointFormat, CheckpointReader, FileWriter, OutputFile, TensorSpec
 from workbench.checkpoint.folder import SafetensorsFolder, find_safetensors, plan_shards, write_index
 from workbench.checkpoint.safetensors_io import StreamingFileWriter

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from workbench import hookimpl
+from workbench.hookspecs import hookimpl
 from workbench.checkpoint import CheckpointFormat, CheckpointReader
 from workbench.checkpoint.folder import find_safetensors
 from workbench.checkpoint.torch_bin import TorchBinFolder, find_bin

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from workbench import hookimpl
+from workbench.hookspecs import hookimpl
 from workbench.method import MergeMethod, Param
 from workbench_plugins.methods._task_vectors import RESCALE, ConsensusParameters, DensityModelParameters, LinearParameters, TaskVectorMethod
 

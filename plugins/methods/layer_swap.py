@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 from pydantic import ValidationError, model_validator
 
-from workbench import hookimpl
+from workbench.hookspecs import hookimpl
 from workbench.architecture import layer_count
 from workbench.errors import RecipeError
 from workbench.method import MergeMethod, MethodParameters, Param, PrepareContext, TensorContext

@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 from pydantic import ValidationError, model_validator
 
-from workbench import architecture, hookimpl
+from workbench import architecture
+from workbench.hookspecs import hookimpl
 from workbench.errors import RecipeError
 from workbench.method import MergeMethod, MethodParameters, Param, PrepareContext, TensorContext
 
@@ -88,7 +89,7 @@ def inner_class(merge: str, registry: "Registry | None" = None) -> type[MergeMet
 
 
 def check_inner(cls: type[MergeMethod], raw: dict[str, Any]) -> None:
-    from workbench.engine.plan import param_keys
+    from workbench.method import param_keys
 
     keys = param_keys(cls.Parameters)
     for key in raw:
@@ -112,7 +113,7 @@ class _State:
         self.lock = threading.Lock()
 
     def inner_params(self, name: str, layer_count: int) -> MethodParameters:
-        from workbench.engine.plan import resolve_params
+        from workbench.method import resolve_params
 
         try:
             return resolve_params(type(self.inner).Parameters, self.inner_raw, architecture.place(name), name, layer_count)
@@ -120,7 +121,7 @@ class _State:
             raise RecipeError(f"lines: merge_parameters for tensor '{name}' are invalid for method '{self.inner.name}': {exc}") from None
 
     def inner_model_params(self, model_params: Sequence[LinesModelParameters], name: str, layer_count: int) -> list[MethodParameters]:
-        from workbench.engine.plan import resolve_params
+        from workbench.method import resolve_params
 
         schema = type(self.inner).ModelParameters
         out = []
@@ -134,7 +135,7 @@ class _State:
 
     def lines_model_params(self, name: str, layer_count: int) -> list[LinesModelParameters]:
         """This tensor's LiNeS per-model parameters, resolved from the recipe's raw values."""
-        from workbench.engine.plan import resolve_params
+        from workbench.method import resolve_params
 
         place = architecture.place(name)
         return [resolve_params(LinesModelParameters, raw, place, name, layer_count) for raw in self.model_raw]  # type: ignore[misc]
@@ -159,7 +160,7 @@ class _State:
         """‖Σₜ wₜτₜ / Σₜ wₜ‖₁ / ‖τ_MTL‖₁ over the whole model, one tensor at a time."""
         import torch
 
-        from workbench.engine.plan import tensor_seed
+        from workbench.method import tensor_seed
 
         assert self.base is not None
         # The engine seeds tensor n with tensor_seed(recipe seed, n). The recipe seed is not passed
@@ -193,7 +194,7 @@ class _State:
 def inner_model_raw(schema: type[MethodParameters], raw: dict[str, Any], index: int, inner: str) -> dict[str, Any]:
     """The inner method's per-model parameters (recipe form) from LiNeS's: ``merge_model_parameters``
     plus ``weight`` where the inner method takes one."""
-    from workbench.engine.plan import param_keys
+    from workbench.method import param_keys
 
     keys = param_keys(schema)
     out = dict(raw.get("merge_model_parameters") or {})
@@ -235,7 +236,7 @@ class Lines(MergeMethod):
     elementwise = False
 
     def prepare(self, ctx: PrepareContext) -> _State:
-        from workbench.engine.plan import param_keys
+        from workbench.method import param_keys
 
         inner_cls = inner_class(ctx.params.get("merge", "task_arithmetic"), ctx.extra.get("registry"))
         inner = inner_cls()

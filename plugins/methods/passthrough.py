@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from workbench import hookimpl
+from workbench.hookspecs import hookimpl
 from workbench.method import MergeMethod, MethodParameters, Param, TensorContext
 
 if TYPE_CHECKING:

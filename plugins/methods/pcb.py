@@ -38,7 +38,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
-from workbench import hookimpl
+from workbench.hookspecs import hookimpl
 from workbench.method import MergeMethod, MethodParameters, Param, PrepareContext, TensorContext
 
 if TYPE_CHECKING:

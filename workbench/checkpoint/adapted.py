@@ -14,7 +14,7 @@ from workbench.errors import CheckpointError
 if TYPE_CHECKING:
     import torch
 
-    from workbench.lora.adapter import LoraAdapter, LoraFactors
+    from workbench.checkpoint.lora_adapter import LoraAdapter, LoraFactors
 
 
 class AdaptedReader(CheckpointReader):

@@ -13,13 +13,19 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from workbench.errors import CheckpointError
 
 if TYPE_CHECKING:
     from workbench.checkpoint.base import CheckpointReader
-    from workbench.registry import Registry
+
+
+class Registry(Protocol):
+    """What opening a reference needs of the plugin registry: its formats (the ground floor does not
+    import the registry itself)."""
+
+    def open_checkpoint(self, path: Path) -> CheckpointReader: ...
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
@@ -56,7 +62,7 @@ def ensure_local(readers: Iterable[CheckpointReader]) -> None:
 def split_adapters(ref: str) -> tuple[str, list[Path]]:
     """``BASE+ADAPTER[+ADAPTER…]`` → (base reference, adapter folders); a PEFT adapter folder alone
     stands for its ``base_model_name_or_path`` plus itself; anything else is a plain reference."""
-    from workbench.lora.adapter import LoraAdapter, is_adapter
+    from workbench.checkpoint.lora_adapter import LoraAdapter, is_adapter
 
     path = Path(ref).expanduser()
     if is_adapter(path):
@@ -77,7 +83,7 @@ def split_adapters(ref: str) -> tuple[str, list[Path]]:
 def open_reference(registry: Registry, ref: str) -> tuple[Path, CheckpointReader]:
     """The local path (the base's, for ``BASE+ADAPTER``) and a lazy reader of a model reference."""
     from workbench.checkpoint.adapted import AdaptedReader
-    from workbench.lora.adapter import LoraAdapter
+    from workbench.checkpoint.lora_adapter import LoraAdapter
 
     base, adapters = split_adapters(ref)
     if is_hub_reference(base):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from workbench.cli.main import _console, _escape, _registry, handle_errors
+from workbench.cli.common import escape, handle_errors, load_registry, terminal
 
 
 @click.command()
@@ -41,9 +41,9 @@ def analyze(base: str, models: tuple[str, ...], stat: str, top_fraction: float, 
     for key in swap or ():
         model_position(models, key)
     progress = RichProgress(enabled=False if quiet else None, label="analysing (3 passes)")
-    analysis = analyze_models(base, models, top_fraction=top_fraction, registry=_registry(), on_progress=progress)
+    analysis = analyze_models(base, models, top_fraction=top_fraction, registry=load_registry(), on_progress=progress)
     suggestion = suggest_swap(analysis, *swap) if swap else None
-    console = _console()
+    console = terminal()
     if not quiet:
         for part in render.render_analysis(analysis, stat):
             console.print(part)
@@ -55,7 +55,7 @@ def analyze(base: str, models: tuple[str, ...], stat: str, top_fraction: float, 
         render.write_json(analysis, json_out, suggestion)
     for path in (png_out, csv_out, json_out):
         if path is not None:
-            console.print(f"wrote {_escape(path)}")
+            console.print(f"wrote {escape(path)}")
     if suggestion is not None:
         for part in render.render_suggestion(suggestion):
             console.print(part)
@@ -72,7 +72,7 @@ def _analyze_coefficients(folder: Path, png_out: Path | None, csv_out: Path | No
         raise click.UsageError(f"{folder} holds no learned coefficients; to chart changes, give BASE and one or more MODELs.")
     render.check_output_paths([p for p in (png_out, csv_out, json_out) if p is not None])
     table = load_table(folder)
-    console = _console()
+    console = terminal()
     if not quiet:
         for part in render_coefficients(table):
             console.print(part)
@@ -84,4 +84,4 @@ def _analyze_coefficients(folder: Path, png_out: Path | None, csv_out: Path | No
         render.write_text(json_out, json.dumps(table.to_dict(), indent=1) + "\n")
     for path in (png_out, csv_out, json_out):
         if path is not None:
-            console.print(f"wrote {_escape(path)}")
+            console.print(f"wrote {escape(path)}")

@@ -8,19 +8,19 @@ from typing import Any
 
 import click
 
-from workbench.cli.main import _console, _escape, handle_errors
+from workbench.cli.common import escape, handle_errors, terminal
 
 
 def push_output(folder: Path, repo: str, *, private: bool = False, revision: str | None = None, create_pr: bool = False) -> Any:
     """Push ``folder`` and print where it went (shared by ``push`` and ``run``)."""
     from workbench.hub.push import push_folder
 
-    console = _console()
-    console.print(f"pushing {_escape(folder)} to {_escape(repo)}{' (private)' if private else ''}...")
+    console = terminal()
+    console.print(f"pushing {escape(folder)} to {escape(repo)}{' (private)' if private else ''}...")
     result = push_folder(folder, repo, private=private, revision=revision, create_pr=create_pr)
     where = f"pull request {result.pr_url}" if result.pr_url else f"{result.url}" + (f" (branch {result.revision})" if result.revision else "")
     visibility = "private" if result.private else "public"
-    console.print(f"[green]pushed[/] to {_escape(where)} ({visibility} repo): {_escape(result.commit_url)}", markup=True)
+    console.print(f"[green]pushed[/] to {escape(where)} ({visibility} repo): {escape(result.commit_url)}", markup=True)
     return result
 
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from workbench.cli.main import _console, _registry, handle_errors
+from workbench.cli.common import handle_errors, load_registry, terminal
 
 if TYPE_CHECKING:
     from workbench.lora.extract import LoraReport
@@ -20,7 +20,7 @@ def lora() -> None:
 
 
 def _summary(report: "LoraReport", verb: str) -> None:
-    console = _console()
+    console = terminal()
     errors = [t.relative_error for t in report.tensors]
     ranks = sorted({t.rank for t in report.tensors})
     rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
@@ -51,7 +51,7 @@ def lora_extract(base: str, finetune: str, rank: int, out_dir: Path, targets: st
     from workbench.lora.extract import extract_lora
 
     chosen = {t.strip() for t in targets.split(",") if t.strip()} if targets else None
-    _summary(extract_lora(base, finetune, out_dir, rank, _registry(), chosen, overwrite), "extracted")
+    _summary(extract_lora(base, finetune, out_dir, rank, load_registry(), chosen, overwrite), "extracted")
 
 
 @lora.command(name="merge")
@@ -68,7 +68,7 @@ def lora_merge(adapters: tuple[Path, ...], out_dir: Path, method: str, options: 
     from workbench.evaluation.running import parse_options
     from workbench.lora.merge import merge_loras
 
-    report = merge_loras(list(adapters), out_dir, _registry(), method, parse_options(options), list(weights) or None, rank, overwrite)
+    report = merge_loras(list(adapters), out_dir, load_registry(), method, parse_options(options), list(weights) or None, rank, overwrite)
     _summary(report, "merged")
 
 
@@ -95,7 +95,7 @@ def lora_mola_train(base: str, names: tuple[str, ...], options: tuple[str, ...],
     from workbench.lora.mola_train import train_mola
     from workbench.recipe.schema import EvaluatorSpec
 
-    registry = _registry()
+    registry = load_registry()
     given = parse_options(options)
     specs = [EvaluatorSpec(name=n, options={k: v for k, v in given.items() if k in registry.evaluator(n).Options.model_fields}) for n in names]
     evaluators = make_evaluators(specs, registry)
@@ -103,6 +103,6 @@ def lora_mola_train(base: str, names: tuple[str, ...], options: tuple[str, ...],
     streams = [list(e.batches(per_source, seed)) for e in evaluators]
     batches = chain.from_iterable(cycle(zip(*streams)))
     counts: str | list[int] = [int(c) for c in allocation.split(",")] if "," in allocation else allocation
-    console = _console()
+    console = terminal()
     result = train_mola(Path(base), out_dir, batches, counts, steps=steps, lr=lr, rank=rank, alpha=alpha, top_k=top_k, aux_loss=aux_loss, seed=seed, overwrite=overwrite, log=console.print)
     console.print(f"[green]trained[/] {result.out_dir}: experts per layer {result.experts_per_layer}, {result.parameters:,} trainable parameters, final loss {sum(result.losses[-10:]) / len(result.losses[-10:]):.3f}")

@@ -6,7 +6,6 @@ printed as one paragraph and exit with status 2; listing methods and ``--help`` 
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -14,55 +13,8 @@ from typing import Any, Callable
 
 import click
 
-from workbench.errors import RunInterrupted, WorkbenchError
+from workbench.cli.common import escape, handle_errors, load_registry, terminal, warn
 from workbench.checkpoint.synthetic import SIZES as SIZE_NAMES
-
-
-def _console(stderr: bool = False) -> Any:
-    from rich.console import Console
-
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
-
-
-def _escape(text: object) -> str:
-    """Messages hold paths and tensor names, which may contain '[...]': never read them as markup."""
-    from rich.markup import escape
-
-    return escape(str(text))
-
-
-def _warn(messages: list[str]) -> None:
-    console = _console(stderr=True)
-    for message in messages:
-        console.print(f"[yellow]warning:[/] {_escape(message)}", markup=True)
-
-
-def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a ``WorkbenchError`` into a one-paragraph message and exit status 2."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except RunInterrupted as exc:
-            _console(stderr=True).print(f"[bold yellow]stopped:[/] {_escape(exc)}", markup=True)
-            sys.exit(exc.exit_code)
-        except WorkbenchError as exc:
-            _console(stderr=True).print(f"[bold red]error:[/] {_escape(exc)}", markup=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            _console(stderr=True).print("[bold red]interrupted:[/] nothing was written at the output path.", markup=True)
-            sys.exit(130)
-
-    return wrapper
-
-
-def _registry() -> Any:
-    from workbench.registry import get_registry
-
-    registry = get_registry()
-    _warn(registry.problems)
-    return registry
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -86,8 +38,8 @@ def methods(name: str | None, docs_dir: Path | None) -> None:
 
     from workbench.tools.method_docs import parameter_rows, write_method_docs
 
-    registry = _registry()
-    console = _console()
+    registry = load_registry()
+    console = terminal()
     if docs_dir is not None:
         written = write_method_docs(registry, docs_dir)
         console.print(f"wrote {len(written)} pages to {docs_dir}")
@@ -137,7 +89,7 @@ def _plan(recipe_path: Path, out: Path | None, overwrite: bool, dtype: str | Non
     from workbench.recipe.schema import load_recipe, with_overrides
     from workbench.registry import require_plugins
 
-    registry = _registry()
+    registry = load_registry()
     require_plugins(registry)
     recipe = with_overrides(load_recipe(recipe_path), dtype=dtype, out_dtype=out_dtype, shard_size=shard_size, memory_limit=memory_limit)
     return registry, build_plan(recipe, registry, out=out, overwrite=overwrite, check_output=out is not None or recipe.output.path is not None)
@@ -155,8 +107,8 @@ def validate(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None,
     """Check a recipe without reading tensor data: files, headers, shapes, parameters."""
     _, plan = _plan(recipe, out, overwrite, dtype, out_dtype, shard_size, memory_limit)
     try:
-        _warn(plan.warnings)
-        _console().print(
+        warn(plan.warnings)
+        terminal().print(
             f"[green]ok[/]: {plan.method.name} over {len(plan.inputs)} input(s), {len(plan.tensors)} tensors,"
             f" {len(plan.files)} output file(s)."
         )
@@ -175,9 +127,9 @@ def plan_command(recipe: Path, out: Path | None, overwrite: bool, dtype: str | N
     from workbench.checkpoint.remote import is_downloaded
 
     _, plan = _plan(recipe, out, overwrite, dtype, out_dtype, shard_size, memory_limit)
-    console = _console()
+    console = terminal()
     try:
-        _warn(plan.warnings)
+        warn(plan.warnings)
         console.print(f"method: [bold]{plan.method.name}[/]   layers: {plan.layer_count}   compute dtype: {plan.compute_dtype}")
         inputs = Table("input", "reference", "path", "files", "size", box=None, pad_edge=False)
         for model in plan.inputs:
@@ -200,10 +152,10 @@ def plan_command(recipe: Path, out: Path | None, overwrite: bool, dtype: str | N
             from workbench.checkpoint.output_folder import free_space
 
             folder, free = free_space(plan.out_dir)
-            console.print(f"output: {_escape(plan.out_dir)} ({_gb(free)} free on the disk holding {_escape(folder)})")
+            console.print(f"output: {escape(plan.out_dir)} ({_gb(free)} free on the disk holding {escape(folder)})")
         console.print(f"reads {_gb(plan.input_bytes)}, writes {_gb(plan.output_bytes)}; estimated peak memory {_gb(plan.estimate_peak_bytes())}")
         if plan.prepare_memory is not None:
-            console.print(f"{plan.method.name} holds about {_gb(plan.prepare_memory.nbytes)} before merging: {_escape(plan.prepare_memory.what)}")
+            console.print(f"{plan.method.name} holds about {_gb(plan.prepare_memory.nbytes)} before merging: {escape(plan.prepare_memory.what)}")
     finally:
         plan.close()
 
@@ -221,20 +173,20 @@ def plan_command(recipe: Path, out: Path | None, overwrite: bool, dtype: str | N
 @handle_errors
 def run(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None, memory_limit: str | None, device: str, executor: str, address: str | None, prefetch: int, stats_json: Path | None, quiet: bool, resume: bool) -> None:
     """Run a recipe (native or mergekit YAML) headless."""
-    from workbench.engine.runner import execute
+    from workbench.engine.run import execute
     from workbench.engine.progress import RichProgress
 
     registry, plan = _plan(recipe, out, overwrite, dtype, out_dtype, shard_size, memory_limit)
     try:
         if address and not registry.executor(executor).remote:
             raise click.UsageError(f"--address names a cluster, but the '{executor}' executor runs in this process; use --executor ray.")
-        _warn(plan.warnings)
+        warn(plan.warnings)
         progress = RichProgress(enabled=False if quiet else None)
         result = execute(plan, registry, device=device, executor=executor, prefetch=prefetch, on_progress=progress, resume=resume,
                          executor_options={"address": address} if address else None)
     finally:
         plan.close()
-    _warn([w for w in result.warnings if w not in plan.warnings])
+    warn([w for w in result.warnings if w not in plan.warnings])
     if plan.recipe.evaluators:
         from workbench.evaluation.running import evaluate_output
 
@@ -249,8 +201,8 @@ def run(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_
         }
         stats_json.write_text(json.dumps(stats, indent=2) + "\n")
     if not quiet:
-        _console().print(
-            f"[green]wrote[/] {_escape(result.out_dir)}: {result.tensors} tensors, {_gb(result.bytes_written)} in {result.seconds:.2f} s"
+        terminal().print(
+            f"[green]wrote[/] {escape(result.out_dir)}: {result.tensors} tensors, {_gb(result.bytes_written)} in {result.seconds:.2f} s"
             f" ({result.bytes_read / max(result.seconds, 1e-9) / 1e9:.2f} GB/s of input)"
         )
     if plan.recipe.output.push is not None:  # only after a complete, evaluated output
@@ -281,10 +233,10 @@ def verify(folder: Path) -> None:
 
     problems = verify_folder(folder)
     for problem in problems:
-        _console(stderr=True).print(f"[bold red]bad:[/] {_escape(problem)}")
+        terminal(stderr=True).print(f"[bold red]bad:[/] {escape(problem)}")
     if problems:
         sys.exit(1)
-    _console().print(f"[green]ok[/]: every file of {_escape(folder)} matches its manifest.")
+    terminal().print(f"[green]ok[/]: every file of {escape(folder)} matches its manifest.")
 
 
 @main.command()
@@ -300,7 +252,7 @@ def convert(recipe: Path, output: Path | None) -> None:
         click.echo(text, nl=False)
     else:
         output.write_text(text)
-        _console().print(f"wrote {output}")
+        terminal().print(f"wrote {output}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,7 +267,7 @@ def _print_results(results: dict[str, dict[str, Any]]) -> None:
     for evaluator, metrics in results.items():
         for metric, value in metrics.items():
             table.add_row(evaluator, metric, f"{value:.4f}" if isinstance(value, float) else repr(value))
-    _console().print(table)
+    terminal().print(table)
 
 
 @main.command(name="eval")
@@ -331,12 +283,12 @@ def eval_command(model: str | None, names: tuple[str, ...], options: tuple[str, 
 
     from workbench.evaluation.running import evaluate, evaluator_specs, make_evaluators
 
-    registry = _registry()
+    registry = load_registry()
     if list_only:
         table = Table("evaluator", "plugin", "summary", "options", box=None, pad_edge=False)
         for name, entry in sorted(registry.evaluators.items()):
             table.add_row(name, entry.plugin.package, entry.obj.summary, ", ".join(entry.obj.Options.model_fields))
-        _console().print(table)
+        terminal().print(table)
         return
     if model is None or not names:
         raise click.UsageError("give a MODEL and at least one --evaluator (see --list).")
@@ -362,8 +314,8 @@ def inspect(path: str) -> None:
 
     from workbench import architecture
 
-    registry = _registry()
-    console = _console()
+    registry = load_registry()
+    console = terminal()
     from workbench.checkpoint.resolve import open_reference
 
     with open_reference(registry, path)[1] as reader:
@@ -402,7 +354,7 @@ def generate(directory: Path, size: str, fine_tunes: int, dtype: str, seed: int)
     from workbench.checkpoint.synthetic import write_family
 
     for path in write_family(directory, size, fine_tunes, dtype=dtype, seed=seed):
-        _console().print(f"wrote {path}")
+        terminal().print(f"wrote {path}")
 
 
 @main.command()
@@ -412,7 +364,7 @@ def demo(recipes: Path) -> None:
     """Generate tiny models in ./demo/models and run every recipe in RECIPES on them (no downloads)."""
     from workbench.tools.demo import run_demo
 
-    run_demo(recipes, _console())
+    run_demo(recipes, terminal())
 
 
 @main.command()
@@ -432,12 +384,12 @@ def bench(size: str, method_names: str, fine_tunes: int, directory: Path, repeat
     if ops_only:
         from workbench.tools.bench_ops import run_op_bench
 
-        run_op_bench(device, repeat, json_out, _console())
+        run_op_bench(device, repeat, json_out, terminal())
         return
     from workbench.tools.bench import run_bench
 
     methods = [m.strip() for m in method_names.split(",") if m.strip()]
-    run_bench(size, methods, fine_tunes, directory, repeat, json_out, _console(), mergekit=mergekit, check=check, device=device)
+    run_bench(size, methods, fine_tunes, directory, repeat, json_out, terminal(), mergekit=mergekit, check=check, device=device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,7 +411,7 @@ def zoo_build(directory: Path, scale: str, seed: int) -> None:
     """Pretrain a base model on synthetic languages, then fine-tune experts, LoRA adapters and an OT pair."""
     from workbench.zoo.build import build_zoo
 
-    console = _console()
+    console = terminal()
     build_zoo(directory, scale, seed, log=console.print)
     console.print(f"[green]zoo written to[/] {directory} (manifest: {directory / 'zoo.json'})")
 
@@ -475,11 +427,11 @@ def zoo_report(directories: tuple[Path, ...], out_file: Path, n: int, seed: int,
     """Measure the reproduction tables on one or more built zoos (one per seed) and write them as Markdown."""
     from workbench.zoo.reports.report import SECTIONS, write_report
 
-    registry = _registry()
+    registry = load_registry()
     chosen = tuple(part.strip() for part in sections.split(",")) if sections else SECTIONS
     command = f"workbench zoo report {' '.join(map(str, directories))} --out {out_file} --n {n} --seed {seed}" + (f" --sections {sections}" if sections else "")
-    text = write_report(list(directories), out_file, registry, n, seed, command, log=_console(stderr=True).print, sections=chosen)
-    _console().print(text)
+    text = write_report(list(directories), out_file, registry, n, seed, command, log=terminal(stderr=True).print, sections=chosen)
+    terminal().print(text)
 
 
 from workbench.cli.analyze import analyze  # noqa: E402  (its commands use the helpers above)

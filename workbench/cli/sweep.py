@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from workbench.cli.main import _console, _escape, _registry, handle_errors
+from workbench.cli.common import escape, handle_errors, load_registry, terminal
 
 
 @click.command()
@@ -35,7 +35,7 @@ def sweep(recipe: Path, sets: tuple[str, ...], names: tuple[str, ...], options: 
     from workbench.recipe.schema import load_recipe
     from workbench.sweep.search import CandidateResult, parse_setting, run_sweep
 
-    registry = _registry()
+    registry = load_registry()
     if not sets:
         raise click.UsageError("give at least one --set PATH=V1,V2,...")
     if not names:
@@ -43,12 +43,12 @@ def sweep(recipe: Path, sets: tuple[str, ...], names: tuple[str, ...], options: 
     base = load_recipe(recipe)
     settings = [parse_setting(text) for text in sets]
     specs = evaluator_specs(registry, names, options)
-    err = _console(stderr=True)
+    err = terminal(stderr=True)
 
     def progress(row: CandidateResult, done: int, total: int) -> None:
         shown = ", ".join(f"{k}={json.dumps(v)}" for k, v in row.settings.items())
-        outcome = f"score {row.score:.6g}" if row.status == "ok" else f"[red]failed[/]: {_escape(row.error)}"
-        err.print(f"[{done}/{total}] {row.id} {_escape(shown)}: {outcome}", markup=True)
+        outcome = f"score {row.score:.6g}" if row.status == "ok" else f"[red]failed[/]: {escape(row.error)}"
+        err.print(f"[{done}/{total}] {row.id} {escape(shown)}: {outcome}", markup=True)
 
     result = run_sweep(base, settings, specs, out, registry, search=search, budget=budget, seed=seed, jobs=jobs, metric=metric, keep_outputs=keep_outputs,
                        executor=executor, address=address, on_result=progress)
@@ -58,11 +58,11 @@ def sweep(recipe: Path, sets: tuple[str, ...], names: tuple[str, ...], options: 
     for rank, row in enumerate(result.rows, 1):
         score = f"{row.score:.6g}" if row.score is not None else "-"
         status = "ok" if row.status == "ok" else f"failed: {row.error}"
-        table.add_row(str(rank), row.id, *(_escape(json.dumps(row.settings.get(label))) for label in labels), score, _escape(status))
-    console = _console()
+        table.add_row(str(rank), row.id, *(escape(json.dumps(row.settings.get(label))) for label in labels), score, escape(status))
+    console = terminal()
     console.print(table)
     if result.best_recipe is not None:
-        console.print(f"best: {result.best.id if result.best else ''} -> {_escape(result.best_recipe)}")
+        console.print(f"best: {result.best.id if result.best else ''} -> {escape(result.best_recipe)}")
     else:
         console.print("[red]no candidate succeeded[/]; see the errors above.", markup=True)
         sys.exit(1)

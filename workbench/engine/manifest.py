@@ -43,7 +43,7 @@ def run_identity(plan: "MergePlan", device: str) -> dict[str, str]:
     """What a run's output depends on, hashed part by part, so that a refused resume can say which
     part changed. Inputs are identified by their files' sizes and modification times (hashing every
     input again would cost as much as the merge)."""
-    from workbench import __version__
+    from workbench._version import __version__
 
     inputs = {}
     for model in plan.inputs:

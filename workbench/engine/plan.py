@@ -8,7 +8,6 @@ file, tensor, field or line it concerns.
 from __future__ import annotations
 
 import difflib
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable
@@ -22,8 +21,8 @@ from workbench.checkpoint.dtypes import ITEMSIZE, code_from_name
 from workbench.checkpoint.resolve import open_reference
 from workbench.checkpoint.stacked import LayerRange, StackedReader
 from workbench.errors import CheckpointError, OutputError, RecipeError
-from workbench.method import MemoryNeed, MergeMethod, MethodParameters, is_per_layer
-from workbench.params import anchors, is_filter_list, resolve, varies
+from workbench.method import MemoryNeed, MergeMethod, MethodParameters, is_per_layer, param_keys, resolve_params, tensor_seed
+from workbench.params import anchors, is_filter_list, varies
 from workbench.recipe.schema import Recipe, format_path, located
 from workbench.registry import Registry
 
@@ -122,11 +121,6 @@ class MergePlan:
 # --------------------------------------------------------------------------------------------------
 
 
-def param_keys(schema: type[MethodParameters]) -> dict[str, str]:
-    """Recipe key -> field name (a field may use an alias such as 'lambda')."""
-    return {(f.alias or name): name for name, f in schema.model_fields.items()}
-
-
 class _ParamChecker:
     def __init__(self, recipe: Recipe) -> None:
         self.source = located(recipe)
@@ -178,30 +172,6 @@ class _ParamChecker:
                 except ValidationError as exc:
                     message = exc.errors()[0]["msg"]
                     raise RecipeError(f"{self.where(path + (key,))}: parameter '{key}' = {anchor!r} is invalid: {message}.") from None
-
-
-def resolve_params(schema: type[MethodParameters], raw: dict[str, Any], place: TensorPlace, name: str, layers: int) -> MethodParameters:
-    """The parameters of one tensor: gradients interpolated, filters applied, schema validated."""
-    values: dict[str, Any] = {}
-    for key, fname in param_keys(schema).items():
-        if key not in raw:
-            continue
-        if not is_per_layer(schema, fname):
-            values[key] = raw[key]
-            continue
-        value = resolve(raw[key], name, place.layer_index, layers, _MISSING)
-        if value is _MISSING:
-            if schema.model_fields[fname].is_required():
-                raise RecipeError(f"no filter of parameter '{key}' matches tensor '{name}', and '{key}' has no default.")
-            continue
-        values[key] = value
-    return schema.model_validate(values)
-
-
-def tensor_seed(seed: int, name: str) -> int:
-    """A seed that depends only on the recipe seed and the tensor name (not on scheduling)."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from workbench.method import MergeMethod
 
 if TYPE_CHECKING:
     from workbench.checkpoint import OutputFile
-    from workbench.engine.runner import _Progress, _TensorRunner
+    from workbench.engine.runner import RunProgress, TensorRunner
     from workbench.engine.plan import MergePlan
 
 
@@ -76,9 +76,9 @@ class ShardTask:
 
     def __call__(self, file: OutputFile) -> ShardResult:
         from workbench.engine.runner import (
-            _merge_runtime,
-            _Progress,
-            _TensorRunner,
+            merge_runtime,
+            RunProgress,
+            TensorRunner,
             prepare_state,
         )
         from workbench.engine.plan import build_plan
@@ -97,15 +97,15 @@ class ShardTask:
                 )
             method = plan.method()
             state = prepare_state(plan, registry, method, self.device, lambda text: None)
-            runner = _TensorRunner(plan, method, state, self.device, self.prefetch, _Progress(plan, None, [planned]))
-            with _merge_runtime(self.device):
+            runner = TensorRunner(plan, method, state, self.device, self.prefetch, RunProgress(plan, None, [planned]))
+            with merge_runtime(self.device):
                 path = runner.write_file(Path(self.partial), planned)
         finally:
             plan.close()
         return ShardResult(file.name, sha256_file(path), path.stat().st_size, runner.warnings)
 
 
-def record_shard(plan: MergePlan, file: OutputFile, result: ShardResult, manifest: Manifest, runner: _TensorRunner, progress: _Progress) -> None:
+def record_shard(plan: MergePlan, file: OutputFile, result: ShardResult, manifest: Manifest, runner: TensorRunner, progress: RunProgress) -> None:
     """Check a file a worker wrote against its reported size and checksum, as this machine reads
     it, then list it in the manifest (so that ``--resume`` keeps it)."""
     by_name = {t.name: t for t in plan.tensors}

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import yaml
-from pydantic import ValidationError
 
 from workbench.errors import RecipeError
 from workbench.evaluator import Evaluator, LoadedModel, load_model
@@ -21,16 +20,7 @@ RESULTS_FILE = "eval_results.json"
 
 def make_evaluators(specs: Iterable[EvaluatorSpec], registry: Registry) -> list[Evaluator]:
     """Evaluator instances with validated options; errors name the evaluator and the option."""
-    evaluators = []
-    for spec in specs:
-        cls = registry.evaluator(spec.name)
-        try:
-            options = cls.Options.model_validate(spec.options)
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors())
-            raise RecipeError(f"evaluator '{spec.name}': invalid options ({problems}).") from None
-        evaluators.append(cls(options))
-    return evaluators
+    return [registry.make_evaluator(spec.name, spec.options) for spec in specs]
 
 
 def parse_options(pairs: Iterable[str]) -> dict[str, Any]:

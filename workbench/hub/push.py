@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from workbench.hub.card import check_card
+from workbench.engine.card import check_card
 from workbench.checkpoint.hub_client import (
     HOW_TO_LOGIN,
     HubError,

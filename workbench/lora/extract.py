@@ -11,13 +11,13 @@ cannot be carried by a LoRA and are reported.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from workbench import architecture
+from workbench.modeling.lowrank import lowrank
 from workbench.errors import CheckpointError, RecipeError
 
 if TYPE_CHECKING:
@@ -52,18 +52,6 @@ class LoraReport:
         }
 
 
-def lowrank(delta: "torch.Tensor", rank: int) -> tuple["torch.Tensor", "torch.Tensor", float]:
-    """(A, B, relative error) of the best rank-``rank`` approximation B @ A of ``delta``."""
-    import torch
-
-    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
-    r = min(rank, s.shape[0])
-    root = s[:r].sqrt()
-    total = float(s.double().square().sum())
-    error = math.sqrt(float(s[r:].double().square().sum()) / total) if total > 0 else 0.0
-    return (root[:, None] * vh[:r]).contiguous(), (u[:, :r] * root).contiguous(), error
-
-
 def is_target(name: str, shape: tuple[int, ...], targets: set[str] | None) -> bool:
     """A 2-D ``*.weight`` inside a transformer layer (of a module named in ``targets``, if given)."""
     if len(shape) != 2 or not name.endswith(".weight") or architecture.place(name).layer_index is None:
@@ -95,7 +83,7 @@ def deltas(base: "CheckpointReader", tuned: "CheckpointReader", targets: set[str
 def write_factored(pairs: Iterator[tuple[str, "torch.Tensor"]], out_dir: Path, rank: int | dict[str, int], base_model: str, report: LoraReport, overwrite: bool, on_tensor: Callable[[str], None] | None = None) -> LoraReport:
     """Factor every (name, ΔW) at ``rank`` (one for all, or per tensor) and publish a PEFT adapter
     folder (whole or not at all)."""
-    from workbench.lora.adapter import write_adapter
+    from workbench.checkpoint.lora_adapter import write_adapter
     from workbench.checkpoint.output_folder import publish, start_partial
 
     if isinstance(rank, int) and rank < 1:

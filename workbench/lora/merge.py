@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from workbench.checkpoint.base import CheckpointReader, TensorInfo
 from workbench.errors import CheckpointError, RecipeError
-from workbench.lora.adapter import LoraAdapter, LoraFactors
+from workbench.checkpoint.lora_adapter import LoraAdapter, LoraFactors
 from workbench.lora.extract import LoraReport, write_factored
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ class DeltaReader(CheckpointReader):
 
 def merge_loras(adapters: list[Path], out_dir: Path, registry: "Registry", method: str = "task_arithmetic", parameters: dict[str, Any] | None = None, weights: list[float] | None = None, rank: int | None = None, overwrite: bool = False, on_tensor: Callable[[str], None] | None = None) -> LoraReport:
     """``workbench lora merge``: one adapter from several, through any merge method."""
-    from workbench.engine.runner import execute
+    from workbench.engine.run import execute
     from workbench.engine.plan import build_plan
     from workbench.recipe.schema import Recipe
 

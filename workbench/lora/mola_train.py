@@ -6,7 +6,7 @@ training starts exactly at the base; scale alpha / r) and a kaiming-uniform rout
 train with AdamW on the language-model loss of the data, plus optionally the Switch-style
 load-balancing loss L_aux = Σ_modules E · Σ_e f_e P_e (f_e: share of the top-k assignments that go
 to expert e, P_e: its mean router probability), weighted by ``aux_loss`` (MoLA: 0.001 when
-enabled, off by default). The result is the folder ``workbench.lora.mola`` runs: the base's
+enabled, off by default). The result is the folder ``workbench.modeling.mola`` runs: the base's
 files plus ``mola/``.
 """
 
@@ -48,7 +48,7 @@ def new_experts(model: "torch.nn.Module", counts: Sequence[int], rank: int, alph
     import torch
 
     from workbench import architecture
-    from workbench.lora.mola import ExpertSet
+    from workbench.modeling.mola import ExpertSet
 
     generator = torch.Generator().manual_seed(seed)
     experts = {}
@@ -93,10 +93,10 @@ def train_mola(
     from transformers import AutoModelForCausalLM
 
     from workbench import architecture
-    from workbench.lora.allocation import per_layer
+    from workbench.modeling.allocation import per_layer
     from workbench.checkpoint.output_folder import publish, start_partial
-    from workbench.lora.mola import save_experts, wrap
-    from workbench.zoo.train import train
+    from workbench.modeling.mola import save_experts, wrap
+    from workbench.modeling.training import train
 
     if out_dir.exists() and not overwrite:
         raise RecipeError(f"{out_dir} exists; choose another folder or pass --overwrite.")

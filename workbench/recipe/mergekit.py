@@ -7,12 +7,10 @@ version does not support are named in an error, never silently dropped.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from workbench.errors import RecipeError
-
-if TYPE_CHECKING:
-    from workbench.recipe.schema import LocatedSource
+from workbench.recipe.sources import LocatedSource
 
 #: mergekit methods whose task vectors are taken against the base: a base listed among the
 #: models contributes a zero task vector in mergekit, so it is dropped from the model list.
@@ -29,7 +27,7 @@ _UNSUPPORTED_KEYS = {
 _KNOWN_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "name"}
 
 
-def _model_ref(entry: Any, source: "LocatedSource", path: tuple[Any, ...]) -> str:
+def _model_ref(entry: Any, source: LocatedSource, path: tuple[Any, ...]) -> str:
     if isinstance(entry, str):
         return entry
     if isinstance(entry, dict) and isinstance(entry.get("model"), str):
@@ -37,7 +35,7 @@ def _model_ref(entry: Any, source: "LocatedSource", path: tuple[Any, ...]) -> st
     raise RecipeError(f"{source.where(path)}: expected a model reference (a string).")
 
 
-def _parameters(value: Any, source: "LocatedSource", path: tuple[Any, ...]) -> dict[str, Any]:
+def _parameters(value: Any, source: LocatedSource, path: tuple[Any, ...]) -> dict[str, Any]:
     """A copy of a ``parameters`` mapping (none given: empty); any other value is refused by line."""
     if value is None:
         return {}
@@ -46,7 +44,7 @@ def _parameters(value: Any, source: "LocatedSource", path: tuple[Any, ...]) -> d
     return dict(value)
 
 
-def _remap_model_lines(source: "LocatedSource", order: list[int]) -> None:
+def _remap_model_lines(source: LocatedSource, order: list[int]) -> None:
     """Native ``models[j]`` is mergekit ``models[order[j]]``: move the recorded lines accordingly."""
     lines = source.lines
     entries = {k: v for k, v in lines.items() if len(k) >= 2 and k[0] == "models" and isinstance(k[1], int)}
@@ -58,7 +56,7 @@ def _remap_model_lines(source: "LocatedSource", order: list[int]) -> None:
                 lines[("models", j) + key[2:]] = line
 
 
-def _slices(slices: Any, method: str, base: str | None, source: "LocatedSource") -> list[dict[str, Any]]:
+def _slices(slices: Any, method: str, base: str | None, source: LocatedSource) -> list[dict[str, Any]]:
     """mergekit ``slices`` as native ones: the same sources and layer ranges (end exclusive)."""
     if not isinstance(slices, list) or not slices:
         raise RecipeError(f"{source.where(('slices',))}: expected a list of slices, each with 'sources'.")
@@ -85,7 +83,7 @@ def _slices(slices: Any, method: str, base: str | None, source: "LocatedSource")
     return native
 
 
-def translate(data: dict[str, Any], source: "LocatedSource") -> dict[str, Any]:
+def translate(data: dict[str, Any], source: LocatedSource) -> dict[str, Any]:
     """A native recipe dict equivalent to the mergekit recipe ``data``."""
     for key, why in _UNSUPPORTED_KEYS.items():
         if key in data:

@@ -2,8 +2,8 @@
 search, which proposes candidates generation by generation instead of as one list.
 
 Kept apart from :mod:`workbench.sweep.search` (which builds candidates and keeps the results table) so each
-backend only has to turn picklable :class:`~workbench.sweep.search.CandidateTask` objects into
-:class:`~workbench.sweep.search.CandidateResult` rows. Every backend yields rows as candidates finish and
+backend only has to turn picklable :class:`~workbench.sweep.candidates.CandidateTask` objects into
+:class:`~workbench.sweep.candidates.CandidateResult` rows. Every backend yields rows as candidates finish and
 never raises for one candidate: a failure is a ``failed`` row, and the sweep goes on.
 """
 
@@ -12,14 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from workbench.errors import RecipeError
-
-if TYPE_CHECKING:
-    from workbench.sweep.search import CandidateResult, CandidateTask, Setting
+from workbench.executor import MAX_RETRIES, import_ray, ray_session, task_cause
+from workbench.sweep.candidates import CandidateResult, CandidateTask, Setting, run_one
 
 #: Where candidates can run (``--executor``).
 EXECUTORS = ("local", "ray")
@@ -33,22 +32,16 @@ def check_executor(executor: str, address: str | None) -> None:
     if address and executor != "ray":
         raise RecipeError(f"--address names a Ray cluster, so it needs --executor ray (the executor is '{executor}').")
     if executor == "ray":
-        from workbench_plugins.executors.ray import import_ray
-
         import_ray()
 
 
 def _run_in_worker(task: CandidateTask, metric: str | None) -> CandidateResult:
     """Entry point of a worker process or Ray task (top level, so it pickles); loads its own registry."""
-    from workbench.sweep.search import run_one
-
     return run_one(task, None, metric)
 
 
 def _worker_failed(task: CandidateTask, exc: BaseException) -> CandidateResult:
     """The row of a candidate whose worker, rather than the candidate itself, failed."""
-    from workbench.sweep.search import CandidateResult
-
     return CandidateResult(task.id, task.settings, "failed", error=f"worker process failed ({type(exc).__name__}: {exc})")
 
 
@@ -93,8 +86,6 @@ def run_on_ray(tasks: list[CandidateTask], metric: str | None, address: str | No
     """
     if not tasks:
         return
-    from workbench_plugins.executors.ray import MAX_RETRIES, ray_session, task_cause
-
     with ray_session(address) as ray:
         remote = ray.remote(max_retries=MAX_RETRIES if max_retries is None else max_retries, retry_exceptions=False)(_run_in_worker)
         pending: dict[Any, CandidateTask] = {remote.remote(task, metric): task for task in tasks}

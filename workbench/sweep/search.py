@@ -7,7 +7,8 @@ candidate ``results.json`` and ``results.csv`` are rewritten atomically, so a ki
 where it stopped: candidates already scored are skipped, a finished merge is only re-scored.
 
 Candidates run through :func:`workbench.sweep.backends.run_candidates`: here, in ``--jobs``
-processes, or as Ray tasks (``executor="ray"``); it takes picklable :class:`CandidateTask` objects.
+processes, or as Ray tasks (``executor="ray"``); it takes picklable
+:class:`~workbench.sweep.candidates.CandidateTask` objects (see :mod:`workbench.sweep.candidates`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import os
 import random
 import re
 import shutil
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +44,14 @@ from workbench.sweep.backends import (
     cma_search,
     run_candidates,
 )
+from workbench.sweep.candidates import (
+    CandidateResult,
+    CandidateTask,
+    Path_,
+    Setting,
+    pick_score,
+    run_one,
+)
 
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
@@ -53,45 +61,8 @@ SEARCHES = ("grid", "random", "cma")
 #: Metric names (or name endings) for which lower is better, per the evaluator contract.
 LOWER_IS_BETTER = ("perplexity", "loss")
 
-Path_ = tuple[str | int, ...]
 _NUMBER = r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*"
 RANGE = re.compile(_NUMBER + ":" + _NUMBER)
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One ``--set``: a dotted path into the recipe data and the values it takes."""
-
-    label: str
-    path: Path_
-    values: tuple[Any, ...]
-    #: ``LO:HI``: a continuous range, searched by ``--search cma`` (``values`` is then empty).
-    bounds: tuple[float, float] | None = None
-
-
-@dataclass(frozen=True)
-class CandidateTask:
-    """Everything a worker needs to merge and score one candidate (picklable for other processes)."""
-
-    id: str
-    settings: dict[str, Any]
-    recipe_yaml: str
-    out_dir: str
-    evaluators: list[dict[str, Any]]
-
-
-@dataclass
-class CandidateResult:
-    """A candidate's row of the results table; ``status`` is ``ok`` or ``failed`` (with ``error``)."""
-
-    id: str
-    settings: dict[str, Any]
-    status: str
-    score: float | None = None
-    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
-    error: str | None = None
-    seconds: float = 0.0
-    merged: bool = False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -146,7 +117,7 @@ def recipe_data(recipe: Recipe) -> dict[str, Any]:
 
 def _known_keys(parent_path: Path_, registry: Registry, method: str) -> set[str] | None:
     """Keys a path may add under ``parent_path`` though the recipe leaves them out (defaults)."""
-    from workbench.engine.plan import param_keys
+    from workbench.method import param_keys
 
     cls = registry.method(method)
     if parent_path == ("parameters",):
@@ -243,56 +214,6 @@ def lower_is_better(metric: str) -> bool:
     """Per the evaluator contract: higher is better unless the name says perplexity or loss."""
     name = metric.rsplit(".", 1)[-1].lower()
     return any(name == word or name.endswith("_" + word) for word in LOWER_IS_BETTER)
-
-
-def pick_score(metrics: dict[str, dict[str, Any]], metric: str | None) -> tuple[str, float]:
-    """The metric a sweep ranks by: ``EVALUATOR.METRIC``, ``METRIC``, or the first numeric one."""
-    for evaluator, scores in metrics.items():
-        for name, value in scores.items():
-            full = f"{evaluator}.{name}"
-            if isinstance(value, (int, float)) and metric in (None, full, name):
-                return full, float(value)
-    wanted = f"metric '{metric}'" if metric else "a numeric metric"
-    raise WorkbenchError(f"the evaluators returned no {wanted} (they returned {json.dumps(metrics)}).")
-
-
-# --------------------------------------------------------------------------------------------------
-# Running one candidate (in this process or another)
-# --------------------------------------------------------------------------------------------------
-
-
-def merge_complete(out_dir: Path) -> bool:
-    """Whether ``out_dir`` is a finished merge (its manifest says complete)."""
-    from workbench.engine.manifest import Manifest
-
-    try:
-        return Manifest.read(out_dir).complete
-    except (FileNotFoundError, WorkbenchError):
-        return False
-
-
-def run_one(task: CandidateTask, registry: Registry | None = None, metric: str | None = None) -> CandidateResult:
-    """Merge (unless already merged) and score one candidate; every error becomes a failed row."""
-    from workbench.engine.runner import run_recipe
-    from workbench.evaluation.running import evaluate_output
-    from workbench.registry import get_registry
-
-    start = time.perf_counter()
-    out = Path(task.out_dir)
-    merged = False
-    try:
-        registry = registry or get_registry()
-        if not merge_complete(out):
-            recipe = parse_recipe(task.recipe_yaml, f"candidate {task.id}")
-            run_recipe(recipe, out=out, overwrite=True, registry=registry)
-            merged = True
-        specs = [EvaluatorSpec.model_validate(spec) for spec in task.evaluators]
-        metrics = evaluate_output(specs, out, registry)
-        _, score = pick_score(metrics, metric)
-        return CandidateResult(task.id, task.settings, "ok", score, metrics, seconds=time.perf_counter() - start, merged=merged)
-    except Exception as exc:  # a failed candidate must not stop the sweep: it is reported instead
-        message = str(exc) if isinstance(exc, WorkbenchError) else f"{type(exc).__name__}: {exc}"
-        return CandidateResult(task.id, task.settings, "failed", error=message, seconds=time.perf_counter() - start, merged=merged)
 
 
 # --------------------------------------------------------------------------------------------------

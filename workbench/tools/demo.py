@@ -86,7 +86,7 @@ def write_demo_inputs(models: Path | None = None) -> dict[str, Path]:
 
 def run_demo(recipes: Path, console: Any) -> list[Path]:
     """Generate ``demo/models`` and run every recipe into ``demo/out/<recipe name>``."""
-    from workbench.engine.runner import run_recipe
+    from workbench.engine.run import run_recipe
     from workbench.errors import RecipeError
 
     if recipes == Path("recipes") and not recipes.is_dir() and CHECKOUT_RECIPES.is_dir():

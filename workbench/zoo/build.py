@@ -64,6 +64,7 @@ def run_job(job: dict[str, Any], directory: str, scale_name: str) -> dict[str, A
     import torch
     from transformers.utils import logging as hf_logging
 
+    from workbench.modeling.training import train as train_module
     from workbench.zoo import lora, tasks, train
     from workbench.zoo import model as zoo_model
 
@@ -84,7 +85,7 @@ def run_job(job: dict[str, Any], directory: str, scale_name: str) -> dict[str, A
             replay = train.mixture(REPLAY_MIX, scale.batch_size, job["data_seed"] + 1)
             batches = train.interleave(batches, replay, REPLAY_EVERY)
         parameters = [p for w in wrapped.values() for p in (w.lora_A, w.lora_B)] if wrapped else None
-        losses = train.train(module, batches, job["steps"], job["lr"], seed=job["data_seed"], parameters=parameters,
+        losses = train_module(module, batches, job["steps"], job["lr"], seed=job["data_seed"], parameters=parameters,
                              weight_decay=0.1 if job["kind"] == "pretrain" else 0.01, log=lines.append, label=job["name"])
         out = root / job["name"]
         if wrapped is not None:

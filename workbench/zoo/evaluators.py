@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Literal, cast
 
-from workbench import hookimpl
+from workbench.hookspecs import hookimpl
 from workbench.evaluator import Evaluator, EvaluatorOptions, LoadedModel
 from workbench.method import Param
 from workbench.zoo.tasks import TASKS, check_compatible, collate, score

@@ -1,6 +1,6 @@
 """LoRA adapters on a frozen zoo model, trained here and written in PEFT's on-disk format.
 
-The folder is written by ``workbench.lora.adapter`` (PEFT's format, without peft):
+The folder is written by ``workbench.checkpoint.lora_adapter`` (PEFT's format, without peft):
 ``PeftModel.from_pretrained`` loads it, and merging is W' = W + (lora_alpha / r) * B @ A.
 """
 
@@ -65,7 +65,7 @@ def detach(model: "torch.nn.Module", wrapped: dict[str, Any]) -> None:
 
 def save_adapter(wrapped: dict[str, Any], directory: Path, *, r: int, alpha: float, base_model: str) -> Path:
     """Write the adapters as a PEFT LoRA folder."""
-    from workbench.lora.adapter import write_adapter
+    from workbench.checkpoint.lora_adapter import write_adapter
 
     factors = {f"{name}.weight": (wrapper.lora_A.detach(), wrapper.lora_B.detach()) for name, wrapper in wrapped.items()}
     return write_adapter(directory, factors, scale=alpha / r, base_model=base_model)
@@ -73,6 +73,6 @@ def save_adapter(wrapped: dict[str, Any], directory: Path, *, r: int, alpha: flo
 
 def merge_adapter(model: "torch.nn.Module", directory: Path) -> "torch.nn.Module":
     """Add a PEFT LoRA folder's ``(alpha / r) * B @ A`` to ``model``'s weights in place."""
-    from workbench.lora.adapter import LoraAdapter, add_to_module
+    from workbench.checkpoint.lora_adapter import LoraAdapter, add_to_module
 
     return add_to_module(model, LoraAdapter(directory))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
-from workbench import hookimpl
+from workbench.hookspecs import hookimpl
 from workbench.errors import RecipeError
 from workbench.method import MemoryNeed, MergeMethod, MethodParameters, Param, PrepareContext, TensorContext
 from workbench.params import filter_matches
@@ -113,7 +113,7 @@ class Atlas(MergeMethod):
 
         from workbench.checkpoint.coefficients import CoefficientTable, block_of, partition_assignment
         from workbench.evaluator import EvaluationError, load_model
-        from workbench.engine.plan import tensor_seed
+        from workbench.method import tensor_seed
         from workbench_plugins.methods.atlas.training import Settings, TrainedTensors, learn
 
         params = AtlasParameters.model_validate(ctx.params)
@@ -169,7 +169,7 @@ class Atlas(MergeMethod):
 
         import torch
 
-        from workbench_plugins.methods._activations import input_batches
+        from workbench_plugins.methods._data import input_batches
         from workbench_plugins.methods.atlas.training import sequences, split
 
         assert ctx.base is not None

@@ -10,7 +10,7 @@ inputs that each adapter's task prompts produce there (``prompts``), randomly as
 training (``random``), or from prompts then trained with the experts frozen (``trained``).
 
 The output is the base weights plus ``mola/`` (experts, routers, config), which
-``workbench.lora.mola`` runs and ``workbench eval`` loads; ``collapse: true`` instead writes a
+``workbench.modeling.mola`` runs and ``workbench eval`` loads; ``collapse: true`` instead writes a
 dense model, W₀ + Σ_e ḡ_e ΔW_e with ḡ_e the expert's mean routing weight on the prompts (1/E
 without data).
 """
@@ -22,15 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
-from workbench import hookimpl
+from workbench.hookspecs import hookimpl
 from workbench.errors import RecipeError
 from workbench.method import MergeMethod, MethodParameters, Param, PrepareContext, TensorContext
 
 if TYPE_CHECKING:
     import torch
 
-    from workbench.lora.adapter import LoraAdapter
-    from workbench.lora.mola import ExpertSet
+    from workbench.checkpoint.lora_adapter import LoraAdapter
+    from workbench.modeling.mola import ExpertSet
 
 
 class LoraExpertsParameters(MethodParameters):
@@ -80,7 +80,7 @@ def _norm(adapter: "LoraAdapter", name: str) -> float:
 
 
 def _counts(params: LoraExpertsParameters, layers: int, change: list[list[float]]) -> list[int]:
-    from workbench.lora.allocation import per_layer
+    from workbench.modeling.allocation import per_layer
 
     n = len(change)
     if params.allocation == "uniform":
@@ -104,7 +104,7 @@ def _expert(adapters: list["LoraAdapter"], group: list[int], name: str, shape: t
     """(A, B, scale) of one expert: an adapter's own factors, or a group's summed ΔW refactored."""
     import torch
 
-    from workbench.lora.extract import lowrank
+    from workbench.modeling.lowrank import lowrank
 
     present = [adapters[i].factors[name] for i in group if name in adapters[i].factors]
     if not present:  # no adapter of the group changes this module: an expert that adds nothing
@@ -123,7 +123,7 @@ class LoraExperts(MergeMethod):
         "Several LoRA adapters of one base, each good at its own task, where one merged adapter loses too much: "
         "every token picks its top-k experts per module instead of all adapters being averaged. MoLA found more "
         "experts in higher layers (2-4-6-8) better than the same number spread evenly. The output needs the "
-        "runtime (workbench.lora.mola; `workbench eval` loads it); `collapse: true` gives a plain dense model. "
+        "runtime (workbench.modeling.mola; `workbench eval` loads it); `collapse: true` gives a plain dense model. "
         "To train experts and routers together from scratch, use `workbench lora mola-train`. "
         "Details: [lora.md](../lora.md#lora_experts)."
     )
@@ -133,7 +133,7 @@ class LoraExperts(MergeMethod):
     min_models = 1
 
     def check_plan(self, params: dict[str, Any], model_params: Any, layer_count: int) -> None:
-        from workbench.lora.allocation import per_layer
+        from workbench.modeling.allocation import per_layer
 
         allocation = params.get("allocation", "uniform")
         if allocation not in ("uniform", "magnitude"):
@@ -149,8 +149,8 @@ class LoraExperts(MergeMethod):
         import torch
 
         from workbench import architecture
-        from workbench.engine.plan import tensor_seed
-        from workbench.lora.mola import stack, wrap
+        from workbench.method import tensor_seed
+        from workbench.modeling.mola import stack, wrap
 
         params = LoraExpertsParameters.model_validate(ctx.params)
         adapters = _adapters(ctx)
@@ -198,7 +198,7 @@ class LoraExperts(MergeMethod):
 
     @staticmethod
     def _prompt_batches(ctx: PrepareContext, params: LoraExpertsParameters) -> list[list[dict[str, "torch.Tensor"]]]:
-        from workbench_plugins.methods._activations import input_batches
+        from workbench_plugins.methods._data import input_batches
 
         assert ctx.base is not None
         return [input_batches(p["data"], params.samples, ctx.seed, ctx.base.path, ctx.extra["registry"], who="lora_experts") for p in ctx.model_params]
@@ -221,7 +221,7 @@ class LoraExperts(MergeMethod):
     def write_extras(self, state: ExpertsState, folder: Path) -> list[Path]:
         if state.collapse:
             return []
-        from workbench.lora.mola import save_experts
+        from workbench.modeling.mola import save_experts
         from workbench_plugins.methods.lora_experts.routing import by_module
 
         return [save_experts(folder, by_module(state.experts), state.config)]

@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from workbench.errors import RecipeError
-from workbench.lora.mola import ExpertSet, MoLALinear
+from workbench.modeling.mola import ExpertSet, MoLALinear
 
 Batches = list[list[dict[str, torch.Tensor]]]  # per adapter, its batches
 
@@ -104,7 +104,7 @@ def _training_batches(batches: Batches) -> Iterator[dict[str, torch.Tensor]]:
 def train_routers(model: torch.nn.Module, wrapped: dict[str, MoLALinear], experts: dict[str, ExpertSet], batches: Batches, steps: int, lr: float, seed: int) -> None:
     """Train the routers of the wrapped ``model`` (experts and base frozen) on the prompts'
     language-model loss; the trained routers are written back into ``experts``."""
-    from workbench.zoo.train import train
+    from workbench.modeling.training import train
 
     if any("labels" not in batch for adapter_batches in batches for batch in adapter_batches):
         raise RecipeError("lora_experts: router 'trained' needs data with labels (an evaluator's batches or a text file).")

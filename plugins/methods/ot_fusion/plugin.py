@@ -17,7 +17,7 @@ weighted average.
 Models may differ in hidden and intermediate width (heterogeneous fusion): the maps are then
 rectangular (exact EMD by POT, or Sinkhorn) and every model is mapped into the anchor's widths.
 Architectures are described in ``plugins/methods/ot_fusion/layouts.py`` (Llama-style decoders, GPT-2, BERT),
-activations captured in ``plugins/methods/_activations.py``.
+activations captured in ``plugins/methods/ot_fusion/activations.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
-from workbench import hookimpl
+from workbench.hookspecs import hookimpl
 from workbench.errors import RecipeError
 from workbench.method import MemoryNeed, MergeMethod, MethodParameters, Param, PrepareContext, TensorContext
 from workbench_plugins.methods._weights import normalized
@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # torch (and POT) only load when a merge runs, not when plugi
     import torch
 
     from workbench.checkpoint import CheckpointReader
-    from workbench_plugins.methods._activations import Activations
+    from workbench_plugins.methods.ot_fusion.activations import Activations
     from workbench_plugins.methods.ot_fusion.layouts import Layout, Role
     from workbench_plugins.methods.ot_fusion.transport import Transport
 
@@ -278,7 +278,8 @@ class OTFusion(MergeMethod):
         state = FusionState(layout, shape[1], shape[2], shape[3], params.anchor, params.resid_policy, {})
         anchor_acts = batches = None
         if params.cost == "activations":
-            from workbench_plugins.methods._activations import capture, input_batches
+            from workbench_plugins.methods._data import input_batches
+            from workbench_plugins.methods.ot_fusion.activations import capture
 
             if not params.data:
                 raise RecipeError("ot_fusion: cost 'activations' needs data: {evaluator: NAME, options: {...}} or {text: FILE, seq_len: N}.")
@@ -308,7 +309,7 @@ class OTFusion(MergeMethod):
         shared = state.policy == "shared"
         acts = None
         if anchor_acts is not None:
-            from workbench_plugins.methods._activations import capture
+            from workbench_plugins.methods.ot_fusion.activations import capture
 
             acts = capture(model.path, state.layout, batches, state.heads, state.kv_heads)
             stream = solve(acts.resid, anchor_acts.resid) if shared else solve(acts.embed, anchor_acts.embed)

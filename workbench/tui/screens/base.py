@@ -5,7 +5,7 @@ changed the recipe meanwhile)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from textual.app import ComposeResult
 from textual.screen import Screen
@@ -14,8 +14,16 @@ from textual.widgets import Footer, Header
 
 if TYPE_CHECKING:
     from workbench.registry import Registry
-    from workbench.tui.app import WorkbenchApp
     from workbench.tui.state import RecipeState
+
+
+@runtime_checkable
+class WorkbenchHost(Protocol):
+    """What a screen needs of its app (:class:`workbench.tui.app.WorkbenchApp`): the recipe state
+    and the registry. A protocol, so that the screens need not import the app, which imports them."""
+
+    state: RecipeState
+    registry: Registry
 
 
 class WorkbenchScreen(Screen[None]):
@@ -26,11 +34,10 @@ class WorkbenchScreen(Screen[None]):
     SUB_TITLE: str | None = None
 
     @property
-    def workbench(self) -> "WorkbenchApp":
-        from workbench.tui.app import WorkbenchApp
-
-        assert isinstance(self.app, WorkbenchApp)
-        return self.app
+    def workbench(self) -> WorkbenchHost:
+        app = self.app
+        assert isinstance(app, WorkbenchHost)
+        return app
 
     @property
     def state(self) -> "RecipeState":

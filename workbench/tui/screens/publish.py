@@ -114,7 +114,7 @@ class PublishScreen(WorkbenchScreen):
 
     def show_card(self) -> None:
         """Render the folder's README.md and check it as a push would."""
-        from workbench.hub.card import CARD_FILE, check_card
+        from workbench.engine.card import CARD_FILE, check_card
 
         text = self.query_one("#publish-folder", Input).value.strip()
         status = self.query_one("#publish-card-status", Static)

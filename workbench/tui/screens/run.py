@@ -26,7 +26,7 @@ from workbench.engine.progress import ProgressEvent
 from workbench.tui.screens.base import WorkbenchScreen
 
 if TYPE_CHECKING:
-    from workbench.engine.runner import RunResult
+    from workbench.engine.run import RunResult
     from workbench.recipe.schema import Recipe
 
 #: Tensor events reach the screen at most this often (each one waits for the UI thread).
@@ -198,7 +198,7 @@ class RunScreen(WorkbenchScreen):
 
     def _run_recipe(self, recipe: Recipe, out: Path | None, overwrite: bool, listener: _Listener) -> list[str]:
         """The body of ``workbench run`` (plan, execute, evaluate); returns the closing lines, the summary last."""
-        from workbench.engine.runner import execute
+        from workbench.engine.run import execute
         from workbench.engine.plan import build_plan
         from workbench.registry import require_plugins
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from workbench.zoo.reports.report import METHODS, GridMethod, Log, Scored, ZooResult, ZooScorer, measure_zoo, spread
+from workbench.zoo.reports.common import Log, Scored, ZooScorer, spread
+from workbench.zoo.reports.task_vectors import METHODS, GridMethod, ZooResult, measure_zoo
 
 #: Every learned row: AdamW steps and learning rate. The papers train for thousands of steps at
 #: 1e-3; 300 steps at 1e-2 let the coefficients travel as far on two CPU cores.

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.registry import Registry
-from workbench.zoo.reports.report import Log, Scored, ZooScorer, spread
+from workbench.zoo.reports.common import Log, Scored, ZooScorer, spread
 
 TASKS = ["math_b", "math", "text_b"]  # the target, then the two skills it combines
 TARGET = "math_b"

@@ -18,7 +18,7 @@ from typing import Any
 
 from workbench.recipe.schema import EvaluatorSpec
 from workbench.registry import Registry
-from workbench.zoo.reports.report import Log, read_manifest, spread
+from workbench.zoo.reports.common import Log, read_manifest, spread
 
 ALLOCATIONS = ("2-4-6-8", "8-6-4-2", "5-5-5-5")
 #: MoLA training: the three tasks mixed, with the same pretraining replay as the zoo's adapters
@@ -47,7 +47,7 @@ def measure_mola(zoo_dir: Path, registry: Registry, n: int, seed: int, log: Log,
     """The table's rows on one zoo; ``steps`` overrides MoLA's training length (tests)."""
     import json
 
-    from workbench.engine.runner import run_recipe
+    from workbench.engine.run import run_recipe
     from workbench.evaluation.running import evaluate, make_evaluators
     from workbench.lora.merge import merge_loras
     from workbench.lora.mola_train import train_mola

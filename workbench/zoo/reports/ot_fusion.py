@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from workbench.recipe.schema import EvaluatorSpec
 from workbench.registry import Registry
-from workbench.zoo.reports.report import Log, read_manifest, spread
+from workbench.zoo.reports.common import Log, read_manifest, spread
 
 #: label -> ot_fusion parameters (None: the vanilla average). reg: the paper's best per cost type.
 FUSIONS: dict[str, dict[str, Any] | None] = {
@@ -50,7 +50,7 @@ class FusionResult:
 def measure_fusions(zoo_dir: Path, registry: Registry, n: int, seed: int, log: Log) -> FusionResult:
     import tempfile
 
-    from workbench.engine.runner import run_recipe
+    from workbench.engine.run import run_recipe
     from workbench.evaluation.running import evaluate, make_evaluators
     from workbench.recipe.schema import Recipe
 
@@ -81,12 +81,13 @@ def measure_fusions(zoo_dir: Path, registry: Registry, n: int, seed: int, log: L
 
 def finetuned_scores(model: Path, task: str, scale: str, n: int, seed: int) -> tuple[float, float]:
     """(accuracy, token accuracy) on the test split after FINETUNE_STEPS steps on the task."""
+    from workbench.modeling.training import train as train_module
     from workbench.zoo import tasks, train
     from workbench.zoo.model import SCALES, load
 
     module = load(model)
     batches = train.mixture([(task, 1.0)], SCALES[scale].batch_size, FINETUNE_SEED)
-    train.train(module, batches, FINETUNE_STEPS, FINETUNE_LR, seed=FINETUNE_SEED)
+    train_module(module, batches, FINETUNE_STEPS, FINETUNE_LR, seed=FINETUNE_SEED)
     scores = tasks.score(module, task, n, seed, split="test")
     return float(scores["accuracy"]), float(scores["token_accuracy"])
 

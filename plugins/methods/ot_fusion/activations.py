@@ -7,9 +7,8 @@ dimensions (the hidden states entering every layer and leaving the last, concate
 map of the whole stream; or those leaving the embeddings, and each branch's output, for the
 per-sublayer residual policies), each attention head (its query outputs; a key/value head its key
 and value outputs), and each MLP hidden unit (the input of the down projection, e.g. act(gate) · up).
-The modules hooked come from the layout (Llama, GPT-2, BERT). Inputs come from an evaluator's data
-batches (e.g. a zoo task's validation split) or from a text file cut into sequences with the
-anchor's tokenizer.
+The modules hooked come from the layout (Llama, GPT-2, BERT). Inputs come from
+:func:`workbench_plugins.methods._data.input_batches`.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import torch
 from workbench.errors import RecipeError
 
 if TYPE_CHECKING:
-    from workbench.registry import Registry
     from workbench_plugins.methods.ot_fusion.layouts import Layout
 
 
@@ -47,43 +45,6 @@ def standardised(units: torch.Tensor) -> torch.Tensor:
     """Each row minus its mean, divided by its standard deviation + 1e-9."""
     centred = units - units.mean(dim=1, keepdim=True)
     return centred / (centred.std(dim=1, keepdim=True) + 1e-9)
-
-
-def input_batches(data: dict[str, Any], samples: int, seed: int, anchor: Path, registry: "Registry", who: str = "ot_fusion") -> list[dict[str, torch.Tensor]]:
-    """At most ``samples`` sequences as model inputs (with labels where the evaluator gives them):
-    ``{evaluator, options}`` or ``{text, seq_len}`` (cut with ``anchor``'s tokenizer). ``who``
-    names the method in error messages."""
-    if "evaluator" in data:
-        from workbench.evaluation.running import make_evaluators
-        from workbench.recipe.schema import EvaluatorSpec
-
-        [evaluator] = make_evaluators([EvaluatorSpec(name=data["evaluator"], options=dict(data.get("options") or {}))], registry)
-        batches, total = [], 0
-        for batch in evaluator.batches(samples, seed):
-            keep = min(samples - total, batch["input_ids"].shape[0])
-            batches.append({key: value[:keep] for key, value in batch.items() if key in ("input_ids", "attention_mask", "labels")})
-            total += keep
-            if total >= samples:
-                break
-        return batches
-    if "text" in data:
-        from transformers import AutoTokenizer
-
-        text_file = Path(data["text"])
-        if not text_file.is_file():
-            raise RecipeError(f"{who}: data.text = {text_file} does not exist.")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(anchor)
-        except Exception as exc:
-            raise RecipeError(f"{who}: data.text needs a tokenizer in {anchor} ({type(exc).__name__}: {exc}).") from exc
-        ids = tokenizer(text_file.read_text(), return_tensors="pt")["input_ids"][0]
-        length = int(data.get("seq_len", 64))
-        rows = [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)][:samples]
-        if not rows:
-            raise RecipeError(f"{who}: {text_file} holds fewer than seq_len = {length} tokens.")
-        stacked = torch.stack(rows)
-        return [{"input_ids": stacked, "attention_mask": torch.ones_like(stacked), "labels": stacked.clone()}]
-    raise RecipeError(f"{who}: the data must be {{evaluator: NAME, options: {{...}}}} or {{text: FILE, seq_len: N}}.")
 
 
 def capture(path: Path, layout: "Layout", batches: list[dict[str, torch.Tensor]], heads: int, kv_heads: int) -> Activations:
