@@ -58,15 +58,35 @@ def cases(models: Path, models32: Path) -> dict[str, tuple[dict[str, Any], bool]
     def weighted(*pairs: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
         return [{"model": m, "parameters": p} for m, p in pairs]
 
-    three = weighted((ft1, {"weight": 0.5, "density": 0.5}), (ft2, {"weight": 0.3, "density": 0.7}), (ft3, {"weight": 0.2, "density": 0.4}))
+    three = weighted(
+        (ft1, {"weight": 0.5, "density": 0.5}),
+        (ft2, {"weight": 0.3, "density": 0.7}),
+        (ft3, {"weight": 0.2, "density": 0.4}),
+    )
     ties_like = {"base_model": base, "models": three, **common}
     return {
-        "linear": ({"merge_method": "linear", "models": weighted((ft1, {"weight": 0.6}), (ft2, {"weight": 0.2})), **common}, True),
+        "linear": (
+            {
+                "merge_method": "linear",
+                "models": weighted((ft1, {"weight": 0.6}), (ft2, {"weight": 0.2})),
+                **common,
+            },
+            True,
+        ),
         "linear, gradients + filters, normalize: false": (
             {
                 "merge_method": "linear",
                 "models": weighted(
-                    (ft1, {"weight": [{"filter": "self_attn", "value": GRADIENT}, {"filter": "mlp", "value": 0.3}, {"value": 0.5}]}),
+                    (
+                        ft1,
+                        {
+                            "weight": [
+                                {"filter": "self_attn", "value": GRADIENT},
+                                {"filter": "mlp", "value": 0.3},
+                                {"value": 0.5},
+                            ]
+                        },
+                    ),
                     (ft2, {"weight": [{"filter": "self_attn", "value": [1.0, 0.5, 0.0]}, {"value": 0.5}]}),
                 ),
                 "parameters": {"normalize": False},
@@ -74,23 +94,50 @@ def cases(models: Path, models32: Path) -> dict[str, tuple[dict[str, Any], bool]
             },
             True,
         ),
-        "linear, bfloat16 compute": ({"merge_method": "linear", "models": weighted((ft1, {"weight": 1.0}), (ft2, {"weight": 1.0})), "dtype": "bfloat16"}, True),
+        "linear, bfloat16 compute": (
+            {
+                "merge_method": "linear",
+                "models": weighted((ft1, {"weight": 1.0}), (ft2, {"weight": 1.0})),
+                "dtype": "bfloat16",
+            },
+            True,
+        ),
         "slerp, t gradient per filter": (
             {
                 "merge_method": "slerp",
                 "base_model": ft1,
                 "models": [{"model": ft1}, {"model": ft2}],
-                "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]},
+                "parameters": {
+                    "t": [
+                        {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                        {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                        {"value": 0.5},
+                    ]
+                },
                 **common,
             },
             True,
         ),
         "task_arithmetic, lambda": (
-            {"merge_method": "task_arithmetic", "base_model": base, "models": weighted((ft1, {"weight": 0.7}), (ft2, {"weight": [0.2, 0.6]}), (ft3, {"weight": -0.3})), "parameters": {"lambda": 0.8}, **common},
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": base,
+                "models": weighted(
+                    (ft1, {"weight": 0.7}), (ft2, {"weight": [0.2, 0.6]}), (ft3, {"weight": -0.3})
+                ),
+                "parameters": {"lambda": 0.8},
+                **common,
+            },
             True,
         ),
         "task_arithmetic, normalize: true": (
-            {"merge_method": "task_arithmetic", "base_model": base, "models": weighted((ft1, {"weight": 0.7}), (ft2, {"weight": 0.5})), "parameters": {"normalize": True}, **common},
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": base,
+                "models": weighted((ft1, {"weight": 0.7}), (ft2, {"weight": 0.5})),
+                "parameters": {"normalize": True},
+                **common,
+            },
             True,
         ),
         "ties (normalize default true)": ({"merge_method": "ties", **ties_like}, True),
@@ -98,24 +145,125 @@ def cases(models: Path, models32: Path) -> dict[str, tuple[dict[str, Any], bool]
             {
                 "merge_method": "ties",
                 "base_model": base,
-                "models": weighted((ft1, {"weight": [1.0, 0.4], "density": 0.2}), (ft2, {"weight": 1.0, "density": 0.5})),
+                "models": weighted(
+                    (ft1, {"weight": [1.0, 0.4], "density": 0.2}), (ft2, {"weight": 1.0, "density": 0.5})
+                ),
                 "parameters": {"normalize": False, "lambda": 0.6},
                 **common,
             },
             True,
         ),
-        "ties, density 1": ({"merge_method": "ties", "base_model": base, "models": weighted((ft1, {"weight": 1.0, "density": 1.0}), (ft2, {"weight": 1.0, "density": 1.0})), **common}, True),
-        "breadcrumbs": ({"merge_method": "breadcrumbs", "base_model": base, "models": weighted((ft1, {"weight": 0.5, "density": 0.8, "gamma": 0.05}), (ft2, {"weight": 0.5, "density": 0.7, "gamma": 0.02})), **common}, True),
-        "breadcrumbs_ties": ({"merge_method": "breadcrumbs_ties", "base_model": base, "models": weighted((ft1, {"weight": 1.0, "density": 0.8, "gamma": 0.05}), (ft2, {"weight": 1.0, "density": 0.7, "gamma": 0.02})), **common}, True),
-        "ties, float32 inputs": ({"merge_method": "ties", "base_model": base32, "models": weighted((ft1_32, {"weight": 0.6, "density": 0.3}), (ft2_32, {"weight": 0.4, "density": 0.6})), **common}, True),
-        "breadcrumbs, float32 inputs": ({"merge_method": "breadcrumbs", "base_model": base32, "models": weighted((ft1_32, {"weight": 0.5, "density": 0.8, "gamma": 0.05}), (ft2_32, {"weight": 0.5, "density": 0.7, "gamma": 0.02})), **common}, True),
-        "breadcrumbs_ties, float32 inputs": ({"merge_method": "breadcrumbs_ties", "base_model": base32, "models": weighted((ft1_32, {"weight": 1.0, "density": 0.8, "gamma": 0.05}), (ft2_32, {"weight": 1.0, "density": 0.7, "gamma": 0.02})), **common}, True),
-        "dare_linear, density 1": ({"merge_method": "dare_linear", "base_model": base, "models": weighted((ft1, {"weight": 0.6, "density": 1.0}), (ft2, {"weight": 0.4, "density": 1.0})), **common}, True),
-        "dare_ties, density 1": ({"merge_method": "dare_ties", "base_model": base, "models": weighted((ft1, {"weight": 0.6, "density": 1.0}), (ft2, {"weight": 0.4, "density": 1.0})), **common}, True),
-        "model_stock": ({"merge_method": "model_stock", "base_model": base, "models": [{"model": ft1}, {"model": ft2}, {"model": ft3}], **common}, True),
+        "ties, density 1": (
+            {
+                "merge_method": "ties",
+                "base_model": base,
+                "models": weighted(
+                    (ft1, {"weight": 1.0, "density": 1.0}), (ft2, {"weight": 1.0, "density": 1.0})
+                ),
+                **common,
+            },
+            True,
+        ),
+        "breadcrumbs": (
+            {
+                "merge_method": "breadcrumbs",
+                "base_model": base,
+                "models": weighted(
+                    (ft1, {"weight": 0.5, "density": 0.8, "gamma": 0.05}),
+                    (ft2, {"weight": 0.5, "density": 0.7, "gamma": 0.02}),
+                ),
+                **common,
+            },
+            True,
+        ),
+        "breadcrumbs_ties": (
+            {
+                "merge_method": "breadcrumbs_ties",
+                "base_model": base,
+                "models": weighted(
+                    (ft1, {"weight": 1.0, "density": 0.8, "gamma": 0.05}),
+                    (ft2, {"weight": 1.0, "density": 0.7, "gamma": 0.02}),
+                ),
+                **common,
+            },
+            True,
+        ),
+        "ties, float32 inputs": (
+            {
+                "merge_method": "ties",
+                "base_model": base32,
+                "models": weighted(
+                    (ft1_32, {"weight": 0.6, "density": 0.3}), (ft2_32, {"weight": 0.4, "density": 0.6})
+                ),
+                **common,
+            },
+            True,
+        ),
+        "breadcrumbs, float32 inputs": (
+            {
+                "merge_method": "breadcrumbs",
+                "base_model": base32,
+                "models": weighted(
+                    (ft1_32, {"weight": 0.5, "density": 0.8, "gamma": 0.05}),
+                    (ft2_32, {"weight": 0.5, "density": 0.7, "gamma": 0.02}),
+                ),
+                **common,
+            },
+            True,
+        ),
+        "breadcrumbs_ties, float32 inputs": (
+            {
+                "merge_method": "breadcrumbs_ties",
+                "base_model": base32,
+                "models": weighted(
+                    (ft1_32, {"weight": 1.0, "density": 0.8, "gamma": 0.05}),
+                    (ft2_32, {"weight": 1.0, "density": 0.7, "gamma": 0.02}),
+                ),
+                **common,
+            },
+            True,
+        ),
+        "dare_linear, density 1": (
+            {
+                "merge_method": "dare_linear",
+                "base_model": base,
+                "models": weighted(
+                    (ft1, {"weight": 0.6, "density": 1.0}), (ft2, {"weight": 0.4, "density": 1.0})
+                ),
+                **common,
+            },
+            True,
+        ),
+        "dare_ties, density 1": (
+            {
+                "merge_method": "dare_ties",
+                "base_model": base,
+                "models": weighted(
+                    (ft1, {"weight": 0.6, "density": 1.0}), (ft2, {"weight": 0.4, "density": 1.0})
+                ),
+                **common,
+            },
+            True,
+        ),
+        "model_stock": (
+            {
+                "merge_method": "model_stock",
+                "base_model": base,
+                "models": [{"model": ft1}, {"model": ft2}, {"model": ft3}],
+                **common,
+            },
+            True,
+        ),
         "passthrough": ({"merge_method": "passthrough", "models": [{"model": ft2}], **common}, True),
         "passthrough, slices (4 layers -> 6)": (
-            {"merge_method": "passthrough", "slices": [{"sources": [{"model": ft1, "layer_range": [0, 3]}]}, {"sources": [{"model": ft2, "layer_range": [1, 4]}]}], **common},
+            {
+                "merge_method": "passthrough",
+                "slices": [
+                    {"sources": [{"model": ft1, "layer_range": [0, 3]}]},
+                    {"sources": [{"model": ft2, "layer_range": [1, 4]}]},
+                ],
+                **common,
+            },
             True,
         ),
         "slerp, slices": (
@@ -123,8 +271,18 @@ def cases(models: Path, models32: Path) -> dict[str, tuple[dict[str, Any], bool]
                 "merge_method": "slerp",
                 "base_model": ft2,
                 "slices": [
-                    {"sources": [{"model": ft1, "layer_range": [0, 2]}, {"model": ft2, "layer_range": [2, 4]}]},
-                    {"sources": [{"model": ft1, "layer_range": [1, 4]}, {"model": ft2, "layer_range": [0, 3]}]},
+                    {
+                        "sources": [
+                            {"model": ft1, "layer_range": [0, 2]},
+                            {"model": ft2, "layer_range": [2, 4]},
+                        ]
+                    },
+                    {
+                        "sources": [
+                            {"model": ft1, "layer_range": [1, 4]},
+                            {"model": ft2, "layer_range": [0, 3]},
+                        ]
+                    },
                 ],
                 "parameters": {"t": 0.3},
                 **common,
@@ -187,14 +345,22 @@ def split_ties(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     return split.reshape(tau.shape)
 
 
-def compare(mergekit_out: Path, workbench_out: Path, base: dict[str, torch.Tensor] | None, inputs: list[dict[str, torch.Tensor]], cuts: list[tuple[float, float]]) -> dict[str, Any]:
+def compare(
+    mergekit_out: Path,
+    workbench_out: Path,
+    base: dict[str, torch.Tensor] | None,
+    inputs: list[dict[str, torch.Tensor]],
+    cuts: list[tuple[float, float]],
+) -> dict[str, Any]:
     """Element-wise differences of two outputs over every tensor; names and shapes must agree.
 
     ``cuts``: (density, gamma) of each input's magnitude top-k, for the methods that have one.
     """
     mk, wb = _load(mergekit_out), _load(workbench_out)
     if set(mk) != set(wb):
-        raise SystemExit(f"tensor names differ: only mergekit {sorted(set(mk) - set(wb))}, only workbench {sorted(set(wb) - set(mk))}")
+        raise SystemExit(
+            f"tensor names differ: only mergekit {sorted(set(mk) - set(wb))}, only workbench {sorted(set(wb) - set(mk))}"
+        )
     max_abs, max_steps, differing, tied, total = 0.0, 0.0, 0, 0, 0
     ratios = []
     for name, a in mk.items():
@@ -238,7 +404,10 @@ def ensure_mergekit(venv: Path) -> Path:
     command = venv / "bin" / "mergekit-yaml"
     if command.exists():
         return command
-    print(f"installing mergekit {MERGEKIT_VERSION} into {venv} (throwaway; torch {TORCH_VERSION} CPU first) ...", flush=True)
+    print(
+        f"installing mergekit {MERGEKIT_VERSION} into {venv} (throwaway; torch {TORCH_VERSION} CPU first) ...",
+        flush=True,
+    )
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
     subprocess.run([*pip, f"torch=={TORCH_VERSION}"], check=True)
@@ -255,7 +424,11 @@ def timed(command: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-MAGNITUDE_METHODS = {"ties": 0.0, "breadcrumbs": 0.01, "breadcrumbs_ties": 0.01}  # -> mergekit's default gamma
+MAGNITUDE_METHODS = {
+    "ties": 0.0,
+    "breadcrumbs": 0.01,
+    "breadcrumbs_ties": 0.01,
+}  # -> mergekit's default gamma
 
 
 def magnitude_cuts(recipe: dict[str, Any]) -> list[tuple[float, float]]:
@@ -263,7 +436,10 @@ def magnitude_cuts(recipe: dict[str, Any]) -> list[tuple[float, float]]:
     method = recipe["merge_method"]
     if method not in MAGNITUDE_METHODS:
         return []
-    return [(m["parameters"].get("density", 1.0), m["parameters"].get("gamma", MAGNITUDE_METHODS[method])) for m in recipe["models"]]
+    return [
+        (m["parameters"].get("density", 1.0), m["parameters"].get("gamma", MAGNITUDE_METHODS[method]))
+        for m in recipe["models"]
+    ]
 
 
 def run(venv: Path, work: Path) -> list[Comparison]:
@@ -274,7 +450,9 @@ def run(venv: Path, work: Path) -> list[Comparison]:
     for folder, dtype in ((models, "bfloat16"), (models32, "float32")):
         if not (folder / "ft3" / "config.json").is_file():
             write_family(folder, "tiny", 3, dtype=dtype)
-    weights = {str(folder): _load(folder) for family in (models, models32) for folder in sorted(family.iterdir())}
+    weights = {
+        str(folder): _load(folder) for family in (models, models32) for folder in sorted(family.iterdir())
+    }
     workbench = [sys.executable, "-m", "workbench"]
     results = []
     for index, (name, (recipe, deterministic)) in enumerate(cases(models, models32).items()):
@@ -283,16 +461,40 @@ def run(venv: Path, work: Path) -> list[Comparison]:
         folder.mkdir(parents=True)
         config = folder / "mergekit.yml"
         config.write_text(yaml.safe_dump(recipe, sort_keys=False))
-        mk_seconds = timed([str(mergekit_yaml), str(config), str(folder / "mergekit"), "--no-copy-tokenizer", "--random-seed", "0", "--quiet"], folder / "mergekit.log")
-        wb_seconds = timed([*workbench, "run", str(config), "--out", str(folder / "workbench")], folder / "workbench.log")
+        mk_seconds = timed(
+            [
+                str(mergekit_yaml),
+                str(config),
+                str(folder / "mergekit"),
+                "--no-copy-tokenizer",
+                "--random-seed",
+                "0",
+                "--quiet",
+            ],
+            folder / "mergekit.log",
+        )
+        wb_seconds = timed(
+            [*workbench, "run", str(config), "--out", str(folder / "workbench")], folder / "workbench.log"
+        )
         stacked = "slices" in recipe  # layers renumbered: compared as outputs only
         inputs = [] if stacked else [weights[m["model"]] for m in recipe["models"]]
         base = None if stacked else weights[recipe.get("base_model", str(models / "base"))]
         figures = compare(folder / "mergekit", folder / "workbench", base, inputs, magnitude_cuts(recipe))
         within = figures["max_steps"] <= 1.0
-        results.append(Comparison(name, deterministic, within_bf16_rounding=within, seconds=(mk_seconds, wb_seconds), **figures))
-        verdict = ("within bf16 rounding" if within else "OFF BY MORE THAN ONE bf16 STEP") if deterministic else "random masks"
-        print(f"{name:52s} max |diff| {figures['max_abs_diff']:.3g} ({figures['max_steps']:.2f} steps)  {verdict}", flush=True)
+        results.append(
+            Comparison(
+                name, deterministic, within_bf16_rounding=within, seconds=(mk_seconds, wb_seconds), **figures
+            )
+        )
+        verdict = (
+            ("within bf16 rounding" if within else "OFF BY MORE THAN ONE bf16 STEP")
+            if deterministic
+            else "random masks"
+        )
+        print(
+            f"{name:52s} max |diff| {figures['max_abs_diff']:.3g} ({figures['max_steps']:.2f} steps)  {verdict}",
+            flush=True,
+        )
     return results
 
 
@@ -309,14 +511,26 @@ def markdown(results: list[Comparison]) -> str:
             verdict = "random masks differ by design"
         ties = f"{100 * r.tie_share:.2f}%" if r.tie_share else "none"
         ratio = "n/a" if math.isnan(lo) else f"{lo:.4f}-{hi:.4f}"
-        lines.append(f"| {r.case} | {r.max_abs_diff:.3g} | {r.max_steps:.2f} | {100 * r.differing_share:.2f}% | {ties} | {ratio} | {verdict} |")
+        lines.append(
+            f"| {r.case} | {r.max_abs_diff:.3g} | {r.max_steps:.2f} | {100 * r.differing_share:.2f}% | {ties} | {ratio} | {verdict} |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--venv", type=Path, default=Path(tempfile.gettempdir()) / "workbench-mergekit-venv", help="throwaway virtual environment for mergekit")
-    parser.add_argument("--work", type=Path, default=None, help="keep models, recipes and outputs here (default: a temporary folder)")
+    parser.add_argument(
+        "--venv",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "workbench-mergekit-venv",
+        help="throwaway virtual environment for mergekit",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="keep models, recipes and outputs here (default: a temporary folder)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     args = parser.parse_args()
     if args.work is None:

@@ -31,8 +31,13 @@ def main() -> None:
     for name, props in sorted(PROPERTIES.items()):
         family = Family(deep.family.base, tuple(deep.models(props)))
         warm_up = Family(tiny.family.base, tuple(tiny.models(props)))
-        report = check_streaming_memory(name, root / f"out-{name}", _fragment(name, props, tiny.text), family=family, warm_up=warm_up)
-        print(f"| {name} | {report.inputs / mb:.0f} | {report.peak_extra / mb:.1f} | {report.allowance / mb:.0f} | {report.declared / mb:.0f} |", flush=True)
+        report = check_streaming_memory(
+            name, root / f"out-{name}", _fragment(name, props, tiny.text), family=family, warm_up=warm_up
+        )
+        print(
+            f"| {name} | {report.inputs / mb:.0f} | {report.peak_extra / mb:.1f} | {report.allowance / mb:.0f} | {report.declared / mb:.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -22,15 +22,17 @@ from pathlib import Path
 
 
 def main() -> None:
+    from workbench.checkpoint.synthetic import LlamaShape, write_model
     from workbench.method import PrepareContext
     from workbench.registry import get_registry
-    from workbench.checkpoint.synthetic import LlamaShape, write_model
     from workbench_plugins.methods.ot_fusion.plugin import OTFusion
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--widths", default="256,512,1024,2048,4096")
     parser.add_argument("--solvers", default="emd,sinkhorn")
-    parser.add_argument("--limit", type=float, default=300.0, help="skip larger widths for a solver once one took longer (s)")
+    parser.add_argument(
+        "--limit", type=float, default=300.0, help="skip larger widths for a solver once one took longer (s)"
+    )
     args = parser.parse_args()
     registry = get_registry()
     slow: set[str] = set()
@@ -40,20 +42,42 @@ def main() -> None:
         for width in (int(w) for w in args.widths.split(",")):
             heads = max(1, width // 64)
             shape = LlamaShape(width, int(2.75 * width) // 64 * 64, 1, heads, max(1, heads // 4), 1024)
-            folders = [write_model(Path(tmp) / f"{width}-{seed}", shape, dtype="float32", seed=seed) for seed in (1, 2)]
+            folders = [
+                write_model(Path(tmp) / f"{width}-{seed}", shape, dtype="float32", seed=seed)
+                for seed in (1, 2)
+            ]
             readers = [registry.open_checkpoint(f) for f in folders]
             for solver in args.solvers.split(","):
                 if solver in slow:
-                    print(f"| {width} | {shape.intermediate_size} | {solver} | skipped (the previous width took > {args.limit:.0f} s) | |", flush=True)
+                    print(
+                        f"| {width} | {shape.intermediate_size} | {solver} | skipped (the previous width took > {args.limit:.0f} s) | |",
+                        flush=True,
+                    )
                     continue
-                ctx = PrepareContext(models=readers, base=None, params={"solver": solver}, model_params=[{}, {}],
-                                     tensor_names=readers[0].tensor_names(), device="cpu", extra={"registry": registry})
+                ctx = PrepareContext(
+                    models=readers,
+                    base=None,
+                    params={"solver": solver},
+                    model_params=[{}, {}],
+                    tensor_names=readers[0].tensor_names(),
+                    device="cpu",
+                    extra={"registry": registry},
+                )
                 start = time.perf_counter()
                 state = OTFusion().prepare(ctx)
                 seconds = time.perf_counter() - start
                 maps = state.maps[1]
-                used = sorted({maps.stream[0].solver, *(t.solver for t in maps.heads.values()), *(t.solver for t in maps.mlp.values())})
-                print(f"| {width} | {shape.intermediate_size} | {solver} | {seconds:.2f} | {', '.join(used)} |", flush=True)
+                used = sorted(
+                    {
+                        maps.stream[0].solver,
+                        *(t.solver for t in maps.heads.values()),
+                        *(t.solver for t in maps.mlp.values()),
+                    }
+                )
+                print(
+                    f"| {width} | {shape.intermediate_size} | {solver} | {seconds:.2f} | {', '.join(used)} |",
+                    flush=True,
+                )
                 del state, maps  # the next solver's run should not share memory with this one's maps
                 if seconds > args.limit:
                     slow.add(solver)

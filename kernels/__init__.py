@@ -18,7 +18,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -78,7 +79,11 @@ def implementation(device: torch.device, *, numba_on_cpu: bool = True) -> str:
     every merge for nothing (``WORKBENCH_KERNELS=numba`` still selects its kernel)."""
     forced = selected_impl()
     if forced == "triton" and not triton_runs_on(device):
-        why = "triton is not installed" if not triton_installed() else f"tensors are on {device.type}, not CUDA, and TRITON_INTERPRET=1 was not set when workbench_kernels was imported"
+        why = (
+            "triton is not installed"
+            if not triton_installed()
+            else f"tensors are on {device.type}, not CUDA, and TRITON_INTERPRET=1 was not set when workbench_kernels was imported"
+        )
         raise ValueError(f"WORKBENCH_KERNELS=triton, but {why}")
     if forced:
         return forced
@@ -96,4 +101,3 @@ def block_size() -> int:
 #: The most inputs one Triton launch takes (pointer arguments are unrolled at compile time);
 #: launchers fall back to the torch path beyond it.
 MAX_TRITON_INPUTS = 8
-

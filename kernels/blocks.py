@@ -41,6 +41,7 @@ class Blocks:
 
     def select(self, models: Sequence[int]) -> Blocks:
         """The same blocks with only these models (base unchanged)."""
+
         def load(i: int) -> Loaded:
             xs, base = self.load(i)
             return [xs[m] for m in models], base

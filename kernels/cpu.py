@@ -16,7 +16,8 @@ and converted here bit-exactly, with the rounding torch uses (to nearest, ties t
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numba
 import numpy as np
@@ -55,7 +56,13 @@ def supported(*tensors: torch.Tensor, out_dtype: torch.dtype | None = None) -> b
     """Whether the Numba kernels take these CPU tensors: one stored dtype of bf16/fp16/fp32 (an
     output dtype of those too); other inputs, and forked children, take the torch path."""
     dtypes = {t.dtype for t in tensors}
-    return usable() and len(dtypes) == 1 and dtypes <= KINDS.keys() and (out_dtype is None or out_dtype in KINDS) and all(t.device.type == "cpu" for t in tensors)
+    return (
+        usable()
+        and len(dtypes) == 1
+        and dtypes <= KINDS.keys()
+        and (out_dtype is None or out_dtype in KINDS)
+        and all(t.device.type == "cpu" for t in tensors)
+    )
 
 
 def array(t: torch.Tensor) -> np.ndarray:

@@ -63,13 +63,17 @@ def draws(start: int, count: int, seed: int, device: torch.device | str = "cpu")
     return hash32(hash32(index ^ lo) ^ hi) >> 8
 
 
-def keep_mask_reference(numel: int, density: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def keep_mask_reference(
+    numel: int, density: float, seed: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """The definition on the whole tensor at once."""
     _check(numel)
     return draws(0, numel, seed, device) < keep_below(density)
 
 
-def keep_mask_torch(numel: int, density: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def keep_mask_torch(
+    numel: int, density: float, seed: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Blocked, so the int64 temporaries stay in cache."""
     _check(numel)
     out = torch.empty(numel, dtype=torch.bool, device=device)
@@ -121,7 +125,9 @@ def _keep_mask_kernel(out_ptr, n, seed_lo, seed_hi, threshold, BLOCK: tl.constex
     tl.store(out_ptr + offsets, keep.to(tl.int8), mask=offsets < n)
 
 
-def keep_mask_triton(numel: int, density: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def keep_mask_triton(
+    numel: int, density: float, seed: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     _check(numel)
     out = torch.empty(numel, dtype=torch.int8, device=device)
     if numel:
@@ -140,7 +146,9 @@ def _keep_mask_kernel_numba(out, seed_lo, seed_hi, threshold):  # pragma: no cov
             dst[j] = draw_numba(start + j, seed_lo, seed_hi) < threshold
 
 
-def keep_mask_numba(numel: int, density: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def keep_mask_numba(
+    numel: int, density: float, seed: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """The CPU kernel: the draws of both cores' chunks, straight into the mask."""
     _check(numel)
     if torch.device(device).type != "cpu" or not cpu.usable():
@@ -151,13 +159,20 @@ def keep_mask_numba(numel: int, density: float, seed: int, device: torch.device 
     return out
 
 
-def keep_mask(shape: tuple[int, ...] | torch.Size, density: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def keep_mask(
+    shape: tuple[int, ...] | torch.Size, density: float, seed: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """DARE's keep-mask of a tensor of this shape: Bernoulli(density) per element, fixed by the seed."""
     numel = 1
     for d in shape:
         numel *= d
     impl = implementation(torch.device(device))
-    make = {"reference": keep_mask_reference, "torch": keep_mask_torch, "numba": keep_mask_numba, "triton": keep_mask_triton}[impl]
+    make = {
+        "reference": keep_mask_reference,
+        "torch": keep_mask_torch,
+        "numba": keep_mask_numba,
+        "triton": keep_mask_triton,
+    }[impl]
     return make(numel, density, seed, device).view(tuple(shape))
 
 

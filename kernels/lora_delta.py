@@ -24,7 +24,9 @@ from workbench_kernels import block_size, implementation, jit, tl
 BLOCK = 1 << 18
 
 
-def _factors(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _factors(
+    W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, transposed: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Checked shapes; returns ``(left, right)`` with ``out = W + scale · left @ right`` (views)."""
     for name, x in (("W", W), ("B", B), ("A", A)):
         if x.ndim != 2:
@@ -36,18 +38,34 @@ def _factors(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, transposed: bool
     left, right = (A.T, B.T) if transposed else (B, A)
     expected = (left.shape[0], right.shape[1])
     if tuple(W.shape) != expected:
-        raise ValueError(f"lora_delta_add: W is {list(W.shape)}, but the{' transposed' if transposed else ''} delta is {list(expected)}")
+        raise ValueError(
+            f"lora_delta_add: W is {list(W.shape)}, but the{' transposed' if transposed else ''} delta is {list(expected)}"
+        )
     return left, right
 
 
-def lora_delta_add_reference(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float, transposed: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def lora_delta_add_reference(
+    W: torch.Tensor,
+    B: torch.Tensor,
+    A: torch.Tensor,
+    scale: float,
+    transposed: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """The definition on whole float32 tensors."""
     _factors(W, B, A, transposed)
     delta = (B.float() @ A.float()) * scale
     return (W.float() + (delta.T if transposed else delta)).to(out_dtype or W.dtype)
 
 
-def lora_delta_add_torch(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float, transposed: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def lora_delta_add_torch(
+    W: torch.Tensor,
+    B: torch.Tensor,
+    A: torch.Tensor,
+    scale: float,
+    transposed: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Row-blocked: each block's product goes into one float32 buffer, is scaled, gets W's rows
     added (read in W's dtype) and is converted into the output."""
     left, right = _factors(W, B, A, transposed)
@@ -68,7 +86,25 @@ def lora_delta_add_torch(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scal
 
 
 @jit
-def _lora_delta_add_kernel(w_ptr, left_ptr, right_ptr, out_ptr, rows, cols, rank, scale, stride_w_row, stride_w_col, stride_left_row, stride_left_k, stride_right_k, stride_right_col, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_K: tl.constexpr):
+def _lora_delta_add_kernel(
+    w_ptr,
+    left_ptr,
+    right_ptr,
+    out_ptr,
+    rows,
+    cols,
+    rank,
+    scale,
+    stride_w_row,
+    stride_w_col,
+    stride_left_row,
+    stride_left_k,
+    stride_right_k,
+    stride_right_col,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """One program per output tile: float32 ``left @ right`` over the rank in BLOCK_K chunks (the
     masked tail reads zeros, so a rank below tl.dot's minimum of 16 needs no other path), then
     ``acc * scale + W`` stored in the output dtype. The output is contiguous."""
@@ -79,11 +115,21 @@ def _lora_delta_add_kernel(w_ptr, left_ptr, right_ptr, out_ptr, rows, cols, rank
     for k_start in range(0, rank, BLOCK_K):
         k = k_start + tl.arange(0, BLOCK_K)
         k_ok = k < rank
-        left = tl.load(left_ptr + row[:, None] * stride_left_row + k[None, :] * stride_left_k, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        right = tl.load(right_ptr + k[:, None] * stride_right_k + col[None, :] * stride_right_col, mask=k_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        left = tl.load(
+            left_ptr + row[:, None] * stride_left_row + k[None, :] * stride_left_k,
+            mask=row_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        right = tl.load(
+            right_ptr + k[:, None] * stride_right_k + col[None, :] * stride_right_col,
+            mask=k_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc = tl.dot(left, right, acc, input_precision="ieee")
     tile_ok = row_ok[:, None] & col_ok[None, :]
-    w = tl.load(w_ptr + row[:, None] * stride_w_row + col[None, :] * stride_w_col, mask=tile_ok, other=0.0).to(tl.float32)
+    w = tl.load(
+        w_ptr + row[:, None] * stride_w_row + col[None, :] * stride_w_col, mask=tile_ok, other=0.0
+    ).to(tl.float32)
     result = acc * scale + w
     tl.store(out_ptr + row[:, None] * cols + col[None, :], result.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
@@ -92,7 +138,14 @@ def _power_of_two_between(value: int, low: int, high: int) -> int:
     return max(low, min(high, 1 << max(0, value - 1).bit_length()))
 
 
-def lora_delta_add_triton(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float, transposed: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def lora_delta_add_triton(
+    W: torch.Tensor,
+    B: torch.Tensor,
+    A: torch.Tensor,
+    scale: float,
+    transposed: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Launcher: tiles sized to the matrix within :func:`block_size`'s budget (at least 16 on
     every side, tl.dot's minimum); strides are passed as they are, so views are never copied."""
     left, right = _factors(W, B, A, transposed)
@@ -106,11 +159,36 @@ def lora_delta_add_triton(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, sca
     block_cols = _power_of_two_between(cols, 16, budget // block_rows)
     block_k = _power_of_two_between(rank, 16, 32)
     grid = (-(-rows // block_rows), -(-cols // block_cols))
-    _lora_delta_add_kernel[grid](W, left, right, out, rows, cols, rank, float(scale), W.stride(0), W.stride(1), left.stride(0), left.stride(1), right.stride(0), right.stride(1), BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols, BLOCK_K=block_k)
+    _lora_delta_add_kernel[grid](
+        W,
+        left,
+        right,
+        out,
+        rows,
+        cols,
+        rank,
+        float(scale),
+        W.stride(0),
+        W.stride(1),
+        left.stride(0),
+        left.stride(1),
+        right.stride(0),
+        right.stride(1),
+        BLOCK_ROWS=block_rows,
+        BLOCK_COLS=block_cols,
+        BLOCK_K=block_k,
+    )
     return out
 
 
-def lora_delta_add(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float, transposed: bool = False, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def lora_delta_add(
+    W: torch.Tensor,
+    B: torch.Tensor,
+    A: torch.Tensor,
+    scale: float,
+    transposed: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Dispatch on W's device (see :func:`workbench_kernels.implementation`)."""
     impl = implementation(W.device)
     if impl == "reference":

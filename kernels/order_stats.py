@@ -11,7 +11,7 @@ input-size limit).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

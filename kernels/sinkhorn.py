@@ -37,12 +37,16 @@ BLOCK = 1 << 18
 Update = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
-def softmin_update_reference(cost: torch.Tensor, other: torch.Tensor, log_marginal: torch.Tensor, reg: float) -> torch.Tensor:
+def softmin_update_reference(
+    cost: torch.Tensor, other: torch.Tensor, log_marginal: torch.Tensor, reg: float
+) -> torch.Tensor:
     """reg · (log_marginal_i - LSE_j((other_j - cost_ij) / reg)), on the whole matrix."""
     return reg * (log_marginal - torch.logsumexp((other[None, :] - cost) / reg, dim=1))
 
 
-def softmin_update_torch(cost: torch.Tensor, other: torch.Tensor, log_marginal: torch.Tensor, reg: float) -> torch.Tensor:
+def softmin_update_torch(
+    cost: torch.Tensor, other: torch.Tensor, log_marginal: torch.Tensor, reg: float
+) -> torch.Tensor:
     """The same, a block at a time in one buffer (in place: subtract, scale, shift, exp). A
     column-major ``cost`` (the transposed view of the column update) is read by rows of its
     transpose, with a running max and sum per output, so that memory is read in order."""
@@ -61,7 +65,9 @@ def softmin_update_torch(cost: torch.Tensor, other: torch.Tensor, log_marginal: 
     return out
 
 
-def _softmin_columns(cost_t: torch.Tensor, other: torch.Tensor, log_marginal: torch.Tensor, reg: float) -> torch.Tensor:
+def _softmin_columns(
+    cost_t: torch.Tensor, other: torch.Tensor, log_marginal: torch.Tensor, reg: float
+) -> torch.Tensor:
     """:func:`softmin_update_torch` of ``cost_t.T``: the sums run down the columns of ``cost_t``,
     a block of its rows at a time, rescaled whenever a block raises a column's maximum."""
     rows, cols = cost_t.shape  # the output has one entry per column
@@ -86,7 +92,19 @@ def _finite_or_zero(peak: torch.Tensor) -> torch.Tensor:
 
 
 @jit
-def _softmin_update_kernel(cost_ptr, other_ptr, log_marginal_ptr, reg_ptr, out_ptr, rows, cols, stride_row, stride_col, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+def _softmin_update_kernel(
+    cost_ptr,
+    other_ptr,
+    log_marginal_ptr,
+    reg_ptr,
+    out_ptr,
+    rows,
+    cols,
+    stride_row,
+    stride_col,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_COLS: tl.constexpr,
+):
     """One program per BLOCK_ROWS rows: an online max and sum of exp((other_j - cost_ij) / reg)
     over column blocks, then out_i = reg · (log_marginal_i - LSE_i). Computes in out's dtype; reg
     is read from memory so that it keeps that precision (a float argument would be float32)."""
@@ -100,7 +118,11 @@ def _softmin_update_kernel(cost_ptr, other_ptr, log_marginal_ptr, reg_ptr, out_p
         col = col_start + tl.arange(0, BLOCK_COLS)
         col_ok = col < cols
         other = tl.load(other_ptr + col, mask=col_ok, other=-float("inf")).to(dtype)
-        cost = tl.load(cost_ptr + row[:, None] * stride_row + col[None, :] * stride_col, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(dtype)
+        cost = tl.load(
+            cost_ptr + row[:, None] * stride_row + col[None, :] * stride_col,
+            mask=row_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        ).to(dtype)
         x = (other[None, :] - cost) / reg
         new_max = tl.maximum(running_max, tl.max(x, axis=1))
         shift = tl.where(new_max == -float("inf"), 0.0, new_max).to(dtype)  # exp(-inf - -inf) is NaN
@@ -115,7 +137,13 @@ def _power_of_two_at_most(value: int, high: int) -> int:
     return max(1, min(high, 1 << max(0, value - 1).bit_length()))
 
 
-def softmin_update_triton(cost: torch.Tensor, other: torch.Tensor, log_marginal: torch.Tensor, reg: float, max_block_cols: int | None = None) -> torch.Tensor:
+def softmin_update_triton(
+    cost: torch.Tensor,
+    other: torch.Tensor,
+    log_marginal: torch.Tensor,
+    reg: float,
+    max_block_cols: int | None = None,
+) -> torch.Tensor:
     """Launcher: tiles within :func:`block_size`'s budget, at most 512 columns wide on a GPU (or
     ``max_block_cols``, a power of two); ``cost`` is read through its strides (a transposed view
     costs nothing)."""
@@ -128,21 +156,43 @@ def softmin_update_triton(cost: torch.Tensor, other: torch.Tensor, log_marginal:
     block_rows = _power_of_two_at_most(rows, budget // block_cols)
     reg_tensor = torch.tensor([reg], dtype=other.dtype, device=other.device)
     grid = (-(-rows // block_rows),)
-    _softmin_update_kernel[grid](cost, other.contiguous(), log_marginal.contiguous(), reg_tensor, out, rows, cols, cost.stride(0), cost.stride(1), BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
+    _softmin_update_kernel[grid](
+        cost,
+        other.contiguous(),
+        log_marginal.contiguous(),
+        reg_tensor,
+        out,
+        rows,
+        cols,
+        cost.stride(0),
+        cost.stride(1),
+        BLOCK_ROWS=block_rows,
+        BLOCK_COLS=block_cols,
+    )
     return out
 
 
-def _checked(a: torch.Tensor, b: torch.Tensor, M: torch.Tensor, reg: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _checked(
+    a: torch.Tensor, b: torch.Tensor, M: torch.Tensor, reg: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validated inputs in the compute dtype (float64 if M is, else float32)."""
     if M.ndim != 2 or a.shape != (M.shape[0],) or b.shape != (M.shape[1],):
-        raise ValueError(f"sinkhorn: marginals {list(a.shape)} and {list(b.shape)} do not fit the cost matrix {list(M.shape)}")
+        raise ValueError(
+            f"sinkhorn: marginals {list(a.shape)} and {list(b.shape)} do not fit the cost matrix {list(M.shape)}"
+        )
     if not (reg > 0 and math.isfinite(reg)):
         raise ValueError(f"sinkhorn: reg must be positive and finite, got {reg}")
     dtype = torch.float64 if M.dtype == torch.float64 else torch.float32
-    return a.to(device=M.device, dtype=dtype), b.to(device=M.device, dtype=dtype), M if M.is_floating_point() else M.to(dtype)
+    return (
+        a.to(device=M.device, dtype=dtype),
+        b.to(device=M.device, dtype=dtype),
+        M if M.is_floating_point() else M.to(dtype),
+    )
 
 
-def _solve(a: torch.Tensor, b: torch.Tensor, M: torch.Tensor, reg: float, max_iter: int, tol: float, update: Update) -> torch.Tensor:
+def _solve(
+    a: torch.Tensor, b: torch.Tensor, M: torch.Tensor, reg: float, max_iter: int, tol: float, update: Update
+) -> torch.Tensor:
     """POT's schedule (see the module docstring) around one implementation of the update."""
     a, b, M = _checked(a, b, M, reg)
     n, m = M.shape
@@ -159,37 +209,53 @@ def _solve(a: torch.Tensor, b: torch.Tensor, M: torch.Tensor, reg: float, max_it
             g_next = update(M.T, f, log_b, reg)  # also the next iteration's column update
             if check:
                 # column sums of the current plan: b_j exp((g_j - g_next_j) / reg)
-                violation = float(torch.linalg.vector_norm(torch.where(b > 0, b * torch.expm1((g - g_next) / reg), 0.0)))
+                violation = float(
+                    torch.linalg.vector_norm(torch.where(b > 0, b * torch.expm1((g - g_next) / reg), 0.0))
+                )
                 if violation < tol:
                     converged = True
                     break
                 if not math.isfinite(violation):
-                    warnings.warn(f"sinkhorn: non-finite potentials at iteration {iteration} (are the costs finite and the marginals non-negative?)", stacklevel=3)
+                    warnings.warn(
+                        f"sinkhorn: non-finite potentials at iteration {iteration} (are the costs finite and the marginals non-negative?)",
+                        stacklevel=3,
+                    )
                     break
             if not last:
                 g = g_next
     if not converged and max_iter > 0:
-        warnings.warn(f"sinkhorn did not converge in {max_iter} iterations (marginal violation above {tol:g}); increase max_iter or reg", stacklevel=3)
+        warnings.warn(
+            f"sinkhorn did not converge in {max_iter} iterations (marginal violation above {tol:g}); increase max_iter or reg",
+            stacklevel=3,
+        )
     plan = torch.sub(f[:, None], M)  # the only n×m result: (f_i - M_ij + g_j) / reg, exponentiated in place
     return plan.add_(g[None, :]).div_(reg).exp_()
 
 
-def sinkhorn_reference(a: torch.Tensor, b: torch.Tensor, M: torch.Tensor, reg: float, max_iter: int = 1000, tol: float = 1e-9) -> torch.Tensor:
+def sinkhorn_reference(
+    a: torch.Tensor, b: torch.Tensor, M: torch.Tensor, reg: float, max_iter: int = 1000, tol: float = 1e-9
+) -> torch.Tensor:
     """The plan, with whole-matrix log-sum-exp updates."""
     return _solve(a, b, M, reg, max_iter, tol, softmin_update_reference)
 
 
-def sinkhorn_torch(a: torch.Tensor, b: torch.Tensor, M: torch.Tensor, reg: float, max_iter: int = 1000, tol: float = 1e-9) -> torch.Tensor:
+def sinkhorn_torch(
+    a: torch.Tensor, b: torch.Tensor, M: torch.Tensor, reg: float, max_iter: int = 1000, tol: float = 1e-9
+) -> torch.Tensor:
     """The plan, with row-blocked log-sum-exp updates (one block-sized buffer)."""
     return _solve(a, b, M, reg, max_iter, tol, softmin_update_torch)
 
 
-def sinkhorn_triton(a: torch.Tensor, b: torch.Tensor, M: torch.Tensor, reg: float, max_iter: int = 1000, tol: float = 1e-9) -> torch.Tensor:
+def sinkhorn_triton(
+    a: torch.Tensor, b: torch.Tensor, M: torch.Tensor, reg: float, max_iter: int = 1000, tol: float = 1e-9
+) -> torch.Tensor:
     """The plan, with the log-sum-exp updates by the Triton kernel."""
     return _solve(a, b, M, reg, max_iter, tol, softmin_update_triton)
 
 
-def sinkhorn(a: torch.Tensor, b: torch.Tensor, M: torch.Tensor, reg: float, max_iter: int = 1000, tol: float = 1e-9) -> torch.Tensor:
+def sinkhorn(
+    a: torch.Tensor, b: torch.Tensor, M: torch.Tensor, reg: float, max_iter: int = 1000, tol: float = 1e-9
+) -> torch.Tensor:
     """The entropic transport plan between marginals ``a`` and ``b`` for costs ``M``; dispatches on
     M's device (see :func:`workbench_kernels.implementation`)."""
     impl = implementation(M.device)

@@ -37,7 +37,9 @@ def slerp_coefficients(norm0: float, norm1: float, dot: float, t: float) -> tupl
     return math.sin((1.0 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega
 
 
-def slerp_reference(v0: torch.Tensor, v1: torch.Tensor, t: float, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def slerp_reference(
+    v0: torch.Tensor, v1: torch.Tensor, t: float, compute_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The definition, on whole tensors converted to the compute dtype."""
     a, b = v0.to(compute_dtype), v1.to(compute_dtype)
     if t == 0.0:
@@ -49,7 +51,9 @@ def slerp_reference(v0: torch.Tensor, v1: torch.Tensor, t: float, compute_dtype:
     return c0 * a + c1 * b
 
 
-def _sums_torch(a: torch.Tensor, b: torch.Tensor, compute_dtype: torch.dtype) -> list[tuple[float, float, float]]:
+def _sums_torch(
+    a: torch.Tensor, b: torch.Tensor, compute_dtype: torch.dtype
+) -> list[tuple[float, float, float]]:
     """(||a||², ||b||², <a, b>) of each ``BLOCK`` of two flat tensors, in the compute dtype."""
     n = a.numel()
     buf_a = torch.empty(min(BLOCK, n), dtype=compute_dtype, device=a.device)
@@ -62,7 +66,9 @@ def _sums_torch(a: torch.Tensor, b: torch.Tensor, compute_dtype: torch.dtype) ->
     return sums
 
 
-def slerp_weights(blocks: Blocks, t: float, compute_dtype: torch.dtype = torch.float32) -> tuple[float, float]:
+def slerp_weights(
+    blocks: Blocks, t: float, compute_dtype: torch.dtype = torch.float32
+) -> tuple[float, float]:
     """The coefficients of v0 and v1 (``blocks`` holds the two tensors, no base), from the norms and
     the dot product accumulated block by block: partial sums per ``BLOCK`` (torch) or per program
     (Triton), added with ``math.fsum`` so that the grouping into blocks does not change them. The
@@ -72,7 +78,12 @@ def slerp_weights(blocks: Blocks, t: float, compute_dtype: torch.dtype = torch.f
     if impl == "reference":
         pairs = [xs for _, xs, _ in blocks]
         v0, v1 = (torch.cat([p[i] for p in pairs]).to(compute_dtype) for i in (0, 1))
-        return slerp_coefficients(float(torch.linalg.vector_norm(v0)), float(torch.linalg.vector_norm(v1)), float(torch.dot(v0, v1)), t)
+        return slerp_coefficients(
+            float(torch.linalg.vector_norm(v0)),
+            float(torch.linalg.vector_norm(v1)),
+            float(torch.dot(v0, v1)),
+            t,
+        )
     sums: list[tuple[float, float, float]] = []
     for _, (v0, v1), _ in blocks:
         if impl == "triton" and compute_dtype == torch.float32:
@@ -83,7 +94,13 @@ def slerp_weights(blocks: Blocks, t: float, compute_dtype: torch.dtype = torch.f
     return slerp_coefficients(math.sqrt(sq0), math.sqrt(sq1), dot, t)
 
 
-def slerp_torch(v0: torch.Tensor, v1: torch.Tensor, t: float, compute_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def slerp_torch(
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    t: float,
+    compute_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Blocked statistics (see :func:`slerp_weights`), then one blocked weighted sum."""
     out_dtype = out_dtype or compute_dtype
     if t == 0.0 or t == 1.0:
@@ -119,7 +136,13 @@ def slerp_statistics_triton(v0: torch.Tensor, v1: torch.Tensor) -> list[tuple[fl
     return [tuple(row) for row in partials.double().tolist()]  # type: ignore[misc]
 
 
-def slerp_triton(v0: torch.Tensor, v1: torch.Tensor, t: float, compute_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def slerp_triton(
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    t: float,
+    compute_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Statistics by the reduction kernel, the result by the weighted-sum kernel. The kernels
     compute in float32; another compute dtype takes the blocked torch path."""
     out_dtype = out_dtype or compute_dtype
@@ -131,7 +154,13 @@ def slerp_triton(v0: torch.Tensor, v1: torch.Tensor, t: float, compute_dtype: to
     return weighted_sum_triton([v0, v1], [c0, c1], compute_dtype, out_dtype)
 
 
-def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, compute_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def slerp(
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    t: float,
+    compute_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Dispatch on the inputs' device (see :func:`workbench_kernels.implementation`)."""
     if v0.shape != v1.shape:
         raise ValueError(f"slerp: shapes {list(v0.shape)} and {list(v1.shape)} differ")
@@ -141,5 +170,7 @@ def slerp(v0: torch.Tensor, v1: torch.Tensor, t: float, compute_dtype: torch.dty
     if impl == "triton":
         return slerp_triton(v0, v1, t, compute_dtype, out_dtype)
     if impl == "numba" and t not in (0.0, 1.0):  # the torch path's statistics, the CPU kernel's sum
-        return weighted_sum_numba([v0, v1], slerp_weights(Blocks.whole([v0, v1], None), t, compute_dtype), compute_dtype, out_dtype)
+        return weighted_sum_numba(
+            [v0, v1], slerp_weights(Blocks.whole([v0, v1], None), t, compute_dtype), compute_dtype, out_dtype
+        )
     return slerp_torch(v0, v1, t, compute_dtype, out_dtype)

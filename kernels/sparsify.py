@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
+
 from workbench_kernels import implementation
 from workbench_kernels.blocks import Blocks
 
@@ -144,10 +145,14 @@ def magnitude_band(tau: torch.Tensor, density: float, gamma: float = 0.0) -> Mag
     above_hi = int((w > hi).sum())
     if lo == hi:  # every kept entry has this one magnitude: ranks n_top .. n_top + k - 1 among the ties
         return MagnitudeBand(lo, hi, lo_ties=(n_top - above_hi, n_top + k - above_hi))
-    return MagnitudeBand(lo, hi, lo_ties=(0, n_top + k - above_lo), hi_ties=(n_top - above_hi, int((w == hi).sum())))
+    return MagnitudeBand(
+        lo, hi, lo_ties=(0, n_top + k - above_lo), hi_ties=(n_top - above_hi, int((w == hi).sum()))
+    )
 
 
-def model_band(stream: Callable[[], Iterable[torch.Tensor]], density: float, gamma: float = 0.0) -> MagnitudeBand:
+def model_band(
+    stream: Callable[[], Iterable[torch.Tensor]], density: float, gamma: float = 0.0
+) -> MagnitudeBand:
     """:func:`magnitude_band` over a whole model: one band for a task vector streamed tensor by tensor.
 
     ``stream()`` must yield the same values each time it is called; it is called twice (a counting
@@ -200,7 +205,9 @@ def _keep_ties(mask: torch.Tensor, w: torch.Tensor, value: float, start: int, st
     mask.view(-1)[positions] = True
 
 
-def random_mask(shape: Sequence[int], density: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+def random_mask(
+    shape: Sequence[int], density: float, seed: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Bernoulli(density) keep-mask from the counter-based generator of :mod:`workbench_kernels.dare`:
     a function of (seed, shape, density) only, identical on every device and thread count."""
     from workbench_kernels.dare import keep_mask
@@ -213,7 +220,9 @@ def l1_norm(x: torch.Tensor) -> float:
     flat = x.detach().reshape(-1)
     if flat.device.type != "cpu":
         return float(flat.abs().sum(dtype=torch.float64))
-    return math.fsum(float(flat[s : s + L1_BLOCK].abs().sum(dtype=torch.float64)) for s in range(0, flat.numel(), L1_BLOCK))
+    return math.fsum(
+        float(flat[s : s + L1_BLOCK].abs().sum(dtype=torch.float64)) for s in range(0, flat.numel(), L1_BLOCK)
+    )
 
 
 def rescale_factor(tau: torch.Tensor, kept: torch.Tensor, mode: RescaleMode, density: float) -> float:
@@ -256,7 +265,9 @@ def agreeing(delta: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, delta > 0, delta < 0)
 
 
-def disjoint_merge(weighted: Sequence[torch.Tensor], weights: Sequence[float], positive: torch.Tensor, normalize: bool) -> torch.Tensor:
+def disjoint_merge(
+    weighted: Sequence[torch.Tensor], weights: Sequence[float], positive: torch.Tensor, normalize: bool
+) -> torch.Tensor:
     """Sum of the agreeing entries; divided, when ``normalize``, by the summed weights of the models
     that agree at each element (mergekit; with equal weights the TIES paper's disjoint mean), or
     by 1 where that sum is 0."""
@@ -340,7 +351,9 @@ def _check(tensors: Sequence[torch.Tensor], base: torch.Tensor, specs: Sequence[
         raise ValueError(f"merge_task_vectors got {len(tensors)} tensors but {len(specs)} task-vector specs")
     for i, x in enumerate(tensors):
         if x.shape != base.shape:
-            raise ValueError(f"merge_task_vectors: tensor {i} has shape {list(x.shape)}, base has {list(base.shape)}")
+            raise ValueError(
+                f"merge_task_vectors: tensor {i} has shape {list(x.shape)}, base has {list(base.shape)}"
+            )
 
 
 def _linear_divisor(specs: Sequence[TaskVector], normalize: bool) -> float:
@@ -350,7 +363,16 @@ def _linear_divisor(specs: Sequence[TaskVector], normalize: bool) -> float:
     return total if normalize else 1.0
 
 
-def merge_task_vectors_reference(base: torch.Tensor, tensors: Sequence[torch.Tensor], specs: Sequence[TaskVector], *, consensus: bool, normalize: bool, scale: float, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def merge_task_vectors_reference(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    specs: Sequence[TaskVector],
+    *,
+    consensus: bool,
+    normalize: bool,
+    scale: float,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """The definition: every weighted, sparsified task vector in memory at once.
 
     ``consensus``: TIES sign election and disjoint merge; else a plain sum, divided by the sum of
@@ -376,7 +398,17 @@ def merge_task_vectors_reference(base: torch.Tensor, tensors: Sequence[torch.Ten
     return mixed.add_(base_c)
 
 
-def merge_task_vectors_torch(base: torch.Tensor, tensors: Sequence[torch.Tensor], specs: Sequence[TaskVector], *, consensus: bool, normalize: bool, scale: float, compute_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def merge_task_vectors_torch(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    specs: Sequence[TaskVector],
+    *,
+    consensus: bool,
+    normalize: bool,
+    scale: float,
+    compute_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Streaming: one task vector in flight; the sign election costs a second pass, not N copies.
 
     Memory (compute dtype): the base, one task vector, one accumulator, and with ``consensus`` a
@@ -433,14 +465,36 @@ class FusedMerge:
     normalize: bool
     scale: float
 
-    def __call__(self, base: torch.Tensor, tensors: Sequence[torch.Tensor], out_dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
+    def __call__(
+        self, base: torch.Tensor, tensors: Sequence[torch.Tensor], out_dtype: torch.dtype, offset: int = 0
+    ) -> torch.Tensor:
         from workbench_kernels.ties import ties_merge_numba, ties_merge_torch, ties_merge_triton
 
-        run = {"triton": ties_merge_triton, "numba": ties_merge_numba}.get(implementation(base.device), ties_merge_torch)
-        return run(base, [tensors[i] for i in self.models], self.keeps, self.rule, consensus=self.consensus, normalize=self.normalize, scale=self.scale, out_dtype=out_dtype, offset=offset)
+        run = {"triton": ties_merge_triton, "numba": ties_merge_numba}.get(
+            implementation(base.device), ties_merge_torch
+        )
+        return run(
+            base,
+            [tensors[i] for i in self.models],
+            self.keeps,
+            self.rule,
+            consensus=self.consensus,
+            normalize=self.normalize,
+            scale=self.scale,
+            out_dtype=out_dtype,
+            offset=offset,
+        )
 
 
-def plan_fused(blocks: Blocks, specs: Sequence[TaskVector], *, consensus: bool, normalize: bool, scale: float, compute_dtype: torch.dtype = torch.float32) -> FusedMerge | None:
+def plan_fused(
+    blocks: Blocks,
+    specs: Sequence[TaskVector],
+    *,
+    consensus: bool,
+    normalize: bool,
+    scale: float,
+    compute_dtype: torch.dtype = torch.float32,
+) -> FusedMerge | None:
     """The keep rules of the fused kernel from a tensor given block by block (thresholds and L1
     norms gathered from the blocks), or None where it does not apply: the reference forced, a
     compute dtype other than float32, no model with a weight, two-sided bands (breadcrumbs) or
@@ -456,7 +510,11 @@ def plan_fused(blocks: Blocks, specs: Sequence[TaskVector], *, consensus: bool, 
     assert base is not None
     if compute_dtype != torch.float32 or implementation(base.device) == "reference" or len(rules) != 1:
         return None
-    if any(s.sparsify == "magnitude" and (s.gamma > 0 and s.density < 1 or s.band is not None and s.band.hi != math.inf) for s in active):
+    if any(
+        s.sparsify == "magnitude"
+        and (s.gamma > 0 and s.density < 1 or s.band is not None and s.band.hi != math.inf)
+        for s in active
+    ):
         return None
     if not consensus:
         _linear_divisor(active, normalize)  # a zero sum of weights is an error
@@ -466,25 +524,70 @@ def plan_fused(blocks: Blocks, specs: Sequence[TaskVector], *, consensus: bool, 
     masked = [s.sparsify != "none" and s.density < 1 or s.band is not None for s in active]
     if rule == "magnitude":
         own = [i for i, s in enumerate(active) if s.band is None]
-        computed = iter(topk_thresholds_blocks(blocks.select(own), [keep_count(active[i].density, n) if masked[i] else n for i in own]))
+        computed = iter(
+            topk_thresholds_blocks(
+                blocks.select(own), [keep_count(active[i].density, n) if masked[i] else n for i in own]
+            )
+        )
         thresholds = [next(computed) if s.band is None else Threshold(s.band.lo, n) for s in active]
         keeps = [Keep(s.weight, threshold=t.value, cut=t.cut) for s, t in zip(active, thresholds)]
     else:
-        keeps = [Keep(s.weight, seed=s.seed, keep_below=keep_below(s.density) if m else RESOLUTION) for s, m in zip(active, masked)]
-    norms = l1_norms(blocks, keeps, rule) if any(s.rescale == "l1" and m for s, m in zip(active, masked)) else [(0.0, 0.0)] * len(active)
+        keeps = [
+            Keep(s.weight, seed=s.seed, keep_below=keep_below(s.density) if m else RESOLUTION)
+            for s, m in zip(active, masked)
+        ]
+    norms = (
+        l1_norms(blocks, keeps, rule)
+        if any(s.rescale == "l1" and m for s, m in zip(active, masked))
+        else [(0.0, 0.0)] * len(active)
+    )
     factors = [_rescale(s.rescale, s.density, *l1) if m else 1.0 for s, m, l1 in zip(active, masked, norms)]
     keeps = [dataclasses.replace(k, factor=f) for k, f in zip(keeps, factors)]
     return FusedMerge(models, tuple(keeps), rule, consensus, normalize, scale)
 
 
-def merge_task_vectors(base: torch.Tensor, tensors: Sequence[torch.Tensor], specs: Sequence[TaskVector], *, consensus: bool, normalize: bool, scale: float, compute_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def merge_task_vectors(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    specs: Sequence[TaskVector],
+    *,
+    consensus: bool,
+    normalize: bool,
+    scale: float,
+    compute_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Dispatch on the base's device: the reference where forced; the fused kernel (Numba, Triton or torch)
     where it applies (see :func:`plan_fused`); otherwise the streaming torch path."""
     if implementation(base.device) == "reference":
-        result = merge_task_vectors_reference(base, tensors, specs, consensus=consensus, normalize=normalize, scale=scale, compute_dtype=compute_dtype)
+        result = merge_task_vectors_reference(
+            base,
+            tensors,
+            specs,
+            consensus=consensus,
+            normalize=normalize,
+            scale=scale,
+            compute_dtype=compute_dtype,
+        )
         return result.to(out_dtype or compute_dtype)
     _check(tensors, base, specs)
-    fused = plan_fused(Blocks.whole(tensors, base), specs, consensus=consensus, normalize=normalize, scale=scale, compute_dtype=compute_dtype)
+    fused = plan_fused(
+        Blocks.whole(tensors, base),
+        specs,
+        consensus=consensus,
+        normalize=normalize,
+        scale=scale,
+        compute_dtype=compute_dtype,
+    )
     if fused is None:
-        return merge_task_vectors_torch(base, tensors, specs, consensus=consensus, normalize=normalize, scale=scale, compute_dtype=compute_dtype, out_dtype=out_dtype)
+        return merge_task_vectors_torch(
+            base,
+            tensors,
+            specs,
+            consensus=consensus,
+            normalize=normalize,
+            scale=scale,
+            compute_dtype=compute_dtype,
+            out_dtype=out_dtype,
+        )
     return fused(base, tensors, out_dtype or compute_dtype)

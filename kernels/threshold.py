@@ -21,8 +21,8 @@ reads the base once.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numba
 import numpy as np
@@ -68,7 +68,9 @@ def _trivial(k: int, n: int) -> Threshold | None:
     return None
 
 
-def _from_candidates(values: torch.Tensor, positions: torch.Tensor, k_inside: int, above_value: int, k: int) -> Threshold:
+def _from_candidates(
+    values: torch.Tensor, positions: torch.Tensor, k_inside: int, above_value: int, k: int
+) -> Threshold:
     """The threshold when the k_inside-th largest of ``values`` (1-based) is it; ``above_value``
     counts the entries outside ``values`` that are larger than every one of them."""
     value = float(torch.kthvalue(values, values.numel() - k_inside + 1).values)
@@ -100,7 +102,9 @@ def _sample(blocks: Blocks, counting: str) -> list[torch.Tensor]:
         parts = parts or [[] for _ in xs]
         if counting == "numba" and cpu.supported(base, *xs):
             out = np.empty((len(xs), len(range(first, base.numel(), stride))), dtype=np.float32)
-            _sample_kernel_numba(cpu.array(base), cpu.padded(xs), len(xs), cpu.KINDS[base.dtype], first, stride, out)
+            _sample_kernel_numba(
+                cpu.array(base), cpu.padded(xs), len(xs), cpu.KINDS[base.dtype], first, stride, out
+            )
             for part, row in zip(parts, torch.from_numpy(out)):
                 part.append(row)
             continue
@@ -138,7 +142,9 @@ def _order_statistics(values: torch.Tensor, ranks: list[int]) -> list[float]:
 Counted = tuple[torch.Tensor, "torch.Tensor | None", list[tuple[torch.Tensor, torch.Tensor]]]
 
 
-def _candidates(bits: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _candidates(
+    bits: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per model, the magnitudes and indices of the entries whose bit is set in ``bits``."""
     marked = torch.nonzero(bits).squeeze(1)
     marked_bits = bits[marked]
@@ -212,7 +218,9 @@ def _count_band_kernel_numba(base, xs, count, kind, lo, hi, counts, bits):  # pr
 
 
 @cpu.kernel
-def _candidates_kernel_numba(base, xs, count, kind, bits, offsets, values, positions):  # pragma: no cover (compiled)
+def _candidates_kernel_numba(
+    base, xs, count, kind, bits, offsets, values, positions
+):  # pragma: no cover (compiled)
     """Per model i, the magnitudes and indices of the entries with bit i set, each chunk's written
     from ``offsets[chunk, i]`` on (its place in index order)."""
     n = base.size
@@ -234,7 +242,9 @@ def _candidates_kernel_numba(base, xs, count, kind, bits, offsets, values, posit
                         at[i] += 1
 
 
-def _count_band_numba(base: torch.Tensor, xs: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor) -> Counted:
+def _count_band_numba(
+    base: torch.Tensor, xs: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor
+) -> Counted:
     """The counting pass as parallel CPU kernels (bf16/fp16/fp32), with counts per chunk: one pass
     counts and marks, a second gathers the marked entries (a few percent) in index order."""
     if not cpu.supported(base, *xs):
@@ -251,7 +261,10 @@ def _count_band_numba(base: torch.Tensor, xs: list[torch.Tensor], lo: torch.Tens
     positions = np.empty((len(xs), width), dtype=np.int64)
     _candidates_kernel_numba(cpu.array(base), arrays, len(xs), kind, bits, offsets, values, positions)
     totals = inside.sum(0)
-    found = [(torch.from_numpy(values[i, : totals[i]]), torch.from_numpy(positions[i, : totals[i]])) for i in range(len(xs))]
+    found = [
+        (torch.from_numpy(values[i, : totals[i]]), torch.from_numpy(positions[i, : totals[i]]))
+        for i in range(len(xs))
+    ]
     per_chunk_tensor = torch.from_numpy(per_chunk[:, :, :3])
     return per_chunk_tensor.sum(0), per_chunk_tensor, found
 
@@ -277,7 +290,9 @@ def _tie_cut(blocks: Blocks, value: float, j: int, per_chunk: Sequence[torch.Ten
             seen += int(cumulative[-1])
             continue
         (x,), base = loaded or blocks.load(i)
-        chunk = int(torch.searchsorted(cumulative, torch.tensor(j - seen, device=cumulative.device)))  # first chunk reaching j
+        chunk = int(
+            torch.searchsorted(cumulative, torch.tensor(j - seen, device=cumulative.device))
+        )  # first chunk reaching j
         if chunk > 0:
             seen += int(cumulative[chunk - 1])
         at = chunk * CHUNK
@@ -359,19 +374,26 @@ def _select(blocks: Blocks, ks: Sequence[int], counting: str) -> list[Threshold]
             values = torch.cat(gathered.values[slot])
             results[i] = _from_candidates(values, positions, k - above_hi - at_hi, above_hi + at_hi, k)
         elif lo[slot] < hi[slot] and 0 < k - above_hi - at_hi - positions.numel() <= at_lo:  # lo itself
-            results[i] = Threshold(bounds[slot][0], _tie_cut(model, bounds[slot][0], k - above_hi - at_hi - positions.numel(), ties(2)))
+            results[i] = Threshold(
+                bounds[slot][0],
+                _tie_cut(model, bounds[slot][0], k - above_hi - at_hi - positions.numel(), ties(2)),
+            )
         else:  # the sample misled the bracket: exact selection over the whole task vector
             results[i] = _exact(model, k)
     return results  # type: ignore[return-value]
 
 
-def topk_thresholds_torch(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int]) -> list[Threshold]:
+def topk_thresholds_torch(
+    xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int]
+) -> list[Threshold]:
     """Thresholds of several task vectors of one tensor, in one counting pass of eager torch ops."""
     _check(xs, base, ks)
     return _select(Blocks.whole(xs, base), ks, "torch")
 
 
-def topk_thresholds_numba(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int]) -> list[Threshold]:
+def topk_thresholds_numba(
+    xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int]
+) -> list[Threshold]:
     """The same selection with the counting passes as CPU kernels."""
     _check(xs, base, ks)
     return _select(Blocks.whole(xs, base), ks, "numba")
@@ -391,17 +413,31 @@ def _count_band_kernel(base_ptr, x_ptr, lo, hi, counts_ptr, bits_ptr, n, slot, B
     tl.store(bits_ptr + offsets, bits | inside, mask=mask)
 
 
-def _count_band_triton(base: torch.Tensor, xs: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor) -> Counted:
+def _count_band_triton(
+    base: torch.Tensor, xs: list[torch.Tensor], lo: torch.Tensor, hi: torch.Tensor
+) -> Counted:
     n = base.numel()
     counts = torch.zeros(len(xs), 3, dtype=torch.int64, device=base.device)
     bits = torch.zeros(n, dtype=torch.uint8, device=base.device)
     block = block_size()
     for slot, x in enumerate(xs):
-        _count_band_kernel[(-(-n // block),)](base.contiguous(), x.contiguous(), float(lo[slot]), float(hi[slot]), counts[slot], bits, n, slot, BLOCK=block)
+        _count_band_kernel[(-(-n // block),)](
+            base.contiguous(),
+            x.contiguous(),
+            float(lo[slot]),
+            float(hi[slot]),
+            counts[slot],
+            bits,
+            n,
+            slot,
+            BLOCK=block,
+        )
     return counts, None, _candidates(bits, base, xs)
 
 
-def topk_thresholds_triton(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int]) -> list[Threshold]:
+def topk_thresholds_triton(
+    xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int]
+) -> list[Threshold]:
     """The same selection with the counting pass as a Triton kernel (one launch per model)."""
     _check(xs, base, ks)
     return _select(Blocks.whole(xs, base), ks, "triton")
@@ -424,7 +460,10 @@ def topk_thresholds_blocks(blocks: Blocks, ks: Sequence[int]) -> list[Threshold]
     if impl == "reference":
         parts = [(xs, base) for _, xs, base in blocks]
         whole_base = torch.cat([b for _, b in parts])
-        return [topk_threshold_reference(torch.cat([p[0][i] for p in parts]), whole_base, k) for i, k in enumerate(ks)]
+        return [
+            topk_threshold_reference(torch.cat([p[0][i] for p in parts]), whole_base, k)
+            for i, k in enumerate(ks)
+        ]
     return _select(blocks, ks, impl if impl in ("triton", "numba") else "torch")
 
 
@@ -432,11 +471,15 @@ def _check_counts(models: int, ks: Sequence[int]) -> None:
     if models != len(ks):
         raise ValueError(f"topk_thresholds got {models} tensors but {len(ks)} counts")
     if models > MAX_TRITON_INPUTS:
-        raise ValueError(f"topk_thresholds takes at most {MAX_TRITON_INPUTS} task vectors per call, got {models}")
+        raise ValueError(
+            f"topk_thresholds takes at most {MAX_TRITON_INPUTS} task vectors per call, got {models}"
+        )
 
 
 def _check(xs: Sequence[torch.Tensor], base: torch.Tensor, ks: Sequence[int]) -> None:
     _check_counts(len(xs), ks)
     for i, x in enumerate(xs):
         if x.shape != base.shape:
-            raise ValueError(f"topk_thresholds: tensor {i} has shape {list(x.shape)}, base has {list(base.shape)}")
+            raise ValueError(
+                f"topk_thresholds: tensor {i} has shape {list(x.shape)}, base has {list(base.shape)}"
+            )

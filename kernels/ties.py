@@ -16,8 +16,9 @@ stored dtype; the torch path (other devices and dtypes) runs cache-sized blocks 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numba
 import numpy as np
@@ -46,15 +47,28 @@ class Keep:
     keep_below: int = RESOLUTION
 
 
-def _keep(tau: torch.Tensor, index: torch.Tensor, params: dict[str, torch.Tensor], i: int, rule: Rule) -> torch.Tensor:
+def _keep(
+    tau: torch.Tensor, index: torch.Tensor, params: dict[str, torch.Tensor], i: int, rule: Rule
+) -> torch.Tensor:
     """Model i's keep mask: its magnitude threshold and tie cut, or its counter-based draws."""
     if rule == "magnitude":
         w = tau.abs()
         return ~((w < params["threshold"][i]) | ((w == params["threshold"][i]) & (index >= params["cut"][i])))
-    return (hash32(hash32(index ^ params["seed_lo"][i]) ^ params["seed_hi"][i]) >> 8) < params["keep_below"][i]
+    return (hash32(hash32(index ^ params["seed_lo"][i]) ^ params["seed_hi"][i]) >> 8) < params["keep_below"][
+        i
+    ]
 
 
-def _merge_block(start: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], params: dict[str, torch.Tensor], rule: Rule, consensus: bool, normalize: bool, out_dtype: torch.dtype) -> torch.Tensor:
+def _merge_block(
+    start: torch.Tensor,
+    base: torch.Tensor,
+    xs: list[torch.Tensor],
+    params: dict[str, torch.Tensor],
+    rule: Rule,
+    consensus: bool,
+    normalize: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """The op on flat slices starting at flat index ``start``; ``params`` holds per-model float32
     threshold/factor/weight and int64 cut/seed words/keep_below, plus the scalars scale and total."""
     b = base.to(torch.float32)
@@ -84,8 +98,17 @@ def _merge_block(start: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor]
 
 def _params(keeps: Sequence[Keep], scale: float, device: torch.device) -> dict[str, torch.Tensor]:
     words = [seed_words(k.seed) for k in keeps]
-    f32 = {"threshold": [k.threshold for k in keeps], "factor": [k.factor for k in keeps], "weight": [k.weight for k in keeps]}
-    i64 = {"cut": [k.cut for k in keeps], "seed_lo": [w[0] for w in words], "seed_hi": [w[1] for w in words], "keep_below": [k.keep_below for k in keeps]}
+    f32 = {
+        "threshold": [k.threshold for k in keeps],
+        "factor": [k.factor for k in keeps],
+        "weight": [k.weight for k in keeps],
+    }
+    i64 = {
+        "cut": [k.cut for k in keeps],
+        "seed_lo": [w[0] for w in words],
+        "seed_hi": [w[1] for w in words],
+        "keep_below": [k.keep_below for k in keeps],
+    }
     params = {name: torch.tensor(v, dtype=torch.float32, device=device) for name, v in f32.items()}
     params.update({name: torch.tensor(v, dtype=torch.int64, device=device) for name, v in i64.items()})
     params["scale"] = torch.tensor(scale, dtype=torch.float32, device=device)
@@ -93,7 +116,18 @@ def _params(keeps: Sequence[Keep], scale: float, device: torch.device) -> dict[s
     return params
 
 
-def ties_merge_torch(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence[Keep], rule: Rule, *, consensus: bool, normalize: bool, scale: float, out_dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
+def ties_merge_torch(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    keeps: Sequence[Keep],
+    rule: Rule,
+    *,
+    consensus: bool,
+    normalize: bool,
+    scale: float,
+    out_dtype: torch.dtype,
+    offset: int = 0,
+) -> torch.Tensor:
     """In cache-sized blocks of eager torch ops (any device, any dtype). ``offset``: the flat index
     of the first element in the whole tensor, where the inputs are a block of it (every
     implementation takes it: the keep rules are defined on whole-tensor indices)."""
@@ -106,12 +140,16 @@ def ties_merge_torch(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps:
     for s in range(0, n, BLOCK):
         e = min(s + BLOCK, n)
         start = torch.tensor(offset + s, dtype=torch.int64, device=base.device)
-        out[s:e] = _merge_block(start, flat_base[s:e], [x[s:e] for x in flat], params, rule, consensus, normalize, out_dtype)
+        out[s:e] = _merge_block(
+            start, flat_base[s:e], [x[s:e] for x in flat], params, rule, consensus, normalize, out_dtype
+        )
     return out.view(base.shape)
 
 
 @cpu.helper
-def _kept_numba(x, b, start, kept, random, threshold, cut, seed_lo, seed_hi, keep_below):  # pragma: no cover (compiled)
+def _kept_numba(
+    x, b, start, kept, random, threshold, cut, seed_lo, seed_hi, keep_below
+):  # pragma: no cover (compiled)
     """One model's kept task vector on one chunk (flat indices from ``start``)."""
     if random:
         for j in range(kept.size):
@@ -126,7 +164,27 @@ def _kept_numba(x, b, start, kept, random, threshold, cut, seed_lo, seed_hi, kee
 
 
 @cpu.kernel
-def _ties_numba(out, base, xs, count, kind, out_kind, offset, threshold, cut, factor, weight, seed_lo, seed_hi, keep_below, random, consensus, normalize, scale, total_weight):  # pragma: no cover (compiled)
+def _ties_numba(
+    out,
+    base,
+    xs,
+    count,
+    kind,
+    out_kind,
+    offset,
+    threshold,
+    cut,
+    factor,
+    weight,
+    seed_lo,
+    seed_hi,
+    keep_below,
+    random,
+    consensus,
+    normalize,
+    scale,
+    total_weight,
+):  # pragma: no cover (compiled)
     n = base.size
     for chunk in numba.prange(cpu.chunks(n)):
         start, m = cpu.span(chunk, n)
@@ -136,7 +194,9 @@ def _ties_numba(out, base, xs, count, kind, out_kind, offset, threshold, cut, fa
         for i in range(count):
             cpu.decode(xs[i], start, x, kind)
             d = deltas[i]
-            _kept_numba(x, b, offset + start, d, random, threshold[i], cut[i], seed_lo[i], seed_hi[i], keep_below[i])
+            _kept_numba(
+                x, b, offset + start, d, random, threshold[i], cut[i], seed_lo[i], seed_hi[i], keep_below[i]
+            )
             f, w = factor[i], weight[i]
             for j in range(m):
                 d[j] = d[j] * f * w
@@ -172,23 +232,63 @@ def _numba_rules(keeps: Sequence[Keep]) -> tuple[np.ndarray, ...]:
     """The kernels' keep-rule arrays: threshold, cut, seed low and high words, keep_below."""
     words = np.array([seed_words(k.seed) for k in keeps], dtype=np.uint32).reshape(-1, 2)
     return (
-        np.array([k.threshold for k in keeps], dtype=np.float32), np.array([k.cut for k in keeps], dtype=np.int64),
-        words[:, 0].copy(), words[:, 1].copy(), np.array([k.keep_below for k in keeps], dtype=np.uint32),
+        np.array([k.threshold for k in keeps], dtype=np.float32),
+        np.array([k.cut for k in keeps], dtype=np.int64),
+        words[:, 0].copy(),
+        words[:, 1].copy(),
+        np.array([k.keep_below for k in keeps], dtype=np.uint32),
     )
 
 
-def ties_merge_numba(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence[Keep], rule: Rule, *, consensus: bool, normalize: bool, scale: float, out_dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
+def ties_merge_numba(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    keeps: Sequence[Keep],
+    rule: Rule,
+    *,
+    consensus: bool,
+    normalize: bool,
+    scale: float,
+    out_dtype: torch.dtype,
+    offset: int = 0,
+) -> torch.Tensor:
     """The CPU kernel (one pass over the inputs in their stored dtype, both cores); other dtypes
     and devices take the torch path."""
     _check(base, tensors, keeps)
     if not cpu.supported(base, *tensors, out_dtype=out_dtype):
-        return ties_merge_torch(base, tensors, keeps, rule, consensus=consensus, normalize=normalize, scale=scale, out_dtype=out_dtype, offset=offset)
+        return ties_merge_torch(
+            base,
+            tensors,
+            keeps,
+            rule,
+            consensus=consensus,
+            normalize=normalize,
+            scale=scale,
+            out_dtype=out_dtype,
+            offset=offset,
+        )
     out = torch.empty(base.shape, dtype=out_dtype)
     threshold, cut, seed_lo, seed_hi, keep_below = _numba_rules(keeps)
     _ties_numba(
-        cpu.array(out), cpu.array(base), cpu.padded(tensors), len(tensors), cpu.KINDS[base.dtype], cpu.KINDS[out_dtype], offset,
-        threshold, cut, np.array([k.factor for k in keeps], dtype=np.float32), np.array([k.weight for k in keeps], dtype=np.float32),
-        seed_lo, seed_hi, keep_below, rule == "random", consensus, normalize, np.float32(scale), np.float32(sum(k.weight for k in keeps)),
+        cpu.array(out),
+        cpu.array(base),
+        cpu.padded(tensors),
+        len(tensors),
+        cpu.KINDS[base.dtype],
+        cpu.KINDS[out_dtype],
+        offset,
+        threshold,
+        cut,
+        np.array([k.factor for k in keeps], dtype=np.float32),
+        np.array([k.weight for k in keeps], dtype=np.float32),
+        seed_lo,
+        seed_hi,
+        keep_below,
+        rule == "random",
+        consensus,
+        normalize,
+        np.float32(scale),
+        np.float32(sum(k.weight for k in keeps)),
     )
     return out
 
@@ -199,7 +299,9 @@ def _model_delta(x_ptr, b, offsets, index, mask, p_ptr, i64_ptr, RANDOM: tl.cons
     keep_below); ``index``: the elements' flat indices in the whole tensor (draws and tie cut)."""
     tau = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) - b
     if RANDOM:
-        keep = draws_triton(index, tl.load(i64_ptr + 1), tl.load(i64_ptr + 2)) < tl.load(i64_ptr + 3).to(tl.int32)
+        keep = draws_triton(index, tl.load(i64_ptr + 1), tl.load(i64_ptr + 2)) < tl.load(i64_ptr + 3).to(
+            tl.int32
+        )
     else:
         w = tl.abs(tau)
         threshold = tl.load(p_ptr)
@@ -215,7 +317,29 @@ def _agree(merged, divisor, d, positive, weight):
 
 
 @jit
-def _ties_kernel(out_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, p_ptr, i64_ptr, scale, total_weight, n, first, N: tl.constexpr, RANDOM: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
+def _ties_kernel(
+    out_ptr,
+    base_ptr,
+    x0,
+    x1,
+    x2,
+    x3,
+    x4,
+    x5,
+    x6,
+    x7,
+    p_ptr,
+    i64_ptr,
+    scale,
+    total_weight,
+    n,
+    first,
+    N: tl.constexpr,
+    RANDOM: tl.constexpr,
+    CONSENSUS: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     index = offsets + first
     mask = offsets < n
@@ -254,7 +378,13 @@ def _ties_kernel(out_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, p_ptr, i64_p
     merged = total
     if CONSENSUS:
         positive = total >= 0
-        merged, divisor = _agree(tl.zeros([BLOCK], dtype=tl.float32), tl.zeros([BLOCK], dtype=tl.float32), d0, positive, tl.load(p_ptr + 2))
+        merged, divisor = _agree(
+            tl.zeros([BLOCK], dtype=tl.float32),
+            tl.zeros([BLOCK], dtype=tl.float32),
+            d0,
+            positive,
+            tl.load(p_ptr + 2),
+        )
         if N > 1:
             merged, divisor = _agree(merged, divisor, d1, positive, tl.load(p_ptr + 5))
         if N > 2:
@@ -276,21 +406,59 @@ def _ties_kernel(out_ptr, base_ptr, x0, x1, x2, x3, x4, x5, x6, x7, p_ptr, i64_p
     tl.store(out_ptr + offsets, (merged * scale + b).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def ties_merge_triton(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence[Keep], rule: Rule, *, consensus: bool, normalize: bool, scale: float, out_dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
+def ties_merge_triton(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    keeps: Sequence[Keep],
+    rule: Rule,
+    *,
+    consensus: bool,
+    normalize: bool,
+    scale: float,
+    out_dtype: torch.dtype,
+    offset: int = 0,
+) -> torch.Tensor:
     """Launcher: one grid over the elements; more than ``MAX_TRITON_INPUTS`` models use the torch path."""
     _check(base, tensors, keeps)
     if len(tensors) > MAX_TRITON_INPUTS:
-        return ties_merge_torch(base, tensors, keeps, rule, consensus=consensus, normalize=normalize, scale=scale, out_dtype=out_dtype, offset=offset)
+        return ties_merge_torch(
+            base,
+            tensors,
+            keeps,
+            rule,
+            consensus=consensus,
+            normalize=normalize,
+            scale=scale,
+            out_dtype=out_dtype,
+            offset=offset,
+        )
     device = base.device
     p = torch.tensor([[k.threshold, k.factor, k.weight] for k in keeps], dtype=torch.float32, device=device)
-    i64 = torch.tensor([[k.cut, *seed_words(k.seed), k.keep_below] for k in keeps], dtype=torch.int64, device=device)
+    i64 = torch.tensor(
+        [[k.cut, *seed_words(k.seed), k.keep_below] for k in keeps], dtype=torch.int64, device=device
+    )
     out = torch.empty(base.shape, dtype=out_dtype, device=device)
     n = out.numel()
     if n:
         flat = [x.contiguous().reshape(-1) for x in tensors]
         flat += [flat[0]] * (MAX_TRITON_INPUTS - len(flat))
         block = block_size()
-        _ties_kernel[(-(-n // block),)](out.view(-1), base.contiguous().reshape(-1), *flat, p, i64, scale, sum(k.weight for k in keeps), n, offset, N=len(tensors), RANDOM=rule == "random", CONSENSUS=consensus, NORMALIZE=normalize, BLOCK=block)
+        _ties_kernel[(-(-n // block),)](
+            out.view(-1),
+            base.contiguous().reshape(-1),
+            *flat,
+            p,
+            i64,
+            scale,
+            sum(k.weight for k in keeps),
+            n,
+            offset,
+            N=len(tensors),
+            RANDOM=rule == "random",
+            CONSENSUS=consensus,
+            NORMALIZE=normalize,
+            BLOCK=block,
+        )
     return out
 
 
@@ -302,7 +470,9 @@ def _check(base: torch.Tensor, tensors: Sequence[torch.Tensor], keeps: Sequence[
             raise ValueError(f"ties_merge: tensor {i} has shape {list(x.shape)}, base has {list(base.shape)}")
 
 
-def _l1_sums(start: int, base: torch.Tensor, xs: list[torch.Tensor], params: dict[str, torch.Tensor], rule: Rule) -> torch.Tensor:
+def _l1_sums(
+    start: int, base: torch.Tensor, xs: list[torch.Tensor], params: dict[str, torch.Tensor], rule: Rule
+) -> torch.Tensor:
     """Per model: [sum |tau|, sum |kept|] in float64 over flat slices starting at ``start``."""
     b = base.to(torch.float32)
     index = torch.arange(b.numel(), dtype=torch.int64, device=b.device) + start
@@ -315,7 +485,9 @@ def _l1_sums(start: int, base: torch.Tensor, xs: list[torch.Tensor], params: dic
 
 
 @cpu.kernel
-def _l1_numba(base, xs, count, kind, offset, threshold, cut, seed_lo, seed_hi, keep_below, random, sums):  # pragma: no cover (compiled)
+def _l1_numba(
+    base, xs, count, kind, offset, threshold, cut, seed_lo, seed_hi, keep_below, random, sums
+):  # pragma: no cover (compiled)
     n = base.size
     for chunk in numba.prange(cpu.chunks(n)):
         start, m = cpu.span(chunk, n)
@@ -324,7 +496,18 @@ def _l1_numba(base, xs, count, kind, offset, threshold, cut, seed_lo, seed_hi, k
         kept = np.empty(m, np.float32)
         for i in range(count):
             cpu.decode(xs[i], start, x, kind)
-            _kept_numba(x, b, offset + start, kept, random, threshold[i], cut[i], seed_lo[i], seed_hi[i], keep_below[i])
+            _kept_numba(
+                x,
+                b,
+                offset + start,
+                kept,
+                random,
+                threshold[i],
+                cut[i],
+                seed_lo[i],
+                seed_hi[i],
+                keep_below[i],
+            )
             whole = 0.0
             part = 0.0
             for j in range(m):
@@ -344,14 +527,27 @@ def l1_norms(blocks: Blocks, keeps: Sequence[Keep], rule: Rule) -> list[tuple[fl
         _check(base, xs, keeps)
         if implementation(base.device) == "numba" and cpu.supported(base, *xs):
             sums = np.zeros((cpu.chunks(base.numel()), len(keeps), 2))
-            _l1_numba(cpu.array(base), cpu.padded(xs), len(xs), cpu.KINDS[base.dtype], start, *_numba_rules(keeps), rule == "random", sums)
+            _l1_numba(
+                cpu.array(base),
+                cpu.padded(xs),
+                len(xs),
+                cpu.KINDS[base.dtype],
+                start,
+                *_numba_rules(keeps),
+                rule == "random",
+                sums,
+            )
             partials.append(sums)
             continue
         params = _params(keeps, 1.0, base.device)
         flat_base = base.reshape(-1)
         flat = [x.reshape(-1) for x in xs]
         for s in range(0, flat_base.numel(), BLOCK):
-            partials.append(_l1_sums(start + s, flat_base[s : s + BLOCK], [x[s : s + BLOCK] for x in flat], params, rule).cpu().numpy()[None])
+            partials.append(
+                _l1_sums(start + s, flat_base[s : s + BLOCK], [x[s : s + BLOCK] for x in flat], params, rule)
+                .cpu()
+                .numpy()[None]
+            )
     columns = np.concatenate(partials).reshape(-1, len(keeps) * 2).T
     totals = [math.fsum(column) for column in columns.tolist()]
     return [(totals[2 * i], totals[2 * i + 1]) for i in range(len(keeps))]

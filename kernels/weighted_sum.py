@@ -15,7 +15,7 @@ model's influence even where it holds NaN or Inf.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numba
 import numpy as np
@@ -24,7 +24,9 @@ import torch
 from workbench_kernels import MAX_TRITON_INPUTS, block_size, cpu, implementation, jit, tl
 
 
-def weighted_sum_reference(tensors: Sequence[torch.Tensor], weights: Sequence[float], compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def weighted_sum_reference(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], compute_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Plain definition: every input with a non-zero weight converted, scaled, then summed in order."""
     _check(tensors, weights)
     terms = [(x, w) for x, w in zip(tensors, weights) if w != 0.0]
@@ -41,7 +43,12 @@ def weighted_sum_reference(tensors: Sequence[torch.Tensor], weights: Sequence[fl
 BLOCK = 1 << 18
 
 
-def weighted_sum_torch(tensors: Sequence[torch.Tensor], weights: Sequence[float], compute_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def weighted_sum_torch(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    compute_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Blocked: one cache-sized accumulator; inputs are read in their stored dtype, added with
     ``alpha``, and each block is converted straight into the output dtype."""
     _check(tensors, weights)
@@ -83,16 +90,32 @@ def _weighted_sum_numba(out, xs, weights, count, kind, out_kind):  # pragma: no 
         cpu.encode(total, out, start, out_kind)
 
 
-def weighted_sum_numba(tensors: Sequence[torch.Tensor], weights: Sequence[float], compute_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def weighted_sum_numba(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    compute_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """The CPU kernel; float32 compute on bf16/fp16/fp32 inputs (others take the torch path)."""
     _check(tensors, weights)
     out_dtype = out_dtype or compute_dtype
     terms = [(x, float(w)) for x, w in zip(tensors, weights) if w != 0.0]
-    if compute_dtype != torch.float32 or not terms or not cpu.supported(*[x for x, _ in terms], out_dtype=out_dtype):
+    if (
+        compute_dtype != torch.float32
+        or not terms
+        or not cpu.supported(*[x for x, _ in terms], out_dtype=out_dtype)
+    ):
         return weighted_sum_torch(tensors, weights, compute_dtype, out_dtype)
     out = torch.empty(tensors[0].shape, dtype=out_dtype)
     xs = [x for x, _ in terms]
-    _weighted_sum_numba(cpu.array(out), cpu.padded(xs), np.array([w for _, w in terms], dtype=np.float32), len(xs), cpu.KINDS[xs[0].dtype], cpu.KINDS[out_dtype])
+    _weighted_sum_numba(
+        cpu.array(out),
+        cpu.padded(xs),
+        np.array([w for _, w in terms], dtype=np.float32),
+        len(xs),
+        cpu.KINDS[xs[0].dtype],
+        cpu.KINDS[out_dtype],
+    )
     return out
 
 
@@ -102,7 +125,28 @@ def _term(acc, x_ptr, w, offsets, mask):
 
 
 @jit
-def _weighted_sum_kernel(out_ptr, x0, x1, x2, x3, x4, x5, x6, x7, w0, w1, w2, w3, w4, w5, w6, w7, n, N: tl.constexpr, BLOCK: tl.constexpr):
+def _weighted_sum_kernel(
+    out_ptr,
+    x0,
+    x1,
+    x2,
+    x3,
+    x4,
+    x5,
+    x6,
+    x7,
+    w0,
+    w1,
+    w2,
+    w3,
+    w4,
+    w5,
+    w6,
+    w7,
+    n,
+    N: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """One program per BLOCK elements: each input read once in its stored dtype, float32 sums."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
@@ -124,7 +168,12 @@ def _weighted_sum_kernel(out_ptr, x0, x1, x2, x3, x4, x5, x6, x7, w0, w1, w2, w3
     tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def weighted_sum_triton(tensors: Sequence[torch.Tensor], weights: Sequence[float], compute_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def weighted_sum_triton(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    compute_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Launcher: checks, drops zero-weight inputs, makes inputs contiguous, launches one grid.
 
     The kernel accumulates in float32; with another compute dtype, or more than
@@ -141,11 +190,18 @@ def weighted_sum_triton(tensors: Sequence[torch.Tensor], weights: Sequence[float
         return out.zero_()
     padded = terms + [terms[0]] * (MAX_TRITON_INPUTS - len(terms))  # unused slots: never read
     block = block_size()
-    _weighted_sum_kernel[(-(-n // block),)](out.view(-1), *[x for x, _ in padded], *[w for _, w in padded], n, N=len(terms), BLOCK=block)
+    _weighted_sum_kernel[(-(-n // block),)](
+        out.view(-1), *[x for x, _ in padded], *[w for _, w in padded], n, N=len(terms), BLOCK=block
+    )
     return out
 
 
-def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float], compute_dtype: torch.dtype = torch.float32, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def weighted_sum(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    compute_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Dispatch on the inputs' device (see :func:`workbench_kernels.implementation`). On CPU the
     torch path by default: inside a merge it measured as fast as the Numba kernel (the page faults
     of mapped inputs dominate both), without Numba's start-up."""

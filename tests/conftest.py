@@ -19,8 +19,12 @@ from hypothesis import HealthCheck, settings
 # Fuzzing (tests/test_fuzz_*.py): the suite runs a bounded number of examples per target;
 # `make fuzz` (HYPOTHESIS_PROFILE=fuzz) runs many more. Deadlines are off: a slow example on a
 # loaded CI machine is not a failure; a hang is caught by the fuzz tests' own time limit.
-settings.register_profile("suite", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("fuzz", max_examples=50_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "suite", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "fuzz", max_examples=50_000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 # Without a GPU, the Triton kernels run under the Triton interpreter; it must be chosen before
@@ -28,11 +32,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import workbench.registry as registry_module
-from workbench.registry import Registry, load_registry
-from workbench.checkpoint.synthetic import write_family
 from merging import load_dir
 from plugin_site import install_plugin
+
+import workbench.registry as registry_module
+from workbench.checkpoint.synthetic import write_family
+from workbench.registry import Registry, load_registry
 
 REPO = Path(__file__).resolve().parent.parent
 

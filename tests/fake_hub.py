@@ -61,7 +61,9 @@ class FakeRepo:
     def commit(self, files: dict[str, bytes], message: str, parent: str | None) -> str:
         tree = dict(self.commits[parent]) if parent else {}
         tree.update(files)
-        body = json.dumps([parent, message, len(self.commits), sorted((p, git_oid(c)) for p, c in tree.items())])
+        body = json.dumps(
+            [parent, message, len(self.commits), sorted((p, git_oid(c)) for p, c in tree.items())]
+        )
         sha = hashlib.sha1(body.encode()).hexdigest()
         self.commits[sha] = tree
         return sha
@@ -81,7 +83,9 @@ class FakeHub:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.daemon_threads = True
         self._server.hub = self  # type: ignore[attr-defined]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -112,10 +116,19 @@ class FakeHub:
         self.repos[repo_id] = repo
         return repo
 
-    def add_folder(self, repo_id: str, folder: Path, private: bool = False, branch: str = "main", extra: dict[str, bytes] | None = None) -> str:
+    def add_folder(
+        self,
+        repo_id: str,
+        folder: Path,
+        private: bool = False,
+        branch: str = "main",
+        extra: dict[str, bytes] | None = None,
+    ) -> str:
         """Commit every file of ``folder`` (plus ``extra``) to ``branch``; returns the commit sha."""
         repo = self.repos.get(repo_id) or self.create(repo_id, private)
-        files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+        files = {
+            p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+        }
         files.update(extra or {})
         repo.refs[branch] = repo.commit(files, "add model", repo.refs.get(branch, repo.refs["main"]))
         return repo.refs[branch]
@@ -156,14 +169,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- plumbing ---------------------------------------------------------------------------------
 
-    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None, content_length: int | None = None) -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: dict[str, str] | None = None,
+        content_length: int | None = None,
+    ) -> None:
         self._entry.status = status
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(body) if content_length is None else content_length))
         self.end_headers()
-        if self.command != "HEAD":  # a HEAD answer must carry no body (httpx reads it as the next status line)
+        if (
+            self.command != "HEAD"
+        ):  # a HEAD answer must carry no body (httpx reads it as the next status line)
             self.wfile.write(body)
 
     def _json(self, status: int, data: Any, headers: dict[str, str] | None = None) -> None:
@@ -181,12 +202,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _token(self) -> str | None:
         auth = self.headers.get("Authorization") or ""
-        return auth[len("Bearer "):] if auth.startswith("Bearer ") else None
+        return auth[len("Bearer ") :] if auth.startswith("Bearer ") else None
 
     def _handle(self) -> None:
         parts = urlsplit(self.path)
         token = self._token()
-        self._entry = Logged(self.command, unquote(parts.path), parse_qs(parts.query), self.headers.get("Range"), token in self.hub.tokens)
+        self._entry = Logged(
+            self.command,
+            unquote(parts.path),
+            parse_qs(parts.query),
+            self.headers.get("Range"),
+            token in self.hub.tokens,
+        )
         with self.hub.lock:
             self.hub.requests.append(self._entry)
         body = self._body()
@@ -240,8 +267,12 @@ class _Handler(BaseHTTPRequestHandler):
         repo_id = f"{payload.get('organization') or 'user'}/{payload['name']}"
         if repo_id in self.hub.repos:  # like the Hub, the conflict answer still carries the repo's url
             message = "You already created this model repo"
-            return self._json(409, {"error": message, "url": f"{self.hub.url}/{repo_id}"}, {"X-Error-Message": message})
-        self.hub.create(repo_id, private=payload.get("visibility") == "private" or bool(payload.get("private")))
+            return self._json(
+                409, {"error": message, "url": f"{self.hub.url}/{repo_id}"}, {"X-Error-Message": message}
+            )
+        self.hub.create(
+            repo_id, private=payload.get("visibility") == "private" or bool(payload.get("private"))
+        )
         self._json(200, {"url": f"{self.hub.url}/{repo_id}", "name": repo_id})
 
     def _api(self, repo_id: str, rest: list[str], body: bytes) -> None:
@@ -254,11 +285,25 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "GET" and action == "tree":
             sha = self._sha(repo, rest[1])
             tree = repo.commits[sha]
-            return self._json(200, [{"type": "file", "oid": git_oid(c), "size": len(c), "path": p} for p, c in sorted(tree.items())])
+            return self._json(
+                200,
+                [
+                    {"type": "file", "oid": git_oid(c), "size": len(c), "path": p}
+                    for p, c in sorted(tree.items())
+                ],
+            )
         if action == "preupload" and write:
             tree = repo.commits.get(repo.refs.get(rest[1], ""), {})
             files = json.loads(body)["files"]
-            answer = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": git_oid(tree[f["path"]]) if f["path"] in tree else None} for f in files]
+            answer = [
+                {
+                    "path": f["path"],
+                    "uploadMode": "regular",
+                    "shouldIgnore": False,
+                    "oid": git_oid(tree[f["path"]]) if f["path"] in tree else None,
+                }
+                for f in files
+            ]
             return self._json(200, {"files": answer, "commitOid": repo.refs.get(rest[1])})
         if action == "commit" and write:
             return self._commit(repo, "/".join(rest[1:]), body)
@@ -272,20 +317,53 @@ class _Handler(BaseHTTPRequestHandler):
         if action == "discussions" and write and len(rest) == 1:
             repo.discussions += 1
             repo.refs[f"refs/pr/{repo.discussions}"] = repo.refs["main"]
-            return self._json(200, {"num": repo.discussions, "url": f"{self.hub.url}/{repo_id}/discussions/{repo.discussions}"})
+            return self._json(
+                200,
+                {"num": repo.discussions, "url": f"{self.hub.url}/{repo_id}/discussions/{repo.discussions}"},
+            )
         if action == "discussions" and method == "GET" and len(rest) == 2:
             num = int(rest[1])
-            return self._json(200, {"num": num, "title": "upload", "status": "draft", "isPullRequest": True, "createdAt": "2026-01-01T00:00:00.000Z",
-                                    "author": {"name": "user"}, "repo": {"name": repo_id, "type": "model"}, "events": [],
-                                    "changes": {"base": "refs/heads/main"}, "filesWithConflicts": []})
+            return self._json(
+                200,
+                {
+                    "num": num,
+                    "title": "upload",
+                    "status": "draft",
+                    "isPullRequest": True,
+                    "createdAt": "2026-01-01T00:00:00.000Z",
+                    "author": {"name": "user"},
+                    "repo": {"name": repo_id, "type": "model"},
+                    "events": [],
+                    "changes": {"base": "refs/heads/main"},
+                    "filesWithConflicts": [],
+                },
+            )
         self._error(404, f"fake hub: no route for {method} {self._entry.path}")
 
     def _info(self, repo: FakeRepo, sha: str) -> None:
         blobs = self._entry.query.get("blobs") == ["true"]
-        siblings = [{"rfilename": p, **({"size": len(c), "blobId": git_oid(c)} if blobs else {})} for p, c in sorted(repo.commits[sha].items())]
-        self._json(200, {"_id": repo.repo_id, "id": repo.repo_id, "modelId": repo.repo_id, "sha": sha, "private": repo.private,
-                         "disabled": False, "gated": False, "downloads": 0, "likes": 0, "tags": [],
-                         "lastModified": "2026-01-01T00:00:00.000Z", "createdAt": "2026-01-01T00:00:00.000Z", "siblings": siblings})
+        siblings = [
+            {"rfilename": p, **({"size": len(c), "blobId": git_oid(c)} if blobs else {})}
+            for p, c in sorted(repo.commits[sha].items())
+        ]
+        self._json(
+            200,
+            {
+                "_id": repo.repo_id,
+                "id": repo.repo_id,
+                "modelId": repo.repo_id,
+                "sha": sha,
+                "private": repo.private,
+                "disabled": False,
+                "gated": False,
+                "downloads": 0,
+                "likes": 0,
+                "tags": [],
+                "lastModified": "2026-01-01T00:00:00.000Z",
+                "createdAt": "2026-01-01T00:00:00.000Z",
+                "siblings": siblings,
+            },
+        )
 
     def _commit(self, repo: FakeRepo, revision: str, body: bytes) -> None:
         if self.hub.fail_commits > 0:
@@ -307,20 +385,32 @@ class _Handler(BaseHTTPRequestHandler):
         parent = self._sha(repo, revision)
         message = lines[0]["value"]["summary"] if lines and lines[0]["key"] == "header" else ""
         repo.refs[revision] = sha = repo.commit(files, message, parent)
-        self._json(200, {"commitUrl": f"{self.hub.url}/{repo.repo_id}/commit/{sha}", "commitOid": sha, "pullRequestUrl": pr_url})
+        self._json(
+            200,
+            {
+                "commitUrl": f"{self.hub.url}/{repo.repo_id}/commit/{sha}",
+                "commitOid": sha,
+                "pullRequestUrl": pr_url,
+            },
+        )
 
     def _resolve(self, repo: FakeRepo, sha: str, path: str) -> None:
         content = repo.commits[sha].get(path)
         if content is None:
             return self._error(404, f"Entry not found: {path}", "EntryNotFound")
-        headers = {"ETag": f'"{git_oid(content)}"', "X-Repo-Commit": sha, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        headers = {
+            "ETag": f'"{git_oid(content)}"',
+            "X-Repo-Commit": sha,
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+        }
         match = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
         if match and self.command == "GET":
             start, stop = int(match[1]), min(int(match[2] or len(content) - 1), len(content) - 1)
             if start >= len(content):
                 return self._send(416, b"", {"Content-Range": f"bytes */{len(content)}"})
             headers["Content-Range"] = f"bytes {start}-{stop}/{len(content)}"
-            return self._send(206, content[start:stop + 1], headers)
+            return self._send(206, content[start : stop + 1], headers)
         self._send(200, content, headers, content_length=len(content))
 
 
@@ -344,7 +434,9 @@ def hub_fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fak
     server = FakeHub(tokens=(TOKEN,)).start()
     home = tmp_path / "hf-home"
     monkeypatch.setattr(constants, "ENDPOINT", server.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
@@ -360,8 +452,14 @@ def hub_fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Fak
 def subprocess_env(hub: FakeHub, tmp_path: Path, token: str | None = TOKEN) -> dict[str, str]:
     """Environment of a fresh ``workbench`` process pointed at the fake through the usual variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE_"))}
-    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "hf-home"), HF_HUB_CACHE=str(tmp_path / "hf-cache"),
-               HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1", COLUMNS="1000")
+    env.update(
+        HF_ENDPOINT=hub.url,
+        HF_HOME=str(tmp_path / "hf-home"),
+        HF_HUB_CACHE=str(tmp_path / "hf-cache"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_HUB_DISABLE_PROGRESS_BARS="1",
+        COLUMNS="1000",
+    )
     if token is not None:
         env["HF_TOKEN"] = token
     return env
@@ -369,4 +467,8 @@ def subprocess_env(hub: FakeHub, tmp_path: Path, token: str | None = TOKEN) -> d
 
 def sha256_tree(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder``, by path relative to it."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }

@@ -58,9 +58,15 @@ else:
 """
 
 
-def run_capped(setup: str, body: str, *, headroom: int = 64 * 2**20, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_capped(
+    setup: str, body: str, *, headroom: int = 64 * 2**20, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """Run ``setup`` (imports, files) then ``body`` in a fresh Python whose address space may grow by
     at most ``headroom`` bytes after ``setup``: an allocation sized by a lying header fails there
     with ``MemoryError`` instead of passing unnoticed. Linux only (/proc/self/statm)."""
-    script = "\n".join([textwrap.dedent(setup), _CAP.replace("HEADROOM", str(headroom)), textwrap.dedent(body)])
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, check=False)
+    script = "\n".join(
+        [textwrap.dedent(setup), _CAP.replace("HEADROOM", str(headroom)), textwrap.dedent(body)]
+    )
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=timeout, check=False
+    )

@@ -67,7 +67,9 @@ def combo(tensors: list[torch.Tensor], coefficients: list[float]) -> tuple[torch
     return total, magnitude
 
 
-def slerp_reference(t: float, v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str, float]:
+def slerp_reference(
+    t: float, v0: torch.Tensor, v1: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, str, float]:
     """methods.md 8.5, in float64: (result, error scale, branch, cos)."""
     a, b = v0.double(), v1.double()
     na, nb = torch.linalg.vector_norm(a).item(), torch.linalg.vector_norm(b).item()
@@ -78,12 +80,18 @@ def slerp_reference(t: float, v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch
         c0, c1, branch = 1.0 - t, t, "lerp"
     else:
         omega = math.acos(max(-1.0, min(1.0, d)))
-        c0, c1, branch = math.sin((1 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega), "slerp"
+        c0, c1, branch = (
+            math.sin((1 - t) * omega) / math.sin(omega),
+            math.sin(t * omega) / math.sin(omega),
+            "slerp",
+        )
     result, magnitude = combo([v0, v1], [c0, c1])
     return result, magnitude, branch, d
 
 
-def assert_bf16_close(out: torch.Tensor, expected: torch.Tensor, magnitude: torch.Tensor, name: str, slack: float = 0.0) -> None:
+def assert_bf16_close(
+    out: torch.Tensor, expected: torch.Tensor, magnitude: torch.Tensor, name: str, slack: float = 0.0
+) -> None:
     """``out`` (bf16) is ``expected`` (float64) rounded once to bf16, up to fp32 compute error.
 
     ``magnitude`` is sum_i |c_i| |x_i| elementwise (the scale of the fp32 rounding errors).

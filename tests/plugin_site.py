@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 
-def install_plugin(site: Path, package: str, entry_point: str, module: str, source: str, version: str = "0.1") -> None:
+def install_plugin(
+    site: Path, package: str, entry_point: str, module: str, source: str, version: str = "0.1"
+) -> None:
     """Write distribution ``package`` whose entry point ``entry_point`` is ``module`` (``source``)."""
     dist_info = site / f"{package.replace('-', '_')}-{version}.dist-info"
     dist_info.mkdir()
@@ -41,8 +43,13 @@ def local_ray(site: Path) -> Iterator[list[int]]:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_AUTH_MODE", "disabled")
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 1024 * 1024, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(site), *sys.path])}})
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=256 * 1024 * 1024,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(site), *sys.path])}},
+        )
         node = ray._private.worker._global_node
         try:
             yield [p.process.pid for procs in node.all_processes.values() for p in procs]

@@ -36,7 +36,11 @@ Cell = tuple[int, str]
 def write_checkpoint(directory: Path, tensors: Tensors, layers: int) -> Path:
     directory.mkdir(parents=True)
     save_file({name: t.contiguous() for name, t in tensors.items()}, str(directory / "model.safetensors"))
-    (directory / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": layers}))
+    (directory / "config.json").write_text(
+        json.dumps(
+            {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": layers}
+        )
+    )
     return directory
 
 
@@ -74,7 +78,9 @@ def changed(base: Tensors, cells: dict[str, Cell], scale_of: dict[int, float], s
     return out
 
 
-def expected(base: Tensors, model: Tensors, cells: dict[str, Cell], fraction: float) -> dict[Cell, dict[str, float]]:
+def expected(
+    base: Tensors, model: Tensors, cells: dict[str, Cell], fraction: float
+) -> dict[Cell, dict[str, float]]:
     """Every statistic of every cell, from the tensors alone."""
     deltas = {name: model[name] - base[name] for name in cells}
     magnitudes = torch.cat([d.abs().reshape(-1) for d in deltas.values()])
@@ -99,7 +105,12 @@ def expected(base: Tensors, model: Tensors, cells: dict[str, Cell], fraction: fl
 
 def cell_values(change: analyze_module.ModelChange) -> dict[Cell, dict[str, float]]:
     return {
-        cell: {"mean_abs": s.mean_abs, "relative": s.relative, "top_share": s.top_share(change.top_total), "count": s.count}
+        cell: {
+            "mean_abs": s.mean_abs,
+            "relative": s.relative,
+            "top_share": s.top_share(change.top_total),
+            "count": s.count,
+        }
         for cell, s in change.cells.items()
     }
 
@@ -154,7 +165,10 @@ def test_statistics_match_plain_torch(known: dict, fraction: float) -> None:
     assert_cells_match(cell_values(change), want)
     # Unchanged layers are exactly zero; the q_proj of layer 2 holds the 1% most-changed entries.
     for layer in (1, 3):
-        assert all(change.cells[layer, module].sum_abs == 0 and change.cells[layer, module].top_count == 0 for module in analysis.modules)
+        assert all(
+            change.cells[layer, module].sum_abs == 0 and change.cells[layer, module].top_count == 0
+            for module in analysis.modules
+        )
     if fraction == 0.01:
         assert want[2, "q_proj"]["top_share"] == 1.0
     embed = change.non_layer["model.embed_tokens.weight"]
@@ -181,7 +195,10 @@ def test_ties_at_the_threshold_all_count(tmp_path: Path) -> None:
     model["model.layers.1.self_attn.q_proj.weight"].view(-1)[:10] -= 1.0
     n = sum(base[name].numel() for name in cells)
     assert math.floor(0.01 * n) < 30
-    analysis = analyze(str(write_checkpoint(tmp_path / "base", base, 2)), [str(write_checkpoint(tmp_path / "model", model, 2))])
+    analysis = analyze(
+        str(write_checkpoint(tmp_path / "base", base, 2)),
+        [str(write_checkpoint(tmp_path / "model", model, 2))],
+    )
     change = analysis.models[0]
     assert change.top_threshold == pytest.approx(1.0, rel=1e-6)
     assert change.top_total == 30
@@ -197,13 +214,18 @@ def test_no_change_gives_zeros(known: dict) -> None:
     for stats in [*change.cells.values(), *change.non_layer.values()]:
         assert (stats.mean_abs, stats.relative, stats.top_share(change.top_total)) == (0.0, 0.0, 0.0)
     with pytest.raises(WorkbenchError, match="does not differ from the base"):
-        suggest_swap(analyze(str(known["base_path"]), [str(known["model_path"]), str(known["base_path"])]), "1", "2")
+        suggest_swap(
+            analyze(str(known["base_path"]), [str(known["model_path"]), str(known["base_path"])]), "1", "2"
+        )
 
 
 def test_layer_1_is_not_layer_11(tmp_path: Path) -> None:
     base, cells = make_base(12)
     model = changed(base, cells, {11: 0.1})
-    analysis = analyze(str(write_checkpoint(tmp_path / "base", base, 12)), [str(write_checkpoint(tmp_path / "model", model, 12))])
+    analysis = analyze(
+        str(write_checkpoint(tmp_path / "base", base, 12)),
+        [str(write_checkpoint(tmp_path / "model", model, 12))],
+    )
     change = analysis.models[0]
     totals = change.layer_totals(analysis.layer_count)
     assert analysis.layer_count == 12
@@ -214,16 +236,36 @@ def test_layer_1_is_not_layer_11(tmp_path: Path) -> None:
 
 def test_the_tiny_family_in_bf16(tiny_family: dict[str, Path], tmp_path: Path) -> None:
     """Llama-shaped bf16 models: nine columns in layer order; one cell checked against plain torch."""
-    result = invoke(tiny_family["base"], tiny_family["ft1"], tiny_family["ft2"], "--json", tmp_path / "a.json")
+    result = invoke(
+        tiny_family["base"], tiny_family["ft1"], tiny_family["ft2"], "--json", tmp_path / "a.json"
+    )
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "a.json").read_text())
     assert data["layer_count"] == 4
-    assert data["modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "input_layernorm", "post_attention_layernorm"]
+    assert data["modules"] == [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "input_layernorm",
+        "post_attention_layernorm",
+    ]
     name = "model.layers.3.mlp.up_proj.weight"
-    base = next(load_file(str(f))[name] for f in tiny_family["base"].glob("*.safetensors") if name in load_file(str(f))).float()
-    tuned = next(load_file(str(f))[name] for f in tiny_family["ft2"].glob("*.safetensors") if name in load_file(str(f))).float()
+    base = next(
+        load_file(str(f))[name]
+        for f in tiny_family["base"].glob("*.safetensors")
+        if name in load_file(str(f))
+    ).float()
+    tuned = next(
+        load_file(str(f))[name] for f in tiny_family["ft2"].glob("*.safetensors") if name in load_file(str(f))
+    ).float()
     cell = next(c for c in data["models"][1]["cells"] if (c["layer"], c["module"]) == (3, "up_proj"))
-    assert cell["relative"] == pytest.approx(float((tuned - base).double().norm() / base.double().norm()), rel=1e-6)
+    assert cell["relative"] == pytest.approx(
+        float((tuned - base).double().norm() / base.double().norm()), rel=1e-6
+    )
     assert cell["mean_abs"] == pytest.approx(float((tuned - base).abs().double().mean()), rel=1e-6)
 
 
@@ -233,7 +275,12 @@ def test_the_tiny_family_in_bf16(tiny_family: dict[str, Path], tmp_path: Path) -
 
 
 def test_missing_path(known: dict, tmp_path: Path) -> None:
-    assert_failed(invoke(known["base_path"], tmp_path / "nowhere"), "model 1:", str(tmp_path / "nowhere"), "does not exist")
+    assert_failed(
+        invoke(known["base_path"], tmp_path / "nowhere"),
+        "model 1:",
+        str(tmp_path / "nowhere"),
+        "does not exist",
+    )
     assert_failed(invoke(tmp_path / "nowhere", known["model_path"]), "base:", "does not exist")
 
 
@@ -241,9 +288,16 @@ def test_shape_mismatch_names_the_tensor(known: dict, tmp_path: Path) -> None:
     other = dict(known["model"])
     other["model.layers.1.mlp.down_proj.weight"] = torch.zeros(8, 10)
     path = write_checkpoint(tmp_path / "other", other, 4)
-    with pytest.raises(CheckpointError, match=r"tensor 'model\.layers\.1\.mlp\.down_proj\.weight' has shape \[8, 10\].*\[8, 12\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor 'model\.layers\.1\.mlp\.down_proj\.weight' has shape \[8, 10\].*\[8, 12\]",
+    ):
         analyze(str(known["base_path"]), [str(path)])
-    assert_failed(invoke(known["base_path"], path), "model.layers.1.mlp.down_proj.weight", str(path / "model.safetensors"))
+    assert_failed(
+        invoke(known["base_path"], path),
+        "model.layers.1.mlp.down_proj.weight",
+        str(path / "model.safetensors"),
+    )
 
 
 def test_missing_tensor_and_no_layers(known: dict, tmp_path: Path) -> None:
@@ -255,8 +309,15 @@ def test_missing_tensor_and_no_layers(known: dict, tmp_path: Path) -> None:
 
 
 def test_bad_options_fail_before_reading(known: dict, tmp_path: Path) -> None:
-    assert_failed(invoke(known["base_path"], known["model_path"], "--csv", tmp_path / "no" / "a.csv"), "folder", "does not exist")
-    assert_failed(invoke(known["base_path"], known["model_path"], "--suggest-swap", "1", "3"), "'3' names none of the analysed models")
+    assert_failed(
+        invoke(known["base_path"], known["model_path"], "--csv", tmp_path / "no" / "a.csv"),
+        "folder",
+        "does not exist",
+    )
+    assert_failed(
+        invoke(known["base_path"], known["model_path"], "--suggest-swap", "1", "3"),
+        "'3' names none of the analysed models",
+    )
     assert invoke(known["base_path"], known["model_path"], "--top-fraction", "0").exit_code == 2
 
 
@@ -275,7 +336,15 @@ def test_terminal_heatmap(known: dict) -> None:
 
 
 def test_csv_and_json(known: dict, tmp_path: Path) -> None:
-    result = invoke(known["base_path"], known["model_path"], known["base_path"], "--csv", tmp_path / "a.csv", "--json", tmp_path / "a.json")
+    result = invoke(
+        known["base_path"],
+        known["model_path"],
+        known["base_path"],
+        "--csv",
+        tmp_path / "a.csv",
+        "--json",
+        tmp_path / "a.json",
+    )
     assert result.exit_code == 0, result.output
     want = expected(known["base"], known["model"], known["cells"], 0.01)
     with (tmp_path / "a.csv").open() as handle:
@@ -288,25 +357,38 @@ def test_csv_and_json(known: dict, tmp_path: Path) -> None:
         assert int(row["count"]) == cell["count"]
         for stat in ("mean_abs", "relative", "top_share"):
             assert float(row[stat]) == pytest.approx(cell[stat], rel=1e-6, abs=1e-12)
-    assert all(float(row["relative"]) == 0.0 for row in rows[len(want):])
+    assert all(float(row["relative"]) == 0.0 for row in rows[len(want) :])
 
     data = json.loads((tmp_path / "a.json").read_text())
-    assert data["base"] == str(known["base_path"]) and data["top_fraction"] == 0.01 and data["layer_count"] == 4
+    assert (
+        data["base"] == str(known["base_path"]) and data["top_fraction"] == 0.01 and data["layer_count"] == 4
+    )
     model = data["models"][0]
     assert model["top_count"] == sum(round(c["top_share"] * model["top_count"]) for c in model["cells"])
-    layer0 = torch.cat([(known["model"][n] - known["base"][n]).reshape(-1) for n, c in known["cells"].items() if c[0] == 0]).double()
-    weights0 = torch.cat([known["base"][n].reshape(-1) for n, c in known["cells"].items() if c[0] == 0]).double()
+    layer0 = torch.cat(
+        [(known["model"][n] - known["base"][n]).reshape(-1) for n, c in known["cells"].items() if c[0] == 0]
+    ).double()
+    weights0 = torch.cat(
+        [known["base"][n].reshape(-1) for n, c in known["cells"].items() if c[0] == 0]
+    ).double()
     assert model["layers"][0]["relative"] == pytest.approx(float(layer0.norm() / weights0.norm()), rel=1e-6)
     assert model["layers"][0]["count"] == layer0.numel()
     non_layer = {entry["tensor"]: entry for entry in model["non_layer"]}
     assert set(non_layer) == {"model.embed_tokens.weight", "lm_head.weight"}
     assert non_layer["model.embed_tokens.weight"]["relative"] == pytest.approx(0.1, rel=1e-5)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "a.json", "base", "model"]  # no temporary files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.csv",
+        "a.json",
+        "base",
+        "model",
+    ]  # no temporary files left
 
 
 def test_png(known: dict, tmp_path: Path) -> None:
     out = tmp_path / "heat.png"
-    result = invoke(known["base_path"], known["model_path"], known["base_path"], "--png", out, "--stat", "mean_abs")
+    result = invoke(
+        known["base_path"], known["model_path"], known["base_path"], "--png", out, "--stat", "mean_abs"
+    )
     assert result.exit_code == 0, result.output
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -326,12 +408,14 @@ def experts(tmp_path: Path) -> dict[str, Path]:
     return {
         "base": write_checkpoint(tmp_path / "base", base, 6),
         "task": write_checkpoint(tmp_path / "task", changed(base, cells, {2: 0.05, 3: 0.05}, seed=2), 6),
-        "language": write_checkpoint(tmp_path / "language", changed(base, cells, {0: 0.05, 1: 0.05, 5: 0.05}, seed=3), 6),
+        "language": write_checkpoint(
+            tmp_path / "language", changed(base, cells, {0: 0.05, 1: 0.05, 5: 0.05}, seed=3), 6
+        ),
     }
 
 
 def printed_recipe(output: str) -> dict:
-    return yaml.safe_load(output[output.index("# layer_swap recipe"):])
+    return yaml.safe_load(output[output.index("# layer_swap recipe") :])
 
 
 @pytest.mark.parametrize("keys", [("task", "language"), ("1", "2")])

@@ -169,6 +169,8 @@ def test_tiny_family_layout(tiny_family) -> None:
 
 
 def test_describe() -> None:
-    assert describe({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}) == "LlamaForCausalLM (llama)"
+    assert (
+        describe({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}) == "LlamaForCausalLM (llama)"
+    )
     assert describe(None) == "unknown (no config.json)"
     assert describe({"model_type": "gpt2"}) == "unknown (gpt2)"

@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
+from cli_failures import COMMANDS, assert_failed, copy_model, invoke, linear_recipe, partial_of
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
-
-from cli_failures import COMMANDS, assert_failed, copy_model, invoke, linear_recipe, partial_of
 
 # ------------------------------------------------------------------------------------------------
 # helpers
@@ -50,7 +50,9 @@ def edit_tensors(model: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -
 
 
 @COMMANDS
-def test_missing_model_path(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str) -> None:
+def test_missing_model_path(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str
+) -> None:
     missing = tmp_path / "no-such-model"
     recipe = linear_recipe(tmp_path, missing, tiny_family["ft2"])
     out = tmp_path / "out"
@@ -59,7 +61,9 @@ def test_missing_model_path(cli: CliRunner, tiny_family: dict[str, Path], tmp_pa
 
 
 @COMMANDS
-def test_folder_that_is_not_a_model(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str) -> None:
+def test_folder_that_is_not_a_model(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str
+) -> None:
     folder = tmp_path / "just-a-config"
     folder.mkdir()
     shutil.copy(tiny_family["ft1"] / "config.json", folder / "config.json")
@@ -91,7 +95,14 @@ def _cut_in_header(file: Path) -> None:
     [(_cut_in_data, "truncated"), (_cut_to_four_bytes, "too short"), (_cut_in_header, "header")],
     ids=["in-data", "to-4-bytes", "in-header"],
 )
-def test_truncated_safetensors(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str, cut: Callable[[Path], None], says: str) -> None:
+def test_truncated_safetensors(
+    cli: CliRunner,
+    tiny_family: dict[str, Path],
+    tmp_path: Path,
+    command: str,
+    cut: Callable[[Path], None],
+    says: str,
+) -> None:
     model = copy_model(tiny_family["ft1"], tmp_path / "truncated")
     file = model / "model.safetensors"
     cut(file)
@@ -102,7 +113,9 @@ def test_truncated_safetensors(cli: CliRunner, tiny_family: dict[str, Path], tmp
 
 
 @COMMANDS
-def test_corrupt_header_garbage_json(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str) -> None:
+def test_corrupt_header_garbage_json(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str
+) -> None:
     model = copy_model(tiny_family["ft1"], tmp_path / "garbage")
     file = model / "model.safetensors"
     raw = file.read_bytes()
@@ -116,7 +129,9 @@ def test_corrupt_header_garbage_json(cli: CliRunner, tiny_family: dict[str, Path
 
 
 @COMMANDS
-def test_corrupt_header_length_larger_than_file(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str) -> None:
+def test_corrupt_header_length_larger_than_file(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str
+) -> None:
     model = copy_model(tiny_family["ft1"], tmp_path / "long-header")
     file = model / "model.safetensors"
     raw = file.read_bytes()
@@ -129,7 +144,9 @@ def test_corrupt_header_length_larger_than_file(cli: CliRunner, tiny_family: dic
 
 
 @COMMANDS
-def test_corrupt_header_offsets_beyond_file(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str) -> None:
+def test_corrupt_header_offsets_beyond_file(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str
+) -> None:
     model = copy_model(tiny_family["ft1"], tmp_path / "bad-offsets")
     file = model / "model.safetensors"
     header, data = header_of(file)
@@ -144,7 +161,9 @@ def test_corrupt_header_offsets_beyond_file(cli: CliRunner, tiny_family: dict[st
 
 
 @COMMANDS
-def test_header_offsets_disagree_with_shape(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str) -> None:
+def test_header_offsets_disagree_with_shape(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str
+) -> None:
     model = copy_model(tiny_family["ft1"], tmp_path / "bad-span")
     file = model / "model.safetensors"
     header, data = header_of(file)
@@ -157,7 +176,9 @@ def test_header_offsets_disagree_with_shape(cli: CliRunner, tiny_family: dict[st
 
 
 @COMMANDS
-def test_index_lists_a_missing_shard(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str) -> None:
+def test_index_lists_a_missing_shard(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str
+) -> None:
     model = tmp_path / "sharded"
     model.mkdir()
     shutil.copy(tiny_family["ft1"] / "config.json", model / "config.json")
@@ -165,14 +186,18 @@ def test_index_lists_a_missing_shard(cli: CliRunner, tiny_family: dict[str, Path
     names = list(load_file(tiny_family["ft1"] / "model.safetensors"))
     weight_map = {n: "model-00001-of-00002.safetensors" for n in names}
     weight_map["lm_head.weight"] = "model-00002-of-00002.safetensors"
-    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (model / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     recipe = linear_recipe(tmp_path, model, tiny_family["ft2"])
     out = tmp_path / "out"
     result = invoke(cli, command, recipe, out)
     assert_failed(result, out, "model-00002-of-00002.safetensors", "missing")
 
 
-def test_a_rejected_file_never_closes_another_files_descriptor_later(tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_a_rejected_file_never_closes_another_files_descriptor_later(
+    tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     """A file whose header is rejected must not keep (and later close again) its freed fd number.
 
     Before the fix, the half-built reader closed its fd but kept the number; when the garbage
@@ -216,7 +241,9 @@ def test_a_rejected_file_never_closes_another_files_descriptor_later(tiny_family
 
 
 @COMMANDS
-def test_tensor_missing_in_one_model(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str) -> None:
+def test_tensor_missing_in_one_model(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str
+) -> None:
     model = copy_model(tiny_family["ft1"], tmp_path / "missing-tensor")
     gone = "model.layers.2.mlp.up_proj.weight"
     edit_tensors(model, lambda t: t.pop(gone))
@@ -226,7 +253,9 @@ def test_tensor_missing_in_one_model(cli: CliRunner, tiny_family: dict[str, Path
     assert_failed(result, out, f"'{gone}'", "missing", "models[1]", str(model))
 
 
-def test_reference_lacking_a_tensor_warns_and_names_it(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_reference_lacking_a_tensor_warns_and_names_it(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     """The reference (models[0]) defines the output's tensors; another model's extra tensor is named."""
     model = copy_model(tiny_family["ft1"], tmp_path / "fewer-tensors")
     gone = "model.layers.3.mlp.gate_proj.weight"
@@ -240,7 +269,9 @@ def test_reference_lacking_a_tensor_warns_and_names_it(cli: CliRunner, tiny_fami
 
 
 @COMMANDS
-def test_shape_mismatch_names_tensor_and_both_shapes(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str) -> None:
+def test_shape_mismatch_names_tensor_and_both_shapes(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str
+) -> None:
     model = copy_model(tiny_family["ft1"], tmp_path / "narrow")
     name = "model.layers.1.mlp.up_proj.weight"
     original = list(load_file(tiny_family["ft2"] / "model.safetensors")[name].shape)
@@ -258,7 +289,9 @@ def test_shape_mismatch_names_tensor_and_both_shapes(cli: CliRunner, tiny_family
 
 @COMMANDS
 @pytest.mark.parametrize("relabelled", ["ft1", "base"], ids=["in-a-model", "in-the-reference"])
-def test_a_float_tensor_relabelled_as_an_integer_is_refused_by_name(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str, relabelled: str) -> None:
+def test_a_float_tensor_relabelled_as_an_integer_is_refused_by_name(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str, relabelled: str
+) -> None:
     """The header says I16 for a bf16 tensor (sizes still consistent): refused while planning,
     naming the tensor, the model and both dtypes, instead of reaching a float kernel."""
     models = {key: copy_model(tiny_family[key], tmp_path / key) for key in ("base", "ft1")}
@@ -277,7 +310,9 @@ def test_a_float_tensor_relabelled_as_an_integer_is_refused_by_name(cli: CliRunn
     assert f"as I16 in {integer}" in said and f"as BF16 in {floating}" in said, said
 
 
-def test_dtype_mismatch_is_converted_with_a_warning(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_dtype_mismatch_is_converted_with_a_warning(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     model = copy_model(tiny_family["ft1"], tmp_path / "fp16")
 
     def to_half(t: dict[str, torch.Tensor]) -> None:
@@ -313,7 +348,9 @@ def test_dtype_mismatch_is_converted_with_a_warning(cli: CliRunner, tiny_family:
     [("model.layers.0.self_attn.q_proj.weight", float("nan")), ("lm_head.weight", float("inf"))],
     ids=["nan", "inf"],
 )
-def test_nan_or_inf_in_an_input_warns_naming_the_tensor(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, tensor: str, bad: float) -> None:
+def test_nan_or_inf_in_an_input_warns_naming_the_tensor(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, tensor: str, bad: float
+) -> None:
     model = copy_model(tiny_family["ft1"], tmp_path / "non-finite")
 
     def poison(t: dict[str, torch.Tensor]) -> None:

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_failures import COMMANDS, assert_failed, copy_model, invoke, linear_recipe, partial_of
 from click.testing import CliRunner
 from safetensors.torch import load_file
-
-from cli_failures import COMMANDS, assert_failed, copy_model, invoke, linear_recipe, partial_of
 
 # ------------------------------------------------------------------------------------------------
 # the output location
@@ -18,7 +17,9 @@ from cli_failures import COMMANDS, assert_failed, copy_model, invoke, linear_rec
 
 
 @COMMANDS
-def test_output_inside_an_input_folder(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str) -> None:
+def test_output_inside_an_input_folder(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str
+) -> None:
     model = copy_model(tiny_family["ft1"], tmp_path / "input")
     before = sorted(p.name for p in model.iterdir())
     recipe = linear_recipe(tmp_path, model, tiny_family["ft2"])
@@ -29,7 +30,9 @@ def test_output_inside_an_input_folder(cli: CliRunner, tiny_family: dict[str, Pa
 
 
 @COMMANDS
-def test_output_equal_to_an_input_folder(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str) -> None:
+def test_output_equal_to_an_input_folder(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str
+) -> None:
     model = copy_model(tiny_family["ft1"], tmp_path / "input")
     before = {p.name: p.read_bytes() for p in model.iterdir()}
     recipe = linear_recipe(tmp_path, model, tiny_family["ft2"])
@@ -41,7 +44,9 @@ def test_output_equal_to_an_input_folder(cli: CliRunner, tiny_family: dict[str, 
 
 
 @COMMANDS
-def test_input_inside_the_output_folder(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str) -> None:
+def test_input_inside_the_output_folder(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str
+) -> None:
     parent = tmp_path / "parent"
     model = copy_model(tiny_family["ft1"], parent / "input")
     recipe = linear_recipe(tmp_path, model, tiny_family["ft2"])
@@ -53,7 +58,9 @@ def test_input_inside_the_output_folder(cli: CliRunner, tiny_family: dict[str, P
 
 
 @COMMANDS
-def test_existing_output_without_overwrite(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str) -> None:
+def test_existing_output_without_overwrite(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("an earlier result")
@@ -66,7 +73,9 @@ def test_existing_output_without_overwrite(cli: CliRunner, tiny_family: dict[str
     assert not partial_of(out).exists()
 
 
-def test_overwrite_replaces_an_existing_output(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_overwrite_replaces_an_existing_output(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("an earlier result")
@@ -83,7 +92,9 @@ def test_overwrite_replaces_an_existing_output(cli: CliRunner, tiny_family: dict
     torch.testing.assert_close(merged, (a + b) / 2, rtol=8e-3, atol=1e-6)
 
 
-def test_failure_during_the_merge_leaves_nothing(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_failure_during_the_merge_leaves_nothing(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     """Weights that sum to 0 fail inside the method, after the output folder was started."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
@@ -96,7 +107,9 @@ def test_failure_during_the_merge_leaves_nothing(cli: CliRunner, tiny_family: di
     assert_failed(result, out, "sum to 0", "'model.embed_tokens.weight'")
 
 
-def test_failure_with_overwrite_keeps_the_old_output(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_failure_with_overwrite_keeps_the_old_output(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("an earlier result")
@@ -115,7 +128,9 @@ def test_failure_with_overwrite_keeps_the_old_output(cli: CliRunner, tiny_family
 
 @COMMANDS
 @pytest.mark.parametrize("odd", ["[/v2]", "[red]x", "[bold]"])
-def test_paths_with_brackets_are_shown_verbatim(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str, odd: str) -> None:
+def test_paths_with_brackets_are_shown_verbatim(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str, odd: str
+) -> None:
     """Messages are not read as rich markup: the path is printed as it is, and nothing crashes."""
     folder = tmp_path / "models" / odd
     folder.mkdir(parents=True)
@@ -126,7 +141,9 @@ def test_paths_with_brackets_are_shown_verbatim(cli: CliRunner, tiny_family: dic
 
 
 @COMMANDS
-def test_input_where_the_engine_writes_first(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str) -> None:
+def test_input_where_the_engine_writes_first(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str
+) -> None:
     """The output is written into ``<out>.partial`` first: an input stored there is refused."""
     out = tmp_path / "merged"
     model = copy_model(tiny_family["ft1"], tmp_path / "merged.partial")
@@ -138,7 +155,9 @@ def test_input_where_the_engine_writes_first(cli: CliRunner, tiny_family: dict[s
     assert not out.exists()
 
 
-def test_a_users_folder_named_like_the_scratch_folder_is_never_deleted(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_a_users_folder_named_like_the_scratch_folder_is_never_deleted(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "merged"
     scratch = tmp_path / "merged.partial"
     scratch.mkdir()
@@ -150,7 +169,9 @@ def test_a_users_folder_named_like_the_scratch_folder_is_never_deleted(cli: CliR
     assert not out.exists()
 
 
-def test_replacing_an_output_leaves_neighbouring_folders_alone(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_replacing_an_output_leaves_neighbouring_folders_alone(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "merged"
     out.mkdir()
     model = copy_model(tiny_family["ft1"], tmp_path / "merged.old")
@@ -158,4 +179,7 @@ def test_replacing_an_output_leaves_neighbouring_folders_alone(cli: CliRunner, t
     assert result.exit_code == 0, result.output
     assert (model / "model.safetensors").is_file() and (model / "config.json").is_file()
     assert (out / "model.safetensors").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".merged", "merged"))) == ["merged", "merged.old"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".merged", "merged"))) == [
+        "merged",
+        "merged.old",
+    ]

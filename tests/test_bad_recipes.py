@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-
 from cli_failures import COMMANDS, assert_failed, invoke, linear_recipe
+from click.testing import CliRunner
 
 # ------------------------------------------------------------------------------------------------
 # recipe mistakes
@@ -16,26 +15,40 @@ from cli_failures import COMMANDS, assert_failed, invoke, linear_recipe
 
 
 @COMMANDS
-@pytest.mark.parametrize(("typo", "meant"), [("lnear", "linear"), ("task_arithmatic", "task_arithmetic"), ("slrep", "slerp")])
-def test_unknown_method_suggests_the_nearest(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str, typo: str, meant: str) -> None:
+@pytest.mark.parametrize(
+    ("typo", "meant"), [("lnear", "linear"), ("task_arithmatic", "task_arithmetic"), ("slrep", "slerp")]
+)
+def test_unknown_method_suggests_the_nearest(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str, typo: str, meant: str
+) -> None:
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"method: {typo}\nmodels:\n  - {json.dumps(str(tiny_family['ft1']))}\n  - {json.dumps(str(tiny_family['ft2']))}\n")
+    recipe.write_text(
+        f"method: {typo}\nmodels:\n  - {json.dumps(str(tiny_family['ft1']))}\n  - {json.dumps(str(tiny_family['ft2']))}\n"
+    )
     out = tmp_path / "out"
     result = invoke(cli, command, recipe, out)
     assert_failed(result, out, f"unknown method '{typo}'", f"Did you mean '{meant}'?")
 
 
 @COMMANDS
-def test_unknown_parameter(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str) -> None:
-    recipe = linear_recipe(tmp_path, tiny_family["ft1"], tiny_family["ft2"], extra="parameters:\n  normalise: true\n")
+def test_unknown_parameter(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str
+) -> None:
+    recipe = linear_recipe(
+        tmp_path, tiny_family["ft1"], tiny_family["ft2"], extra="parameters:\n  normalise: true\n"
+    )
     out = tmp_path / "out"
     result = invoke(cli, command, recipe, out)
     # line 6: method, models:, two models, parameters:, then the key
-    assert_failed(result, out, f"{recipe}:6", "parameters.normalise", "unknown parameter 'normalise'", "'normalize'")
+    assert_failed(
+        result, out, f"{recipe}:6", "parameters.normalise", "unknown parameter 'normalise'", "'normalize'"
+    )
 
 
 @COMMANDS
-def test_unknown_per_model_parameter(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str) -> None:
+def test_unknown_per_model_parameter(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str
+) -> None:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         "method: linear\nmodels:\n"
@@ -50,7 +63,9 @@ def test_unknown_per_model_parameter(cli: CliRunner, tiny_family: dict[str, Path
 
 @COMMANDS
 @pytest.mark.parametrize(("value", "shown"), [("1.5", "1.5"), ("[0.0, 1.5]", "1.5"), ("-0.1", "-0.1")])
-def test_out_of_range_value(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str, value: str, shown: str) -> None:
+def test_out_of_range_value(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str, value: str, shown: str
+) -> None:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         f"method: slerp\nmodels:\n  - {json.dumps(str(tiny_family['ft1']))}\n  - {json.dumps(str(tiny_family['ft2']))}\n"
@@ -62,7 +77,9 @@ def test_out_of_range_value(cli: CliRunner, tiny_family: dict[str, Path], tmp_pa
 
 
 @COMMANDS
-def test_empty_list_parameter_is_an_error_not_a_crash(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str) -> None:
+def test_empty_list_parameter_is_an_error_not_a_crash(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str
+) -> None:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         "method: linear\nmodels:\n"
@@ -76,8 +93,12 @@ def test_empty_list_parameter_is_an_error_not_a_crash(cli: CliRunner, tiny_famil
 
 @COMMANDS
 @pytest.mark.parametrize("dtype", ["bool", "I8", "int8"])
-def test_non_float_output_dtype_is_rejected(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str, dtype: str) -> None:
-    recipe = linear_recipe(tmp_path, tiny_family["ft1"], tiny_family["ft2"], extra=f"output:\n  dtype: {dtype}\n")
+def test_non_float_output_dtype_is_rejected(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str, dtype: str
+) -> None:
+    recipe = linear_recipe(
+        tmp_path, tiny_family["ft1"], tiny_family["ft2"], extra=f"output:\n  dtype: {dtype}\n"
+    )
     out = tmp_path / "out"
     result = invoke(cli, command, recipe, out)
     assert_failed(result, out, f"{recipe}:6", "output.dtype", f"'{dtype}'")

@@ -11,15 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-
-from workbench.tools.bench import bf16_steps, io_floor, measure, mergekit_command
 from safetensors.torch import save_file
+
 from workbench.cli.main import main
+from workbench.tools.bench import bf16_steps, io_floor, measure, mergekit_command
 
 
 def test_a_child_does_not_inherit_the_benchmarks_resident_memory():
     ballast = torch.ones(100_000_000, dtype=torch.int32)  # 400 MB resident in this process
-    wall, status, rss = measure([sys.executable, "-c", "b = bytearray(50_000_000); b[::4096] = b'x' * len(b[::4096])"])
+    wall, status, rss = measure(
+        [sys.executable, "-c", "b = bytearray(50_000_000); b[::4096] = b'x' * len(b[::4096])"]
+    )
     assert status == 0 and wall > 0
     assert 50_000_000 < rss < 200_000_000, rss
     del ballast
@@ -28,7 +30,9 @@ def test_a_child_does_not_inherit_the_benchmarks_resident_memory():
 def test_bf16_steps_counts_distance_and_differing_elements(tmp_path):
     a = torch.tensor([1.0, -2.0, 0.0, 3.0], dtype=torch.bfloat16)
     b = a.clone()
-    b[1] = torch.tensor([-2.0], dtype=torch.bfloat16).view(torch.int16).add(3).view(torch.bfloat16)  # 3 steps away
+    b[1] = (
+        torch.tensor([-2.0], dtype=torch.bfloat16).view(torch.int16).add(3).view(torch.bfloat16)
+    )  # 3 steps away
     b[2] = -0.0  # +0 and -0 are the same value: 0 steps
     for folder, t in (("a", a), ("b", b)):
         (tmp_path / folder).mkdir()
@@ -38,15 +42,36 @@ def test_bf16_steps_counts_distance_and_differing_elements(tmp_path):
 
 def test_bench_runs_a_merge_and_checks_it_against_the_reference_kernels(tmp_path):
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(main, ["bench", "--size", "tiny", "--methods", "ties", "--dir", str(tmp_path / "models"), "--check", "--json", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "--size",
+            "tiny",
+            "--methods",
+            "ties",
+            "--dir",
+            str(tmp_path / "models"),
+            "--check",
+            "--json",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     (row,) = report["merges"]
     assert row["method"] == "ties" and row["tool"] == "workbench"
     assert row["bf16_steps_vs_reference"] == 0 and row["peak_rss_mb_max"] > 0 and row["merge_s_best"] > 0
-    assert row["io_floor_s"] > 0 and row["merge_over_floor_best"] == pytest.approx(row["merge_s_best"] / row["io_floor_s"], rel=0.01)
+    assert row["io_floor_s"] > 0 and row["merge_over_floor_best"] == pytest.approx(
+        row["merge_s_best"] / row["io_floor_s"], rel=0.01
+    )
     startup = {r["command"]: r for r in report["startup"]}
-    assert set(startup) == {"workbench --help", "workbench methods", "workbench validate RECIPE", "workbench tui (first screen)"}
+    assert set(startup) == {
+        "workbench --help",
+        "workbench methods",
+        "workbench validate RECIPE",
+        "workbench tui (first screen)",
+    }
     assert all(r["runs"] == 3 and 0 < r["best_s"] <= r["median_s"] for r in startup.values())
 
 
@@ -71,7 +96,12 @@ def test_the_io_floor_reads_every_input_and_writes_the_output_size(tmp_path, mon
 
 
 def test_tui_exit_when_ready_opens_the_first_screen_and_leaves():
-    done = subprocess.run([sys.executable, "-m", "workbench", "tui", "--exit-when-ready"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "workbench", "tui", "--exit-when-ready"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -87,7 +117,9 @@ def test_mergekit_runs_under_a_timer_that_leaves_out_its_imports(tmp_path):
         "def main():\n    time.sleep(0.3)\n    open(sys.argv[2], 'w').write(sys.argv[1])\n    sys.exit(0)\n"
     )
     script = tmp_path / "mergekit-yaml"
-    script.write_text(f"#!{sys.executable}\nimport sys\nfrom mergekit.scripts.run_yaml import main\nif __name__ == '__main__':\n    sys.exit(main())\n")
+    script.write_text(
+        f"#!{sys.executable}\nimport sys\nfrom mergekit.scripts.run_yaml import main\nif __name__ == '__main__':\n    sys.exit(main())\n"
+    )
     report, written = tmp_path / "seconds.txt", tmp_path / "out.txt"
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     wall, status, _ = measure(mergekit_command(script, report, ["recipe.yml", str(written)]), env=env)

@@ -7,11 +7,10 @@ from collections import Counter, defaultdict
 
 import pytest
 import torch
+from merging import merge, q
 
 import workbench.engine.runner as engine
 from workbench.registry import get_registry
-
-from merging import merge, q
 
 #: (method, model parameters, global parameters); the last two sum partial norms per block.
 CASES = {
@@ -33,9 +32,9 @@ def recipe(case: str, family: dict) -> str:
     return f"""
 method: {method}
 {base}models:
-  - model: {q(family['ft1'])}
+  - model: {q(family["ft1"])}
     parameters: {model_params}
-  - model: {q(family['ft2'])}
+  - model: {q(family["ft2"])}
     parameters: {model_params}
 parameters: {params}
 seed: 5

@@ -14,10 +14,15 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
-@pytest.mark.parametrize(("code", "status", "stderr"), [("None", 0, ""), ("0", 0, ""), ("3", 3, ""), ("'bad things'", 1, "bad things\n")])
+@pytest.mark.parametrize(
+    ("code", "status", "stderr"),
+    [("None", 0, ""), ("0", 0, ""), ("3", 3, ""), ("'bad things'", 1, "bad things\n")],
+)
 def test_exit_now_ends_with_the_status_sys_exit_would(code: str, status: int, stderr: str) -> None:
     done = _python(f"from workbench.__main__ import exit_now\nexit_now({code})")
     assert (done.returncode, done.stderr) == (status, stderr)
@@ -45,11 +50,25 @@ def test_exit_now_flushes_output_runs_atexit_and_waits_for_threads(tmp_path: Pat
 
 
 def test_the_command_keeps_its_statuses_and_messages(tmp_path: Path) -> None:
-    listing = subprocess.run([sys.executable, "-m", "workbench", "methods"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    listing = subprocess.run(
+        [sys.executable, "-m", "workbench", "methods"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert listing.returncode == 0 and "task_arithmetic" in listing.stdout and listing.stdout.endswith("\n")
-    missing = subprocess.run([sys.executable, "-m", "workbench", "validate", str(tmp_path / "nope.yaml")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-m", "workbench", "validate", str(tmp_path / "nope.yaml")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 2 and "nope.yaml does not exist" in missing.stderr
-    usage = subprocess.run([sys.executable, "-m", "workbench", "no-such-command"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    usage = subprocess.run(
+        [sys.executable, "-m", "workbench", "no-such-command"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert usage.returncode == 2 and "No such command" in usage.stderr
 
 

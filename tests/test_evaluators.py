@@ -36,7 +36,9 @@ def test_smollm2_is_the_real_model(smollm2: LoadedModel) -> None:
     assert 130e6 < sum(p.numel() for p in smollm2.module.parameters()) < 140e6
 
 
-def test_perplexity_is_low_on_text_and_high_on_shuffled_text(smollm2: LoadedModel, registry: Registry, tmp_path: Path) -> None:
+def test_perplexity_is_low_on_text_and_high_on_shuffled_text(
+    smollm2: LoadedModel, registry: Registry, tmp_path: Path
+) -> None:
     natural = _perplexity(registry, smollm2, SAMPLE)
     words = SAMPLE.read_text().split()
     random.Random(0).shuffle(words)
@@ -82,16 +84,22 @@ def test_not_a_model_folder(cli: CliRunner, tmp_path: Path) -> None:
     assert "config.json" in result.output
 
 
-def test_unknown_evaluator_and_options(cli: CliRunner, tiny_family: dict[str, Path], registry: Registry) -> None:
+def test_unknown_evaluator_and_options(
+    cli: CliRunner, tiny_family: dict[str, Path], registry: Registry
+) -> None:
     result = cli.invoke(main, ["eval", str(tiny_family["base"]), "-e", "perplexty"])
     assert result.exit_code == 2 and "perplexity" in result.output  # suggests the nearest name
-    result = cli.invoke(main, ["eval", str(tiny_family["base"]), "-e", "generation_check", "-o", "colour=red"])
+    result = cli.invoke(
+        main, ["eval", str(tiny_family["base"]), "-e", "generation_check", "-o", "colour=red"]
+    )
     assert result.exit_code != 0 and "colour" in result.output
     with pytest.raises(Exception, match="max_new_tokens"):
         make_evaluators([EvaluatorSpec(name="generation_check", options={"max_new_tokens": 0})], registry)
 
 
-def test_recipe_evaluators_are_checked_before_any_work(tiny_family: dict[str, Path], registry: Registry, tmp_path: Path) -> None:
+def test_recipe_evaluators_are_checked_before_any_work(
+    tiny_family: dict[str, Path], registry: Registry, tmp_path: Path
+) -> None:
     from workbench.engine.run import run_recipe
     from workbench.errors import RecipeError
 

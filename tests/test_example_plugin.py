@@ -31,16 +31,34 @@ def _install(source: Path, site: Path) -> Path:
     copy = site.parent / f"{site.name}-src"
     shutil.copytree(source, copy, ignore=shutil.ignore_patterns(*BUILD_LEFTOVERS))
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "--quiet",
-         "--disable-pip-version-check", "--target", str(site), str(copy)],
-        capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--target",
+            str(site),
+            str(copy),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return copy
 
 
 def _env(site: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("WORKBENCH_PLUGINS", "WORKBENCH_DISABLE_PLUGINS", "PYTHONPATH")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("WORKBENCH_PLUGINS", "WORKBENCH_DISABLE_PLUGINS", "PYTHONPATH")
+    }
     # a wide terminal so that table cells are not wrapped; no bytecode written into the example's tests/
     env.update(PYTHONPATH=str(site), COLUMNS="400", PYTHONDONTWRITEBYTECODE="1", **extra)
     # one intra-op thread: generating and merging these small tensors is several times faster than
@@ -51,7 +69,11 @@ def _env(site: Path, **extra: str) -> dict[str, str]:
 
 def _workbench(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     script = Path(sys.executable).with_name("workbench")
-    command = [str(script)] if script.exists() else [sys.executable, "-c", "from workbench.cli.main import main; main()"]
+    command = (
+        [str(script)]
+        if script.exists()
+        else [sys.executable, "-c", "from workbench.cli.main import main; main()"]
+    )
     return subprocess.run(command + args, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
@@ -77,14 +99,29 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_git_sees_the_example_files_and_installing_leaves_no_build_output(site: Path) -> None:
-    files = sorted(p.relative_to(REPO).as_posix() for p in EXAMPLE.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    for needed in ("pyproject.toml", "README.md", ".gitignore", "src/workbench_example/__init__.py",
-                   "src/workbench_example/trimmed_mean.py", "recipes/trimmed_mean.yaml", "tests/test_trimmed_mean.py"):
+    files = sorted(
+        p.relative_to(REPO).as_posix()
+        for p in EXAMPLE.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    )
+    for needed in (
+        "pyproject.toml",
+        "README.md",
+        ".gitignore",
+        "src/workbench_example/__init__.py",
+        "src/workbench_example/trimmed_mean.py",
+        "recipes/trimmed_mean.yaml",
+        "tests/test_trimmed_mean.py",
+    ):
         assert (EXAMPLE / needed).relative_to(REPO).as_posix() in files, needed
     # installing (the fixture ran pip) built nothing inside the repository
-    leftovers = [p for pattern in ("build", "dist", "*.egg-info", "src/*.egg-info") for p in EXAMPLE.glob(pattern)]
+    leftovers = [
+        p for pattern in ("build", "dist", "*.egg-info", "src/*.egg-info") for p in EXAMPLE.glob(pattern)
+    ]
     assert not leftovers, leftovers
-    ignored = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=REPO, capture_output=True, text=True)
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", *files], cwd=REPO, capture_output=True, text=True
+    )
     if ignored.returncode not in (0, 1):
         pytest.skip(f"git cannot tell: {ignored.stderr.strip()}")
     assert not ignored.stdout.strip(), f".gitignore would hide {ignored.stdout.split()}"
@@ -112,7 +149,9 @@ def test_the_example_recipe_runs_and_gives_the_trimmed_mean(site: Path, workdir:
 
 
 @pytest.mark.parametrize("blocked", [PACKAGE, "example"])
-def test_a_disabled_example_plugin_is_not_loaded(site: Path, workdir: Path, tmp_path: Path, blocked: str) -> None:
+def test_a_disabled_example_plugin_is_not_loaded(
+    site: Path, workdir: Path, tmp_path: Path, blocked: str
+) -> None:
     env = _env(site, WORKBENCH_DISABLE_PLUGINS=blocked)
     listed = _workbench(["methods"], env, tmp_path)
     assert listed.returncode == 0, listed.stderr
@@ -127,13 +166,19 @@ def test_a_disabled_example_plugin_is_not_loaded(site: Path, workdir: Path, tmp_
 def test_the_example_package_own_tests_pass(site: Path, tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "pytest", str(EXAMPLE / "tests"), "-q", "-p", "no:cacheprovider"],
-        env=_env(site), cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env=_env(site),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
 
 
-def test_a_plugin_built_for_another_api_major_is_refused_and_builtins_keep_working(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_a_plugin_built_for_another_api_major_is_refused_and_builtins_keep_working(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     root = tmp_path_factory.mktemp("example-api2")
     site = root / "site"
     # the same package, declaring the next major plugin API
@@ -145,7 +190,9 @@ def test_a_plugin_built_for_another_api_major_is_refused_and_builtins_keep_worki
     init.write_text(source.replace('WORKBENCH_API = "1.0"', 'WORKBENCH_API = "2.0"'))
     _install(staged, site)
 
-    builtins = sorted(name for name, entry in load_registry().methods.items() if entry.plugin.package == CORE_DISTRIBUTION)
+    builtins = sorted(
+        name for name, entry in load_registry().methods.items() if entry.plugin.package == CORE_DISTRIBUTION
+    )
     assert "linear" in builtins
 
     listed = _workbench(["methods"], _env(site), root)
@@ -181,7 +228,13 @@ def test_a_plugin_built_for_another_api_major_is_refused_and_builtins_keep_worki
         """
     )
     runnable = [m for m in builtins if m not in ("atlas", "lora_experts")]
-    done = subprocess.run([sys.executable, "-c", script, str(root / "family"), *runnable],
-                          env=_env(site), cwd=root, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(root / "family"), *runnable],
+        env=_env(site),
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.split() == ["ran", *runnable]

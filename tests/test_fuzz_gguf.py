@@ -26,7 +26,9 @@ from hypothesis import strategies as st
 from workbench.errors import CheckpointError
 from workbench.registry import get_registry
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the limits use RLIMIT_AS and /proc")
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="the limits use RLIMIT_AS and /proc"
+)
 
 HEADROOM = 256 * 2**20  # address space an example may add; a 10**12-element tensor needs 4 TB
 SECONDS = 5.0  # a tiny file parses in milliseconds
@@ -57,7 +59,9 @@ def guarded(seconds: float = SECONDS) -> Iterator[None]:
     previous = signal.signal(signal.SIGALRM, on_alarm)
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     limit = _mapped_bytes() + HEADROOM
-    resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+    resource.setrlimit(
+        resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard)
+    )
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
@@ -75,19 +79,30 @@ def small_gguf(path: Path) -> None:
     hidden, ffn, vocab = 32, 64, 8
     writer = GGUFWriter(path, "llama")
     writer.add_uint32("general.alignment", 32)
-    for key, value in (("block_count", 1), ("context_length", 64), ("embedding_length", hidden), ("feed_forward_length", ffn),
-                       ("attention.head_count", 2), ("attention.head_count_kv", 1)):
+    for key, value in (
+        ("block_count", 1),
+        ("context_length", 64),
+        ("embedding_length", hidden),
+        ("feed_forward_length", ffn),
+        ("attention.head_count", 2),
+        ("attention.head_count_kv", 1),
+    ):
         writer.add_uint32(f"llama.{key}", value)
     writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
     writer.add_array("tokenizer.ggml.tokens", [f"t{i}" for i in range(vocab)])
     writer.add_array("tokenizer.ggml.token_type", list(range(vocab)))
     writer.add_uint32("tokenizer.ggml.eos_token_id", 2)
     tensors = {
-        "token_embd.weight": ((vocab, hidden), Q.Q8_0), "output_norm.weight": ((hidden,), Q.F32),
-        "blk.0.attn_q.weight": ((hidden, hidden), Q.Q4_1), "blk.0.attn_k.weight": ((16, hidden), Q.F16),
-        "blk.0.attn_v.weight": ((16, hidden), Q.BF16), "blk.0.attn_output.weight": ((hidden, hidden), Q.F32),
-        "blk.0.ffn_gate.weight": ((ffn, hidden), Q.Q8_0), "blk.0.ffn_up.weight": ((ffn, hidden), Q.Q4_1),
-        "blk.0.ffn_down.weight": ((hidden, ffn), Q.F16), "blk.0.attn_norm.weight": ((hidden,), Q.F32),
+        "token_embd.weight": ((vocab, hidden), Q.Q8_0),
+        "output_norm.weight": ((hidden,), Q.F32),
+        "blk.0.attn_q.weight": ((hidden, hidden), Q.Q4_1),
+        "blk.0.attn_k.weight": ((16, hidden), Q.F16),
+        "blk.0.attn_v.weight": ((16, hidden), Q.BF16),
+        "blk.0.attn_output.weight": ((hidden, hidden), Q.F32),
+        "blk.0.ffn_gate.weight": ((ffn, hidden), Q.Q8_0),
+        "blk.0.ffn_up.weight": ((ffn, hidden), Q.Q4_1),
+        "blk.0.ffn_down.weight": ((hidden, ffn), Q.F16),
+        "blk.0.attn_norm.weight": ((hidden,), Q.F32),
         "blk.0.ffn_norm.weight": ((hidden,), Q.F32),
     }
     for name, (shape, qtype) in tensors.items():
@@ -112,19 +127,29 @@ def header_fields(path: Path) -> tuple[int, list[tuple[str, int, int]]]:
             if part.dtype.kind == "u" and part.dtype.itemsize in (4, 8) and part.size <= 4:
                 for k in range(part.size):
                     label = f"{field.name}@{i}" if part.size == 1 else f"{field.name}@{i}.{k}"
-                    found.append((label, part.__array_interface__["data"][0] - base + k * part.dtype.itemsize, part.dtype.itemsize))
+                    found.append(
+                        (
+                            label,
+                            part.__array_interface__["data"][0] - base + k * part.dtype.itemsize,
+                            part.dtype.itemsize,
+                        )
+                    )
     return reader.data_offset, found
 
 
 @pytest.fixture(scope="module")
-def valid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, bytes, int, list[tuple[str, int, int]], int]:
+def valid(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, bytes, int, list[tuple[str, int, int]], int]:
     """(path, bytes, end of the header, lie-able fields, end of the last tensor's data) of a valid file."""
     root = tmp_path_factory.mktemp("fuzz_gguf")
     path = root / "valid.gguf"
     small_gguf(path)
     header_end, fields = header_fields(path)
     assert outcome(path) == "ok"  # also loads the registry and warms torch outside the limits
-    assert {"GGUF.tensor_count@0", "GGUF.kv_count@0", "tokenizer.ggml.tokens@4", "token_embd.weight@3.1"} <= {f[0] for f in fields}
+    assert {"GGUF.tensor_count@0", "GGUF.kv_count@0", "tokenizer.ggml.tokens@4", "token_embd.weight@3.1"} <= {
+        f[0] for f in fields
+    }
     data_end = max(t.data_offset + t.n_bytes for t in GGUFReader(path).tensors)  # only padding follows
     return path, path.read_bytes(), header_end, fields, data_end
 
@@ -142,7 +167,10 @@ def outcome(path: Path) -> str:
             for name in reader.tensor_names():
                 info = reader.info(name)
                 assert tuple(reader.read(name).shape) == info.shape, name
-                assert tuple(reader.read(name, (1, info.shape[0])).shape) == (info.shape[0] - 1, *info.shape[1:]), name
+                assert tuple(reader.read(name, (1, info.shape[0])).shape) == (
+                    info.shape[0] - 1,
+                    *info.shape[1:],
+                ), name
         return "ok"
     except CheckpointError as exc:
         assert str(path) in str(exc), f"the error does not name the file: {exc}"
@@ -164,7 +192,9 @@ def put(data: bytes, offset: int, width: int, value: int) -> bytes:
     return data[:offset] + (value % 2 ** (8 * width)).to_bytes(width, "little") + data[offset + width :]
 
 
-LIES = st.sampled_from([0, 1, 2, 3, 31, 33, 2**16, 2**31, 2**32 - 1, 2**32, 10**12, 2**62, 2**63, 2**64 - 1]) | st.integers(0, 2**64 - 1)
+LIES = st.sampled_from(
+    [0, 1, 2, 3, 31, 33, 2**16, 2**31, 2**32 - 1, 2**32, 10**12, 2**62, 2**63, 2**64 - 1]
+) | st.integers(0, 2**64 - 1)
 
 # ------------------------------------------------------------------------------------------------
 # hypothesis
@@ -213,7 +243,11 @@ def field(valid, label: str) -> tuple[int, int]:
     [
         ("GGUF.tensor_count@0", 2**63, r"claims 9223372036854775808 tensors"),
         ("GGUF.kv_count@0", 2**63, r"9223372036854775808 metadata entries"),
-        ("tokenizer.ggml.token_type@4", 2**63, r"'tokenizer\.ggml\.token_type' claims an array of 9223372036854775808 items"),
+        (
+            "tokenizer.ggml.token_type@4",
+            2**63,
+            r"'tokenizer\.ggml\.token_type' claims an array of 9223372036854775808 items",
+        ),
         ("tokenizer.ggml.tokens@3", 9, r"'tokenizer\.ggml\.tokens' is an array of value type 9"),
         ("general.alignment@3", 3, r"general\.alignment must be a uint32 power of two"),
         ("blk.0.attn_output.weight@5", 2**62, r"tensor 'blk\.0\.attn_output\.weight'.*claims bytes"),
@@ -267,7 +301,10 @@ def test_the_gguf_package_alone_spins_on_a_lying_array_length(valid) -> None:
     them one by one to the end of the file and then for ever (an empty read advances nothing), growing
     its lists as it goes; it never returns. The reader refuses the same file by name."""
     raw = valid[1]
-    for label, value in (("tokenizer.ggml.token_type@3", 0), ("tokenizer.ggml.token_type@4", 2**63)):  # uint8 items, 2**63 of them
+    for label, value in (
+        ("tokenizer.ggml.token_type@3", 0),
+        ("tokenizer.ggml.token_type@4", 2**63),
+    ):  # uint8 items, 2**63 of them
         raw = put(raw, *field(valid, label), value)
     path = valid[0].parent / "spin.gguf"
     path.write_bytes(raw)

@@ -19,14 +19,21 @@ from typing import Any
 
 import pytest
 import yaml
+from cli_failures import assert_failed, invoke
 from click.testing import CliRunner
+from fuzz_guards import time_limit
 from hypothesis import event, example, given
 from hypothesis import strategies as st
 
-from cli_failures import assert_failed, invoke
-from fuzz_guards import time_limit
 from workbench.errors import RecipeError
-from workbench.recipe.schema import MAX_RECIPE_BYTES, MAX_RECIPE_DEPTH, MAX_RECIPE_VALUES, Recipe, load_recipe, parse_recipe
+from workbench.recipe.schema import (
+    MAX_RECIPE_BYTES,
+    MAX_RECIPE_DEPTH,
+    MAX_RECIPE_VALUES,
+    Recipe,
+    load_recipe,
+    parse_recipe,
+)
 
 #: Wall time one example may take. Parsing is milliseconds; the worst legitimate case measured is
 #: flow nesting hundreds deep, where PyYAML's scanner is quadratic until the parser's recursion
@@ -66,18 +73,85 @@ def assert_round_trips(recipe: Recipe) -> None:
 # ------------------------------------------------------------------------------------------------
 
 TOKENS = [
-    "method: ", "merge_method: ", "linear", "slerp", "ties", "models:", "slices:", "sources:", "model: ", "base_model: ",
-    "parameters: ", "weight: ", "layer_range: ", "output: ", "shard_size: ", "memory_limit: ", "dtype: ", "seed: ",
-    "evaluators: ", "a", "./m", "\n", "\n  ", "\n    ", "- ", ": ", ", ", "[", "]", "{", "}", "? ", "'", '"', "#", "|\n", ">\n",
-    "---\n", "...\n", "%YAML 1.1\n", "&x ", "*x", "&y ", "*y", "<<: ", "!!str ", "!!int ", "!!float ", "!!omap ", "!!set ",
-    "!!binary ", "!!timestamp ", "!!python/object/apply:os.system ", "!custom ", "1e400", ".inf", ".nan", "-1", "0x" + "f" * 40,
-    "9" * 5000, "2001-02-30", "1:2:3", "null", "~", "true", "\t", '"\\ud800"', '"\\x00"', "\u2028", "\ufeff", "5GB",
+    "method: ",
+    "merge_method: ",
+    "linear",
+    "slerp",
+    "ties",
+    "models:",
+    "slices:",
+    "sources:",
+    "model: ",
+    "base_model: ",
+    "parameters: ",
+    "weight: ",
+    "layer_range: ",
+    "output: ",
+    "shard_size: ",
+    "memory_limit: ",
+    "dtype: ",
+    "seed: ",
+    "evaluators: ",
+    "a",
+    "./m",
+    "\n",
+    "\n  ",
+    "\n    ",
+    "- ",
+    ": ",
+    ", ",
+    "[",
+    "]",
+    "{",
+    "}",
+    "? ",
+    "'",
+    '"',
+    "#",
+    "|\n",
+    ">\n",
+    "---\n",
+    "...\n",
+    "%YAML 1.1\n",
+    "&x ",
+    "*x",
+    "&y ",
+    "*y",
+    "<<: ",
+    "!!str ",
+    "!!int ",
+    "!!float ",
+    "!!omap ",
+    "!!set ",
+    "!!binary ",
+    "!!timestamp ",
+    "!!python/object/apply:os.system ",
+    "!custom ",
+    "1e400",
+    ".inf",
+    ".nan",
+    "-1",
+    "0x" + "f" * 40,
+    "9" * 5000,
+    "2001-02-30",
+    "1:2:3",
+    "null",
+    "~",
+    "true",
+    "\t",
+    '"\\ud800"',
+    '"\\x00"',
+    "\u2028",
+    "\ufeff",
+    "5GB",
     "9" * 400 + "GB",
 ]
 
 
 @given(st.lists(st.one_of(st.sampled_from(TOKENS), st.text(max_size=3)), max_size=60).map("".join))
-@example("method: linear\nmodels: [a]\nseed: " + "9" * 5000)  # ValueError: int digit limit, from the YAML constructor
+@example(
+    "method: linear\nmodels: [a]\nseed: " + "9" * 5000
+)  # ValueError: int digit limit, from the YAML constructor
 @example("!!omap [{[a]: 1}]")  # TypeError: a list key hashed into the line map
 @example('method: "\\ud800"\nmodels: [a]\n')  # accepted a string no console can print
 @example("method: linear\nmodels: [a]\nmemory_limit: " + "9" * 400 + "GB\n")  # OverflowError: int(inf)
@@ -98,21 +172,72 @@ def test_token_soup_fails_cleanly(text: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 TEMPLATES: list[dict[str, Any]] = [
-    {"method": "linear", "models": ["a", {"model": "b", "parameters": {"weight": 0.5}}], "parameters": {}, "dtype": "float32",
-     "seed": 0, "memory_limit": "16GB", "output": {"path": "out", "shard_size": "5GB", "dtype": "bfloat16", "copy_tokenizer_from": "base"},
-     "evaluators": ["zoo_copy"]},
-    {"method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [0, 4]}]}, {"sources": [{"model": "a", "layer_range": [2, 6]}]}]},
-    {"merge_method": "ties", "base_model": "base", "models": [{"model": "a", "parameters": {"weight": 0.5, "density": 0.5}}, {"model": "base"}],
-     "parameters": {"normalize": True}, "dtype": "bfloat16", "tokenizer_source": "base"},
-    {"merge_method": "slerp", "base_model": "a", "parameters": {"t": 0.5},
-     "slices": [{"sources": [{"model": "a", "layer_range": [0, 4]}, {"model": "b", "layer_range": [0, 4]}]}]},
+    {
+        "method": "linear",
+        "models": ["a", {"model": "b", "parameters": {"weight": 0.5}}],
+        "parameters": {},
+        "dtype": "float32",
+        "seed": 0,
+        "memory_limit": "16GB",
+        "output": {"path": "out", "shard_size": "5GB", "dtype": "bfloat16", "copy_tokenizer_from": "base"},
+        "evaluators": ["zoo_copy"],
+    },
+    {
+        "method": "passthrough",
+        "slices": [
+            {"sources": [{"model": "a", "layer_range": [0, 4]}]},
+            {"sources": [{"model": "a", "layer_range": [2, 6]}]},
+        ],
+    },
+    {
+        "merge_method": "ties",
+        "base_model": "base",
+        "models": [{"model": "a", "parameters": {"weight": 0.5, "density": 0.5}}, {"model": "base"}],
+        "parameters": {"normalize": True},
+        "dtype": "bfloat16",
+        "tokenizer_source": "base",
+    },
+    {
+        "merge_method": "slerp",
+        "base_model": "a",
+        "parameters": {"t": 0.5},
+        "slices": [
+            {"sources": [{"model": "a", "layer_range": [0, 4]}, {"model": "b", "layer_range": [0, 4]}]}
+        ],
+    },
 ]
 
 WEIRD = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.sampled_from([10**100, -(10**30), 2**63, 2**64]), st.floats(),
-    st.text(max_size=6), st.sampled_from(["", " ", "9" * 400 + "GB", "1e400", "-5GB", "0", "float8", "I8", "../../x", "org/name@rev",
-                                          "linear", "ties", "slerp", "union", "base", "\u0000"]),
-    st.lists(st.integers(-2, 8), max_size=3), st.dictionaries(st.sampled_from(["model", "weight", "t", "sources", "x"]), st.integers(-1, 3), max_size=2),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.sampled_from([10**100, -(10**30), 2**63, 2**64]),
+    st.floats(),
+    st.text(max_size=6),
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "9" * 400 + "GB",
+            "1e400",
+            "-5GB",
+            "0",
+            "float8",
+            "I8",
+            "../../x",
+            "org/name@rev",
+            "linear",
+            "ties",
+            "slerp",
+            "union",
+            "base",
+            "\u0000",
+        ]
+    ),
+    st.lists(st.integers(-2, 8), max_size=3),
+    st.dictionaries(
+        st.sampled_from(["model", "weight", "t", "sources", "x"]), st.integers(-1, 3), max_size=2
+    ),
 )
 
 
@@ -144,7 +269,9 @@ def near_valid(draw: st.DrawFn) -> tuple[dict[str, Any], bool]:
         elif action == "delete":
             del parent[path[-1]]
         elif isinstance(parent, dict):
-            parent[draw(st.sampled_from(["extra", "slices", "models", "base", "modules", "name", 1, None]))] = draw(WEIRD)
+            parent[
+                draw(st.sampled_from(["extra", "slices", "models", "base", "modules", "name", 1, None]))
+            ] = draw(WEIRD)
         else:
             parent.append(draw(WEIRD))
         if not paths_of(data):
@@ -162,8 +289,26 @@ SLERP_SOURCES = [{"model": "a", "layer_range": [0, 4]}, {"model": "b", "layer_ra
 
 @given(near_valid())
 # TypeError: sorting a slice's unknown keys, a number among them (found by the fuzz profile)
-@example(({"merge_method": "slerp", "base_model": "a", "slices": [{"sources": SLERP_SOURCES, "extra": None, 1: None}]}, False))
-@example(({"merge_method": "slerp", "base_model": "a", "slices": [{"sources": [{**SLERP_SOURCES[0], "extra": None, 1: None}, SLERP_SOURCES[1]]}]}, False))
+@example(
+    (
+        {
+            "merge_method": "slerp",
+            "base_model": "a",
+            "slices": [{"sources": SLERP_SOURCES, "extra": None, 1: None}],
+        },
+        False,
+    )
+)
+@example(
+    (
+        {
+            "merge_method": "slerp",
+            "base_model": "a",
+            "slices": [{"sources": [{**SLERP_SOURCES[0], "extra": None, 1: None}, SLERP_SOURCES[1]]}],
+        },
+        False,
+    )
+)
 def test_near_valid_recipes_load_or_fail_cleanly(scratch: Path, case: tuple[dict[str, Any], bool]) -> None:
     """Through ``load_recipe`` (the file path the CLI takes): a valid recipe with wrong types, huge
     or non-finite numbers, unknown and missing fields loads or is refused naming the file; the
@@ -214,7 +359,9 @@ def expanded_values(levels: int, fanout: int) -> int:
     return 1 + 2 * 3 + 1 + levels + sum(per_level)  # top map, 3 keys+values, 'parameters' map, keys
 
 
-@given(st.integers(1, 12), st.integers(1, 12), st.sampled_from(["parameters", "models", "output", "evaluators"]))
+@given(
+    st.integers(1, 12), st.integers(1, 12), st.sampled_from(["parameters", "models", "output", "evaluators"])
+)
 @example(9, 9, "parameters")  # billion laughs: hung in the line map (exponential walk), then in validation
 def test_alias_bombs_are_refused_quickly(levels: int, fanout: int, field: str) -> None:
     """Any bomb is refused or parsed within the time limit; one whose expansion passes the cap is
@@ -226,18 +373,24 @@ def test_alias_bombs_are_refused_quickly(levels: int, fanout: int, field: str) -
         assert isinstance(result, Recipe), f"a small use of aliases was refused: {result}"
 
 
-@pytest.mark.parametrize("text", [
-    "method: linear\nmodels: [a]\nparameters: &p {x: *p}\n",
-    "method: linear\nmodels: &m [a, *m]\n",
-    "&top {method: linear, models: [a], parameters: {again: *top}}\n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "method: linear\nmodels: [a]\nparameters: &p {x: *p}\n",
+        "method: linear\nmodels: &m [a, *m]\n",
+        "&top {method: linear, models: [a], parameters: {again: *top}}\n",
+    ],
+)
 def test_recursive_aliases_are_refused(text: str) -> None:
     """An alias inside its own anchor made a cyclic structure: RecursionError in the line map."""
     with time_limit(LIMIT_S), pytest.raises(RecipeError, match=f"{NAME}:.*recursive"):
         parse_recipe(text, NAME)
 
 
-@given(st.integers(1, 2 * MAX_RECIPE_DEPTH), st.sampled_from(["flow_list", "flow_map", "block_map", "block_list"]))
+@given(
+    st.integers(1, 2 * MAX_RECIPE_DEPTH),
+    st.sampled_from(["flow_list", "flow_map", "block_map", "block_list"]),
+)
 @example(1000, "flow_list")  # RecursionError from PyYAML's composer
 @example(100_000, "flow_map")
 @example(400, "block_map")

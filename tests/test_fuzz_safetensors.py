@@ -24,10 +24,10 @@ from typing import Any
 
 import pytest
 import torch
+from fuzz_guards import run_capped, time_limit
 from hypothesis import event, example, given
 from hypothesis import strategies as st
 
-from fuzz_guards import run_capped, time_limit
 from workbench.checkpoint.base import TensorSpec
 from workbench.checkpoint.dtypes import ITEMSIZE, to_torch
 from workbench.checkpoint.folder import INDEX_NAME, SafetensorsFolder, folder_config
@@ -72,7 +72,9 @@ def open_and_read(path: Path, raw: bytes) -> bool:
                     if info.nbytes:
                         spans.append((begin, begin + info.nbytes))
                 spans.sort()
-                assert all(end <= next_begin for (_, end), (next_begin, _) in zip(spans, spans[1:])), "overlapping tensors accepted"
+                assert all(end <= next_begin for (_, end), (next_begin, _) in zip(spans, spans[1:])), (
+                    "overlapping tensors accepted"
+                )
                 assert all(isinstance(k, str) and isinstance(v, str) for k, v in st_file.metadata.items())
             finally:
                 st_file.close()
@@ -109,8 +111,14 @@ def check_bytes(folder: Path, raw: bytes) -> bool:
 # structured headers with lying fields
 # ------------------------------------------------------------------------------------------------
 
-JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=4))
-JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3), max_leaves=8)
+JSON_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=4)
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=8,
+)
 HUGE = st.sampled_from([10**12, 2**31, 2**32, 2**62, 2**63, 2**64, 2**70, -1, -(2**63)])
 BAD_DTYPES = st.one_of(st.sampled_from(["F4", "f32", "", "BF16 ", "float32", "Q4_K"]), JSON_VALUES)
 BAD_SHAPES = st.one_of(
@@ -118,10 +126,17 @@ BAD_SHAPES = st.one_of(
     st.lists(HUGE, min_size=1, max_size=40),
     JSON_VALUES,
 )
-BAD_OFFSETS = st.one_of(st.lists(st.one_of(st.integers(-4, 300), HUGE, st.booleans(), st.floats()), max_size=3), JSON_VALUES)
+BAD_OFFSETS = st.one_of(
+    st.lists(st.one_of(st.integers(-4, 300), HUGE, st.booleans(), st.floats()), max_size=3), JSON_VALUES
+)
 #: A handful of names so that duplicates and collisions with __metadata__ happen often.
-NAMES = st.one_of(st.sampled_from(["a", "b", "c", "model.w", "__metadata__", "", "\ud800", "é"]), st.text(max_size=6))
-LENGTH_LIES = st.one_of(st.sampled_from([0, 1, 7, 2**60, 2**64 - 1, MAX_HEADER_BYTES, MAX_HEADER_BYTES + 1, 90 * 2**20]), st.integers(0, 2**64 - 1))
+NAMES = st.one_of(
+    st.sampled_from(["a", "b", "c", "model.w", "__metadata__", "", "\ud800", "é"]), st.text(max_size=6)
+)
+LENGTH_LIES = st.one_of(
+    st.sampled_from([0, 1, 7, 2**60, 2**64 - 1, MAX_HEADER_BYTES, MAX_HEADER_BYTES + 1, 90 * 2**20]),
+    st.integers(0, 2**64 - 1),
+)
 
 
 def deep(depth: int) -> str:
@@ -148,7 +163,9 @@ def headers(draw: st.DrawFn) -> Header:
     offset = 0
     for name, dtype, shape in entries:
         nbytes = math.prod(shape) * ITEMSIZE[dtype]
-        layout = draw(st.sampled_from(["honest", "honest", "gap", "overlap", "lie"] if lying else ["honest", "gap"]))
+        layout = draw(
+            st.sampled_from(["honest", "honest", "gap", "overlap", "lie"] if lying else ["honest", "gap"])
+        )
         begin = offset
         if layout == "gap":
             begin += draw(st.integers(1, 16))
@@ -158,7 +175,9 @@ def headers(draw: st.DrawFn) -> Header:
         entry: dict[str, Any] = {"dtype": dtype, "shape": shape, "data_offsets": [begin, begin + nbytes]}
         if layout == "lie":
             honest = False
-            field = draw(st.sampled_from(["dtype", "shape", "data_offsets", "entry", "extra", "deep", "missing"]))
+            field = draw(
+                st.sampled_from(["dtype", "shape", "data_offsets", "entry", "extra", "deep", "missing"])
+            )
             if field == "dtype":
                 entry["dtype"] = draw(BAD_DTYPES)
             elif field == "shape":
@@ -182,13 +201,26 @@ def headers(draw: st.DrawFn) -> Header:
             offset = max(offset, begin + nbytes)
     metadata = draw(st.sampled_from(["none", "good", "bad"] if lying else ["none", "good"]))
     if metadata != "none":
-        value = draw(st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=3)) if metadata == "good" else draw(JSON_VALUES)
+        value = (
+            draw(st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=3))
+            if metadata == "good"
+            else draw(JSON_VALUES)
+        )
         honest = honest and metadata == "good" and "__metadata__" not in names
         pairs.insert(draw(st.integers(0, len(pairs))), ("__metadata__", json.dumps(value)))
     text = "{" + ",".join(f"{json.dumps(k)}:{v}" for k, v in pairs) + "}"
     if lying and draw(st.integers(0, 9)) == 0:  # not an object, or not JSON at all
         honest = False
-        text = draw(st.sampled_from([json.dumps(draw(JSON_VALUES)), deep(100_000), '{"a":' + "1" * 5000 + "}", text[: len(text) // 2]]))
+        text = draw(
+            st.sampled_from(
+                [
+                    json.dumps(draw(JSON_VALUES)),
+                    deep(100_000),
+                    '{"a":' + "1" * 5000 + "}",
+                    text[: len(text) // 2],
+                ]
+            )
+        )
     encoding = draw(st.sampled_from(["utf-8"] * 8 + ["utf-16", "latin-1-junk"])) if lying else "utf-8"
     if encoding == "utf-16":
         honest = False
@@ -219,15 +251,44 @@ def _file(header_text: str, data: bytes = b"") -> bytes:
 
 
 @given(headers())
-@example(Header(_file('{"a":{"dtype":[],"shape":[],"data_offsets":[0,0]}}'), False))  # TypeError: unhashable dtype
-@example(Header(_file('{"a":{"dtype":"F32","shape":[0,1180591620717411303424],"data_offsets":[0,0]}}'), False))  # torch overflow
-@example(Header(_file('{"a":{"dtype":"F32","shape":[0,4611686018427387904,4611686018427387904],"data_offsets":[0,0]}}'), False))  # stride overflow
+@example(
+    Header(_file('{"a":{"dtype":[],"shape":[],"data_offsets":[0,0]}}'), False)
+)  # TypeError: unhashable dtype
+@example(
+    Header(_file('{"a":{"dtype":"F32","shape":[0,1180591620717411303424],"data_offsets":[0,0]}}'), False)
+)  # torch overflow
+@example(
+    Header(
+        _file(
+            '{"a":{"dtype":"F32","shape":[0,4611686018427387904,4611686018427387904],"data_offsets":[0,0]}}'
+        ),
+        False,
+    )
+)  # stride overflow
 @example(Header(_file('{"a":' + "1" * 5000 + "}"), False))  # ValueError: int digit limit
 @example(Header(_file(deep(100_000)), False))  # RecursionError
-@example(Header(_file('{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', b"\0" * 4), False))  # overlap accepted
-@example(Header(_file('{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}', b"\0" * 4), False))  # duplicate: last silently won
+@example(
+    Header(
+        _file(
+            '{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+            b"\0" * 4,
+        ),
+        False,
+    )
+)  # overlap accepted
+@example(
+    Header(
+        _file(
+            '{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}',
+            b"\0" * 4,
+        ),
+        False,
+    )
+)  # duplicate: last silently won
 @example(Header(_file('{"__metadata__":{"k":[1,{"b":2}]}}'), False))  # nested metadata stringified
-@example(Header(_file('{"\\ud800":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}'), False))  # unprintable name
+@example(
+    Header(_file('{"\\ud800":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}'), False)
+)  # unprintable name
 @example(Header(struct.pack("<Q", 2) + "{}".encode("utf-16"), False))  # UTF-16 header accepted
 def test_lying_headers_fail_cleanly(scratch: Path, header: Header) -> None:
     """A header with any mix of lies is refused by name or read back exactly; a truthful one is
@@ -246,8 +307,15 @@ def test_lying_headers_fail_cleanly(scratch: Path, header: Header) -> None:
 def valid_file() -> bytes:
     """Three tensors (odd sizes, a zero-size one) written by the repo's own header builder."""
     g = torch.Generator().manual_seed(0)
-    tensors = {"a.weight": torch.randn(3, 5, generator=g).to(torch.bfloat16), "b": torch.randn(4, generator=g), "empty": torch.zeros(0, 2)}
-    specs = [TensorSpec(name, "BF16" if t.dtype == torch.bfloat16 else "F32", tuple(t.shape)) for name, t in tensors.items()]
+    tensors = {
+        "a.weight": torch.randn(3, 5, generator=g).to(torch.bfloat16),
+        "b": torch.randn(4, generator=g),
+        "empty": torch.zeros(0, 2),
+    }
+    specs = [
+        TensorSpec(name, "BF16" if t.dtype == torch.bfloat16 else "F32", tuple(t.shape))
+        for name, t in tensors.items()
+    ]
     return build_header(specs, {"format": "pt"}) + b"".join(tensor_bytes(t) for t in tensors.values())
 
 
@@ -294,7 +362,10 @@ def test_mutated_files_fail_cleanly(scratch: Path, mutations: list[tuple[Any, ..
 # folders: the index and config.json
 # ------------------------------------------------------------------------------------------------
 
-SHARD_TENSORS = {"model-1.safetensors": {"a": [1.0, 2.0], "b": [3.0]}, "model-2.safetensors": {"c": [4.0, 5.0, 6.0]}}
+SHARD_TENSORS = {
+    "model-1.safetensors": {"a": [1.0, 2.0], "b": [3.0]},
+    "model-2.safetensors": {"c": [4.0, 5.0, 6.0]},
+}
 
 
 def write_shard(path: Path, tensors: dict[str, list[float]]) -> None:
@@ -317,30 +388,61 @@ def sharded(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 SHARD_REFS = st.one_of(
     st.sampled_from(["model-1.safetensors", "model-2.safetensors"]),
-    st.sampled_from(["../outside.safetensors", "ABSOLUTE", "./../outside.safetensors", "sub/../../outside.safetensors",
-                     "missing.safetensors", "", ".", "..", "model-1.safetensors\0", "x" * 300, "model-1.safetensors/x"]),
+    st.sampled_from(
+        [
+            "../outside.safetensors",
+            "ABSOLUTE",
+            "./../outside.safetensors",
+            "sub/../../outside.safetensors",
+            "missing.safetensors",
+            "",
+            ".",
+            "..",
+            "model-1.safetensors\0",
+            "x" * 300,
+            "model-1.safetensors/x",
+        ]
+    ),
     JSON_VALUES,
 )
 
 
 @st.composite
 def index_texts(draw: st.DrawFn) -> str:
-    weight_map = draw(st.dictionaries(st.sampled_from(["a", "b", "c", "d", "\ud800"]), SHARD_REFS, max_size=4))
+    weight_map = draw(
+        st.dictionaries(st.sampled_from(["a", "b", "c", "d", "\ud800"]), SHARD_REFS, max_size=4)
+    )
     body = json.dumps({"metadata": {"total_size": 24}, "weight_map": weight_map})
-    return draw(st.sampled_from([
-        body,
-        body,
-        body[: len(body) // 2],
-        json.dumps(draw(JSON_VALUES)),
-        '{"weight_map": ' + json.dumps(draw(JSON_VALUES)) + "}",
-        '{"weight_map": {"a": "model-1.safetensors"}, "weight_map": {"a": "../outside.safetensors"}}',
-        '{"weight_map": ' + deep(50_000) + "}",
-        draw(st.text(max_size=20)),
-    ]))
+    return draw(
+        st.sampled_from(
+            [
+                body,
+                body,
+                body[: len(body) // 2],
+                json.dumps(draw(JSON_VALUES)),
+                '{"weight_map": ' + json.dumps(draw(JSON_VALUES)) + "}",
+                '{"weight_map": {"a": "model-1.safetensors"}, "weight_map": {"a": "../outside.safetensors"}}',
+                '{"weight_map": ' + deep(50_000) + "}",
+                draw(st.text(max_size=20)),
+            ]
+        )
+    )
 
 
-@given(index_texts(), st.one_of(st.none(), st.text(max_size=20), st.just(deep(50_000)), st.just("{}"), st.just('{"model_type": "llama", "num_hidden_layers": 2}'), st.just("[1, 2]")))
-@example('{"weight_map": {"a": "../outside.safetensors", "b": "../outside.safetensors"}}', None)  # read outside the folder
+@given(
+    index_texts(),
+    st.one_of(
+        st.none(),
+        st.text(max_size=20),
+        st.just(deep(50_000)),
+        st.just("{}"),
+        st.just('{"model_type": "llama", "num_hidden_layers": 2}'),
+        st.just("[1, 2]"),
+    ),
+)
+@example(
+    '{"weight_map": {"a": "../outside.safetensors", "b": "../outside.safetensors"}}', None
+)  # read outside the folder
 @example('{"weight_map": {"a": "ABSOLUTE"}}', None)  # an absolute path was read
 @example('{"weight_map": ' + deep(50_000) + "}", deep(50_000))  # RecursionError from index and config.json
 @example('{"weight_map": {"a": "' + "x" * 300 + '"}}', None)  # OSError: file name too long
@@ -348,7 +450,9 @@ def test_hostile_indexes_fail_cleanly(sharded: Path, index_text: str, config_tex
     """An index (and config.json) of any content opens only shards inside its own folder, and fails
     with a ``CheckpointError`` naming the folder's files, never another exception."""
     outside = (sharded.parent / "outside.safetensors").resolve()
-    (sharded / INDEX_NAME).write_text(index_text.replace("ABSOLUTE", str(outside)), encoding="utf-8", errors="surrogatepass")
+    (sharded / INDEX_NAME).write_text(
+        index_text.replace("ABSOLUTE", str(outside)), encoding="utf-8", errors="surrogatepass"
+    )
     config = sharded / "config.json"
     if config_text is None:
         config.unlink(missing_ok=True)
@@ -399,7 +503,9 @@ def test_a_pipe_named_like_a_shard_does_not_block(tmp_path: Path) -> None:
 
 HOSTILE = {
     # one tensor of 10^12 float32 elements (4 TB), in a file of a few hundred bytes
-    "trillion": _file(json.dumps({"t": {"dtype": "F32", "shape": [10**12], "data_offsets": [0, 4 * 10**12]}})),
+    "trillion": _file(
+        json.dumps({"t": {"dtype": "F32", "shape": [10**12], "data_offsets": [0, 4 * 10**12]}})
+    ),
     # a length field of 2^60 header bytes
     "length_2_60": struct.pack("<Q", 2**60) + b"{}",
     # a header of 90 MiB claimed (under the 100 MB cap) by a 10-byte file: a read of the claimed

@@ -33,22 +33,47 @@ ROPE_THETA, RMS_EPS, CONTEXT = 50000.0, 1e-6, 512
 
 #: Hugging Face module -> llama.cpp module, written out here (the reader has its own table).
 GGUF_MODULE = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
 }
 SHAPES = {
-    "self_attn.q_proj": (HEADS * HEAD_DIM, HIDDEN), "self_attn.k_proj": (KV_HEADS * HEAD_DIM, HIDDEN),
-    "self_attn.v_proj": (KV_HEADS * HEAD_DIM, HIDDEN), "self_attn.o_proj": (HIDDEN, HEADS * HEAD_DIM),
-    "mlp.gate_proj": (FFN, HIDDEN), "mlp.up_proj": (FFN, HIDDEN), "mlp.down_proj": (HIDDEN, FFN),
-    "input_layernorm": (HIDDEN,), "post_attention_layernorm": (HIDDEN,),
+    "self_attn.q_proj": (HEADS * HEAD_DIM, HIDDEN),
+    "self_attn.k_proj": (KV_HEADS * HEAD_DIM, HIDDEN),
+    "self_attn.v_proj": (KV_HEADS * HEAD_DIM, HIDDEN),
+    "self_attn.o_proj": (HIDDEN, HEADS * HEAD_DIM),
+    "mlp.gate_proj": (FFN, HIDDEN),
+    "mlp.up_proj": (FFN, HIDDEN),
+    "mlp.down_proj": (HIDDEN, FFN),
+    "input_layernorm": (HIDDEN,),
+    "post_attention_layernorm": (HIDDEN,),
 }
 #: Storage type of each layer's modules: every type in use appears on permuted and plain rows.
 TYPES = [
-    {"self_attn.q_proj": Q.Q4_1, "self_attn.k_proj": Q.Q8_0, "self_attn.v_proj": Q.F16, "self_attn.o_proj": Q.BF16,
-     "mlp.gate_proj": Q.Q4_1, "mlp.up_proj": Q.Q8_0, "mlp.down_proj": Q.F32},
-    {"self_attn.q_proj": Q.F32, "self_attn.k_proj": Q.BF16, "self_attn.v_proj": Q.Q4_1, "self_attn.o_proj": Q.Q8_0,
-     "mlp.gate_proj": Q.F16, "mlp.up_proj": Q.BF16, "mlp.down_proj": Q.Q4_1},
+    {
+        "self_attn.q_proj": Q.Q4_1,
+        "self_attn.k_proj": Q.Q8_0,
+        "self_attn.v_proj": Q.F16,
+        "self_attn.o_proj": Q.BF16,
+        "mlp.gate_proj": Q.Q4_1,
+        "mlp.up_proj": Q.Q8_0,
+        "mlp.down_proj": Q.F32,
+    },
+    {
+        "self_attn.q_proj": Q.F32,
+        "self_attn.k_proj": Q.BF16,
+        "self_attn.v_proj": Q.Q4_1,
+        "self_attn.o_proj": Q.Q8_0,
+        "mlp.gate_proj": Q.F16,
+        "mlp.up_proj": Q.BF16,
+        "mlp.down_proj": Q.Q4_1,
+    },
 ]
 
 
@@ -107,12 +132,29 @@ class TinyGGUF:
     types: dict[str, Q]
 
 
-def write_llama_gguf(path: Path, *, tied: bool = False, seed: int = 0, arch: str = "llama", drop: tuple[str, ...] = (), extra: dict[str, tuple[np.ndarray, Q]] | None = None, bias: bool = False) -> TinyGGUF:
+def write_llama_gguf(
+    path: Path,
+    *,
+    tied: bool = False,
+    seed: int = 0,
+    arch: str = "llama",
+    drop: tuple[str, ...] = (),
+    extra: dict[str, tuple[np.ndarray, Q]] | None = None,
+    bias: bool = False,
+) -> TinyGGUF:
     """A Llama GGUF as llama.cpp's converter lays it out (names, Q/K rows and biases, metadata keys)."""
     rng = np.random.default_rng(seed)
     writer = GGUFWriter(path, arch)
-    for key, value in (("block_count", LAYERS), ("context_length", CONTEXT), ("embedding_length", HIDDEN), ("feed_forward_length", FFN),
-                       ("attention.head_count", HEADS), ("attention.head_count_kv", KV_HEADS), ("rope.dimension_count", HEAD_DIM), ("vocab_size", VOCAB)):
+    for key, value in (
+        ("block_count", LAYERS),
+        ("context_length", CONTEXT),
+        ("embedding_length", HIDDEN),
+        ("feed_forward_length", FFN),
+        ("attention.head_count", HEADS),
+        ("attention.head_count_kv", KV_HEADS),
+        ("rope.dimension_count", HEAD_DIM),
+        ("vocab_size", VOCAB),
+    ):
         writer.add_uint32(f"{arch}.{key}", value)
     writer.add_float32(f"{arch}.rope.freq_base", ROPE_THETA)
     writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", RMS_EPS)
@@ -122,13 +164,29 @@ def write_llama_gguf(path: Path, *, tied: bool = False, seed: int = 0, arch: str
     writer.add_array("tokenizer.ggml.merges", ["t 0"])
     writer.add_uint32("tokenizer.ggml.bos_token_id", 1)
     writer.add_uint32("tokenizer.ggml.eos_token_id", 2)
-    plan: list[tuple[str, str, np.ndarray, Q]] = [("model.embed_tokens.weight", "token_embd.weight", rng.standard_normal((VOCAB, HIDDEN)), Q.Q8_0)]
+    plan: list[tuple[str, str, np.ndarray, Q]] = [
+        ("model.embed_tokens.weight", "token_embd.weight", rng.standard_normal((VOCAB, HIDDEN)), Q.Q8_0)
+    ]
     for i in range(LAYERS):
         for module, shape in SHAPES.items():
             values = 1.0 + 0.1 * rng.standard_normal(shape) if len(shape) == 1 else rng.standard_normal(shape)
-            plan.append((f"model.layers.{i}.{module}.weight", f"blk.{i}.{GGUF_MODULE[module]}.weight", values, TYPES[i].get(module, Q.F32)))
+            plan.append(
+                (
+                    f"model.layers.{i}.{module}.weight",
+                    f"blk.{i}.{GGUF_MODULE[module]}.weight",
+                    values,
+                    TYPES[i].get(module, Q.F32),
+                )
+            )
             if bias and module.startswith("self_attn."):
-                plan.append((f"model.layers.{i}.{module}.bias", f"blk.{i}.{GGUF_MODULE[module]}.bias", rng.standard_normal(shape[0]), Q.F32))
+                plan.append(
+                    (
+                        f"model.layers.{i}.{module}.bias",
+                        f"blk.{i}.{GGUF_MODULE[module]}.bias",
+                        rng.standard_normal(shape[0]),
+                        Q.F32,
+                    )
+                )
     plan.append(("model.norm.weight", "output_norm.weight", 1.0 + 0.1 * rng.standard_normal(HIDDEN), Q.F32))
     if not tied:
         plan.append(("lm_head.weight", "output.weight", rng.standard_normal((VOCAB, HIDDEN)), Q.F16))
@@ -164,7 +222,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TinyGGUF]:
 
 def expected_names(tied: bool, bias: bool = False) -> set[str]:
     names = {"model.embed_tokens.weight", "model.norm.weight"} | ({"lm_head.weight"} if not tied else set())
-    names |= {f"model.layers.{i}.self_attn.{p}_proj.bias" for i in range(LAYERS) for p in "qkvo"} if bias else set()
+    names |= (
+        {f"model.layers.{i}.self_attn.{p}_proj.bias" for i in range(LAYERS) for p in "qkvo"}
+        if bias
+        else set()
+    )
     return names | {f"model.layers.{i}.{module}.weight" for i in range(LAYERS) for module in SHAPES}
 
 
@@ -183,7 +245,11 @@ def test_tensors_come_back_under_hf_names_as_decoded_by_hand(tiny: dict[str, Tin
         for name, expected in model.expected.items():
             info, got = reader.info(name), reader.read(name)
             want_dtype = {Q.F16: "F16", Q.BF16: "BF16"}.get(model.types[name], "F32")
-            assert (info.dtype, info.shape, info.file) == (want_dtype, model.original[name].shape, model.path), name
+            assert (info.dtype, info.shape, info.file) == (
+                want_dtype,
+                model.original[name].shape,
+                model.path,
+            ), name
             assert got.dtype == expected.dtype and torch.equal(got, expected), name
 
 
@@ -195,13 +261,24 @@ def test_quantised_tensors_are_the_originals_within_one_quantisation_step(tiny: 
                 continue
             w = model.original[name]
             blocks = w.reshape(w.shape[0], -1, 32)
-            lo, hi, amax = blocks.min(-1, keepdims=True), blocks.max(-1, keepdims=True), np.abs(blocks).max(-1, keepdims=True)
+            lo, hi, amax = (
+                blocks.min(-1, keepdims=True),
+                blocks.max(-1, keepdims=True),
+                np.abs(blocks).max(-1, keepdims=True),
+            )
             step = amax / 127 if qtype == Q.Q8_0 else (hi - lo) / 15  # the block's quantisation step
             err = np.abs(reader.read(name).numpy().reshape(blocks.shape) - blocks)
             assert (err <= 0.51 * step + 1e-3 * amax).all(), name
 
 
-@pytest.mark.parametrize(("name", "heads"), [("model.layers.1.self_attn.q_proj.weight", HEADS), ("model.layers.0.self_attn.q_proj.bias", HEADS), ("model.layers.1.self_attn.k_proj.bias", KV_HEADS)])
+@pytest.mark.parametrize(
+    ("name", "heads"),
+    [
+        ("model.layers.1.self_attn.q_proj.weight", HEADS),
+        ("model.layers.0.self_attn.q_proj.bias", HEADS),
+        ("model.layers.1.self_attn.k_proj.bias", KV_HEADS),
+    ],
+)
 def test_q_and_k_rows_are_unpermuted_exactly(tiny: dict[str, TinyGGUF], name: str, heads: int) -> None:
     """These are stored as F32: reading must give the original rows bit for bit, though the file holds
     them in llama.cpp's interleaved order."""
@@ -212,14 +289,26 @@ def test_q_and_k_rows_are_unpermuted_exactly(tiny: dict[str, TinyGGUF], name: st
         assert np.array_equal(reader.read(name).numpy(), model.original[name])
 
 
-@pytest.mark.parametrize("name", ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight", "model.layers.1.self_attn.k_proj.weight",
-                                  "model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight", "model.layers.0.input_layernorm.weight"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.1.self_attn.k_proj.weight",
+        "model.embed_tokens.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.0.input_layernorm.weight",
+    ],
+)
 def test_row_blocks_are_slices_of_the_whole(tiny: dict[str, TinyGGUF], name: str) -> None:
     model = tiny["untied"]
     with GGUFCheckpoint(model.path) as reader:
         rows = model.original[name].shape[0]
         for start, stop in [(0, rows), (0, 1), (3, 11), (rows - 5, rows), (7, 7)]:
-            assert torch.equal(reader.read(name, (start, stop)), model.expected[name][start:stop]), (start, stop)
+            assert torch.equal(reader.read(name, (start, stop)), model.expected[name][start:stop]), (
+                start,
+                stop,
+            )
         with pytest.raises(CheckpointError, match=r"rows \[0, 999\)"):
             reader.read(name, (0, 999))
 
@@ -229,20 +318,47 @@ def test_config_comes_from_the_metadata(tiny: dict[str, TinyGGUF]) -> None:
         config = untied.config()
         assert tied.config()["tie_word_embeddings"] is True and config["tie_word_embeddings"] is False
     assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
-    assert {k: config[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "bos_token_id", "eos_token_id")} == {
-        "num_hidden_layers": LAYERS, "hidden_size": HIDDEN, "intermediate_size": FFN, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
-        "head_dim": HEAD_DIM, "vocab_size": VOCAB, "max_position_embeddings": CONTEXT, "bos_token_id": 1, "eos_token_id": 2}
+    assert {
+        k: config[k]
+        for k in (
+            "num_hidden_layers",
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "vocab_size",
+            "max_position_embeddings",
+            "bos_token_id",
+            "eos_token_id",
+        )
+    } == {
+        "num_hidden_layers": LAYERS,
+        "hidden_size": HIDDEN,
+        "intermediate_size": FFN,
+        "num_attention_heads": HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "head_dim": HEAD_DIM,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": CONTEXT,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     assert config["rope_theta"] == ROPE_THETA and config["rms_norm_eps"] == pytest.approx(RMS_EPS, rel=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["untied", "tied"])
-def test_transformers_runs_our_config_and_tensors_like_it_runs_the_gguf(tiny: dict[str, TinyGGUF], kind: str) -> None:
+def test_transformers_runs_our_config_and_tensors_like_it_runs_the_gguf(
+    tiny: dict[str, TinyGGUF], kind: str
+) -> None:
     """transformers' own GGUF loader is the reference: same state dict, and the same logits from a
     Llama built from our config.json (GQA heads, rope theta, eps, tying all in play)."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     model = tiny[kind]
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(model.path.parent, gguf_file=model.path.name).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        model.path.parent, gguf_file=model.path.name
+    ).eval()
     with GGUFCheckpoint(model.path) as reader:
         ours = {name: reader.read(name).float() for name in reader.tensor_names()}
         config = reader.config()
@@ -276,7 +392,9 @@ def test_a_recipe_merges_gguf_inputs_through_the_cli(tiny: dict[str, TinyGGUF], 
 
     a, b = tiny["untied"], tiny["other"]
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"method: linear\nmodels:\n  - model: {q(a.path)}\n    parameters: {{weight: 0.3}}\n  - model: {q(b.path)}\n    parameters: {{weight: 0.7}}\noutput:\n  dtype: float32\n")
+    recipe.write_text(
+        f"method: linear\nmodels:\n  - model: {q(a.path)}\n    parameters: {{weight: 0.3}}\n  - model: {q(b.path)}\n    parameters: {{weight: 0.7}}\noutput:\n  dtype: float32\n"
+    )
     result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(tmp_path / "out"), "-q"])
     assert result.exit_code == 0, result.output
     out = load_dir(tmp_path / "out")
@@ -285,10 +403,18 @@ def test_a_recipe_merges_gguf_inputs_through_the_cli(tiny: dict[str, TinyGGUF], 
         expected = 0.3 * a.expected[name].double() + 0.7 * b.expected[name].double()
         torch.testing.assert_close(out[name].double(), expected, rtol=1e-6, atol=1e-7)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["model_type"] == "llama" and config["num_key_value_heads"] == KV_HEADS and config["torch_dtype"] == "float32"
+    assert (
+        config["model_type"] == "llama"
+        and config["num_key_value_heads"] == KV_HEADS
+        and config["torch_dtype"] == "float32"
+    )
     # these tiny files' BPE merge "t 0" names tokens that are not in their vocabulary: the weights are
     # kept, no tokenizer file is written, and a warning names the file and what to do
-    assert "could not be converted" in result.output and a.path.name in result.output and "copy_tokenizer_from" in result.output
+    assert (
+        "could not be converted" in result.output
+        and a.path.name in result.output
+        and "copy_tokenizer_from" in result.output
+    )
     assert not list((tmp_path / "out").glob("tokenizer*"))
 
 
@@ -306,7 +432,9 @@ def test_inspect_describes_a_gguf(tiny: dict[str, TinyGGUF]) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def test_a_folder_with_one_gguf_opens_and_with_two_is_named(tiny: dict[str, TinyGGUF], tmp_path: Path) -> None:
+def test_a_folder_with_one_gguf_opens_and_with_two_is_named(
+    tiny: dict[str, TinyGGUF], tmp_path: Path
+) -> None:
     one = tmp_path / "one"
     one.mkdir()
     shutil.copy(tiny["tied"].path, one / "model.gguf")
@@ -317,7 +445,9 @@ def test_a_folder_with_one_gguf_opens_and_with_two_is_named(tiny: dict[str, Tiny
         get_registry().open_checkpoint(one)
 
 
-def test_a_folder_with_safetensors_is_left_to_safetensors(tiny: dict[str, TinyGGUF], tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_a_folder_with_safetensors_is_left_to_safetensors(
+    tiny: dict[str, TinyGGUF], tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     both = tmp_path / "both"
     shutil.copytree(tiny_family["ft1"], both)
     shutil.copy(tiny["tied"].path, both / "model.gguf")
@@ -329,8 +459,14 @@ def test_unsupported_architecture_quant_type_and_layouts_are_named(tmp_path: Pat
     cases = {
         "gpt2.gguf": ({"arch": "gpt2"}, r"architecture 'gpt2' is not supported"),
         "missing.gguf": ({"drop": ("blk.1.ffn_up.weight",)}, r"tensor 'blk\.1\.ffn_up\.weight' is missing"),
-        "unknown.gguf": ({"extra": {"blk.0.mystery.weight": (np.zeros(HIDDEN, np.float32), Q.F32)}}, r"tensor 'blk\.0\.mystery\.weight' has no place"),
-        "rope.gguf": ({"extra": {"rope_freqs.weight": (np.ones(HEAD_DIM // 2, np.float32), Q.F32)}}, r"rope_freqs\.weight"),
+        "unknown.gguf": (
+            {"extra": {"blk.0.mystery.weight": (np.zeros(HIDDEN, np.float32), Q.F32)}},
+            r"tensor 'blk\.0\.mystery\.weight' has no place",
+        ),
+        "rope.gguf": (
+            {"extra": {"rope_freqs.weight": (np.ones(HEAD_DIM // 2, np.float32), Q.F32)}},
+            r"rope_freqs\.weight",
+        ),
     }
     for file, (options, pattern) in cases.items():
         path = tmp_path / file
@@ -344,8 +480,12 @@ def test_an_undecodable_quant_type_is_named(tmp_path: Path) -> None:
     """Q8_1 (an activation type) has no dequantiser in gguf: the file, the tensor and the type are named."""
     path = tmp_path / "q8_1.gguf"
     raw = np.zeros((HIDDEN, HIDDEN // 32 * 40), np.uint8)  # Q8_1: blocks of 32 values in 40 bytes
-    write_llama_gguf(path, drop=("blk.1.attn_output.weight",), extra={"blk.1.attn_output.weight": (raw, Q.Q8_1)})
-    with pytest.raises(CheckpointError, match=r"q8_1\.gguf: tensor 'blk\.1\.attn_output\.weight' is quantised as Q8_1"):
+    write_llama_gguf(
+        path, drop=("blk.1.attn_output.weight",), extra={"blk.1.attn_output.weight": (raw, Q.Q8_1)}
+    )
+    with pytest.raises(
+        CheckpointError, match=r"q8_1\.gguf: tensor 'blk\.1\.attn_output\.weight' is quantised as Q8_1"
+    ):
         GGUFCheckpoint(path)
 
 
@@ -374,23 +514,33 @@ def smollm2_reference(smollm2: Path) -> dict[str, torch.Tensor]:
     return {name: tensor.detach() for name, tensor in model.state_dict().items()}
 
 
-def test_smollm2_reads_exactly_as_transformers_loads_it(smollm2: Path, smollm2_reference: dict[str, torch.Tensor]) -> None:
+def test_smollm2_reads_exactly_as_transformers_loads_it(
+    smollm2: Path, smollm2_reference: dict[str, torch.Tensor]
+) -> None:
     with get_registry().open_checkpoint(smollm2.parent) as reader:
         names = reader.tensor_names()
-        assert len(names) == 272 and set(smollm2_reference) - set(names) == {"lm_head.weight"}  # tied: no lm_head
+        assert len(names) == 272 and set(smollm2_reference) - set(names) == {
+            "lm_head.weight"
+        }  # tied: no lm_head
         assert reader.config()["tie_word_embeddings"] is True
-        assert torch.equal(smollm2_reference["lm_head.weight"], smollm2_reference["model.embed_tokens.weight"])
+        assert torch.equal(
+            smollm2_reference["lm_head.weight"], smollm2_reference["model.embed_tokens.weight"]
+        )
         for name in names:
             assert torch.equal(reader.read(name), smollm2_reference[name]), name
         q_proj = "model.layers.7.self_attn.q_proj.weight"
         assert torch.equal(reader.read(q_proj, (64, 200)), smollm2_reference[q_proj][64:200])
 
 
-def test_a_merge_of_smollm2_loads_in_transformers_and_knows_paris(smollm2: Path, smollm2_reference: dict[str, torch.Tensor], tmp_path: Path) -> None:
+def test_a_merge_of_smollm2_loads_in_transformers_and_knows_paris(
+    smollm2: Path, smollm2_reference: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
     """linear(GGUF, GGUF) into a bf16 safetensors folder with the tokenizer the GGUF carries in its
     metadata written out as tokenizer files: a complete Hugging Face model."""
     transformers = pytest.importorskip("transformers")
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: linear
 models:
   - model: {q(smollm2)}
@@ -399,7 +549,8 @@ models:
     parameters: {{weight: 0.5}}
 output:
   dtype: bfloat16
-""")
+""",
+    )
     assert set(out) == set(smollm2_reference) - {"lm_head.weight"}
     for name, tensor in out.items():
         assert torch.equal(tensor, smollm2_reference[name].to(torch.bfloat16)), name

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 
 from workbench import hookspecs
-
-
 from workbench.tools import hook_docs
+
 REPO = Path(__file__).resolve().parent.parent
 PLUGINS_MD = REPO / "docs" / "plugins.md"
 TESTS = Path(__file__).resolve().parent
@@ -50,8 +49,14 @@ def hook_markers(source: str, filename: str = "<test>") -> dict[str, list[str]]:
 
 def marker_problems(markers: dict[str, list[str]], hooks: set[str]) -> list[str]:
     """Hooks with no marked test, and markers naming a hook that does not exist."""
-    missing = [f"hook {name} has no test marked @pytest.mark.hook({name!r})" for name in sorted(hooks - set(markers))]
-    unknown = [f"{', '.join(tests)}: @pytest.mark.hook({name!r}) names no hookspec" for name, tests in sorted(markers.items()) if name not in hooks]
+    missing = [
+        f"hook {name} has no test marked @pytest.mark.hook({name!r})" for name in sorted(hooks - set(markers))
+    ]
+    unknown = [
+        f"{', '.join(tests)}: @pytest.mark.hook({name!r}) names no hookspec"
+        for name, tests in sorted(markers.items())
+        if name not in hooks
+    ]
     return missing + unknown
 
 
@@ -63,7 +68,9 @@ def test_hookspecs_are_found_by_introspection() -> None:
 
 def test_committed_hook_reference_is_up_to_date() -> None:
     committed = _block(PLUGINS_MD.read_text(encoding="utf-8"))
-    assert committed == hook_docs.render(), f"docs/plugins.md's hook reference is out of date; regenerate it: {REGENERATE}"
+    assert committed == hook_docs.render(), (
+        f"docs/plugins.md's hook reference is out of date; regenerate it: {REGENERATE}"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(HOOKS))
@@ -71,7 +78,9 @@ def test_every_hookspec_is_documented_and_in_the_reference(name: str) -> None:
     doc = inspect.getdoc(HOOKS[name])
     assert doc and doc.strip(), f"hookspec {name} has no docstring"
     block = _block(PLUGINS_MD.read_text(encoding="utf-8"))
-    assert f"#### `{name}`" in block and f"{hook_docs.signature(HOOKS[name])}\n" in block, f"{name} is missing from docs/plugins.md; {REGENERATE}"
+    assert f"#### `{name}`" in block and f"{hook_docs.signature(HOOKS[name])}\n" in block, (
+        f"{name} is missing from docs/plugins.md; {REGENERATE}"
+    )
 
 
 def test_every_hookspec_is_in_a_phase() -> None:
@@ -89,7 +98,7 @@ def test_every_hookspec_has_a_marked_test() -> None:
 
 
 def test_the_marker_scanner_can_fail() -> None:
-    source = '''
+    source = """
 import pytest
 
 @pytest.mark.hook("register_methods")
@@ -105,7 +114,7 @@ def test_c(x): ...
 @pytest.mark.hook("register_formats")
 class TestFormats:
     def test_d(self): ...
-'''
+"""
     markers = hook_markers(source, "synthetic.py")
     assert markers == {
         "register_methods": ["synthetic.py::test_a"],
@@ -121,7 +130,14 @@ class TestFormats:
 
 
 def _run_hook_docs(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "workbench.tools.hook_docs", *args], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "workbench.tools.hook_docs", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_check_fails_on_a_stale_file_and_regeneration_fixes_it(tmp_path: Path) -> None:
@@ -146,13 +162,20 @@ def test_check_fails_on_a_stale_file_and_regeneration_fixes_it(tmp_path: Path) -
 
 def test_text_outside_the_markers_is_kept(tmp_path: Path) -> None:
     copy = tmp_path / "guide.md"
-    copy.write_text(f"# Title\n\nbefore\n{hook_docs.START}\nold text\n{hook_docs.END}\nafter\n", encoding="utf-8")
+    copy.write_text(
+        f"# Title\n\nbefore\n{hook_docs.START}\nold text\n{hook_docs.END}\nafter\n", encoding="utf-8"
+    )
     assert hook_docs.main(["--check", str(copy)]) == 1
     assert hook_docs.main([str(copy)]) == 0
-    assert copy.read_text(encoding="utf-8") == f"# Title\n\nbefore\n{hook_docs.START}\n{hook_docs.render()}{hook_docs.END}\nafter\n"
+    assert (
+        copy.read_text(encoding="utf-8")
+        == f"# Title\n\nbefore\n{hook_docs.START}\n{hook_docs.render()}{hook_docs.END}\nafter\n"
+    )
 
 
-def test_a_missing_marker_is_an_error_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_missing_marker_is_an_error_naming_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     copy = tmp_path / "no_markers.md"
     copy.write_text(f"# Title\n{hook_docs.START}\n", encoding="utf-8")
     assert hook_docs.main([str(copy)]) == 2

@@ -71,7 +71,12 @@ class ReversedExecutor(Executor):
     summary = "Shard jobs in reverse order, in this process (hook tests)."
     ran: ClassVar[list[Any]] = []
 
-    def run(self, jobs: Sequence[Any], run_job: Callable[[Any], Any], on_done: Callable[[Any, Any], None] | None = None) -> list[Any]:
+    def run(
+        self,
+        jobs: Sequence[Any],
+        run_job: Callable[[Any], Any],
+        on_done: Callable[[Any, Any], None] | None = None,
+    ) -> list[Any]:
         results: dict[int, Any] = {}
         for index in reversed(range(len(jobs))):
             results[index] = run_job(jobs[index])
@@ -136,12 +141,19 @@ def _provenance(entry: Any) -> tuple[str, str, str]:
 
 
 @pytest.mark.hook("register_methods")
-def test_register_methods_adds_a_usable_method(registry: Registry, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_register_methods_adds_a_usable_method(
+    registry: Registry, tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     assert _provenance(registry.methods["fake_first"]) == ("fake_hooks", "fake_hooks", "local")
     assert registry.method("fake_first") is FirstModel
-    recipe = parse_recipe(f"method: fake_first\nmodels:\n  - {json.dumps(str(tiny_family['ft1']))}\n", "first.yaml")
+    recipe = parse_recipe(
+        f"method: fake_first\nmodels:\n  - {json.dumps(str(tiny_family['ft1']))}\n", "first.yaml"
+    )
     run_recipe(recipe, out=tmp_path / "out", registry=registry)
-    merged, original = load_file(tmp_path / "out" / "model.safetensors"), load_file(tiny_family["ft1"] / "model.safetensors")
+    merged, original = (
+        load_file(tmp_path / "out" / "model.safetensors"),
+        load_file(tiny_family["ft1"] / "model.safetensors"),
+    )
     assert set(merged) == set(original) and all(torch.equal(merged[n], original[n]) for n in merged)
 
 
@@ -160,20 +172,37 @@ def test_register_formats_adds_a_format_that_opens_and_merges(registry: Registry
         assert isinstance(reader, FakeReader)
         assert reader.tensor_names() == ["w", "b"] and reader.info("w").shape == (4, 3)
         assert torch.equal(reader.read("w", rows=(1, 2)), torch.full((1, 3), 3.0))
-    recipe = parse_recipe("method: linear\noutput: {dtype: float32}\nmodels:\n" + "".join(f"  - {json.dumps(str(f))}\n" for f in folders), "lin.yaml")
+    recipe = parse_recipe(
+        "method: linear\noutput: {dtype: float32}\nmodels:\n"
+        + "".join(f"  - {json.dumps(str(f))}\n" for f in folders),
+        "lin.yaml",
+    )
     run_recipe(recipe, out=tmp_path / "out", registry=registry)
     merged = load_file(tmp_path / "out" / "model.safetensors")
-    assert torch.equal(merged["w"], torch.full((4, 3), 2.0)) and torch.equal(merged["b"], torch.arange(3.0) * 2.0)
+    assert torch.equal(merged["w"], torch.full((4, 3), 2.0)) and torch.equal(
+        merged["b"], torch.arange(3.0) * 2.0
+    )
 
 
 @pytest.mark.hook("register_executors")
-def test_register_executors_adds_an_executor_that_runs_the_shards(registry: Registry, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_register_executors_adds_an_executor_that_runs_the_shards(
+    registry: Registry, tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     assert _provenance(registry.executors["fake_reversed"]) == ("fake_hooks", "fake_hooks", "local")
     assert registry.executor("fake_reversed") is ReversedExecutor
     ReversedExecutor.ran = []
     text = f"method: linear\nmodels:\n  - {json.dumps(str(tiny_family['ft1']))}\n  - {json.dumps(str(tiny_family['ft2']))}\n"
-    run_recipe(parse_recipe(text + "output: {shard_size: 64KB}\n", "r.yaml"), out=tmp_path / "reversed", registry=registry, executor="fake_reversed")
-    run_recipe(parse_recipe(text + "output: {shard_size: 64KB}\n", "r.yaml"), out=tmp_path / "local", registry=registry)
+    run_recipe(
+        parse_recipe(text + "output: {shard_size: 64KB}\n", "r.yaml"),
+        out=tmp_path / "reversed",
+        registry=registry,
+        executor="fake_reversed",
+    )
+    run_recipe(
+        parse_recipe(text + "output: {shard_size: 64KB}\n", "r.yaml"),
+        out=tmp_path / "local",
+        registry=registry,
+    )
     assert len(ReversedExecutor.ran) > 1  # several shard jobs went through the plugin's executor
     local = sorted(p.name for p in (tmp_path / "local").glob("*.safetensors"))
     assert sorted(p.name for p in (tmp_path / "reversed").glob("*.safetensors")) == local
@@ -207,4 +236,8 @@ def test_a_plugin_registering_a_taken_name_is_skipped_per_namespace() -> None:
     loaded = load_registry(extra_plugins=[(Plugin(), "fake_hooks"), (Clash(), "clash")])
     assert loaded.formats["linear"].plugin.name == "clash"
     assert loaded.executors["fake_reversed"].plugin.name == "fake_hooks"
-    assert len(loaded.problems) == 1 and "'clash'" in loaded.problems[0] and "'fake_reversed'" in loaded.problems[0]
+    assert (
+        len(loaded.problems) == 1
+        and "'clash'" in loaded.problems[0]
+        and "'fake_reversed'" in loaded.problems[0]
+    )

@@ -11,10 +11,19 @@ from fake_hub import TOKEN, FakeHub, hub_fixture, sha256_tree, subprocess_env  #
 
 
 def workbench(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "workbench", *args], env=env, capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "workbench", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
-def test_validate_run_and_push_in_fresh_processes(hub: FakeHub, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_validate_run_and_push_in_fresh_processes(
+    hub: FakeHub, tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     for key, path in tiny_family.items():
         hub.add_folder(f"org/{key}", path)
     out = tmp_path / "merged"

@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from test_kernel_threshold import sorted_definition
+from test_kernel_ties import CASES
 
 import workbench_kernels.threshold as threshold_module
 from workbench_kernels.blocks import Blocks
@@ -15,9 +17,6 @@ from workbench_kernels.sparsify import TaskVector, merge_task_vectors_reference,
 from workbench_kernels.threshold import CHUNK, topk_thresholds_blocks
 from workbench_kernels.ties import Keep, l1_norms
 from workbench_kernels.weighted_sum import BLOCK, weighted_sum
-
-from test_kernel_threshold import sorted_definition
-from test_kernel_ties import CASES
 
 IMPLS = pytest.mark.parametrize("impl", ["torch", "numba", "triton"])
 
@@ -28,7 +27,9 @@ def family(n: int, dtype: torch.dtype, count: int, seed: int) -> tuple[torch.Ten
     return base, [(base.float() + 0.02 * torch.randn(n, generator=g)).to(dtype) for _ in range(count)]
 
 
-def blocks_of(xs: list[torch.Tensor], base: torch.Tensor | None, starts: list[int]) -> tuple[Blocks, list[int]]:
+def blocks_of(
+    xs: list[torch.Tensor], base: torch.Tensor | None, starts: list[int]
+) -> tuple[Blocks, list[int]]:
     """``Blocks`` over slices of in-memory tensors, counting how often each block is loaded."""
     n = (base if base is not None else xs[0]).numel()
     bounds = [*starts, n]
@@ -108,7 +109,9 @@ def test_blocks_merged_with_the_plan_equal_the_whole_reference(impl, case, monke
     fused = plan_fused(blocks, specs, consensus=consensus, normalize=normalize, scale=0.8)
     assert fused is not None
     parts = [fused(b, x, dtype, offset=start) for start, x, b in blocks]
-    expected = merge_task_vectors_reference(base, xs, specs, consensus=consensus, normalize=normalize, scale=0.8).to(dtype)
+    expected = merge_task_vectors_reference(
+        base, xs, specs, consensus=consensus, normalize=normalize, scale=0.8
+    ).to(dtype)
     assert torch.equal(torch.cat(parts), expected)
 
 
@@ -140,7 +143,9 @@ def test_slerp_weights_over_blocks(impl, monkeypatch):
     whole = slerp_weights(Blocks.whole([a, b], None), 0.3)
     blocks, _ = blocks_of([a, b], None, [0, BLOCK, 2 * BLOCK])
     assert slerp_weights(blocks, 0.3) == whole
-    merged = torch.cat([weighted_sum(pair, list(whole), torch.float32, torch.float32) for _, pair, _ in blocks])
+    merged = torch.cat(
+        [weighted_sum(pair, list(whole), torch.float32, torch.float32) for _, pair, _ in blocks]
+    )
     expected = slerp_reference(a, b, 0.3)
     if impl == "reference":
         assert torch.equal(merged, expected)

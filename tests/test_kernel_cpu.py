@@ -30,7 +30,13 @@ def every_bit_pattern(dtype: torch.dtype) -> torch.Tensor:
 
 def same_bits_or_both_nan(got: torch.Tensor, expected: torch.Tensor) -> bool:
     nan = expected.isnan()
-    return bool(torch.equal(got.isnan(), nan) and torch.equal(got[~nan].view(torch.int16 if got.element_size() == 2 else torch.int32), expected[~nan].view(torch.int16 if got.element_size() == 2 else torch.int32)))
+    return bool(
+        torch.equal(got.isnan(), nan)
+        and torch.equal(
+            got[~nan].view(torch.int16 if got.element_size() == 2 else torch.int32),
+            expected[~nan].view(torch.int16 if got.element_size() == 2 else torch.int32),
+        )
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -44,12 +50,34 @@ def float32_cases() -> torch.Tensor:
     """Random bit patterns (every exponent), the halfway points between adjacent fp16 and bf16
     values (ties to even), the overflow edges, subnormals, zeros, infinities and NaN."""
     g = torch.Generator().manual_seed(0)
-    random_bits = torch.randint(-(1 << 31), (1 << 31) - 1, (200_000,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    random_bits = (
+        torch.randint(-(1 << 31), (1 << 31) - 1, (200_000,), generator=g, dtype=torch.int64)
+        .to(torch.int32)
+        .view(torch.float32)
+    )
     halves = every_bit_pattern(torch.float16).to(torch.float32)
     halfway_fp16 = (halves[:-1].double() + halves[1:].double()).div(2).float()
     bf16 = every_bit_pattern(torch.bfloat16).to(torch.float32)
     halfway_bf16 = (bf16[:-1].double() + bf16[1:].double()).div(2).float()
-    edges = torch.tensor([65504.0, 65519.99, 65520.0, 65536.0, 3.4e38, 2.0**-14, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 1e-45, 0.0, -0.0, float("inf"), -float("inf"), float("nan")])
+    edges = torch.tensor(
+        [
+            65504.0,
+            65519.99,
+            65520.0,
+            65536.0,
+            3.4e38,
+            2.0**-14,
+            2.0**-24,
+            2.0**-25,
+            3 * 2.0**-26,
+            1e-45,
+            0.0,
+            -0.0,
+            float("inf"),
+            -float("inf"),
+            float("nan"),
+        ]
+    )
     cases = torch.cat([random_bits, halfway_fp16, halfway_bf16, edges])
     return torch.cat([cases, -cases])
 

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from merging import documented_hash
-from workbench_kernels.dare import keep_mask, keep_mask_numba, keep_mask_reference, keep_mask_torch, keep_mask_triton
+
+from workbench_kernels.dare import (
+    keep_mask,
+    keep_mask_numba,
+    keep_mask_reference,
+    keep_mask_torch,
+    keep_mask_triton,
+)
 
 
 def documented_mask(n: int, density: float, seed: int) -> list[bool]:
@@ -14,7 +20,11 @@ def documented_mask(n: int, density: float, seed: int) -> list[bool]:
     return [(documented_hash(documented_hash(i ^ lo) ^ hi) >> 8) < round(density * 2**24) for i in range(n)]
 
 
-@pytest.mark.parametrize("make", [keep_mask_reference, keep_mask_torch, keep_mask_numba, keep_mask_triton], ids=["reference", "torch", "numba", "triton"])
+@pytest.mark.parametrize(
+    "make",
+    [keep_mask_reference, keep_mask_torch, keep_mask_numba, keep_mask_triton],
+    ids=["reference", "torch", "numba", "triton"],
+)
 @pytest.mark.parametrize("n", [1, 7, 1023, 65537])
 def test_every_implementation_gives_the_documented_bits(make, n):
     seed = 0x9E3779B97F4A7C15

@@ -8,9 +8,19 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from workbench_kernels.lora_delta import BLOCK, lora_delta_add, lora_delta_add_reference, lora_delta_add_torch, lora_delta_add_triton
+from workbench_kernels.lora_delta import (
+    BLOCK,
+    lora_delta_add,
+    lora_delta_add_reference,
+    lora_delta_add_torch,
+    lora_delta_add_triton,
+)
 
-IMPLS: dict[str, Callable[..., torch.Tensor]] = {"reference": lora_delta_add_reference, "torch": lora_delta_add_torch, "triton": lora_delta_add_triton}
+IMPLS: dict[str, Callable[..., torch.Tensor]] = {
+    "reference": lora_delta_add_reference,
+    "torch": lora_delta_add_torch,
+    "triton": lora_delta_add_triton,
+}
 SCALE = 0.75
 
 # (out, in, r); the last two span several row blocks of the torch path, and a row longer than one block
@@ -18,13 +28,21 @@ SHAPES = [(1, 1, 1), (7, 7, 8), (1023, 7, 17), (7, 1023, 1), (1, 65537, 8), (257
 LONG_ROW = (3, BLOCK + 5, 2)
 
 
-def _factors(out: int, inp: int, rank: int, dtype: torch.dtype, transposed: bool, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _factors(
+    out: int, inp: int, rank: int, dtype: torch.dtype, transposed: bool, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     w_shape = (inp, out) if transposed else (out, inp)
-    return torch.randn(w_shape, generator=gen).to(dtype), torch.randn(out, rank, generator=gen).to(dtype), torch.randn(rank, inp, generator=gen).to(dtype)
+    return (
+        torch.randn(w_shape, generator=gen).to(dtype),
+        torch.randn(out, rank, generator=gen).to(dtype),
+        torch.randn(rank, inp, generator=gen).to(dtype),
+    )
 
 
-def _expected(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _expected(
+    W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float, transposed: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 sum, and an elementwise magnitude |W| + |scale| · |B| @ |A| for error bounds."""
     delta = scale * (B.double() @ A.double())
     magnitude = abs(scale) * (B.double().abs() @ A.double().abs())
@@ -33,12 +51,24 @@ def _expected(W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float, t
     return W.double() + delta, W.double().abs() + magnitude
 
 
-def _assert_close(out: torch.Tensor, W: torch.Tensor, B: torch.Tensor, A: torch.Tensor, scale: float, transposed: bool, out_dtype: torch.dtype) -> None:
+def _assert_close(
+    out: torch.Tensor,
+    W: torch.Tensor,
+    B: torch.Tensor,
+    A: torch.Tensor,
+    scale: float,
+    transposed: bool,
+    out_dtype: torch.dtype,
+) -> None:
     expected, magnitude = _expected(W, B, A, scale, transposed)
     assert out.dtype == out_dtype and out.shape == W.shape
     # float32 products summed over r, one scaling and one addition; then one rounding into out_dtype
     rank = B.shape[1]
-    bound = (rank + 3) * torch.finfo(torch.float32).eps * magnitude + torch.finfo(out_dtype).eps * expected.abs() + 1e-30
+    bound = (
+        (rank + 3) * torch.finfo(torch.float32).eps * magnitude
+        + torch.finfo(out_dtype).eps * expected.abs()
+        + 1e-30
+    )
     diff = (out.double() - expected).abs()
     assert bool((diff <= bound).all()), f"worst error {diff.max().item():.3g}"
 
@@ -56,7 +86,9 @@ CASE_IDS = [f"{impl}-{str(dtype).removeprefix('torch.')}" for impl, dtype in CAS
 @pytest.mark.parametrize("impl, dtype", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("transposed", [False, True])
-def test_matches_float64_definition(impl: str, dtype: torch.dtype, shape: tuple[int, int, int], transposed: bool) -> None:
+def test_matches_float64_definition(
+    impl: str, dtype: torch.dtype, shape: tuple[int, int, int], transposed: bool
+) -> None:
     W, B, A = _factors(*shape, dtype, transposed, seed=sum(shape))
     originals = (W.clone(), B.clone(), A.clone())
     out = IMPLS[impl](W, B, A, SCALE, transposed)
@@ -80,7 +112,9 @@ def test_non_contiguous_inputs(impl: str, dtype: torch.dtype) -> None:
     assert not (W.is_contiguous() or B.is_contiguous() or A.is_contiguous())
     originals = (W.clone(), B.clone(), A.clone())
     _assert_close(IMPLS[impl](W, B, A, SCALE), W, B, A, SCALE, False, dtype)
-    Wt = torch.randn(255, 257, generator=gen).to(dtype).T  # transposed layout (W is [in, out]): [257, 255], column-major
+    Wt = (
+        torch.randn(255, 257, generator=gen).to(dtype).T
+    )  # transposed layout (W is [in, out]): [257, 255], column-major
     _assert_close(IMPLS[impl](Wt, B, A, SCALE, True), Wt, B, A, SCALE, True, dtype)
     assert all(torch.equal(x, x0) for x, x0 in zip((W, B, A), originals))
 
@@ -88,7 +122,9 @@ def test_non_contiguous_inputs(impl: str, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
 def test_out_dtype(impl: str, out_dtype: torch.dtype) -> None:
-    W, B, A = _factors(33, 65, 4, torch.float16 if out_dtype == torch.float32 else torch.float32, False, seed=4)
+    W, B, A = _factors(
+        33, 65, 4, torch.float16 if out_dtype == torch.float32 else torch.float32, False, seed=4
+    )
     _assert_close(IMPLS[impl](W, B, A, 2.0, out_dtype=out_dtype), W, B, A, 2.0, False, out_dtype)
 
 
@@ -126,5 +162,7 @@ def test_dispatcher_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
         monkeypatch.setenv("WORKBENCH_KERNELS", impl)
         _assert_close(lora_delta_add(W, B, A, SCALE), W, B, A, SCALE, False, torch.float32)
         with monkeypatch.context() as patch:  # and really calls the implementation it names
-            patch.setattr(f"workbench_kernels.lora_delta.lora_delta_add_{impl}", lambda *args: torch.full((1,), 3.0))
+            patch.setattr(
+                f"workbench_kernels.lora_delta.lora_delta_add_{impl}", lambda *args: torch.full((1,), 3.0)
+            )
             assert torch.equal(lora_delta_add(W, B, A, SCALE), torch.full((1,), 3.0))

@@ -14,19 +14,31 @@ import torch
 
 from workbench_kernels.sinkhorn import sinkhorn, sinkhorn_reference, sinkhorn_torch, sinkhorn_triton
 
-IMPLS: dict[str, Callable[..., torch.Tensor]] = {"reference": sinkhorn_reference, "torch": sinkhorn_torch, "triton": sinkhorn_triton}
+IMPLS: dict[str, Callable[..., torch.Tensor]] = {
+    "reference": sinkhorn_reference,
+    "torch": sinkhorn_torch,
+    "triton": sinkhorn_triton,
+}
 
 
-def _problem(n: int, m: int, uniform: bool, seed: int, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _problem(
+    n: int, m: int, uniform: bool, seed: int, dtype: torch.dtype = torch.float64
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Marginals and a ground cost as OT fusion builds it: Euclidean distances divided by their maximum."""
     gen = torch.Generator().manual_seed(seed)
-    x, y = torch.rand(n, 4, generator=gen, dtype=torch.float64), torch.rand(m, 4, generator=gen, dtype=torch.float64)
+    x, y = (
+        torch.rand(n, 4, generator=gen, dtype=torch.float64),
+        torch.rand(m, 4, generator=gen, dtype=torch.float64),
+    )
     cost = torch.cdist(x, y)
     cost /= cost.max() if cost.max() > 0 else 1.0
     if uniform:
         a, b = torch.full((n,), 1.0 / n, dtype=torch.float64), torch.full((m,), 1.0 / m, dtype=torch.float64)
     else:
-        a, b = torch.rand(n, generator=gen, dtype=torch.float64) + 0.1, torch.rand(m, generator=gen, dtype=torch.float64) + 0.1
+        a, b = (
+            torch.rand(n, generator=gen, dtype=torch.float64) + 0.1,
+            torch.rand(m, generator=gen, dtype=torch.float64) + 0.1,
+        )
         a, b = a / a.sum(), b / b.sum()
     return a.to(dtype), b.to(dtype), cost.to(dtype)
 
@@ -35,7 +47,9 @@ def _pot(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, reg: float, **kwa
     return ot.sinkhorn(a.double().numpy(), b.double().numpy(), cost.double().numpy(), reg, **kwargs)
 
 
-def _assert_marginals(plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_tol: float, column_tol: float) -> None:
+def _assert_marginals(
+    plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_tol: float, column_tol: float
+) -> None:
     """Rows are exact after the last row update; columns within the stopping threshold (an L2 norm)."""
     assert bool(torch.isfinite(plan).all()) and bool((plan >= 0).all())
     assert (plan.double().sum(dim=1) - a.double()).abs().max().item() <= row_tol
@@ -44,7 +58,13 @@ def _assert_marginals(plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor, row_
 
 SIZES = [(1, 1), (1, 7), (7, 33), (33, 7), (130, 33), (130, 130)]
 # (n, m), uniform, reg: a few of the float64 cases again through the interpreter (~5 ms per launch)
-TRITON_CASES = [((1, 1), True, 0.5), ((7, 33), False, 0.05), ((33, 7), True, 0.5), ((130, 130), False, 0.5), ((130, 7), True, 0.05)]
+TRITON_CASES = [
+    ((1, 1), True, 0.5),
+    ((7, 33), False, 0.05),
+    ((33, 7), True, 0.5),
+    ((130, 130), False, 0.5),
+    ((130, 7), True, 0.05),
+]
 
 
 @pytest.mark.parametrize("impl", ["reference", "torch"])
@@ -61,13 +81,19 @@ def test_plans_match_pot(impl: str, size: tuple[int, int], uniform: bool, reg: f
     assert all(torch.equal(x, x0) for x, x0 in zip((a, b, cost), originals))
 
 
-@pytest.mark.parametrize("size, uniform, reg", TRITON_CASES, ids=[f"{s[0]}x{s[1]}-{'uniform' if u else 'weighted'}-{r}" for s, u, r in TRITON_CASES])
+@pytest.mark.parametrize(
+    "size, uniform, reg",
+    TRITON_CASES,
+    ids=[f"{s[0]}x{s[1]}-{'uniform' if u else 'weighted'}-{r}" for s, u, r in TRITON_CASES],
+)
 def test_triton_plans_match_pot_and_reference(size: tuple[int, int], uniform: bool, reg: float) -> None:
     a, b, cost = _problem(*size, uniform, seed=size[0] * 1000 + size[1])
     plan = sinkhorn_triton(a, b, cost, reg)
     assert plan.dtype == torch.float64 and plan.shape == size
     np.testing.assert_allclose(plan.numpy(), _pot(a, b, cost, reg), rtol=1e-9, atol=1e-14)
-    np.testing.assert_allclose(plan.numpy(), sinkhorn_reference(a, b, cost, reg).numpy(), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(
+        plan.numpy(), sinkhorn_reference(a, b, cost, reg).numpy(), rtol=1e-12, atol=1e-15
+    )
     _assert_marginals(plan, a, b, 1e-13, 1e-9)
 
 
@@ -87,7 +113,9 @@ def test_transposed_cost_view(impl: str) -> None:
     a, b, cost = _problem(33, 7, False, seed=9)
     view = cost.T.contiguous().T  # same values, column-major
     assert not view.is_contiguous()
-    np.testing.assert_allclose(IMPLS[impl](a, b, view, 0.5).numpy(), _pot(a, b, cost, 0.5), rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(
+        IMPLS[impl](a, b, view, 0.5).numpy(), _pot(a, b, cost, 0.5), rtol=1e-9, atol=1e-14
+    )
 
 
 @pytest.mark.parametrize("max_iter", [1, 2, 10, 11, 12])
@@ -96,14 +124,19 @@ def test_same_schedule_as_pot_when_stopped_early(max_iter: int) -> None:
     a, b, cost = _problem(7, 33, False, seed=4)
     with pytest.warns(UserWarning, match="did not converge"):
         plan = sinkhorn_torch(a, b, cost, 0.05, max_iter=max_iter)
-    np.testing.assert_allclose(plan.numpy(), _pot(a, b, cost, 0.05, numItermax=max_iter, warn=False), rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(
+        plan.numpy(), _pot(a, b, cost, 0.05, numItermax=max_iter, warn=False), rtol=1e-10, atol=1e-15
+    )
 
 
 def _far_column_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One target point far from every source: its cost column is above 0.9 everywhere, so
     exp(-cost / 1e-3) underflows to 0 in float64."""
     gen = torch.Generator().manual_seed(1)
-    x, y = torch.rand(7, 2, generator=gen, dtype=torch.float64), torch.rand(7, 2, generator=gen, dtype=torch.float64)
+    x, y = (
+        torch.rand(7, 2, generator=gen, dtype=torch.float64),
+        torch.rand(7, 2, generator=gen, dtype=torch.float64),
+    )
     y[3] += 4.0
     cost = torch.cdist(x, y)
     cost /= cost.max()
@@ -126,7 +159,9 @@ def test_small_reg_where_pot_underflows() -> None:
             warnings.simplefilter("error")  # converges: no warning at all
             plans[impl] = IMPLS[impl](a, b, cost, reg, max_iter=10_000)
         _assert_marginals(plans[impl], a, b, 1e-13, 1e-9)
-        assert plans[impl][:, 3].sum().item() == pytest.approx(1.0 / 7, abs=1e-9)  # the far point gets its mass
+        assert plans[impl][:, 3].sum().item() == pytest.approx(
+            1.0 / 7, abs=1e-9
+        )  # the far point gets its mass
     np.testing.assert_allclose(plans["torch"].numpy(), plans["reference"].numpy(), rtol=1e-9, atol=1e-15)
 
 
@@ -178,7 +213,9 @@ def test_dispatcher_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
             assert torch.equal(sinkhorn(a, b, cost, 0.5), torch.full((1,), 5.0))
 
 
-def _independent_update(cost: torch.Tensor, other: torch.Tensor, log_marginal: torch.Tensor, reg: float) -> np.ndarray:
+def _independent_update(
+    cost: torch.Tensor, other: torch.Tensor, log_marginal: torch.Tensor, reg: float
+) -> np.ndarray:
     """reg · (log_marginal_i - log Σ_j exp((other_j - cost_ij) / reg)), with numpy, shifted by the
     row maximum (which the test data keep finite)."""
     x = (other.numpy()[None, :] - cost.numpy()) / reg
@@ -188,7 +225,9 @@ def _independent_update(cost: torch.Tensor, other: torch.Tensor, log_marginal: t
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_blocked_updates_match_whole_row_sums(impl: str, transposed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_blocked_updates_match_whole_row_sums(
+    impl: str, transposed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Small blocks: several row blocks (torch) or column blocks with the online max and sum
     (Triton), where a later column block holds each row's maximum and some potentials are -inf."""
     from workbench_kernels import sinkhorn as module
@@ -217,7 +256,9 @@ def test_triton_plan_with_column_blocks(monkeypatch: pytest.MonkeyPatch) -> None
     from workbench_kernels import sinkhorn as module
 
     a, b, cost = _problem(33, 130, False, seed=13)
-    monkeypatch.setattr(module, "softmin_update_triton", functools.partial(module.softmin_update_triton, max_block_cols=16))
+    monkeypatch.setattr(
+        module, "softmin_update_triton", functools.partial(module.softmin_update_triton, max_block_cols=16)
+    )
     plan = sinkhorn_triton(a, b, cost, 0.5)
     np.testing.assert_allclose(plan.numpy(), _pot(a, b, cost, 0.5), rtol=1e-9, atol=1e-14)
     _assert_marginals(plan, a, b, 1e-13, 1e-9)

@@ -75,7 +75,9 @@ def test_shape_mismatch_is_refused() -> None:
 TRITON_SHAPES = [(1,), (7,), (1023,), (65537,)]
 
 
-def _triton_inputs(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _triton_inputs(
+    shape: tuple[int, ...], dtype: torch.dtype, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype)
 
@@ -127,7 +129,9 @@ def test_triton_path_non_contiguous_2d_and_out_dtype(dtype: torch.dtype) -> None
 def test_triton_path_takes_the_lerp_branch_for_parallel_vectors(other: str) -> None:
     gen = torch.Generator().manual_seed(5)
     a = torch.randn(1023, generator=gen)
-    b = {"double": 2.0 * a, "nearly": a + 0.01 * torch.randn(1023, generator=gen), "opposite": -0.5 * a}[other]
+    b = {"double": 2.0 * a, "nearly": a + 0.01 * torch.randn(1023, generator=gen), "opposite": -0.5 * a}[
+        other
+    ]
     t = 0.3
     expected = (1 - t) * a.double() + t * b.double()
     out = slerp_triton(a, b, t)
@@ -140,7 +144,9 @@ def test_dispatcher_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     expected = _independent_slerp(a, b, 0.3)
     for impl in ("reference", "torch", "triton"):
         monkeypatch.setenv("WORKBENCH_KERNELS", impl)
-        assert (slerp(a, b, 0.3).double() - expected).abs().max().item() <= 1e-5 * expected.abs().max().item(), impl
+        assert (
+            slerp(a, b, 0.3).double() - expected
+        ).abs().max().item() <= 1e-5 * expected.abs().max().item(), impl
     monkeypatch.setenv("WORKBENCH_KERNELS", "triton")
     with monkeypatch.context() as patch:  # the dispatcher really takes the Triton path when asked
         patch.setattr("workbench_kernels.slerp.slerp_triton", lambda *args: torch.full((1023,), 7.0))

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 from merging import documented_hash
+
 from workbench_kernels.sparsify import (
     KEEP_ALL,
     KEEP_NONE,
@@ -54,7 +55,10 @@ def threads():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fraction, n, expected", [(0.29, 100, 29), (0.5, 5, 2), (0.0, 7, 0), (1.0, 7, 7), (0.7, 10, 7), (0.999, 10, 9)])
+@pytest.mark.parametrize(
+    "fraction, n, expected",
+    [(0.29, 100, 29), (0.5, 5, 2), (0.0, 7, 0), (1.0, 7, 7), (0.7, 10, 7), (0.999, 10, 9)],
+)
 def test_keep_count_is_floor_without_float_artefacts(fraction, n, expected):
     assert keep_count(fraction, n) == expected
 
@@ -123,7 +127,15 @@ def test_breadcrumbs_ties_at_the_outlier_bound_drop_the_earliest():
 def test_breadcrumbs_ties_at_both_bounds_and_one_magnitude():
     tau = t(2, 1, -2, 1, 2, 1, 2)  # descending ranks: 2 (0, 2, 4, 6), then 1 (1, 3, 5)
     assert kept(tau, magnitude_band(tau, 3 / 7, gamma=2 / 7)) == [0, 1, 0, 0, 2, 0, 2]  # ranks 2..4
-    assert kept(tau, magnitude_band(tau, 2 / 7, gamma=1 / 7)) == [0, 0, -2, 0, 2, 0, 0]  # ranks 1..2: lo == hi
+    assert kept(tau, magnitude_band(tau, 2 / 7, gamma=1 / 7)) == [
+        0,
+        0,
+        -2,
+        0,
+        2,
+        0,
+        0,
+    ]  # ranks 1..2: lo == hi
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -164,7 +176,9 @@ def test_random_mask_is_a_documented_function_of_the_seed():
     keep_below = round(0.6 * 2**24)
     positions = list(range(0, 50)) + list(range(n - 50, n))
     mask = random_mask((n,), 0.6, seed=seed).tolist()
-    assert [mask[i] for i in positions] == [(documented_hash(documented_hash(i ^ lo) ^ hi) >> 8) < keep_below for i in positions]
+    assert [mask[i] for i in positions] == [
+        (documented_hash(documented_hash(i ^ lo) ^ hi) >> 8) < keep_below for i in positions
+    ]
 
 
 def test_random_mask_and_l1_norm_do_not_depend_on_threads(threads):
@@ -237,14 +251,30 @@ CASES = [
 
 
 @pytest.mark.parametrize("sparsify_kind, consensus, normalize, rescale, gamma", CASES)
-@pytest.mark.parametrize("dtype, compute", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32), (torch.float32, torch.float64)])
-def test_streaming_path_is_bit_identical_to_the_reference(sparsify_kind, consensus, normalize, rescale, gamma, dtype, compute):
+@pytest.mark.parametrize(
+    "dtype, compute",
+    [(torch.bfloat16, torch.float32), (torch.float32, torch.float32), (torch.float32, torch.float64)],
+)
+def test_streaming_path_is_bit_identical_to_the_reference(
+    sparsify_kind, consensus, normalize, rescale, gamma, dtype, compute
+):
     gen = torch.Generator().manual_seed(11)
     base = torch.randn(61, 47, generator=gen).to(dtype)
-    tensors = [(base.double() + 0.1 * torch.randn(61, 47, generator=gen, dtype=torch.float64)).to(dtype) for _ in range(4)]
+    tensors = [
+        (base.double() + 0.1 * torch.randn(61, 47, generator=gen, dtype=torch.float64)).to(dtype)
+        for _ in range(4)
+    ]
     weights, densities = [1.0, 0.5, 0.0, -0.7], [0.3, 0.9, 0.5, 0.6]
-    specs = [TaskVector(w, d, sparsify_kind, gamma, rescale, seed=100 + i) for i, (w, d) in enumerate(zip(weights, densities))]
-    kwargs: dict[str, Any] = {"consensus": consensus, "normalize": normalize, "scale": 0.8, "compute_dtype": compute}
+    specs = [
+        TaskVector(w, d, sparsify_kind, gamma, rescale, seed=100 + i)
+        for i, (w, d) in enumerate(zip(weights, densities))
+    ]
+    kwargs: dict[str, Any] = {
+        "consensus": consensus,
+        "normalize": normalize,
+        "scale": 0.8,
+        "compute_dtype": compute,
+    }
     ref = merge_task_vectors_reference(base, tensors, specs, **kwargs)
     fast = merge_task_vectors_torch(base, tensors, specs, **kwargs, out_dtype=compute)
     assert ref.dtype == fast.dtype == compute
@@ -257,13 +287,22 @@ def test_dispatcher_honours_workbench_kernels(monkeypatch):
     specs = [TaskVector(1.0, 0.5, "magnitude")]
     for impl in ("reference", "torch"):
         monkeypatch.setenv("WORKBENCH_KERNELS", impl)
-        out = merge_task_vectors(base, tensors, specs, consensus=True, normalize=True, scale=1.0, out_dtype=torch.bfloat16)
+        out = merge_task_vectors(
+            base, tensors, specs, consensus=True, normalize=True, scale=1.0, out_dtype=torch.bfloat16
+        )
         assert out.dtype == torch.bfloat16 and out.tolist() == [0.0, 0.0, 3.0]
 
 
 def test_linear_normalize_with_zero_weight_sum_is_refused():
     with pytest.raises(ValueError, match="sum to 0"):
-        merge_task_vectors_torch(torch.zeros(2), [t(1.0, 2.0), t(3.0, 4.0)], [TaskVector(1.0, 0.5, "random"), TaskVector(-1.0, 0.5, "random")], consensus=False, normalize=True, scale=1.0)
+        merge_task_vectors_torch(
+            torch.zeros(2),
+            [t(1.0, 2.0), t(3.0, 4.0)],
+            [TaskVector(1.0, 0.5, "random"), TaskVector(-1.0, 0.5, "random")],
+            consensus=False,
+            normalize=True,
+            scale=1.0,
+        )
 
 
 def test_precomputed_band_replaces_the_per_tensor_top_k():

@@ -6,9 +6,18 @@ import pytest
 import torch
 
 import workbench_kernels.threshold as threshold_module
-from workbench_kernels.threshold import CHUNK, Threshold, topk_thresholds, topk_thresholds_numba, topk_thresholds_torch, topk_thresholds_triton
+from workbench_kernels.threshold import (
+    CHUNK,
+    Threshold,
+    topk_thresholds,
+    topk_thresholds_numba,
+    topk_thresholds_torch,
+    topk_thresholds_triton,
+)
 
-CPU_PATHS = pytest.mark.parametrize("impl", [topk_thresholds_torch, topk_thresholds_numba], ids=["torch", "numba"])
+CPU_PATHS = pytest.mark.parametrize(
+    "impl", [topk_thresholds_torch, topk_thresholds_numba], ids=["torch", "numba"]
+)
 
 
 def sorted_definition(x: torch.Tensor, base: torch.Tensor, k: int) -> Threshold:
@@ -24,13 +33,19 @@ def sorted_definition(x: torch.Tensor, base: torch.Tensor, k: int) -> Threshold:
     return Threshold(value, max(i for i in ranked[:k] if w[i] == value) + 1)
 
 
-def family(n: int, dtype: torch.dtype, seed: int, shape: tuple[int, ...] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def family(
+    n: int, dtype: torch.dtype, seed: int, shape: tuple[int, ...] | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(shape or (n,), generator=g).to(dtype)
     return base, [(base.float() + 0.01 * torch.randn(base.shape, generator=g)).to(dtype) for _ in range(3)]
 
 
-@pytest.mark.parametrize("impl", [topk_thresholds_torch, topk_thresholds_numba, topk_thresholds_triton], ids=["torch", "numba", "triton"])
+@pytest.mark.parametrize(
+    "impl",
+    [topk_thresholds_torch, topk_thresholds_numba, topk_thresholds_triton],
+    ids=["torch", "numba", "triton"],
+)
 @pytest.mark.parametrize("n", [1, 7, 1023, 65537])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_thresholds_equal_the_sort_definition(impl, n, dtype):
@@ -57,7 +72,9 @@ def test_a_misleading_sample_falls_back_to_exact_selection(impl, monkeypatch):
     """A bracket that misses the threshold (forced here) still gives the exact answer."""
     monkeypatch.setattr(threshold_module, "_bracket", lambda sample, n, k: (10.0, 20.0))
     base, xs = family(5000, torch.float32, 1)
-    assert impl(xs, base, [100, 2500, 4999]) == [sorted_definition(x, base, k) for x, k in zip(xs, [100, 2500, 4999])]
+    assert impl(xs, base, [100, 2500, 4999]) == [
+        sorted_definition(x, base, k) for x, k in zip(xs, [100, 2500, 4999])
+    ]
 
 
 @CPU_PATHS
@@ -85,6 +102,8 @@ def test_ties_spread_over_several_chunks_are_located_by_their_chunk_counts(impl,
 def test_dispatch_and_bad_input(monkeypatch):
     base, xs = family(999, torch.float32, 2)
     monkeypatch.setenv("WORKBENCH_KERNELS", "reference")
-    assert topk_thresholds(xs, base, [10, 20, 30]) == [sorted_definition(x, base, k) for x, k in zip(xs, [10, 20, 30])]
+    assert topk_thresholds(xs, base, [10, 20, 30]) == [
+        sorted_definition(x, base, k) for x, k in zip(xs, [10, 20, 30])
+    ]
     with pytest.raises(ValueError, match="shape"):
         topk_thresholds([torch.zeros(5)], base, [1])

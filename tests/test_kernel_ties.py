@@ -10,14 +10,43 @@ from workbench_kernels.cpu import CHUNK
 from workbench_kernels.sparsify import TaskVector, merge_task_vectors, merge_task_vectors_reference
 
 CASES = {
-    "ties": ([TaskVector(1.0, 0.5, "magnitude"), TaskVector(0.7, 0.2, "magnitude"), TaskVector(1.3, 1.0, "magnitude")], True, True),
-    "ties_unnormalised": ([TaskVector(1.0, 0.3, "magnitude"), TaskVector(-0.5, 0.6, "magnitude")], True, False),
-    "dare_ties_l1": ([TaskVector(1.0, 0.5, "random", rescale="l1", seed=11), TaskVector(0.5, 0.8, "random", rescale="l1", seed=12), TaskVector(0.2, 1.0, "random", rescale="l1", seed=13)], True, True),
-    "dare_linear_inverse": ([TaskVector(0.6, 0.3, "random", rescale="inverse_density", seed=5), TaskVector(0.4, 0.9, "random", rescale="inverse_density", seed=6)], False, True),
+    "ties": (
+        [
+            TaskVector(1.0, 0.5, "magnitude"),
+            TaskVector(0.7, 0.2, "magnitude"),
+            TaskVector(1.3, 1.0, "magnitude"),
+        ],
+        True,
+        True,
+    ),
+    "ties_unnormalised": (
+        [TaskVector(1.0, 0.3, "magnitude"), TaskVector(-0.5, 0.6, "magnitude")],
+        True,
+        False,
+    ),
+    "dare_ties_l1": (
+        [
+            TaskVector(1.0, 0.5, "random", rescale="l1", seed=11),
+            TaskVector(0.5, 0.8, "random", rescale="l1", seed=12),
+            TaskVector(0.2, 1.0, "random", rescale="l1", seed=13),
+        ],
+        True,
+        True,
+    ),
+    "dare_linear_inverse": (
+        [
+            TaskVector(0.6, 0.3, "random", rescale="inverse_density", seed=5),
+            TaskVector(0.4, 0.9, "random", rescale="inverse_density", seed=6),
+        ],
+        False,
+        True,
+    ),
 }
 
 
-def family(shape: tuple[int, ...], dtype: torch.dtype, count: int, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def family(
+    shape: tuple[int, ...], dtype: torch.dtype, count: int, seed: int = 0
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(shape, generator=g).to(dtype)
     return base, [(base.float() + 0.02 * torch.randn(shape, generator=g)).to(dtype) for _ in range(count)]
@@ -64,7 +93,10 @@ def test_strided_bf16_views(impl, case, monkeypatch):
     assert torch.equal(got, expected)
 
 
-@pytest.mark.parametrize(("stored", "out"), [(torch.bfloat16, torch.float16), (torch.float32, torch.bfloat16), (torch.float16, torch.float32)])
+@pytest.mark.parametrize(
+    ("stored", "out"),
+    [(torch.bfloat16, torch.float16), (torch.float32, torch.bfloat16), (torch.float16, torch.float32)],
+)
 def test_numba_output_dtype_differs_from_the_inputs(stored, out, monkeypatch):
     """The kernel rounds its float32 result straight into another stored dtype, as torch does."""
     monkeypatch.setenv("WORKBENCH_KERNELS", "numba")

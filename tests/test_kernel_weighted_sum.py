@@ -4,18 +4,30 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from workbench_kernels.weighted_sum import weighted_sum, weighted_sum_numba, weighted_sum_reference, weighted_sum_torch
 from merging import combo, merge, q
 
-IMPLS = {"torch": weighted_sum_torch, "numba": weighted_sum_numba, "reference": weighted_sum_reference, "dispatch": weighted_sum}
+from workbench_kernels.weighted_sum import (
+    weighted_sum,
+    weighted_sum_numba,
+    weighted_sum_reference,
+    weighted_sum_torch,
+)
+
+IMPLS = {
+    "torch": weighted_sum_torch,
+    "numba": weighted_sum_numba,
+    "reference": weighted_sum_reference,
+    "dispatch": weighted_sum,
+}
 
 
 def exact_sum(tensors: list[torch.Tensor], w: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
     return combo([x for x, c in zip(tensors, w) if c != 0.0], [c for c in w if c != 0.0])
 
 
-def assert_kernel_close(out: torch.Tensor, tensors: list[torch.Tensor], w: list[float], compute: torch.dtype) -> None:
+def assert_kernel_close(
+    out: torch.Tensor, tensors: list[torch.Tensor], w: list[float], compute: torch.dtype
+) -> None:
     expected, magnitude = exact_sum(tensors, w)
     assert out.dtype == compute
     assert out.shape == tensors[0].shape
@@ -40,7 +52,12 @@ def test_kernel_fast_path_equals_reference(numel, dtype, same_compute):
         assert_kernel_close(out, tensors, w, compute)
     # The two implementations agree to within the rounding of the compute dtype.
     expected, magnitude = exact_sum(tensors, w)
-    assert bool(((fast.double() - ref.double()).abs() <= 4 * len(w) * torch.finfo(compute).eps * magnitude + torch.finfo(compute).tiny).all())
+    assert bool(
+        (
+            (fast.double() - ref.double()).abs()
+            <= 4 * len(w) * torch.finfo(compute).eps * magnitude + torch.finfo(compute).tiny
+        ).all()
+    )
     if compute == torch.float32:  # the CPU kernel does the reference's operations in its order
         assert torch.equal(weighted_sum_numba(tensors, w, compute), ref)
     for x, x0 in zip(tensors, originals):  # inputs untouched
@@ -96,7 +113,11 @@ def test_kernel_out_dtype(out_dtype):
     for impl in ("torch", "numba", "dispatch"):
         out = IMPLS[impl](tensors, w, torch.float32, out_dtype=out_dtype)
         assert out.dtype == out_dtype and out.shape == (numel,)
-        bound = torch.finfo(out_dtype).eps * expected.abs() + 8 * torch.finfo(torch.float32).eps * magnitude + 1e-30
+        bound = (
+            torch.finfo(out_dtype).eps * expected.abs()
+            + 8 * torch.finfo(torch.float32).eps * magnitude
+            + 1e-30
+        )
         assert bool(((out.double() - expected).abs() <= bound).all()), impl
 
 
@@ -139,9 +160,13 @@ def test_kernel_dispatch_honours_environment(monkeypatch):
     tensors = [torch.randn(4099, generator=g).to(torch.bfloat16) for _ in range(4)]
     w = [0.1, 0.2, 0.3, 0.4]
     monkeypatch.setenv("WORKBENCH_KERNELS", "reference")
-    assert torch.equal(weighted_sum(tensors, w, torch.bfloat16), weighted_sum_reference(tensors, w, torch.bfloat16))
+    assert torch.equal(
+        weighted_sum(tensors, w, torch.bfloat16), weighted_sum_reference(tensors, w, torch.bfloat16)
+    )
     monkeypatch.setenv("WORKBENCH_KERNELS", "torch")
-    assert torch.equal(weighted_sum(tensors, w, torch.bfloat16), weighted_sum_torch(tensors, w, torch.bfloat16))
+    assert torch.equal(
+        weighted_sum(tensors, w, torch.bfloat16), weighted_sum_torch(tensors, w, torch.bfloat16)
+    )
     monkeypatch.setenv("WORKBENCH_KERNELS", "bogus")
     with pytest.raises(ValueError):
         weighted_sum(tensors, w)
@@ -162,11 +187,11 @@ def test_engine_with_reference_kernels_matches_fast_path(tmp_path, tiny_family, 
     text = f"""
 method: linear
 models:
-  - model: {q(tiny_family['base'])}
+  - model: {q(tiny_family["base"])}
     parameters: {{weight: 0.2}}
-  - model: {q(tiny_family['ft1'])}
+  - model: {q(tiny_family["ft1"])}
     parameters: {{weight: 0.3}}
-  - model: {q(tiny_family['ft2'])}
+  - model: {q(tiny_family["ft2"])}
     parameters: {{weight: 0.5}}
 output: {{dtype: float32}}
 """

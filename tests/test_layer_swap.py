@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from merging import load_dir, merge, q
+
+from workbench.checkpoint.synthetic import LlamaShape, write_model
 from workbench.errors import RecipeError
 from workbench.recipe.schema import parse_recipe
-from workbench.checkpoint.synthetic import LlamaShape, write_model
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -53,7 +53,9 @@ def test_no_swap_returns_the_task_expert_bit_exactly(tmp_path: Path, experts: di
     assert all(out[n].dtype == task[n].dtype and torch.equal(out[n], task[n]) for n in task)
 
 
-def test_all_layers_swapped_gives_the_language_experts_layers(tmp_path: Path, experts: dict[str, Path]) -> None:
+def test_all_layers_swapped_gives_the_language_experts_layers(
+    tmp_path: Path, experts: dict[str, Path]
+) -> None:
     out = merge(tmp_path, recipe(experts["task"], experts["language"], "{bottom: 2, top: 2}", roles=False))
     task, language = load_dir(experts["task"]), load_dir(experts["language"])
     for name in task:
@@ -63,14 +65,20 @@ def test_all_layers_swapped_gives_the_language_experts_layers(tmp_path: Path, ex
 
 @pytest.mark.parametrize("policy", ["language", "average"])
 def test_non_layer_policy(tmp_path: Path, experts: dict[str, Path], policy: str) -> None:
-    out = merge(tmp_path, recipe(experts["task"], experts["language"], f"{{bottom: 1, top: 1, non_layer: {policy}}}"))
+    out = merge(
+        tmp_path, recipe(experts["task"], experts["language"], f"{{bottom: 1, top: 1, non_layer: {policy}}}")
+    )
     task, language = load_dir(experts["task"]), load_dir(experts["language"])
     for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
-        expected = language[name] if policy == "language" else (task[name].double() + language[name].double()) / 2
+        expected = (
+            language[name] if policy == "language" else (task[name].double() + language[name].double()) / 2
+        )
         torch.testing.assert_close(out[name].double(), expected.double(), rtol=0, atol=1e-6)
 
 
-def test_zones_and_transition_layers_are_exact_convex_combinations(tmp_path: Path, experts: dict[str, Path]) -> None:
+def test_zones_and_transition_layers_are_exact_convex_combinations(
+    tmp_path: Path, experts: dict[str, Path]
+) -> None:
     # 4 layers: 0 language (bottom), 1 transition (w = 0.25), 2 transition (w = 0.75), 3 language (top)
     params = "{bottom: 1, top: 1, transition_bottom: 1, transition_top: 1, transition_weight: [0.25, 0.75]}"
     out = merge(tmp_path, recipe(experts["task"], experts["language"], params))
@@ -87,7 +95,9 @@ def test_zones_and_transition_layers_are_exact_convex_combinations(tmp_path: Pat
         if w == 1.0:
             assert torch.equal(out[name], language[name]), name
         else:
-            torch.testing.assert_close(out[name].double(), expected, rtol=0, atol=2e-7 * float(expected.abs().max()) + 1e-12)
+            torch.testing.assert_close(
+                out[name].double(), expected, rtol=0, atol=2e-7 * float(expected.abs().max()) + 1e-12
+            )
         seen.add(layer)
     assert seen == {0, 1, 2, 3}
 
@@ -103,14 +113,22 @@ def test_layer_map_general_form_and_no_substring_trap(tmp_path: Path, experts: d
     assert any(layer_of(n) == 11 for n in task) and any(layer_of(n) == 10 for n in task)
 
 
-@pytest.mark.parametrize("params, message", [
-    ("{bottom: 2, top: 2, transition_bottom: 1}", "= 5, more than the models' 4 layers"),
-    ("{layer_map: [task, language]}", "layer_map has 2 entries but the models have 4 layers"),
-    ("{layer_map: [task, task, task, task], bottom: 1}", "either layer_map or bottom/top"),
-    ("{transition_bottom: 1, transition_weight: [0.5, 0.5]}", "transition_weight lists 2 weight(s) but there are 1"),
-    ("{transition_bottom: 1, transition_weight: 1.5}", "transition_weight must lie in [0, 1]"),
-])
-def test_impossible_configurations_are_refused_before_the_merge(tmp_path: Path, experts: dict[str, Path], params: str, message: str) -> None:
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ("{bottom: 2, top: 2, transition_bottom: 1}", "= 5, more than the models' 4 layers"),
+        ("{layer_map: [task, language]}", "layer_map has 2 entries but the models have 4 layers"),
+        ("{layer_map: [task, task, task, task], bottom: 1}", "either layer_map or bottom/top"),
+        (
+            "{transition_bottom: 1, transition_weight: [0.5, 0.5]}",
+            "transition_weight lists 2 weight(s) but there are 1",
+        ),
+        ("{transition_bottom: 1, transition_weight: 1.5}", "transition_weight must lie in [0, 1]"),
+    ],
+)
+def test_impossible_configurations_are_refused_before_the_merge(
+    tmp_path: Path, experts: dict[str, Path], params: str, message: str
+) -> None:
     with pytest.raises(RecipeError, match=re.escape(message)):
         merge(tmp_path, recipe(experts["task"], experts["language"], params))
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -14,18 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from merging import load_dir, merge, q
 
 from workbench.engine.run import run_recipe
 from workbench.errors import RecipeError
 from workbench.recipe.schema import parse_recipe
 from workbench.registry import get_registry
-from merging import load_dir, merge, q
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 HALF_ULP_BF16 = 2.0**-8
-
-
-
 
 
 def layer_of(name: str) -> int | None:
@@ -53,11 +50,11 @@ def layers(tiny_family: dict[str, Path]) -> int:
 def two_models(fam: dict[str, Path], params: str, w1: float = 1.0, w2: float = 1.0, extra: str = "") -> str:
     return f"""
 method: lines
-base: {q(fam['base'])}
+base: {q(fam["base"])}
 models:
-  - model: {q(fam['ft1'])}
+  - model: {q(fam["ft1"])}
     parameters: {{weight: {w1}}}
-  - model: {q(fam['ft2'])}
+  - model: {q(fam["ft2"])}
     parameters: {{weight: {w2}}}
 parameters: {params}
 {extra}"""
@@ -70,16 +67,20 @@ parameters: {params}
 
 def test_alpha_one_beta_zero_is_task_arithmetic_lambda_one(tmp_path, tiny_family) -> None:
     lines = merge(tmp_path, two_models(tiny_family, "{alpha: 1.0, beta: 0.0}", 0.7, 0.4), "lines")
-    ta = merge(tmp_path, f"""
+    ta = merge(
+        tmp_path,
+        f"""
 method: task_arithmetic
-base: {q(tiny_family['base'])}
+base: {q(tiny_family["base"])}
 models:
-  - model: {q(tiny_family['ft1'])}
+  - model: {q(tiny_family["ft1"])}
     parameters: {{weight: 0.7}}
-  - model: {q(tiny_family['ft2'])}
+  - model: {q(tiny_family["ft2"])}
     parameters: {{weight: 0.4}}
 parameters: {{lambda: 1.0}}
-""", "ta")
+""",
+        "ta",
+    )
     assert set(lines) == set(ta)
     for name in ta:
         assert torch.equal(lines[name], ta[name]), name
@@ -90,20 +91,25 @@ def test_single_task_editing_schedule(tmp_path, tiny_family, w, layers, alpha, b
     """One model: theta = base + lambda(l) tau, beta defaulting to 1 - alpha; non-block tensors get alpha;
     the scale read back from the output is monotone in depth."""
     params = f"{{alpha: {alpha}}}" if beta is None else f"{{alpha: {alpha}, beta: {beta}}}"
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: lines
-base: {q(tiny_family['base'])}
-models: [{q(tiny_family['ft1'])}]
+base: {q(tiny_family["base"])}
+models: [{q(tiny_family["ft1"])}]
 parameters: {params}
 output: {{dtype: float32}}
-""")
+""",
+    )
     b_ = 1.0 - alpha if beta is None else beta
     seen: dict[int | None, float] = {}
     for name, base in w["base"].items():
         tau = w["ft1"][name].double() - base.double()
         lam = expected_scale(name, alpha, b_, layers)
         expected = base.double() + lam * tau
-        assert torch.allclose(out[name].double(), expected, rtol=0, atol=1e-6 * (1 + base.double().abs().max().item())), name
+        assert torch.allclose(
+            out[name].double(), expected, rtol=0, atol=1e-6 * (1 + base.double().abs().max().item())
+        ), name
         # Recover the scale actually applied (least squares on this tensor).
         got = float(((out[name].double() - base.double()) * tau).sum() / (tau * tau).sum())
         assert got == pytest.approx(lam, abs=1e-4), name
@@ -146,7 +152,16 @@ def test_weight_zero_removes_a_model(tmp_path, tiny_family, w) -> None:
 
 def test_task_arithmetic_inner_parameters(tmp_path, tiny_family, w, layers) -> None:
     """merge_parameters reach the inner method (normalize: true makes tau_MTL the weighted mean, alpha auto = 1)."""
-    out = merge(tmp_path, two_models(tiny_family, "{merge_parameters: {normalize: true}, beta: 0.5}", 1.0, 3.0, "output: {dtype: float32}"))
+    out = merge(
+        tmp_path,
+        two_models(
+            tiny_family,
+            "{merge_parameters: {normalize: true}, beta: 0.5}",
+            1.0,
+            3.0,
+            "output: {dtype: float32}",
+        ),
+    )
     for name, base in w["base"].items():
         lam = expected_scale(name, 1.0, 0.5, layers)
         b = base.double()
@@ -170,15 +185,21 @@ def _model_stock_tv(base: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
 
 def test_auto_alpha_pass_with_model_stock_inner(tmp_path, tiny_family, w, layers) -> None:
     """alpha = (||sum tau||_1 / ||tau_MTL||_1) / T with model-wide norms, tau_MTL from model_stock."""
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: lines
-base: {q(tiny_family['base'])}
-models: [{q(tiny_family['ft1'])}, {q(tiny_family['ft2'])}]
+base: {q(tiny_family["base"])}
+models: [{q(tiny_family["ft1"])}, {q(tiny_family["ft2"])}]
 parameters: {{merge: model_stock, beta: 0.3}}
 output: {{dtype: float32}}
-""")
+""",
+    )
     mtl = {n: _model_stock_tv(b, [w["ft1"][n], w["ft2"][n]]) for n, b in w["base"].items()}
-    summed = sum(float((w["ft1"][n].double() - b.double() + w["ft2"][n].double() - b.double()).abs().sum()) for n, b in w["base"].items())
+    summed = sum(
+        float((w["ft1"][n].double() - b.double() + w["ft2"][n].double() - b.double()).abs().sum())
+        for n, b in w["base"].items()
+    )
     alpha = summed / sum(float(v.abs().sum()) for v in mtl.values()) / 2
     assert alpha > 0.5  # model_stock shrinks the mean (t < 1), so alpha is above 1/T
     for name, base in w["base"].items():
@@ -199,7 +220,9 @@ def test_pass_agrees_with_the_task_arithmetic_shortcut(tmp_path, tiny_family, mo
 
 def test_auto_alpha_with_per_layer_weights(tmp_path, tiny_family, w, layers) -> None:
     """Weights that vary over layers: alpha = sum_n ||sum_t w_t tau_t / sum_t w_t||_1 / sum_n ||tau_MTL||_1."""
-    out = merge(tmp_path, two_models(tiny_family, "{beta: 0.5}", "[1.0, 0.2]", 1.0, "output: {dtype: float32}"))
+    out = merge(
+        tmp_path, two_models(tiny_family, "{beta: 0.5}", "[1.0, 0.2]", 1.0, "output: {dtype: float32}")
+    )
     num = den = 0.0
     mtl = {}
     for name, base in w["base"].items():
@@ -235,13 +258,26 @@ def test_alpha_one_beta_zero_is_the_inner_method_with_lambda_one(tmp_path, tiny_
     model_params, global_params = INNER[inner]
     dump = json.dumps
     alone = {
-        "method": inner, "base": str(tiny_family["base"]), "seed": 7,
-        "models": [{"model": str(tiny_family[k]), "parameters": {"weight": wt, **model_params}} for k, wt in (("ft1", 0.8), ("ft2", 1.0))],
+        "method": inner,
+        "base": str(tiny_family["base"]),
+        "seed": 7,
+        "models": [
+            {"model": str(tiny_family[k]), "parameters": {"weight": wt, **model_params}}
+            for k, wt in (("ft1", 0.8), ("ft2", 1.0))
+        ],
         "parameters": {"lambda": 1.0, **global_params},
     }
     wrapped = {
-        "method": "lines", "base": str(tiny_family["base"]), "seed": 7,
-        "models": [{"model": str(tiny_family[k]), "parameters": {"weight": wt, "merge_model_parameters": model_params}} for k, wt in (("ft1", 0.8), ("ft2", 1.0))],
+        "method": "lines",
+        "base": str(tiny_family["base"]),
+        "seed": 7,
+        "models": [
+            {
+                "model": str(tiny_family[k]),
+                "parameters": {"weight": wt, "merge_model_parameters": model_params},
+            }
+            for k, wt in (("ft1", 0.8), ("ft2", 1.0))
+        ],
         "parameters": {"merge": inner, "merge_parameters": global_params, "alpha": 1.0, "beta": 0.0},
     }
     a = merge(tmp_path, dump(alone), "inner")
@@ -252,9 +288,8 @@ def test_alpha_one_beta_zero_is_the_inner_method_with_lambda_one(tmp_path, tiny_
 
 def test_elementwise_inner_method_gets_row_blocks(tmp_path, tiny_family, monkeypatch) -> None:
     """Wrapping an elementwise method (task arithmetic) keeps the engine's row blocks, same result."""
-    import workbench_plugins.methods.lines as lines
-
     import workbench.engine.runner as engine
+    import workbench_plugins.methods.lines as lines
 
     text = two_models(tiny_family, "{alpha: 0.4, beta: 0.5}", 0.9, 0.6)
     whole = merge(tmp_path, text, "whole")
@@ -276,18 +311,28 @@ def test_elementwise_inner_method_gets_row_blocks(tmp_path, tiny_family, monkeyp
 def test_scaled_inner_pcb_matches_its_task_vector(tmp_path, tiny_family, w, layers) -> None:
     """lines over pcb = base + lambda(l) * (pcb(lambda 1) - base), block by block."""
     fam = tiny_family
-    inner = merge(tmp_path, f"method: pcb\nbase: {q(fam['base'])}\nmodels: [{q(fam['ft1'])}, {q(fam['ft2'])}]\noutput: {{dtype: float32}}\n", "pcb")
-    out = merge(tmp_path, f"""
+    inner = merge(
+        tmp_path,
+        f"method: pcb\nbase: {q(fam['base'])}\nmodels: [{q(fam['ft1'])}, {q(fam['ft2'])}]\noutput: {{dtype: float32}}\n",
+        "pcb",
+    )
+    out = merge(
+        tmp_path,
+        f"""
 method: lines
-base: {q(fam['base'])}
-models: [{q(fam['ft1'])}, {q(fam['ft2'])}]
+base: {q(fam["base"])}
+models: [{q(fam["ft1"])}, {q(fam["ft2"])}]
 parameters: {{merge: pcb, alpha: 0.3, beta: 0.6}}
 output: {{dtype: float32}}
-""", "lines")
+""",
+        "lines",
+    )
     for name, base in w["base"].items():
         lam = expected_scale(name, 0.3, 0.6, layers)
         b = base.double()
-        assert torch.allclose(out[name].double(), b + lam * (inner[name].double() - b), rtol=1e-6, atol=1e-7), name
+        assert torch.allclose(
+            out[name].double(), b + lam * (inner[name].double() - b), rtol=1e-6, atol=1e-7
+        ), name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -295,13 +340,16 @@ output: {{dtype: float32}}
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("params, says", [
-    ("{merge_parameters: {lambda: 0.5}}", "cannot set 'lambda'"),
-    ("{merge_parameters: {densty: 0.5}, merge: ties}", "does not take"),
-    ("{merge: linear}", "does not use a base model"),
-    ("{merge: lines}", "cannot be 'lines'"),
-    ("{merge: nosuch}", "unknown method"),
-])
+@pytest.mark.parametrize(
+    "params, says",
+    [
+        ("{merge_parameters: {lambda: 0.5}}", "cannot set 'lambda'"),
+        ("{merge_parameters: {densty: 0.5}, merge: ties}", "does not take"),
+        ("{merge: linear}", "does not use a base model"),
+        ("{merge: lines}", "cannot be 'lines'"),
+        ("{merge: nosuch}", "unknown method"),
+    ],
+)
 def test_bad_inner_settings(tmp_path, tiny_family, params, says) -> None:
     if "ties" in params and "ties" not in get_registry().methods:
         pytest.skip("ties is not registered")
@@ -311,33 +359,49 @@ def test_bad_inner_settings(tmp_path, tiny_family, params, says) -> None:
 
 def test_single_model_needs_explicit_alpha(tmp_path, tiny_family) -> None:
     with pytest.raises(RecipeError, match="give alpha explicitly"):
-        run_recipe(parse_recipe(f"method: lines\nbase: {q(tiny_family['base'])}\nmodels: [{q(tiny_family['ft1'])}]\n"), out=tmp_path / "out")
+        run_recipe(
+            parse_recipe(
+                f"method: lines\nbase: {q(tiny_family['base'])}\nmodels: [{q(tiny_family['ft1'])}]\n"
+            ),
+            out=tmp_path / "out",
+        )
 
 
 def test_weight_for_an_inner_method_without_weights(tmp_path, tiny_family) -> None:
     with pytest.raises(RecipeError, match="no per-model weight"):
-        run_recipe(parse_recipe(two_models(tiny_family, "{merge: model_stock, alpha: 0.5}", 0.5)), out=tmp_path / "out")
+        run_recipe(
+            parse_recipe(two_models(tiny_family, "{merge: model_stock, alpha: 0.5}", 0.5)),
+            out=tmp_path / "out",
+        )
 
 
 def test_top_level_merge_model_parameters_are_every_models_default(tmp_path, tiny_family) -> None:
     if "ties" not in get_registry().methods:
         pytest.skip("ties is not registered")
     fam = tiny_family
-    per_model = merge(tmp_path, f"""
+    per_model = merge(
+        tmp_path,
+        f"""
 method: lines
-base: {q(fam['base'])}
+base: {q(fam["base"])}
 models:
-  - model: {q(fam['ft1'])}
+  - model: {q(fam["ft1"])}
     parameters: {{merge_model_parameters: {{density: 0.3}}}}
-  - model: {q(fam['ft2'])}
+  - model: {q(fam["ft2"])}
     parameters: {{merge_model_parameters: {{density: 0.3}}}}
 parameters: {{merge: ties, beta: 0.5}}
-""", "per_model")
-    top = merge(tmp_path, f"""
+""",
+        "per_model",
+    )
+    top = merge(
+        tmp_path,
+        f"""
 method: lines
-base: {q(fam['base'])}
-models: [{q(fam['ft1'])}, {q(fam['ft2'])}]
+base: {q(fam["base"])}
+models: [{q(fam["ft1"])}, {q(fam["ft2"])}]
 parameters: {{merge: ties, beta: 0.5, merge_model_parameters: {{density: 0.3}}}}
-""", "top")
+""",
+        "top",
+    )
     for name in top:
         assert torch.equal(top[name], per_model[name]), name

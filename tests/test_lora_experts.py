@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from merging import add_word_tokenizer, load_dir, merge, q
 from safetensors.torch import load_file, save_file
 
-from merging import add_word_tokenizer, load_dir, merge, q
 from workbench.errors import RecipeError
 from workbench.modeling.allocation import group_sizes, per_layer
 from workbench.modeling.mola import ExpertSet, MoLALinear, gates, load_mola, save_experts, wrap
@@ -52,14 +52,18 @@ def test_gates_keep_the_top_k_softmax_weights_renormalised() -> None:
         want[top] = probs[row, top] / probs[row, top].sum()
         np.testing.assert_allclose(got[row], want, rtol=1e-5, atol=1e-7)
         assert (got[row] > 0).sum() == 2 and got[row].sum() == pytest.approx(1.0)
-    torch.testing.assert_close(gates(router, x, top_k=9), torch.softmax(x @ router.T, dim=-1))  # k above E: all experts
+    torch.testing.assert_close(
+        gates(router, x, top_k=9), torch.softmax(x @ router.T, dim=-1)
+    )  # k above E: all experts
 
 
 def test_one_expert_equals_the_plain_lora_exactly() -> None:
     g = torch.Generator().manual_seed(2)
     base = torch.nn.Linear(8, 6, bias=False)
     a, b, scale = torch.randn(4, 8, generator=g), torch.randn(6, 4, generator=g), 2.0
-    layer = MoLALinear(base, ExpertSet(a[None], b[None], torch.tensor([scale]), torch.randn(1, 8, generator=g), top_k=2))
+    layer = MoLALinear(
+        base, ExpertSet(a[None], b[None], torch.tensor([scale]), torch.randn(1, 8, generator=g), top_k=2)
+    )
     x = torch.randn(5, 8, generator=g)
     with torch.no_grad():  # PEFT's forward, up to float32 rounding (the runtime scales before B)
         torch.testing.assert_close(layer(x), base(x) + (x @ a.T @ b.T) * scale, rtol=1e-6, atol=1e-6)
@@ -70,7 +74,16 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A tiny float32 Llama with a word tokenizer, three LoRA adapters on it, and a text."""
     root = tmp_path_factory.mktemp("mola")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=False,
+    )
     transformers.LlamaForCausalLM(config).save_pretrained(root / "base")
     add_word_tokenizer(root / "base", VOCAB)
     weights = load_file(root / "base" / "model.safetensors")
@@ -83,16 +96,24 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
                 path = f"model.layers.{layer}.{module}"
                 out, inp = weights[f"{path}.weight"].shape
                 tensors[f"base_model.model.{path}.lora_A.weight"] = 0.2 * torch.randn(2, inp, generator=g)
-                tensors[f"base_model.model.{path}.lora_B.weight"] = strength * (layer + 1) * 0.2 * torch.randn(out, 2, generator=g)
+                tensors[f"base_model.model.{path}.lora_B.weight"] = (
+                    strength * (layer + 1) * 0.2 * torch.randn(out, 2, generator=g)
+                )
         folder = root / f"adapter{index}"
         folder.mkdir()
         save_file(tensors, str(folder / "adapter_model.safetensors"))
-        (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "base_model_name_or_path": str(root / "base")}))
+        (folder / "adapter_config.json").write_text(
+            json.dumps(
+                {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "base_model_name_or_path": str(root / "base")}
+            )
+        )
         adapters.append(folder)
     texts = []  # three "tasks" with their own words (16 each), so their inputs differ
     for index in range(3):
         texts.append(root / f"text{index}.txt")
-        words = torch.randint(16 * index, 16 * (index + 1), (200,), generator=torch.Generator().manual_seed(20 + index))
+        words = torch.randint(
+            16 * index, 16 * (index + 1), (200,), generator=torch.Generator().manual_seed(20 + index)
+        )
         texts[-1].write_text(" ".join(f"w{i}" for i in words.tolist()))
     return {"base": root / "base", "adapters": adapters, "texts": texts}
 
@@ -100,10 +121,15 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def delta_of(adapter: Path, name: str) -> torch.Tensor:
     tensors = load_file(adapter / "adapter_model.safetensors")
     module = name.removesuffix(".weight")
-    return 2.0 * (tensors[f"base_model.model.{module}.lora_B.weight"] @ tensors[f"base_model.model.{module}.lora_A.weight"])
+    return 2.0 * (
+        tensors[f"base_model.model.{module}.lora_B.weight"]
+        @ tensors[f"base_model.model.{module}.lora_A.weight"]
+    )
 
 
-def test_all_b_zero_is_the_base_and_save_load_keeps_the_outputs(tmp_path: Path, family: dict[str, Any]) -> None:
+def test_all_b_zero_is_the_base_and_save_load_keeps_the_outputs(
+    tmp_path: Path, family: dict[str, Any]
+) -> None:
     base = transformers.LlamaForCausalLM.from_pretrained(family["base"]).eval()
     expected = _logits(base, IDS)
     g = torch.Generator().manual_seed(3)
@@ -127,9 +153,13 @@ def test_all_b_zero_is_the_base_and_save_load_keeps_the_outputs(tmp_path: Path, 
     save_experts(tmp_path / "saved", random_b, {"source": "test"})
     loaded = load_mola(tmp_path / "saved")
     assert torch.equal(_logits(loaded, IDS), in_memory)
-    generated = loaded.generate(IDS, max_new_tokens=4, do_sample=False, pad_token_id=0)  # the wrapped model generates
+    generated = loaded.generate(
+        IDS, max_new_tokens=4, do_sample=False, pad_token_id=0
+    )  # the wrapped model generates
     assert generated.shape == (1, IDS.shape[1] + 4) and torch.equal(generated[:, : IDS.shape[1]], IDS)
-    assert int(generated[0, IDS.shape[1]]) == int(in_memory[0, -1].argmax())  # greedy: the first new token is the top logit
+    assert int(generated[0, IDS.shape[1]]) == int(
+        in_memory[0, -1].argmax()
+    )  # greedy: the first new token is the top logit
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,12 +175,24 @@ def test_group_patterns_split_layers_evenly_with_extras_outside_first() -> None:
     assert group_sizes(7, 3) == [2, 3, 2] and group_sizes(8, 3) == [3, 2, 3]
     for layers in range(4, 40):  # a pattern and its reverse cost the same wherever a symmetric split exists
         if (layers % 4) % 2 == 0:
-            assert sum(per_layer("2-4-6-8", layers)) == sum(per_layer("8-6-4-2", layers)) == sum(per_layer("5-5-5-5", layers))
+            assert (
+                sum(per_layer("2-4-6-8", layers))
+                == sum(per_layer("8-6-4-2", layers))
+                == sum(per_layer("5-5-5-5", layers))
+            )
         assert sum(per_layer("1-2-3", layers - 1)) == sum(per_layer("3-2-1", layers - 1))
     assert per_layer([1, 2, 3], 3) == [1, 2, 3]
 
 
-@pytest.mark.parametrize("spec, message", [("2-x", "is not a pattern like '2-4-6-8'"), ([1, 2], "2 counts for a model with 3 layers"), ("1-0-1", "at least one expert"), ("1-1-1-1", "has 4 groups, but the model has only 3 layers")])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("2-x", "is not a pattern like '2-4-6-8'"),
+        ([1, 2], "2 counts for a model with 3 layers"),
+        ("1-0-1", "at least one expert"),
+        ("1-1-1-1", "has 4 groups, but the model has only 3 layers"),
+    ],
+)
 def test_bad_allocations_are_named(spec: Any, message: str) -> None:
     with pytest.raises(RecipeError, match=message):
         per_layer(spec, 3)
@@ -163,7 +205,8 @@ def test_bad_allocations_are_named(spec: Any, message: str) -> None:
 
 def _recipe(family: dict[str, Any], parameters: str, data: bool = True) -> str:
     models = "\n".join(
-        f"  - model: {q(adapter)}" + (f"\n    parameters: {{data: {{text: {q(text)}, seq_len: 8}}}}" if data else "")
+        f"  - model: {q(adapter)}"
+        + (f"\n    parameters: {{data: {{text: {q(text)}, seq_len: 8}}}}" if data else "")
         for adapter, text in zip(family["adapters"], family["texts"])
     )
     return f"method: lora_experts\nbase: {q(family['base'])}\nmodels:\n{models}\nparameters: {parameters}\n"
@@ -174,7 +217,9 @@ def test_uniform_experts_run_and_the_base_weights_are_kept(tmp_path: Path, famil
     base = load_dir(family["base"])
     assert all(torch.equal(out[n], t) for n, t in base.items())
     config = json.loads((tmp_path / "out" / "mola" / "mola_config.json").read_text())
-    assert config["allocation"]["per_layer"] == [3] * LAYERS and len(config["modules"]) == LAYERS * len(MODULES)
+    assert config["allocation"]["per_layer"] == [3] * LAYERS and len(config["modules"]) == LAYERS * len(
+        MODULES
+    )
     experts = load_file(tmp_path / "out" / "mola" / "experts.safetensors")
     name = "model.layers.2.mlp.down_proj"
     for e, adapter in enumerate(family["adapters"]):  # each expert is its adapter: s_e B_e A_e = ΔW_e
@@ -188,20 +233,35 @@ def test_uniform_experts_run_and_the_base_weights_are_kept(tmp_path: Path, famil
 
 
 @pytest.mark.parametrize("overflow", ["pick", "merge"])
-def test_fewer_slots_than_adapters_pick_or_merge_by_change(tmp_path: Path, family: dict[str, Any], overflow: str) -> None:
+def test_fewer_slots_than_adapters_pick_or_merge_by_change(
+    tmp_path: Path, family: dict[str, Any], overflow: str
+) -> None:
     """Adapter 0 changes every layer most, then 1, then 2; layer 0 has one slot, layer 3 two."""
-    merge(tmp_path, _recipe(family, f"{{allocation: [1, 3, 3, 2], overflow: {overflow}, router: random}}", data=False))
+    merge(
+        tmp_path,
+        _recipe(family, f"{{allocation: [1, 3, 3, 2], overflow: {overflow}, router: random}}", data=False),
+    )
     config = json.loads((tmp_path / "out" / "mola" / "mola_config.json").read_text())
     assert config["allocation"]["per_layer"] == [1, 3, 3, 2]
     names = [a.name for a in family["adapters"]]
     if overflow == "pick":
-        assert config["experts_per_layer"]["0"] == [[names[0]]] and config["experts_per_layer"]["3"] == [[names[0]], [names[1]]]
+        assert config["experts_per_layer"]["0"] == [[names[0]]] and config["experts_per_layer"]["3"] == [
+            [names[0]],
+            [names[1]],
+        ]
     else:
-        assert config["experts_per_layer"]["0"] == [names] and config["experts_per_layer"]["3"] == [[names[0]], names[1:]]
+        assert config["experts_per_layer"]["0"] == [names] and config["experts_per_layer"]["3"] == [
+            [names[0]],
+            names[1:],
+        ]
         experts = load_file(tmp_path / "out" / "mola" / "experts.safetensors")
         module = "model.layers.3.self_attn.q_proj"
-        merged = experts[f"{module}.scale"][1] * (experts[f"{module}.lora_B"][1] @ experts[f"{module}.lora_A"][1])
-        want = delta_of(family["adapters"][1], f"{module}.weight") + delta_of(family["adapters"][2], f"{module}.weight")
+        merged = experts[f"{module}.scale"][1] * (
+            experts[f"{module}.lora_B"][1] @ experts[f"{module}.lora_A"][1]
+        )
+        want = delta_of(family["adapters"][1], f"{module}.weight") + delta_of(
+            family["adapters"][2], f"{module}.weight"
+        )
         torch.testing.assert_close(merged, want, rtol=1e-5, atol=1e-5)
 
 
@@ -210,13 +270,16 @@ def test_pattern_allocations_are_capped_at_the_adapter_count(tmp_path: Path, fam
     config = json.loads((tmp_path / "out" / "mola" / "mola_config.json").read_text())
     assert config["allocation"] == {"requested": "1-2-3-4", "per_layer": [1, 2, 3, 3]}
     assert config["parameters"] == sum(
-        count * (2 * (inp + out) + inp) for layer, count in enumerate([1, 2, 3, 3])
+        count * (2 * (inp + out) + inp)
+        for layer, count in enumerate([1, 2, 3, 3])
         for out, inp in ((HIDDEN, HIDDEN), (16, HIDDEN), (HIDDEN, INTER))
     )
 
 
 def test_collapse_without_data_adds_the_mean_of_the_experts(tmp_path: Path, family: dict[str, Any]) -> None:
-    out = merge(tmp_path, _recipe(family, "{allocation: uniform, router: random, collapse: true}", data=False))
+    out = merge(
+        tmp_path, _recipe(family, "{allocation: uniform, router: random, collapse: true}", data=False)
+    )
     assert not (tmp_path / "out" / "mola").exists()
     base = load_dir(family["base"])
     for layer in range(LAYERS):
@@ -226,7 +289,9 @@ def test_collapse_without_data_adds_the_mean_of_the_experts(tmp_path: Path, fami
             torch.testing.assert_close(out[name], want, rtol=1e-5, atol=1e-6)
 
 
-def test_prompt_routers_send_each_tasks_tokens_to_its_expert_most(tmp_path: Path, family: dict[str, Any]) -> None:
+def test_prompt_routers_send_each_tasks_tokens_to_its_expert_most(
+    tmp_path: Path, family: dict[str, Any]
+) -> None:
     """Router row e points from the mean input to task e's mean input, so task e's tokens give
     expert e the largest mean gate (checked on the inputs of one module, recorded here)."""
     merge(tmp_path, _recipe(family, "{allocation: uniform, top_k: 3, router_scale: 4.0}"))
@@ -236,7 +301,7 @@ def test_prompt_routers_send_each_tasks_tokens_to_its_expert_most(tmp_path: Path
     seen: list[torch.Tensor] = []
     model.get_submodule(module).register_forward_pre_hook(lambda m, i: seen.append(i[0][0]))
     for e, text in enumerate(family["texts"]):
-        ids = torch.tensor([int(w[1:]) for w in text.read_text().split()][:8 * 25]).reshape(25, 8)
+        ids = torch.tensor([int(w[1:]) for w in text.read_text().split()][: 8 * 25]).reshape(25, 8)
         seen.clear()
         with torch.no_grad():
             model(input_ids=ids)
@@ -246,7 +311,9 @@ def test_prompt_routers_send_each_tasks_tokens_to_its_expert_most(tmp_path: Path
 
 
 def test_routers_from_prompts_need_each_adapters_data(tmp_path: Path, family: dict[str, Any]) -> None:
-    with pytest.raises(RecipeError, match=r"router 'prompts' needs each adapter's task prompts; models\[0\] has no 'data'"):
+    with pytest.raises(
+        RecipeError, match=r"router 'prompts' needs each adapter's task prompts; models\[0\] has no 'data'"
+    ):
         merge(tmp_path, _recipe(family, "{allocation: uniform}", data=False))
 
 
@@ -258,14 +325,20 @@ def test_a_model_that_is_not_an_adapter_is_refused(tmp_path: Path, family: dict[
 
 
 def test_trained_routers_lower_the_loss_on_the_prompts(tmp_path: Path, family: dict[str, Any]) -> None:
-    merge(tmp_path, _recipe(family, "{allocation: uniform, top_k: 2, router: trained, router_steps: 30, router_lr: 0.05}"), name="trained")
+    merge(
+        tmp_path,
+        _recipe(
+            family, "{allocation: uniform, top_k: 2, router: trained, router_steps: 30, router_lr: 0.05}"
+        ),
+        name="trained",
+    )
     merge(tmp_path, _recipe(family, "{allocation: uniform, top_k: 2}"), name="prompts")
     losses = {}
     for name in ("prompts", "trained"):
         model = load_mola(tmp_path / name)
         total = 0.0
         for text in family["texts"]:
-            ids = torch.tensor([int(w[1:]) for w in text.read_text().split()][:8 * 25]).reshape(25, 8)
+            ids = torch.tensor([int(w[1:]) for w in text.read_text().split()][: 8 * 25]).reshape(25, 8)
             with torch.no_grad():
                 total += float(model(input_ids=ids, labels=ids).loss)
         losses[name] = total
@@ -302,7 +375,10 @@ def test_load_balancing_loss_is_one_when_routing_is_uniform() -> None:
 def _text_batches(family: dict[str, Any]) -> Any:
     from itertools import cycle
 
-    rows = [torch.tensor([int(w[1:]) for w in text.read_text().split()][: 8 * 25]).reshape(25, 8) for text in family["texts"]]
+    rows = [
+        torch.tensor([int(w[1:]) for w in text.read_text().split()][: 8 * 25]).reshape(25, 8)
+        for text in family["texts"]
+    ]
     return cycle([{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in rows])
 
 
@@ -311,19 +387,42 @@ def test_fresh_experts_start_at_the_base_and_count_as_the_allocation_says(family
 
     model = transformers.LlamaForCausalLM.from_pretrained(family["base"]).eval()
     expected = _logits(model, IDS)
-    experts = new_experts(model, [1, 2, 2, 3], rank=4, alpha=8, top_k=2, targets=("q_proj", "down_proj"), seed=0)
+    experts = new_experts(
+        model, [1, 2, 2, 3], rank=4, alpha=8, top_k=2, targets=("q_proj", "down_proj"), seed=0
+    )
     wrap(model, experts)
     assert torch.equal(_logits(model, IDS), expected)  # B = 0
-    assert {name: e.count for name, e in experts.items()} == {f"model.layers.{l}.{m}": c for l, c in enumerate([1, 2, 2, 3]) for m in ("self_attn.q_proj", "mlp.down_proj")}
-    per_expert = 4 * (HIDDEN + HIDDEN) + HIDDEN + 4 * (INTER + HIDDEN) + INTER  # q_proj and down_proj: A, B and a router row
-    assert sum(e.a.numel() + e.b.numel() + e.router.numel() for e in experts.values()) == per_expert * (1 + 2 + 2 + 3)
+    assert {name: e.count for name, e in experts.items()} == {
+        f"model.layers.{l}.{m}": c
+        for l, c in enumerate([1, 2, 2, 3])
+        for m in ("self_attn.q_proj", "mlp.down_proj")
+    }
+    per_expert = (
+        4 * (HIDDEN + HIDDEN) + HIDDEN + 4 * (INTER + HIDDEN) + INTER
+    )  # q_proj and down_proj: A, B and a router row
+    assert sum(e.a.numel() + e.b.numel() + e.router.numel() for e in experts.values()) == per_expert * (
+        1 + 2 + 2 + 3
+    )
 
 
 @pytest.mark.parametrize("aux_loss", [0.0, 0.01])
-def test_training_lowers_the_loss_and_writes_a_folder_that_runs(tmp_path: Path, family: dict[str, Any], aux_loss: float) -> None:
+def test_training_lowers_the_loss_and_writes_a_folder_that_runs(
+    tmp_path: Path, family: dict[str, Any], aux_loss: float
+) -> None:
     from workbench.lora.mola_train import train_mola
 
-    result = train_mola(family["base"], tmp_path / "mola", _text_batches(family), "1-2", steps=40, lr=1e-2, rank=4, top_k=2, aux_loss=aux_loss, seed=1)
+    result = train_mola(
+        family["base"],
+        tmp_path / "mola",
+        _text_batches(family),
+        "1-2",
+        steps=40,
+        lr=1e-2,
+        rank=4,
+        top_k=2,
+        aux_loss=aux_loss,
+        seed=1,
+    )
     assert result.experts_per_layer == [1, 1, 2, 2]
     assert sum(result.losses[-5:]) < sum(result.losses[:5])
     config = json.loads((tmp_path / "mola" / "mola" / "mola_config.json").read_text())
@@ -338,9 +437,24 @@ def test_training_lowers_the_loss_and_writes_a_folder_that_runs(tmp_path: Path, 
         train_mola(family["base"], tmp_path / "mola", _text_batches(family), "1-2", steps=1)
 
 
-def test_magnitude_allocation_counts_the_adapters_that_change_a_layer_enough(tmp_path: Path, family: dict[str, Any]) -> None:
-    merge(tmp_path, _recipe(family, "{allocation: magnitude, magnitude_share: 0.6, router: random}", data=False))
-    change = np.array([[sum(float(np.linalg.norm(delta_of(a, f"model.layers.{l}.{m}.weight").double().numpy())) for m in MODULES) for l in range(LAYERS)] for a in family["adapters"]])
+def test_magnitude_allocation_counts_the_adapters_that_change_a_layer_enough(
+    tmp_path: Path, family: dict[str, Any]
+) -> None:
+    merge(
+        tmp_path, _recipe(family, "{allocation: magnitude, magnitude_share: 0.6, router: random}", data=False)
+    )
+    change = np.array(
+        [
+            [
+                sum(
+                    float(np.linalg.norm(delta_of(a, f"model.layers.{l}.{m}.weight").double().numpy()))
+                    for m in MODULES
+                )
+                for l in range(LAYERS)
+            ]
+            for a in family["adapters"]
+        ]
+    )
     want = [max(1, int((change[:, l] >= 0.6 * change.max(axis=1)).sum())) for l in range(LAYERS)]
     config = json.loads((tmp_path / "out" / "mola" / "mola_config.json").read_text())
     assert config["allocation"]["per_layer"] == want and want != [3] * LAYERS

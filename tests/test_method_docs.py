@@ -8,8 +8,8 @@ from click.testing import CliRunner
 
 from workbench.cli.main import main
 from workbench.method import MergeMethod, MethodParameters, Param
-from workbench.tools.method_docs import method_page, method_pages
 from workbench.registry import Registry
+from workbench.tools.method_docs import method_page, method_pages
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "methods"
 
@@ -57,7 +57,9 @@ def test_committed_pages_are_up_to_date(registry: Registry) -> None:
     """docs/methods/ is what `workbench methods --docs docs/methods` writes today."""
     for file_name, text in method_pages(registry).items():
         committed = DOCS / file_name
-        assert committed.is_file() and committed.read_text() == text, f"regenerate {committed}: workbench methods --docs docs/methods"
+        assert committed.is_file() and committed.read_text() == text, (
+            f"regenerate {committed}: workbench methods --docs docs/methods"
+        )
 
 
 def test_cli_writes_the_pages(tmp_path: Path, registry: Registry) -> None:

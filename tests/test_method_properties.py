@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from merging import add_word_tokenizer, word_text
+
+from workbench import hookimpl
 from workbench.lora.extract import extract_lora
 from workbench.method import MergeMethod, MethodParameters, Param
 from workbench.registry import Registry, load_registry
-from workbench import hookimpl
 from workbench.testing import (
     DEEP,
     Family,
@@ -75,21 +75,39 @@ PROPERTIES: dict[str, Properties] = {
     "dare_linear": Properties(identity=HALF, one_hot=one_hot_weights()),
     "breadcrumbs": Properties(identity=HALF, one_hot=one_hot_weights()),
     "breadcrumbs_ties": Properties(identity=HALF, one_hot=one_hot_weights()),
-    "model_stock": Properties(one_hot=NotApplicable("its ratio comes from the angle between the task vectors: " + NO_SELECTION)),
-    "pcb": Properties(common={"parameters": {"pcb_ratio": 1.0, "clip_ratio": 0.0}}, one_hot=lambda i, n: {"parameters": {"pcb_ratio": 1.0, "clip_ratio": 0.0}, "model_parameters": weights(i, n)}),
+    "model_stock": Properties(
+        one_hot=NotApplicable("its ratio comes from the angle between the task vectors: " + NO_SELECTION)
+    ),
+    "pcb": Properties(
+        common={"parameters": {"pcb_ratio": 1.0, "clip_ratio": 0.0}},
+        one_hot=lambda i, n: {
+            "parameters": {"pcb_ratio": 1.0, "clip_ratio": 0.0},
+            "model_parameters": weights(i, n),
+        },
+    ),
     "lines": Properties(
         common={"parameters": {"alpha": 1.0, "beta": 0.0}},
         identity={"parameters": {"alpha": 1.0, "beta": 0.0, "merge_parameters": {"normalize": True}}},
         one_hot=lambda i, n: {"parameters": {"alpha": 1.0, "beta": 0.0}, "model_parameters": weights(i, n)},
     ),
-    "slerp": Properties(common={"parameters": {"t": 0.5}}, one_hot=lambda i, n: {"parameters": {"t": float(i)}}, models=2),
+    "slerp": Properties(
+        common={"parameters": {"t": 0.5}}, one_hot=lambda i, n: {"parameters": {"t": float(i)}}, models=2
+    ),
     "layer_swap": Properties(
-        one_hot=lambda i, n: {"parameters": {"layer_map": ["task" if i == 0 else "language"] * 4, "non_layer": "task" if i == 0 else "language"}},
+        one_hot=lambda i, n: {
+            "parameters": {
+                "layer_map": ["task" if i == 0 else "language"] * 4,
+                "non_layer": "task" if i == 0 else "language",
+            }
+        },
         models=2,
     ),
     "ot_fusion": Properties(
         common={"parameters": {"solver": "emd"}},
-        one_hot=lambda i, n: {"parameters": {"solver": "emd", "anchor": i}, "model_parameters": weights(i, n)},
+        one_hot=lambda i, n: {
+            "parameters": {"solver": "emd", "anchor": i},
+            "model_parameters": weights(i, n),
+        },
     ),
     "passthrough": Properties(one_hot=NotApplicable("it takes a single model"), models=1),
     "lora_experts": Properties(
@@ -101,21 +119,29 @@ PROPERTIES: dict[str, Properties] = {
     "atlas": Properties(
         common={"parameters": {"steps": 1, "batch_size": 2, "samples": 8, "holdout": 0.0}},
         # lr 0 keeps every coefficient at init: two copies at 0.5 each add one task vector
-        identity={"parameters": {"steps": 1, "batch_size": 2, "samples": 8, "holdout": 0.0, "lr": 0.0, "init": 0.5}},
+        identity={
+            "parameters": {"steps": 1, "batch_size": 2, "samples": 8, "holdout": 0.0, "lr": 0.0, "init": 0.5}
+        },
         one_hot=NotApplicable("its coefficients are learned from data, one init for all: " + NO_SELECTION),
     ),
 }
 
 
 def _builtin_methods(registry: Registry) -> dict[str, type[MergeMethod]]:
-    return {name: entry.obj for name, entry in registry.methods.items() if entry.plugin.package == "merge-workbench"}
+    return {
+        name: entry.obj
+        for name, entry in registry.methods.items()
+        if entry.plugin.package == "merge-workbench"
+    }
 
 
 def test_every_builtin_method_declares_its_properties(registry: Registry) -> None:
     assert set(PROPERTIES) == set(_builtin_methods(registry))
     for name, props in PROPERTIES.items():
         for prop in (props.identity, props.one_hot):
-            assert not isinstance(prop, NotApplicable) or len(prop.why) > 20, f"{name}: say why a property does not apply"
+            assert not isinstance(prop, NotApplicable) or len(prop.why) > 20, (
+                f"{name}: say why a property does not apply"
+            )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,7 +189,9 @@ def deep(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
     return _inputs(tiny_family(root / "family", fine_tunes=2, shape=DEEP), root)
 
 
-def _fragment(name: str, props: Properties, text: Path, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def _fragment(
+    name: str, props: Properties, text: Path, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     fragment = {**props.common, **(extra or {})}
     if name == "atlas":  # every task learns from the same text
         fragment["parameters"] = {**fragment.get("parameters", {}), "data": {"text": str(text), "seq_len": 8}}
@@ -184,7 +212,12 @@ def test_one_hot_selection(name: str, tiny: Inputs) -> None:
     if isinstance(props.one_hot, NotApplicable):
         pytest.skip(props.one_hot.why)
     select = props.one_hot
-    check_one_hot(name, tiny.family, lambda i, n: {**_fragment(name, props, tiny.text), **select(i, n)}, models=tiny.models(props))
+    check_one_hot(
+        name,
+        tiny.family,
+        lambda i, n: {**_fragment(name, props, tiny.text), **select(i, n)},
+        models=tiny.models(props),
+    )
 
 
 @pytest.mark.parametrize("name", sorted(PROPERTIES))
@@ -261,11 +294,16 @@ def test_a_correct_method_passes(broken: Callable[[str], Registry], tiny: Inputs
     check_deterministic("broken_mean", family, registry=registry)
 
 
-@pytest.mark.parametrize(("fault", "check", "message"), [
-    ("bias", "identity", "identity (2 copies of ft1)"),
-    ("bias", "one_hot", "one-hot selection of model 0"),
-])
-def test_a_wrong_value_fails(fault: str, check: str, message: str, broken: Callable[[str], Registry], tiny: Inputs) -> None:
+@pytest.mark.parametrize(
+    ("fault", "check", "message"),
+    [
+        ("bias", "identity", "identity (2 copies of ft1)"),
+        ("bias", "one_hot", "one-hot selection of model 0"),
+    ],
+)
+def test_a_wrong_value_fails(
+    fault: str, check: str, message: str, broken: Callable[[str], Registry], tiny: Inputs
+) -> None:
     registry, family = broken(fault), tiny.family
     with pytest.raises(PropertyViolation, match=re.escape(message)) as caught:
         if check == "identity":
@@ -280,16 +318,22 @@ def test_schedule_dependent_randomness_fails(broken: Callable[[str], Registry], 
         check_deterministic("broken_mean", tiny.family, registry=broken("noise"))
 
 
-def test_keeping_outputs_fails_the_memory_check(broken: Callable[[str], Registry], tiny: Inputs, deep: Inputs, tmp_path: Path) -> None:
+def test_keeping_outputs_fails_the_memory_check(
+    broken: Callable[[str], Registry], tiny: Inputs, deep: Inputs, tmp_path: Path
+) -> None:
     with pytest.raises(PropertyViolation, match="Does the method keep tensors") as caught:
-        check_streaming_memory("broken_mean", tmp_path, family=deep.family, warm_up=tiny.family, registry=broken("hoard"))
+        check_streaming_memory(
+            "broken_mean", tmp_path, family=deep.family, warm_up=tiny.family, registry=broken("hoard")
+        )
     assert "MB" in str(caught.value)
 
 
 def test_build_recipe_gives_the_base_only_to_methods_that_use_it(registry: Registry, tiny: Inputs) -> None:
     family = tiny.family
     linear = build_recipe("linear", family, registry=registry)
-    ta = build_recipe("task_arithmetic", family, {"model_parameters": {"weight": 0.3}, "seed": 4}, registry=registry)
+    ta = build_recipe(
+        "task_arithmetic", family, {"model_parameters": {"weight": 0.3}, "seed": 4}, registry=registry
+    )
     assert "base" not in linear and [m["model"] for m in linear["models"]] == [str(m) for m in family.models]
     assert ta["base"] == str(family.base) and ta["seed"] == 4
     assert [m["parameters"] for m in ta["models"]] == [{"weight": 0.3}] * 3

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from merging import assert_bf16_close, combo, gradient, layer_t, load_dir, merge, q, slerp_reference
 from safetensors.torch import save_file
 
 from workbench.engine.run import run_recipe
 from workbench.recipe.schema import parse_recipe
-from merging import assert_bf16_close, combo, gradient, layer_t, load_dir, merge, q, slerp_reference
 
 # --------------------------------------------------------------------------------------------------
 # Helpers (independent of the code under test)
@@ -54,13 +54,16 @@ def test_inputs_are_bf16_and_distinct(weights: dict[str, dict[str, torch.Tensor]
 
 @pytest.mark.parametrize("normalize", [True, False])
 def test_linear_single_model_weight_one_is_identity(tmp_path, tiny_family, weights, normalize):
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: linear
 models:
-  - model: {q(tiny_family['ft1'])}
+  - model: {q(tiny_family["ft1"])}
     parameters: {{weight: 1.0}}
 parameters: {{normalize: {str(normalize).lower()}}}
-""")
+""",
+    )
     ref = weights["ft1"]
     assert set(out) == set(ref)
     for name, x in ref.items():
@@ -68,12 +71,15 @@ parameters: {{normalize: {str(normalize).lower()}}}
 
 
 def test_linear_single_model_any_weight_normalized_is_identity(tmp_path, tiny_family, weights):
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: linear
 models:
-  - model: {q(tiny_family['ft2'])}
+  - model: {q(tiny_family["ft2"])}
     parameters: {{weight: 4.0}}
-""")
+""",
+    )
     for name, x in weights["ft2"].items():
         assert torch.equal(out[name], x), name
 
@@ -81,14 +87,17 @@ models:
 @pytest.mark.parametrize("scale", [1.0, 0.0])
 def test_task_arithmetic_single_finetune(tmp_path, tiny_family, weights, scale):
     """lambda 1, weight 1 gives the fine-tune; lambda 0 gives the base; both bit-exactly."""
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: task_arithmetic
-base: {q(tiny_family['base'])}
+base: {q(tiny_family["base"])}
 models:
-  - model: {q(tiny_family['ft1'])}
+  - model: {q(tiny_family["ft1"])}
     parameters: {{weight: 1.0}}
 parameters: {{lambda: {scale}}}
-""")
+""",
+    )
     ref = weights["ft1"] if scale == 1.0 else weights["base"]
     assert set(out) == set(ref)
     for name, x in ref.items():
@@ -100,9 +109,12 @@ parameters: {{lambda: {scale}}}
 def test_linear_one_hot_selects_model(tmp_path, tiny_family, weights, normalize, hot):
     keys = ["base", "ft1", "ft2"]
     entries = "\n".join(
-        f"  - model: {q(tiny_family[k])}\n    parameters: {{weight: {1.0 if i == hot else 0.0}}}" for i, k in enumerate(keys)
+        f"  - model: {q(tiny_family[k])}\n    parameters: {{weight: {1.0 if i == hot else 0.0}}}"
+        for i, k in enumerate(keys)
     )
-    out = merge(tmp_path, f"method: linear\nmodels:\n{entries}\nparameters: {{normalize: {str(normalize).lower()}}}\n")
+    out = merge(
+        tmp_path, f"method: linear\nmodels:\n{entries}\nparameters: {{normalize: {str(normalize).lower()}}}\n"
+    )
     for name, x in weights[keys[hot]].items():
         assert torch.equal(out[name], x), name
 
@@ -116,8 +128,12 @@ def test_linear_one_hot_selects_model(tmp_path, tiny_family, weights, normalize,
 def test_linear_weighted_values(tmp_path, tiny_family, weights, normalize):
     w = [0.2, 0.5, 1.3]
     keys = ["base", "ft1", "ft2"]
-    entries = "\n".join(f"  - model: {q(tiny_family[k])}\n    parameters: {{weight: {wi}}}" for k, wi in zip(keys, w))
-    out = merge(tmp_path, f"method: linear\nmodels:\n{entries}\nparameters: {{normalize: {str(normalize).lower()}}}\n")
+    entries = "\n".join(
+        f"  - model: {q(tiny_family[k])}\n    parameters: {{weight: {wi}}}" for k, wi in zip(keys, w)
+    )
+    out = merge(
+        tmp_path, f"method: linear\nmodels:\n{entries}\nparameters: {{normalize: {str(normalize).lower()}}}\n"
+    )
     coefficients = [wi / sum(w) for wi in w] if normalize else w
     for name in weights["base"]:
         expected, magnitude = combo([weights[k][name] for k in keys], coefficients)
@@ -125,14 +141,17 @@ def test_linear_weighted_values(tmp_path, tiny_family, weights, normalize):
 
 
 def test_linear_normalize_is_default(tmp_path, tiny_family, weights):
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: linear
 models:
-  - model: {q(tiny_family['ft1'])}
+  - model: {q(tiny_family["ft1"])}
     parameters: {{weight: 3.0}}
-  - model: {q(tiny_family['ft2'])}
+  - model: {q(tiny_family["ft2"])}
     parameters: {{weight: 1.0}}
-""")
+""",
+    )
     for name in weights["ft1"]:
         expected, magnitude = combo([weights["ft1"][name], weights["ft2"][name]], [0.75, 0.25])
         assert_bf16_close(out[name], expected, magnitude, name)
@@ -140,14 +159,17 @@ models:
 
 def test_linear_top_level_weight_is_every_models_default(tmp_path, tiny_family, weights):
     """A per-model parameter given under `parameters` applies to every model without its own."""
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: linear
 models:
-  - {q(tiny_family['ft1'])}
-  - model: {q(tiny_family['ft2'])}
+  - {q(tiny_family["ft1"])}
+  - model: {q(tiny_family["ft2"])}
     parameters: {{weight: 0.5}}
 parameters: {{weight: 2.0, normalize: false}}
-""")
+""",
+    )
     for name in weights["ft1"]:
         expected, magnitude = combo([weights["ft1"][name], weights["ft2"][name]], [2.0, 0.5])
         assert_bf16_close(out[name], expected, magnitude, name)
@@ -155,15 +177,18 @@ parameters: {{weight: 2.0, normalize: false}}
 
 def test_linear_per_layer_gradient(tmp_path, tiny_family, weights, layers):
     """weight: [0, 1] is interpolated over layers (layer i at i/(n-1)); outside the layers t = 0."""
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: linear
 models:
-  - model: {q(tiny_family['ft1'])}
+  - model: {q(tiny_family["ft1"])}
     parameters: {{weight: [0.0, 1.0]}}
-  - model: {q(tiny_family['ft2'])}
+  - model: {q(tiny_family["ft2"])}
     parameters: {{weight: [1.0, 0.2, 0.6]}}
 parameters: {{normalize: false}}
-""")
+""",
+    )
     seen_t = set()
     for name in weights["ft1"]:
         t = layer_t(name, layers)
@@ -177,10 +202,12 @@ parameters: {{normalize: false}}
 
 
 def test_linear_filter_list(tmp_path, tiny_family, weights, layers):
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: linear
 models:
-  - model: {q(tiny_family['ft1'])}
+  - model: {q(tiny_family["ft1"])}
     parameters:
       weight:
         - filter: mlp
@@ -188,13 +215,14 @@ models:
         - filter: "model.layers.*.self_attn.[qk]_proj.weight"
           value: [0.0, 1.0]
         - value: 0.5
-  - model: {q(tiny_family['ft2'])}
+  - model: {q(tiny_family["ft2"])}
     parameters:
       weight:
         - filter: embed_tokens
           value: 3.0
         - value: 1.0
-""")
+""",
+    )
     kinds = set()
     for name in weights["ft1"]:
         t = layer_t(name, layers)
@@ -223,16 +251,19 @@ models:
     ],
 )
 def test_task_arithmetic_values(tmp_path, tiny_family, weights, params, w, scale):
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: task_arithmetic
-base: {q(tiny_family['base'])}
+base: {q(tiny_family["base"])}
 models:
-  - model: {q(tiny_family['ft1'])}
+  - model: {q(tiny_family["ft1"])}
     parameters: {{weight: {w[0]}}}
-  - model: {q(tiny_family['ft2'])}
+  - model: {q(tiny_family["ft2"])}
     parameters: {{weight: {w[1]}}}
 parameters: {params}
-""")
+""",
+    )
     ww = [x / sum(w) for x in w] if "normalize: true" in params else w
     for name in weights["base"]:
         base = weights["base"][name].double()
@@ -245,13 +276,15 @@ parameters: {params}
 
 
 def test_task_arithmetic_lambda_gradient_and_weight_filter(tmp_path, tiny_family, weights, layers):
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: task_arithmetic
-base: {q(tiny_family['base'])}
+base: {q(tiny_family["base"])}
 models:
-  - model: {q(tiny_family['ft1'])}
+  - model: {q(tiny_family["ft1"])}
     parameters: {{weight: 1.0}}
-  - model: {q(tiny_family['ft2'])}
+  - model: {q(tiny_family["ft2"])}
     parameters:
       weight:
         - filter: mlp
@@ -261,7 +294,8 @@ models:
         - value: 1.0
 parameters:
   lambda: [0.2, 1.0, 0.6]
-""")
+""",
+    )
     for name in weights["base"]:
         t = layer_t(name, layers)
         scale = gradient([0.2, 1.0, 0.6], t)
@@ -283,14 +317,17 @@ def test_zero_weight_model_with_nan_does_not_reach_output(tmp_path, tiny_family,
         v.view(-1)[-1] = float("inf")
     save_file(tensors, str(poisoned / "model.safetensors"), metadata={"format": "pt"})
     (poisoned / "config.json").write_text((tiny_family["ft2"] / "config.json").read_text())
-    result = run_recipe(parse_recipe(f"""
+    result = run_recipe(
+        parse_recipe(f"""
 method: linear
 models:
-  - model: {q(tiny_family['ft1'])}
+  - model: {q(tiny_family["ft1"])}
     parameters: {{weight: 1.0}}
   - model: {q(poisoned)}
     parameters: {{weight: 0.0}}
-"""), out=tmp_path / "out")
+"""),
+        out=tmp_path / "out",
+    )
     out = load_dir(tmp_path / "out")
     assert not any("NaN" in w for w in result.warnings)
     for name, x in weights["ft1"].items():
@@ -303,11 +340,11 @@ def test_row_blocks_match_whole_tensors(tmp_path, tiny_family, monkeypatch):
 
     text = f"""
 method: task_arithmetic
-base: {q(tiny_family['base'])}
+base: {q(tiny_family["base"])}
 models:
-  - model: {q(tiny_family['ft1'])}
+  - model: {q(tiny_family["ft1"])}
     parameters: {{weight: [0.3, 1.0]}}
-  - model: {q(tiny_family['ft2'])}
+  - model: {q(tiny_family["ft2"])}
     parameters: {{weight: 0.6}}
 parameters: {{lambda: 0.9}}
 """
@@ -344,7 +381,12 @@ def test_odd_tensors_mixed_dtypes_and_integer_buffers(tmp_path, method):
     b = _odd_model(tmp_path / "b", 2, torch.bfloat16)
     c = _odd_model(tmp_path / "c", 3, torch.float32)
     if method == "linear":
-        text, reference, inputs, coefficients = f"method: linear\nmodels: [{q(tmp_path / 'a')}, {q(tmp_path / 'b')}, {q(tmp_path / 'c')}]\n", a, [a, b, c], [1 / 3] * 3
+        text, reference, inputs, coefficients = (
+            f"method: linear\nmodels: [{q(tmp_path / 'a')}, {q(tmp_path / 'b')}, {q(tmp_path / 'c')}]\n",
+            a,
+            [a, b, c],
+            [1 / 3] * 3,
+        )
     elif method == "task_arithmetic":
         text = f"method: task_arithmetic\nbase: {q(tmp_path / 'a')}\nmodels: [{q(tmp_path / 'b')}, {q(tmp_path / 'c')}]\nparameters: {{lambda: 0.5}}\n"
         reference, inputs, coefficients = a, [a, b, c], [0.0, 0.5, 0.5]
@@ -381,15 +423,18 @@ def test_odd_tensors_mixed_dtypes_and_integer_buffers(tmp_path, method):
 
 
 def test_output_dtype_float32(tmp_path, tiny_family, weights):
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: linear
 models:
-  - model: {q(tiny_family['ft1'])}
+  - model: {q(tiny_family["ft1"])}
     parameters: {{weight: 0.3}}
-  - model: {q(tiny_family['ft2'])}
+  - model: {q(tiny_family["ft2"])}
     parameters: {{weight: 0.7}}
 output: {{dtype: float32}}
-""")
+""",
+    )
     assert set(header_dtypes(tmp_path / "out").values()) == {"F32"}
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["torch_dtype"] == "float32"
@@ -402,12 +447,15 @@ output: {{dtype: float32}}
 
 
 def test_output_dtype_default_keeps_input_dtype(tmp_path, tiny_family):
-    merge(tmp_path, f"""
+    merge(
+        tmp_path,
+        f"""
 method: task_arithmetic
-base: {q(tiny_family['base'])}
-models: [{q(tiny_family['ft1'])}, {q(tiny_family['ft2'])}]
+base: {q(tiny_family["base"])}
+models: [{q(tiny_family["ft1"])}, {q(tiny_family["ft2"])}]
 parameters: {{lambda: 0.5}}
-""")
+""",
+    )
     dtypes = header_dtypes(tmp_path / "out")
     assert dtypes == header_dtypes(tiny_family["base"])
     assert set(dtypes.values()) == {"BF16"}

@@ -12,19 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from merging import load_dir, merge, q
 
+from workbench.checkpoint.synthetic import write_family
 from workbench.engine.run import run_recipe
 from workbench.errors import RecipeError
 from workbench.method import TensorContext
 from workbench.recipe.schema import parse_recipe
-from workbench.checkpoint.synthetic import write_family
 from workbench_plugins.methods.model_stock import ModelStock, ModelStockParameters
-from merging import load_dir, merge, q
 
 HALF_ULP_BF16 = 2.0**-8
-
-
-
 
 
 def reference(base: torch.Tensor, models: list[torch.Tensor], filter_wise: bool) -> torch.Tensor:
@@ -50,8 +47,17 @@ def reference(base: torch.Tensor, models: list[torch.Tensor], filter_wise: bool)
 
 
 def ctx(shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -> TensorContext:
-    return TensorContext(name="w", layer_index=None, layer_count=1, module_kind="other", shape=shape, device="cpu",
-                         compute_dtype=dtype, out_dtype=dtype, seed=0)
+    return TensorContext(
+        name="w",
+        layer_index=None,
+        layer_count=1,
+        module_kind="other",
+        shape=shape,
+        device="cpu",
+        compute_dtype=dtype,
+        out_dtype=dtype,
+        seed=0,
+    )
 
 
 def apply(base: list[float] | torch.Tensor, models: list, filter_wise: bool = False) -> torch.Tensor:
@@ -81,7 +87,9 @@ def test_two_task_vectors_at_45_degrees() -> None:
     """tau1 = (1, 0), tau2 = (1, 1): c = 1/sqrt2, t = 2c / (1 + c) = 2 sqrt2 - 2; mean tau = (1, 0.5)."""
     out = apply([3.0, -1.0], [[4.0, -1.0], [4.0, 0.0]])
     t = 2 * math.sqrt(2) - 2
-    assert torch.allclose(out, torch.tensor([3.0 + t, -1.0 + 0.5 * t], dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.allclose(
+        out, torch.tensor([3.0 + t, -1.0 + 0.5 * t], dtype=torch.float64), rtol=0, atol=1e-12
+    )
 
 
 def test_orthogonal_task_vectors_give_the_base() -> None:
@@ -126,7 +134,9 @@ def test_tiny_task_vectors_use_mergekits_norm_floor() -> None:
 
 
 def test_zero_task_vectors_give_the_base() -> None:
-    assert torch.equal(apply([1.0, 2.0], [[1.0, 2.0], [1.0, 2.0]]), torch.tensor([1.0, 2.0], dtype=torch.float64))
+    assert torch.equal(
+        apply([1.0, 2.0], [[1.0, 2.0], [1.0, 2.0]]), torch.tensor([1.0, 2.0], dtype=torch.float64)
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -136,11 +146,14 @@ def test_zero_task_vectors_give_the_base() -> None:
 
 def test_identical_finetunes_return_that_finetune(tmp_path, tiny_family) -> None:
     """c = 1 -> t = 1 -> the average of identical models, i.e. the fine-tune itself, bit for bit."""
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: model_stock
-base: {q(tiny_family['base'])}
-models: [{q(tiny_family['ft1'])}, {q(tiny_family['ft1'])}, {q(tiny_family['ft1'])}]
-""")
+base: {q(tiny_family["base"])}
+models: [{q(tiny_family["ft1"])}, {q(tiny_family["ft1"])}, {q(tiny_family["ft1"])}]
+""",
+    )
     ft1 = load_dir(tiny_family["ft1"])
     assert set(out) == set(ft1)
     for name, x in ft1.items():
@@ -150,20 +163,25 @@ models: [{q(tiny_family['ft1'])}, {q(tiny_family['ft1'])}, {q(tiny_family['ft1']
 @pytest.mark.parametrize("block", [None, 1000])
 @pytest.mark.parametrize("filter_wise", [False, True])
 @pytest.mark.parametrize("n", [2, 3])
-def test_engine_matches_float64_reference(tmp_path, family3, weights3, monkeypatch, filter_wise, n, block) -> None:
+def test_engine_matches_float64_reference(
+    tmp_path, family3, weights3, monkeypatch, filter_wise, n, block
+) -> None:
     """block = 1000: the Gram sums and the row blocks are accumulated over many small blocks."""
     import workbench_plugins.methods.model_stock as ms
 
     if block is not None:
         monkeypatch.setattr(ms, "BLOCK", block)
     keys = [f"ft{i + 1}" for i in range(n)]
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: model_stock
-base: {q(family3['base'])}
-models: [{', '.join(q(family3[k]) for k in keys)}]
+base: {q(family3["base"])}
+models: [{", ".join(q(family3[k]) for k in keys)}]
 parameters: {{filter_wise: {str(filter_wise).lower()}}}
 output: {{dtype: float32}}
-""")
+""",
+    )
     for name, base in weights3["base"].items():
         expected = reference(base, [weights3[k][name] for k in keys], filter_wise)
         scale = base.double().abs() + sum(weights3[k][name].double().abs() for k in keys)
@@ -175,29 +193,39 @@ output: {{dtype: float32}}
 
 
 def test_bf16_output_is_the_reference_rounded(tmp_path, tiny_family) -> None:
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: model_stock
-base: {q(tiny_family['base'])}
-models: [{q(tiny_family['ft1'])}, {q(tiny_family['ft2'])}]
-""")
+base: {q(tiny_family["base"])}
+models: [{q(tiny_family["ft1"])}, {q(tiny_family["ft2"])}]
+""",
+    )
     w = {k: load_dir(p) for k, p in tiny_family.items()}
     for name, base in w["base"].items():
         expected = reference(base, [w["ft1"][name], w["ft2"][name]], False)
         assert out[name].dtype == torch.bfloat16
-        bound = HALF_ULP_BF16 * expected.abs() + 1e-4 * (base.double().abs() + w["ft1"][name].double().abs()) + 1e-30
+        bound = (
+            HALF_ULP_BF16 * expected.abs()
+            + 1e-4 * (base.double().abs() + w["ft1"][name].double().abs())
+            + 1e-30
+        )
         assert bool(((out[name].double() - expected).abs() <= bound).all()), name
 
 
 def test_filter_wise_per_layer_filter(tmp_path, family3, weights3) -> None:
     """filter_wise takes tensor-name filters like any per-layer parameter."""
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: model_stock
-base: {q(family3['base'])}
-models: [{q(family3['ft1'])}, {q(family3['ft2'])}]
+base: {q(family3["base"])}
+models: [{q(family3["ft1"])}, {q(family3["ft2"])}]
 parameters:
   filter_wise: [{{filter: mlp, value: true}}, {{value: false}}]
 output: {{dtype: float32}}
-""")
+""",
+    )
     for name, base in weights3["base"].items():
         expected = reference(base, [weights3["ft1"][name], weights3["ft2"][name]], "mlp" in name)
         assert torch.allclose(out[name].double(), expected, rtol=1e-5, atol=1e-7), name
@@ -205,38 +233,53 @@ output: {{dtype: float32}}
 
 def test_mergekit_recipe(tmp_path, tiny_family) -> None:
     """A mergekit recipe with model_stock gives the native result."""
-    native = merge(tmp_path, f"""
+    native = merge(
+        tmp_path,
+        f"""
 method: model_stock
-base: {q(tiny_family['base'])}
-models: [{q(tiny_family['ft1'])}, {q(tiny_family['ft2'])}]
-""", "native")
-    mk = merge(tmp_path, f"""
+base: {q(tiny_family["base"])}
+models: [{q(tiny_family["ft1"])}, {q(tiny_family["ft2"])}]
+""",
+        "native",
+    )
+    mk = merge(
+        tmp_path,
+        f"""
 merge_method: model_stock
-base_model: {q(tiny_family['base'])}
+base_model: {q(tiny_family["base"])}
 models:
-  - model: {q(tiny_family['ft1'])}
-  - model: {q(tiny_family['ft2'])}
+  - model: {q(tiny_family["ft1"])}
+  - model: {q(tiny_family["ft2"])}
 parameters: {{filter_wise: false}}
-""", "mk")
+""",
+        "mk",
+    )
     for name in native:
         assert torch.equal(native[name], mk[name]), name
     # mergekit keys its inputs by model, so a base also listed among the models is not a fine-tune.
-    listed = merge(tmp_path, f"""
+    listed = merge(
+        tmp_path,
+        f"""
 merge_method: model_stock
-base_model: {q(tiny_family['base'])}
+base_model: {q(tiny_family["base"])}
 models:
-  - model: {q(tiny_family['base'])}
-  - model: {q(tiny_family['ft1'])}
-  - model: {q(tiny_family['ft2'])}
-""", "listed")
+  - model: {q(tiny_family["base"])}
+  - model: {q(tiny_family["ft1"])}
+  - model: {q(tiny_family["ft2"])}
+""",
+        "listed",
+    )
     for name in native:
         assert torch.equal(native[name], listed[name]), name
 
 
-@pytest.mark.parametrize("models, base, says", [
-    ("[{ft1}]", True, "at least 2"),
-    ("[{ft1}, {ft2}]", False, "needs a base model"),
-])
+@pytest.mark.parametrize(
+    "models, base, says",
+    [
+        ("[{ft1}]", True, "at least 2"),
+        ("[{ft1}, {ft2}]", False, "needs a base model"),
+    ],
+)
 def test_input_checks(tmp_path, tiny_family, models, base, says) -> None:
     text = "method: model_stock\n" + (f"base: {q(tiny_family['base'])}\n" if base else "")
     text += "models: " + models.format(ft1=q(tiny_family["ft1"]), ft2=q(tiny_family["ft2"])) + "\n"

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from merging import add_word_tokenizer, load_dir, merge, q, word_text
 from safetensors.torch import load_file, save_file
 
-from merging import add_word_tokenizer, load_dir, merge, q, word_text
 from workbench_plugins.methods.ot_fusion.transport import ground_cost, transport
 
 transformers = pytest.importorskip("transformers")
@@ -26,8 +26,14 @@ HEADS, KV, HEAD_DIM, HIDDEN, INTER, LAYERS, VOCAB = 4, 2, 8, 32, 48, 2, 64
 
 def _config() -> "transformers.LlamaConfig":
     return transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=KV, head_dim=HEAD_DIM, tie_word_embeddings=False,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTER,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV,
+        head_dim=HEAD_DIM,
+        tie_word_embeddings=False,
     )
 
 
@@ -51,9 +57,15 @@ def permuted(state: dict[str, torch.Tensor], seed: int) -> tuple[dict[str, torch
     for layer in range(LAYERS):
         p = f"model.layers.{layer}."
         groups = torch.randperm(KV, generator=g)
-        query = torch.cat([group * (HEADS // KV) + torch.randperm(HEADS // KV, generator=g) for group in groups])
+        query = torch.cat(
+            [group * (HEADS // KV) + torch.randperm(HEADS // KV, generator=g) for group in groups]
+        )
         hidden = torch.randperm(INTER, generator=g)
-        for name, order in (("self_attn.q_proj", rows(query)), ("self_attn.k_proj", rows(groups)), ("self_attn.v_proj", rows(groups))):
+        for name, order in (
+            ("self_attn.q_proj", rows(query)),
+            ("self_attn.k_proj", rows(groups)),
+            ("self_attn.v_proj", rows(groups)),
+        ):
             out[p + name + ".weight"] = out[p + name + ".weight"][order][:, resid]
         out[p + "self_attn.o_proj.weight"] = out[p + "self_attn.o_proj.weight"][resid][:, rows(query)]
         out[p + "mlp.gate_proj.weight"] = out[p + "mlp.gate_proj.weight"][hidden][:, resid]
@@ -106,7 +118,9 @@ def test_emd_fusion_of_a_permuted_copy_returns_the_anchor(tmp_path: Path, pair: 
     expected[torch.arange(HIDDEN), resid] = 1.0 / HIDDEN  # b's dimension i is a's dimension resid[i]
     torch.testing.assert_close(maps["models.1.resid"], expected)
     report = json.loads((tmp_path / "out" / "ot_fusion" / "report.json").read_text())
-    assert report["models.1.resid"]["solver"] == "assignment" and report["models.1.resid"]["cost"] == pytest.approx(0.0, abs=1e-6)
+    assert report["models.1.resid"]["solver"] == "assignment" and report["models.1.resid"][
+        "cost"
+    ] == pytest.approx(0.0, abs=1e-6)
     assert {f"models.1.layers.{i}.{part}" for i in range(LAYERS) for part in ("heads", "mlp")} <= set(report)
 
 
@@ -127,11 +141,18 @@ def text_pair(pair: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.mark.parametrize("solver", ["emd", "sinkhorn"])
-def test_activation_cost_recovers_the_permutation(tmp_path: Path, text_pair: dict[str, Path], solver: str) -> None:
+def test_activation_cost_recovers_the_permutation(
+    tmp_path: Path, text_pair: dict[str, Path], solver: str
+) -> None:
     params = f"{{solver: {solver}, reg: 0.001, cost: activations, data: {{text: {q(text_pair['text'])}, seq_len: 16}}, samples: 12}}"
-    fused = merge(tmp_path, f"method: ot_fusion\nmodels: [{q(text_pair['a'])}, {q(text_pair['b'])}]\nparameters: {params}\n")
+    fused = merge(
+        tmp_path,
+        f"method: ot_fusion\nmodels: [{q(text_pair['a'])}, {q(text_pair['b'])}]\nparameters: {params}\n",
+    )
     anchor = load_dir(text_pair["a"])
-    tolerance = 1e-6 if solver == "emd" else 1e-3  # Sinkhorn's plan is soft, nearly a permutation at small reg
+    tolerance = (
+        1e-6 if solver == "emd" else 1e-3
+    )  # Sinkhorn's plan is soft, nearly a permutation at small reg
     for name, tensor in anchor.items():
         torch.testing.assert_close(fused[name], tensor, rtol=tolerance, atol=tolerance, msg=name)
 
@@ -140,7 +161,10 @@ def test_activation_cost_needs_data(tmp_path: Path, pair: dict[str, Path]) -> No
     from workbench.errors import RecipeError
 
     with pytest.raises(RecipeError, match="cost 'activations' needs data"):
-        merge(tmp_path, f"method: ot_fusion\nmodels: [{q(pair['a'])}, {q(pair['b'])}]\nparameters: {{cost: activations}}\n")
+        merge(
+            tmp_path,
+            f"method: ot_fusion\nmodels: [{q(pair['a'])}, {q(pair['b'])}]\nparameters: {{cost: activations}}\n",
+        )
 
 
 def test_fusion_weights_and_a_zero_weight(tmp_path: Path, pair: dict[str, Path]) -> None:
@@ -149,19 +173,37 @@ def test_fusion_weights_and_a_zero_weight(tmp_path: Path, pair: dict[str, Path])
     assert all(torch.equal(fused[n], anchor[n]) for n in anchor)
 
 
-@pytest.mark.parametrize("tensors, message", [
-    ({"gpt_neox.embed_in.weight": (16, 8), "gpt_neox.layers.0.attention.query_key_value.weight": (24, 8)}, "has none of their token embeddings"),
-    ({"model.embed_tokens.weight": (16, 8), "model.layers.0.self_attn.rotary.weight": (8, 8)}, "tensor 'model.layers.0.self_attn.rotary.weight' has no place in the llama layout"),
-])
-def test_unsupported_layouts_are_refused_by_name(tmp_path: Path, tensors: dict[str, tuple[int, int]], message: str) -> None:
+@pytest.mark.parametrize(
+    "tensors, message",
+    [
+        (
+            {
+                "gpt_neox.embed_in.weight": (16, 8),
+                "gpt_neox.layers.0.attention.query_key_value.weight": (24, 8),
+            },
+            "has none of their token embeddings",
+        ),
+        (
+            {"model.embed_tokens.weight": (16, 8), "model.layers.0.self_attn.rotary.weight": (8, 8)},
+            "tensor 'model.layers.0.self_attn.rotary.weight' has no place in the llama layout",
+        ),
+    ],
+)
+def test_unsupported_layouts_are_refused_by_name(
+    tmp_path: Path, tensors: dict[str, tuple[int, int]], message: str
+) -> None:
     from workbench.errors import RecipeError
 
     folders = []
     for name in ("x", "y"):
         folder = tmp_path / name
         folder.mkdir()
-        save_file({key: torch.randn(shape) for key, shape in tensors.items()}, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps({"num_attention_heads": 2, "num_hidden_layers": 1, "hidden_size": 8}))
+        save_file(
+            {key: torch.randn(shape) for key, shape in tensors.items()}, str(folder / "model.safetensors")
+        )
+        (folder / "config.json").write_text(
+            json.dumps({"num_attention_heads": 2, "num_hidden_layers": 1, "hidden_size": 8})
+        )
         folders.append(folder)
     with pytest.raises(RecipeError, match=re.escape(message)):
         merge(tmp_path, f"method: ot_fusion\nmodels: [{q(folders[0])}, {q(folders[1])}]\n")
@@ -204,7 +246,9 @@ def test_square_emd_is_the_permutation_and_large_reg_spreads_mass() -> None:
 
 
 @pytest.mark.parametrize("cost", ["weights", "activations"])
-def test_heterogeneous_fusion_takes_the_anchors_widths_and_runs(tmp_path: Path, text_pair: dict[str, Path], cost: str) -> None:
+def test_heterogeneous_fusion_takes_the_anchors_widths_and_runs(
+    tmp_path: Path, text_pair: dict[str, Path], cost: str
+) -> None:
     """A narrower model (hidden 24, intermediate 40) fused into the anchor (hidden 32, intermediate 48)."""
     import shutil
 
@@ -216,14 +260,25 @@ def test_heterogeneous_fusion_takes_the_anchors_widths_and_runs(tmp_path: Path, 
     for name in ("tokenizer.json", "tokenizer_config.json"):
         if (text_pair["a"] / name).is_file():
             shutil.copy(text_pair["a"] / name, narrow / name)
-    params = f"{{solver: emd, cost: {cost}, data: {{text: {q(text_pair['text'])}, seq_len: 16}}, samples: 12}}"
-    fused = merge(tmp_path, f"method: ot_fusion\nmodels: [{q(text_pair['a'])}, {q(narrow)}]\nparameters: {params}\n")
+    params = (
+        f"{{solver: emd, cost: {cost}, data: {{text: {q(text_pair['text'])}, seq_len: 16}}, samples: 12}}"
+    )
+    fused = merge(
+        tmp_path, f"method: ot_fusion\nmodels: [{q(text_pair['a'])}, {q(narrow)}]\nparameters: {params}\n"
+    )
     anchor = load_dir(text_pair["a"])
-    assert {n: tuple(t.shape) for n, t in fused.items()} == {n: tuple(t.shape) for n, t in anchor.items()}  # no extra file read as weights
+    assert {n: tuple(t.shape) for n, t in fused.items()} == {
+        n: tuple(t.shape) for n, t in anchor.items()
+    }  # no extra file read as weights
     assert any(not torch.equal(fused[n], anchor[n]) for n in anchor)
     maps = load_file(tmp_path / "out" / "ot_fusion" / "maps.safetensors")
-    assert tuple(maps["models.1.resid"].shape) == (24, 32) and tuple(maps["models.1.layers.0.mlp"].shape) == (40, 48)
-    torch.testing.assert_close(maps["models.1.resid"].sum(0), torch.full((32,), 1 / 32))  # the anchor's marginal
+    assert tuple(maps["models.1.resid"].shape) == (24, 32) and tuple(maps["models.1.layers.0.mlp"].shape) == (
+        40,
+        48,
+    )
+    torch.testing.assert_close(
+        maps["models.1.resid"].sum(0), torch.full((32,), 1 / 32)
+    )  # the anchor's marginal
     logits = _logits(tmp_path / "out")
     assert logits.shape == (1, 6, VOCAB) and torch.isfinite(logits).all()
 
@@ -234,10 +289,16 @@ def test_three_models_and_the_anchor_choice(tmp_path: Path, pair: dict[str, Path
     basis, so the fusion is the anchor's weights (the anchor being A″ when anchor = 2)."""
     third = tmp_path / "c"
     third.mkdir()
-    save_file(permuted(load_file(pair["a"] / "model.safetensors"), seed=7)[0], str(third / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        permuted(load_file(pair["a"] / "model.safetensors"), seed=7)[0],
+        str(third / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     (third / "config.json").write_text((pair["a"] / "config.json").read_text())
     models = f"[{{model: {q(pair['a'])}, parameters: {{weight: 2}}}}, {q(pair['b'])}, {q(third)}]"
-    fused = merge(tmp_path, f"method: ot_fusion\nmodels: {models}\nparameters: {{solver: emd, anchor: {anchor}}}\n")
+    fused = merge(
+        tmp_path, f"method: ot_fusion\nmodels: {models}\nparameters: {{solver: emd, anchor: {anchor}}}\n"
+    )
     expected = load_dir(pair["a"] if anchor == 0 else third)
     for name, tensor in expected.items():
         torch.testing.assert_close(fused[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
@@ -248,16 +309,33 @@ def test_three_models_and_the_anchor_choice(tmp_path: Path, pair: dict[str, Path
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("policy, cost", [("only_resid", "weights"), ("no_resid", "weights"), ("mean", "weights"), ("mean", "activations"), ("weighted_scalar", "activations"), ("weighted_matrix", "activations")])
-def test_every_residual_policy_returns_the_anchor_for_a_permuted_copy(tmp_path: Path, text_pair: dict[str, Path], policy: str, cost: str) -> None:
+@pytest.mark.parametrize(
+    "policy, cost",
+    [
+        ("only_resid", "weights"),
+        ("no_resid", "weights"),
+        ("mean", "weights"),
+        ("mean", "activations"),
+        ("weighted_scalar", "activations"),
+        ("weighted_matrix", "activations"),
+    ],
+)
+def test_every_residual_policy_returns_the_anchor_for_a_permuted_copy(
+    tmp_path: Path, text_pair: dict[str, Path], policy: str, cost: str
+) -> None:
     """Every branch and join map of a permuted copy is the same permutation, so each policy is exact."""
     params = f"{{solver: emd, resid_policy: {policy}, cost: {cost}, data: {{text: {q(text_pair['text'])}, seq_len: 16}}, samples: 12}}"
-    fused = merge(tmp_path, f"method: ot_fusion\nmodels: [{q(text_pair['a'])}, {q(text_pair['b'])}]\nparameters: {params}\n")
+    fused = merge(
+        tmp_path,
+        f"method: ot_fusion\nmodels: [{q(text_pair['a'])}, {q(text_pair['b'])}]\nparameters: {params}\n",
+    )
     for name, tensor in load_dir(text_pair["a"]).items():
         torch.testing.assert_close(fused[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     report = json.loads((tmp_path / "out" / "ot_fusion" / "report.json").read_text())
     assert report["models.1.layers.1.mlp_out"]["cost"] == pytest.approx(0.0, abs=1e-6)
-    assert report["models.1.layers.1.resid_out"]["solver"] == ("assignment" if policy in ("only_resid", "no_resid") else policy)
+    assert report["models.1.layers.1.resid_out"]["solver"] == (
+        "assignment" if policy in ("only_resid", "no_resid") else policy
+    )
 
 
 @pytest.fixture(scope="module")
@@ -271,14 +349,23 @@ def strangers(text_pair: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
 
 
 def _maps_of(folder: Path) -> dict[str, np.ndarray]:
-    return {k.removeprefix("models.1."): v.double().numpy() for k, v in load_file(folder / "ot_fusion" / "maps.safetensors").items()}
+    return {
+        k.removeprefix("models.1."): v.double().numpy()
+        for k, v in load_file(folder / "ot_fusion" / "maps.safetensors").items()
+    }
 
 
-def test_mean_and_no_resid_join_the_stream_and_branch_maps(tmp_path: Path, strangers: dict[str, Path]) -> None:
+def test_mean_and_no_resid_join_the_stream_and_branch_maps(
+    tmp_path: Path, strangers: dict[str, Path]
+) -> None:
     models = f"[{q(strangers['a'])}, {q(strangers['c'])}]"
     fused = {}
     for policy in ("shared", "mean", "no_resid"):
-        fused[policy] = merge(tmp_path, f"method: ot_fusion\nmodels: {models}\nparameters: {{resid_policy: {policy}}}\n", name=policy)
+        fused[policy] = merge(
+            tmp_path,
+            f"method: ot_fusion\nmodels: {models}\nparameters: {{resid_policy: {policy}}}\n",
+            name=policy,
+        )
         if policy == "shared":
             continue
         maps = _maps_of(tmp_path / policy)
@@ -291,29 +378,40 @@ def test_mean_and_no_resid_join_the_stream_and_branch_maps(tmp_path: Path, stran
                 stream = maps[f"layers.{layer}.{joined}"]
         assert not np.allclose(maps["layers.0.resid_mid"], maps["resid"], atol=1e-4)  # the join moved the map
     for policy in ("mean", "no_resid"):
-        assert any(not torch.allclose(fused[policy][n], fused["shared"][n], atol=1e-4) for n in fused["shared"])
+        assert any(
+            not torch.allclose(fused[policy][n], fused["shared"][n], atol=1e-4) for n in fused["shared"]
+        )
 
 
-def test_weighted_matrix_weighs_each_dimension_by_the_anchors_activations(tmp_path: Path, strangers: dict[str, Path]) -> None:
+def test_weighted_matrix_weighs_each_dimension_by_the_anchors_activations(
+    tmp_path: Path, strangers: dict[str, Path]
+) -> None:
     """Column j of the joined plan is w_j·T_resid + (1 − w_j)·T_branch, w_j = m_resid / (m_resid + m_branch),
     m the anchor's mean |activation| of residual dimension j (computed here with transformers hooks)."""
     data = f"{{text: {q(strangers['text'])}, seq_len: 16}}"
     recipe = f"method: ot_fusion\nmodels: [{q(strangers['a'])}, {q(strangers['c'])}]\nparameters: {{resid_policy: weighted_matrix, cost: activations, data: {data}, samples: 12}}\n"
     merge(tmp_path, recipe)
-    ids = torch.tensor([int(word[1:]) for word in strangers["text"].read_text().split()])[: 12 * 16].reshape(12, 16)
+    ids = torch.tensor([int(word[1:]) for word in strangers["text"].read_text().split()])[: 12 * 16].reshape(
+        12, 16
+    )
     model = transformers.LlamaForCausalLM.from_pretrained(strangers["a"]).eval()
     seen: dict[str, torch.Tensor] = {}
     for layer in range(LAYERS):
         block = model.model.layers[layer]
         block.self_attn.o_proj.register_forward_hook(lambda m, i, o, k=f"attn{layer}": seen.__setitem__(k, o))
         block.mlp.down_proj.register_forward_hook(lambda m, i, o, k=f"mlp{layer}": seen.__setitem__(k, o))
-        block.post_attention_layernorm.register_forward_pre_hook(lambda m, i, k=f"mid{layer}": seen.__setitem__(k, i[0]))
+        block.post_attention_layernorm.register_forward_pre_hook(
+            lambda m, i, k=f"mid{layer}": seen.__setitem__(k, i[0])
+        )
     with torch.no_grad():
         hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
     maps = _maps_of(tmp_path / "out")
     stream = maps["resid"]
     for layer in range(LAYERS):
-        for branch, joined, resid_acts, branch_acts in (("attn_out", "resid_mid", hidden[layer], seen[f"attn{layer}"]), ("mlp_out", "resid_out", seen[f"mid{layer}"], seen[f"mlp{layer}"])):
+        for branch, joined, resid_acts, branch_acts in (
+            ("attn_out", "resid_mid", hidden[layer], seen[f"attn{layer}"]),
+            ("mlp_out", "resid_out", seen[f"mid{layer}"], seen[f"mlp{layer}"]),
+        ):
             m_resid = resid_acts.abs().mean(dim=(0, 1)).double().numpy()
             m_branch = branch_acts.abs().mean(dim=(0, 1)).double().numpy()
             w = m_resid / (m_resid + m_branch)
@@ -325,5 +423,10 @@ def test_weighted_matrix_weighs_each_dimension_by_the_anchors_activations(tmp_pa
 def test_weighted_policies_need_activations(tmp_path: Path, pair: dict[str, Path]) -> None:
     from workbench.errors import RecipeError
 
-    with pytest.raises(RecipeError, match="resid_policy 'weighted_scalar' weighs by activations; it needs cost 'activations'"):
-        merge(tmp_path, f"method: ot_fusion\nmodels: [{q(pair['a'])}, {q(pair['b'])}]\nparameters: {{resid_policy: weighted_scalar}}\n")
+    with pytest.raises(
+        RecipeError, match="resid_policy 'weighted_scalar' weighs by activations; it needs cost 'activations'"
+    ):
+        merge(
+            tmp_path,
+            f"method: ot_fusion\nmodels: [{q(pair['a'])}, {q(pair['b'])}]\nparameters: {{resid_policy: weighted_scalar}}\n",
+        )

@@ -10,14 +10,14 @@ narrower MLP takes the anchor's shapes and runs.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from merging import add_word_tokenizer, load_dir, merge, q, word_text
+from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
 
@@ -70,7 +70,9 @@ def permute_bert(state: dict[str, torch.Tensor], g: torch.Generator) -> dict[str
         p = f"bert.encoder.layer.{layer}."
         heads, units = head_rows(torch.randperm(HEADS, generator=g)), torch.randperm(INTER, generator=g)
         for part in ("query", "key", "value"):
-            out[p + f"attention.self.{part}.weight"] = state[p + f"attention.self.{part}.weight"][heads][:, resid]
+            out[p + f"attention.self.{part}.weight"] = state[p + f"attention.self.{part}.weight"][heads][
+                :, resid
+            ]
             out[p + f"attention.self.{part}.bias"] = state[p + f"attention.self.{part}.bias"][heads]
         out[p + "attention.output.dense.weight"] = state[p + "attention.output.dense.weight"][resid][:, heads]
         out[p + "attention.output.dense.bias"] = state[p + "attention.output.dense.bias"][resid]
@@ -81,13 +83,36 @@ def permute_bert(state: dict[str, torch.Tensor], g: torch.Generator) -> dict[str
     return out
 
 
-ARCHITECTURES: dict[str, tuple[Callable[[], Any], Callable[[dict[str, torch.Tensor], torch.Generator], dict[str, torch.Tensor]]]] = {
+ARCHITECTURES: dict[
+    str,
+    tuple[Callable[[], Any], Callable[[dict[str, torch.Tensor], torch.Generator], dict[str, torch.Tensor]]],
+] = {
     "gpt2": (
-        lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INTER, bos_token_id=0, eos_token_id=0)),
+        lambda: transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(
+                vocab_size=VOCAB,
+                n_positions=32,
+                n_embd=HIDDEN,
+                n_layer=LAYERS,
+                n_head=HEADS,
+                n_inner=INTER,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
+        ),
         permute_gpt2,
     ),
     "bert": (
-        lambda: transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=INTER, max_position_embeddings=32)),
+        lambda: transformers.BertForMaskedLM(
+            transformers.BertConfig(
+                vocab_size=VOCAB,
+                hidden_size=HIDDEN,
+                num_hidden_layers=LAYERS,
+                num_attention_heads=HEADS,
+                intermediate_size=INTER,
+                max_position_embeddings=32,
+            )
+        ),
         permute_bert,
     ),
 }
@@ -124,7 +149,9 @@ def test_the_permuted_copy_computes_the_same_function(pair: tuple[str, Path, Pat
     torch.testing.assert_close(_logits(a, arch), _logits(b, arch), rtol=1e-4, atol=1e-5)
 
 
-def test_emd_fusion_returns_the_anchor_and_averaging_does_not(tmp_path: Path, pair: tuple[str, Path, Path]) -> None:
+def test_emd_fusion_returns_the_anchor_and_averaging_does_not(
+    tmp_path: Path, pair: tuple[str, Path, Path]
+) -> None:
     arch, a, b = pair
     fused = merge(tmp_path, f"method: ot_fusion\nmodels: [{q(a)}, {q(b)}]\nparameters: {{solver: emd}}\n")
     anchor = load_dir(a)
@@ -136,7 +163,9 @@ def test_emd_fusion_returns_the_anchor_and_averaging_does_not(tmp_path: Path, pa
 
 
 @pytest.fixture(scope="module")
-def text_pair(pair: tuple[str, Path, Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path, Path]:
+def text_pair(
+    pair: tuple[str, Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, Path, Path, Path]:
     """The pair with a word-level tokenizer, and a text to run them on."""
     import shutil
 
@@ -150,7 +179,9 @@ def text_pair(pair: tuple[str, Path, Path], tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.mark.parametrize("policy", ["shared", "mean", "weighted_matrix"])
-def test_activation_costs_return_the_anchor(tmp_path: Path, text_pair: tuple[str, Path, Path, Path], policy: str) -> None:
+def test_activation_costs_return_the_anchor(
+    tmp_path: Path, text_pair: tuple[str, Path, Path, Path], policy: str
+) -> None:
     """Activations are read from the architecture's own modules (GPT-2's fused c_attn split into q, k, v)."""
     arch, a, b, text = text_pair
     params = f"{{solver: emd, cost: activations, resid_policy: {policy}, data: {{text: {q(text)}, seq_len: 16}}, samples: 12}}"
@@ -159,7 +190,9 @@ def test_activation_costs_return_the_anchor(tmp_path: Path, text_pair: tuple[str
         torch.testing.assert_close(fused[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_heterogeneous_mlp_width_takes_the_anchors_shapes_and_runs(tmp_path: Path, pair: tuple[str, Path, Path]) -> None:
+def test_heterogeneous_mlp_width_takes_the_anchors_shapes_and_runs(
+    tmp_path: Path, pair: tuple[str, Path, Path]
+) -> None:
     """A model with a narrower MLP (40 units) fused into the anchor (48): GPT-2 and BERT tie the head
     dimension to the hidden width, so with heads moved whole only the MLP width may differ."""
     arch, a, _ = pair
@@ -170,7 +203,10 @@ def test_heterogeneous_mlp_width_takes_the_anchors_shapes_and_runs(tmp_path: Pat
     setattr(config, "n_inner" if arch == "gpt2" else "intermediate_size", 40)
     narrow = tmp_path / "narrow"
     type(model)(config).save_pretrained(narrow)
-    fused = merge(tmp_path, f"method: ot_fusion\nmodels: [{q(a)}, {q(narrow)}]\nparameters: {{solver: sinkhorn, resid_policy: mean}}\n")
+    fused = merge(
+        tmp_path,
+        f"method: ot_fusion\nmodels: [{q(a)}, {q(narrow)}]\nparameters: {{solver: sinkhorn, resid_policy: mean}}\n",
+    )
     anchor = load_dir(a)
     assert {n: tuple(t.shape) for n, t in fused.items()} == {n: tuple(t.shape) for n, t in anchor.items()}
     assert any(not torch.equal(fused[n], anchor[n]) for n in anchor)
@@ -189,6 +225,11 @@ def test_other_head_dimensions_are_refused(tmp_path: Path, pair: tuple[str, Path
     config = model.config
     setattr(config, "n_embd" if arch == "gpt2" else "hidden_size", 24)  # 4 heads of 6 dimensions, not 8
     type(model)(config).save_pretrained(tmp_path / "narrow")
-    with pytest.raises(RecipeError, match=re.escape("has (2, 4, 4, 6) (layers, heads, key/value heads, head dim) where the anchor has (2, 4, 4, 8); heads move whole")):
+    with pytest.raises(
+        RecipeError,
+        match=re.escape(
+            "has (2, 4, 4, 6) (layers, heads, key/value heads, head dim) where the anchor has (2, 4, 4, 8); heads move whole"
+        ),
+    ):
         merge(tmp_path, f"method: ot_fusion\nmodels: [{q(a)}, {q(tmp_path / 'narrow')}]\n")
     assert not (tmp_path / "out").exists()

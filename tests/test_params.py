@@ -10,7 +10,15 @@ import torch
 from safetensors.torch import load_file
 
 from workbench.engine.run import run_recipe
-from workbench.params import anchors, evaluate_gradient, filter_matches, is_filter_list, layer_position, resolve, varies
+from workbench.params import (
+    anchors,
+    evaluate_gradient,
+    filter_matches,
+    is_filter_list,
+    layer_position,
+    resolve,
+    varies,
+)
 from workbench.recipe.schema import parse_recipe
 
 LAYER = "model.layers.{}.mlp.up_proj.weight"
@@ -257,7 +265,9 @@ def test_file_of_per_tensor_values_resolves_exact_names_and_falls_back_to_the_de
     table.write_text('{"model.layers.0.mlp.up_proj.weight": 0.25, "model.norm.weight": [0.5, 1.0]}')
     ref = {"file": str(table)}
     assert resolve(ref, "model.layers.0.mlp.up_proj.weight", 0, 4, default=1.0) == 0.25
-    assert resolve(ref, "model.norm.weight", None, 4, default=1.0) == 0.5  # a gradient outside the layers: t = 0
+    assert (
+        resolve(ref, "model.norm.weight", None, 4, default=1.0) == 0.5
+    )  # a gradient outside the layers: t = 0
     assert resolve(ref, "lm_head.weight", None, 4, default=1.0) == 1.0
 
 
@@ -272,7 +282,9 @@ def test_file_holding_a_filter_list(tmp_path: Path) -> None:
     assert resolve(ref, "model.layers.1.self_attn.q_proj.weight", 1, 3, default=1.0) == 0.3
 
 
-def test_task_arithmetic_with_per_tensor_lambdas_from_a_file(tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_task_arithmetic_with_per_tensor_lambdas_from_a_file(
+    tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     from safetensors.torch import load_file
 
     from workbench.engine.run import run_recipe
@@ -293,15 +305,25 @@ def test_task_arithmetic_with_per_tensor_lambdas_from_a_file(tiny_family: dict[s
         assert (out[tensor].double() - expected).abs().max().item() < 1e-6
 
 
-def test_missing_or_bad_parameter_file_is_a_located_error(tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_missing_or_bad_parameter_file_is_a_located_error(
+    tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     from workbench.engine.run import run_recipe
     from workbench.errors import RecipeError
     from workbench.recipe.schema import parse_recipe
 
-    base = f"method: task_arithmetic\nbase: {tiny_family['base']}\nmodels: [{tiny_family['ft1']}]\nparameters:\n"
+    base = (
+        f"method: task_arithmetic\nbase: {tiny_family['base']}\nmodels: [{tiny_family['ft1']}]\nparameters:\n"
+    )
     with pytest.raises(RecipeError, match=r"recipe.yaml:5: .*missing.json does not exist"):
-        run_recipe(parse_recipe(base + f"  lambda: {{file: {tmp_path / 'missing.json'}}}\n", "recipe.yaml"), out=tmp_path / "o1")
+        run_recipe(
+            parse_recipe(base + f"  lambda: {{file: {tmp_path / 'missing.json'}}}\n", "recipe.yaml"),
+            out=tmp_path / "o1",
+        )
     (tmp_path / "bad.json").write_text('{"model.norm.weight": "high"}')
     with pytest.raises(RecipeError, match="lambda"):
-        run_recipe(parse_recipe(base + f"  lambda: {{file: {tmp_path / 'bad.json'}}}\n", "recipe.yaml"), out=tmp_path / "o2")
+        run_recipe(
+            parse_recipe(base + f"  lambda: {{file: {tmp_path / 'bad.json'}}}\n", "recipe.yaml"),
+            out=tmp_path / "o2",
+        )
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

@@ -15,7 +15,10 @@ from workbench.recipe.schema import parse_recipe
 
 def test_passthrough_copies_bit_exactly_and_scales(tiny_family: dict[str, Path], tmp_path: Path) -> None:
     source = load_file(tiny_family["ft1"] / "model.safetensors")
-    run_recipe(parse_recipe(f"merge_method: passthrough\nmodels:\n  - model: {tiny_family['ft1']}\n"), out=tmp_path / "copy")
+    run_recipe(
+        parse_recipe(f"merge_method: passthrough\nmodels:\n  - model: {tiny_family['ft1']}\n"),
+        out=tmp_path / "copy",
+    )
     copied = load_file(tmp_path / "copy" / "model.safetensors")
     assert all(source[k].dtype == copied[k].dtype and source[k].equal(copied[k]) for k in source)
     text = (
@@ -29,7 +32,9 @@ def test_passthrough_copies_bit_exactly_and_scales(tiny_family: dict[str, Path],
         assert scaled[name].equal(tensor.float() * factor)
 
 
-def test_convert_writes_the_equivalent_native_recipe(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_convert_writes_the_equivalent_native_recipe(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     mergekit = tmp_path / "mk.yml"
     mergekit.write_text(
         f"merge_method: task_arithmetic\nbase_model: {tiny_family['base']}\nmodels:\n"
@@ -42,7 +47,11 @@ def test_convert_writes_the_equivalent_native_recipe(cli: CliRunner, tiny_family
     data = yaml.safe_load(native.read_text())
     assert data["method"] == "task_arithmetic" and data["base"] == str(tiny_family["base"])
     assert data["models"] == [{"model": str(tiny_family["ft1"]), "parameters": {"weight": 0.5}}]
-    assert data["parameters"] == {"lambda": 0.8} and data["dtype"] == "bfloat16" and data["output"]["dtype"] == "bfloat16"
+    assert (
+        data["parameters"] == {"lambda": 0.8}
+        and data["dtype"] == "bfloat16"
+        and data["output"]["dtype"] == "bfloat16"
+    )
     # Both recipes produce the same merge.
     assert cli.invoke(main, ["run", str(mergekit), "--out", str(tmp_path / "a")]).exit_code == 0
     assert cli.invoke(main, ["run", str(native), "--out", str(tmp_path / "b")]).exit_code == 0

@@ -14,19 +14,18 @@ import math
 
 import pytest
 import torch
+from merging import load_dir, merge, q
 
 from workbench.method import TensorContext
 from workbench_kernels.order_stats import RadixSelect, kth_smallest
 from workbench_plugins.methods.pcb import PCB, PCBModelParameters, PCBParameters
-from merging import load_dir, merge, q
 
 AMBIGUOUS = 1e-5  # relative distance of a score to its threshold below which float32 may decide otherwise
 
 
-
-
-
-def pcb_reference(tvs: torch.Tensor, ratio: float, clip: float, inter: str = "sum", lams: list[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pcb_reference(
+    tvs: torch.Tensor, ratio: float, clip: float, inter: str = "sum", lams: list[float] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(merged task vector, ambiguous-entry mask) for an (n, d) float64 matrix, as the released code."""
     n, d = tvs.shape
     absv = tvs.abs()
@@ -34,7 +33,9 @@ def pcb_reference(tvs: torch.Tensor, ratio: float, clip: float, inter: str = "su
     lo, hi = s[:, int(d * clip)].unsqueeze(1), s[:, int(d * (1 - clip) - 1)].unsqueeze(1)
     a = torch.clamp(absv, lo, hi)
     clipped = torch.sign(tvs) * a
-    normed = (a - a.min(dim=1, keepdim=True).values) / (a.max(dim=1, keepdim=True).values - a.min(dim=1, keepdim=True).values)
+    normed = (a - a.min(dim=1, keepdim=True).values) / (
+        a.max(dim=1, keepdim=True).values - a.min(dim=1, keepdim=True).values
+    )
     intra = torch.exp(n * normed**2)
     if inter == "sum":
         cross = tvs * tvs.sum(dim=0)
@@ -44,7 +45,9 @@ def pcb_reference(tvs: torch.Tensor, ratio: float, clip: float, inter: str = "su
     sb = beta.sort(dim=1).values
     thr = sb[:, int(d * (1 - ratio))].unsqueeze(1)
     c = torch.clamp(beta, thr, sb[:, -1:])
-    scale = (c - c.min(dim=1, keepdim=True).values) / (c.max(dim=1, keepdim=True).values - c.min(dim=1, keepdim=True).values)
+    scale = (c - c.min(dim=1, keepdim=True).values) / (
+        c.max(dim=1, keepdim=True).values - c.min(dim=1, keepdim=True).values
+    )
     w = torch.tensor(lams or [1.0] * n, dtype=torch.float64).unsqueeze(1)
     merged = (clipped * w * scale).sum(0) / torch.clamp(scale.sum(0), min=1e-12)
     ambiguous = ((beta - thr).abs() <= AMBIGUOUS * thr.abs().clamp(min=1e-30)).any(dim=0)
@@ -52,11 +55,26 @@ def pcb_reference(tvs: torch.Tensor, ratio: float, clip: float, inter: str = "su
 
 
 def ctx(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> TensorContext:
-    return TensorContext(name="w", layer_index=None, layer_count=1, module_kind="other", shape=shape, device="cpu",
-                         compute_dtype=dtype, out_dtype=dtype, seed=0)
+    return TensorContext(
+        name="w",
+        layer_index=None,
+        layer_count=1,
+        module_kind="other",
+        shape=shape,
+        device="cpu",
+        compute_dtype=dtype,
+        out_dtype=dtype,
+        seed=0,
+    )
 
 
-def apply(base: torch.Tensor, models: list[torch.Tensor], weights: list[float] | None = None, dtype: torch.dtype = torch.float64, **params) -> torch.Tensor:
+def apply(
+    base: torch.Tensor,
+    models: list[torch.Tensor],
+    weights: list[float] | None = None,
+    dtype: torch.dtype = torch.float64,
+    **params,
+) -> torch.Tensor:
     if "scale" in params:
         params["lambda"] = params.pop("scale")
     p = PCBParameters.model_validate({"scope": "per_tensor", **params})
@@ -64,11 +82,15 @@ def apply(base: torch.Tensor, models: list[torch.Tensor], weights: list[float] |
     return PCB().apply(models, base, p, mp, ctx(tuple(base.shape), dtype))
 
 
-def check(out_tv: torch.Tensor, ref: torch.Tensor, ambiguous: torch.Tensor, scale: torch.Tensor, rtol: float = 1e-4) -> int:
+def check(
+    out_tv: torch.Tensor, ref: torch.Tensor, ambiguous: torch.Tensor, scale: torch.Tensor, rtol: float = 1e-4
+) -> int:
     """out_tv matches ref except at ambiguous entries; returns how many ambiguous entries differ."""
     ok = (out_tv.double() - ref).abs() <= rtol * scale + 1e-9
     bad = ~ok & ~ambiguous
-    assert not bool(bad.any()), f"{int(bad.sum())} of {bad.numel()} entries off, worst {(out_tv.double() - ref).abs()[bad].max().item():.3g}"
+    assert not bool(bad.any()), (
+        f"{int(bad.sum())} of {bad.numel()} entries off, worst {(out_tv.double() - ref).abs()[bad].max().item():.3g}"
+    )
     return int((~ok & ambiguous).sum())
 
 
@@ -100,9 +122,11 @@ def test_two_tasks_hand_worked() -> None:
     e = math.exp
     s1 = [e(2) * math.tanh(8), 0.0, 0.0, e(0.5) * math.tanh(1)]  # entry 1: tanh(1 * 0) = 0
     s2 = [e(2) * math.tanh(8), 0.0, e(0.5) * math.tanh(1), 0.0]
+
     def rescale(s: list[float]) -> list[float]:
         lo, hi = min(s), max(s)
         return [(v - lo) / (hi - lo) for v in s]
+
     b1, b2 = rescale(s1), rescale(s2)
     expected = [(b1[k] * t1[k] + b2[k] * t2[k]) / max(b1[k] + b2[k], 1e-12) for k in range(4)]
     assert torch.allclose(out, torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-12)
@@ -162,7 +186,9 @@ def test_degenerate_inputs_give_the_base_not_nan() -> None:
     base = torch.ones(6, dtype=torch.float64)
     assert torch.equal(apply(base, [base.clone(), base.clone()]), base)
     one = torch.tensor([2.0], dtype=torch.float64)
-    assert torch.equal(apply(torch.tensor([1.0], dtype=torch.float64), [one]), torch.tensor([1.0], dtype=torch.float64))
+    assert torch.equal(
+        apply(torch.tensor([1.0], dtype=torch.float64), [one]), torch.tensor([1.0], dtype=torch.float64)
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,8 +198,15 @@ def test_degenerate_inputs_give_the_base_not_nan() -> None:
 
 def test_radix_select_matches_sort() -> None:
     g = torch.Generator().manual_seed(6)
-    x = torch.cat([torch.randn(20000, generator=g), torch.zeros(100), -torch.zeros(7), torch.randn(300, generator=g).bfloat16().float(),
-                   torch.tensor([1e-42, -1e-42, 3e38, -3e38])])
+    x = torch.cat(
+        [
+            torch.randn(20000, generator=g),
+            torch.zeros(100),
+            -torch.zeros(7),
+            torch.randn(300, generator=g).bfloat16().float(),
+            torch.tensor([1e-42, -1e-42, 3e38, -3e38]),
+        ]
+    )
     ranks = [0, 1, 99, 5000, 10050, x.numel() - 2, x.numel() - 1]
     select = RadixSelect(ranks)
     chunks = list(x.split(4097))
@@ -197,12 +230,13 @@ def _flat(weights: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("inter", ["sum", "normalized"])
-def test_global_scope_matches_released_code_on_the_flattened_model(tmp_path, tiny_family, monkeypatch, inter) -> None:
+def test_global_scope_matches_released_code_on_the_flattened_model(
+    tmp_path, tiny_family, monkeypatch, inter
+) -> None:
     """Whole-model ranking (the released code's flattening), with the engine's row blocks and the
     statistics passes forced to stream in small blocks."""
-    import workbench_plugins.methods.pcb as pcb
-
     import workbench.engine.runner as engine
+    import workbench_plugins.methods.pcb as pcb
 
     monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 3000)
     monkeypatch.setattr(pcb, "BLOCK_ELEMENTS", 5000)
@@ -214,17 +248,20 @@ def test_global_scope_matches_released_code_on_the_flattened_model(tmp_path, tin
         return original(self, tensors, base, params, model_params, ctx)
 
     monkeypatch.setattr(pcb.PCB, "apply", spy)
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: pcb
-base: {q(tiny_family['base'])}
+base: {q(tiny_family["base"])}
 models:
-  - model: {q(tiny_family['ft1'])}
+  - model: {q(tiny_family["ft1"])}
     parameters: {{weight: 1.2}}
-  - model: {q(tiny_family['ft2'])}
+  - model: {q(tiny_family["ft2"])}
     parameters: {{weight: 0.8}}
 parameters: {{pcb_ratio: 0.1, clip_ratio: 0.01, inter: {inter}, lambda: 1.5}}
 output: {{dtype: float32}}
-""")
+""",
+    )
     w = {k: load_dir(p) for k, p in tiny_family.items()}
     names = sorted(w["base"])
     base = _flat(w["base"], names)
@@ -239,13 +276,16 @@ output: {{dtype: float32}}
 
 
 def test_per_tensor_scope_ranks_within_each_tensor(tmp_path, tiny_family) -> None:
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: pcb
-base: {q(tiny_family['base'])}
-models: [{q(tiny_family['ft1'])}, {q(tiny_family['ft2'])}]
+base: {q(tiny_family["base"])}
+models: [{q(tiny_family["ft1"])}, {q(tiny_family["ft2"])}]
 parameters: {{scope: per_tensor, pcb_ratio: 0.2}}
 output: {{dtype: float32}}
-""")
+""",
+    )
     w = {k: load_dir(p) for k, p in tiny_family.items()}
     for name, b in w["base"].items():
         base = b.double().reshape(1, -1)
@@ -255,16 +295,24 @@ output: {{dtype: float32}}
 
 
 def test_bf16_output_and_permutation_invariance(tmp_path, tiny_family) -> None:
-    a = merge(tmp_path, f"""
+    a = merge(
+        tmp_path,
+        f"""
 method: pcb
-base: {q(tiny_family['base'])}
-models: [{q(tiny_family['ft1'])}, {q(tiny_family['ft2'])}]
-""", "a")
-    b = merge(tmp_path, f"""
+base: {q(tiny_family["base"])}
+models: [{q(tiny_family["ft1"])}, {q(tiny_family["ft2"])}]
+""",
+        "a",
+    )
+    b = merge(
+        tmp_path,
+        f"""
 method: pcb
-base: {q(tiny_family['base'])}
-models: [{q(tiny_family['ft2'])}, {q(tiny_family['ft1'])}]
-""", "b")
+base: {q(tiny_family["base"])}
+models: [{q(tiny_family["ft2"])}, {q(tiny_family["ft1"])}]
+""",
+        "b",
+    )
     base = load_dir(tiny_family["base"])
     for name in base:
         assert a[name].dtype == torch.bfloat16
@@ -273,14 +321,20 @@ models: [{q(tiny_family['ft2'])}, {q(tiny_family['ft1'])}]
 
 def test_weight_zero_through_the_engine(tmp_path, tiny_family) -> None:
     """A zero-weight model leaves the whole merge, model-wide statistics included."""
-    alone = merge(tmp_path, f"method: pcb\nbase: {q(tiny_family['base'])}\nmodels: [{q(tiny_family['ft1'])}]\n", "alone")
-    both = merge(tmp_path, f"""
+    alone = merge(
+        tmp_path, f"method: pcb\nbase: {q(tiny_family['base'])}\nmodels: [{q(tiny_family['ft1'])}]\n", "alone"
+    )
+    both = merge(
+        tmp_path,
+        f"""
 method: pcb
-base: {q(tiny_family['base'])}
+base: {q(tiny_family["base"])}
 models:
-  - {q(tiny_family['ft1'])}
-  - model: {q(tiny_family['ft2'])}
+  - {q(tiny_family["ft1"])}
+  - model: {q(tiny_family["ft2"])}
     parameters: {{weight: 0.0}}
-""", "both")
+""",
+        "both",
+    )
     for name in alone:
         assert torch.equal(alone[name], both[name]), name

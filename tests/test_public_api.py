@@ -30,18 +30,31 @@ def _signature(obj: Any) -> str:
 def surface() -> dict[str, Any]:
     """The shape of the public API as plain data (names and signatures, not behaviour)."""
     merge_method = {
-        name: "class" if inspect.isclass(value) else _signature(value) if callable(value) else type(value).__name__
+        name: "class"
+        if inspect.isclass(value)
+        else _signature(value)
+        if callable(value)
+        else type(value).__name__
         for name, value in vars(method.MergeMethod).items()
         if not name.startswith("_")
     }
     return {
         "api_version": workbench.API_VERSION,
         "workbench.__all__": sorted(workbench.__all__),
-        "hookspecs": {name: _signature(fn) for name, fn in vars(hookspecs).items() if hasattr(fn, "workbench_spec")},
+        "hookspecs": {
+            name: _signature(fn) for name, fn in vars(hookspecs).items() if hasattr(fn, "workbench_spec")
+        },
         "MergeMethod": dict(sorted(merge_method.items())),
         "MergeMethod annotations": sorted(method.MergeMethod.__annotations__),
-        "contract dataclasses": {name: [f.name for f in dataclasses.fields(getattr(method, name))] for name in CONTRACT_CLASSES},
-        "workbench.testing": {name: _signature(getattr(testing, name)) if inspect.isfunction(getattr(testing, name)) else type(getattr(testing, name)).__name__ for name in sorted(testing.__all__)},
+        "contract dataclasses": {
+            name: [f.name for f in dataclasses.fields(getattr(method, name))] for name in CONTRACT_CLASSES
+        },
+        "workbench.testing": {
+            name: _signature(getattr(testing, name))
+            if inspect.isfunction(getattr(testing, name))
+            else type(getattr(testing, name)).__name__
+            for name in sorted(testing.__all__)
+        },
     }
 
 
@@ -58,7 +71,9 @@ def record(path: Path = RECORD) -> None:
         recorded = json.loads(path.read_text())
         changed = changes(current, recorded)
         if changed and recorded.get("api_version") == current["api_version"]:
-            raise SystemExit(f"the plugin API changed ({', '.join(changed)}) but workbench.API_VERSION is still {current['api_version']}: bump it first")
+            raise SystemExit(
+                f"the plugin API changed ({', '.join(changed)}) but workbench.API_VERSION is still {current['api_version']}: bump it first"
+            )
     path.write_text(json.dumps(current, indent=1) + "\n")
 
 
@@ -81,9 +96,13 @@ def test_every_public_name_resolves_and_importing_stays_cheap() -> None:
 def test_the_guide_documents_every_public_name_and_the_version() -> None:
     guide = DOCS.read_text()
     for name in workbench.__all__:
-        assert f"`{name}`" in guide or f"`workbench.{name}`" in guide, f"docs/plugins.md does not mention `{name}`"
+        assert f"`{name}`" in guide or f"`workbench.{name}`" in guide, (
+            f"docs/plugins.md does not mention `{name}`"
+        )
     for name in testing.__all__:
-        assert re.search(rf"`{name}[`(]", guide), f"docs/plugins.md does not mention workbench.testing's `{name}`"
+        assert re.search(rf"`{name}[`(]", guide), (
+            f"docs/plugins.md does not mention workbench.testing's `{name}`"
+        )
     assert f'WORKBENCH_API = "{workbench.API_VERSION}"' in guide
 
 
@@ -96,7 +115,9 @@ def test_the_record_guard_sees_a_changed_surface(monkeypatch: Any) -> None:
     assert changes(surface(), recorded) == ["workbench.__all__", "workbench.testing"]
 
 
-def test_a_changed_surface_cannot_be_recorded_without_a_version_bump(monkeypatch: Any, tmp_path: Path) -> None:
+def test_a_changed_surface_cannot_be_recorded_without_a_version_bump(
+    monkeypatch: Any, tmp_path: Path
+) -> None:
     copy = tmp_path / "plugin_api.json"
     copy.write_text(RECORD.read_text())
     monkeypatch.setattr(workbench, "__all__", [*workbench.__all__, "a_new_public_name"])

@@ -19,11 +19,11 @@ from pathlib import Path
 import psutil
 import pytest
 from click.testing import CliRunner
+from plugin_site import install_plugin, local_ray
 
+from workbench.checkpoint.output_folder import PARTIAL_MARKER, partial_folder
 from workbench.cli.main import main
 from workbench.engine.manifest import MANIFEST_FILE, Manifest
-from workbench.checkpoint.output_folder import PARTIAL_MARKER, partial_folder
-from plugin_site import install_plugin, local_ray
 
 ray = pytest.importorskip("ray")
 
@@ -60,11 +60,19 @@ CRASHING_PLUGIN = """
 def ray_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Start Ray once for the module (workers see the plugin site); stop it and check it is gone."""
     site = tmp_path_factory.mktemp("ray_site")
-    install_plugin(site, "wb-crash-once", "crash_once", "wb_crash_once_plugin", CRASHING_PLUGIN.format(marker=str(site / "crashed")))
+    install_plugin(
+        site,
+        "wb-crash-once",
+        "crash_once",
+        "wb_crash_once_plugin",
+        CRASHING_PLUGIN.format(marker=str(site / "crashed")),
+    )
     with local_ray(site) as pids:
         yield site
     assert not ray.is_initialized()
-    alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    alive = [
+        pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ]
     assert pids and not alive, f"Ray processes left running: {alive}"
 
 
@@ -85,7 +93,9 @@ def _run(cli: CliRunner, recipe: Path, out: Path, *args: str) -> str:
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
 
 
 def _local_reference(cli: CliRunner, recipe: Path, out: Path) -> dict[str, bytes]:
@@ -100,7 +110,9 @@ def _local_reference(cli: CliRunner, recipe: Path, out: Path) -> dict[str, bytes
 
 
 @pytest.mark.hook("register_executors")
-def test_sharded_merge_is_byte_identical_to_local(ray_site: Path, cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_sharded_merge_is_byte_identical_to_local(
+    ray_site: Path, cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     recipe = _recipe(tmp_path, "linear", tiny_family["ft1"], tiny_family["ft2"], (0.3, 0.7))
     out = tmp_path / "out"
     _run(cli, recipe, out, "--executor", "ray")
@@ -110,17 +122,27 @@ def test_sharded_merge_is_byte_identical_to_local(ray_site: Path, cli: CliRunner
     assert got == _local_reference(cli, recipe, out)
 
 
-def test_a_failing_shard_reports_the_cause_and_leaves_nothing(ray_site: Path, cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_a_failing_shard_reports_the_cause_and_leaves_nothing(
+    ray_site: Path, cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     recipe = _recipe(tmp_path, "linear", tiny_family["ft1"], tiny_family["ft2"], (1.0, -1.0))
     out = tmp_path / "out"
-    result = cli.invoke(main, ["run", str(recipe), "--out", str(out), "--shard-size", SHARD, "-q", "--executor", "ray"])
+    result = cli.invoke(
+        main, ["run", str(recipe), "--out", str(out), "--shard-size", SHARD, "-q", "--executor", "ray"]
+    )
     assert result.exit_code == 2, result.output
     assert "sum to 0" in result.output and "RayTaskError" not in result.output
     assert not out.exists() and not partial_folder(out).exists()
 
 
-def test_a_killed_worker_is_retried(ray_site: Path, cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch, fresh_cli_registry: None) -> None:
+def test_a_killed_worker_is_retried(
+    ray_site: Path,
+    cli: CliRunner,
+    tiny_family: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fresh_cli_registry: None,
+) -> None:
     monkeypatch.syspath_prepend(str(ray_site))  # the driver plans with the same plugin as the workers
     importlib.invalidate_caches()
     marker = ray_site / "crashed"
@@ -128,14 +150,18 @@ def test_a_killed_worker_is_retried(ray_site: Path, cli: CliRunner, tiny_family:
     out = tmp_path / "out"
     try:
         _run(cli, recipe, out, "--executor", "ray")
-        assert marker.exists() and int(marker.read_text()) != os.getpid(), "no worker died: the test proves nothing"
+        assert marker.exists() and int(marker.read_text()) != os.getpid(), (
+            "no worker died: the test proves nothing"
+        )
         got = _files(out)
         assert got == _local_reference(cli, recipe, out)  # the marker exists: the local run does not crash
     finally:
         sys.modules.pop("wb_crash_once_plugin", None)
 
 
-def test_resume_keeps_finished_files(ray_site: Path, cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_resume_keeps_finished_files(
+    ray_site: Path, cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     """A stopped run (finished shards listed in the manifest, one missing) is completed by ray workers."""
     recipe = _recipe(tmp_path, "linear", tiny_family["ft1"], tiny_family["ft2"])
     out = tmp_path / "out"
@@ -157,7 +183,9 @@ def test_resume_keeps_finished_files(ray_site: Path, cli: CliRunner, tiny_family
     assert (out / MANIFEST_FILE).is_file()
 
 
-def test_missing_ray_gives_the_install_hint(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_ray_gives_the_install_hint(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
     recipe = _recipe(tmp_path, "linear", tiny_family["ft1"], tiny_family["ft2"])
     out = tmp_path / "out"
@@ -167,7 +195,9 @@ def test_missing_ray_gives_the_install_hint(cli: CliRunner, tiny_family: dict[st
     assert not out.exists() and not partial_folder(out).exists()
 
 
-def test_methods_with_whole_model_state_are_refused(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_methods_with_whole_model_state_are_refused(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     recipe = tmp_path / "fusion.yaml"
     recipe.write_text(
         "method: ot_fusion\n"
@@ -180,7 +210,9 @@ def test_methods_with_whole_model_state_are_refused(cli: CliRunner, tiny_family:
     assert not out.exists() and not partial_folder(out).exists()
 
 
-def test_address_needs_a_remote_executor(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_address_needs_a_remote_executor(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     recipe = _recipe(tmp_path, "linear", tiny_family["ft1"], tiny_family["ft2"])
     out = tmp_path / "out"
     result = cli.invoke(main, ["run", str(recipe), "--out", str(out), "-q", "--address", "10.0.0.1:6379"])

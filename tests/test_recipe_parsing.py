@@ -58,8 +58,16 @@ def test_unknown_key_through_the_cli(cli: CliRunner, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "where", "says"),
     [
-        ("method: linear\nmodels:\n  - a\n  - model: b\n    parameters: {weight: 2}\n    extra: 1\n", "recipe.yaml:6: models[1].extra", "unknown field"),
-        ("method: linear\nmodels: [a]\noutput:\n  path: x\n  sharding: 1\n", "recipe.yaml:5: output.sharding", "unknown field"),
+        (
+            "method: linear\nmodels:\n  - a\n  - model: b\n    parameters: {weight: 2}\n    extra: 1\n",
+            "recipe.yaml:6: models[1].extra",
+            "unknown field",
+        ),
+        (
+            "method: linear\nmodels: [a]\noutput:\n  path: x\n  sharding: 1\n",
+            "recipe.yaml:5: output.sharding",
+            "unknown field",
+        ),
         ("method: linear\nmodels: [a]\nseed: abc\n", "recipe.yaml:3: seed", "integer"),
         ("method: linear\nmodels: [a, '']\n", "recipe.yaml:2: models[1].model", "empty"),
         ("method: linear\nmodels: []\n", "recipe.yaml:2: models", "at least one model"),
@@ -67,7 +75,16 @@ def test_unknown_key_through_the_cli(cli: CliRunner, tmp_path: Path) -> None:
         ("models: [a]\n", "method", "required"),
         ("method: linear\nmodels: [a]\nparameters: [1, 2]\n", "recipe.yaml:3: parameters", "dictionary"),
     ],
-    ids=["nested-unknown", "output-unknown", "wrong-type", "empty-model", "no-models", "models-missing", "method-missing", "parameters-not-a-map"],
+    ids=[
+        "nested-unknown",
+        "output-unknown",
+        "wrong-type",
+        "empty-model",
+        "no-models",
+        "models-missing",
+        "method-missing",
+        "parameters-not-a-map",
+    ],
 )
 def test_field_errors_name_the_path_and_line(text: str, where: str, says: str) -> None:
     message = error_of(text)
@@ -102,7 +119,9 @@ def test_a_recipe_must_be_a_mapping(text: str, kind: str) -> None:
 def test_duplicate_keys_are_errors_not_silently_dropped() -> None:
     message = error_of("method: linear\nmodels: [a]\nmodels: [b]\n")
     assert "recipe.yaml:3: models" in message and "line 2" in message
-    nested = error_of("method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: 1\n      weight: 2\n")
+    nested = error_of(
+        "method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: 1\n      weight: 2\n"
+    )
     assert "recipe.yaml:6: models[0].parameters.weight" in nested and "line 5" in nested
 
 
@@ -137,7 +156,9 @@ def test_parameter_errors_name_the_line(tiny_family: dict[str, Path], registry) 
 
 
 def test_models_shorthand_is_a_plain_string() -> None:
-    recipe = parse_recipe("method: linear\nmodels:\n  - ./a\n  - model: ./b\n    parameters: {weight: 2}\n  - org/name@main\n")
+    recipe = parse_recipe(
+        "method: linear\nmodels:\n  - ./a\n  - model: ./b\n    parameters: {weight: 2}\n  - org/name@main\n"
+    )
     assert [m.model for m in recipe.models] == ["./a", "./b", "org/name@main"]
     assert [m.parameters for m in recipe.models] == [{}, {"weight": 2}, {}]
 
@@ -145,7 +166,9 @@ def test_models_shorthand_is_a_plain_string() -> None:
 def test_defaults() -> None:
     recipe = parse_recipe("method: linear\nmodels: [a]\n")
     assert recipe.dtype == "float32" and recipe.seed == 0 and recipe.base is None and recipe.parameters == {}
-    assert recipe.output.path is None and recipe.output.dtype is None and recipe.output.format == "safetensors"
+    assert (
+        recipe.output.path is None and recipe.output.dtype is None and recipe.output.format == "safetensors"
+    )
     assert recipe.output.shard_bytes == 5 * 10**9
 
 
@@ -183,7 +206,9 @@ def test_parse_size_rejects_bad_values(value: object) -> None:
         parse_size(value)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float64", "F32", "BF16"])
+@pytest.mark.parametrize(
+    "dtype", ["bfloat16", "bf16", "float16", "fp16", "half", "float32", "fp32", "float64", "F32", "BF16"]
+)
 def test_output_dtype_accepts_float_types(dtype: str) -> None:
     assert parse_recipe(f"method: linear\nmodels: [a]\noutput:\n  dtype: {dtype}\n").output.dtype == dtype
 
@@ -201,7 +226,9 @@ def test_compute_dtype_must_be_a_float_type(dtype: str) -> None:
 
 
 def test_recipe_round_trips_through_to_yaml() -> None:
-    recipe = parse_recipe("method: linear\nmodels:\n  - a\n  - model: b\n    parameters: {weight: [0.1, 0.9]}\noutput:\n  dtype: bf16\n  shard_size: 2GB\n")
+    recipe = parse_recipe(
+        "method: linear\nmodels:\n  - a\n  - model: b\n    parameters: {weight: [0.1, 0.9]}\noutput:\n  dtype: bf16\n  shard_size: 2GB\n"
+    )
     again = parse_recipe(recipe.to_yaml())
     assert again.model_dump() == recipe.model_dump()
 
@@ -220,12 +247,17 @@ def test_mergekit_linear() -> None:
         "parameters: {normalize: false}\n"
     )
     assert recipe.method == "linear" and recipe.base is None
-    assert [(m.model, m.parameters) for m in recipe.models] == [("org/a", {"weight": 0.7}), ("org/b", {"weight": 0.3})]
+    assert [(m.model, m.parameters) for m in recipe.models] == [
+        ("org/a", {"weight": 0.7}),
+        ("org/b", {"weight": 0.3}),
+    ]
     assert recipe.parameters == {"normalize": False}
 
 
 def test_mergekit_linear_ignores_base_model() -> None:
-    recipe = parse_recipe("merge_method: linear\nbase_model: org/a\nmodels:\n  - model: org/a\n  - model: org/b\n")
+    recipe = parse_recipe(
+        "merge_method: linear\nbase_model: org/a\nmodels:\n  - model: org/a\n  - model: org/b\n"
+    )
     assert recipe.base is None and [m.model for m in recipe.models] == ["org/a", "org/b"]
 
 
@@ -239,12 +271,16 @@ def test_mergekit_slerp_puts_base_model_at_t0() -> None:
 
 
 def test_mergekit_slerp_needs_base_among_models() -> None:
-    message = error_of("merge_method: slerp\nbase_model: org/c\nmodels:\n  - model: org/a\n  - model: org/b\nparameters: {t: 0.5}\n")
+    message = error_of(
+        "merge_method: slerp\nbase_model: org/c\nmodels:\n  - model: org/a\n  - model: org/b\nparameters: {t: 0.5}\n"
+    )
     assert "recipe.yaml:2: base_model" in message
 
 
 @pytest.mark.parametrize(("t", "expected"), [(0.0, "ft2"), (1.0, "ft1")])
-def test_mergekit_slerp_end_points_in_a_real_merge(tiny_family: dict[str, Path], registry, tmp_path: Path, t: float, expected: str) -> None:
+def test_mergekit_slerp_end_points_in_a_real_merge(
+    tiny_family: dict[str, Path], registry, tmp_path: Path, t: float, expected: str
+) -> None:
     """mergekit's slerp returns its base_model at t=0, whatever the order of `models`."""
     recipe = parse_recipe(
         f"merge_method: slerp\nbase_model: {q(tiny_family['ft2'])}\n"
@@ -272,12 +308,17 @@ def test_mergekit_task_arithmetic_drops_base_from_models() -> None:
         "parameters: {lambda: 0.8}\n"
     )
     assert recipe.method == "task_arithmetic" and recipe.base == "org/base"
-    assert [(m.model, m.parameters) for m in recipe.models] == [("org/math", {"weight": 0.5}), ("org/code", {"weight": 0.25})]
+    assert [(m.model, m.parameters) for m in recipe.models] == [
+        ("org/math", {"weight": 0.5}),
+        ("org/code", {"weight": 0.25}),
+    ]
     assert recipe.parameters == {"lambda": 0.8}
 
 
 def test_mergekit_task_arithmetic_without_base_in_models() -> None:
-    recipe = parse_recipe("merge_method: task_arithmetic\nbase_model: org/base\nmodels:\n  - model: org/math\n")
+    recipe = parse_recipe(
+        "merge_method: task_arithmetic\nbase_model: org/base\nmodels:\n  - model: org/math\n"
+    )
     assert recipe.base == "org/base" and [m.model for m in recipe.models] == ["org/math"]
 
 
@@ -305,9 +346,15 @@ def test_mergekit_tokenizer_source() -> None:
 
 
 def test_mergekit_slice_options_beyond_sources_are_named() -> None:
-    message = error_of("merge_method: passthrough\nslices:\n  - sources: [{model: a, layer_range: [0, 2]}]\n    residual_weight: 0.5\n")
-    assert "recipe.yaml:3: slices[0]" in message and "slice option 'residual_weight' is not supported" in message
-    message = error_of("merge_method: passthrough\nmodels:\n  - model: a\nslices:\n  - sources: [{model: a, layer_range: [0, 2]}]\n")
+    message = error_of(
+        "merge_method: passthrough\nslices:\n  - sources: [{model: a, layer_range: [0, 2]}]\n    residual_weight: 0.5\n"
+    )
+    assert (
+        "recipe.yaml:3: slices[0]" in message and "slice option 'residual_weight' is not supported" in message
+    )
+    message = error_of(
+        "merge_method: passthrough\nmodels:\n  - model: a\nslices:\n  - sources: [{model: a, layer_range: [0, 2]}]\n"
+    )
     assert "either 'models' or 'slices'" in message
 
 
@@ -327,7 +374,9 @@ def test_mergekit_bad_model_entry() -> None:
     assert "recipe.yaml:3: models[0]" in message
 
 
-def test_mergekit_errors_point_at_the_users_line_after_reordering(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_mergekit_errors_point_at_the_users_line_after_reordering(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     """Dropping the base (task_arithmetic) or moving it first (slerp) must not shift error lines."""
     path = tmp_path / "mk.yaml"
     path.write_text(
@@ -362,7 +411,9 @@ def test_mergekit_errors_point_at_the_users_line_after_reordering(cli: CliRunner
     assert f"{path}:6:" in result.output and "unknown parameter 't'" in result.output
 
 
-def test_mergekit_recipe_runs_through_the_cli(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_mergekit_recipe_runs_through_the_cli(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     path = tmp_path / "mk.yaml"
     path.write_text(
         "merge_method: task_arithmetic\n"

@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 from workbench.cli.main import main
-from workbench.tools.demo import write_demo_inputs
 from workbench.recipe.schema import Recipe, load_recipe
 from workbench.registry import load_registry
+from workbench.tools.demo import write_demo_inputs
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES_DIR = REPO / "recipes"
@@ -61,12 +61,16 @@ def demo_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """demo/models as ``workbench demo`` writes it, generated once for this module (the tests copy it)."""
     root = tmp_path_factory.mktemp("demo-inputs")
     paths = write_demo_inputs(root / "demo" / "models")
-    assert {"base", "ft1", "ft2", "lora/ft1", "lora/ft2", "data/prose.txt", "data/arithmetic.txt"} <= set(paths)
+    assert {"base", "ft1", "ft2", "lora/ft1", "lora/ft2", "data/prose.txt", "data/arithmetic.txt"} <= set(
+        paths
+    )
     return root / "demo" / "models"
 
 
 @pytest.fixture
-def demo_models(demo_inputs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, dict[str, torch.Tensor]]:
+def demo_models(
+    demo_inputs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, dict[str, torch.Tensor]]:
     """A fresh working folder holding demo/models (base, ft1, ft2, lora/, data/); returns the models' tensors."""
     monkeypatch.chdir(tmp_path)
     shutil.copytree(demo_inputs, Path("demo/models"))
@@ -109,7 +113,9 @@ def test_recipe_runs_on_tiny_models(recipe: Path, demo_models, tmp_path: Path, c
     merged = read_folder(out)
     reference = demo_models["base"]
     config = json.loads((out / "config.json").read_text())
-    layers = recipe_layers(parsed, json.loads(Path("demo/models/base/config.json").read_text())["num_hidden_layers"])
+    layers = recipe_layers(
+        parsed, json.loads(Path("demo/models/base/config.json").read_text())["num_hidden_layers"]
+    )
     assert config["num_hidden_layers"] == layers
     assert {k: tuple(v.shape) for k, v in merged.items()} == expected_shapes(reference, layers)
     for name, value in merged.items():
@@ -120,7 +126,9 @@ def test_recipe_runs_on_tiny_models(recipe: Path, demo_models, tmp_path: Path, c
     if parsed.method == "lora_experts":
         # Experts and routers: the dense weights stay the base's, the adapters live in mola/.
         assert all(torch.equal(merged[n], reference[n]) for n in merged)
-        assert (out / "mola" / "experts.safetensors").is_file() and (out / "mola" / "mola_config.json").is_file()
+        assert (out / "mola" / "experts.safetensors").is_file() and (
+            out / "mola" / "mola_config.json"
+        ).is_file()
     else:
         # Merged from the fine-tunes, so the output is not just a copy of the base.
         assert any(n in reference and not torch.equal(merged[n], reference[n]) for n in merged)
@@ -138,7 +146,9 @@ def test_recipe_validates_on_tiny_models(recipe: Path, demo_models, cli) -> None
 def test_every_builtin_method_has_a_recipe() -> None:
     """Each method the merge-workbench package registers is used by at least one recipe in recipes/
     (a mergekit recipe counts under its translated method)."""
-    builtin = {name for name, entry in load_registry().methods.items() if entry.plugin.package == "merge-workbench"}
+    builtin = {
+        name for name, entry in load_registry().methods.items() if entry.plugin.package == "merge-workbench"
+    }
     assert builtin, "no built-in methods registered"
     used = {load_recipe(path).method for path in RECIPES}
     assert builtin - used == set(), f"methods without an example recipe in recipes/: {sorted(builtin - used)}"
@@ -200,7 +210,9 @@ def test_demo_command_runs_every_recipe(tmp_path: Path, monkeypatch: pytest.Monk
     for recipe in RECIPES:
         out = Path("demo/out") / recipe.stem
         merged = read_folder(out)
-        assert {k: tuple(v.shape) for k, v in merged.items()} == expected_shapes(inputs, recipe_layers(load_recipe(recipe), layers))
+        assert {k: tuple(v.shape) for k, v in merged.items()} == expected_shapes(
+            inputs, recipe_layers(load_recipe(recipe), layers)
+        )
         assert f"{recipe.name}" in result.output
 
 
@@ -219,7 +231,9 @@ def test_demo_command_is_repeatable(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_demo_command_without_recipes_fails_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli) -> None:
+def test_demo_command_without_recipes_fails_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli
+) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()
     result = cli.invoke(main, ["demo", "--recipes", str(tmp_path / "empty")])
@@ -249,7 +263,9 @@ def test_mergekit_recipe_keeps_mergekit_semantics(demo_models, tmp_path: Path, c
         if w2 == 0.0:
             assert torch.equal(value, ft1[name]), name
         magnitude = (ft1[name].double().abs() + w2 * ft2[name].double().abs()) / (1.0 + w2)
-        assert bool(((value.double() - expected).abs() <= 2**-8 * expected.abs() + 1e-5 * magnitude).all()), name
+        assert bool(((value.double() - expected).abs() <= 2**-8 * expected.abs() + 1e-5 * magnitude).all()), (
+            name
+        )
 
 
 def test_slerp_recipe_does_what_its_comment_says(demo_models, tmp_path: Path, cli) -> None:

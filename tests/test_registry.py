@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from plugin_helpers import BUILTIN_METHODS, CORE, FAKE_MAX, WIDE, MakePlugin, _rows
 from safetensors.torch import load_file
 
 import workbench.registry as registry_module
@@ -25,7 +26,6 @@ from workbench.cli.main import main
 from workbench.engine.run import run_recipe
 from workbench.recipe.schema import parse_recipe
 from workbench.registry import load_registry
-from plugin_helpers import BUILTIN_METHODS, CORE, FAKE_MAX, WIDE, MakePlugin, _rows
 
 pytestmark = pytest.mark.usefixtures("_no_plugin_env")
 
@@ -55,7 +55,9 @@ def test_third_party_plugin_is_discovered_with_its_package(make_plugin: MakePlug
 
 
 @pytest.mark.hook("register_methods")
-def test_third_party_method_runs_a_real_merge(make_plugin: MakePlugin, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_third_party_method_runs_a_real_merge(
+    make_plugin: MakePlugin, tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     make_plugin("workbench-fake", "fake", FAKE_MAX)
     registry = load_registry()
     recipe = parse_recipe(
@@ -77,20 +79,39 @@ def test_third_party_method_runs_a_real_merge(make_plugin: MakePlugin, tiny_fami
         assert torch.equal(tensor.float(), expected), name
 
 
-def test_third_party_method_appears_in_the_cli(make_plugin: MakePlugin, cli: CliRunner, fresh_cli_registry: None, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_third_party_method_appears_in_the_cli(
+    make_plugin: MakePlugin,
+    cli: CliRunner,
+    fresh_cli_registry: None,
+    tiny_family: dict[str, Path],
+    tmp_path: Path,
+) -> None:
     make_plugin("workbench-fake", "fake", FAKE_MAX)
     listing = cli.invoke(main, ["methods"], env=WIDE)
     assert listing.exit_code == 0, listing.output
     row = _rows(listing.output)["fake_max"]
-    assert row[1:] == ["workbench-fake", "Elementwise maximum of the models, scaled.", "https://example.org/fake-max"]
+    assert row[1:] == [
+        "workbench-fake",
+        "Elementwise maximum of the models, scaled.",
+        "https://example.org/fake-max",
+    ]
 
     detail = cli.invoke(main, ["methods", "fake_max"], env=WIDE)
     assert detail.exit_code == 0, detail.output
     assert "package workbench-fake" in detail.output
-    assert _rows(detail.output)["scale"] == ["scale", "global", "float", "1.0", "yes", "Multiply the elementwise maximum by this."]
+    assert _rows(detail.output)["scale"] == [
+        "scale",
+        "global",
+        "float",
+        "1.0",
+        "yes",
+        "Multiply the elementwise maximum by this.",
+    ]
 
     recipe = tmp_path / "fake.yaml"
-    recipe.write_text(f"method: fake_max\nmodels:\n  - {json.dumps(str(tiny_family['ft1']))}\n  - {json.dumps(str(tiny_family['ft2']))}\n")
+    recipe.write_text(
+        f"method: fake_max\nmodels:\n  - {json.dumps(str(tiny_family['ft1']))}\n  - {json.dumps(str(tiny_family['ft2']))}\n"
+    )
     run = cli.invoke(main, ["run", str(recipe), "--out", str(tmp_path / "out"), "-q"], env=WIDE)
     assert run.exit_code == 0, run.output
     assert (tmp_path / "out" / "model.safetensors").is_file()
@@ -105,7 +126,9 @@ BROKEN = """
 """
 
 
-def test_broken_plugin_is_skipped_and_named(make_plugin: MakePlugin, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_broken_plugin_is_skipped_and_named(
+    make_plugin: MakePlugin, tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     make_plugin("workbench-broken", "broken", BROKEN)
     registry = load_registry()
     assert len(registry.problems) == 1
@@ -116,11 +139,17 @@ def test_broken_plugin_is_skipped_and_named(make_plugin: MakePlugin, tiny_family
     assert all(p.package != "workbench-broken" for p in registry.plugins)
 
     out = tmp_path / "out"
-    run_recipe(parse_recipe(_linear_recipe_text(tiny_family["ft1"], tiny_family["ft2"]), "r.yaml"), out=out, registry=registry)
+    run_recipe(
+        parse_recipe(_linear_recipe_text(tiny_family["ft1"], tiny_family["ft2"]), "r.yaml"),
+        out=out,
+        registry=registry,
+    )
     assert (out / "model.safetensors").is_file()
 
 
-def test_broken_plugin_is_reported_by_the_cli(make_plugin: MakePlugin, cli: CliRunner, fresh_cli_registry: None) -> None:
+def test_broken_plugin_is_reported_by_the_cli(
+    make_plugin: MakePlugin, cli: CliRunner, fresh_cli_registry: None
+) -> None:
     make_plugin("workbench-broken", "broken", BROKEN)
     result = cli.invoke(main, ["methods"], env=WIDE)
     assert result.exit_code == 0, result.output
@@ -193,10 +222,17 @@ def test_duplicate_method_name_is_reported_and_skipped(make_plugin: MakePlugin) 
     assert registry.methods["fake_distinct"].plugin.package == "workbench-dup"
     assert len(registry.problems) == 1
     problem = registry.problems[0]
-    assert "workbench-dup" in problem and "'linear'" in problem and "already provides" in problem and CORE in problem
+    assert (
+        "workbench-dup" in problem
+        and "'linear'" in problem
+        and "already provides" in problem
+        and CORE in problem
+    )
 
 
-def test_duplicate_from_a_plugin_loaded_later_is_skipped_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_duplicate_from_a_plugin_loaded_later_is_skipped_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Whichever order plugins load in, the built-in keeps its name (first registration wins)."""
     module_name = f"wb_test_late_{uuid.uuid4().hex[:8]}"
     (tmp_path / f"{module_name}.py").write_text(textwrap.dedent(DUPLICATE))
@@ -296,7 +332,13 @@ def test_invalid_methods_are_reported_and_skipped(make_plugin: MakePlugin) -> No
     registry = load_registry()
     assert "fake_valid" in registry.methods
     assert registry.methods["fake_valid"].plugin.package == "workbench-invalid"
-    for skipped in ("fake_no_summary", "fake_no_description", "fake_not_a_method", "Fake-Bad-Name", "fake_no_apply"):
+    for skipped in (
+        "fake_no_summary",
+        "fake_no_description",
+        "fake_not_a_method",
+        "Fake-Bad-Name",
+        "fake_no_apply",
+    ):
         assert skipped not in registry.methods
     assert BUILTIN_METHODS <= set(registry.methods)
     problems = registry.problems
@@ -358,11 +400,21 @@ def test_hook_ordering_flags_cannot_take_a_builtin_name(flag: str, make_plugin: 
     make_plugin("workbench-pushy", "pushy", DUPLICATE.replace("@hookimpl", f"@hookimpl({flag})"))
     registry = load_registry()
     _assert_builtin_linear_kept(registry)
-    assert len(registry.problems) == 1 and "workbench-pushy" in registry.problems[0] and "already provides" in registry.problems[0]
+    assert (
+        len(registry.problems) == 1
+        and "workbench-pushy" in registry.problems[0]
+        and "already provides" in registry.problems[0]
+    )
 
 
 def test_a_hook_wrapper_is_reported_not_silently_ignored(make_plugin: MakePlugin) -> None:
-    make_plugin("workbench-wrapper", "wrapper", DUPLICATE.replace("@hookimpl", "@hookimpl(hookwrapper=True)").replace("register(Distinct)", "register(Distinct)\n        yield"))
+    make_plugin(
+        "workbench-wrapper",
+        "wrapper",
+        DUPLICATE.replace("@hookimpl", "@hookimpl(hookwrapper=True)").replace(
+            "register(Distinct)", "register(Distinct)\n        yield"
+        ),
+    )
     registry = load_registry()
     assert "fake_distinct" not in registry.methods
     assert len(registry.problems) == 1
@@ -370,7 +422,18 @@ def test_a_hook_wrapper_is_reported_not_silently_ignored(make_plugin: MakePlugin
     assert set(registry.methods) == BUILTIN_METHODS
 
 
-@pytest.mark.parametrize(("declared", "loads"), [("1.0", True), (None, True), ("0.9", False), ("1.1", False), ("2.0", False), ("one", False), (1.0, False)])
+@pytest.mark.parametrize(
+    ("declared", "loads"),
+    [
+        ("1.0", True),
+        (None, True),
+        ("0.9", False),
+        ("1.1", False),
+        ("2.0", False),
+        ("one", False),
+        (1.0, False),
+    ],
+)
 def test_plugin_api_version_is_checked(declared: object, loads: bool, make_plugin: MakePlugin) -> None:
     import workbench
 
@@ -390,14 +453,23 @@ def test_plugin_api_version_is_checked(declared: object, loads: bool, make_plugi
             assert f"API {declared}" in problem and "plugin API 1.0" in problem
 
 
-def test_a_newer_minor_version_of_the_core_loads_an_older_plugin(make_plugin: MakePlugin, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_newer_minor_version_of_the_core_loads_an_older_plugin(
+    make_plugin: MakePlugin, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(registry_module, "API_VERSION", "1.3")
     make_plugin("workbench-versioned", "versioned", FAKE_MAX + "\n    WORKBENCH_API = '1.2'\n")
     assert "fake_max" in load_registry().methods
-    make_plugin("workbench-newer", "newer", FAKE_MAX.replace("fake_max", "fake_newer") + "\n    WORKBENCH_API = '1.4'\n")
+    make_plugin(
+        "workbench-newer",
+        "newer",
+        FAKE_MAX.replace("fake_max", "fake_newer") + "\n    WORKBENCH_API = '1.4'\n",
+    )
     registry = load_registry()
     assert "fake_newer" not in registry.methods
-    assert "built for workbench plugin API 1.4, but this workbench provides plugin API 1.3 (compatible: 1.0 to 1.3)" in registry.problems[0]
+    assert (
+        "built for workbench plugin API 1.4, but this workbench provides plugin API 1.3 (compatible: 1.0 to 1.3)"
+        in registry.problems[0]
+    )
 
 
 BAD_DEFAULT = """
@@ -425,14 +497,24 @@ BAD_DEFAULT = """
 
 
 @pytest.mark.hook("register_methods")
-def test_a_schema_with_an_invalid_default_gives_one_warning(make_plugin: MakePlugin, cli: CliRunner, fresh_cli_registry: None, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_a_schema_with_an_invalid_default_gives_one_warning(
+    make_plugin: MakePlugin,
+    cli: CliRunner,
+    fresh_cli_registry: None,
+    tiny_family: dict[str, Path],
+    tmp_path: Path,
+) -> None:
     """Every recipe that leaves the parameter out would fail: the method is refused at load instead."""
     make_plugin("workbench-bad-default", "bad_default", BAD_DEFAULT)
     result = cli.invoke(main, ["methods"], env=WIDE)
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1, warnings
-    assert "workbench-bad-default" in warnings[0] and "default of 'strength' is invalid" in warnings[0] and "less than or equal to 1" in warnings[0]
+    assert (
+        "workbench-bad-default" in warnings[0]
+        and "default of 'strength' is invalid" in warnings[0]
+        and "less than or equal to 1" in warnings[0]
+    )
     assert set(_rows(result.output)) >= BUILTIN_METHODS and "fake_bad_default" not in _rows(result.output)
     recipe = tmp_path / "linear.yaml"
     recipe.write_text(_linear_recipe_text(tiny_family["ft1"], tiny_family["ft2"]))

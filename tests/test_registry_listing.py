@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from plugin_helpers import BUILTIN_METHODS, CORE, FAKE_MAX, WIDE, MakePlugin, _rows
 
 from workbench import hookspecs
 from workbench.cli.main import main
 from workbench.registry import load_registry
-from plugin_helpers import BUILTIN_METHODS, CORE, FAKE_MAX, WIDE, MakePlugin, _rows
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,7 +46,10 @@ def test_workbench_disable_plugins_blocks_one(monkeypatch: pytest.MonkeyPatch) -
     registry = load_registry()
     assert set(registry.methods) == BUILTIN_METHODS - {"slerp"}
     assert "slerp" not in {p.name for p in registry.plugins}
-    assert set(registry.formats) == {"safetensors", "torch_bin", "gguf"} and set(registry.executors) == {"local", "ray"}
+    assert set(registry.formats) == {"safetensors", "torch_bin", "gguf"} and set(registry.executors) == {
+        "local",
+        "ray",
+    }
 
 
 def test_plugin_lists_accept_package_names(make_plugin: MakePlugin, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -85,7 +88,9 @@ EXPECTED_LISTING = {
 }
 
 
-def test_methods_lists_builtins_with_plugin_summary_and_paper(cli: CliRunner, fresh_cli_registry: None) -> None:
+def test_methods_lists_builtins_with_plugin_summary_and_paper(
+    cli: CliRunner, fresh_cli_registry: None
+) -> None:
     result = cli.invoke(main, ["methods"], env=WIDE)
     assert result.exit_code == 0, result.output
     rows = _rows(result.output)
@@ -105,15 +110,43 @@ def test_methods_shows_the_parameters_of_one_method(cli: CliRunner, fresh_cli_re
     assert "base model: required" in out
     rows = _rows(out)
     assert rows["parameter"] == ["parameter", "scope", "type", "default", "per-layer", "description"]
-    assert rows["lambda"] == ["lambda", "global", "float", "1.0", "yes", "lambda: scale of the summed task vectors."]
-    assert rows["normalize"] == ["normalize", "global", "bool", "False", "no", "Divide the weights by their sum."]
-    assert rows["weight"] == ["weight", "per-model", "float", "1.0", "yes", "Weight of this model's task vector."]
+    assert rows["lambda"] == [
+        "lambda",
+        "global",
+        "float",
+        "1.0",
+        "yes",
+        "lambda: scale of the summed task vectors.",
+    ]
+    assert rows["normalize"] == [
+        "normalize",
+        "global",
+        "bool",
+        "False",
+        "no",
+        "Divide the weights by their sum.",
+    ]
+    assert rows["weight"] == [
+        "weight",
+        "per-model",
+        "float",
+        "1.0",
+        "yes",
+        "Weight of this model's task vector.",
+    ]
 
 
 def test_methods_shows_required_parameters(cli: CliRunner, fresh_cli_registry: None) -> None:
     result = cli.invoke(main, ["methods", "slerp"], env=WIDE)
     assert result.exit_code == 0, result.output
-    assert _rows(result.output)["t"] == ["t", "global", "float", "(required)", "yes", "Position between models[0] (t=0) and models[1] (t=1)."]
+    assert _rows(result.output)["t"] == [
+        "t",
+        "global",
+        "float",
+        "(required)",
+        "yes",
+        "Position between models[0] (t=0) and models[1] (t=1).",
+    ]
     assert "models: 2..2" in result.output
 
 
@@ -130,7 +163,9 @@ def test_methods_with_an_unknown_name_suggests_one(cli: CliRunner, fresh_cli_reg
 
 def test_every_hook_has_a_docstring() -> None:
     marker = f"{hookspecs.hookspec.project_name}_spec"
-    hooks = {name: obj for name, obj in vars(hookspecs).items() if inspect.isfunction(obj) and hasattr(obj, marker)}
+    hooks = {
+        name: obj for name, obj in vars(hookspecs).items() if inspect.isfunction(obj) and hasattr(obj, marker)
+    }
     assert {"register_methods", "register_formats", "register_executors"} <= set(hooks)
     for name, hook in hooks.items():
         doc = inspect.getdoc(hook)
@@ -163,4 +198,9 @@ def test_listing_methods_does_not_import_torch() -> None:
 
 def test_the_subprocess_check_would_see_torch() -> None:
     """Guard for the two tests above: the same check reports True once torch is imported."""
-    assert _python("import sys, torch, workbench.registry as r; r.load_registry(); print('torch' in sys.modules)") == "True"
+    assert (
+        _python(
+            "import sys, torch, workbench.registry as r; r.load_registry(); print('torch' in sys.modules)"
+        )
+        == "True"
+    )

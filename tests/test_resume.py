@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_failures import WIDE, partial_of
 from click.testing import CliRunner
+from plugin_site import install_plugin
 from safetensors.torch import load_file
 
-from cli_failures import WIDE, partial_of
-from plugin_site import install_plugin
 from workbench.checkpoint.safetensors_io import StreamingFileWriter
 from workbench.cli.main import main
 
@@ -74,16 +74,33 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _recipe(folder: Path, method: str, models: list[Path]) -> Path:
-    lines = [f"method: {method}", "models:", *[f"  - {json.dumps(str(m))}" for m in models], f"output: {{shard_size: {SHARD}}}"]
+    lines = [
+        f"method: {method}",
+        "models:",
+        *[f"  - {json.dumps(str(m))}" for m in models],
+        f"output: {{shard_size: {SHARD}}}",
+    ]
     path = folder / "recipe.yaml"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def _workbench(site: Path, args: list[str], log: Path, **env: str) -> subprocess.Popen[str]:
-    environment = {**os.environ, **WIDE, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]), "STALL_LOG": str(log), **env}
+    environment = {
+        **os.environ,
+        **WIDE,
+        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+        "STALL_LOG": str(log),
+        **env,
+    }
     environment.pop("WORKBENCH_PLUGINS", None)
-    return subprocess.Popen([sys.executable, "-m", "workbench", *args], env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "workbench", *args],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _finish(process: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str]:
@@ -101,7 +118,11 @@ def _wait_for(path: Path, process: subprocess.Popen[str], timeout: float = 120) 
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _shards(folder: Path) -> dict[str, list[str]]:
@@ -114,13 +135,17 @@ def _shards(folder: Path) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def reference(site: Path, tiny_family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def reference(
+    site: Path, tiny_family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, object]:
     """An uninterrupted run of the stalling method (told never to stall), moved aside: what every
     resumed run must reproduce byte for byte when it writes to the same path."""
     folder = tmp_path_factory.mktemp("resume")
     recipe = _recipe(folder, "stalling_mean", [tiny_family["ft1"], tiny_family["ft2"]])
     out = folder / "out"
-    code, output = _finish(_workbench(site, ["run", str(recipe), "--out", str(out), "-q"], folder / "ref.log"))
+    code, output = _finish(
+        _workbench(site, ["run", str(recipe), "--out", str(out), "-q"], folder / "ref.log")
+    )
     assert code == 0, output
     shards = _shards(out)
     assert len(shards) >= 4, "the test needs an output of several files"
@@ -137,7 +162,9 @@ def _stall_in_third_file(reference: dict[str, object]) -> tuple[str, list[str]]:
 
 
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["kill-9", "ctrl-c"])
-def test_a_stopped_run_resumes_to_the_output_of_an_uninterrupted_one(site: Path, reference: dict[str, object], stop: signal.Signals) -> None:
+def test_a_stopped_run_resumes_to_the_output_of_an_uninterrupted_one(
+    site: Path, reference: dict[str, object], stop: signal.Signals
+) -> None:
     folder: Path = reference["folder"]  # type: ignore[assignment]
     out: Path = reference["out"]  # type: ignore[assignment]
     shutil.rmtree(out, ignore_errors=True)
@@ -160,7 +187,12 @@ def test_a_stopped_run_resumes_to_the_output_of_an_uninterrupted_one(site: Path,
         assert manifest["files"][name]["sha256"] == hashlib.sha256((partial / name).read_bytes()).hexdigest()
     if stop == signal.SIGINT:
         assert code == 130, output
-        assert "stopped:" in output and "interrupted" in output and "--resume" in output and "Traceback" not in output
+        assert (
+            "stopped:" in output
+            and "interrupted" in output
+            and "--resume" in output
+            and "Traceback" not in output
+        )
         assert "2 of" in output
         # the file cut short by the interruption is not left behind
         assert sorted(p.name for p in partial.glob("*.safetensors")) == listed
@@ -206,7 +238,13 @@ def full_disk_after(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(StreamingFileWriter, "write", original)
 
 
-def test_a_full_disk_mid_run_is_named_keeps_finished_files_and_resumes(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, full_disk_after, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_full_disk_mid_run_is_named_keeps_finished_files_and_resumes(
+    cli: CliRunner,
+    tiny_family: dict[str, Path],
+    tmp_path: Path,
+    full_disk_after,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     recipe = _linear(tmp_path, tiny_family)
     expected_out = tmp_path / "expected"
     code, output = _run(cli, recipe, expected_out)
@@ -237,7 +275,9 @@ def test_a_full_disk_mid_run_is_named_keeps_finished_files_and_resumes(cli: CliR
         assert got[name] == expected[name]
 
 
-def test_a_disk_full_before_any_file_finished_leaves_nothing(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, full_disk_after) -> None:
+def test_a_disk_full_before_any_file_finished_leaves_nothing(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, full_disk_after
+) -> None:
     full_disk_after(1)
     out = tmp_path / "out"
     code, output = _run(cli, _linear(tmp_path, tiny_family), out)
@@ -245,7 +285,9 @@ def test_a_disk_full_before_any_file_finished_leaves_nothing(cli: CliRunner, tin
     assert not out.exists() and not partial_of(out).exists()
 
 
-def test_not_enough_free_space_is_refused_before_starting(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_not_enough_free_space_is_refused_before_starting(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import workbench.checkpoint.output_folder as output_folder
 
     needed = sum(f.stat().st_size for f in tiny_family["ft1"].glob("*.safetensors"))
@@ -258,7 +300,14 @@ def test_not_enough_free_space_is_refused_before_starting(cli: CliRunner, tiny_f
     assert not out.exists() and not partial_of(out).exists()
 
 
-def _stopped_partial(cli: CliRunner, recipe: Path, out: Path, full_disk_after, monkeypatch: pytest.MonkeyPatch, after_writes: int) -> Path:
+def _stopped_partial(
+    cli: CliRunner,
+    recipe: Path,
+    out: Path,
+    full_disk_after,
+    monkeypatch: pytest.MonkeyPatch,
+    after_writes: int,
+) -> Path:
     full_disk_after(after_writes)
     code, output = _run(cli, recipe, out)
     assert code == 2 and partial_of(out).is_dir(), output
@@ -266,19 +315,33 @@ def _stopped_partial(cli: CliRunner, recipe: Path, out: Path, full_disk_after, m
     return partial_of(out)
 
 
-def test_resume_refuses_a_partial_output_of_another_recipe(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, full_disk_after, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_refuses_a_partial_output_of_another_recipe(
+    cli: CliRunner,
+    tiny_family: dict[str, Path],
+    tmp_path: Path,
+    full_disk_after,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     recipe = _linear(tmp_path, tiny_family)
     out = tmp_path / "out"
     partial = _stopped_partial(cli, recipe, out, full_disk_after, monkeypatch, 8)
     before = _digests(partial)
-    recipe.write_text(recipe.read_text().replace("method: linear", "method: linear\nparameters: {normalize: false}"))
+    recipe.write_text(
+        recipe.read_text().replace("method: linear", "method: linear\nparameters: {normalize: false}")
+    )
     code, output = _run(cli, recipe, out, "--resume")
     assert code == 2, output
     assert "cannot resume" in output and "different recipe" in output and "without --resume" in output
     assert _digests(partial) == before and not out.exists()
 
 
-def test_resume_rewrites_a_finished_file_whose_bytes_changed(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, full_disk_after, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_rewrites_a_finished_file_whose_bytes_changed(
+    cli: CliRunner,
+    tiny_family: dict[str, Path],
+    tmp_path: Path,
+    full_disk_after,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     recipe = _linear(tmp_path, tiny_family)
     expected_out = tmp_path / "expected"
     assert _run(cli, recipe, expected_out)[0] == 0
@@ -294,7 +357,13 @@ def test_resume_rewrites_a_finished_file_whose_bytes_changed(cli: CliRunner, tin
     assert (out / damaged.name).read_bytes() == (expected_out / damaged.name).read_bytes()
 
 
-def test_a_run_without_resume_starts_over(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, full_disk_after, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_without_resume_starts_over(
+    cli: CliRunner,
+    tiny_family: dict[str, Path],
+    tmp_path: Path,
+    full_disk_after,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     recipe = _linear(tmp_path, tiny_family)
     out = tmp_path / "out"
     partial = _stopped_partial(cli, recipe, out, full_disk_after, monkeypatch, 8)
@@ -304,7 +373,9 @@ def test_a_run_without_resume_starts_over(cli: CliRunner, tiny_family: dict[str,
     assert not (out / "stale.txt").exists() and not partial.exists()
 
 
-def test_the_manifest_lists_every_file_and_verify_checks_it(cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path) -> None:
+def test_the_manifest_lists_every_file_and_verify_checks_it(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     assert _run(cli, _linear(tmp_path, tiny_family), out)[0] == 0
     manifest = json.loads((out / "workbench_manifest.json").read_text())
@@ -313,10 +384,14 @@ def test_the_manifest_lists_every_file_and_verify_checks_it(cli: CliRunner, tiny
     assert {name: r["sha256"] for name, r in manifest["files"].items()} == on_disk
     assert all(r["bytes"] == (out / name).stat().st_size for name, r in manifest["files"].items())
     # the merged values are what the method defines (the mean), so the manifest describes a real merge
-    a, b = (load_file(tiny_family[k] / "model.safetensors")["model.norm.weight"].double() for k in ("ft1", "ft2"))
+    a, b = (
+        load_file(tiny_family[k] / "model.safetensors")["model.norm.weight"].double() for k in ("ft1", "ft2")
+    )
     shard = _shards(out)
     norm_file = next(f for f, names in shard.items() if "model.norm.weight" in names)
-    torch.testing.assert_close(load_file(out / norm_file)["model.norm.weight"].double(), (a + b) / 2, rtol=8e-3, atol=1e-6)
+    torch.testing.assert_close(
+        load_file(out / norm_file)["model.norm.weight"].double(), (a + b) / 2, rtol=8e-3, atol=1e-6
+    )
 
     result = cli.invoke(main, ["verify", str(out)], env=WIDE)
     assert result.exit_code == 0 and "ok" in result.output, result.output
@@ -334,5 +409,7 @@ def test_the_local_executor_hands_over_each_finished_job() -> None:
     from workbench_plugins.executors.local import LocalExecutor
 
     seen: list[tuple[int, int]] = []
-    assert LocalExecutor().run([1, 2, 3], lambda job: job * 10, lambda job, result: seen.append((job, result))) == [10, 20, 30]
+    assert LocalExecutor().run(
+        [1, 2, 3], lambda job: job * 10, lambda job, result: seen.append((job, result))
+    ) == [10, 20, 30]
     assert seen == [(1, 10), (2, 20), (3, 30)]

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from merging import LAYER, assert_bf16_close, load_dir, merge, q, slerp_reference
 
 from workbench.checkpoint.synthetic import SIZES, write_model
-from merging import LAYER, assert_bf16_close, load_dir, merge, q, slerp_reference
 
 # --------------------------------------------------------------------------------------------------
 # Identities: bit-exact
@@ -17,22 +17,28 @@ from merging import LAYER, assert_bf16_close, load_dir, merge, q, slerp_referenc
 
 @pytest.mark.parametrize("t, which", [(0.0, "ft1"), (1.0, "ft2")])
 def test_slerp_endpoints(tmp_path, tiny_family, weights, t, which):
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: slerp
-models: [{q(tiny_family['ft1'])}, {q(tiny_family['ft2'])}]
+models: [{q(tiny_family["ft1"])}, {q(tiny_family["ft2"])}]
 parameters: {{t: {t}}}
-""")
+""",
+    )
     for name, x in weights[which].items():
         assert out[name].dtype == x.dtype and torch.equal(out[name], x), name
 
 
 def test_slerp_layer_gradient_hits_endpoints_exactly(tmp_path, tiny_family, weights, layers):
     """t: [0, 1] puts the first layer (and everything outside the layers) at ft1, the last at ft2."""
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: slerp
-models: [{q(tiny_family['ft1'])}, {q(tiny_family['ft2'])}]
+models: [{q(tiny_family["ft1"])}, {q(tiny_family["ft2"])}]
 parameters: {{t: [0.0, 1.0]}}
-""")
+""",
+    )
     for name in weights["ft1"]:
         m = LAYER.match(name)
         if m is None or int(m[1]) == 0:
@@ -54,7 +60,9 @@ parameters: {{t: [0.0, 1.0]}}
 # --------------------------------------------------------------------------------------------------
 
 
-def check_slerp(out: dict[str, torch.Tensor], m0: dict[str, torch.Tensor], m1: dict[str, torch.Tensor], t: float) -> dict[str, int]:
+def check_slerp(
+    out: dict[str, torch.Tensor], m0: dict[str, torch.Tensor], m1: dict[str, torch.Tensor], t: float
+) -> dict[str, int]:
     branches = {"lerp": 0, "slerp": 0}
     for name in m0:
         expected, magnitude, branch, d = slerp_reference(t, m0[name], m1[name])
@@ -66,11 +74,14 @@ def check_slerp(out: dict[str, torch.Tensor], m0: dict[str, torch.Tensor], m1: d
 
 
 def test_slerp_midpoint_matches_formula(tmp_path, tiny_family, weights):
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: slerp
-models: [{q(tiny_family['ft1'])}, {q(tiny_family['ft2'])}]
+models: [{q(tiny_family["ft1"])}, {q(tiny_family["ft2"])}]
 parameters: {{t: 0.5}}
-""")
+""",
+    )
     assert set(out) == set(weights["ft1"])
     check_slerp(out, weights["ft1"], weights["ft2"], 0.5)
 
@@ -86,11 +97,14 @@ def unrelated_pair(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.mark.parametrize("t", [0.3, 0.5])
 def test_slerp_spherical_branch_matches_formula(tmp_path, unrelated_pair, t):
     a, b = unrelated_pair
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: slerp
 models: [{q(a)}, {q(b)}]
 parameters: {{t: {t}}}
-""")
+""",
+    )
     m0, m1 = load_dir(a), load_dir(b)
     branches = check_slerp(out, m0, m1, t)
     # The case must exercise the spherical formula, where it differs clearly from a lerp.
@@ -102,13 +116,16 @@ parameters: {{t: {t}}}
 
 def test_slerp_float64_compute(tmp_path, unrelated_pair):
     a, b = unrelated_pair
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: slerp
 models: [{q(a)}, {q(b)}]
 parameters: {{t: 0.25}}
 dtype: float64
 output: {{dtype: float64}}
-""")
+""",
+    )
     m0, m1 = load_dir(a), load_dir(b)
     for name in m0:
         expected, magnitude, _, _ = slerp_reference(0.25, m0[name], m1[name])

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from merging import load_dir, merge, q
+
 from workbench.errors import CheckpointError, RecipeError
 from workbench.recipe.schema import parse_recipe
 
@@ -35,7 +35,9 @@ def stacked(sources: list[tuple[Path, int, int]], method: str = "passthrough") -
     return "\n".join(lines) + "\n"
 
 
-def test_depth_up_scaling_stacks_layers_and_runs_in_transformers(tmp_path: Path, tiny_family: dict[str, Path]) -> None:
+def test_depth_up_scaling_stacks_layers_and_runs_in_transformers(
+    tmp_path: Path, tiny_family: dict[str, Path]
+) -> None:
     """4 layers -> 6: layers 0-2 then 1-3 of the same model (the G_stack / SOLAR pattern)."""
     transformers = pytest.importorskip("transformers")
     out = merge(tmp_path, stacked([(tiny_family["ft1"], 0, 3), (tiny_family["ft1"], 1, 4)]))
@@ -53,7 +55,10 @@ def test_depth_up_scaling_stacks_layers_and_runs_in_transformers(tmp_path: Path,
     assert config["num_hidden_layers"] == 6
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model.config.num_hidden_layers == 6 and len(model.model.layers) == 6
-    torch.testing.assert_close(model.model.layers[3].mlp.up_proj.weight.detach(), source_layers[(1, "mlp.up_proj.weight")].to(model.dtype))
+    torch.testing.assert_close(
+        model.model.layers[3].mlp.up_proj.weight.detach(),
+        source_layers[(1, "mlp.up_proj.weight")].to(model.dtype),
+    )
     logits = model(input_ids=torch.tensor([[1, 5, 9, 3]])).logits
     assert logits.shape == (1, 4, config["vocab_size"]) and torch.isfinite(logits).all()
 
@@ -99,32 +104,70 @@ parameters:
 dtype: float32
 """
     recipe = parse_recipe(text)
-    assert recipe.slices is not None and [s.model for s in recipe.slices[0].sources] == [str(ft1), str(ft2)]  # base first: t = 0
+    assert recipe.slices is not None and [s.model for s in recipe.slices[0].sources] == [
+        str(ft1),
+        str(ft2),
+    ]  # base first: t = 0
     out = merge(tmp_path, text)
     source = load_dir(ft1)
     assert all(torch.equal(out[n], source[n]) for n in source)  # t = 0 is the base end, exactly
 
 
-@pytest.mark.parametrize("text, error, message", [
-    ("method: passthrough\nslices:\n  - sources: [{model: FT1, layer_range: [2, 6]}]\n", CheckpointError, "layer_range [2, 6] does not fit the model's 4 layers"),
-    ("method: passthrough\nslices:\n  - sources: [{model: FT1, layer_range: [3, 1]}]\n", RecipeError, "layer_range must be [start, end) with 0 <= start < end"),
-    ("method: linear\nslices:\n  - sources: [{model: FT1, layer_range: [0, 2]}, {model: FT2, layer_range: [0, 2]}]\n  - sources: [{model: FT1, layer_range: [2, 4]}]\n", RecipeError, "every slice needs the same number of sources"),
-    ("method: passthrough\nmodels: [FT1]\nslices:\n  - sources: [{model: FT1, layer_range: [0, 2]}]\n", RecipeError, "either 'models' or 'slices'"),
-    ("method: passthrough\nslices:\n  - sources: [{model: FT1, layer_range: [0, 2], parameters: {scale: 2.0}}]\n  - sources: [{model: FT1, layer_range: [2, 4]}]\n", RecipeError, "source 0 has other parameters than in slice 0"),
-    ("method: task_arithmetic\nbase: FT1\nslices:\n  - sources: [{model: FT2, layer_range: [0, 2]}]\n", RecipeError, "a base model with 'slices' is not supported yet"),
-])
-def test_bad_slices_are_refused_with_the_cause(tmp_path: Path, tiny_family: dict[str, Path], text: str, error: type[Exception], message: str) -> None:
+@pytest.mark.parametrize(
+    "text, error, message",
+    [
+        (
+            "method: passthrough\nslices:\n  - sources: [{model: FT1, layer_range: [2, 6]}]\n",
+            CheckpointError,
+            "layer_range [2, 6] does not fit the model's 4 layers",
+        ),
+        (
+            "method: passthrough\nslices:\n  - sources: [{model: FT1, layer_range: [3, 1]}]\n",
+            RecipeError,
+            "layer_range must be [start, end) with 0 <= start < end",
+        ),
+        (
+            "method: linear\nslices:\n  - sources: [{model: FT1, layer_range: [0, 2]}, {model: FT2, layer_range: [0, 2]}]\n  - sources: [{model: FT1, layer_range: [2, 4]}]\n",
+            RecipeError,
+            "every slice needs the same number of sources",
+        ),
+        (
+            "method: passthrough\nmodels: [FT1]\nslices:\n  - sources: [{model: FT1, layer_range: [0, 2]}]\n",
+            RecipeError,
+            "either 'models' or 'slices'",
+        ),
+        (
+            "method: passthrough\nslices:\n  - sources: [{model: FT1, layer_range: [0, 2], parameters: {scale: 2.0}}]\n  - sources: [{model: FT1, layer_range: [2, 4]}]\n",
+            RecipeError,
+            "source 0 has other parameters than in slice 0",
+        ),
+        (
+            "method: task_arithmetic\nbase: FT1\nslices:\n  - sources: [{model: FT2, layer_range: [0, 2]}]\n",
+            RecipeError,
+            "a base model with 'slices' is not supported yet",
+        ),
+    ],
+)
+def test_bad_slices_are_refused_with_the_cause(
+    tmp_path: Path, tiny_family: dict[str, Path], text: str, error: type[Exception], message: str
+) -> None:
     text = text.replace("FT1", q(tiny_family["ft1"])).replace("FT2", q(tiny_family["ft2"]))
     with pytest.raises(error, match=re.escape(message)):
         merge(tmp_path, text)
     assert not (tmp_path / "out").exists()
 
 
-def test_embeddings_come_from_the_first_slice_and_the_head_from_the_last(tmp_path: Path, tiny_family: dict[str, Path]) -> None:
+def test_embeddings_come_from_the_first_slice_and_the_head_from_the_last(
+    tmp_path: Path, tiny_family: dict[str, Path]
+) -> None:
     out = merge(tmp_path, stacked([(tiny_family["ft1"], 0, 2), (tiny_family["ft2"], 2, 4)]))
     first, last = load_dir(tiny_family["ft1"]), load_dir(tiny_family["ft2"])
     assert torch.equal(out["model.embed_tokens.weight"], first["model.embed_tokens.weight"])
     assert torch.equal(out["model.norm.weight"], last["model.norm.weight"])
     assert torch.equal(out["lm_head.weight"], last["lm_head.weight"])
-    assert torch.equal(out["model.layers.3.mlp.down_proj.weight"], last["model.layers.3.mlp.down_proj.weight"])
-    assert torch.equal(out["model.layers.1.mlp.down_proj.weight"], first["model.layers.1.mlp.down_proj.weight"])
+    assert torch.equal(
+        out["model.layers.3.mlp.down_proj.weight"], last["model.layers.3.mlp.down_proj.weight"]
+    )
+    assert torch.equal(
+        out["model.layers.1.mlp.down_proj.weight"], first["model.layers.1.mlp.down_proj.weight"]
+    )

@@ -67,13 +67,23 @@ print(json.dumps({**counts, "most_metadata_reads": max(metadata_reads.values(), 
 def counts(tiny_family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder = tmp_path_factory.mktemp("startup")
     recipe = folder / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "method": "lines",  # its schema validator looks up the method it wraps in the registry
-        "base": str(tiny_family["base"]),
-        "models": [{"model": str(tiny_family["ft1"])}, {"model": str(tiny_family["ft2"])}],
-        "parameters": {"merge": "ties", "merge_parameters": {"normalize": True}},
-    }))
-    done = subprocess.run([sys.executable, "-c", COUNTING, str(recipe), str(folder / "out")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "method": "lines",  # its schema validator looks up the method it wraps in the registry
+                "base": str(tiny_family["base"]),
+                "models": [{"model": str(tiny_family["ft1"])}, {"model": str(tiny_family["ft2"])}],
+                "parameters": {"merge": "ties", "merge_parameters": {"normalize": True}},
+            }
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", COUNTING, str(recipe), str(folder / "out")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -123,19 +133,42 @@ print(json.dumps({name: len(kernel.overloads) for name, kernel in kernels.items(
 """
 
 
-def _numba_use(tiny_family: dict[str, Path], folder: Path, method: str, model_parameters: dict | None = None) -> dict[str, int]:
+def _numba_use(
+    tiny_family: dict[str, Path], folder: Path, method: str, model_parameters: dict | None = None
+) -> dict[str, int]:
     recipe = folder / f"{method}.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "method": method, "base": str(tiny_family["base"]),
-        "models": [{"model": str(tiny_family[key]), "parameters": model_parameters or {}} for key in ("ft1", "ft2")],
-    }))
-    done = subprocess.run([sys.executable, "-c", NUMBA_USE, str(recipe), str(folder / f"out-{method}")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "method": method,
+                "base": str(tiny_family["base"]),
+                "models": [
+                    {"model": str(tiny_family[key]), "parameters": model_parameters or {}}
+                    for key in ("ft1", "ft2")
+                ],
+            }
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", NUMBA_USE, str(recipe), str(folder / f"out-{method}")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_a_task_arithmetic_merge_sets_up_no_numba_kernel(tiny_family: dict[str, Path], tmp_path: Path) -> None:
-    assert _numba_use(tiny_family, tmp_path, "task_arithmetic") == {"weighted_sum": 0, "finite": 0, "threshold": 0, "ties": 0}
+def test_a_task_arithmetic_merge_sets_up_no_numba_kernel(
+    tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
+    assert _numba_use(tiny_family, tmp_path, "task_arithmetic") == {
+        "weighted_sum": 0,
+        "finite": 0,
+        "threshold": 0,
+        "ties": 0,
+    }
 
 
 def test_the_numba_check_sees_a_kernel_that_ran(tiny_family: dict[str, Path], tmp_path: Path) -> None:

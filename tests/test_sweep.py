@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from plugin_site import tiny_ta_recipe
 
 from workbench.cli.main import main
 from workbench.engine.run import run_recipe
@@ -20,7 +21,6 @@ from workbench.errors import RecipeError
 from workbench.evaluation.running import evaluate_output
 from workbench.recipe.schema import EvaluatorSpec, load_recipe, parse_recipe
 from workbench.registry import Registry, load_registry
-from plugin_site import tiny_ta_recipe
 from workbench.sweep.search import (
     candidate_id,
     generate,
@@ -55,7 +55,9 @@ def register_evaluators(register):
 
 
 @pytest.fixture
-def probe_registry(make_plugin: Callable[..., str], fresh_cli_registry: None, _no_plugin_env: None) -> Registry:
+def probe_registry(
+    make_plugin: Callable[..., str], fresh_cli_registry: None, _no_plugin_env: None
+) -> Registry:
     """The registry with the test evaluator installed as a plugin (worker processes find it too)."""
     make_plugin("wb-sweep-probe", "sweep_probe", PROBE)
     registry = load_registry()
@@ -72,13 +74,28 @@ def direct_score(recipe_file: Path, lam: float, out: Path, registry: Registry, m
     """The evaluator on an independent merge of the candidate, computed without the sweep."""
     recipe = parse_recipe(recipe_file.read_text().replace("lambda: 0.5", f"lambda: {lam}"))
     result = run_recipe(recipe, out=out, registry=registry)
-    return float(evaluate_output([EvaluatorSpec(name="tiny_probe")], result.out_dir, registry)["tiny_probe"][metric])
+    return float(
+        evaluate_output([EvaluatorSpec(name="tiny_probe")], result.out_dir, registry)["tiny_probe"][metric]
+    )
 
 
 @pytest.mark.hook("register_evaluators")
-def test_grid_sweep_ranks_by_score_writes_best_and_resumes(cli: CliRunner, recipe_file: Path, probe_registry: Registry, tmp_path: Path) -> None:
+def test_grid_sweep_ranks_by_score_writes_best_and_resumes(
+    cli: CliRunner, recipe_file: Path, probe_registry: Registry, tmp_path: Path
+) -> None:
     sweep_dir = tmp_path / "sweep"
-    args = ["sweep", str(recipe_file), "--set", "parameters.lambda=0.2,0.6,1.0", "-e", "tiny_probe", "-o", "layer=1", "--out", str(sweep_dir)]
+    args = [
+        "sweep",
+        str(recipe_file),
+        "--set",
+        "parameters.lambda=0.2,0.6,1.0",
+        "-e",
+        "tiny_probe",
+        "-o",
+        "layer=1",
+        "--out",
+        str(sweep_dir),
+    ]
     result = cli.invoke(main, args)
     assert result.exit_code == 0, result.output
     rows = json.loads((sweep_dir / "results.json").read_text())["candidates"]
@@ -88,58 +105,123 @@ def test_grid_sweep_ranks_by_score_writes_best_and_resumes(cli: CliRunner, recip
         out = tmp_path / f"direct{lam}"
         recipe = parse_recipe(recipe_file.read_text().replace("lambda: 0.5", f"lambda: {lam}"))
         run_recipe(recipe, out=out, registry=probe_registry)
-        expected[lam] = evaluate_output([EvaluatorSpec(name="tiny_probe", options={"layer": 1})], out, probe_registry)["tiny_probe"]["norm"]
+        expected[lam] = evaluate_output(
+            [EvaluatorSpec(name="tiny_probe", options={"layer": 1})], out, probe_registry
+        )["tiny_probe"]["norm"]
     assert {r["settings"]["parameters.lambda"]: r["score"] for r in rows} == pytest.approx(expected)
     assert [r["score"] for r in rows] == sorted(expected.values(), reverse=True)  # 'norm': higher is better
     best_lambda = max(expected, key=lambda lam: expected[lam])
     assert load_recipe(sweep_dir / "best.yaml").parameters["lambda"] == best_lambda
     table_lines = [line for line in result.output.splitlines() if line[:1].isdigit()]
-    assert [float(line.split()[2]) for line in table_lines] == [r["settings"]["parameters.lambda"] for r in rows]
+    assert [float(line.split()[2]) for line in table_lines] == [
+        r["settings"]["parameters.lambda"] for r in rows
+    ]
     assert str(sweep_dir / "best.yaml") in result.output
     # Only the best candidate's merge is kept.
-    assert sorted(p.name for p in (sweep_dir / "candidates").iterdir()) == [candidate_id({"parameters.lambda": best_lambda})]
+    assert sorted(p.name for p in (sweep_dir / "candidates").iterdir()) == [
+        candidate_id({"parameters.lambda": best_lambda})
+    ]
     assert (sweep_dir / "results.csv").read_text().count("\n") == 4
 
     before = (sweep_dir / "results.json").read_bytes()
     again = run_sweep(
-        load_recipe(recipe_file), [parse_setting("parameters.lambda=0.2,0.6,1.0")],
-        [EvaluatorSpec(name="tiny_probe", options={"layer": 1})], sweep_dir, probe_registry,
+        load_recipe(recipe_file),
+        [parse_setting("parameters.lambda=0.2,0.6,1.0")],
+        [EvaluatorSpec(name="tiny_probe", options={"layer": 1})],
+        sweep_dir,
+        probe_registry,
     )
     assert again.ran == []
     assert (sweep_dir / "results.json").read_bytes() == before
 
 
-def test_finished_merge_is_only_rescored_and_lower_is_better_metrics_sort_ascending(recipe_file: Path, probe_registry: Registry, tmp_path: Path) -> None:
+def test_finished_merge_is_only_rescored_and_lower_is_better_metrics_sort_ascending(
+    recipe_file: Path, probe_registry: Registry, tmp_path: Path
+) -> None:
     sweep_dir = tmp_path / "sweep"
     settings = [parse_setting("parameters.lambda=0.3,0.9")]
     specs = [EvaluatorSpec(name="tiny_probe")]
-    first = run_sweep(load_recipe(recipe_file), settings, specs, sweep_dir, probe_registry, metric="tiny_probe.loss", keep_outputs=True)
+    first = run_sweep(
+        load_recipe(recipe_file),
+        settings,
+        specs,
+        sweep_dir,
+        probe_registry,
+        metric="tiny_probe.loss",
+        keep_outputs=True,
+    )
     assert first.lower_is_better and all(r.merged for r in first.rows)
-    expected = {lam: direct_score(recipe_file, lam, tmp_path / f"d{lam}", probe_registry, "loss") for lam in (0.3, 0.9)}
+    expected = {
+        lam: direct_score(recipe_file, lam, tmp_path / f"d{lam}", probe_registry, "loss")
+        for lam in (0.3, 0.9)
+    }
     assert [r.score for r in first.rows] == pytest.approx(sorted(expected.values()))
     (sweep_dir / "results.json").unlink()  # the merges stay: a rerun scores them without merging
-    second = run_sweep(load_recipe(recipe_file), settings, specs, sweep_dir, probe_registry, metric="tiny_probe.loss", keep_outputs=True)
+    second = run_sweep(
+        load_recipe(recipe_file),
+        settings,
+        specs,
+        sweep_dir,
+        probe_registry,
+        metric="tiny_probe.loss",
+        keep_outputs=True,
+    )
     assert sorted(second.ran) == sorted(r.id for r in first.rows)
     assert not any(r.merged for r in second.rows)
     assert [r.score for r in second.rows] == [r.score for r in first.rows]
 
 
-def test_a_failing_candidate_is_reported_and_the_others_finish(cli: CliRunner, recipe_file: Path, probe_registry: Registry, tmp_path: Path) -> None:
+def test_a_failing_candidate_is_reported_and_the_others_finish(
+    cli: CliRunner, recipe_file: Path, probe_registry: Registry, tmp_path: Path
+) -> None:
     sweep_dir = tmp_path / "sweep"
-    result = cli.invoke(main, ["sweep", str(recipe_file), "--set", "parameters.lambda=abc,0.5", "-e", "tiny_probe", "--out", str(sweep_dir)])
+    result = cli.invoke(
+        main,
+        [
+            "sweep",
+            str(recipe_file),
+            "--set",
+            "parameters.lambda=abc,0.5",
+            "-e",
+            "tiny_probe",
+            "--out",
+            str(sweep_dir),
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads((sweep_dir / "results.json").read_text())["candidates"]
-    assert [(r["settings"]["parameters.lambda"], r["status"]) for r in rows] == [(0.5, "ok"), ("abc", "failed")]
+    assert [(r["settings"]["parameters.lambda"], r["status"]) for r in rows] == [
+        (0.5, "ok"),
+        ("abc", "failed"),
+    ]
     assert "lambda" in rows[1]["error"]
-    assert rows[0]["score"] == pytest.approx(direct_score(recipe_file, 0.5, tmp_path / "direct", probe_registry))
+    assert rows[0]["score"] == pytest.approx(
+        direct_score(recipe_file, 0.5, tmp_path / "direct", probe_registry)
+    )
     table_lines = [line for line in result.output.splitlines() if line[:1].isdigit()]
     assert "failed" in table_lines[-1] and "abc" in table_lines[-1]
     assert load_recipe(sweep_dir / "best.yaml").parameters["lambda"] == 0.5
 
 
-def test_evaluator_errors_are_failed_candidates(cli: CliRunner, recipe_file: Path, probe_registry: Registry, tmp_path: Path) -> None:
+def test_evaluator_errors_are_failed_candidates(
+    cli: CliRunner, recipe_file: Path, probe_registry: Registry, tmp_path: Path
+) -> None:
     sweep_dir = tmp_path / "sweep"
-    result = cli.invoke(main, ["sweep", str(recipe_file), "--set", "parameters.lambda=0.5", "-e", "tiny_probe", "-o", "layer=99", "--out", str(sweep_dir)])
+    result = cli.invoke(
+        main,
+        [
+            "sweep",
+            str(recipe_file),
+            "--set",
+            "parameters.lambda=0.5",
+            "-e",
+            "tiny_probe",
+            "-o",
+            "layer=99",
+            "--out",
+            str(sweep_dir),
+        ],
+    )
     assert result.exit_code == 1
     [row] = json.loads((sweep_dir / "results.json").read_text())["candidates"]
     assert row["status"] == "failed" and "IndexError" in row["error"]
@@ -148,26 +230,52 @@ def test_evaluator_errors_are_failed_candidates(cli: CliRunner, recipe_file: Pat
 
 @pytest.mark.parametrize(
     ("path", "said"),
-    [("parameters.lamda", "'lamda' is not a known key"), ("models.7.parameters.weight", "'7' is not an index"), ("output.colour", "'colour'")],
+    [
+        ("parameters.lamda", "'lamda' is not a known key"),
+        ("models.7.parameters.weight", "'7' is not an index"),
+        ("output.colour", "'colour'"),
+    ],
 )
-def test_bad_paths_are_refused_before_anything_runs(cli: CliRunner, recipe_file: Path, probe_registry: Registry, tmp_path: Path, path: str, said: str) -> None:
+def test_bad_paths_are_refused_before_anything_runs(
+    cli: CliRunner, recipe_file: Path, probe_registry: Registry, tmp_path: Path, path: str, said: str
+) -> None:
     sweep_dir = tmp_path / "sweep"
-    result = cli.invoke(main, ["sweep", str(recipe_file), "--set", f"{path}=1,2", "-e", "tiny_probe", "--out", str(sweep_dir)])
+    result = cli.invoke(
+        main, ["sweep", str(recipe_file), "--set", f"{path}=1,2", "-e", "tiny_probe", "--out", str(sweep_dir)]
+    )
     assert result.exit_code == 2
     assert f"--set {path}" in result.output and said in result.output
     assert not sweep_dir.exists()
 
 
-def test_unknown_evaluator_and_cma_are_clear_errors(recipe_file: Path, probe_registry: Registry, tmp_path: Path) -> None:
+def test_unknown_evaluator_and_cma_are_clear_errors(
+    recipe_file: Path, probe_registry: Registry, tmp_path: Path
+) -> None:
     settings = [parse_setting("parameters.lambda=0.1,0.2")]
     with pytest.raises(Exception, match="tiny_prob"):
-        run_sweep(load_recipe(recipe_file), settings, [EvaluatorSpec(name="tiny_prob")], tmp_path / "s", probe_registry)
+        run_sweep(
+            load_recipe(recipe_file),
+            settings,
+            [EvaluatorSpec(name="tiny_prob")],
+            tmp_path / "s",
+            probe_registry,
+        )
     with pytest.raises(RecipeError, match="cma needs --budget"):
-        run_sweep(load_recipe(recipe_file), settings, [EvaluatorSpec(name="tiny_probe")], tmp_path / "s", probe_registry, search="cma")
+        run_sweep(
+            load_recipe(recipe_file),
+            settings,
+            [EvaluatorSpec(name="tiny_probe")],
+            tmp_path / "s",
+            probe_registry,
+            search="cma",
+        )
 
 
 def test_random_search_samples_distinct_candidates_reproducibly() -> None:
-    settings = [parse_setting("parameters.lambda=0.1,0.2,0.3,0.4"), parse_setting("parameters.weight=[1,0],[0,1],0.5")]
+    settings = [
+        parse_setting("parameters.lambda=0.1,0.2,0.3,0.4"),
+        parse_setting("parameters.weight=[1,0],[0,1],0.5"),
+    ]
     assert settings[1].values == ([1, 0], [0, 1], 0.5)
     picks = generate(settings, "random", 5, seed=3)
     assert len(picks) == 5 and len({candidate_id(p) for p in picks}) == 5
@@ -180,11 +288,17 @@ def test_random_search_samples_distinct_candidates_reproducibly() -> None:
 
 
 def test_metric_direction_follows_the_evaluator_contract() -> None:
-    assert lower_is_better("perplexity.perplexity") and lower_is_better("zoo_math.loss") and lower_is_better("val_loss")
+    assert (
+        lower_is_better("perplexity.perplexity")
+        and lower_is_better("zoo_math.loss")
+        and lower_is_better("val_loss")
+    )
     assert not lower_is_better("zoo_math.accuracy") and not lower_is_better("lossless_ratio")
 
 
-def test_parallel_jobs_give_the_same_scores(recipe_file: Path, probe_registry: Registry, tmp_path: Path) -> None:
+def test_parallel_jobs_give_the_same_scores(
+    recipe_file: Path, probe_registry: Registry, tmp_path: Path
+) -> None:
     settings = [parse_setting("parameters.lambda=0.4,0.8")]
     specs = [EvaluatorSpec(name="tiny_probe")]
     serial = run_sweep(load_recipe(recipe_file), settings, specs, tmp_path / "a", probe_registry)
@@ -238,28 +352,48 @@ def register_evaluators(register):
 
 @pytest.mark.parametrize("metric", ["lambda_fit.fit", "lambda_fit.loss"])
 def test_cma_finds_the_optimum_of_a_smooth_objective_and_resumes(
-    make_plugin: Callable[..., str], fresh_cli_registry: None, _no_plugin_env: None, tiny_family: dict[str, Path], tmp_path: Path, metric: str
+    make_plugin: Callable[..., str],
+    fresh_cli_registry: None,
+    _no_plugin_env: None,
+    tiny_family: dict[str, Path],
+    tmp_path: Path,
+    metric: str,
 ) -> None:
     """The objective peaks at lambda = 0.7, read back from the merged weights (merged = base + lambda * delta)."""
     make_plugin("wb-lambda-fit", "lambda_fit", LAMBDA_FIT)
     registry = load_registry()
-    recipe = parse_recipe(f"method: task_arithmetic\nbase: '{tiny_family['base']}'\nmodels: ['{tiny_family['ft1']}']\noutput: {{dtype: float32}}\nparameters: {{lambda: 0.5}}\n")
-    specs = [EvaluatorSpec(name="lambda_fit", options={"base": str(tiny_family["base"]), "tuned": str(tiny_family["ft1"])})]
+    recipe = parse_recipe(
+        f"method: task_arithmetic\nbase: '{tiny_family['base']}'\nmodels: ['{tiny_family['ft1']}']\noutput: {{dtype: float32}}\nparameters: {{lambda: 0.5}}\n"
+    )
+    specs = [
+        EvaluatorSpec(
+            name="lambda_fit", options={"base": str(tiny_family["base"]), "tuned": str(tiny_family["ft1"])}
+        )
+    ]
     settings = [parse_setting("parameters.lambda=0.1:1.5")]
     assert settings[0].bounds == (0.1, 1.5)
-    sweep = run_sweep(recipe, settings, specs, tmp_path / "s", registry, search="cma", budget=16, seed=0, metric=metric)
+    sweep = run_sweep(
+        recipe, settings, specs, tmp_path / "s", registry, search="cma", budget=16, seed=0, metric=metric
+    )
     assert len(sweep.rows) == 16 and all(r.status == "ok" for r in sweep.rows), [r.error for r in sweep.rows]
     assert sweep.lower_is_better == metric.endswith("loss")
     lambdas = [r.settings["parameters.lambda"] for r in sweep.rows]
     assert all(0.1 <= lam <= 1.5 for lam in lambdas) and len(set(lambdas)) == 16
     for row in sweep.rows:  # each score is the objective at its own lambda (stored as float32)
-        assert row.metrics["lambda_fit"]["lambda"] == pytest.approx(row.settings["parameters.lambda"], abs=1e-4)
+        assert row.metrics["lambda_fit"]["lambda"] == pytest.approx(
+            row.settings["parameters.lambda"], abs=1e-4
+        )
         assert row.id == candidate_id(row.settings)
     assert sweep.best is not None and abs(sweep.best.settings["parameters.lambda"] - 0.7) < 0.05
     assert abs(lambdas[0] - 0.7) < abs(0.1 - 0.7)  # ranked best first, and better than the range's worst end
-    assert load_recipe(tmp_path / "s" / "best.yaml").parameters["lambda"] == sweep.best.settings["parameters.lambda"]
+    assert (
+        load_recipe(tmp_path / "s" / "best.yaml").parameters["lambda"]
+        == sweep.best.settings["parameters.lambda"]
+    )
 
-    again = run_sweep(recipe, settings, specs, tmp_path / "s", registry, search="cma", budget=16, seed=0, metric=metric)
+    again = run_sweep(
+        recipe, settings, specs, tmp_path / "s", registry, search="cma", budget=16, seed=0, metric=metric
+    )
     assert again.ran == [] and [(r.id, r.score) for r in again.rows] == [(r.id, r.score) for r in sweep.rows]
 
 

@@ -16,18 +16,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from merging import BF16_HALF_ULP, gradient, layer_t, merge, q
 from safetensors.torch import save_file
-from workbench_kernels.sparsify import MagnitudeBand
-from workbench_plugins.methods._task_vectors import Thresholds
 
 from workbench.engine.run import run_recipe
 from workbench.errors import RecipeError
 from workbench.method import TensorContext
 from workbench.recipe.schema import parse_recipe
-from merging import BF16_HALF_ULP, gradient, layer_t, merge, q
+from workbench_kernels.sparsify import MagnitudeBand
+from workbench_plugins.methods._task_vectors import Thresholds
 
 METHODS = ["ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"]
-CONSENSUS = {"ties": True, "dare_ties": True, "breadcrumbs_ties": True, "dare_linear": False, "breadcrumbs": False}
+CONSENSUS = {
+    "ties": True,
+    "dare_ties": True,
+    "breadcrumbs_ties": True,
+    "dare_linear": False,
+    "breadcrumbs": False,
+}
 
 # --------------------------------------------------------------------------------------------------
 # Helpers (independent of the code under test)
@@ -73,7 +79,17 @@ def band_mask64(tau: torch.Tensor, density: float, gamma: float = 0.0) -> torch.
     return keep.reshape(tau.shape)
 
 
-def gta64(base: torch.Tensor, xs: list[torch.Tensor], ws: list[float], masks: list[torch.Tensor], rescale: str | None, densities: list[float], consensus: bool, normalize: bool, lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gta64(
+    base: torch.Tensor,
+    xs: list[torch.Tensor],
+    ws: list[float],
+    masks: list[torch.Tensor],
+    rescale: str | None,
+    densities: list[float],
+    consensus: bool,
+    normalize: bool,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Float64 merge: (expected, error scale, elements whose elected sign is ambiguous)."""
     b = base.double()
     deltas, scale = [], b.abs().clone()
@@ -115,7 +131,13 @@ def gta64(base: torch.Tensor, xs: list[torch.Tensor], ws: list[float], masks: li
     return b + lam * mixed, scale + (lam * mixed).abs(), ambiguous
 
 
-def assert_bf16_close(out: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor, name: str, skip: torch.Tensor | None = None) -> None:
+def assert_bf16_close(
+    out: torch.Tensor,
+    expected: torch.Tensor,
+    scale: torch.Tensor,
+    name: str,
+    skip: torch.Tensor | None = None,
+) -> None:
     assert out.dtype == torch.bfloat16 and out.shape == expected.shape, name
     diff = (out.double() - expected).abs()
     bad = diff > BF16_HALF_ULP * expected.abs() + 1e-5 * scale + 1e-30
@@ -131,12 +153,26 @@ def method_instance(name: str):
     return get_registry().method(name)()
 
 
-def ctx_for(shape: tuple[int, ...], seed: int = 0, state: object = None, dtype: torch.dtype = torch.float32) -> TensorContext:
-    return TensorContext(name="w", layer_index=None, layer_count=1, module_kind="other", shape=shape, device="cpu",
-                         compute_dtype=torch.float32, out_dtype=dtype, seed=seed, state=state)
+def ctx_for(
+    shape: tuple[int, ...], seed: int = 0, state: object = None, dtype: torch.dtype = torch.float32
+) -> TensorContext:
+    return TensorContext(
+        name="w",
+        layer_index=None,
+        layer_count=1,
+        module_kind="other",
+        shape=shape,
+        device="cpu",
+        compute_dtype=torch.float32,
+        out_dtype=dtype,
+        seed=seed,
+        state=state,
+    )
 
 
-def apply(method: str, base: torch.Tensor, xs: list[torch.Tensor], params: dict, model_params: list[dict], **ctx) -> torch.Tensor:
+def apply(
+    method: str, base: torch.Tensor, xs: list[torch.Tensor], params: dict, model_params: list[dict], **ctx
+) -> torch.Tensor:
     m = method_instance(method)
     p = m.Parameters.model_validate(params)
     mps = [m.ModelParameters.model_validate(mp) for mp in model_params]
@@ -168,15 +204,24 @@ TAU2 = torch.tensor([[-3.0, 1.0, 1.0], [0.0, 0.5, 2.0]])
 TAU3 = torch.tensor([[1.0, -3.0, 1.0], [0.0, 0.5, 2.0]])
 
 
-@pytest.mark.parametrize("normalize, expected", [
-    # density 0.5 keeps 3 of 6: tau1 -> 4, 3, -2; tau3 -> -3, 2 and the first of its two 1s (tied
-    # at the threshold: exactly k are kept, the earlier entry first): [1, -3, 0 | 0, 0, 2].
-    # Sums [1, -5, 3 | 0, 0, -2] elect + - + + + -; agreeing entries are averaged (or summed).
-    (True, [[1.0, -2.5, 3.0], [0.0, 0.0, -4.0]]),
-    (False, [[1.0, -5.0, 3.0], [0.0, 0.0, -4.0]]),
-])
+@pytest.mark.parametrize(
+    "normalize, expected",
+    [
+        # density 0.5 keeps 3 of 6: tau1 -> 4, 3, -2; tau3 -> -3, 2 and the first of its two 1s (tied
+        # at the threshold: exactly k are kept, the earlier entry first): [1, -3, 0 | 0, 0, 2].
+        # Sums [1, -5, 3 | 0, 0, -2] elect + - + + + -; agreeing entries are averaged (or summed).
+        (True, [[1.0, -2.5, 3.0], [0.0, 0.0, -4.0]]),
+        (False, [[1.0, -5.0, 3.0], [0.0, 0.0, -4.0]]),
+    ],
+)
 def test_ties_by_hand_sign_conflicts_and_ties_at_threshold(normalize, expected):
-    out = apply("ties", BASE, [BASE + TAU1, BASE + TAU3], {"normalize": normalize}, [{"density": 0.5}, {"density": 0.5}])
+    out = apply(
+        "ties",
+        BASE,
+        [BASE + TAU1, BASE + TAU3],
+        {"normalize": normalize},
+        [{"density": 0.5}, {"density": 0.5}],
+    )
     assert out.tolist() == (BASE + torch.tensor(expected)).tolist()
 
 
@@ -184,7 +229,13 @@ def test_ties_by_hand_weights_and_lambda():
     # Weighted: tau1 * 2 -> [0, -4, 6 | 0, 0, -8]; tau2 -> [-3, 1, 0 | 0, 0, 2] (of its tied 1s, the
     # first is kept); sums [-3, -3, 6 | 0, 0, -6]. Disjoint weighted mean: [-3/1, -4/2, 6/2 | 0, 0, -8/2],
     # then times lambda 0.5.
-    out = apply("ties", BASE, [BASE + TAU1, BASE + TAU2], {"lambda": 0.5}, [{"density": 0.5, "weight": 2.0}, {"density": 0.5}])
+    out = apply(
+        "ties",
+        BASE,
+        [BASE + TAU1, BASE + TAU2],
+        {"lambda": 0.5},
+        [{"density": 0.5, "weight": 2.0}, {"density": 0.5}],
+    )
     expected = BASE + 0.5 * torch.tensor([[-3.0, -2.0, 3.0], [0.0, 0.0, -4.0]])
     assert torch.allclose(out, expected, rtol=0, atol=1e-6)
 
@@ -199,7 +250,9 @@ def test_ties_zero_task_vector_changes_nothing():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_density_zero_gives_the_base_and_density_one_keeps_everything(method):
-    assert torch.equal(apply(method, BASE, [BASE + TAU1, BASE + TAU2], {}, [{"density": 0.0}, {"density": 0.0}]), BASE)
+    assert torch.equal(
+        apply(method, BASE, [BASE + TAU1, BASE + TAU2], {}, [{"density": 0.0}, {"density": 0.0}]), BASE
+    )
     out = apply(method, BASE, [BASE + TAU1], {}, [{"density": 1.0}])
     assert torch.equal(out, BASE + TAU1)
 
@@ -212,7 +265,9 @@ def test_breadcrumbs_by_hand():
     assert out.tolist() == [0, 0, 0, -4, 5, -6, 7, -8, 0, 0]
     # With consensus against a second vector that disagrees on 5 and 7 with a larger mass.
     other = torch.tensor([0.0, 0, 0, 0, -9, 0, -9, 0, 0, 0])
-    out = apply("breadcrumbs_ties", base, [tau, other], {}, [{"density": 0.5, "gamma": 0.2}, {"density": 1.0}])
+    out = apply(
+        "breadcrumbs_ties", base, [tau, other], {}, [{"density": 0.5, "gamma": 0.2}, {"density": 1.0}]
+    )
     assert out.tolist() == [0, 0, 0, -4, -9, -6, -9, -8, 0, 0]
 
 
@@ -226,7 +281,14 @@ def test_dare_l1_rescale_matches_the_norm_and_inverse_density_is_exact():
     factor = (out[kept] / tau[kept]).mean().item()
     assert torch.allclose(out[kept], factor * tau[kept], rtol=1e-5, atol=1e-5)
     assert math.isclose(out.abs().sum().item(), tau.abs().sum().item(), rel_tol=1e-5)  # L1 matched
-    paper = apply("dare_linear", base, [x], {"rescale_mode": "inverse_density", "rescale": True}, [{"density": 0.25}], seed=4)
+    paper = apply(
+        "dare_linear",
+        base,
+        [x],
+        {"rescale_mode": "inverse_density", "rescale": True},
+        [{"density": 0.25}],
+        seed=4,
+    )
     d = paper.double() - base.double()
     kept = d != 0
     assert torch.allclose(d[kept], tau[kept] / 0.25, rtol=1e-6, atol=1e-6)
@@ -249,11 +311,17 @@ def test_same_seed_is_bit_identical_with_one_and_two_threads(method, threads):
     gen = torch.Generator().manual_seed(1)
     base = torch.randn(700, 900, generator=gen).to(torch.bfloat16)
     xs = [(base.float() + 0.01 * torch.randn(700, 900, generator=gen)).to(torch.bfloat16) for _ in range(3)]
-    model_params = [{"density": 0.3, "weight": 1.0}, {"density": 0.6, "weight": 0.5}, {"density": 0.45, "weight": 0.8}]
+    model_params = [
+        {"density": 0.3, "weight": 1.0},
+        {"density": 0.6, "weight": 0.5},
+        {"density": 0.45, "weight": 0.8},
+    ]
     results = []
     for n in (1, 2):
         torch.set_num_threads(n)
-        results.append(apply(method, base, xs, {"rescale": True}, model_params, seed=12345, dtype=torch.bfloat16))
+        results.append(
+            apply(method, base, xs, {"rescale": True}, model_params, seed=12345, dtype=torch.bfloat16)
+        )
     assert torch.equal(results[0], results[1])
 
 
@@ -267,20 +335,26 @@ def test_same_seed_is_bit_identical_with_one_and_two_threads(method, threads):
 def test_engine_merge_matches_float64(tmp_path, tiny_family, weights, method, rescale):
     ws, ds, lam, seed = [1.0, 0.5], [0.5, 0.3], 0.8, 7
     gamma = 0.05
-    model_params = [f"{{weight: {w}, density: {d}{', gamma: ' + str(gamma) if 'breadcrumbs' in method else ''}}}" for w, d in zip(ws, ds)]
+    model_params = [
+        f"{{weight: {w}, density: {d}{', gamma: ' + str(gamma) if 'breadcrumbs' in method else ''}}}"
+        for w, d in zip(ws, ds)
+    ]
     params = {"lambda": lam}
     if rescale is not None:
         params.update({"rescale": True, "rescale_mode": rescale})
     elif method.startswith("dare"):
         params["rescale"] = False
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: {method}
-base: {q(tiny_family['base'])}
+base: {q(tiny_family["base"])}
 models:
-{entries([(tiny_family['ft1'], model_params[0]), (tiny_family['ft2'], model_params[1])])}
+{entries([(tiny_family["ft1"], model_params[0]), (tiny_family["ft2"], model_params[1])])}
 parameters: {json.dumps(params)}
 seed: {seed}
-""")
+""",
+    )
     normalize = method == "ties"  # the mergekit defaults
     assert set(out) == set(weights["base"])
     for name, b in weights["base"].items():
@@ -295,13 +369,15 @@ seed: {seed}
 
 
 def test_ties_per_layer_density_weight_and_lambda(tmp_path, tiny_family, weights, layers):
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: ties
-base: {q(tiny_family['base'])}
+base: {q(tiny_family["base"])}
 models:
-  - model: {q(tiny_family['ft1'])}
+  - model: {q(tiny_family["ft1"])}
     parameters: {{density: [0.2, 0.8], weight: 1.0}}
-  - model: {q(tiny_family['ft2'])}
+  - model: {q(tiny_family["ft2"])}
     parameters:
       density: 0.5
       weight:
@@ -310,7 +386,8 @@ models:
         - value: 1.0
 parameters:
   lambda: [1.0, 0.5]
-""")
+""",
+    )
     seen = set()
     for name, b in weights["base"].items():
         t = layer_t(name, layers)
@@ -331,7 +408,9 @@ parameters:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_single_finetune_density_one_lambda_one_returns_it(tmp_path, tiny_family, weights, method):
-    out = merge(tmp_path, f"method: {method}\nbase: {q(tiny_family['base'])}\nmodels: [{q(tiny_family['ft1'])}]\n")
+    out = merge(
+        tmp_path, f"method: {method}\nbase: {q(tiny_family['base'])}\nmodels: [{q(tiny_family['ft1'])}]\n"
+    )
     for name, x in weights["ft1"].items():
         assert out[name].dtype == x.dtype and torch.equal(out[name], x), name
 
@@ -345,9 +424,15 @@ def test_zero_weight_removes_a_model_even_with_nan(tmp_path, tiny_family, weight
         v.view(-1)[0] = float("nan")
     save_file(tensors, str(poisoned / "model.safetensors"), metadata={"format": "pt"})
     (poisoned / "config.json").write_text((tiny_family["ft2"] / "config.json").read_text())
-    head = f"method: {method}\nbase: {q(tiny_family['base'])}\nseed: 3\nparameters: {{lambda: 0.9}}\nmodels:\n"
+    head = (
+        f"method: {method}\nbase: {q(tiny_family['base'])}\nseed: 3\nparameters: {{lambda: 0.9}}\nmodels:\n"
+    )
     alone = merge(tmp_path, head + entries([(tiny_family["ft1"], "{density: 0.4}")]), "alone")
-    both = merge(tmp_path, head + entries([(tiny_family["ft1"], "{density: 0.4}"), (poisoned, "{density: 0.4, weight: 0.0}")]), "both")
+    both = merge(
+        tmp_path,
+        head + entries([(tiny_family["ft1"], "{density: 0.4}"), (poisoned, "{density: 0.4, weight: 0.0}")]),
+        "both",
+    )
     for name in alone:
         assert torch.equal(alone[name], both[name]), name
 
@@ -355,9 +440,9 @@ def test_zero_weight_removes_a_model_even_with_nan(tmp_path, tiny_family, weight
 @pytest.mark.parametrize("normalize", [False, True])
 def test_dare_linear_density_one_is_task_arithmetic_bit_for_bit(tmp_path, tiny_family, normalize):
     body = f"""
-base: {q(tiny_family['base'])}
+base: {q(tiny_family["base"])}
 models:
-{entries([(tiny_family['ft1'], '{weight: 1.0}'), (tiny_family['ft2'], '{weight: 0.5}')])}
+{entries([(tiny_family["ft1"], "{weight: 1.0}"), (tiny_family["ft2"], "{weight: 0.5}")])}
 parameters: {{lambda: 0.7, normalize: {str(normalize).lower()}}}
 """
     dare = merge(tmp_path, "method: dare_linear" + body, "dare")
@@ -368,13 +453,17 @@ parameters: {{lambda: 0.7, normalize: {str(normalize).lower()}}}
 
 def test_seeds_decide_dare_masks_but_not_ties(tmp_path, tiny_family):
     def run(method: str, seed: int, tag: str = "") -> dict[str, torch.Tensor]:
-        return merge(tmp_path, f"""
+        return merge(
+            tmp_path,
+            f"""
 method: {method}
-base: {q(tiny_family['base'])}
+base: {q(tiny_family["base"])}
 models:
-{entries([(tiny_family['ft1'], '{density: 0.5}'), (tiny_family['ft2'], '{density: 0.5}')])}
+{entries([(tiny_family["ft1"], "{density: 0.5}"), (tiny_family["ft2"], "{density: 0.5}")])}
 seed: {seed}
-""", f"{method}-{seed}{tag}")
+""",
+            f"{method}-{seed}{tag}",
+        )
 
     a, a_again, b = run("dare_ties", 0), run("dare_ties", 0, "again"), run("dare_ties", 1)
     assert all(torch.equal(a[n], a_again[n]) for n in a)
@@ -387,9 +476,9 @@ seed: {seed}
 def test_engine_runs_are_identical_with_one_and_two_threads(tmp_path, tiny_family, threads):
     text = f"""
 method: dare_ties
-base: {q(tiny_family['base'])}
+base: {q(tiny_family["base"])}
 models:
-{entries([(tiny_family['ft1'], '{density: 0.3}'), (tiny_family['ft2'], '{density: 0.6, weight: 0.7}')])}
+{entries([(tiny_family["ft1"], "{density: 0.3}"), (tiny_family["ft2"], "{density: 0.6, weight: 0.7}")])}
 seed: 42
 """
     torch.set_num_threads(1)
@@ -408,23 +497,31 @@ def test_int8_mask_changes_nothing(tmp_path, tiny_family):
 
 def test_mergekit_recipe_gives_the_native_result(tmp_path, tiny_family):
     """mergekit's examples/ties.yml shape: base listed among the models, per-model gradients, int8_mask."""
-    mergekit = merge(tmp_path, f"""
+    mergekit = merge(
+        tmp_path,
+        f"""
 merge_method: ties
-base_model: {q(tiny_family['base'])}
+base_model: {q(tiny_family["base"])}
 models:
-  - model: {q(tiny_family['base'])}
-  - model: {q(tiny_family['ft1'])}
+  - model: {q(tiny_family["base"])}
+  - model: {q(tiny_family["ft1"])}
     parameters: {{density: [1, 0.7, 0.1], weight: 1.0}}
-  - model: {q(tiny_family['ft2'])}
+  - model: {q(tiny_family["ft2"])}
     parameters: {{density: 0.5, weight: [0, 0.3, 0.7, 1]}}
 parameters: {{normalize: true, int8_mask: true}}
-""", "mk")
-    native = merge(tmp_path, f"""
+""",
+        "mk",
+    )
+    native = merge(
+        tmp_path,
+        f"""
 method: ties
-base: {q(tiny_family['base'])}
+base: {q(tiny_family["base"])}
 models:
-{entries([(tiny_family['ft1'], '{density: [1, 0.7, 0.1], weight: 1.0}'), (tiny_family['ft2'], '{density: 0.5, weight: [0, 0.3, 0.7, 1]}')])}
-""", "native")
+{entries([(tiny_family["ft1"], "{density: [1, 0.7, 0.1], weight: 1.0}"), (tiny_family["ft2"], "{density: 0.5, weight: [0, 0.3, 0.7, 1]}")])}
+""",
+        "native",
+    )
     assert all(torch.equal(mergekit[n], native[n]) for n in native)
 
 
@@ -438,16 +535,19 @@ def test_rescale_mode_without_rescale_is_refused(tmp_path, tiny_family):
 def test_linear_normalize_with_weights_summing_to_zero_is_refused(tmp_path, tiny_family):
     text = f"""
 method: dare_linear
-base: {q(tiny_family['base'])}
+base: {q(tiny_family["base"])}
 models:
-{entries([(tiny_family['ft1'], '{weight: 1.0, density: 0.5}'), (tiny_family['ft2'], '{weight: -1.0, density: 0.5}')])}
+{entries([(tiny_family["ft1"], "{weight: 1.0, density: 0.5}"), (tiny_family["ft2"], "{weight: -1.0, density: 0.5}")])}
 parameters: {{normalize: true}}
 """
     with pytest.raises(RecipeError, match="sum to 0"):
         run_recipe(parse_recipe(text), out=tmp_path / "out")
 
 
-@pytest.mark.parametrize("method, key, bad", [("ties", "density", 1.5), ("breadcrumbs", "gamma", -0.1), ("dare_ties", "density", -0.2)])
+@pytest.mark.parametrize(
+    "method, key, bad",
+    [("ties", "density", 1.5), ("breadcrumbs", "gamma", -0.1), ("dare_ties", "density", -0.2)],
+)
 def test_out_of_range_fractions_are_refused(tmp_path, tiny_family, method, key, bad):
     text = f"method: {method}\nbase: {q(tiny_family['base'])}\nmodels:\n{entries([(tiny_family['ft1'], '{' + key + ': ' + str(bad) + '}')])}\n"
     with pytest.raises(RecipeError, match=key):
@@ -479,15 +579,20 @@ def test_odd_tensors_zero_d_empty_and_integer_buffers(tmp_path, method):
     base = write(tmp_path / "base", 1)
     write(tmp_path / "a", 2)
     write(tmp_path / "b", 3)
-    out = merge(tmp_path, f"""
+    out = merge(
+        tmp_path,
+        f"""
 method: {method}
-base: {q(tmp_path / 'base')}
+base: {q(tmp_path / "base")}
 models:
-{entries([(tmp_path / 'a', '{density: 0.5}'), (tmp_path / 'b', '{density: 0.5, weight: 0.5}')])}
-""")
+{entries([(tmp_path / "a", "{density: 0.5}"), (tmp_path / "b", "{density: 0.5, weight: 0.5}")])}
+""",
+    )
     assert set(out) == set(base)
     assert torch.equal(out["model.position_ids"], base["model.position_ids"])
     assert out["model.layers.0.empty"].shape == (0, 4)
     if not method.startswith("dare"):  # one entry, floor(0.5 * 1) = 0 kept: the base value
         assert torch.equal(out["model.layers.0.scale"], base["model.layers.0.scale"])
-    assert out["model.layers.1.mlp.weight"].shape == (5, 3) and bool(torch.isfinite(out["model.layers.1.mlp.weight"]).all())
+    assert out["model.layers.1.mlp.weight"].shape == (5, 3) and bool(
+        torch.isfinite(out["model.layers.1.mlp.weight"]).all()
+    )

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from merging import load_dir, merge, q
+
 from workbench.errors import RecipeError
 
 
-def _global_mask(base: dict[str, torch.Tensor], ft: dict[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
+def _global_mask(
+    base: dict[str, torch.Tensor], ft: dict[str, torch.Tensor], density: float
+) -> dict[str, torch.Tensor]:
     """Written from the definition: sort every |tau| of the model, keep those >= the k-th largest."""
     taus = {n: ft[n].double() - base[n].double() for n in base}
     flat = torch.cat([t.reshape(-1).abs() for t in taus.values()])
@@ -44,7 +46,9 @@ def test_model_scope_keeps_the_models_top_density(tiny_family: dict[str, Path], 
 def test_tensor_scope_is_the_default_and_differs(tiny_family: dict[str, Path], tmp_path: Path) -> None:
     common = (
         f"method: ties\nbase: {q(tiny_family['base'])}\nmodels:\n  - model: {q(tiny_family['ft1'])}\n"
-        "    parameters: {density: 0.3}\n  - model: " + q(tiny_family["ft2"]) + "\n    parameters: {density: 0.3}\n"
+        "    parameters: {density: 0.3}\n  - model: "
+        + q(tiny_family["ft2"])
+        + "\n    parameters: {density: 0.3}\n"
     )
     per_tensor = merge(tmp_path, common, "a")
     explicit = merge(tmp_path, common + "parameters: {scope: tensor}\n", "b")

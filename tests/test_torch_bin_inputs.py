@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from merging import merge, q
 from safetensors.torch import load_file
 
 from workbench.errors import CheckpointError
 from workbench.registry import get_registry
-
-from merging import merge, q
 
 
 def as_bin(source: Path, target: Path, shards: int = 1, legacy: bool = False) -> Path:
@@ -33,7 +32,9 @@ def as_bin(source: Path, target: Path, shards: int = 1, legacy: bool = False) ->
         part = {n: state[n] for n in names[i::shards]}
         torch.save(part, target / file)
         weight_map.update(dict.fromkeys(part, file))
-    (target / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (target / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     return target
 
 
@@ -41,7 +42,7 @@ def linear(family: dict, ft1: Path) -> str:
     return f"""
 method: linear
 models:
-  - model: {q(family['base'])}
+  - model: {q(family["base"])}
     parameters: {{weight: 0.4}}
   - model: {q(ft1)}
     parameters: {{weight: 0.6}}
@@ -49,7 +50,9 @@ models:
 
 
 @pytest.mark.hook("register_formats")
-@pytest.mark.parametrize(("shards", "legacy"), [(1, False), (3, False), (1, True)], ids=["single", "sharded", "legacy"])
+@pytest.mark.parametrize(
+    ("shards", "legacy"), [(1, False), (3, False), (1, True)], ids=["single", "sharded", "legacy"]
+)
 def test_bin_input_merges_like_its_safetensors(tmp_path, tiny_family, shards, legacy):
     converted = as_bin(tiny_family["ft1"], tmp_path / "ft1_bin", shards, legacy)
     expected = merge(tmp_path, linear(tiny_family, tiny_family["ft1"]), "from_safetensors")
@@ -73,7 +76,10 @@ def test_a_pickle_that_runs_code_is_refused_unrun(tmp_path):
     folder = tmp_path / "hostile"
     folder.mkdir()
     marker = tmp_path / "was_run"
-    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2), "extra": _Payload(marker)}, folder / "pytorch_model.bin")
+    torch.save(
+        {"model.embed_tokens.weight": torch.zeros(2, 2), "extra": _Payload(marker)},
+        folder / "pytorch_model.bin",
+    )
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: refused to load.*arbitrary code"):
         get_registry().open_checkpoint(folder)
     assert not marker.exists()

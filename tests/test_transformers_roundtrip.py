@@ -41,23 +41,42 @@ class Family:
 
 def _llama() -> Any:
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     return transformers.LlamaForCausalLM(config)
 
 
 def _gpt2() -> Any:
     config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2,
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     return transformers.GPT2LMHeadModel(config)
 
 
 def _bert() -> Any:
     config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        pad_token_id=0,
     )
     return transformers.BertForMaskedLM(config)
 
@@ -70,7 +89,11 @@ BUILDERS = {
 
 
 def save(model: Any, directory: Path) -> Path:
-    kwargs = {"safe_serialization": True} if "safe_serialization" in inspect.signature(model.save_pretrained).parameters else {}
+    kwargs = (
+        {"safe_serialization": True}
+        if "safe_serialization" in inspect.signature(model.save_pretrained).parameters
+        else {}
+    )
     model.save_pretrained(directory, **kwargs)
     assert (directory / "model.safetensors").is_file()
     return directory
@@ -92,7 +115,9 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             for name, param in model.named_parameters():
                 ref = base_state[name]
                 noise = torch.randn(ref.shape, generator=g)
-                param.copy_(ref + noise * (0.05 * float(ref.std()) if ref.numel() > 1 else 0.05) + 0.01 * noise)
+                param.copy_(
+                    ref + noise * (0.05 * float(ref.std()) if ref.numel() > 1 else 0.05) + 0.01 * noise
+                )
         dirs[f"ft{variant}"] = save(model, root / f"ft{variant}")
     return Family(arch, dirs, getattr(transformers, auto_name))
 
@@ -151,7 +176,9 @@ def check_reload(family: Family, out: Path) -> tuple[dict[str, torch.Tensor], An
 
 
 def close(out: torch.Tensor, expected: torch.Tensor, magnitude: torch.Tensor) -> bool:
-    return bool(((out.double() - expected).abs() <= 8 * torch.finfo(torch.float32).eps * magnitude + 1e-30).all())
+    return bool(
+        ((out.double() - expected).abs() <= 8 * torch.finfo(torch.float32).eps * magnitude + 1e-30).all()
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,14 +196,17 @@ def test_fixture_models_are_distinct(family):
 
 def test_linear_merge_roundtrip(tmp_path, family):
     d = family.dirs
-    out = run(tmp_path, f"""
+    out = run(
+        tmp_path,
+        f"""
 method: linear
 models:
-  - model: {q(d['ft1'])}
+  - model: {q(d["ft1"])}
     parameters: {{weight: 0.3}}
-  - model: {q(d['ft2'])}
+  - model: {q(d["ft2"])}
     parameters: {{weight: 0.7}}
-""")
+""",
+    )
     merged, model = check_reload(family, out)
     a, b = stored(d["ft1"]), stored(d["ft2"])
     for name, value in merged.items():
@@ -204,11 +234,14 @@ def _slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, to
 
 def test_slerp_merge_roundtrip(tmp_path, family):
     d = family.dirs
-    out = run(tmp_path, f"""
+    out = run(
+        tmp_path,
+        f"""
 method: slerp
-models: [{q(d['ft1'])}, {q(d['ft2'])}]
+models: [{q(d["ft1"])}, {q(d["ft2"])}]
 parameters: {{t: 0.4}}
-""")
+""",
+    )
     merged, _ = check_reload(family, out)
     a, b = stored(d["ft1"]), stored(d["ft2"])
     for name, value in merged.items():
@@ -219,16 +252,19 @@ parameters: {{t: 0.4}}
 
 def test_task_arithmetic_merge_roundtrip(tmp_path, family):
     d = family.dirs
-    out = run(tmp_path, f"""
+    out = run(
+        tmp_path,
+        f"""
 method: task_arithmetic
-base: {q(d['base'])}
+base: {q(d["base"])}
 models:
-  - model: {q(d['ft1'])}
+  - model: {q(d["ft1"])}
     parameters: {{weight: 1.0}}
-  - model: {q(d['ft2'])}
+  - model: {q(d["ft2"])}
     parameters: {{weight: 0.5}}
 parameters: {{lambda: 0.8}}
-""")
+""",
+    )
     merged, _ = check_reload(family, out)
     base, a, b = stored(d["base"]), stored(d["ft1"]), stored(d["ft2"])
     for name, value in merged.items():
@@ -240,22 +276,28 @@ parameters: {{lambda: 0.8}}
 
 def test_task_arithmetic_single_finetune_reproduces_its_logits(tmp_path, family):
     d = family.dirs
-    out = run(tmp_path, f"""
+    out = run(
+        tmp_path,
+        f"""
 method: task_arithmetic
-base: {q(d['base'])}
-models: [{q(d['ft2'])}]
+base: {q(d["base"])}
+models: [{q(d["ft2"])}]
 parameters: {{lambda: 1.0}}
-""")
+""",
+    )
     _, model = check_reload(family, out)
     assert torch.equal(logits(model), logits(load_hf(family, d["ft2"])))
 
 
 def test_linear_self_merge_reproduces_logits(tmp_path, family):
     d = family.dirs
-    out = run(tmp_path, f"""
+    out = run(
+        tmp_path,
+        f"""
 method: linear
-models: [{q(d['ft1'])}, {q(d['ft1'])}]
-""")
+models: [{q(d["ft1"])}, {q(d["ft1"])}]
+""",
+    )
     merged, model = check_reload(family, out)
     original = stored(d["ft1"])
     for name, value in merged.items():
@@ -267,7 +309,8 @@ models: [{q(d['ft1'])}, {q(d['ft1'])}]
 def test_linear_one_hot_reproduces_logits(tmp_path, family, hot):
     d = family.dirs
     entries = "\n".join(
-        f"  - model: {q(d[k])}\n    parameters: {{weight: {1.0 if k == hot else 0.0}}}" for k in ("base", "ft1", "ft2")
+        f"  - model: {q(d[k])}\n    parameters: {{weight: {1.0 if k == hot else 0.0}}}"
+        for k in ("base", "ft1", "ft2")
     )
     out = run(tmp_path, f"method: linear\nmodels:\n{entries}\n")
     _, model = check_reload(family, out)
@@ -276,11 +319,14 @@ def test_linear_one_hot_reproduces_logits(tmp_path, family, hot):
 
 def test_slerp_endpoint_reproduces_logits(tmp_path, family):
     d = family.dirs
-    out = run(tmp_path, f"""
+    out = run(
+        tmp_path,
+        f"""
 method: slerp
-models: [{q(d['ft1'])}, {q(d['ft2'])}]
+models: [{q(d["ft1"])}, {q(d["ft2"])}]
 parameters: {{t: 1.0}}
-""")
+""",
+    )
     _, model = check_reload(family, out)
     assert torch.equal(logits(model), logits(load_hf(family, d["ft2"])))
 
@@ -288,11 +334,14 @@ parameters: {{t: 1.0}}
 def test_bf16_output_reloads_as_bf16(tmp_path, family):
     """output.dtype rewrites config.json's dtype, so transformers loads the merge in that dtype."""
     d = family.dirs
-    out = run(tmp_path, f"""
+    out = run(
+        tmp_path,
+        f"""
 method: linear
-models: [{q(d['ft1'])}, {q(d['ft2'])}]
+models: [{q(d["ft1"])}, {q(d["ft2"])}]
 output: {{dtype: bfloat16}}
-""")
+""",
+    )
     merged = stored(out)
     assert {v.dtype for v in merged.values()} == {torch.bfloat16}
     config = json.loads((out / "config.json").read_text())
@@ -318,14 +367,17 @@ def test_layer_gradient_follows_each_architectures_layers(tmp_path, family):
     import re
 
     d = family.dirs
-    out = run(tmp_path, f"""
+    out = run(
+        tmp_path,
+        f"""
 method: linear
 models:
-  - model: {q(d['ft1'])}
+  - model: {q(d["ft1"])}
     parameters: {{weight: [1.0, 0.0]}}
-  - model: {q(d['ft2'])}
+  - model: {q(d["ft2"])}
     parameters: {{weight: [0.0, 1.0]}}
-""")
+""",
+    )
     merged, _ = check_reload(family, out)
     a, b = stored(d["ft1"]), stored(d["ft2"])
     pattern = re.compile(LAYER_PATTERNS[family.arch])

@@ -14,16 +14,12 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from textual.pilot import Pilot
 from textual.widgets import Input, Select
+from tui_helpers import settle, until
 
 from workbench.cli.main import main
 from workbench.recipe.schema import load_recipe
 from workbench.registry import load_registry
 from workbench.tui.app import WorkbenchApp, make_app
-from tui_helpers import settle, until
-
-
-
-
 
 
 async def type_into(pilot: Pilot[Any], selector: str, text: str) -> None:
@@ -61,7 +57,9 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
 
 
-async def test_compose_a_layer_swap_from_scratch_save_and_run(tiny_family: dict[str, Path], tmp_path: Path) -> None:
+async def test_compose_a_layer_swap_from_scratch_save_and_run(
+    tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
     saved = tmp_path / "swap.yaml"
     app: WorkbenchApp = make_app(saved, registry=load_registry())  # a new file: an empty composition
     async with app.run_test(size=(120, 40)) as pilot:
@@ -89,10 +87,16 @@ async def test_compose_a_layer_swap_from_scratch_save_and_run(tiny_family: dict[
         assert saved.is_file()
 
         await run_to(pilot, tmp_path / "from-tui")
-        assert (tmp_path / "from-tui" / "model.safetensors").is_file(), app.screen.query_one("#run-error").render()
+        assert (tmp_path / "from-tui" / "model.safetensors").is_file(), app.screen.query_one(
+            "#run-error"
+        ).render()
 
     recipe = load_recipe(saved)
-    assert (recipe.method, [m.model for m in recipe.models], recipe.parameters) == ("layer_swap", [str(tiny_family["ft1"]), str(tiny_family["ft2"])], {"bottom": 1, "top": 1})
+    assert (recipe.method, [m.model for m in recipe.models], recipe.parameters) == (
+        "layer_swap",
+        [str(tiny_family["ft1"]), str(tiny_family["ft2"])],
+        {"bottom": 1, "top": 1},
+    )
     from_tui = load_file(tmp_path / "from-tui" / "model.safetensors")
     assert_same(from_tui, cli_run(saved, tmp_path / "from-cli"))
     # and it is the swap the recipe asks for: layer 0 and the last layer from ft2 (language), the rest and embeddings from ft1
@@ -119,15 +123,27 @@ async def test_open_a_mergekit_recipe_and_run_it(tiny_family: dict[str, Path], t
         await type_into(pilot, "#recipe-path", str(mergekit))
         await pilot.press("ctrl+o")
         await settle(pilot)
-        assert app.state.method == "linear" and [m["parameters"] for m in app.state.models] == [{"weight": 0.25}, {"weight": 0.75}]
+        assert app.state.method == "linear" and [m["parameters"] for m in app.state.models] == [
+            {"weight": 0.25},
+            {"weight": 0.75},
+        ]
         await run_to(pilot, tmp_path / "from-tui")
-    assert_same(load_file(tmp_path / "from-tui" / "model.safetensors"), cli_run(mergekit, tmp_path / "from-cli"))
+    assert_same(
+        load_file(tmp_path / "from-tui" / "model.safetensors"), cli_run(mergekit, tmp_path / "from-cli")
+    )
 
 
 async def test_every_screen_key_works_from_any_screen(tiny_family: dict[str, Path]) -> None:
     """Priority keys: even from the recipe editor, which has F6/F7 of its own; F1 opens and closes help."""
     app: WorkbenchApp = make_app(registry=load_registry())
-    expected = {"f2": "ModelsScreen", "f3": "MethodScreen", "f4": "LayersScreen", "f5": "RecipeScreen", "f6": "RunScreen", "f7": "PublishScreen"}
+    expected = {
+        "f2": "ModelsScreen",
+        "f3": "MethodScreen",
+        "f4": "LayersScreen",
+        "f5": "RecipeScreen",
+        "f6": "RunScreen",
+        "f7": "PublishScreen",
+    }
     async with app.run_test(size=(120, 40)) as pilot:
         for key, screen in expected.items():
             await pilot.press("f5")

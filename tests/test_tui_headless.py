@@ -25,9 +25,17 @@ print(sorted(m for m in sys.modules if m == "textual" or m.startswith("textual."
 
 def test_running_a_recipe_never_imports_textual(tiny_family: dict[str, Path], tmp_path: Path) -> None:
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"method: linear\nmodels: {json.dumps([str(tiny_family['ft1']), str(tiny_family['ft2'])])}\n")
+    recipe.write_text(
+        f"method: linear\nmodels: {json.dumps([str(tiny_family['ft1']), str(tiny_family['ft2'])])}\n"
+    )
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(recipe), str(out)], capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(recipe), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
     assert (out / "model.safetensors").is_file()
@@ -36,6 +44,8 @@ def test_running_a_recipe_never_imports_textual(tiny_family: dict[str, Path], tm
 def test_the_tui_does_import_textual() -> None:
     """The check above could not fail if the probe were wrong: the TUI module does load textual."""
     probe = "import sys, workbench.tui.app; print('textual' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=False
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"

@@ -19,6 +19,7 @@ import yaml
 from click.testing import CliRunner
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, Static, TextArea
+from tui_helpers import settle
 
 from workbench.cli.main import main
 from workbench.errors import RecipeError
@@ -26,7 +27,6 @@ from workbench.recipe.schema import load_recipe, parse_recipe
 from workbench.registry import Registry
 from workbench.tui.app import WorkbenchApp, make_app
 from workbench.tui.state import recipe_data
-from tui_helpers import settle
 
 SIZE = (120, 40)
 LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn\.|mlp\.)?(.+?)(?:\.weight|\.bias)?$")
@@ -51,8 +51,6 @@ def column(table: DataTable, index: int) -> list[str]:
     return [str(table.get_row_at(row)[index]) for row in range(table.row_count)]
 
 
-
-
 def message(app: WorkbenchApp) -> tuple[str, set[str]]:
     label = app.screen.query_one("#recipe-message", Static)
     return str(label.render()), set(label.classes)
@@ -60,8 +58,17 @@ def message(app: WorkbenchApp) -> tuple[str, set[str]]:
 
 SWAP = {
     "method": "layer_swap",
-    "models": [{"model": "ft1", "parameters": {"role": "language"}}, {"model": "ft2", "parameters": {"role": "task"}}],
-    "parameters": {"bottom": 1, "transition_bottom": 1, "transition_weight": 0.25, "top": 1, "non_layer": "task"},
+    "models": [
+        {"model": "ft1", "parameters": {"role": "language"}},
+        {"model": "ft2", "parameters": {"role": "task"}},
+    ],
+    "parameters": {
+        "bottom": 1,
+        "transition_bottom": 1,
+        "transition_weight": 0.25,
+        "top": 1,
+        "non_layer": "task",
+    },
 }
 
 
@@ -94,7 +101,10 @@ async def test_layer_swap_map_and_editing(workdir: Path, registry: Registry, lay
         await pilot.press("t")
         await settle(pilot)
         # [language, task, language, task] has no bottom/top form: an explicit layer_map
-        assert app.state.data["parameters"] == {"non_layer": "task", "layer_map": ["language", "task", "language", "task"]}
+        assert app.state.data["parameters"] == {
+            "non_layer": "task",
+            "layer_map": ["language", "task", "language", "task"],
+        }
         assert column(table, 1) == ["ft1 (language)", "ft2 (task)", "ft1 (language)", "ft2 (task)"]
         assert table.cursor_row == 3
         assert app.state.validate().parameters["layer_map"] == ["language", "task", "language", "task"]
@@ -133,10 +143,19 @@ async def test_slices_show_their_stacking(workdir: Path, registry: Registry) -> 
         table = app.screen.query_one("#layer-map", DataTable)
         assert column(table, 0) == ["0", "1", "2", "3", "4", "5"]
         assert column(table, 1) == ["0", "0", "0", "1", "1", "1"]
-        assert column(table, 2) == ["ft1 layer 0", "ft1 layer 1", "ft1 layer 2", "ft2 layer 1", "ft2 layer 2", "ft2 layer 3"]
+        assert column(table, 2) == [
+            "ft1 layer 0",
+            "ft1 layer 1",
+            "ft1 layer 2",
+            "ft2 layer 1",
+            "ft2 layer 2",
+            "ft2 layer 3",
+        ]
 
 
-def relative_changes(base: dict[str, torch.Tensor], model: dict[str, torch.Tensor]) -> dict[tuple[int, str], float]:
+def relative_changes(
+    base: dict[str, torch.Tensor], model: dict[str, torch.Tensor]
+) -> dict[tuple[int, str], float]:
     """‖ft − base‖ / ‖base‖ per (layer, module), weight and bias together, Δ in float32, sums in float64."""
     sums: dict[tuple[int, str], list[float]] = {}
     for name, tensor in base.items():
@@ -158,7 +177,9 @@ GRADIENT = {
 }
 
 
-async def test_heatmap_and_gradients(workdir: Path, registry: Registry, weights: dict[str, dict[str, torch.Tensor]], layers: int) -> None:
+async def test_heatmap_and_gradients(
+    workdir: Path, registry: Registry, weights: dict[str, dict[str, torch.Tensor]], layers: int
+) -> None:
     app = make_app(write("grad.yaml", GRADIENT), registry=registry)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f4")
@@ -244,7 +265,10 @@ async def test_saving_and_opening(workdir: Path, registry: Registry) -> None:
         assert app.state.path == Path("out.yaml")
         assert sorted(p.name for p in Path().iterdir()) == ["base", "ft1", "ft2", "out.yaml", "recipe.yaml"]
 
-        write("mk.yaml", "merge_method: slerp\nbase_model: ft2\nmodels:\n  - model: ft1\n  - model: ft2\nparameters:\n  t: [0.0, 0.3]\n")
+        write(
+            "mk.yaml",
+            "merge_method: slerp\nbase_model: ft2\nmodels:\n  - model: ft1\n  - model: ft2\nparameters:\n  t: [0.0, 0.3]\n",
+        )
         path_input.value = "mk.yaml"
         await pilot.press("ctrl+o")
         assert message(app) == ("opened mk.yaml.", {"ok"})
@@ -273,7 +297,9 @@ def test_layers_snapshot(workdir: Path, registry: Registry, snap_compare: Any) -
         await pilot.press("f4")
         await settle(pilot)
 
-    assert snap_compare(make_app(write("grad.yaml", GRADIENT), registry=registry), terminal_size=SIZE, run_before=show)
+    assert snap_compare(
+        make_app(write("grad.yaml", GRADIENT), registry=registry), terminal_size=SIZE, run_before=show
+    )
 
 
 def test_recipe_snapshot(workdir: Path, registry: Registry, snap_compare: Any) -> None:
@@ -284,7 +310,9 @@ def test_recipe_snapshot(workdir: Path, registry: Registry, snap_compare: Any) -
         await pilot.press("ctrl+k")
         await settle(pilot)
 
-    assert snap_compare(make_app(write("grad.yaml", GRADIENT), registry=registry), terminal_size=SIZE, run_before=show)
+    assert snap_compare(
+        make_app(write("grad.yaml", GRADIENT), registry=registry), terminal_size=SIZE, run_before=show
+    )
 
 
 def test_help_snapshot(workdir: Path, registry: Registry, snap_compare: Any) -> None:
@@ -294,4 +322,6 @@ def test_help_snapshot(workdir: Path, registry: Registry, snap_compare: Any) -> 
         await pilot.press("f1")
         await pilot.pause()
 
-    assert snap_compare(make_app(write("swap.yaml", SWAP), registry=registry), terminal_size=SIZE, run_before=show)
+    assert snap_compare(
+        make_app(write("swap.yaml", SWAP), registry=registry), terminal_size=SIZE, run_before=show
+    )

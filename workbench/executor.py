@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, ClassVar, Sequence, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from workbench.errors import WorkbenchError
 
@@ -39,7 +39,12 @@ class Executor(ABC):
         self.options = options
 
     @abstractmethod
-    def run(self, jobs: Sequence[Job], run_job: Callable[[Job], Result], on_done: Callable[[Job, Result], None] | None = None) -> list[Result]:
+    def run(
+        self,
+        jobs: Sequence[Job],
+        run_job: Callable[[Job], Result],
+        on_done: Callable[[Job, Result], None] | None = None,
+    ) -> list[Result]:
         """Run every job and return the results in job order; re-raise the first failure.
 
         ``on_done(job, result)`` is called in the caller's thread as each job finishes (in finishing
@@ -83,8 +88,12 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(num_cpus=int(num_cpus or os.cpu_count() or 1), include_dashboard=False,
-                 object_store_memory=OBJECT_STORE_BYTES, log_to_driver=False)
+        ray.init(
+            num_cpus=int(num_cpus or os.cpu_count() or 1),
+            include_dashboard=False,
+            object_store_memory=OBJECT_STORE_BYTES,
+            log_to_driver=False,
+        )
     try:
         yield ray
     finally:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -178,14 +179,21 @@ class MergeMethod:
         into ``folder`` after every tensor; ``state`` is what :meth:`prepare` returned. Default: none."""
         return []
 
-    def check_plan(self, params: dict[str, Any], model_params: Sequence[dict[str, Any]], layer_count: int) -> None:
+    def check_plan(
+        self, params: dict[str, Any], model_params: Sequence[dict[str, Any]], layer_count: int
+    ) -> None:
         """Reject parameters that cannot work with these models (e.g. more layers than they have).
 
         Called while planning, before any tensor is read, with the recipe's raw values (top-level
         defaults merged into each model's); the default accepts everything.
         """
 
-    def memory_needed(self, params: dict[str, Any], model_params: Sequence[dict[str, Any]], tensors: Sequence[tuple[str, tuple[int, ...]]]) -> MemoryNeed | None:
+    def memory_needed(
+        self,
+        params: dict[str, Any],
+        model_params: Sequence[dict[str, Any]],
+        tensors: Sequence[tuple[str, tuple[int, ...]]],
+    ) -> MemoryNeed | None:
         """What :meth:`prepare` holds beyond the streaming merge (whole-model methods), from the
         recipe's raw values and the (name, shape) of every float tensor; the planner refuses a
         recipe that needs more than the memory limit, before any tensor is read. Default: nothing."""
@@ -199,26 +207,45 @@ class MergeMethod:
         if self.base_model == "unused" and has_base:
             raise RecipeError(f"{where} does not use a base model: remove 'base' from the recipe.")
         if n_models < self.min_models:
-            raise RecipeError(f"{where} needs at least {self.min_models} model(s) in 'models', got {n_models}.")
+            raise RecipeError(
+                f"{where} needs at least {self.min_models} model(s) in 'models', got {n_models}."
+            )
         if self.max_models is not None and n_models > self.max_models:
-            raise RecipeError(f"{where} takes at most {self.max_models} model(s) in 'models', got {n_models}.")
+            raise RecipeError(
+                f"{where} takes at most {self.max_models} model(s) in 'models', got {n_models}."
+            )
 
     def prepare(self, ctx: PrepareContext) -> Any:
         """Compute global state before any tensor is merged; the result is passed as ``ctx.state``."""
         return None
 
-    def tensor_statistics(self, blocks: RowBlocks, params: MethodParameters, model_params: list[MethodParameters], ctx: TensorContext) -> Any:
+    def tensor_statistics(
+        self,
+        blocks: RowBlocks,
+        params: MethodParameters,
+        model_params: list[MethodParameters],
+        ctx: TensorContext,
+    ) -> Any:
         """What a blockwise method needs to know about the whole tensor before merging any block of
         it, gathered from ``blocks`` (``ctx`` describes the whole tensor, ``rows`` None)."""
         raise NotImplementedError(f"method '{self.name}' is blockwise but has no tensor_statistics")
 
-    def statistics(self, tensors: list["torch.Tensor"], base: "torch.Tensor | None", params: MethodParameters, model_params: list[MethodParameters], ctx: TensorContext) -> Any:
+    def statistics(
+        self,
+        tensors: list["torch.Tensor"],
+        base: "torch.Tensor | None",
+        params: MethodParameters,
+        model_params: list[MethodParameters],
+        ctx: TensorContext,
+    ) -> Any:
         """``ctx.statistics`` as the engine gathered them, or, when :meth:`apply` is called directly on
         whole tensors (another method wrapping this one, a test), gathered from those tensors."""
         if ctx.statistics is not None:
             return ctx.statistics
         if ctx.rows is not None:
-            raise RuntimeError(f"method '{self.name}' got a row block of '{ctx.name}' without its tensor statistics")
+            raise RuntimeError(
+                f"method '{self.name}' got a row block of '{ctx.name}' without its tensor statistics"
+            )
         return self.tensor_statistics(RowBlocks.whole(tensors, base), params, model_params, ctx)
 
     def apply(
@@ -249,7 +276,9 @@ def param_keys(schema: type[MethodParameters]) -> dict[str, str]:
     return {(f.alias or name): name for name, f in schema.model_fields.items()}
 
 
-def resolve_params(schema: type[MethodParameters], raw: dict[str, Any], place: TensorPlace, name: str, layers: int) -> MethodParameters:
+def resolve_params(
+    schema: type[MethodParameters], raw: dict[str, Any], place: TensorPlace, name: str, layers: int
+) -> MethodParameters:
     """The parameters of one tensor: gradients interpolated, filters applied, schema validated."""
     values: dict[str, Any] = {}
     for key, fname in param_keys(schema).items():
@@ -261,7 +290,9 @@ def resolve_params(schema: type[MethodParameters], raw: dict[str, Any], place: T
         value = resolve(raw[key], name, place.layer_index, layers, _NO_VALUE)
         if value is _NO_VALUE:
             if schema.model_fields[fname].is_required():
-                raise RecipeError(f"no filter of parameter '{key}' matches tensor '{name}', and '{key}' has no default.")
+                raise RecipeError(
+                    f"no filter of parameter '{key}' matches tensor '{name}', and '{key}' has no default."
+                )
             continue
         values[key] = value
     return schema.model_validate(values)

@@ -37,7 +37,9 @@ def _load_file(path: str, mtime: float) -> Any:
     text = Path(path).read_text()
     data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
     if not (isinstance(data, dict) or is_filter_list(data)):
-        raise ValueError(f"{path} must hold a mapping of tensor names to values, or a list of {{filter, value}} entries")
+        raise ValueError(
+            f"{path} must hold a mapping of tensor names to values, or a list of {{filter, value}} entries"
+        )
     return data
 
 
@@ -93,7 +95,9 @@ def resolve(value: Any, name: str, layer_index: int | None, layer_count: int, de
             if name in table:
                 return resolve(table[name], name, layer_index, layer_count, default)
             if default is _MISSING:
-                raise LookupError(f"the parameter file does not name tensor '{name}' and the parameter has no default")
+                raise LookupError(
+                    f"the parameter file does not name tensor '{name}' and the parameter has no default"
+                )
             return default
         value = table
     if is_filter_list(value):

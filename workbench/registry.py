@@ -17,9 +17,10 @@ import inspect
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 from pydantic import ValidationError
@@ -80,7 +81,9 @@ class Registry:
         try:
             validated = cls.Options.model_validate(options)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors())
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors()
+            )
             raise RecipeError(f"evaluator '{name}': invalid options ({problems}).") from None
         return cls(validated)
 
@@ -200,22 +203,32 @@ class _Loader:
         from one loaded before it."""
         infos = {p.name: p for p in self.registry.plugins}
         order = {p.name: i for i, p in enumerate(self.registry.plugins)}
-        impls = sorted(getattr(self.pm.hook, hook_name).get_hookimpls(), key=lambda impl: order.get(impl.plugin_name, len(order)))
+        impls = sorted(
+            getattr(self.pm.hook, hook_name).get_hookimpls(),
+            key=lambda impl: order.get(impl.plugin_name, len(order)),
+        )
         for impl in impls:
             info = infos.get(impl.plugin_name) or PluginInfo(impl.plugin_name, impl.plugin_name, "?")
             if impl.hookwrapper or impl.wrapper:
-                self.problem(info, f"marks {hook_name} as a hook wrapper, which registration hooks do not support")
+                self.problem(
+                    info, f"marks {hook_name} as a hook wrapper, which registration hooks do not support"
+                )
                 continue
 
             def register(obj: Any, _info: PluginInfo = info) -> None:
                 try:
                     name = check(obj)
                 except Exception as exc:  # a check failing on a strange object is still that object's fault
-                    self.problem(_info, f"registered an invalid {hook_name.removeprefix('register_')[:-1]}: {exc}")
+                    self.problem(
+                        _info, f"registered an invalid {hook_name.removeprefix('register_')[:-1]}: {exc}"
+                    )
                     return
                 if name in table:
                     other = table[name].plugin
-                    self.problem(_info, f"registered '{name}', which plugin '{other.name}' (package {other.package}) already provides")
+                    self.problem(
+                        _info,
+                        f"registered '{name}', which plugin '{other.name}' (package {other.package}) already provides",
+                    )
                     return
                 table[name] = Registered(obj, _info)
 
@@ -264,7 +277,11 @@ def check_method(obj: Any) -> str:
         schema = getattr(obj, attr)
         if not (inspect.isclass(schema) and issubclass(schema, MethodParameters)):
             raise ValueError(f"method '{name}': {attr} must subclass workbench.method.MethodParameters")
-        clash = set(obj.Parameters.model_fields) & set(obj.ModelParameters.model_fields) if attr == "ModelParameters" else set()
+        clash = (
+            set(obj.Parameters.model_fields) & set(obj.ModelParameters.model_fields)
+            if attr == "ModelParameters"
+            else set()
+        )
         if clash:
             raise ValueError(f"method '{name}': parameter(s) {sorted(clash)} are both global and per-model")
         for fname, finfo in schema.model_fields.items():

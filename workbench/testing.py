@@ -60,7 +60,14 @@ __all__ = [
 
 #: Many small layers: the inputs are ~200 times the largest tensor, so a method that holds the
 #: model (or its output) is told apart from one that streams (~50 MB per model in bfloat16).
-DEEP = LlamaShape(hidden_size=128, intermediate_size=512, num_hidden_layers=96, num_attention_heads=4, num_key_value_heads=4, vocab_size=512)
+DEEP = LlamaShape(
+    hidden_size=128,
+    intermediate_size=512,
+    num_hidden_layers=96,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    vocab_size=512,
+)
 
 #: A recipe fragment: ``parameters`` (global), ``model_parameters`` (a list, one dict per model, or
 #: one dict for every model), and any other recipe key (``seed``, ``dtype``, ``slices``...).
@@ -79,7 +86,9 @@ class Family:
     models: tuple[Path, ...]
 
 
-def tiny_family(root: str | Path, *, fine_tunes: int = 3, shape: str | LlamaShape = "tiny", seed: int = 0) -> Family:
+def tiny_family(
+    root: str | Path, *, fine_tunes: int = 3, shape: str | LlamaShape = "tiny", seed: int = 0
+) -> Family:
     """Write a base and ``fine_tunes`` fine-tunes into ``root`` (``base``, ``ft1``...), in bfloat16.
 
     Each fine-tune is the base plus its own small perturbation, so they differ from the base and
@@ -109,7 +118,14 @@ def _registry(registry: "Registry | None") -> "Registry":
     return registry or get_registry()
 
 
-def build_recipe(method: str, family: Family, fragment: Fragment | None = None, *, models: Sequence[Path] | None = None, registry: "Registry | None" = None) -> dict[str, Any]:
+def build_recipe(
+    method: str,
+    family: Family,
+    fragment: Fragment | None = None,
+    *,
+    models: Sequence[Path] | None = None,
+    registry: "Registry | None" = None,
+) -> dict[str, Any]:
     """A recipe (as plain data) merging ``models`` (default: the family's fine-tunes) with
     ``method``, with the family's base when the method uses one, then ``fragment`` applied."""
     cls = _registry(registry).method(method)
@@ -120,7 +136,10 @@ def build_recipe(method: str, family: Family, fragment: Fragment | None = None, 
         per_model = [per_model] * len(models)
     if len(per_model) != len(models):
         raise ValueError(f"model_parameters has {len(per_model)} entries for {len(models)} models")
-    recipe: dict[str, Any] = {"method": method, "models": [{"model": str(m), "parameters": dict(p)} for m, p in zip(models, per_model)]}
+    recipe: dict[str, Any] = {
+        "method": method,
+        "models": [{"model": str(m), "parameters": dict(p)} for m, p in zip(models, per_model)],
+    }
     if cls.base_model != "unused":
         recipe["base"] = str(family.base)
     recipe.update(fragment)
@@ -142,22 +161,42 @@ def merge(recipe: Mapping[str, Any], *, registry: "Registry | None" = None) -> d
         return read_model(_run(recipe, Path(tmp) / "out", registry))
 
 
-def assert_models_equal(merged: Mapping[str, "torch.Tensor"], expected: Mapping[str, "torch.Tensor"], *, tolerance: float = 0.0, what: str = "merge") -> None:
+def assert_models_equal(
+    merged: Mapping[str, "torch.Tensor"],
+    expected: Mapping[str, "torch.Tensor"],
+    *,
+    tolerance: float = 0.0,
+    what: str = "merge",
+) -> None:
     """The same tensor names, shapes and dtypes, and values within ``tolerance`` (absolute, in
     float64) of each other; else a :class:`PropertyViolation` naming the first tensor that differs."""
     if set(merged) != set(expected):
         missing, extra = sorted(set(expected) - set(merged)), sorted(set(merged) - set(expected))
-        raise PropertyViolation(f"{what}: the output's tensors differ from the expected model's (missing {missing[:3]}, extra {extra[:3]})")
+        raise PropertyViolation(
+            f"{what}: the output's tensors differ from the expected model's (missing {missing[:3]}, extra {extra[:3]})"
+        )
     for name, want in expected.items():
         got = merged[name]
         if got.shape != want.shape or got.dtype != want.dtype:
-            raise PropertyViolation(f"{what}: '{name}' is {got.dtype} {tuple(got.shape)}, expected {want.dtype} {tuple(want.shape)}")
+            raise PropertyViolation(
+                f"{what}: '{name}' is {got.dtype} {tuple(got.shape)}, expected {want.dtype} {tuple(want.shape)}"
+            )
         diff = float((got.double() - want.double()).abs().max()) if want.numel() else 0.0
         if not diff <= tolerance:
-            raise PropertyViolation(f"{what}: '{name}' differs from the expected values by up to {diff:.3g} (tolerance {tolerance:g})")
+            raise PropertyViolation(
+                f"{what}: '{name}' differs from the expected values by up to {diff:.3g} (tolerance {tolerance:g})"
+            )
 
 
-def check_identity(method: str, family: Family, fragment: Fragment | None = None, *, copies: int | None = None, tolerance: float = 0.0, registry: "Registry | None" = None) -> None:
+def check_identity(
+    method: str,
+    family: Family,
+    fragment: Fragment | None = None,
+    *,
+    copies: int | None = None,
+    tolerance: float = 0.0,
+    registry: "Registry | None" = None,
+) -> None:
     """Merging copies of one model, at full weight, gives that model back.
 
     ``copies`` defaults to two (one for a method that takes a single model); ``fragment`` holds
@@ -168,20 +207,45 @@ def check_identity(method: str, family: Family, fragment: Fragment | None = None
     count = copies or max(cls.min_models, 1 if cls.max_models == 1 else 2)
     model = family.models[0]
     recipe = build_recipe(method, family, fragment, models=[model] * count, registry=registry)
-    assert_models_equal(merge(recipe, registry=registry), read_model(model), tolerance=tolerance, what=f"identity ({count} copies of {model.name})")
+    assert_models_equal(
+        merge(recipe, registry=registry),
+        read_model(model),
+        tolerance=tolerance,
+        what=f"identity ({count} copies of {model.name})",
+    )
 
 
-def check_one_hot(method: str, family: Family, select: Callable[[int, int], Fragment], *, models: Sequence[Path] | None = None, tolerance: float = 0.0, registry: "Registry | None" = None) -> None:
+def check_one_hot(
+    method: str,
+    family: Family,
+    select: Callable[[int, int], Fragment],
+    *,
+    models: Sequence[Path] | None = None,
+    tolerance: float = 0.0,
+    registry: "Registry | None" = None,
+) -> None:
     """For each model i of the n ``models`` (default: the family's fine-tunes), the fragment
     ``select(i, n)`` (e.g. weight 1 for model i and 0 for the others) makes their merge equal model i."""
     models = list(family.models if models is None else models)
     count = len(models)
     for i, model in enumerate(models):
         recipe = build_recipe(method, family, select(i, count), models=models, registry=registry)
-        assert_models_equal(merge(recipe, registry=registry), read_model(model), tolerance=tolerance, what=f"one-hot selection of model {i} ({model.name}) of {count}")
+        assert_models_equal(
+            merge(recipe, registry=registry),
+            read_model(model),
+            tolerance=tolerance,
+            what=f"one-hot selection of model {i} ({model.name}) of {count}",
+        )
 
 
-def check_deterministic(method: str, family: Family, fragment: Fragment | None = None, *, models: Sequence[Path] | None = None, registry: "Registry | None" = None) -> None:
+def check_deterministic(
+    method: str,
+    family: Family,
+    fragment: Fragment | None = None,
+    *,
+    models: Sequence[Path] | None = None,
+    registry: "Registry | None" = None,
+) -> None:
     """Two runs of the same recipe, scheduled differently (no read-ahead, then deep read-ahead),
     write byte-identical weights: random methods must seed from ``ctx.seed``, not global state."""
     recipe = build_recipe(method, family, fragment, models=models, registry=registry)
@@ -190,12 +254,16 @@ def check_deterministic(method: str, family: Family, fragment: Fragment | None =
         second = _run(recipe, Path(tmp) / "second", registry, prefetch=6)
         files = sorted(p.name for p in first.glob("*.safetensors"))
         if files != sorted(p.name for p in second.glob("*.safetensors")):
-            raise PropertyViolation(f"determinism: the two runs wrote different files: {files} and {sorted(p.name for p in second.glob('*.safetensors'))}")
+            raise PropertyViolation(
+                f"determinism: the two runs wrote different files: {files} and {sorted(p.name for p in second.glob('*.safetensors'))}"
+            )
         for name in files:
             if (first / name).read_bytes() != (second / name).read_bytes():
                 a, b = read_model(first), read_model(second)
                 differ = [t for t in a if not (a[t].shape == b[t].shape and bool((a[t] == b[t]).all()))]
-                raise PropertyViolation(f"determinism: two runs of the same recipe differ in {name} (tensors {differ[:3]})")
+                raise PropertyViolation(
+                    f"determinism: two runs of the same recipe differ in {name} (tensors {differ[:3]})"
+                )
 
 
 @dataclass(frozen=True)
@@ -230,10 +298,23 @@ def _reset_peak() -> None:
     try:
         Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM restarts from VmRSS
     except OSError as exc:
-        raise unittest.SkipTest(f"cannot reset the peak resident memory ({exc}): the memory check needs Linux") from None
+        raise unittest.SkipTest(
+            f"cannot reset the peak resident memory ({exc}): the memory check needs Linux"
+        ) from None
 
 
-def check_streaming_memory(method: str, root: str | Path, fragment: Fragment | None = None, *, fine_tunes: int = 2, tensors_held: int = 8, slack: int = 24 * 2**20, family: Family | None = None, warm_up: Family | None = None, registry: "Registry | None" = None) -> MemoryReport:
+def check_streaming_memory(
+    method: str,
+    root: str | Path,
+    fragment: Fragment | None = None,
+    *,
+    fine_tunes: int = 2,
+    tensors_held: int = 8,
+    slack: int = 24 * 2**20,
+    family: Family | None = None,
+    warm_up: Family | None = None,
+    registry: "Registry | None" = None,
+) -> MemoryReport:
     """Merging a deep model (:data:`DEEP`, ~200 times its largest tensor) keeps the process's
     peak resident memory within ``slack + tensors_held * (inputs + 1) * largest tensor`` plus what
     the method declares with ``memory_needed``: the core streams tensor by tensor, and a method

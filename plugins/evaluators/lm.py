@@ -4,11 +4,11 @@ greedy-generation check. With ``workbench eval smollm2`` they judge the real Smo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from workbench.hookspecs import hookimpl
 from workbench.evaluator import EvaluationError, Evaluator, EvaluatorOptions, LoadedModel
+from workbench.hookspecs import hookimpl
 from workbench.method import Param
 
 
@@ -25,8 +25,12 @@ def _require_tokenizer(evaluator: Evaluator, model: LoadedModel) -> None:
 
 class PerplexityOptions(EvaluatorOptions):
     text: str = Param(..., description="Path of a UTF-8 text file to score.", per_layer=False)
-    max_tokens: int = Param(2048, description="Score at most this many tokens of the file.", per_layer=False, ge=2)
-    window: int = Param(512, description="Tokens per forward pass (non-overlapping windows).", per_layer=False, ge=2)
+    max_tokens: int = Param(
+        2048, description="Score at most this many tokens of the file.", per_layer=False, ge=2
+    )
+    window: int = Param(
+        512, description="Tokens per forward pass (non-overlapping windows).", per_layer=False, ge=2
+    )
 
 
 class Perplexity(Evaluator):
@@ -43,7 +47,9 @@ class Perplexity(Evaluator):
         import torch
 
         text = Path(self.options.text).read_text(encoding="utf-8")
-        ids = model.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][: self.options.max_tokens]
+        ids = model.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][
+            : self.options.max_tokens
+        ]
         if ids.numel() < 2:
             raise EvaluationError(f"evaluator 'perplexity': {self.options.text} holds fewer than 2 tokens.")
         total_loss, counted = 0.0, 0
@@ -60,7 +66,9 @@ class Perplexity(Evaluator):
 
 
 class GenerationOptions(EvaluatorOptions):
-    prompt: str = Param("The capital of France is", description="Prompt to complete greedily.", per_layer=False)
+    prompt: str = Param(
+        "The capital of France is", description="Prompt to complete greedily.", per_layer=False
+    )
     expect: str = Param("Paris", description="Text the completion should contain.", per_layer=False)
     max_new_tokens: int = Param(8, description="Tokens to generate.", per_layer=False, ge=1, le=512)
 
@@ -79,10 +87,14 @@ class GenerationCheck(Evaluator):
         inputs = model.tokenizer(self.options.prompt, return_tensors="pt")
         with torch.no_grad():
             output = model.module.generate(
-                **inputs, max_new_tokens=self.options.max_new_tokens, do_sample=False,
+                **inputs,
+                max_new_tokens=self.options.max_new_tokens,
+                do_sample=False,
                 pad_token_id=model.tokenizer.pad_token_id or model.tokenizer.eos_token_id,
             )
-        completion = model.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        completion = model.tokenizer.decode(
+            output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        )
         return {"contains_expected": float(self.options.expect in completion), "completion": completion}
 
 

@@ -6,10 +6,11 @@ shards concurrently on a two-core machine would only compete for the same cores 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
-from workbench.hookspecs import hookimpl
 from workbench.executor import Executor
+from workbench.hookspecs import hookimpl
 
 Job = TypeVar("Job")
 Result = TypeVar("Result")
@@ -19,7 +20,12 @@ class LocalExecutor(Executor):
     name = "local"
     summary = "Run shard jobs in this process, in order (default)."
 
-    def run(self, jobs: Sequence[Job], run_job: Callable[[Job], Result], on_done: Callable[[Job, Result], None] | None = None) -> list[Result]:
+    def run(
+        self,
+        jobs: Sequence[Job],
+        run_job: Callable[[Job], Result],
+        on_done: Callable[[Job, Result], None] | None = None,
+    ) -> list[Result]:
         results = []
         for job in jobs:
             results.append(run_job(job))

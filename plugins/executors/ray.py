@@ -12,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from workbench.executor import MAX_RETRIES, OBJECT_STORE_BYTES, Executor, import_ray, ray_session, task_cause  # noqa: F401  (still importable from here)
 from workbench.hookspecs import hookimpl
-from workbench.executor import MAX_RETRIES, Executor, ray_session, task_cause
-from workbench.executor import OBJECT_STORE_BYTES, import_ray  # noqa: F401  (still importable from here)
 
 Job = TypeVar("Job")
 Result = TypeVar("Result")
@@ -28,19 +27,28 @@ class RayExecutor(Executor):
     summary = "Run each output file as a Ray task (a cluster with --address, else a local instance)."
     remote = True
 
-    def run(self, jobs: Sequence[Job], run_job: Callable[[Job], Result], on_done: Callable[[Job, Result], None] | None = None) -> list[Result]:
+    def run(
+        self,
+        jobs: Sequence[Job],
+        run_job: Callable[[Job], Result],
+        on_done: Callable[[Job, Result], None] | None = None,
+    ) -> list[Result]:
         if not jobs:
             return []
         num_cpus = self.options.get("num_cpus")
         with ray_session(self.options.get("address"), int(num_cpus) if num_cpus else None) as ray:
-            task = ray.remote(max_retries=int(self.options.get("max_retries", MAX_RETRIES)), retry_exceptions=False)(_call)
+            task = ray.remote(
+                max_retries=int(self.options.get("max_retries", MAX_RETRIES)), retry_exceptions=False
+            )(_call)
             options = {"runtime_env": self.options["runtime_env"]} if self.options.get("runtime_env") else {}
             job_fn = ray.put(run_job)
             refs = [task.options(**options).remote(job_fn, job) for job in jobs]
             return self._gather(ray, refs, list(jobs), on_done)
 
     @staticmethod
-    def _gather(ray: Any, refs: list[Any], jobs: list[Any], on_done: Callable[[Any, Any], None] | None) -> list[Any]:
+    def _gather(
+        ray: Any, refs: list[Any], jobs: list[Any], on_done: Callable[[Any, Any], None] | None
+    ) -> list[Any]:
         """Results in job order, each handed to ``on_done`` as it arrives. On the first failure,
         cancel the other tasks and wait for them, so nothing writes into the output folder after the
         engine removes it, then raise the cause."""

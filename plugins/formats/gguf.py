@@ -8,11 +8,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from workbench.hookspecs import hookimpl
 from workbench.checkpoint import CheckpointFormat, CheckpointReader
 from workbench.checkpoint.folder import find_safetensors
 from workbench.checkpoint.gguf import GGUFCheckpoint, find_gguf
 from workbench.checkpoint.torch_bin import find_bin
+from workbench.hookspecs import hookimpl
 
 
 class GGUFFormat(CheckpointFormat):

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from workbench.hookspecs import hookimpl
 from workbench.checkpoint import CheckpointFormat, CheckpointReader, FileWriter, OutputFile, TensorSpec
 from workbench.checkpoint.folder import SafetensorsFolder, find_safetensors, plan_shards, write_index
 from workbench.checkpoint.safetensors_io import StreamingFileWriter
+from workbench.hookspecs import hookimpl
 
 
 class SafetensorsFormat(CheckpointFormat):
     name = "safetensors"
-    description = "Hugging Face folder with model.safetensors, or shards model-0000k-of-0000n.safetensors + index"
+    description = (
+        "Hugging Face folder with model.safetensors, or shards model-0000k-of-0000n.safetensors + index"
+    )
     can_write = True
 
     def detect(self, path: Path) -> bool:

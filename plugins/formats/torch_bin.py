@@ -4,18 +4,20 @@ safetensors format."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from workbench.hookspecs import hookimpl
 from workbench.checkpoint import CheckpointFormat, CheckpointReader
 from workbench.checkpoint.folder import find_safetensors
 from workbench.checkpoint.torch_bin import TorchBinFolder, find_bin
+from workbench.hookspecs import hookimpl
 
 
 class TorchBinFormat(CheckpointFormat):
     name = "torch_bin"
-    description = "PyTorch pytorch_model.bin, or shards + pytorch_model.bin.index.json (read only, weights only)"
+    description = (
+        "PyTorch pytorch_model.bin, or shards + pytorch_model.bin.index.json (read only, weights only)"
+    )
     can_write = False
 
     def detect(self, path: Path) -> bool:

@@ -15,7 +15,9 @@ if TYPE_CHECKING:
     from workbench.registry import Registry
 
 
-def input_batches(data: dict[str, Any], samples: int, seed: int, anchor: Path, registry: "Registry", who: str = "ot_fusion") -> list[dict[str, torch.Tensor]]:
+def input_batches(
+    data: dict[str, Any], samples: int, seed: int, anchor: Path, registry: "Registry", who: str = "ot_fusion"
+) -> list[dict[str, torch.Tensor]]:
     """At most ``samples`` sequences as model inputs (with labels where the evaluator gives them):
     ``{evaluator, options}`` or ``{text, seq_len}`` (cut with ``anchor``'s tokenizer). ``who``
     names the method in error messages."""
@@ -24,7 +26,13 @@ def input_batches(data: dict[str, Any], samples: int, seed: int, anchor: Path, r
         batches, total = [], 0
         for batch in evaluator.batches(samples, seed):
             keep = min(samples - total, batch["input_ids"].shape[0])
-            batches.append({key: value[:keep] for key, value in batch.items() if key in ("input_ids", "attention_mask", "labels")})
+            batches.append(
+                {
+                    key: value[:keep]
+                    for key, value in batch.items()
+                    if key in ("input_ids", "attention_mask", "labels")
+                }
+            )
             total += keep
             if total >= samples:
                 break
@@ -38,7 +46,9 @@ def input_batches(data: dict[str, Any], samples: int, seed: int, anchor: Path, r
         try:
             tokenizer = AutoTokenizer.from_pretrained(anchor)
         except Exception as exc:
-            raise RecipeError(f"{who}: data.text needs a tokenizer in {anchor} ({type(exc).__name__}: {exc}).") from exc
+            raise RecipeError(
+                f"{who}: data.text needs a tokenizer in {anchor} ({type(exc).__name__}: {exc})."
+            ) from exc
         ids = tokenizer(text_file.read_text(), return_tensors="pt")["input_ids"][0]
         length = int(data.get("seq_len", 64))
         rows = [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)][:samples]
@@ -46,4 +56,6 @@ def input_batches(data: dict[str, Any], samples: int, seed: int, anchor: Path, r
             raise RecipeError(f"{who}: {text_file} holds fewer than seq_len = {length} tokens.")
         stacked = torch.stack(rows)
         return [{"input_ids": stacked, "attention_mask": torch.ones_like(stacked), "labels": stacked.clone()}]
-    raise RecipeError(f"{who}: the data must be {{evaluator: NAME, options: {{...}}}} or {{text: FILE, seq_len: N}}.")
+    raise RecipeError(
+        f"{who}: the data must be {{evaluator: NAME, options: {{...}}}} or {{text: FILE, seq_len: N}}."
+    )

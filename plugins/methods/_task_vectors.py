@@ -29,9 +29,7 @@ if TYPE_CHECKING:
 
 _LAMBDA = "lambda: scale of the merged task vector (result = base + lambda * merged)."
 _NORMALIZE_SUM = "Divide the sum of the task vectors by the sum of the weights."
-NORMALIZE_CONSENSUS = (
-    "Divide each element by the summed weights of the models agreeing with its elected sign (TIES's disjoint mean)."
-)
+NORMALIZE_CONSENSUS = "Divide each element by the summed weights of the models agreeing with its elected sign (TIES's disjoint mean)."
 RESCALE = "Rescale each sparsified task vector to make up for what was dropped (see rescale_mode)."
 _RESCALE_MODE = (
     "How rescale restores a sparsified task vector: 'l1' (mergekit) scales it so that its L1 norm"
@@ -77,7 +75,9 @@ class ConsensusParameters(TaskVectorParameters):
 
 class DensityModelParameters(MethodParameters):
     weight: float = Param(1.0, description="Weight of this model's task vector (0 removes the model).")
-    density: float = Param(1.0, description="Fraction of this task vector's entries kept (1 keeps all).", ge=0.0, le=1.0)
+    density: float = Param(
+        1.0, description="Fraction of this task vector's entries kept (1 keeps all).", ge=0.0, le=1.0
+    )
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,9 @@ class TaskVectorMethod(MergeMethod):
         if ctx.params.get("scope", "tensor") != "model":
             return None
         if self.sparsification != "magnitude":
-            raise RecipeError(f"{self.name}: 'scope' applies to magnitude trimming; this method drops entries at random.")
+            raise RecipeError(
+                f"{self.name}: 'scope' applies to magnitude trimming; this method drops entries at random."
+            )
         import torch
 
         from workbench_kernels.sparsify import model_band
@@ -136,7 +138,9 @@ class TaskVectorMethod(MergeMethod):
             given = {k: v for k, v in raw.items() if k in ("density", "gamma")}
             varying = [k for k, v in given.items() if varies(v)]
             if varying:
-                raise RecipeError(f"{self.name}: scope 'model' needs one {varying[0]} per model, not a list, a filter or a file.")
+                raise RecipeError(
+                    f"{self.name}: scope 'model' needs one {varying[0]} per model, not a list, a filter or a file."
+                )
             options = self.ModelParameters.model_validate(given)
             reader = ctx.models[i]
 
@@ -152,7 +156,9 @@ class TaskVectorMethod(MergeMethod):
             return ctx.state.bands.get(model_index)
         return None
 
-    def specs(self, params: TaskVectorParameters, model_params: list[DensityModelParameters], ctx: TensorContext) -> list[TaskVector]:
+    def specs(
+        self, params: TaskVectorParameters, model_params: list[DensityModelParameters], ctx: TensorContext
+    ) -> list[TaskVector]:
         from workbench_kernels.sparsify import TaskVector
 
         return [
@@ -168,7 +174,13 @@ class TaskVectorMethod(MergeMethod):
             for i, mp in enumerate(model_params)
         ]
 
-    def tensor_statistics(self, blocks: RowBlocks, params: TaskVectorParameters, model_params: list[DensityModelParameters], ctx: TensorContext) -> TensorMerge:  # type: ignore[override]
+    def tensor_statistics(
+        self,
+        blocks: RowBlocks,
+        params: TaskVectorParameters,
+        model_params: list[DensityModelParameters],
+        ctx: TensorContext,
+    ) -> TensorMerge:  # type: ignore[override]
         """How this tensor is merged: thresholds and rescale factors gathered block by block for the
         fused kernel, or, on paths without one, the whole result."""
         from workbench_kernels.sparsify import merge_task_vectors, plan_fused
@@ -178,22 +190,46 @@ class TaskVectorMethod(MergeMethod):
         if not self.consensus and all(s.density >= 1.0 and s.band is None for s in specs):
             # Nothing is dropped: this is task arithmetic, computed exactly as that method does.
             weights = [s.weight for s in specs]
-            coefficients = [params.scale * w for w in (normalized(weights, self.name, ctx.name) if normalize else weights)]
+            coefficients = [
+                params.scale * w for w in (normalized(weights, self.name, ctx.name) if normalize else weights)
+            ]
             return TensorMerge(coefficients=(1.0 - sum(coefficients), *coefficients))
         try:
-            fused = plan_fused(blocks.flat(), specs, consensus=self.consensus, normalize=normalize, scale=params.scale, compute_dtype=ctx.compute_dtype)
+            fused = plan_fused(
+                blocks.flat(),
+                specs,
+                consensus=self.consensus,
+                normalize=normalize,
+                scale=params.scale,
+                compute_dtype=ctx.compute_dtype,
+            )
             if fused is not None:
                 return TensorMerge(fused=fused)
             tensors, base = blocks.read(None)
             assert base is not None
-            return TensorMerge(whole=merge_task_vectors(
-                base, tensors, specs, consensus=self.consensus, normalize=normalize, scale=params.scale,
-                compute_dtype=ctx.compute_dtype, out_dtype=ctx.out_dtype,
-            ))
+            return TensorMerge(
+                whole=merge_task_vectors(
+                    base,
+                    tensors,
+                    specs,
+                    consensus=self.consensus,
+                    normalize=normalize,
+                    scale=params.scale,
+                    compute_dtype=ctx.compute_dtype,
+                    out_dtype=ctx.out_dtype,
+                )
+            )
         except ValueError as exc:
             raise RecipeError(f"{self.name}: tensor '{ctx.name}': {exc}.") from None
 
-    def apply(self, tensors: list[torch.Tensor], base: torch.Tensor | None, params: TaskVectorParameters, model_params: list[DensityModelParameters], ctx: TensorContext) -> torch.Tensor:  # type: ignore[override]
+    def apply(
+        self,
+        tensors: list[torch.Tensor],
+        base: torch.Tensor | None,
+        params: TaskVectorParameters,
+        model_params: list[DensityModelParameters],
+        ctx: TensorContext,
+    ) -> torch.Tensor:  # type: ignore[override]
         from workbench_kernels.weighted_sum import weighted_sum
 
         assert base is not None

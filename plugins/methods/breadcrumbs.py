@@ -6,7 +6,12 @@ from collections.abc import Callable
 
 from workbench.hookspecs import hookimpl
 from workbench.method import MergeMethod, Param
-from workbench_plugins.methods._task_vectors import ConsensusParameters, DensityModelParameters, LinearParameters, TaskVectorMethod
+from workbench_plugins.methods._task_vectors import (
+    ConsensusParameters,
+    DensityModelParameters,
+    LinearParameters,
+    TaskVectorMethod,
+)
 
 
 class BreadcrumbsModelParameters(DensityModelParameters):

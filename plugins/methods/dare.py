@@ -6,7 +6,13 @@ from collections.abc import Callable
 
 from workbench.hookspecs import hookimpl
 from workbench.method import MergeMethod, Param
-from workbench_plugins.methods._task_vectors import RESCALE, ConsensusParameters, DensityModelParameters, LinearParameters, TaskVectorMethod
+from workbench_plugins.methods._task_vectors import (
+    RESCALE,
+    ConsensusParameters,
+    DensityModelParameters,
+    LinearParameters,
+    TaskVectorMethod,
+)
 
 
 class DareLinearParameters(LinearParameters):

@@ -12,13 +12,14 @@ explicit ``layer_map``. Tensors outside the layers (embeddings, final norm, head
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError, model_validator
 
-from workbench.hookspecs import hookimpl
 from workbench.architecture import layer_count
 from workbench.errors import RecipeError
+from workbench.hookspecs import hookimpl
 from workbench.method import MergeMethod, MethodParameters, Param, PrepareContext, TensorContext
 
 if TYPE_CHECKING:
@@ -28,17 +29,33 @@ Role = Literal["task", "language"]
 
 
 class LayerSwapParameters(MethodParameters):
-    bottom: int = Param(0, ge=0, per_layer=False, description="Number of bottom layers (from layer 0) taken from the language expert.")
-    top: int = Param(0, ge=0, per_layer=False, description="Number of top layers (ending at the last layer) taken from the language expert.")
-    transition_bottom: int = Param(0, ge=0, per_layer=False, description="Blended layers just above the bottom block.")
-    transition_top: int = Param(0, ge=0, per_layer=False, description="Blended layers just below the top block.")
+    bottom: int = Param(
+        0,
+        ge=0,
+        per_layer=False,
+        description="Number of bottom layers (from layer 0) taken from the language expert.",
+    )
+    top: int = Param(
+        0,
+        ge=0,
+        per_layer=False,
+        description="Number of top layers (ending at the last layer) taken from the language expert.",
+    )
+    transition_bottom: int = Param(
+        0, ge=0, per_layer=False, description="Blended layers just above the bottom block."
+    )
+    transition_top: int = Param(
+        0, ge=0, per_layer=False, description="Blended layers just below the top block."
+    )
     transition_weight: float | list[float] = Param(
         0.5,
         per_layer=False,
         description="Weight of the language expert in the transition layers (the task expert gets 1 - weight); a list gives one weight per transition layer, bottom zone first, in layer order.",
     )
     non_layer: Literal["task", "language", "average"] = Param(
-        "task", per_layer=False, description="Source of the tensors outside the layers (embeddings, final norm, head)."
+        "task",
+        per_layer=False,
+        description="Source of the tensors outside the layers (embeddings, final norm, head).",
     )
     layer_map: list[Role | float] | None = Param(
         None,
@@ -48,17 +65,24 @@ class LayerSwapParameters(MethodParameters):
 
     @model_validator(mode="after")
     def _consistent(self) -> "LayerSwapParameters":
-        weights = self.transition_weight if isinstance(self.transition_weight, list) else [self.transition_weight]
+        weights = (
+            self.transition_weight if isinstance(self.transition_weight, list) else [self.transition_weight]
+        )
         if any(not 0.0 <= w <= 1.0 for w in weights):
             raise ValueError(f"transition_weight must lie in [0, 1], got {self.transition_weight}")
-        if isinstance(self.transition_weight, list) and len(weights) != self.transition_bottom + self.transition_top:
+        if (
+            isinstance(self.transition_weight, list)
+            and len(weights) != self.transition_bottom + self.transition_top
+        ):
             raise ValueError(
                 f"transition_weight lists {len(weights)} weight(s) but there are {self.transition_bottom + self.transition_top}"
                 " transition layer(s) (transition_bottom + transition_top)"
             )
         if self.layer_map is not None:
             if self.bottom or self.top or self.transition_bottom or self.transition_top:
-                raise ValueError("give either layer_map or bottom/top/transition_bottom/transition_top, not both")
+                raise ValueError(
+                    "give either layer_map or bottom/top/transition_bottom/transition_top, not both"
+                )
             bad = [w for w in self.layer_map if isinstance(w, float) and not 0.0 <= w <= 1.0]
             if bad:
                 raise ValueError(f"layer_map weights must lie in [0, 1], got {bad[0]}")
@@ -66,14 +90,20 @@ class LayerSwapParameters(MethodParameters):
 
 
 class LayerSwapModelParameters(MethodParameters):
-    role: Role | None = Param(None, per_layer=False, description="'task' or 'language'; by default models[0] is the task expert and models[1] the language expert.")
+    role: Role | None = Param(
+        None,
+        per_layer=False,
+        description="'task' or 'language'; by default models[0] is the task expert and models[1] the language expert.",
+    )
 
 
 def language_weights(params: LayerSwapParameters, layers: int) -> list[float]:
     """w(ℓ) for every layer: Algorithm 1's bottom / transition / middle / transition / top zones."""
     if params.layer_map is not None:
         if len(params.layer_map) != layers:
-            raise RecipeError(f"layer_swap: layer_map has {len(params.layer_map)} entries but the models have {layers} layers.")
+            raise RecipeError(
+                f"layer_swap: layer_map has {len(params.layer_map)} entries but the models have {layers} layers."
+            )
         return [1.0 if w == "language" else 0.0 if w == "task" else float(w) for w in params.layer_map]
     used = params.bottom + params.transition_bottom + params.transition_top + params.top
     if used > layers:
@@ -81,7 +111,11 @@ def language_weights(params: LayerSwapParameters, layers: int) -> list[float]:
             f"layer_swap: bottom + transition_bottom + transition_top + top = {params.bottom} + {params.transition_bottom}"
             f" + {params.transition_top} + {params.top} = {used}, more than the models' {layers} layers."
         )
-    blend = params.transition_weight if isinstance(params.transition_weight, list) else [params.transition_weight] * (params.transition_bottom + params.transition_top)
+    blend = (
+        params.transition_weight
+        if isinstance(params.transition_weight, list)
+        else [params.transition_weight] * (params.transition_bottom + params.transition_top)
+    )
     middle = layers - used
     return (
         [1.0] * params.bottom
@@ -102,7 +136,9 @@ def swap_parameters(params: dict[str, Any], weights: Sequence[float]) -> dict[st
     top = next((i for i, w in enumerate(reversed(weights[bottom:])) if w != 1.0), len(weights) - bottom)
     if all(w == 0.0 for w in weights[bottom : len(weights) - top]):
         return {**kept, "bottom": bottom, "top": top}
-    entries: list[Role | float] = ["language" if w == 1.0 else "task" if w == 0.0 else float(w) for w in weights]
+    entries: list[Role | float] = [
+        "language" if w == 1.0 else "task" if w == 0.0 else float(w) for w in weights
+    ]
     return {**kept, "layer_map": entries}
 
 
@@ -112,7 +148,9 @@ def roles(model_params: list[dict[str, Any]]) -> tuple[int, int]:
     if given == [None, None]:
         return 0, 1
     if sorted(str(r) for r in given) != ["language", "task"]:
-        raise RecipeError(f"layer_swap: give one model role 'task' and the other role 'language' (or neither), got {given}.")
+        raise RecipeError(
+            f"layer_swap: give one model role 'task' and the other role 'language' (or neither), got {given}."
+        )
     return given.index("task"), given.index("language")
 
 
@@ -135,26 +173,38 @@ class LayerSwap(MergeMethod):
     max_models = 2
     elementwise = True
 
-    def check_plan(self, params: dict[str, Any], model_params: Sequence[dict[str, Any]], layer_count: int) -> None:
+    def check_plan(
+        self, params: dict[str, Any], model_params: Sequence[dict[str, Any]], layer_count: int
+    ) -> None:
         self._layout(params, model_params, layer_count)
 
     def prepare(self, ctx: PrepareContext) -> tuple[list[float], int, int]:
-        return self._layout(ctx.params, ctx.model_params, layer_count(ctx.tensor_names, ctx.models[0].config()))
+        return self._layout(
+            ctx.params, ctx.model_params, layer_count(ctx.tensor_names, ctx.models[0].config())
+        )
 
     @staticmethod
-    def _layout(params: dict[str, Any], model_params: Sequence[dict[str, Any]], layers: int) -> tuple[list[float], int, int]:
+    def _layout(
+        params: dict[str, Any], model_params: Sequence[dict[str, Any]], layers: int
+    ) -> tuple[list[float], int, int]:
         """(language weight per layer, task model index, language model index)."""
         if layers == 0:
-            raise RecipeError("layer_swap: the models have no recognisable decoder layers (model.layers.N., transformer.h.N., ...).")
+            raise RecipeError(
+                "layer_swap: the models have no recognisable decoder layers (model.layers.N., transformer.h.N., ...)."
+            )
         task, language = roles(list(model_params))
         try:
             checked = LayerSwapParameters.model_validate(params)
         except ValidationError as exc:
-            raise RecipeError(f"layer_swap: {exc.errors()[0]['msg'].removeprefix('Value error, ')}.") from None
+            raise RecipeError(
+                f"layer_swap: {exc.errors()[0]['msg'].removeprefix('Value error, ')}."
+            ) from None
         return language_weights(checked, layers), task, language
 
     @classmethod
-    def layer_layout(cls, params: dict[str, Any], model_params: Sequence[dict[str, Any]], layers: int) -> tuple[list[float], int, int]:
+    def layer_layout(
+        cls, params: dict[str, Any], model_params: Sequence[dict[str, Any]], layers: int
+    ) -> tuple[list[float], int, int]:
         """The layout the merge will use (for the TUI's layer map, so it never re-derives it)."""
         return cls._layout(params, model_params, layers)
 
@@ -163,14 +213,23 @@ class LayerSwap(MergeMethod):
         """``params`` rewritten to give ``weights`` (an edited layer map), in this method's own format."""
         return swap_parameters(params, weights)
 
-    def apply(self, tensors: list["torch.Tensor"], base: "torch.Tensor | None", params: LayerSwapParameters, model_params: list[LayerSwapModelParameters], ctx: TensorContext) -> "torch.Tensor":  # type: ignore[override]
+    def apply(
+        self,
+        tensors: list["torch.Tensor"],
+        base: "torch.Tensor | None",
+        params: LayerSwapParameters,
+        model_params: list[LayerSwapModelParameters],
+        ctx: TensorContext,
+    ) -> "torch.Tensor":  # type: ignore[override]
         weights, task, language = ctx.state
         if ctx.layer_index is None:
             weight = {"task": 0.0, "language": 1.0, "average": 0.5}[params.non_layer]
         elif ctx.layer_index < len(weights):
             weight = weights[ctx.layer_index]
         else:
-            raise RecipeError(f"layer_swap: tensor '{ctx.name}' is in layer {ctx.layer_index}, but the models' config says {len(weights)} layers.")
+            raise RecipeError(
+                f"layer_swap: tensor '{ctx.name}' is in layer {ctx.layer_index}, but the models' config says {len(weights)} layers."
+            )
         if weight == 0.0:
             return tensors[task].to(ctx.out_dtype)
         if weight == 1.0:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from workbench.hookspecs import hookimpl
 from workbench.method import MergeMethod, MethodParameters, Param, TensorContext
@@ -13,7 +14,9 @@ if TYPE_CHECKING:
 
 
 class LinearParameters(MethodParameters):
-    normalize: bool = Param(True, description="Divide by the sum of the weights (a true average).", per_layer=False)
+    normalize: bool = Param(
+        True, description="Divide by the sum of the weights (a true average).", per_layer=False
+    )
 
 
 class LinearModelParameters(MethodParameters):
@@ -36,7 +39,14 @@ class Linear(MergeMethod):
     base_model = "unused"
     elementwise = True
 
-    def apply(self, tensors: list["torch.Tensor"], base: "torch.Tensor | None", params: LinearParameters, model_params: list[LinearModelParameters], ctx: TensorContext) -> "torch.Tensor":  # type: ignore[override]
+    def apply(
+        self,
+        tensors: list["torch.Tensor"],
+        base: "torch.Tensor | None",
+        params: LinearParameters,
+        model_params: list[LinearModelParameters],
+        ctx: TensorContext,
+    ) -> "torch.Tensor":  # type: ignore[override]
         from workbench_kernels.weighted_sum import weighted_sum
 
         weights = [p.weight for p in model_params]

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ValidationError, model_validator
 
 from workbench import architecture
-from workbench.hookspecs import hookimpl
 from workbench.errors import RecipeError
+from workbench.hookspecs import hookimpl
 from workbench.method import MergeMethod, MethodParameters, Param, PrepareContext, TensorContext
 
 if TYPE_CHECKING:
@@ -48,10 +49,26 @@ if TYPE_CHECKING:
 
 
 class LinesParameters(MethodParameters):
-    alpha: float | Literal["auto"] = Param("auto", per_layer=False, description="Scale of the shallowest block and of every tensor outside the blocks; 'auto': (||sum_t tau_t||_1 / ||tau_MTL||_1) / T, the multi-task rule (1/T for task arithmetic).")
-    beta: float | None = Param(None, per_layer=False, description="Added scale at the deepest block: lambda(l) = alpha + beta * l / (L - 1); default 1 - alpha.")
-    merge: str = Param("task_arithmetic", per_layer=False, description="The registered task-vector method whose merged task vector is scaled (task_arithmetic, ties, dare_ties, pcb, ...).")
-    merge_parameters: dict[str, Any] = Param({}, per_layer=False, description="Global parameters of the inner method (its lambda is fixed to 1); values may be per-layer lists or filters.")
+    alpha: float | Literal["auto"] = Param(
+        "auto",
+        per_layer=False,
+        description="Scale of the shallowest block and of every tensor outside the blocks; 'auto': (||sum_t tau_t||_1 / ||tau_MTL||_1) / T, the multi-task rule (1/T for task arithmetic).",
+    )
+    beta: float | None = Param(
+        None,
+        per_layer=False,
+        description="Added scale at the deepest block: lambda(l) = alpha + beta * l / (L - 1); default 1 - alpha.",
+    )
+    merge: str = Param(
+        "task_arithmetic",
+        per_layer=False,
+        description="The registered task-vector method whose merged task vector is scaled (task_arithmetic, ties, dare_ties, pcb, ...).",
+    )
+    merge_parameters: dict[str, Any] = Param(
+        {},
+        per_layer=False,
+        description="Global parameters of the inner method (its lambda is fixed to 1); values may be per-layer lists or filters.",
+    )
 
     @model_validator(mode="after")
     def _inner_method_exists(self) -> "LinesParameters":
@@ -62,7 +79,11 @@ class LinesParameters(MethodParameters):
 
 class LinesModelParameters(MethodParameters):
     weight: float = Param(1.0, description="This model's weight, passed to the inner method's 'weight'.")
-    merge_model_parameters: dict[str, Any] = Param({}, per_layer=False, description="Other per-model parameters of the inner method (e.g. density); values may be per-layer lists or filters.")
+    merge_model_parameters: dict[str, Any] = Param(
+        {},
+        per_layer=False,
+        description="Other per-model parameters of the inner method (e.g. density); values may be per-layer lists or filters.",
+    )
 
 
 def lines_scale(alpha: float, beta: float, layer_index: int | None, layer_count: int) -> float:
@@ -84,7 +105,9 @@ def inner_class(merge: str, registry: "Registry | None" = None) -> type[MergeMet
     if cls.name == Lines.name:
         raise RecipeError("lines: merge cannot be 'lines' itself.")
     if cls.base_model == "unused":
-        raise RecipeError(f"lines: method '{merge}' does not use a base model, so it has no task vector to scale.")
+        raise RecipeError(
+            f"lines: method '{merge}' does not use a base model, so it has no task vector to scale."
+        )
     return cls
 
 
@@ -94,16 +117,22 @@ def check_inner(cls: type[MergeMethod], raw: dict[str, Any]) -> None:
     keys = param_keys(cls.Parameters)
     for key in raw:
         if key == "lambda":
-            raise RecipeError("lines: merge_parameters cannot set 'lambda': LiNeS replaces it (the inner method runs with lambda 1).")
+            raise RecipeError(
+                "lines: merge_parameters cannot set 'lambda': LiNeS replaces it (the inner method runs with lambda 1)."
+            )
         if key not in keys:
             known = ", ".join(sorted(set(keys) - {"lambda"})) or "none"
-            raise RecipeError(f"lines: merge_parameters has '{key}', which method '{cls.name}' does not take (known: {known}).")
+            raise RecipeError(
+                f"lines: merge_parameters has '{key}', which method '{cls.name}' does not take (known: {known})."
+            )
 
 
 class _State:
     """The inner method and what LiNeS learns about the whole model, shared by every tensor."""
 
-    def __init__(self, inner: MergeMethod, inner_state: Any, inner_raw: dict[str, Any], ctx: PrepareContext) -> None:
+    def __init__(
+        self, inner: MergeMethod, inner_state: Any, inner_raw: dict[str, Any], ctx: PrepareContext
+    ) -> None:
         self.inner, self.inner_state, self.inner_raw = inner, inner_state, inner_raw
         self.models: Sequence[CheckpointReader] = ctx.models
         self.base = ctx.base
@@ -116,21 +145,34 @@ class _State:
         from workbench.method import resolve_params
 
         try:
-            return resolve_params(type(self.inner).Parameters, self.inner_raw, architecture.place(name), name, layer_count)
+            return resolve_params(
+                type(self.inner).Parameters, self.inner_raw, architecture.place(name), name, layer_count
+            )
         except (ValidationError, LookupError, ValueError) as exc:
-            raise RecipeError(f"lines: merge_parameters for tensor '{name}' are invalid for method '{self.inner.name}': {exc}") from None
+            raise RecipeError(
+                f"lines: merge_parameters for tensor '{name}' are invalid for method '{self.inner.name}': {exc}"
+            ) from None
 
-    def inner_model_params(self, model_params: Sequence[LinesModelParameters], name: str, layer_count: int) -> list[MethodParameters]:
+    def inner_model_params(
+        self, model_params: Sequence[LinesModelParameters], name: str, layer_count: int
+    ) -> list[MethodParameters]:
         from workbench.method import resolve_params
 
         schema = type(self.inner).ModelParameters
         out = []
         for i, p in enumerate(model_params):
-            raw = inner_model_raw(schema, {"weight": p.weight, "merge_model_parameters": p.merge_model_parameters}, i, self.inner.name)
+            raw = inner_model_raw(
+                schema,
+                {"weight": p.weight, "merge_model_parameters": p.merge_model_parameters},
+                i,
+                self.inner.name,
+            )
             try:
                 out.append(resolve_params(schema, raw, architecture.place(name), name, layer_count))
             except (ValidationError, LookupError, ValueError) as exc:
-                raise RecipeError(f"lines: models[{i}] parameters for tensor '{name}' are invalid for method '{self.inner.name}': {exc}") from None
+                raise RecipeError(
+                    f"lines: models[{i}] parameters for tensor '{name}' are invalid for method '{self.inner.name}': {exc}"
+                ) from None
         return out
 
     def lines_model_params(self, name: str, layer_count: int) -> list[LinesModelParameters]:
@@ -151,7 +193,9 @@ class _State:
 
         weights = [raw.get("weight", 1.0) for raw in self.model_raw]
         if not any(varies(w) for w in weights):
-            shortcut = alpha_shortcut(self.inner.name, self.inner_params(ctx.name, ctx.layer_count), float(sum(weights)))
+            shortcut = alpha_shortcut(
+                self.inner.name, self.inner_params(ctx.name, ctx.layer_count), float(sum(weights))
+            )
             if shortcut is not None:
                 return shortcut
         return self._alpha_pass(ctx)
@@ -175,23 +219,43 @@ class _State:
             model_params = self.lines_model_params(name, ctx.layer_count)
             weights = [p.weight for p in model_params]
             if sum(weights) <= 0:
-                raise RecipeError(f"lines: alpha 'auto' needs positive weights in total, but tensor '{name}' has {sum(weights)}; give alpha explicitly.")
+                raise RecipeError(
+                    f"lines: alpha 'auto' needs positive weights in total, but tensor '{name}' has {sum(weights)}; give alpha explicitly."
+                )
             base = self.base.read(name).to(ctx.device)
             xs = [m.read(name).to(ctx.device) for m in self.models]
             place = architecture.place(name)
             tctx = dataclasses.replace(
-                ctx, name=name, layer_index=place.layer_index, module_kind=place.module_kind, shape=tuple(info.shape),
-                out_dtype=ctx.compute_dtype, seed=tensor_seed(recipe_seed, name), rows=None, state=self.inner_state,
+                ctx,
+                name=name,
+                layer_index=place.layer_index,
+                module_kind=place.module_kind,
+                shape=tuple(info.shape),
+                out_dtype=ctx.compute_dtype,
+                seed=tensor_seed(recipe_seed, name),
+                rows=None,
+                state=self.inner_state,
             )
-            merged = self.inner.apply(xs, base, self.inner_params(name, ctx.layer_count), self.inner_model_params(model_params, name, ctx.layer_count), tctx)
+            merged = self.inner.apply(
+                xs,
+                base,
+                self.inner_params(name, ctx.layer_count),
+                self.inner_model_params(model_params, name, ctx.layer_count),
+                tctx,
+            )
             b = base.to(ctx.compute_dtype)
             merged_l1 += float((merged.to(ctx.compute_dtype) - b).abs().sum(dtype=torch.float64))
-            tv_sum = sum((w * (x.to(ctx.compute_dtype) - b) for w, x in zip(weights, xs) if w != 0.0), torch.zeros_like(b))
+            tv_sum = sum(
+                (w * (x.to(ctx.compute_dtype) - b) for w, x in zip(weights, xs) if w != 0.0),
+                torch.zeros_like(b),
+            )
             averaged += float(tv_sum.abs().sum(dtype=torch.float64)) / sum(weights)
         return averaged / merged_l1 if merged_l1 > 0 else 1.0
 
 
-def inner_model_raw(schema: type[MethodParameters], raw: dict[str, Any], index: int, inner: str) -> dict[str, Any]:
+def inner_model_raw(
+    schema: type[MethodParameters], raw: dict[str, Any], index: int, inner: str
+) -> dict[str, Any]:
     """The inner method's per-model parameters (recipe form) from LiNeS's: ``merge_model_parameters``
     plus ``weight`` where the inner method takes one."""
     from workbench.method import param_keys
@@ -201,12 +265,16 @@ def inner_model_raw(schema: type[MethodParameters], raw: dict[str, Any], index: 
     unknown = sorted(set(out) - set(keys)) + (["weight"] if "weight" in out else [])
     if unknown:
         known = ", ".join(sorted(set(keys) - {"weight"})) or "none"
-        raise RecipeError(f"lines: models[{index}] merge_model_parameters has '{unknown[0]}', which is not a per-model parameter of '{inner}' other than weight (known: {known}).")
+        raise RecipeError(
+            f"lines: models[{index}] merge_model_parameters has '{unknown[0]}', which is not a per-model parameter of '{inner}' other than weight (known: {known})."
+        )
     if "weight" in raw:
         if "weight" in keys:
             out["weight"] = raw["weight"]
         elif raw["weight"] != 1.0:
-            raise RecipeError(f"lines: method '{inner}' has no per-model weight, but models[{index}] has weight {raw['weight']}.")
+            raise RecipeError(
+                f"lines: method '{inner}' has no per-model weight, but models[{index}] has weight {raw['weight']}."
+            )
     return out
 
 
@@ -246,13 +314,25 @@ class Lines(MergeMethod):
         if "lambda" in param_keys(inner_cls.Parameters):
             inner_raw["lambda"] = 1.0
         if ctx.params.get("alpha", "auto") == "auto" and len(ctx.models) < 2:
-            raise RecipeError("lines: with one model (single-task editing) give alpha explicitly, e.g. 0.1..0.9; 'auto' would leave the fine-tune unchanged.")
-        inner_model = [inner_model_raw(inner_cls.ModelParameters, raw, i, inner_cls.name) for i, raw in enumerate(ctx.model_params)]
+            raise RecipeError(
+                "lines: with one model (single-task editing) give alpha explicitly, e.g. 0.1..0.9; 'auto' would leave the fine-tune unchanged."
+            )
+        inner_model = [
+            inner_model_raw(inner_cls.ModelParameters, raw, i, inner_cls.name)
+            for i, raw in enumerate(ctx.model_params)
+        ]
         inner_state = inner.prepare(dataclasses.replace(ctx, params=inner_raw, model_params=inner_model))
         self.elementwise = bool(inner.elementwise)
         return _State(inner, inner_state, inner_raw, ctx)
 
-    def apply(self, tensors: list["torch.Tensor"], base: "torch.Tensor | None", params: LinesParameters, model_params: list[LinesModelParameters], ctx: TensorContext) -> "torch.Tensor":  # type: ignore[override]
+    def apply(
+        self,
+        tensors: list["torch.Tensor"],
+        base: "torch.Tensor | None",
+        params: LinesParameters,
+        model_params: list[LinesModelParameters],
+        ctx: TensorContext,
+    ) -> "torch.Tensor":  # type: ignore[override]
         assert base is not None
         state = ctx.state
         if not isinstance(state, _State):
@@ -266,7 +346,9 @@ class Lines(MergeMethod):
         inner_ctx = dataclasses.replace(ctx, out_dtype=ctx.compute_dtype, state=state.inner_state)
         inner_params = state.inner_params(ctx.name, ctx.layer_count)
         inner_model_params = state.inner_model_params(model_params, ctx.name, ctx.layer_count)
-        merged = state.inner.apply(tensors, base, inner_params, inner_model_params, inner_ctx).to(ctx.compute_dtype)
+        merged = state.inner.apply(tensors, base, inner_params, inner_model_params, inner_ctx).to(
+            ctx.compute_dtype
+        )
         if scale == 1.0:  # the inner method's result itself, bit for bit
             return merged
         return b + scale * (merged - b)

@@ -22,7 +22,8 @@ one blocked weighted sum (1 − t) θ_base + Σᵢ (t/N) θᵢ, so no whole-tens
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from workbench.hookspecs import hookimpl
 from workbench.method import MergeMethod, MethodParameters, Param, TensorContext
@@ -36,7 +37,8 @@ NORM_FLOOR = 1e-6
 
 class ModelStockParameters(MethodParameters):
     filter_wise: bool = Param(
-        False, description="Compute the agreement and the ratio per row (last dimension) instead of per tensor."
+        False,
+        description="Compute the agreement and the ratio per row (last dimension) instead of per tensor.",
     )
 
 
@@ -56,7 +58,14 @@ class ModelStock(MergeMethod):
     # The ratio depends on the whole tensor (or whole rows, which a 1-D tensor split into blocks would break).
     elementwise = False
 
-    def apply(self, tensors: list["torch.Tensor"], base: "torch.Tensor | None", params: ModelStockParameters, model_params: list[MethodParameters], ctx: TensorContext) -> "torch.Tensor":  # type: ignore[override]
+    def apply(
+        self,
+        tensors: list["torch.Tensor"],
+        base: "torch.Tensor | None",
+        params: ModelStockParameters,
+        model_params: list[MethodParameters],
+        ctx: TensorContext,
+    ) -> "torch.Tensor":  # type: ignore[override]
         from workbench_kernels.weighted_sum import weighted_sum
 
         assert base is not None
@@ -83,7 +92,12 @@ def ratio(dots: "torch.Tensor", norms: "torch.Tensor") -> "torch.Tensor":
 
     n = norms.shape[-1]
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-    cos = torch.stack([(dots[..., i, j] / (norms[..., i] * norms[..., j]).clamp(min=NORM_FLOOR)).clamp(-1.0, 1.0) for i, j in pairs])
+    cos = torch.stack(
+        [
+            (dots[..., i, j] / (norms[..., i] * norms[..., j]).clamp(min=NORM_FLOOR)).clamp(-1.0, 1.0)
+            for i, j in pairs
+        ]
+    )
     c = cos.mean(dim=0)
     return (n * c) / (1 + (n - 1) * c)
 
@@ -94,13 +108,15 @@ def _gram(xs: list["torch.Tensor"], base: "torch.Tensor", dtype: "torch.dtype") 
 
     dots = torch.zeros(len(xs), len(xs), dtype=torch.float64)
     for start in range(0, base.numel(), BLOCK):
-        b = base[start:start + BLOCK].to(dtype)
-        taus = torch.stack([x[start:start + BLOCK].to(dtype) - b for x in xs])
+        b = base[start : start + BLOCK].to(dtype)
+        taus = torch.stack([x[start : start + BLOCK].to(dtype) - b for x in xs])
         dots += (taus @ taus.T).double().cpu()
     return dots
 
 
-def _row_wise(xs: list["torch.Tensor"], base: "torch.Tensor", dtype: "torch.dtype", out_dtype: "torch.dtype") -> "torch.Tensor":
+def _row_wise(
+    xs: list["torch.Tensor"], base: "torch.Tensor", dtype: "torch.dtype", out_dtype: "torch.dtype"
+) -> "torch.Tensor":
     """``filter_wise``: one ratio per row (last dimension), computed and applied a block of rows at a time."""
     import torch
 
@@ -110,12 +126,12 @@ def _row_wise(xs: list["torch.Tensor"], base: "torch.Tensor", dtype: "torch.dtyp
     out = torch.empty(flat_base.shape, dtype=out_dtype, device=base.device)
     step = max(1, BLOCK // width)
     for start in range(0, flat_base.shape[0], step):
-        b = flat_base[start:start + step].to(dtype)
-        ws = torch.stack([x[start:start + step].to(dtype) for x in flat_xs], dim=1)  # (rows, N, width)
+        b = flat_base[start : start + step].to(dtype)
+        ws = torch.stack([x[start : start + step].to(dtype) for x in flat_xs], dim=1)  # (rows, N, width)
         taus = ws - b.unsqueeze(1)
         dots = taus @ taus.transpose(1, 2)
         t = ratio(dots, dots.diagonal(dim1=1, dim2=2).sqrt()).unsqueeze(-1)
-        out[start:start + step] = t * ws.mean(dim=1) + (1 - t) * b
+        out[start : start + step] = t * ws.mean(dim=1) + (1 - t) * b
     return out.reshape(base.shape)
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from workbench.hookspecs import hookimpl
 from workbench.method import MergeMethod, MethodParameters, Param, TensorContext
@@ -29,7 +30,14 @@ class Passthrough(MergeMethod):
     max_models = 1
     elementwise = True
 
-    def apply(self, tensors: list["torch.Tensor"], base: "torch.Tensor | None", params: MethodParameters, model_params: list[PassthroughModelParameters], ctx: TensorContext) -> "torch.Tensor":  # type: ignore[override]
+    def apply(
+        self,
+        tensors: list["torch.Tensor"],
+        base: "torch.Tensor | None",
+        params: MethodParameters,
+        model_params: list[PassthroughModelParameters],
+        ctx: TensorContext,
+    ) -> "torch.Tensor":  # type: ignore[override]
         scale = model_params[0].scale
         if scale == 1.0:
             return tensors[0].to(ctx.out_dtype)

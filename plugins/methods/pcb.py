@@ -35,8 +35,9 @@ by 0 (a Norm over constant values) nothing is kept instead of NaN.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from workbench.hookspecs import hookimpl
 from workbench.method import MergeMethod, MethodParameters, Param, PrepareContext, TensorContext
@@ -53,15 +54,42 @@ DENOMINATOR_FLOOR = 1e-12
 
 
 class PCBParameters(MethodParameters):
-    pcb_ratio: float = Param(0.1, gt=0.0, le=1.0, per_layer=False, description="r: fraction of each task's entries kept (by balanced score); 0.1 in pcb-merging.py, 0.05 in the vision script, 0.05-0.2 in the NLP runs.")
-    clip_ratio: float = Param(0.01, ge=0.0, lt=0.5, per_layer=False, description="q: |task vector| is clipped to its q and 1 - q quantiles first; 0.01 in the NLP and vision scripts, 1e-4 in pcb-merging.py.")
-    inter: Literal["sum", "normalized"] = Param("sum", per_layer=False, description="Inter-balancing: tanh(tau_i * sum_j tau_j) ('sum', reference and NLP code) or with the sum of sign(tau_j) * Norm(|clipped tau_j|) ('normalized', vision script).")
-    scope: Literal["global", "per_tensor"] = Param("global", per_layer=False, description="Rank entries over the whole model as the released code does ('global', extra streaming passes) or within each tensor ('per_tensor').")
-    scale: float = Param(1.0, alias="lambda", description="lambda: scale of the merged task vector (the NLP runs searched 0.8..2.2).")
+    pcb_ratio: float = Param(
+        0.1,
+        gt=0.0,
+        le=1.0,
+        per_layer=False,
+        description="r: fraction of each task's entries kept (by balanced score); 0.1 in pcb-merging.py, 0.05 in the vision script, 0.05-0.2 in the NLP runs.",
+    )
+    clip_ratio: float = Param(
+        0.01,
+        ge=0.0,
+        lt=0.5,
+        per_layer=False,
+        description="q: |task vector| is clipped to its q and 1 - q quantiles first; 0.01 in the NLP and vision scripts, 1e-4 in pcb-merging.py.",
+    )
+    inter: Literal["sum", "normalized"] = Param(
+        "sum",
+        per_layer=False,
+        description="Inter-balancing: tanh(tau_i * sum_j tau_j) ('sum', reference and NLP code) or with the sum of sign(tau_j) * Norm(|clipped tau_j|) ('normalized', vision script).",
+    )
+    scope: Literal["global", "per_tensor"] = Param(
+        "global",
+        per_layer=False,
+        description="Rank entries over the whole model as the released code does ('global', extra streaming passes) or within each tensor ('per_tensor').",
+    )
+    scale: float = Param(
+        1.0,
+        alias="lambda",
+        description="lambda: scale of the merged task vector (the NLP runs searched 0.8..2.2).",
+    )
 
 
 class PCBModelParameters(MethodParameters):
-    weight: float = Param(1.0, description="lambda_i: scale of this model's clipped task vector in the weighted average (1.2 in the vision script); 0 leaves the model out entirely.")
+    weight: float = Param(
+        1.0,
+        description="lambda_i: scale of this model's clipped task vector in the weighted average (1.2 in the vision script); 0 leaves the model out entirely.",
+    )
 
 
 @dataclass(frozen=True)
@@ -85,12 +113,16 @@ def _normalize_(x: "torch.Tensor", lo: float, hi: float) -> "torch.Tensor":
     return x.sub_(lo).mul_(1.0 / (hi - lo)) if hi > lo else x.zero_()
 
 
-def task_vectors(tensors: Sequence["torch.Tensor"], base: "torch.Tensor", dtype: "torch.dtype") -> list["torch.Tensor"]:
+def task_vectors(
+    tensors: Sequence["torch.Tensor"], base: "torch.Tensor", dtype: "torch.dtype"
+) -> list["torch.Tensor"]:
     b = base.to(dtype)
     return [x.to(dtype) - b for x in tensors]
 
 
-def scores(taus: Sequence["torch.Tensor"], clips: Sequence[tuple[float, float]], inter: str) -> list["torch.Tensor"]:
+def scores(
+    taus: Sequence["torch.Tensor"], clips: Sequence[tuple[float, float]], inter: str
+) -> list["torch.Tensor"]:
     """Balanced scores βᵢ (float32) from unclipped task vectors and each task's clip bounds."""
     import torch
 
@@ -103,13 +135,23 @@ def scores(taus: Sequence["torch.Tensor"], clips: Sequence[tuple[float, float]],
     return [m.square_().mul_(n).exp_().mul_(torch.mul(t, consensus).tanh_()) for t, m in zip(taus, normed)]
 
 
-def merge_block(tensors: Sequence["torch.Tensor"], base: "torch.Tensor", weights: Sequence[float], stats: Sequence[TaskStats], params: PCBParameters, compute_dtype: "torch.dtype", betas: Sequence["torch.Tensor"] | None = None) -> "torch.Tensor":
+def merge_block(
+    tensors: Sequence["torch.Tensor"],
+    base: "torch.Tensor",
+    weights: Sequence[float],
+    stats: Sequence[TaskStats],
+    params: PCBParameters,
+    compute_dtype: "torch.dtype",
+    betas: Sequence["torch.Tensor"] | None = None,
+) -> "torch.Tensor":
     """θ_base + λ Σ wᵢ β̂ᵢ τ̃ᵢ / max(Σ β̂ᵢ, 1e-12) for the active models, given their statistics
     (and their scores, where the caller has them)."""
     import torch
 
     if betas is None:
-        betas = scores(task_vectors(tensors, base, torch.float32), [(s.clip_lo, s.clip_hi) for s in stats], params.inter)
+        betas = scores(
+            task_vectors(tensors, base, torch.float32), [(s.clip_lo, s.clip_hi) for s in stats], params.inter
+        )
     b = base.to(compute_dtype)
     numerator = torch.zeros_like(b)
     denominator = torch.zeros_like(b)
@@ -123,21 +165,31 @@ def merge_block(tensors: Sequence["torch.Tensor"], base: "torch.Tensor", weights
     return torch.add(b, numerator.div_(denominator.clamp_(min=DENOMINATOR_FLOOR)), alpha=params.scale)
 
 
-def tensor_stats(taus: Sequence["torch.Tensor"], params: PCBParameters) -> tuple[list[TaskStats], list["torch.Tensor"]]:
+def tensor_stats(
+    taus: Sequence["torch.Tensor"], params: PCBParameters
+) -> tuple[list[TaskStats], list["torch.Tensor"]]:
     """``scope: per_tensor``: the statistics (and scores) of one whole tensor."""
     from workbench_kernels.order_stats import kth_smallest
 
     k_lo, k_hi, k_drop = ranks(taus[0].numel(), params.clip_ratio, params.pcb_ratio)
     clips = [(lo, hi) for lo, hi in (kth_smallest(t.abs(), [k_lo, k_hi]) for t in taus)]
     betas = scores(taus, clips, params.inter)
-    stats = [TaskStats(lo, hi, kth_smallest(b, [k_drop])[0], float(b.max())) for (lo, hi), b in zip(clips, betas)]
+    stats = [
+        TaskStats(lo, hi, kth_smallest(b, [k_drop])[0], float(b.max())) for (lo, hi), b in zip(clips, betas)
+    ]
     return stats, betas
 
 
 class GlobalStats:
     """Model-wide statistics per set of active models, computed once by streaming over the inputs."""
 
-    def __init__(self, models: Sequence["CheckpointReader"], base: "CheckpointReader", names: Sequence[str], device: str) -> None:
+    def __init__(
+        self,
+        models: Sequence["CheckpointReader"],
+        base: "CheckpointReader",
+        names: Sequence[str],
+        device: str,
+    ) -> None:
         self.models, self.base, self.device = list(models), base, device
         self.names = [n for n in names if base.info(n).is_float and base.info(n).numel > 0]
         self.d = sum(base.info(n).numel for n in self.names)
@@ -165,7 +217,9 @@ class GlobalStats:
                 spans = [(s, min(s + step, shape[0])) for s in range(0, shape[0], step)]
             for rows in spans:
                 base = self.base.read(name, rows).to(self.device)
-                yield task_vectors([self.models[i].read(name, rows).to(self.device) for i in active], base, torch.float32)
+                yield task_vectors(
+                    [self.models[i].read(name, rows).to(self.device) for i in active], base, torch.float32
+                )
 
     def _compute(self, active: tuple[int, ...], params: PCBParameters) -> list[TaskStats]:
         from workbench_kernels.order_stats import RadixSelect
@@ -220,7 +274,14 @@ class PCB(MergeMethod):
         self.elementwise = True
         return GlobalStats(ctx.models, ctx.base, ctx.tensor_names, ctx.device)
 
-    def apply(self, tensors: list["torch.Tensor"], base: "torch.Tensor | None", params: PCBParameters, model_params: list[PCBModelParameters], ctx: TensorContext) -> "torch.Tensor":  # type: ignore[override]
+    def apply(
+        self,
+        tensors: list["torch.Tensor"],
+        base: "torch.Tensor | None",
+        params: PCBParameters,
+        model_params: list[PCBModelParameters],
+        ctx: TensorContext,
+    ) -> "torch.Tensor":  # type: ignore[override]
         import torch
 
         assert base is not None
@@ -235,7 +296,9 @@ class PCB(MergeMethod):
             stats = ctx.state.get(active, params)
         else:
             stats, betas = tensor_stats(task_vectors(inputs, base, torch.float32), params)
-        return merge_block(inputs, base, [model_params[i].weight for i in active], stats, params, ctx.compute_dtype, betas)
+        return merge_block(
+            inputs, base, [model_params[i].weight for i in active], stats, params, ctx.compute_dtype, betas
+        )
 
 
 #: The plugin API this module is written for (checked when the registry loads it).

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from workbench.hookspecs import hookimpl
 from workbench.method import MergeMethod, MethodParameters, Param, RowBlocks, TensorContext
@@ -17,7 +18,9 @@ class SlerpParameters(MethodParameters):
 
 class Slerp(MergeMethod):
     name = "slerp"
-    summary = "Spherical interpolation of two models per tensor; linear where the tensors are nearly parallel."
+    summary = (
+        "Spherical interpolation of two models per tensor; linear where the tensors are nearly parallel."
+    )
     paper = "https://dl.acm.org/doi/10.1145/325165.325242"
     when_to_use = (
         "Blending exactly two models when their weights have similar norms and a plain average would "
@@ -35,7 +38,13 @@ class Slerp(MergeMethod):
     #: weighted sum of the two, element by element.
     blockwise = True
 
-    def tensor_statistics(self, blocks: RowBlocks, params: SlerpParameters, model_params: list[MethodParameters], ctx: TensorContext) -> tuple[float, float]:  # type: ignore[override]
+    def tensor_statistics(
+        self,
+        blocks: RowBlocks,
+        params: SlerpParameters,
+        model_params: list[MethodParameters],
+        ctx: TensorContext,
+    ) -> tuple[float, float]:  # type: ignore[override]
         """The weights of models[0] and models[1] (the endpoints exactly at t = 0 and 1)."""
         from workbench_kernels.slerp import slerp_weights
 
@@ -43,7 +52,14 @@ class Slerp(MergeMethod):
             return 1.0 - params.t, params.t
         return slerp_weights(blocks.flat(), params.t, _angle_dtype(ctx))
 
-    def apply(self, tensors: list["torch.Tensor"], base: "torch.Tensor | None", params: SlerpParameters, model_params: list[MethodParameters], ctx: TensorContext) -> "torch.Tensor":  # type: ignore[override]
+    def apply(
+        self,
+        tensors: list["torch.Tensor"],
+        base: "torch.Tensor | None",
+        params: SlerpParameters,
+        model_params: list[MethodParameters],
+        ctx: TensorContext,
+    ) -> "torch.Tensor":  # type: ignore[override]
         from workbench_kernels.weighted_sum import weighted_sum
 
         weights = self.statistics(tensors, base, params, model_params, ctx)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from workbench.hookspecs import hookimpl
 from workbench.method import MergeMethod, MethodParameters, Param, TensorContext
@@ -37,7 +38,14 @@ class TaskArithmetic(MergeMethod):
     base_model = "required"
     elementwise = True
 
-    def apply(self, tensors: list["torch.Tensor"], base: "torch.Tensor | None", params: TaskArithmeticParameters, model_params: list[TaskArithmeticModelParameters], ctx: TensorContext) -> "torch.Tensor":  # type: ignore[override]
+    def apply(
+        self,
+        tensors: list["torch.Tensor"],
+        base: "torch.Tensor | None",
+        params: TaskArithmeticParameters,
+        model_params: list[TaskArithmeticModelParameters],
+        ctx: TensorContext,
+    ) -> "torch.Tensor":  # type: ignore[override]
         from workbench_kernels.weighted_sum import weighted_sum
 
         assert base is not None
@@ -47,7 +55,9 @@ class TaskArithmetic(MergeMethod):
         # base + l * sum w_i (x_i - base) == (1 - l * sum w_i) * base + sum (l * w_i) * x_i: one pass,
         # one accumulator, and exact when a single fine-tune has l * w = 1.
         coefficients = [params.scale * w for w in weights]
-        return weighted_sum([base, *tensors], [1.0 - sum(coefficients), *coefficients], ctx.compute_dtype, ctx.out_dtype)
+        return weighted_sum(
+            [base, *tensors], [1.0 - sum(coefficients), *coefficients], ctx.compute_dtype, ctx.out_dtype
+        )
 
 
 #: The plugin API this module is written for (checked when the registry loads it).

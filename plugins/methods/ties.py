@@ -6,7 +6,12 @@ from collections.abc import Callable
 
 from workbench.hookspecs import hookimpl
 from workbench.method import MergeMethod, Param
-from workbench_plugins.methods._task_vectors import NORMALIZE_CONSENSUS, ConsensusParameters, DensityModelParameters, TaskVectorMethod
+from workbench_plugins.methods._task_vectors import (
+    NORMALIZE_CONSENSUS,
+    ConsensusParameters,
+    DensityModelParameters,
+    TaskVectorMethod,
+)
 
 
 class TiesParameters(ConsensusParameters):

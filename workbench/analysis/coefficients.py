@@ -37,11 +37,17 @@ def _cells(table: CoefficientTable, model: int) -> tuple[dict[tuple[int, str], f
 def _layout(table: CoefficientTable) -> tuple[int, list[str]]:
     cells = [c for m in range(len(table.models)) for c in _cells(table, m)[0]]
     seen = list(dict.fromkeys(column for _, column in cells))
-    return (max((layer for layer, _ in cells), default=-1) + 1, [m for m in COLUMN_ORDER if m in seen] + [m for m in seen if m not in COLUMN_ORDER])
+    return (
+        max((layer for layer, _ in cells), default=-1) + 1,
+        [m for m in COLUMN_ORDER if m in seen] + [m for m in seen if m not in COLUMN_ORDER],
+    )
 
 
 def _grids(table: CoefficientTable) -> list[HeatGrid]:
-    return [HeatGrid(f"{ref}: learned λ ({table.granularity} blocks)", _cells(table, m)[0]) for m, ref in enumerate(table.models)]
+    return [
+        HeatGrid(f"{ref}: learned λ ({table.granularity} blocks)", _cells(table, m)[0])
+        for m, ref in enumerate(table.models)
+    ]
 
 
 def _range(table: CoefficientTable) -> tuple[float, float]:
@@ -52,7 +58,9 @@ def _range(table: CoefficientTable) -> tuple[float, float]:
 def render_coefficients(table: CoefficientTable) -> list[RenderableType]:
     layers, columns = _layout(table)
     low, high = _range(table)
-    parts: list[RenderableType] = list(grid_tables(_grids(table), layers, columns, lambda v: f"{v:.2f}", low, high))
+    parts: list[RenderableType] = list(
+        grid_tables(_grids(table), layers, columns, lambda v: f"{v:.2f}", low, high)
+    )
     outside = Table(title="outside the layers: learned λ", box=None, pad_edge=False, title_justify="left")
     outside.add_column("tensor")
     per_model = [_cells(table, m)[1] for m in range(len(table.models))]
@@ -62,11 +70,24 @@ def render_coefficients(table: CoefficientTable) -> list[RenderableType]:
         outside.add_row(name, *(f"{values[name]:.3f}" for values in per_model))
     if per_model[0]:
         parts.append(outside)
-    parts.append(Text(f"{len(table.models)} task vector(s) × {len(table.blocks)} block(s) × {table.partitions} partition(s); λ from {low:.3f} to {high:.3f}"))
+    parts.append(
+        Text(
+            f"{len(table.models)} task vector(s) × {len(table.blocks)} block(s) × {table.partitions} partition(s); λ from {low:.3f} to {high:.3f}"
+        )
+    )
     return parts
 
 
 def write_coefficients_png(table: CoefficientTable, path: Path) -> None:
     layers, columns = _layout(table)
     low, high = _range(table)
-    write_grids_png(_grids(table), layers, columns, low, high if high > low else low + 1.0, "learned λ", "learned task-vector coefficients", path)
+    write_grids_png(
+        _grids(table),
+        layers,
+        columns,
+        low,
+        high if high > low else low + 1.0,
+        "learned λ",
+        "learned task-vector coefficients",
+        path,
+    )

@@ -47,8 +47,8 @@ from typing import TYPE_CHECKING
 from workbench import architecture
 from workbench.architecture import TensorPlace
 from workbench.checkpoint.resolve import open_reference
-from workbench.errors import CheckpointError, WorkbenchError
 from workbench.engine.progress import ProgressCallback, ProgressEvent
+from workbench.errors import CheckpointError, WorkbenchError
 
 if TYPE_CHECKING:
     import torch
@@ -65,7 +65,17 @@ PARAMETER_SUFFIXES = ("weight", "bias")
 #: Groups dropped from column labels (Llama-style ``self_attn.q_proj`` is shown as ``q_proj``).
 GROUP_PREFIXES = ("self_attn", "mlp")
 #: Columns in this order when present (a Llama layer read from input to output); others follow.
-COLUMN_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "input_layernorm", "post_attention_layernorm")
+COLUMN_ORDER = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "input_layernorm",
+    "post_attention_layernorm",
+)
 
 
 def module_label(module: str) -> str:
@@ -184,11 +194,15 @@ def _plan_tensors(base: CheckpointReader, models: list[tuple[str, CheckpointRead
         missing = [n for n in names if n not in theirs]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise CheckpointError(f"{ref} ({reader.path}): tensor '{missing[0]}' of the base ({base.path}) is missing{more}.")
+            raise CheckpointError(
+                f"{ref} ({reader.path}): tensor '{missing[0]}' of the base ({base.path}) is missing{more}."
+            )
         extra = sorted(theirs - set(names))
         if extra:
             more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-            raise CheckpointError(f"{ref} ({reader.path}): tensor '{extra[0]}' is not in the base ({base.path}){more}.")
+            raise CheckpointError(
+                f"{ref} ({reader.path}): tensor '{extra[0]}' is not in the base ({base.path}){more}."
+            )
         for name in names:
             mine, ours = reader.info(name), base.info(name)
             if mine.shape != ours.shape:
@@ -202,7 +216,9 @@ def _plan_tensors(base: CheckpointReader, models: list[tuple[str, CheckpointRead
         nbytes = base.info(name).nbytes + sum(reader.info(name).nbytes for _, reader in models)
         tensors.append(_Tensor(name, base.info(name).shape, where, cell, nbytes))
     if not any(t.cell for t in tensors):
-        raise WorkbenchError(f"{base.path}: no tensor belongs to a numbered layer (model.layers.N...), so there is nothing to chart.")
+        raise WorkbenchError(
+            f"{base.path}: no tensor belongs to a numbered layer (model.layers.N...), so there is nothing to chart."
+        )
     return tensors
 
 
@@ -233,7 +249,13 @@ def _sum_sq(x: torch.Tensor) -> float:
 class _Streamer:
     """Reads the base once per block and every model's block after it, one block at a time."""
 
-    def __init__(self, base: CheckpointReader, models: list[CheckpointReader], tensors: list[_Tensor], on_progress: ProgressCallback | None) -> None:
+    def __init__(
+        self,
+        base: CheckpointReader,
+        models: list[CheckpointReader],
+        tensors: list[_Tensor],
+        on_progress: ProgressCallback | None,
+    ) -> None:
         self.base = base
         self.models = models
         self.tensors = tensors
@@ -246,7 +268,9 @@ class _Streamer:
 
     def emit(self, kind: str, tensor: str | None = None) -> None:
         if self.on_progress is not None:
-            self.on_progress(ProgressEvent(kind, self.done, self.total, self.bytes_read, self.total_bytes, tensor))  # type: ignore[arg-type]
+            self.on_progress(
+                ProgressEvent(kind, self.done, self.total, self.bytes_read, self.total_bytes, tensor)
+            )  # type: ignore[arg-type]
 
     def deltas(self, layers_only: bool) -> Iterator[tuple[_Tensor, torch.Tensor, int, torch.Tensor]]:
         """(tensor, base block, model index, Δ block) in float32, for every block of every tensor."""
@@ -262,7 +286,14 @@ class _Streamer:
             self.emit("tensor", tensor.name)
 
 
-def analyze(base: str, models: Sequence[str], *, top_fraction: float = 0.01, registry: Registry | None = None, on_progress: ProgressCallback | None = None) -> Analysis:
+def analyze(
+    base: str,
+    models: Sequence[str],
+    *,
+    top_fraction: float = 0.01,
+    registry: Registry | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> Analysis:
     """Statistics of each model's change from ``base`` (model references: folders, files or Hub ids)."""
     from workbench.registry import get_registry
 
@@ -291,7 +322,13 @@ def analyze(base: str, models: Sequence[str], *, top_fraction: float = 0.01, reg
         for reader in readers:
             reader.close()
     layer_count = 1 + max(t.cell[0] for t in tensors if t.cell)
-    return Analysis(base=base, layer_count=layer_count, modules=_column_order(tensors), top_fraction=top_fraction, models=changes)
+    return Analysis(
+        base=base,
+        layer_count=layer_count,
+        modules=_column_order(tensors),
+        top_fraction=top_fraction,
+        models=changes,
+    )
 
 
 def _measure(streamer: _Streamer, changes: list[ModelChange], top_fraction: float) -> None:
@@ -344,7 +381,6 @@ def _top_test(threshold: float) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda magnitude: magnitude > 0
 
 
-
 # --------------------------------------------------------------------------------------------------
 # Swap suggestion
 # --------------------------------------------------------------------------------------------------
@@ -358,7 +394,9 @@ def model_position(refs: Sequence[str], key: str) -> int:
     if key.isdigit() and 1 <= int(key) <= len(refs):
         return int(key) - 1
     listed = ", ".join(f"{i} = {ref}" for i, ref in enumerate(refs, 1))
-    raise WorkbenchError(f"--suggest-swap: '{key}' names none of the analysed models; give one of them as written, or its position ({listed}).")
+    raise WorkbenchError(
+        f"--suggest-swap: '{key}' names none of the analysed models; give one of them as written, or its position ({listed})."
+    )
 
 
 @dataclass(frozen=True)
@@ -399,7 +437,12 @@ class SwapSuggestion:
                 {"model": self.task, "parameters": {"role": "task"}},
                 {"model": self.language, "parameters": {"role": "language"}},
             ],
-            "parameters": {"bottom": self.bottom, "top": self.top, "transition_bottom": 0, "transition_top": 0},
+            "parameters": {
+                "bottom": self.bottom,
+                "top": self.top,
+                "transition_bottom": 0,
+                "transition_top": 0,
+            },
         }
         return yaml.safe_dump(recipe, sort_keys=False)
 
@@ -419,12 +462,16 @@ def suggest_swap(analysis: Analysis, task: str, language: str) -> SwapSuggestion
     refs = [m.ref for m in analysis.models]
     task_model, language_model = (analysis.models[model_position(refs, key)] for key in (task, language))
     if task_model is language_model:
-        raise WorkbenchError(f"--suggest-swap: the task and the language expert are the same model ({task_model.ref}).")
+        raise WorkbenchError(
+            f"--suggest-swap: the task and the language expert are the same model ({task_model.ref})."
+        )
     relatives = []
     for model in (task_model, language_model):
         per_layer = [stats.relative for stats in model.layer_totals(analysis.layer_count)]
         if not sum(per_layer) > 0:
-            raise WorkbenchError(f"--suggest-swap: {model.ref} does not differ from the base in any layer, so it has no profile to compare.")
+            raise WorkbenchError(
+                f"--suggest-swap: {model.ref} does not differ from the base in any layer, so it has no profile to compare."
+            )
         relatives.append(per_layer)
     task_total, language_total = sum(relatives[0]), sum(relatives[1])
     profile = [

@@ -76,7 +76,14 @@ class HeatGrid:
     totals: list[float] | None = None
 
 
-def grid_tables(grids: Sequence[HeatGrid], layers: int, columns: Sequence[str], text: Callable[[float], str], low: float, high: float) -> list[Table]:
+def grid_tables(
+    grids: Sequence[HeatGrid],
+    layers: int,
+    columns: Sequence[str],
+    text: Callable[[float], str],
+    low: float,
+    high: float,
+) -> list[Table]:
     """One table per grid: rows are layers, one column per module; colours span ``low``..``high``."""
     span = high - low
     tables = []
@@ -111,12 +118,21 @@ def heatmap_tables(analysis: Analysis, stat: str) -> list[Table]:
         )
         for model in analysis.models
     ]
-    return grid_tables(grids, analysis.layer_count, analysis.modules, lambda value: cell_text(stat, value), 0.0, scale_max(analysis, stat))
+    return grid_tables(
+        grids,
+        analysis.layer_count,
+        analysis.modules,
+        lambda value: cell_text(stat, value),
+        0.0,
+        scale_max(analysis, stat),
+    )
 
 
 def top_set_lines(analysis: Analysis) -> list[Text]:
     return [
-        Text(f"{m.ref}: top {analysis.top_fraction:.3g} of {m.layer_entries:,} layer entries: |Δ| >= {m.top_threshold:.3e}, {m.top_total:,} entries")
+        Text(
+            f"{m.ref}: top {analysis.top_fraction:.3g} of {m.layer_entries:,} layer entries: |Δ| >= {m.top_threshold:.3e}, {m.top_total:,} entries"
+        )
         for m in analysis.models
     ]
 
@@ -148,7 +164,12 @@ def render_analysis(analysis: Analysis, stat: str) -> list[RenderableType]:
 
 def render_suggestion(suggestion: SwapSuggestion) -> list[RenderableType]:
     """The per-layer profile the rule read, the decision, and the recipe (unless nothing is swapped)."""
-    table = Table(title="per-layer relative change and each expert's share of it", box=None, pad_edge=False, title_justify="left")
+    table = Table(
+        title="per-layer relative change and each expert's share of it",
+        box=None,
+        pad_edge=False,
+        title_justify="left",
+    )
     for header in ("layer", "r task", "r language", "p task", "p language", "d = p_lang - p_task", "from"):
         table.add_column(header, justify="right")
     for row in suggestion.profile:
@@ -161,15 +182,26 @@ def render_suggestion(suggestion: SwapSuggestion) -> list[RenderableType]:
             f"{row.difference:+.3f}",
             suggestion.source(row.layer),
         )
-    parts: list[RenderableType] = [table, Text(f"task expert: {suggestion.task}; language expert: {suggestion.language}")]
+    parts: list[RenderableType] = [
+        table,
+        Text(f"task expert: {suggestion.task}; language expert: {suggestion.language}"),
+    ]
     if suggestion.bottom == 0 and suggestion.top == 0:
-        parts.append(Text(
-            "bottom = 0, top = 0: neither the first nor the last layer changed more (as a share of the expert's change)"
-            " in the language expert than in the task expert, so the profiles suggest no swap."
-        ))
+        parts.append(
+            Text(
+                "bottom = 0, top = 0: neither the first nor the last layer changed more (as a share of the expert's change)"
+                " in the language expert than in the task expert, so the profiles suggest no swap."
+            )
+        )
         return parts
-    parts.append(Text(f"suggested: bottom = {suggestion.bottom}, top = {suggestion.top} (layers from the language expert)"))
-    parts.append(Text("# layer_swap recipe suggested by `workbench analyze`\n" + suggestion.recipe().rstrip("\n")))
+    parts.append(
+        Text(
+            f"suggested: bottom = {suggestion.bottom}, top = {suggestion.top} (layers from the language expert)"
+        )
+    )
+    parts.append(
+        Text("# layer_swap recipe suggested by `workbench analyze`\n" + suggestion.recipe().rstrip("\n"))
+    )
     return parts
 
 
@@ -220,8 +252,20 @@ def write_csv(analysis: Analysis, path: Path) -> None:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for model in analysis.models:
-        for (layer, module), stats in sorted(model.cells.items(), key=lambda item: (item[0][0], analysis.modules.index(item[0][1]))):
-            writer.writerow([model.ref, layer, module, repr(stats.mean_abs), repr(stats.relative), repr(stats.top_share(model.top_total)), stats.count])
+        for (layer, module), stats in sorted(
+            model.cells.items(), key=lambda item: (item[0][0], analysis.modules.index(item[0][1]))
+        ):
+            writer.writerow(
+                [
+                    model.ref,
+                    layer,
+                    module,
+                    repr(stats.mean_abs),
+                    repr(stats.relative),
+                    repr(stats.top_share(model.top_total)),
+                    stats.count,
+                ]
+            )
     write_text(path, buffer.getvalue())
 
 
@@ -236,16 +280,23 @@ def analysis_dict(analysis: Analysis, suggestion: SwapSuggestion | None = None) 
             if (layer, module) in model.cells
         ]
         totals = model.layer_totals(analysis.layer_count)
-        models.append({
-            "model": model.ref,
-            "path": str(model.path),
-            "layer_entries": model.layer_entries,
-            "top_threshold": model.top_threshold,
-            "top_count": model.top_total,
-            "cells": cells,
-            "layers": [{"layer": layer, **_stats_dict(stats, model.top_total)} for layer, stats in enumerate(totals)],
-            "non_layer": [{"tensor": name, **_stats_dict(stats, None)} for name, stats in model.non_layer.items()],
-        })
+        models.append(
+            {
+                "model": model.ref,
+                "path": str(model.path),
+                "layer_entries": model.layer_entries,
+                "top_threshold": model.top_threshold,
+                "top_count": model.top_total,
+                "cells": cells,
+                "layers": [
+                    {"layer": layer, **_stats_dict(stats, model.top_total)}
+                    for layer, stats in enumerate(totals)
+                ],
+                "non_layer": [
+                    {"tensor": name, **_stats_dict(stats, None)} for name, stats in model.non_layer.items()
+                ],
+            }
+        )
     out: dict[str, Any] = {
         "base": analysis.base,
         "layer_count": analysis.layer_count,
@@ -281,19 +332,45 @@ def write_json(analysis: Analysis, path: Path, suggestion: SwapSuggestion | None
 
 def write_png(analysis: Analysis, stat: str, path: Path) -> None:
     """One heatmap per model side by side (layer 0 at the top), one colour scale and colour bar."""
-    grids = [HeatGrid(f"{model.ref}\n{stat}", {cell: stats.value(stat, model.top_total) for cell, stats in model.cells.items()}) for model in analysis.models]
+    grids = [
+        HeatGrid(
+            f"{model.ref}\n{stat}",
+            {cell: stats.value(stat, model.top_total) for cell, stats in model.cells.items()},
+        )
+        for model in analysis.models
+    ]
     top = scale_max(analysis, stat) or 1.0
-    write_grids_png(grids, analysis.layer_count, analysis.modules, 0.0, top, stat_label(stat, analysis.top_fraction), f"change from {analysis.base}", path)
+    write_grids_png(
+        grids,
+        analysis.layer_count,
+        analysis.modules,
+        0.0,
+        top,
+        stat_label(stat, analysis.top_fraction),
+        f"change from {analysis.base}",
+        path,
+    )
 
 
-def write_grids_png(grids: Sequence[HeatGrid], layers: int, columns: Sequence[str], low: float, high: float, label: str, title: str, path: Path) -> None:
+def write_grids_png(
+    grids: Sequence[HeatGrid],
+    layers: int,
+    columns: Sequence[str],
+    low: float,
+    high: float,
+    label: str,
+    title: str,
+    path: Path,
+) -> None:
     """The grids side by side (layer 0 at the top), sharing one colour scale and colour bar."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     count = len(grids)
-    figure = Figure(figsize=(count * (1.6 + 0.45 * len(columns)) + 1.2, 2.2 + 0.28 * layers), layout="constrained")
+    figure = Figure(
+        figsize=(count * (1.6 + 0.45 * len(columns)) + 1.2, 2.2 + 0.28 * layers), layout="constrained"
+    )
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, count, squeeze=False)[0]
     image = None
@@ -303,7 +380,9 @@ def write_grids_png(grids: Sequence[HeatGrid], layers: int, columns: Sequence[st
             values[layer, list(columns).index(column)] = value
         image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=low, vmax=high, interpolation="nearest")
         ax.set_title(grid.title, fontsize=9)
-        ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", rotation_mode="anchor", fontsize=8)
+        ax.set_xticks(
+            range(len(columns)), columns, rotation=60, ha="right", rotation_mode="anchor", fontsize=8
+        )
         ax.set_yticks(range(layers), [str(layer) for layer in range(layers)], fontsize=8)
         ax.set_ylabel("layer (0 = first)")
     figure.colorbar(image, ax=list(axes), label=label, shrink=0.9)

@@ -26,10 +26,14 @@ class AdaptedReader(CheckpointReader):
         for adapter in adapters:
             for name, factors in adapter.factors.items():
                 if name not in base:
-                    raise CheckpointError(f"adapter {adapter.path} changes '{name}', which base {base.path} does not have.")
+                    raise CheckpointError(
+                        f"adapter {adapter.path} changes '{name}', which base {base.path} does not have."
+                    )
                 shape = base.info(name).shape
                 if tuple(shape) != factors.shape:
-                    raise CheckpointError(f"adapter {adapter.path}: '{name}' is {tuple(shape)} in base {base.path} but the adapter's ΔW is {factors.shape}.")
+                    raise CheckpointError(
+                        f"adapter {adapter.path}: '{name}' is {tuple(shape)} in base {base.path} but the adapter's ΔW is {factors.shape}."
+                    )
                 self.changes.setdefault(name, []).append(factors)
 
     def tensor_names(self) -> list[str]:
@@ -50,7 +54,9 @@ class AdaptedReader(CheckpointReader):
 
         total = weight  # float32 between adapters, rounded once into W's dtype by the last one
         for i, factors in enumerate(changes):
-            total = factors.added_to(total, rows, out_dtype=weight.dtype if i == len(changes) - 1 else torch.float32)
+            total = factors.added_to(
+                total, rows, out_dtype=weight.dtype if i == len(changes) - 1 else torch.float32
+            )
         return total
 
     def config(self) -> dict[str, Any] | None:

@@ -121,10 +121,15 @@ class CoefficientTable:
         recipe = {
             "method": "task_arithmetic",
             "base": base,
-            "models": [{"model": m, "parameters": {"weight": {"file": str(folder / weights_file(i))}}} for i, m in enumerate(self.models)],
+            "models": [
+                {"model": m, "parameters": {"weight": {"file": str(folder / weights_file(i))}}}
+                for i, m in enumerate(self.models)
+            ],
             "parameters": {"lambda": 1.0},
         }
-        header = "# The learned coefficients as fixed per-tensor task-arithmetic weights: reproduces the merge.\n"
+        header = (
+            "# The learned coefficients as fixed per-tensor task-arithmetic weights: reproduces the merge.\n"
+        )
         return header + yaml.safe_dump(recipe, sort_keys=False)
 
 
@@ -134,7 +139,9 @@ def partition_assignment(shape: tuple[int, ...], partitions: int, seed: int) -> 
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(partitions, shape, generator=generator, dtype=torch.uint8)  # atlas allows at most 256
+    return torch.randint(
+        partitions, shape, generator=generator, dtype=torch.uint8
+    )  # atlas allows at most 256
 
 
 def find_table(path: Path) -> Path | None:
@@ -154,7 +161,12 @@ def load_table(path: Path) -> CoefficientTable:
         table = CoefficientTable(**data)
     except (OSError, ValueError, TypeError) as exc:
         raise WorkbenchError(f"{found} is not a coefficient table ({type(exc).__name__}: {exc}).") from None
-    shape_ok = len(table.values) == len(table.models) and all(len(rows) == len(table.blocks) and all(len(v) == table.partitions for v in rows) for rows in table.values)
+    shape_ok = len(table.values) == len(table.models) and all(
+        len(rows) == len(table.blocks) and all(len(v) == table.partitions for v in rows)
+        for rows in table.values
+    )
     if not shape_ok or not set(table.tensor_blocks.values()) <= set(table.blocks):
-        raise WorkbenchError(f"{found}: the values do not match the models × blocks × partitions the table declares.")
+        raise WorkbenchError(
+            f"{found}: the values do not match the models × blocks × partitions the table declares."
+        )
     return table

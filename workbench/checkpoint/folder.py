@@ -119,7 +119,9 @@ class SafetensorsFolder(CheckpointReader):
         for name, file in weight_map.items():
             problem = _shard_name_problem(file)
             if problem:
-                raise CheckpointError(f"{index} places tensor '{name}' in {json.dumps(file)}, which {problem}.")
+                raise CheckpointError(
+                    f"{index} places tensor '{name}' in {json.dumps(file)}, which {problem}."
+                )
             by_file.setdefault(file, set()).add(name)
         for file, names in by_file.items():
             shard = self.path / file

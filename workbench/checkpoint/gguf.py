@@ -51,7 +51,16 @@ _SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12
 _MIN_KV = 8 + 4 + 1  # key length, value type, a one-byte value
 _MIN_TENSOR_INFO = 8 + 4 + 8 + 4 + 8  # name length, dimension count, one dimension, type, offset
 #: Tensor types read as they are stored; every other type is dequantised to F32.
-_NATIVE = {"F32": "F32", "F16": "F16", "BF16": "BF16", "F64": "F64", "I8": "I8", "I16": "I16", "I32": "I32", "I64": "I64"}
+_NATIVE = {
+    "F32": "F32",
+    "F16": "F16",
+    "BF16": "BF16",
+    "F64": "F64",
+    "I8": "I8",
+    "I16": "I16",
+    "I32": "I32",
+    "I64": "I64",
+}
 
 
 def find_gguf(path: Path) -> list[Path]:
@@ -79,7 +88,9 @@ class _Cursor:
 
     def skip(self, n: int, what: str) -> int:
         if n > self.left():
-            raise CheckpointError(f"{self.path}: GGUF header cut short or lying: {what} at byte {self.pos} needs {n} bytes, the file has {self.left()} left.")
+            raise CheckpointError(
+                f"{self.path}: GGUF header cut short or lying: {what} at byte {self.pos} needs {n} bytes, the file has {self.left()} left."
+            )
         start = self.pos
         self.pos += n
         return start
@@ -105,16 +116,22 @@ def _skip_value(cur: _Cursor, vtype: int, key: str) -> None:
     elif vtype == _ARRAY:
         item, count = cur.u32(what), cur.u64(what)
         if count > MAX_ARRAY:
-            raise CheckpointError(f"{cur.path}: metadata '{key}' claims an array of {count} items (at most {MAX_ARRAY} are read).")
+            raise CheckpointError(
+                f"{cur.path}: metadata '{key}' claims an array of {count} items (at most {MAX_ARRAY} are read)."
+            )
         if item == _STRING:
             if count * 8 > cur.left():
-                raise CheckpointError(f"{cur.path}: metadata '{key}' claims {count} strings; the file has {cur.left()} bytes left.")
+                raise CheckpointError(
+                    f"{cur.path}: metadata '{key}' claims {count} strings; the file has {cur.left()} bytes left."
+                )
             for _ in range(count):
                 cur.skip(cur.u64(what), what)
         elif item in _SCALAR_SIZE:
             cur.skip(count * _SCALAR_SIZE[item], what)
         else:
-            raise CheckpointError(f"{cur.path}: metadata '{key}' is an array of value type {item}, which GGUF readers refuse (nested or unknown).")
+            raise CheckpointError(
+                f"{cur.path}: metadata '{key}' is an array of value type {item}, which GGUF readers refuse (nested or unknown)."
+            )
     else:
         raise CheckpointError(f"{cur.path}: metadata '{key}' has unknown value type {vtype}.")
 
@@ -156,7 +173,9 @@ def _walk(cur: _Cursor) -> None:
         raise CheckpointError(f"{path}: GGUF version {version} is not supported (2 and 3 are){hint}.")
     n_tensors, n_kv = cur.u64("tensor count"), cur.u64("metadata count")
     if n_kv * _MIN_KV + n_tensors * _MIN_TENSOR_INFO > cur.left():
-        raise CheckpointError(f"{path}: the GGUF header claims {n_tensors} tensors and {n_kv} metadata entries; the file ({cur.size} bytes) is too short to describe them.")
+        raise CheckpointError(
+            f"{path}: the GGUF header claims {n_tensors} tensors and {n_kv} metadata entries; the file ({cur.size} bytes) is too short to describe them."
+        )
     alignment, keys = DEFAULT_ALIGNMENT, set()
     for i in range(n_kv):
         raw = cur.string(f"key of metadata entry {i}")
@@ -180,9 +199,15 @@ def _walk(cur: _Cursor) -> None:
         names.add(raw)
         n_dims = cur.u32(f"dimension count of tensor '{name}'")
         if not 1 <= n_dims <= MAX_DIMS:
-            raise CheckpointError(f"{path}: tensor '{name}' claims {n_dims} dimensions (1 to {MAX_DIMS} are valid).")
+            raise CheckpointError(
+                f"{path}: tensor '{name}' claims {n_dims} dimensions (1 to {MAX_DIMS} are valid)."
+            )
         dims = tuple(cur.u64(f"shape of tensor '{name}'") for _ in range(n_dims))
-        tensors.append(_TensorHeader(name, dims, cur.u32(f"type of tensor '{name}'"), cur.u64(f"offset of tensor '{name}'")))
+        tensors.append(
+            _TensorHeader(
+                name, dims, cur.u32(f"type of tensor '{name}'"), cur.u64(f"offset of tensor '{name}'")
+            )
+        )
     data_start = -(-cur.pos // alignment) * alignment
     known = {int(t): (GGMLQuantizationType(t).name, *GGML_QUANT_SIZES[t]) for t in GGML_QUANT_SIZES}
     extents = []
@@ -191,7 +216,9 @@ def _walk(cur: _Cursor) -> None:
             raise CheckpointError(f"{path}: tensor '{t.name}' has unknown GGML type {t.qtype}.")
         type_name, block, type_size = known[t.qtype]
         if 0 in t.dims or t.dims[0] % block:
-            raise CheckpointError(f"{path}: tensor '{t.name}' has shape {list(t.dims)}, not whole {type_name} blocks of {block} (or a zero dimension).")
+            raise CheckpointError(
+                f"{path}: tensor '{t.name}' has shape {list(t.dims)}, not whole {type_name} blocks of {block} (or a zero dimension)."
+            )
         nbytes = math.prod(t.dims) // block * type_size
         start = data_start + t.offset
         if t.offset % alignment or start + nbytes > cur.size:
@@ -212,11 +239,21 @@ def _walk(cur: _Cursor) -> None:
 
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _BLOCK = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
 }
-_ATTENTION, _MLP, _NORMS = ("attn_q", "attn_k", "attn_v", "attn_output"), ("ffn_gate", "ffn_up", "ffn_down"), ("attn_norm", "ffn_norm")
+_ATTENTION, _MLP, _NORMS = (
+    ("attn_q", "attn_k", "attn_v", "attn_output"),
+    ("ffn_gate", "ffn_up", "ffn_down"),
+    ("attn_norm", "ffn_norm"),
+)
 _NAME = re.compile(r"(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)")
 
 
@@ -246,7 +283,9 @@ class _Metadata:
         except MemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - the gguf package: UnicodeDecodeError, IndexError, ... on bad bytes
-            raise CheckpointError(f"{self.path}: metadata '{self.prefix}{key}' is unreadable ({type(exc).__name__}: {exc}).") from None
+            raise CheckpointError(
+                f"{self.path}: metadata '{self.prefix}{key}' is unreadable ({type(exc).__name__}: {exc})."
+            ) from None
 
     def _typed(self, key: str, kinds: tuple[type, ...], label: str, default: Any) -> Any:
         value = self.get(key)
@@ -261,13 +300,17 @@ class _Metadata:
     def integer(self, key: str, default: int | None = None, low: int = 1) -> int:
         value = self._typed(key, (int,), "an integer", default)
         if value < low:
-            raise CheckpointError(f"{self.path}: metadata '{self.prefix}{key}' is {value}; it must be at least {low}.")
+            raise CheckpointError(
+                f"{self.path}: metadata '{self.prefix}{key}' is {value}; it must be at least {low}."
+            )
         return int(value)
 
     def number(self, key: str, default: float | None = None) -> float:
         value = float(self._typed(key, (int, float), "a number", default))
         if not math.isfinite(value) or value <= 0:
-            raise CheckpointError(f"{self.path}: metadata '{self.prefix}{key}' is {value}; it must be a positive number.")
+            raise CheckpointError(
+                f"{self.path}: metadata '{self.prefix}{key}' is {value}; it must be a positive number."
+            )
         return value
 
     def text(self, key: str, default: str | None = None) -> str:
@@ -281,26 +324,56 @@ def _llama_config(meta: _Metadata, shapes: dict[str, tuple[int, ...]]) -> dict[s
     if meta.integer("expert_count", 0, low=0) > 0:
         raise CheckpointError(f"{path}: a mixture-of-experts GGUF (llama.expert_count > 0) is not supported.")
     if "rope_freqs.weight" in shapes:
-        raise CheckpointError(f"{path}: tensor 'rope_freqs.weight' (Llama 3.1-style rope scaling) is not supported.")
+        raise CheckpointError(
+            f"{path}: tensor 'rope_freqs.weight' (Llama 3.1-style rope scaling) is not supported."
+        )
     layers = meta.integer("block_count")
     if layers > len(shapes):
-        raise CheckpointError(f"{path}: llama.block_count is {layers}, but the file has only {len(shapes)} tensors.")
-    hidden, ffn, heads = meta.integer("embedding_length"), meta.integer("feed_forward_length"), meta.integer("attention.head_count")
+        raise CheckpointError(
+            f"{path}: llama.block_count is {layers}, but the file has only {len(shapes)} tensors."
+        )
+    hidden, ffn, heads = (
+        meta.integer("embedding_length"),
+        meta.integer("feed_forward_length"),
+        meta.integer("attention.head_count"),
+    )
     kv_heads = meta.integer("attention.head_count_kv", heads)
     head_dim = meta.integer("attention.key_length", max(1, hidden // heads))
     if heads % kv_heads or head_dim % 2 or meta.integer("attention.value_length", head_dim) != head_dim:
-        raise CheckpointError(f"{path}: {heads} attention heads, {kv_heads} key/value heads, head size {head_dim}: not a Llama attention layout.")
+        raise CheckpointError(
+            f"{path}: {heads} attention heads, {kv_heads} key/value heads, head size {head_dim}: not a Llama attention layout."
+        )
     if meta.integer("rope.dimension_count", head_dim) != head_dim:
-        raise CheckpointError(f"{path}: llama.rope.dimension_count differs from the head size {head_dim} (partial rotary is not Llama).")
+        raise CheckpointError(
+            f"{path}: llama.rope.dimension_count differs from the head size {head_dim} (partial rotary is not Llama)."
+        )
     embed = shapes.get("token_embd.weight")
     if embed is None or len(embed) != 2:
         raise CheckpointError(f"{path}: tensor 'token_embd.weight' is missing or not a matrix.")
     vocab = embed[1]
     if meta.integer("vocab_size", vocab) != vocab:
-        raise CheckpointError(f"{path}: llama.vocab_size says {meta.integer('vocab_size')}, tensor 'token_embd.weight' has {vocab} rows.")
+        raise CheckpointError(
+            f"{path}: llama.vocab_size says {meta.integer('vocab_size')}, tensor 'token_embd.weight' has {vocab} rows."
+        )
     q, kv = heads * head_dim, kv_heads * head_dim
-    rows = {"attn_q": q, "attn_k": kv, "attn_v": kv, "attn_output": hidden, "ffn_gate": ffn, "ffn_up": ffn, "ffn_down": hidden}
-    cols = {"attn_q": hidden, "attn_k": hidden, "attn_v": hidden, "attn_output": q, "ffn_gate": hidden, "ffn_up": hidden, "ffn_down": ffn}
+    rows = {
+        "attn_q": q,
+        "attn_k": kv,
+        "attn_v": kv,
+        "attn_output": hidden,
+        "ffn_gate": ffn,
+        "ffn_up": ffn,
+        "ffn_down": hidden,
+    }
+    cols = {
+        "attn_q": hidden,
+        "attn_k": hidden,
+        "attn_v": hidden,
+        "attn_output": q,
+        "ffn_gate": hidden,
+        "ffn_up": hidden,
+        "ffn_down": ffn,
+    }
     attention_bias, mlp_bias = "blk.0.attn_q.bias" in shapes, "blk.0.ffn_up.bias" in shapes
     expected = {"token_embd.weight": (hidden, vocab), "output_norm.weight": (hidden,)}
     tied = "output.weight" not in shapes
@@ -315,18 +388,36 @@ def _llama_config(meta: _Metadata, shapes: dict[str, tuple[int, ...]]) -> dict[s
             expected[f"blk.{i}.{module}.weight"] = (hidden,)
     for name, shape in shapes.items():
         if name not in expected:
-            raise CheckpointError(f"{path}: tensor '{name}' has no place in a Llama model of {layers} layers" + ("" if hf_name(name) else " (no Hugging Face name)") + ".")
+            raise CheckpointError(
+                f"{path}: tensor '{name}' has no place in a Llama model of {layers} layers"
+                + ("" if hf_name(name) else " (no Hugging Face name)")
+                + "."
+            )
         if shape != expected[name]:
-            raise CheckpointError(f"{path}: tensor '{name}' has shape {list(shape)}; the metadata implies {list(expected[name])} (GGUF order).")
+            raise CheckpointError(
+                f"{path}: tensor '{name}' has shape {list(shape)}; the metadata implies {list(expected[name])} (GGUF order)."
+            )
     missing = [name for name in expected if name not in shapes]
     if missing:
         raise CheckpointError(f"{path}: tensor '{missing[0]}' is missing ({len(missing)} tensor(s) missing).")
     config: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden,
-        "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-        "head_dim": head_dim, "hidden_act": "silu", "max_position_embeddings": meta.integer("context_length", 2048),
-        "rms_norm_eps": meta.number("attention.layer_norm_rms_epsilon"), "rope_theta": meta.number("rope.freq_base", 10000.0),
-        "attention_bias": attention_bias, "mlp_bias": mlp_bias, "tie_word_embeddings": tied, "torch_dtype": "float32",
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": ffn,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": meta.integer("context_length", 2048),
+        "rms_norm_eps": meta.number("attention.layer_norm_rms_epsilon"),
+        "rope_theta": meta.number("rope.freq_base", 10000.0),
+        "attention_bias": attention_bias,
+        "mlp_bias": mlp_bias,
+        "tie_word_embeddings": tied,
+        "torch_dtype": "float32",
     }
     scaling = meta.text("rope.scaling.type", "none")
     if scaling == "linear":
@@ -334,7 +425,11 @@ def _llama_config(meta: _Metadata, shapes: dict[str, tuple[int, ...]]) -> dict[s
     elif scaling != "none":
         raise CheckpointError(f"{path}: rope scaling '{scaling}' is not supported (only linear).")
     tokenizer = _Metadata(meta.reader, path, "tokenizer.ggml.")
-    for key, ours in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("padding_token_id", "pad_token_id")):
+    for key, ours in (
+        ("bos_token_id", "bos_token_id"),
+        ("eos_token_id", "eos_token_id"),
+        ("padding_token_id", "pad_token_id"),
+    ):
         if tokenizer.get(key) is not None:
             config[ours] = tokenizer.integer(key, low=0)
     return config
@@ -410,7 +505,11 @@ class GGUFCheckpoint(CheckpointReader):
             raise CheckpointError(f"model path {self.path} does not exist.")
         files = find_gguf(self.path)
         if len(files) != 1:
-            found = f"holds {len(files)} GGUF files ({', '.join(f.name for f in files)}); name the one to use" if files else "is not a .gguf file and holds none"
+            found = (
+                f"holds {len(files)} GGUF files ({', '.join(f.name for f in files)}); name the one to use"
+                if files
+                else "is not a .gguf file and holds none"
+            )
             raise CheckpointError(f"{self.path} {found}.")
         self.file = files[0]
         check_header(self.file)
@@ -418,9 +517,13 @@ class GGUFCheckpoint(CheckpointReader):
         general = _Metadata(reader, self.file, "general.")
         arch = general.text("architecture")
         if arch != "llama":
-            raise CheckpointError(f"{self.file}: architecture '{arch}' is not supported (GGUF inputs are mapped for llama only).")
+            raise CheckpointError(
+                f"{self.file}: architecture '{arch}' is not supported (GGUF inputs are mapped for llama only)."
+            )
         if _Metadata(reader, self.file, "split.").integer("count", 1) > 1:
-            raise CheckpointError(f"{self.file} is one part of a split GGUF; join the parts first (llama-gguf-split --merge).")
+            raise CheckpointError(
+                f"{self.file} is one part of a split GGUF; join the parts first (llama-gguf-split --merge)."
+            )
         self._has_tokenizer = "tokenizer.ggml.model" in reader.fields
         shapes = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors}
         self._config = _llama_config(_Metadata(reader, self.file, "llama."), shapes)
@@ -431,10 +534,14 @@ class GGUFCheckpoint(CheckpointReader):
             assert name is not None  # _llama_config accepted only mapped names
             type_name = t.tensor_type.name
             if type_name not in _NATIVE and int(t.tensor_type) not in _dequantisable():
-                raise CheckpointError(f"{self.file}: tensor '{t.name}' is quantised as {type_name}, which the installed gguf package cannot dequantise.")
+                raise CheckpointError(
+                    f"{self.file}: tensor '{t.name}' is quantised as {type_name}, which the installed gguf package cannot dequantise."
+                )
             module = t.name.split(".")[2] if t.name.startswith("blk.") else ""
             shape = tuple(reversed(shapes[t.name]))
-            self._tensors[name] = _Tensor(t.name, t.tensor_type, _NATIVE.get(type_name, "F32"), shape, t.data, heads.get(module))
+            self._tensors[name] = _Tensor(
+                t.name, t.tensor_type, _NATIVE.get(type_name, "F32"), shape, t.data, heads.get(module)
+            )
 
     def tensor_names(self) -> list[str]:
         return list(self._tensors)
@@ -457,11 +564,15 @@ class GGUFCheckpoint(CheckpointReader):
         t = self._get(name)
         start, stop = (0, t.shape[0]) if rows is None else rows
         if not 0 <= start <= stop <= t.shape[0]:
-            raise CheckpointError(f"{self.file}: rows [{start}, {stop}) of tensor '{name}' are outside its {t.shape[0]} rows.")
+            raise CheckpointError(
+                f"{self.file}: rows [{start}, {stop}) of tensor '{name}' are outside its {t.shape[0]} rows."
+            )
         try:
             return _decode(t, start, stop)
         except (ValueError, TypeError, IndexError, NotImplementedError) as exc:
-            raise CheckpointError(f"{self.file}: tensor '{t.gguf_name}' ({t.qtype.name}) could not be decoded ({type(exc).__name__}: {exc}).") from None
+            raise CheckpointError(
+                f"{self.file}: tensor '{t.gguf_name}' ({t.qtype.name}) could not be decoded ({type(exc).__name__}: {exc})."
+            ) from None
 
     def config(self) -> dict[str, Any] | None:
         """Synthesised from the GGUF metadata, never from a config.json beside the file: the metadata
@@ -485,7 +596,9 @@ def _decode(t: _Tensor, start: int, stop: int) -> torch.Tensor:
 
     if start == stop:  # the dequantisers cannot reshape zero rows
         return torch.empty((0, *t.shape[1:]), dtype=to_torch(t.dtype))
-    index: slice | np.ndarray = slice(start, stop) if t.heads is None else unpermuted_rows(t.shape[0], t.heads)[start:stop]
+    index: slice | np.ndarray = (
+        slice(start, stop) if t.heads is None else unpermuted_rows(t.shape[0], t.heads)[start:stop]
+    )
     with np.errstate(all="ignore"):  # non-finite scales give non-finite values, as they do in llama.cpp
         if t.quantised and len(t.shape) == 1:  # its rows are elements inside quantisation blocks
             return torch.from_numpy(np.ascontiguousarray(dequantize(np.asarray(t.data), t.qtype)[index]))

@@ -86,7 +86,11 @@ def describe(exc: BaseException, what: str) -> str:
             f"{what} was not found on {where}: it does not exist, or it is private and no token with access was sent"
             f" ({HOW_TO_LOGIN})."
         )
-    elif isinstance(exc, errors.HfHubHTTPError) and exc.response is not None and exc.response.status_code in (401, 403):
+    elif (
+        isinstance(exc, errors.HfHubHTTPError)
+        and exc.response is not None
+        and exc.response.status_code in (401, 403)
+    ):
         status = exc.response.status_code
         text = (
             f"{what}: the Hub at {where} refused the token ({status} {'Unauthorized' if status == 401 else 'Forbidden'})."

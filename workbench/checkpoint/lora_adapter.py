@@ -63,7 +63,12 @@ class LoraFactors:
         b_rows = b if rows is None else b[rows[0] : rows[1]]
         return (b_rows @ a).mul_(self.scale)
 
-    def added_to(self, weight: "torch.Tensor", rows: tuple[int, int] | None = None, out_dtype: "torch.dtype | None" = None) -> "torch.Tensor":
+    def added_to(
+        self,
+        weight: "torch.Tensor",
+        rows: tuple[int, int] | None = None,
+        out_dtype: "torch.dtype | None" = None,
+    ) -> "torch.Tensor":
         """``weight`` + ΔW (``weight`` being rows ``[start, stop)`` of the base tensor if given), in
         ``out_dtype`` (``weight``'s by default). The LoRA delta kernel computes it in float32
         without materialising ΔW or a float32 copy of the weight; the factors are sliced as views."""
@@ -96,9 +101,13 @@ class LoraAdapter:
             raise CheckpointError(f"{config_file}: not valid JSON ({exc}).") from None
         kind = self.config.get("peft_type", "LORA")
         if kind != "LORA":
-            raise CheckpointError(f"{config_file}: peft_type '{kind}' is not LORA; only LoRA adapters are supported.")
+            raise CheckpointError(
+                f"{config_file}: peft_type '{kind}' is not LORA; only LoRA adapters are supported."
+            )
         if self.config.get("use_dora"):
-            raise CheckpointError(f"{config_file}: DoRA adapters (use_dora) are not supported; their change is not a low-rank ΔW alone.")
+            raise CheckpointError(
+                f"{config_file}: DoRA adapters (use_dora) are not supported; their change is not a low-rank ΔW alone."
+            )
         if not weights_file.is_file():
             raise CheckpointError(f"{self.path}: {WEIGHTS_NAME} is missing.")
         tensors = load_file(str(weights_file))
@@ -106,20 +115,31 @@ class LoraAdapter:
         for key, tensor in tensors.items():
             match = _FACTOR.match(key)
             if not match:
-                raise CheckpointError(f"{weights_file}: tensor '{key}' is not a LoRA factor (lora_A / lora_B of a linear layer); embedding LoRA, biases and modules_to_save are not supported.")
+                raise CheckpointError(
+                    f"{weights_file}: tensor '{key}' is not a LoRA factor (lora_A / lora_B of a linear layer); embedding LoRA, biases and modules_to_save are not supported."
+                )
             pieces.setdefault(match[1], {})[match[2]] = tensor
         self.factors: dict[str, LoraFactors] = {}
-        alpha, rslora = float(self.config.get("lora_alpha", self.config.get("r", 8))), bool(self.config.get("use_rslora"))
+        alpha, rslora = (
+            float(self.config.get("lora_alpha", self.config.get("r", 8))),
+            bool(self.config.get("use_rslora")),
+        )
         for module, pair in sorted(pieces.items()):
             if set(pair) != {"A", "B"}:
-                raise CheckpointError(f"{weights_file}: module '{module}' has lora_{next(iter(pair))} but not its partner.")
+                raise CheckpointError(
+                    f"{weights_file}: module '{module}' has lora_{next(iter(pair))} but not its partner."
+                )
             a, b = pair["A"], pair["B"]
             if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-                raise CheckpointError(f"{weights_file}: module '{module}': lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not make B @ A.")
+                raise CheckpointError(
+                    f"{weights_file}: module '{module}': lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not make B @ A."
+                )
             rank = a.shape[0]
             module_alpha = float(_pattern_value(self.config.get("alpha_pattern"), module, alpha))
             scale = module_alpha / (math.sqrt(rank) if rslora else rank)
-            self.factors[f"{module}.weight"] = LoraFactors(f"{module}.weight", a, b, scale, bool(self.config.get("fan_in_fan_out")))
+            self.factors[f"{module}.weight"] = LoraFactors(
+                f"{module}.weight", a, b, scale, bool(self.config.get("fan_in_fan_out"))
+            )
         if not self.factors:
             raise CheckpointError(f"{weights_file} holds no LoRA factors.")
 
@@ -135,7 +155,14 @@ def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
 
-def write_adapter(directory: Path, factors: dict[str, tuple["torch.Tensor", "torch.Tensor"]], *, scale: float, base_model: str, fan_in_fan_out: bool = False) -> Path:
+def write_adapter(
+    directory: Path,
+    factors: dict[str, tuple["torch.Tensor", "torch.Tensor"]],
+    *,
+    scale: float,
+    base_model: str,
+    fan_in_fan_out: bool = False,
+) -> Path:
     """Write ``{weight name: (A, B)}`` as a PEFT LoRA folder whose every module changes its weight
     by ``scale`` · B @ A. The config's ``r`` is the most common rank; modules of another rank get
     ``rank_pattern`` and ``alpha_pattern`` entries (alpha = scale · r), as PEFT writes them."""
@@ -153,7 +180,9 @@ def write_adapter(directory: Path, factors: dict[str, tuple["torch.Tensor", "tor
         tensors[f"{PREFIX}{module}.lora_A.weight"] = a.detach().contiguous().clone()
         tensors[f"{PREFIX}{module}.lora_B.weight"] = b.detach().contiguous().clone()
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    other = {module: r for module, r in ranks.items() if r != rank}  # keys are full module paths: PEFT matches a key against a path's end
+    other = {
+        module: r for module, r in ranks.items() if r != rank
+    }  # keys are full module paths: PEFT matches a key against a path's end
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -191,6 +220,8 @@ def add_to_module(model: "torch.nn.Module", adapter: LoraAdapter) -> "torch.nn.M
                 raise CheckpointError(f"{adapter.path}: the model has no weight '{name}' for this adapter.")
             target = weights[name]
             if tuple(target.shape) != factors.shape:
-                raise CheckpointError(f"{adapter.path}: '{name}' is {tuple(target.shape)} in the model but the adapter's ΔW is {factors.shape}.")
+                raise CheckpointError(
+                    f"{adapter.path}: '{name}' is {tuple(target.shape)} in the model but the adapter's ΔW is {factors.shape}."
+                )
             target.copy_(factors.added_to(target))
     return model

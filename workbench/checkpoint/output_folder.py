@@ -47,7 +47,9 @@ def start_partial(out_dir: Path, keep: bool = False) -> Path:
     partial = partial_folder(out_dir)
     if partial.exists():
         if not (partial / PARTIAL_MARKER).exists():
-            raise OutputError(f"{partial} exists and was not made by workbench; move it away, the merge writes there first.")
+            raise OutputError(
+                f"{partial} exists and was not made by workbench; move it away, the merge writes there first."
+            )
         if keep:
             return partial
         shutil.rmtree(partial)

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 from workbench.checkpoint.base import CheckpointReader, TensorInfo
 from workbench.checkpoint.folder import INDEX_NAME, SINGLE_NAME, find_safetensors
+from workbench.checkpoint.hub_client import cache_dir, describe, endpoint, failures, offline
 from workbench.checkpoint.safetensors_io import (
     MAX_HEADER_BYTES,
     loads_json,
     parse_header,
 )
 from workbench.errors import CheckpointError
-from workbench.checkpoint.hub_client import cache_dir, describe, endpoint, failures, offline
 
 if TYPE_CHECKING:
     import torch
@@ -88,7 +88,11 @@ def _cached(hub: HubRef, revision: str | ResolvedRevision | None) -> Path | None
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        path = Path(snapshot_download(hub.repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True))
+        path = Path(
+            snapshot_download(
+                hub.repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True
+            )
+        )
     except LocalEntryNotFoundError:
         return None
     return path if _has_weights(path) else None
@@ -127,11 +131,17 @@ def download(hub: HubRef, revision: str | ResolvedRevision | None) -> Path:
             raise _not_cached_offline(hub)
         return path
     try:
-        path = Path(snapshot_download(hub.repo_id, revision=revision, allow_patterns=HUB_PATTERNS, endpoint=endpoint()))
+        path = Path(
+            snapshot_download(
+                hub.repo_id, revision=revision, allow_patterns=HUB_PATTERNS, endpoint=endpoint()
+            )
+        )
     except failures() as exc:
         raise CheckpointError(f"downloading model {describe(exc, repr(str(hub)))}") from None
     if not _has_weights(path):
-        raise CheckpointError(f"model '{hub}' has no safetensors weights on the Hub (only safetensors models can be merged from the Hub).")
+        raise CheckpointError(
+            f"model '{hub}' has no safetensors weights on the Hub (only safetensors models can be merged from the Hub)."
+        )
     return path
 
 
@@ -166,7 +176,7 @@ class _RangeFile:
 
     def read_at(self, offset: int, n: int) -> bytes:
         if offset + n <= len(self.first):
-            return self.first[offset:offset + n]
+            return self.first[offset : offset + n]
         return self._get(offset, n)[0]
 
     def _get(self, offset: int, n: int) -> tuple[bytes, int | None]:
@@ -192,8 +202,10 @@ class _RangeFile:
                 match = _CONTENT_RANGE_TOTAL.search(response.headers.get("Content-Range", ""))
                 total = int(match[1]) if match else None
             else:
-                total = int(response.headers["Content-Length"]) if "Content-Length" in response.headers else None
-        return bytes(data[skip:skip + n]), total
+                total = (
+                    int(response.headers["Content-Length"]) if "Content-Length" in response.headers else None
+                )
+        return bytes(data[skip : skip + n]), total
 
 
 class RemoteSafetensorsReader(CheckpointReader):
@@ -213,7 +225,9 @@ class RemoteSafetensorsReader(CheckpointReader):
         from huggingface_hub import HfApi
         from huggingface_hub.file_download import repo_folder_name
 
-        self.path = cache_dir() / repo_folder_name(repo_id=hub.repo_id, repo_type="model") / "snapshots" / self.sha
+        self.path = (
+            cache_dir() / repo_folder_name(repo_id=hub.repo_id, repo_type="model") / "snapshots" / self.sha
+        )
         try:
             info = HfApi(endpoint=endpoint()).model_info(hub.repo_id, revision=self.sha, files_metadata=True)
         except failures() as exc:
@@ -241,12 +255,16 @@ class RemoteSafetensorsReader(CheckpointReader):
 
         size = self._sizes.get(filename)
         if size is not None and size > MAX_HEADER_BYTES:
-            raise CheckpointError(f"{self._label(filename)} is {size} bytes, more than any config or index needs ({MAX_HEADER_BYTES}).")
+            raise CheckpointError(
+                f"{self._label(filename)} is {size} bytes, more than any config or index needs ({MAX_HEADER_BYTES})."
+            )
         try:
             response = get_session().get(self._url(filename), headers=self._headers())
             hf_raise_for_status(response)
         except failures() as exc:
-            raise CheckpointError(f"reading {filename} of model {describe(exc, repr(str(self.hub)))}") from None
+            raise CheckpointError(
+                f"reading {filename} of model {describe(exc, repr(str(self.hub)))}"
+            ) from None
         try:
             return loads_json(response.content) if strict else json.loads(response.content)
         except ValueError as exc:
@@ -257,10 +275,14 @@ class RemoteSafetensorsReader(CheckpointReader):
         try:
             remote = _RangeFile(self._url(filename), self._headers(), str(label))
         except failures() as exc:
-            raise CheckpointError(f"reading the header of {filename} of model {describe(exc, repr(str(self.hub)))}") from None
+            raise CheckpointError(
+                f"reading the header of {filename} of model {describe(exc, repr(str(self.hub)))}"
+            ) from None
         tensors, _, _ = parse_header(label, remote.size, remote.read_at)
         file = self.path / filename
-        return {name: (dataclasses.replace(info, file=file), begin) for name, (info, begin) in tensors.items()}
+        return {
+            name: (dataclasses.replace(info, file=file), begin) for name, (info, begin) in tensors.items()
+        }
 
     def _read_headers(self) -> dict[str, TensorInfo]:
         """Tensor facts in the local reader's order: by index (shard, offset), else file by file."""
@@ -268,14 +290,18 @@ class RemoteSafetensorsReader(CheckpointReader):
             index = self._json(INDEX_NAME, strict=True)
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{self._label(INDEX_NAME)} is not a valid safetensors index (no weight_map object).")
+                raise CheckpointError(
+                    f"{self._label(INDEX_NAME)} is not a valid safetensors index (no weight_map object)."
+                )
             by_file: dict[str, set[str]] = {}
             for name, file in weight_map.items():
                 by_file.setdefault(str(file), set()).add(name)
             placed: dict[str, tuple[TensorInfo, int]] = {}
             for file, names in by_file.items():
                 if file not in self._sizes:
-                    raise CheckpointError(f"{self._label(INDEX_NAME)} lists shard '{file}', which model '{self.hub}' does not have.")
+                    raise CheckpointError(
+                        f"{self._label(INDEX_NAME)} lists shard '{file}', which model '{self.hub}' does not have."
+                    )
                 header = self._header(file)
                 missing = sorted(names - set(header))
                 if missing:
@@ -286,17 +312,27 @@ class RemoteSafetensorsReader(CheckpointReader):
                 placed.update((name, header[name]) for name in names)
             ordered = sorted(placed.items(), key=lambda kv: (str(kv[1][0].file), kv[1][1]))
             return {name: info for name, (info, _) in ordered}
-        files = [SINGLE_NAME] if SINGLE_NAME in self._sizes else sorted(
-            f for f in self._sizes if f.endswith(".safetensors") and "/" not in f and not f.startswith("adapter_")
+        files = (
+            [SINGLE_NAME]
+            if SINGLE_NAME in self._sizes
+            else sorted(
+                f
+                for f in self._sizes
+                if f.endswith(".safetensors") and "/" not in f and not f.startswith("adapter_")
+            )
         )
         if not files:
             have = ", ".join(sorted(self._sizes)) or "nothing"
-            raise CheckpointError(f"model '{self.hub}' has no safetensors weights on the Hub (it has: {have}); only safetensors models can be merged from the Hub.")
+            raise CheckpointError(
+                f"model '{self.hub}' has no safetensors weights on the Hub (it has: {have}); only safetensors models can be merged from the Hub."
+            )
         tensors: dict[str, TensorInfo] = {}
         for file in files:
             for name, (info, _) in self._header(file).items():
                 if name in tensors:
-                    raise CheckpointError(f"model '{self.hub}': tensor '{name}' is stored twice ({tensors[name].file.name} and {file}).")
+                    raise CheckpointError(
+                        f"model '{self.hub}': tensor '{name}' is stored twice ({tensors[name].file.name} and {file})."
+                    )
                 tensors[name] = info
         return tensors
 
@@ -327,7 +363,9 @@ class RemoteSafetensorsReader(CheckpointReader):
             if self._local is None:
                 path = download(self.hub, self.revision)
                 if path.resolve() != self.path.resolve():
-                    raise CheckpointError(f"model '{self.hub}': the download landed in {path}, not in the planned snapshot {self.path}.")
+                    raise CheckpointError(
+                        f"model '{self.hub}': the download landed in {path}, not in the planned snapshot {self.path}."
+                    )
                 self._local = self._open_local(path)
             return self._local
 

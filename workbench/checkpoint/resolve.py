@@ -27,6 +27,7 @@ class Registry(Protocol):
 
     def open_checkpoint(self, path: Path) -> CheckpointReader: ...
 
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
@@ -68,7 +69,9 @@ def split_adapters(ref: str) -> tuple[str, list[Path]]:
     if is_adapter(path):
         base = LoraAdapter(path).base_reference
         if not base:
-            raise CheckpointError(f"{ref} is a LoRA adapter without base_model_name_or_path; name its base as BASE+{ref}.")
+            raise CheckpointError(
+                f"{ref} is a LoRA adapter without base_model_name_or_path; name its base as BASE+{ref}."
+            )
         return base, [path]
     if path.exists() or "+" not in ref:
         return ref, []
@@ -76,7 +79,9 @@ def split_adapters(ref: str) -> tuple[str, list[Path]]:
     folders = [Path(a).expanduser() for a in adapters]
     for folder in folders:
         if not is_adapter(folder):
-            raise CheckpointError(f"model '{ref}' is not a path, and as BASE+ADAPTER its part '{folder}' is not a PEFT adapter folder (no adapter_config.json).")
+            raise CheckpointError(
+                f"model '{ref}' is not a path, and as BASE+ADAPTER its part '{folder}' is not a PEFT adapter folder (no adapter_config.json)."
+            )
     return base, folders
 
 

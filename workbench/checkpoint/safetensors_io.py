@@ -19,8 +19,9 @@ import math
 import os
 import stat
 import struct
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from workbench.checkpoint.base import FileWriter, TensorInfo, TensorSpec
 from workbench.checkpoint.dtypes import ITEMSIZE, to_torch
@@ -98,7 +99,13 @@ def _mapped(fd: int, offset: int, nbytes: int) -> "torch.Tensor":
     import torch
 
     aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
-    mapping = mmap.mmap(fd, offset + nbytes - aligned, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=aligned)
+    mapping = mmap.mmap(
+        fd,
+        offset + nbytes - aligned,
+        flags=mmap.MAP_PRIVATE,
+        prot=mmap.PROT_READ | mmap.PROT_WRITE,
+        offset=aligned,
+    )
     return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=offset - aligned)
 
 
@@ -106,7 +113,9 @@ def _parse_header(path: Path, fd: int) -> tuple[dict[str, tuple[TensorInfo, int]
     info = os.fstat(fd)
     # A folder or pipe named *.safetensors (the folder reader globs for them) is not a checkpoint.
     if not stat.S_ISREG(info.st_mode):
-        raise CheckpointError(f"{path} is not a regular file (a folder, pipe or device named like a safetensors file).")
+        raise CheckpointError(
+            f"{path} is not a regular file (a folder, pipe or device named like a safetensors file)."
+        )
 
     def read_at(offset: int, n: int) -> bytes:
         try:
@@ -136,16 +145,22 @@ def _strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:
-                raise ValueError(f"the string {json.dumps(text)} is not valid Unicode (a lone surrogate escape)") from None
+                raise ValueError(
+                    f"the string {json.dumps(text)} is not valid Unicode (a lone surrogate escape)"
+                ) from None
         out[key] = value
     return out
 
 
-def parse_header(path: Path, size: int, read_at: Callable[[int, int], bytes]) -> tuple[dict[str, tuple[TensorInfo, int]], dict[str, str], int]:
+def parse_header(
+    path: Path, size: int, read_at: Callable[[int, int], bytes]
+) -> tuple[dict[str, tuple[TensorInfo, int]], dict[str, str], int]:
     """Parse and check the header of a safetensors file of ``size`` bytes whose bytes ``read_at(offset,
     n)`` returns: a local file, or one on the Hub read by byte ranges (``workbench validate``)."""
     if size < 8:
-        raise CheckpointError(f"{path} is {size} bytes long: too short to be a safetensors file (truncated?).")
+        raise CheckpointError(
+            f"{path} is {size} bytes long: too short to be a safetensors file (truncated?)."
+        )
     (header_len,) = struct.unpack("<Q", read_at(0, 8))
     if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
         raise CheckpointError(
@@ -186,7 +201,9 @@ def _check_entry(path: Path, name: str, entry: Any, data_size: int) -> tuple[Ten
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in ITEMSIZE:
         raise CheckpointError(f"{where} has unknown dtype {dtype!r}.")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
         raise CheckpointError(f"{where} has a malformed shape {shape!r}.")
     product = 1
     for d in shape:  # stops early: a product of many huge dimensions is itself costly to compute
@@ -218,7 +235,11 @@ def build_header(specs: list[TensorSpec], metadata: dict[str, str] | None = None
     header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
     for spec in specs:
-        header[spec.name] = {"dtype": spec.dtype, "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        header[spec.name] = {
+            "dtype": spec.dtype,
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
         offset += spec.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % ALIGNMENT)
@@ -228,7 +249,9 @@ def build_header(specs: list[TensorSpec], metadata: dict[str, str] | None = None
 class StreamingFileWriter(FileWriter):
     """Writes one safetensors file whose tensors arrive in planned order, in one or more row blocks."""
 
-    def __init__(self, path: Path, specs: tuple[TensorSpec, ...], metadata: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, path: Path, specs: tuple[TensorSpec, ...], metadata: dict[str, str] | None = None
+    ) -> None:
         self.path = path
         self.specs = specs
         self._file = open(path, "wb")
@@ -251,7 +274,9 @@ class StreamingFileWriter(FileWriter):
         self._digest.update(flat)
         self._written += flat.nbytes
         if self._written > spec.nbytes:
-            raise RuntimeError(f"{self.path}: tensor '{name}' got more bytes than its shape {spec.shape} holds")
+            raise RuntimeError(
+                f"{self.path}: tensor '{name}' got more bytes than its shape {spec.shape} holds"
+            )
         if self._written == spec.nbytes:
             self._index += 1
             self._written = 0

@@ -73,5 +73,7 @@ def tokenizer_from_gguf(file: Path, dest: Path) -> list[str]:
         for path in dest.iterdir():
             if path.name not in before:
                 path.unlink()
-        raise CheckpointError(f"{file}: the tokenizer in its metadata could not be converted ({type(exc).__name__}: {exc}).") from None
+        raise CheckpointError(
+            f"{file}: the tokenizer in its metadata could not be converted ({type(exc).__name__}: {exc})."
+        ) from None
     return sorted(p.name for p in dest.iterdir() if p.name not in before)

@@ -37,7 +37,9 @@ def _per_layer(part: LayerRange, key: str, index: int) -> Any:
     """Entry ``index`` of the per-layer config list ``key`` of the part's own model."""
     values = (part.reader.config() or {}).get(key)
     if not isinstance(values, list) or index >= len(values):
-        raise CheckpointError(f"{part.label}: config.json has no per-layer '{key}' entry for layer {index}, which the first model's config has.")
+        raise CheckpointError(
+            f"{part.label}: config.json has no per-layer '{key}' entry for layer {index}, which the first model's config has."
+        )
     return values[index]
 
 
@@ -57,7 +59,9 @@ class StackedReader(CheckpointReader):
         for part in parts:
             count = layer_count(part.reader.tensor_names(), part.reader.config())
             if not 0 <= part.start < part.stop <= count:
-                raise CheckpointError(f"{part.label}: layer_range [{part.start}, {part.stop}] does not fit the model's {count} layers (0..{count - 1}; the end is exclusive).")
+                raise CheckpointError(
+                    f"{part.label}: layer_range [{part.start}, {part.stop}] does not fit the model's {count} layers (0..{count - 1}; the end is exclusive)."
+                )
             by_layer: dict[int, list[str]] = {}
             for name in part.reader.tensor_names():
                 index = place(name).layer_index
@@ -83,7 +87,9 @@ class StackedReader(CheckpointReader):
             self._where[name] = (owner, name)
             self._order.append(name)
         if not inserted:
-            raise CheckpointError(f"{parts[0].label}: no tensor matches a known layer layout (model.layers.N., ...), so layers cannot be sliced.")
+            raise CheckpointError(
+                f"{parts[0].label}: no tensor matches a known layer layout (model.layers.N., ...), so layers cannot be sliced."
+            )
 
     def tensor_names(self) -> list[str]:
         return list(self._order)
@@ -95,7 +101,9 @@ class StackedReader(CheckpointReader):
         try:
             return self._where[name]
         except KeyError:
-            raise CheckpointError(f"tensor '{name}' is missing from the stacked model built from {self.path}.") from None
+            raise CheckpointError(
+                f"tensor '{name}' is missing from the stacked model built from {self.path}."
+            ) from None
 
     def info(self, name: str) -> TensorInfo:
         reader, source = self._source(name)
@@ -116,7 +124,9 @@ class StackedReader(CheckpointReader):
                 config[key] = self.layers
         for key, value in list(config.items()):  # e.g. layer_types: one entry per layer
             if isinstance(value, list) and self._source_layers > 0 and len(value) == self._source_layers:
-                config[key] = [_per_layer(part, key, i) for part in self.parts for i in range(part.start, part.stop)]
+                config[key] = [
+                    _per_layer(part, key, i) for part in self.parts for i in range(part.start, part.stop)
+                ]
         return config
 
     def files(self) -> list[Path]:

@@ -91,7 +91,9 @@ SIZES = {
 
 
 def _seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") & (2**62 - 1)
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") & (
+        2**62 - 1
+    )
 
 
 def _tensor(name: str, shape: tuple[int, ...], seed: int, variant: int, delta: float) -> "torch.Tensor":
@@ -104,11 +106,22 @@ def _tensor(name: str, shape: tuple[int, ...], seed: int, variant: int, delta: f
         value = torch.randn(shape, generator=gen) * (1.0 / shape[-1] ** 0.5)
     if variant:
         noise = torch.Generator().manual_seed(_seed(seed, name, variant))
-        value += torch.randn(shape, generator=noise) * (delta * float(value.std()) if value.numel() > 1 else delta)
+        value += torch.randn(shape, generator=noise) * (
+            delta * float(value.std()) if value.numel() > 1 else delta
+        )
     return value
 
 
-def write_model(directory: Path, shape: LlamaShape, *, dtype: str = "bfloat16", seed: int = 0, variant: int = 0, delta: float = 0.02, shard_size: int = 2 * 10**9) -> Path:
+def write_model(
+    directory: Path,
+    shape: LlamaShape,
+    *,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    variant: int = 0,
+    delta: float = 0.02,
+    shard_size: int = 2 * 10**9,
+) -> Path:
     """Write a base model (``variant=0``) or its fine-tune number ``variant`` into ``directory``."""
     from workbench.checkpoint.dtypes import to_torch
 
@@ -120,7 +133,9 @@ def write_model(directory: Path, shape: LlamaShape, *, dtype: str = "bfloat16", 
         writer = StreamingFileWriter(directory / file.name, file.tensors)
         try:
             for spec in file.tensors:
-                writer.write(spec.name, _tensor(spec.name, spec.shape, seed, variant, delta).to(to_torch(code)))
+                writer.write(
+                    spec.name, _tensor(spec.name, spec.shape, seed, variant, delta).to(to_torch(code))
+                )
         finally:
             writer.close()
     write_index(directory, files)
@@ -128,7 +143,14 @@ def write_model(directory: Path, shape: LlamaShape, *, dtype: str = "bfloat16", 
     return directory
 
 
-def write_family(directory: Path, size: str | LlamaShape = "tiny", fine_tunes: int = 2, *, dtype: str = "bfloat16", seed: int = 0) -> list[Path]:
+def write_family(
+    directory: Path,
+    size: str | LlamaShape = "tiny",
+    fine_tunes: int = 2,
+    *,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+) -> list[Path]:
     """A base model and ``fine_tunes`` fine-tunes of it: ``directory/base``, ``directory/ft1``, ...
     (``size``: a name of :data:`SIZES` or a shape)."""
     shape = size if isinstance(size, LlamaShape) else SIZES[size]

@@ -63,7 +63,9 @@ def load_weights_only(file: Path) -> dict[str, "torch.Tensor"]:
         raise CheckpointError(f"{file} is not a readable PyTorch checkpoint ({exc}).") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise CheckpointError(f"{file} does not hold a state dict (a mapping of names to tensors).")
     return state
 
@@ -83,7 +85,9 @@ class TorchBinFolder(CheckpointReader):
         for file in self._files:
             for name, tensor in load_weights_only(file).items():
                 if name in self._tensors:
-                    raise CheckpointError(f"{self.path}: tensor '{name}' is stored twice ({self._file_of[name].name} and {file.name}).")
+                    raise CheckpointError(
+                        f"{self.path}: tensor '{name}' is stored twice ({self._file_of[name].name} and {file.name})."
+                    )
                 self._tensors[name] = tensor
                 self._file_of[name] = file
 

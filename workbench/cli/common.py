@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from workbench.errors import RunInterrupted, WorkbenchError
 
@@ -43,7 +44,9 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             terminal(stderr=True).print(f"[bold red]error:[/] {escape(exc)}", markup=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            terminal(stderr=True).print("[bold red]interrupted:[/] nothing was written at the output path.", markup=True)
+            terminal(stderr=True).print(
+                "[bold red]interrupted:[/] nothing was written at the output path.", markup=True
+            )
             sys.exit(130)
 
     return wrapper

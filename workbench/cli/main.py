@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
-from workbench.cli.common import escape, handle_errors, load_registry, terminal, warn
 from workbench.checkpoint.synthetic import SIZES as SIZE_NAMES
+from workbench.cli.common import escape, handle_errors, load_registry, terminal, warn
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,7 +31,12 @@ def main() -> None:
 
 @main.command()
 @click.argument("name", required=False)
-@click.option("--docs", "docs_dir", type=click.Path(file_okay=False, path_type=Path), help="Write one Markdown page per method (and an index) into this folder.")
+@click.option(
+    "--docs",
+    "docs_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write one Markdown page per method (and an index) into this folder.",
+)
 @handle_errors
 def methods(name: str | None, docs_dir: Path | None) -> None:
     """List merge methods, or show the parameters of method NAME."""
@@ -57,8 +63,12 @@ def methods(name: str | None, docs_dir: Path | None) -> None:
     console.print(method.summary)
     if method.paper:
         console.print(f"paper: {method.paper}")
-    console.print(f"base model: {method.base_model}; models: {method.min_models}..{method.max_models or 'any'}")
-    table = Table("parameter", "scope", "type", "default", "per-layer", "description", box=None, pad_edge=False)
+    console.print(
+        f"base model: {method.base_model}; models: {method.min_models}..{method.max_models or 'any'}"
+    )
+    table = Table(
+        "parameter", "scope", "type", "default", "per-layer", "description", box=None, pad_edge=False
+    )
     for scope, schema in (("global", method.Parameters), ("per-model", method.ModelParameters)):
         for row in parameter_rows(schema):
             table.add_row(row[0], scope, *row[1:])
@@ -69,30 +79,65 @@ def methods(name: str | None, docs_dir: Path | None) -> None:
 # validate / plan / run
 # ----------------------------------------------------------------------------------------------
 
+
 def _recipe_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Options shared by validate, plan and run: the output folder and overrides of recipe values."""
     options = [
-        click.option("--out", "out", type=click.Path(path_type=Path), help="Output folder (overrides output.path)."),
-        click.option("--overwrite", is_flag=True, help="Replace an existing output folder (only once the new one is complete)."),
+        click.option(
+            "--out", "out", type=click.Path(path_type=Path), help="Output folder (overrides output.path)."
+        ),
+        click.option(
+            "--overwrite",
+            is_flag=True,
+            help="Replace an existing output folder (only once the new one is complete).",
+        ),
         click.option("--dtype", default=None, help="Compute dtype (overrides the recipe's dtype)."),
-        click.option("--out-dtype", default=None, help="Storage dtype of float tensors (overrides output.dtype)."),
-        click.option("--shard-size", default=None, help="Largest output file, e.g. 2GB (overrides output.shard_size)."),
-        click.option("--memory-limit", default=None, help="Most memory a whole-model method may hold, e.g. 16GB (overrides memory_limit; default: what is available)."),
+        click.option(
+            "--out-dtype", default=None, help="Storage dtype of float tensors (overrides output.dtype)."
+        ),
+        click.option(
+            "--shard-size", default=None, help="Largest output file, e.g. 2GB (overrides output.shard_size)."
+        ),
+        click.option(
+            "--memory-limit",
+            default=None,
+            help="Most memory a whole-model method may hold, e.g. 16GB (overrides memory_limit; default: what is available).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def _plan(recipe_path: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None, memory_limit: str | None) -> Any:
+def _plan(
+    recipe_path: Path,
+    out: Path | None,
+    overwrite: bool,
+    dtype: str | None,
+    out_dtype: str | None,
+    shard_size: str | None,
+    memory_limit: str | None,
+) -> Any:
     from workbench.engine.plan import build_plan
     from workbench.recipe.schema import load_recipe, with_overrides
     from workbench.registry import require_plugins
 
     registry = load_registry()
     require_plugins(registry)
-    recipe = with_overrides(load_recipe(recipe_path), dtype=dtype, out_dtype=out_dtype, shard_size=shard_size, memory_limit=memory_limit)
-    return registry, build_plan(recipe, registry, out=out, overwrite=overwrite, check_output=out is not None or recipe.output.path is not None)
+    recipe = with_overrides(
+        load_recipe(recipe_path),
+        dtype=dtype,
+        out_dtype=out_dtype,
+        shard_size=shard_size,
+        memory_limit=memory_limit,
+    )
+    return registry, build_plan(
+        recipe,
+        registry,
+        out=out,
+        overwrite=overwrite,
+        check_output=out is not None or recipe.output.path is not None,
+    )
 
 
 def _gb(nbytes: int) -> str:
@@ -103,7 +148,15 @@ def _gb(nbytes: int) -> str:
 @click.argument("recipe", type=click.Path(path_type=Path))
 @_recipe_options
 @handle_errors
-def validate(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None, memory_limit: str | None) -> None:
+def validate(
+    recipe: Path,
+    out: Path | None,
+    overwrite: bool,
+    dtype: str | None,
+    out_dtype: str | None,
+    shard_size: str | None,
+    memory_limit: str | None,
+) -> None:
     """Check a recipe without reading tensor data: files, headers, shapes, parameters."""
     _, plan = _plan(recipe, out, overwrite, dtype, out_dtype, shard_size, memory_limit)
     try:
@@ -120,7 +173,15 @@ def validate(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None,
 @click.argument("recipe", type=click.Path(path_type=Path))
 @_recipe_options
 @handle_errors
-def plan_command(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None, memory_limit: str | None) -> None:
+def plan_command(
+    recipe: Path,
+    out: Path | None,
+    overwrite: bool,
+    dtype: str | None,
+    out_dtype: str | None,
+    shard_size: str | None,
+    memory_limit: str | None,
+) -> None:
     """Print what a recipe will read and write, and its estimated peak memory."""
     from rich.table import Table
 
@@ -130,18 +191,28 @@ def plan_command(recipe: Path, out: Path | None, overwrite: bool, dtype: str | N
     console = terminal()
     try:
         warn(plan.warnings)
-        console.print(f"method: [bold]{plan.method.name}[/]   layers: {plan.layer_count}   compute dtype: {plan.compute_dtype}")
+        console.print(
+            f"method: [bold]{plan.method.name}[/]   layers: {plan.layer_count}   compute dtype: {plan.compute_dtype}"
+        )
         inputs = Table("input", "reference", "path", "files", "size", box=None, pad_edge=False)
         for model in plan.inputs:
             if is_downloaded(model.reader):
                 files = model.reader.files()
-                inputs.add_row(model.label, model.ref, str(model.path), str(len(files)), _gb(sum(f.stat().st_size for f in files)))
+                inputs.add_row(
+                    model.label,
+                    model.ref,
+                    str(model.path),
+                    str(len(files)),
+                    _gb(sum(f.stat().st_size for f in files)),
+                )
             else:  # planned from the Hub's headers: nothing is downloaded to plan
                 size = sum(model.reader.info(name).nbytes for name in model.reader.tensor_names())
                 inputs.add_row(model.label, model.ref, "(on the Hub, not downloaded yet)", "", _gb(size))
         console.print(inputs)
         merged = sum(t.merge for t in plan.tensors)
-        console.print(f"tensors: {len(plan.tensors)} ({merged} merged, {len(plan.tensors) - merged} copied from {plan.reference.label})")
+        console.print(
+            f"tensors: {len(plan.tensors)} ({merged} merged, {len(plan.tensors) - merged} copied from {plan.reference.label})"
+        )
         outputs = Table("output file", "tensors", "size", box=None, pad_edge=False)
         for file in plan.files:
             outputs.add_row(file.name, str(len(file.tensors)), _gb(file.nbytes))
@@ -152,10 +223,16 @@ def plan_command(recipe: Path, out: Path | None, overwrite: bool, dtype: str | N
             from workbench.checkpoint.output_folder import free_space
 
             folder, free = free_space(plan.out_dir)
-            console.print(f"output: {escape(plan.out_dir)} ({_gb(free)} free on the disk holding {escape(folder)})")
-        console.print(f"reads {_gb(plan.input_bytes)}, writes {_gb(plan.output_bytes)}; estimated peak memory {_gb(plan.estimate_peak_bytes())}")
+            console.print(
+                f"output: {escape(plan.out_dir)} ({_gb(free)} free on the disk holding {escape(folder)})"
+            )
+        console.print(
+            f"reads {_gb(plan.input_bytes)}, writes {_gb(plan.output_bytes)}; estimated peak memory {_gb(plan.estimate_peak_bytes())}"
+        )
         if plan.prepare_memory is not None:
-            console.print(f"{plan.method.name} holds about {_gb(plan.prepare_memory.nbytes)} before merging: {escape(plan.prepare_memory.what)}")
+            console.print(
+                f"{plan.method.name} holds about {_gb(plan.prepare_memory.nbytes)} before merging: {escape(plan.prepare_memory.what)}"
+            )
     finally:
         plan.close()
 
@@ -164,26 +241,67 @@ def plan_command(recipe: Path, out: Path | None, overwrite: bool, dtype: str | N
 @click.argument("recipe", type=click.Path(path_type=Path))
 @_recipe_options
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
-@click.option("--executor", default="local", show_default=True, help="Where shard jobs run (see registered executors).")
-@click.option("--address", help="The cluster of a remote executor (e.g. ray: host:port); default: start a local one.")
-@click.option("--prefetch", default=2, show_default=True, type=click.IntRange(1, 64), help="Work units read ahead of the computation.")
-@click.option("--stats-json", type=click.Path(path_type=Path), help="Write timings and sizes of the run to this file.")
+@click.option(
+    "--executor", default="local", show_default=True, help="Where shard jobs run (see registered executors)."
+)
+@click.option(
+    "--address", help="The cluster of a remote executor (e.g. ray: host:port); default: start a local one."
+)
+@click.option(
+    "--prefetch",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Work units read ahead of the computation.",
+)
+@click.option(
+    "--stats-json", type=click.Path(path_type=Path), help="Write timings and sizes of the run to this file."
+)
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar and no summary.")
-@click.option("--resume", is_flag=True, help="Continue a stopped run of the same recipe: keep the output files it finished.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue a stopped run of the same recipe: keep the output files it finished.",
+)
 @handle_errors
-def run(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_dtype: str | None, shard_size: str | None, memory_limit: str | None, device: str, executor: str, address: str | None, prefetch: int, stats_json: Path | None, quiet: bool, resume: bool) -> None:
+def run(
+    recipe: Path,
+    out: Path | None,
+    overwrite: bool,
+    dtype: str | None,
+    out_dtype: str | None,
+    shard_size: str | None,
+    memory_limit: str | None,
+    device: str,
+    executor: str,
+    address: str | None,
+    prefetch: int,
+    stats_json: Path | None,
+    quiet: bool,
+    resume: bool,
+) -> None:
     """Run a recipe (native or mergekit YAML) headless."""
-    from workbench.engine.run import execute
     from workbench.engine.progress import RichProgress
+    from workbench.engine.run import execute
 
     registry, plan = _plan(recipe, out, overwrite, dtype, out_dtype, shard_size, memory_limit)
     try:
         if address and not registry.executor(executor).remote:
-            raise click.UsageError(f"--address names a cluster, but the '{executor}' executor runs in this process; use --executor ray.")
+            raise click.UsageError(
+                f"--address names a cluster, but the '{executor}' executor runs in this process; use --executor ray."
+            )
         warn(plan.warnings)
         progress = RichProgress(enabled=False if quiet else None)
-        result = execute(plan, registry, device=device, executor=executor, prefetch=prefetch, on_progress=progress, resume=resume,
-                         executor_options={"address": address} if address else None)
+        result = execute(
+            plan,
+            registry,
+            device=device,
+            executor=executor,
+            prefetch=prefetch,
+            on_progress=progress,
+            resume=resume,
+            executor_options={"address": address} if address else None,
+        )
     finally:
         plan.close()
     warn([w for w in result.warnings if w not in plan.warnings])
@@ -209,12 +327,23 @@ def run(recipe: Path, out: Path | None, overwrite: bool, dtype: str | None, out_
         from workbench.cli.hub import push_output
 
         target = plan.recipe.output.push
-        push_output(result.out_dir, target.repo, private=target.private, revision=target.revision, create_pr=target.create_pr)
+        push_output(
+            result.out_dir,
+            target.repo,
+            private=target.private,
+            revision=target.revision,
+            create_pr=target.create_pr,
+        )
 
 
 @main.command()
 @click.argument("recipe", required=False, type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--exit-when-ready", is_flag=True, hidden=True, help="Run headless and exit once the first screen is up (start-up benchmarks).")
+@click.option(
+    "--exit-when-ready",
+    is_flag=True,
+    hidden=True,
+    help="Run headless and exit once the first screen is up (start-up benchmarks).",
+)
 @handle_errors
 def tui(recipe: Path | None, exit_when_ready: bool) -> None:
     """Compose, inspect, run and publish a merge in the terminal (opens RECIPE if given; a new path is
@@ -241,7 +370,13 @@ def verify(folder: Path) -> None:
 
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "output", type=click.Path(path_type=Path), help="Write the native recipe here (default: print it).")
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    type=click.Path(path_type=Path),
+    help="Write the native recipe here (default: print it).",
+)
 @handle_errors
 def convert(recipe: Path, output: Path | None) -> None:
     """Translate a mergekit recipe into the equivalent native recipe."""
@@ -273,11 +408,23 @@ def _print_results(results: dict[str, dict[str, Any]]) -> None:
 @main.command(name="eval")
 @click.argument("model", required=False)
 @click.option("-e", "--evaluator", "names", multiple=True, help="Evaluator to run (repeatable).")
-@click.option("-o", "--option", "options", multiple=True, help="KEY=VALUE option for the evaluators that have KEY (repeatable).")
+@click.option(
+    "-o",
+    "--option",
+    "options",
+    multiple=True,
+    help="KEY=VALUE option for the evaluators that have KEY (repeatable).",
+)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the scores as JSON.")
 @click.option("--list", "list_only", is_flag=True, help="List the registered evaluators.")
 @handle_errors
-def eval_command(model: str | None, names: tuple[str, ...], options: tuple[str, ...], json_out: Path | None, list_only: bool) -> None:
+def eval_command(
+    model: str | None,
+    names: tuple[str, ...],
+    options: tuple[str, ...],
+    json_out: Path | None,
+    list_only: bool,
+) -> None:
     """Score MODEL (a folder, a .gguf file, or 'smollm2') with evaluators."""
     from rich.table import Table
 
@@ -287,7 +434,9 @@ def eval_command(model: str | None, names: tuple[str, ...], options: tuple[str, 
     if list_only:
         table = Table("evaluator", "plugin", "summary", "options", box=None, pad_edge=False)
         for name, entry in sorted(registry.evaluators.items()):
-            table.add_row(name, entry.plugin.package, entry.obj.summary, ", ".join(entry.obj.Options.model_fields))
+            table.add_row(
+                name, entry.plugin.package, entry.obj.summary, ", ".join(entry.obj.Options.model_fields)
+            )
         terminal().print(table)
         return
     if model is None or not names:
@@ -358,7 +507,13 @@ def generate(directory: Path, size: str, fine_tunes: int, dtype: str, seed: int)
 
 
 @main.command()
-@click.option("--recipes", type=click.Path(path_type=Path), default=Path("recipes"), show_default=True, help="Folder of recipes to run.")
+@click.option(
+    "--recipes",
+    type=click.Path(path_type=Path),
+    default=Path("recipes"),
+    show_default=True,
+    help="Folder of recipes to run.",
+)
 @handle_errors
 def demo(recipes: Path) -> None:
     """Generate tiny models in ./demo/models and run every recipe in RECIPES on them (no downloads)."""
@@ -369,17 +524,50 @@ def demo(recipes: Path) -> None:
 
 @main.command()
 @click.option("--size", type=click.Choice(list(SIZE_NAMES)), default="250m", show_default=True)
-@click.option("--methods", "method_names", default="linear,task_arithmetic,ties,dare_ties,slerp", show_default=True)
+@click.option(
+    "--methods", "method_names", default="linear,task_arithmetic,ties,dare_ties,slerp", show_default=True
+)
 @click.option("--fine-tunes", default=3, show_default=True)
-@click.option("--dir", "directory", type=click.Path(path_type=Path), default=Path("bench-models"), show_default=True, help="Generated models are kept here between runs.")
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(path_type=Path),
+    default=Path("bench-models"),
+    show_default=True,
+    help="Generated models are kept here between runs.",
+)
 @click.option("--repeat", default=1, show_default=True, help="Runs per method (the fastest is reported).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the results as JSON.")
-@click.option("--mergekit", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="A mergekit-yaml executable: run the same YAML through it and report the speed-up.")
-@click.option("--check", is_flag=True, help="Rerun each merge with WORKBENCH_KERNELS=reference and report the distance in bf16 steps.")
+@click.option(
+    "--mergekit",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    help="A mergekit-yaml executable: run the same YAML through it and report the speed-up.",
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Rerun each merge with WORKBENCH_KERNELS=reference and report the distance in bf16 steps.",
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda, for the workbench's runs.")
-@click.option("--ops", "ops_only", is_flag=True, help="Benchmark each kernel against its torch reference instead of whole merges.")
+@click.option(
+    "--ops",
+    "ops_only",
+    is_flag=True,
+    help="Benchmark each kernel against its torch reference instead of whole merges.",
+)
 @handle_errors
-def bench(size: str, method_names: str, fine_tunes: int, directory: Path, repeat: int, json_out: Path | None, mergekit: Path | None, check: bool, device: str, ops_only: bool) -> None:
+def bench(
+    size: str,
+    method_names: str,
+    fine_tunes: int,
+    directory: Path,
+    repeat: int,
+    json_out: Path | None,
+    mergekit: Path | None,
+    check: bool,
+    device: str,
+    ops_only: bool,
+) -> None:
     """Benchmark end-to-end merges (wall time, start-up, merge throughput, peak RSS) or, with --ops, each kernel."""
     if ops_only:
         from workbench.tools.bench_ops import run_op_bench
@@ -389,7 +577,18 @@ def bench(size: str, method_names: str, fine_tunes: int, directory: Path, repeat
     from workbench.tools.bench import run_bench
 
     methods = [m.strip() for m in method_names.split(",") if m.strip()]
-    run_bench(size, methods, fine_tunes, directory, repeat, json_out, terminal(), mergekit=mergekit, check=check, device=device)
+    run_bench(
+        size,
+        methods,
+        fine_tunes,
+        directory,
+        repeat,
+        json_out,
+        terminal(),
+        mergekit=mergekit,
+        check=check,
+        device=device,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,7 +603,13 @@ def zoo() -> None:
 
 @zoo.command(name="build")
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--scale", type=click.Choice(["tiny", "small"]), default="tiny", show_default=True, help="tiny: under a minute; small: about 10 minutes on 2 cores.")
+@click.option(
+    "--scale",
+    type=click.Choice(["tiny", "small"]),
+    default="tiny",
+    show_default=True,
+    help="tiny: under a minute; small: about 10 minutes on 2 cores.",
+)
 @click.option("--seed", default=0, show_default=True)
 @handle_errors
 def zoo_build(directory: Path, scale: str, seed: int) -> None:
@@ -418,19 +623,43 @@ def zoo_build(directory: Path, scale: str, seed: int) -> None:
 
 @zoo.command(name="report")
 @click.argument("directories", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", "out_file", type=click.Path(path_type=Path), default=Path("docs/reproductions.md"), show_default=True)
+@click.option(
+    "--out",
+    "out_file",
+    type=click.Path(path_type=Path),
+    default=Path("docs/reproductions.md"),
+    show_default=True,
+)
 @click.option("--n", default=512, show_default=True, help="Held-out examples per task and split.")
 @click.option("--seed", default=99, show_default=True, help="Evaluation seed.")
-@click.option("--sections", default=None, help="Comma-separated sections to measure (task_vectors, learned, layer_swap, ot_fusion, lora_experts); default: all.")
+@click.option(
+    "--sections",
+    default=None,
+    help="Comma-separated sections to measure (task_vectors, learned, layer_swap, ot_fusion, lora_experts); default: all.",
+)
 @handle_errors
-def zoo_report(directories: tuple[Path, ...], out_file: Path, n: int, seed: int, sections: str | None) -> None:
+def zoo_report(
+    directories: tuple[Path, ...], out_file: Path, n: int, seed: int, sections: str | None
+) -> None:
     """Measure the reproduction tables on one or more built zoos (one per seed) and write them as Markdown."""
     from workbench.zoo.reports.report import SECTIONS, write_report
 
     registry = load_registry()
     chosen = tuple(part.strip() for part in sections.split(",")) if sections else SECTIONS
-    command = f"workbench zoo report {' '.join(map(str, directories))} --out {out_file} --n {n} --seed {seed}" + (f" --sections {sections}" if sections else "")
-    text = write_report(list(directories), out_file, registry, n, seed, command, log=terminal(stderr=True).print, sections=chosen)
+    command = (
+        f"workbench zoo report {' '.join(map(str, directories))} --out {out_file} --n {n} --seed {seed}"
+        + (f" --sections {sections}" if sections else "")
+    )
+    text = write_report(
+        list(directories),
+        out_file,
+        registry,
+        n,
+        seed,
+        command,
+        log=terminal(stderr=True).print,
+        sections=chosen,
+    )
     terminal().print(text)
 
 

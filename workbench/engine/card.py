@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from workbench.checkpoint.resolve import is_hub_reference
 from workbench.checkpoint.hub_client import HubError
+from workbench.checkpoint.resolve import is_hub_reference
 
 if TYPE_CHECKING:
     from workbench.engine.plan import MergePlan
@@ -41,8 +41,8 @@ def hub_repo(ref: str) -> str | None:
 
 def _source(ref: str, path: Path | None) -> str:
     """How the card names an input: a Hub input links to its repo at the commit that was read."""
-    from workbench.checkpoint.remote import hub_commit
     from workbench.checkpoint.hub_client import endpoint
+    from workbench.checkpoint.remote import hub_commit
 
     repo = hub_repo(ref)
     if repo is None:
@@ -104,17 +104,25 @@ def check_card(folder: Path) -> dict[str, Any]:
     path = folder / CARD_FILE
     where = f"model card {path}"
     if not path.is_file():
-        raise HubError(f"{folder} has no {CARD_FILE} model card; `workbench run` writes one into every output.")
+        raise HubError(
+            f"{folder} has no {CARD_FILE} model card; `workbench run` writes one into every output."
+        )
     try:
         card = ModelCard(path.read_text(encoding="utf-8"), ignore_metadata_errors=False)
     except (ValueError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise HubError(f"{where}: the metadata block (between the '---' lines) is not valid: {exc}.") from None
+        raise HubError(
+            f"{where}: the metadata block (between the '---' lines) is not valid: {exc}."
+        ) from None
     data = card.data.to_dict()
     if not data:
-        raise HubError(f"{where} has no metadata block ('---' lines with library_name, tags, base_model at the top).")
+        raise HubError(
+            f"{where} has no metadata block ('---' lines with library_name, tags, base_model at the top)."
+        )
     library = data.get("library_name")
     if not isinstance(library, str) or not library.strip():
-        raise HubError(f"{where}: metadata field 'library_name' is missing or empty (it tells the Hub how to load the model).")
+        raise HubError(
+            f"{where}: metadata field 'library_name' is missing or empty (it tells the Hub how to load the model)."
+        )
     tags = data.get("tags")
     if not isinstance(tags, list) or "merge" not in tags:
         raise HubError(f"{where}: metadata field 'tags' must be a list that includes 'merge' (got {tags!r}).")
@@ -122,22 +130,30 @@ def check_card(folder: Path) -> dict[str, Any]:
     if base is not None:
         bases = [base] if isinstance(base, str) else base
         if not isinstance(bases, list) or not bases:
-            raise HubError(f"{where}: metadata field 'base_model' must be a Hub repo id or a list of them (got {base!r}).")
+            raise HubError(
+                f"{where}: metadata field 'base_model' must be a Hub repo id or a list of them (got {base!r})."
+            )
         for repo in bases:
             try:
                 validate_repo_id(str(repo))
             except HFValidationError as exc:
                 raise HubError(f"{where}: base_model entry {repo!r} is not a Hub repo id ({exc}).") from None
         if data.get("base_model_relation") != "merge":
-            raise HubError(f"{where}: a merge that names base_model needs 'base_model_relation: merge' (got {data.get('base_model_relation')!r}).")
+            raise HubError(
+                f"{where}: a merge that names base_model needs 'base_model_relation: merge' (got {data.get('base_model_relation')!r})."
+            )
     for section in REQUIRED_SECTIONS:
         if not re.search(rf"^{re.escape(section)}\s*$", card.text, re.MULTILINE):
-            raise HubError(f"{where} has no '{section}' section (the inputs and the recipe belong on the card).")
+            raise HubError(
+                f"{where} has no '{section}' section (the inputs and the recipe belong on the card)."
+            )
     block = _RECIPE_BLOCK.search(card.text)
     try:
         recipe = yaml.safe_load(block[1]) if block else None
     except yaml.YAMLError:
         recipe = None
     if not isinstance(recipe, dict) or "method" not in recipe:
-        raise HubError(f"{where}: the '## Recipe' section must hold the recipe as a ```yaml block with its method.")
+        raise HubError(
+            f"{where}: the '## Recipe' section must hold the recipe as a ```yaml block with its method."
+        )
     return data

@@ -51,8 +51,12 @@ def run_identity(plan: "MergePlan", device: str) -> dict[str, str]:
         inputs[f"input {model.label} ({model.ref})"] = _digest(stats)
     return {
         "recipe": _digest(plan.recipe.to_yaml()),
-        "output layout": _digest([(f.name, [(t.name, t.dtype, list(t.shape)) for t in f.tensors]) for f in plan.files]),
-        "environment": _digest({"workbench": __version__, "device": device, "kernels": os.environ.get("WORKBENCH_KERNELS", "")}),
+        "output layout": _digest(
+            [(f.name, [(t.name, t.dtype, list(t.shape)) for t in f.tensors]) for f in plan.files]
+        ),
+        "environment": _digest(
+            {"workbench": __version__, "device": device, "kernels": os.environ.get("WORKBENCH_KERNELS", "")}
+        ),
         **inputs,
     }
 
@@ -67,7 +71,13 @@ class Manifest:
     """The files of one output folder that are finished; saved atomically after every change, so a
     kill at any moment leaves either the old or the new list, never a torn one."""
 
-    def __init__(self, directory: Path, identity: dict[str, str], files: dict[str, FileRecord] | None = None, complete: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        identity: dict[str, str],
+        files: dict[str, FileRecord] | None = None,
+        complete: bool = False,
+    ) -> None:
         self.directory = directory
         self.identity = identity
         self.files: dict[str, FileRecord] = dict(files or {})
@@ -87,7 +97,12 @@ class Manifest:
             if data.get("version") != MANIFEST_VERSION:
                 raise ValueError(f"version {data.get('version')!r}, expected {MANIFEST_VERSION}")
             files = {name: FileRecord(str(r["sha256"]), int(r["bytes"])) for name, r in data["files"].items()}
-            return cls(directory, {str(k): str(v) for k, v in data["identity"].items()}, files, data["complete"] is True)
+            return cls(
+                directory,
+                {str(k): str(v) for k, v in data["identity"].items()},
+                files,
+                data["complete"] is True,
+            )
         except FileNotFoundError:
             raise
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -133,10 +148,16 @@ def verify_folder(directory: Path) -> list[str]:
     try:
         manifest = Manifest.read(directory)
     except FileNotFoundError:
-        return [f"{directory} has no {MANIFEST_FILE} (not written by workbench, or by a version before manifests)."]
+        return [
+            f"{directory} has no {MANIFEST_FILE} (not written by workbench, or by a version before manifests)."
+        ]
     except OutputError as exc:
         return [str(exc)]
-    problems = [] if manifest.complete else [f"{manifest.path} is not marked complete: the run that wrote it did not finish."]
+    problems = (
+        []
+        if manifest.complete
+        else [f"{manifest.path} is not marked complete: the run that wrote it did not finish."]
+    )
     for name, record in sorted(manifest.files.items()):
         path = directory / name
         if not path.is_file():

@@ -8,9 +8,10 @@ file, tensor, field or line it concerns.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -21,7 +22,15 @@ from workbench.checkpoint.dtypes import ITEMSIZE, code_from_name
 from workbench.checkpoint.resolve import open_reference
 from workbench.checkpoint.stacked import LayerRange, StackedReader
 from workbench.errors import CheckpointError, OutputError, RecipeError
-from workbench.method import MemoryNeed, MergeMethod, MethodParameters, is_per_layer, param_keys, resolve_params, tensor_seed
+from workbench.method import (
+    MemoryNeed,
+    MergeMethod,
+    MethodParameters,
+    is_per_layer,
+    param_keys,
+    resolve_params,
+    tensor_seed,
+)
 from workbench.params import anchors, is_filter_list, varies
 from workbench.recipe.schema import Recipe, format_path, located
 from workbench.registry import Registry
@@ -99,12 +108,21 @@ class MergePlan:
 
     def estimate_peak_bytes(self, prefetch: int = 2) -> int:
         """Peak resident memory: inputs and outputs of the work units in flight, not the model size."""
-        per_element_in = sum(ITEMSIZE[m.reader.info(self.tensors[0].name).dtype] for m in self.inputs) if self.tensors else 0
+        per_element_in = (
+            sum(ITEMSIZE[m.reader.info(self.tensors[0].name).dtype] for m in self.inputs)
+            if self.tensors
+            else 0
+        )
         compute = ITEMSIZE[self.compute_dtype]
         largest = 0
         for t in self.tensors:
             numel = t.input_bytes // max(per_element_in, 1)
-            largest = max(largest, min(numel, CHUNK_ELEMENTS * (2 if self.method.blockwise else 1)) if self.method.row_blocks else numel)
+            largest = max(
+                largest,
+                min(numel, CHUNK_ELEMENTS * (2 if self.method.blockwise else 1))
+                if self.method.row_blocks
+                else numel,
+            )
         out_item = max((ITEMSIZE[t.out_dtype] for t in self.tensors), default=4)
         in_flight = (prefetch + 1) * largest * per_element_in
         working = largest * compute * (3 if self.method.row_blocks else len(self.inputs) + 2)
@@ -129,7 +147,15 @@ class _ParamChecker:
     def where(self, path: tuple[Any, ...]) -> str:
         return self.source.where(path) if self.source else f"{self.recipe_name}: {format_path(path)}"
 
-    def check(self, raw: dict[str, Any], schema: type[MethodParameters], path: tuple[Any, ...], method: str, allowed_elsewhere: set[str], defaults: dict[str, Any] | None = None) -> None:
+    def check(
+        self,
+        raw: dict[str, Any],
+        schema: type[MethodParameters],
+        path: tuple[Any, ...],
+        method: str,
+        allowed_elsewhere: set[str],
+        defaults: dict[str, Any] | None = None,
+    ) -> None:
         keys = param_keys(schema)
         for key in raw:
             if key in keys or key in allowed_elsewhere:
@@ -137,16 +163,22 @@ class _ParamChecker:
             close = difflib.get_close_matches(key, list(keys) + list(allowed_elsewhere), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             known = ", ".join(sorted(keys)) or "none"
-            raise RecipeError(f"{self.where(path + (key,))}: unknown parameter '{key}' for method '{method}'.{hint} Its parameters here: {known}.")
+            raise RecipeError(
+                f"{self.where(path + (key,))}: unknown parameter '{key}' for method '{method}'.{hint} Its parameters here: {known}."
+            )
         for key, fname in keys.items():
             info = schema.model_fields[fname]
             if key not in raw:
                 if info.is_required() and not (defaults and key in defaults):
-                    raise RecipeError(f"{self.where(path)}: method '{method}' needs parameter '{key}' ({info.description}).")
+                    raise RecipeError(
+                        f"{self.where(path)}: method '{method}' needs parameter '{key}' ({info.description})."
+                    )
                 continue
             value = raw[key]
             if value == [] or (is_filter_list(value) and any(entry.get("value") == [] for entry in value)):
-                raise RecipeError(f"{self.where(path + (key,))}: parameter '{key}' has an empty list as its value.")
+                raise RecipeError(
+                    f"{self.where(path + (key,))}: parameter '{key}' has an empty list as its value."
+                )
             annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation  # type: ignore[misc]
             adapter = TypeAdapter(annotation)
             if not is_per_layer(schema, fname):  # one value for the whole model, taken literally
@@ -154,14 +186,20 @@ class _ParamChecker:
                     adapter.validate_python(value)
                 except ValidationError as exc:
                     if varies(value):
-                        raise RecipeError(f"{self.where(path + (key,))}: parameter '{key}' takes a single value, not a list or a file.") from None
-                    raise RecipeError(f"{self.where(path + (key,))}: parameter '{key}' = {value!r} is invalid: {exc.errors()[0]['msg']}.") from None
+                        raise RecipeError(
+                            f"{self.where(path + (key,))}: parameter '{key}' takes a single value, not a list or a file."
+                        ) from None
+                    raise RecipeError(
+                        f"{self.where(path + (key,))}: parameter '{key}' = {value!r} is invalid: {exc.errors()[0]['msg']}."
+                    ) from None
                 continue
             if is_filter_list(value):
                 for i, entry in enumerate(value):
                     extra = set(entry) - {"filter", "value"}
                     if extra or "value" not in entry:
-                        raise RecipeError(f"{self.where(path + (key, i))}: a filter entry has keys 'filter' and 'value' only.")
+                        raise RecipeError(
+                            f"{self.where(path + (key, i))}: a filter entry has keys 'filter' and 'value' only."
+                        )
             try:
                 values = anchors(value)
             except ValueError as exc:
@@ -171,7 +209,9 @@ class _ParamChecker:
                     adapter.validate_python(anchor)
                 except ValidationError as exc:
                     message = exc.errors()[0]["msg"]
-                    raise RecipeError(f"{self.where(path + (key,))}: parameter '{key}' = {anchor!r} is invalid: {message}.") from None
+                    raise RecipeError(
+                        f"{self.where(path + (key,))}: parameter '{key}' = {anchor!r} is invalid: {message}."
+                    ) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,7 +232,9 @@ def _open(opener: Opener, ref: str, label: str, parameters: dict[str, Any]) -> I
     return InputModel(ref=ref, label=label, path=path, reader=reader, parameters=parameters)
 
 
-def _open_stacked(opener: Opener, recipe: Recipe, j: int, model_defaults: dict[str, Any], sources: list[InputModel]) -> InputModel:
+def _open_stacked(
+    opener: Opener, recipe: Recipe, j: int, model_defaults: dict[str, Any], sources: list[InputModel]
+) -> InputModel:
     """Input model ``j`` of a recipe with slices: source ``j`` of every slice, stacked in order.
 
     Each distinct model is opened once per input model; ``sources`` collects them (for the output
@@ -210,14 +252,27 @@ def _open_stacked(opener: Opener, recipe: Recipe, j: int, model_defaults: dict[s
                 readers[source.model] = opened.reader
                 sources.append(opened)
                 paths.append(opened.path)
-            parts.append(LayerRange(readers[source.model], source.layer_range[0], source.layer_range[1], f"{label} ({source.model})"))
+            parts.append(
+                LayerRange(
+                    readers[source.model],
+                    source.layer_range[0],
+                    source.layer_range[1],
+                    f"{label} ({source.model})",
+                )
+            )
         reader = StackedReader(parts)
     except BaseException:
         for opened_reader in readers.values():
             opened_reader.close()
         raise
     first = (recipe.slices or [])[0].sources[j]
-    return InputModel(ref=first.model, label=f"slices[*].sources[{j}]", path=paths[0], reader=reader, parameters={**model_defaults, **first.parameters})
+    return InputModel(
+        ref=first.model,
+        label=f"slices[*].sources[{j}]",
+        path=paths[0],
+        reader=reader,
+        parameters={**model_defaults, **first.parameters},
+    )
 
 
 def check_output_path(out_dir: Path, inputs: list[InputModel], overwrite: bool) -> None:
@@ -225,9 +280,13 @@ def check_output_path(out_dir: Path, inputs: list[InputModel], overwrite: bool) 
     for model in inputs:
         folder = (model.path if model.path.is_dir() else model.path.parent).resolve()
         if out == folder or folder in out.parents:
-            raise OutputError(f"output {out_dir} is inside input {model} ({folder}); choose a folder outside every input.")
+            raise OutputError(
+                f"output {out_dir} is inside input {model} ({folder}); choose a folder outside every input."
+            )
         if out in folder.parents:
-            raise OutputError(f"input {model} lies inside the output folder {out_dir}; choose another output folder.")
+            raise OutputError(
+                f"input {model} lies inside the output folder {out_dir}; choose another output folder."
+            )
         # The engine writes into <out>.partial first (and replaces an unfinished one it left there).
         scratch = out.with_name(out.name + ".partial")
         if folder == scratch or scratch in folder.parents:
@@ -253,7 +312,9 @@ def available_memory() -> int | None:
 
 def check_memory(method: str, need: MemoryNeed, limit: int | None) -> None:
     """Refuse a whole-model method that would hold more than the limit (default: what is available)."""
-    budget, source = (limit, "memory_limit") if limit is not None else (available_memory(), "the memory available now")
+    budget, source = (
+        (limit, "memory_limit") if limit is not None else (available_memory(), "the memory available now")
+    )
     if budget is not None and need.nbytes > budget:
         raise RecipeError(
             f"method '{method}' would hold about {need.nbytes / 1e9:.2f} GB ({need.what}), more than {source}"
@@ -261,7 +322,14 @@ def check_memory(method: str, need: MemoryNeed, limit: int | None) -> None:
         )
 
 
-def build_plan(recipe: Recipe, registry: Registry, out: str | Path | None = None, overwrite: bool = False, check_output: bool = True, opener: Opener | None = None) -> MergePlan:
+def build_plan(
+    recipe: Recipe,
+    registry: Registry,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    check_output: bool = True,
+    opener: Opener | None = None,
+) -> MergePlan:
     """Open every input, check that they agree, and plan every output tensor and file."""
     opener = opener or (lambda ref: open_reference(registry, ref))
     method_cls = registry.method(recipe.method)
@@ -274,10 +342,24 @@ def build_plan(recipe: Recipe, registry: Registry, out: str | Path | None = None
     model_defaults = {k: v for k, v in recipe.parameters.items() if k in model_keys}
     checker.check(recipe.parameters, method_cls.Parameters, ("parameters",), method_cls.name, model_keys)
     for i, entry in enumerate(recipe.models):
-        checker.check(entry.parameters, method_cls.ModelParameters, ("models", i, "parameters"), method_cls.name, set(), model_defaults)
+        checker.check(
+            entry.parameters,
+            method_cls.ModelParameters,
+            ("models", i, "parameters"),
+            method_cls.name,
+            set(),
+            model_defaults,
+        )
     for i, piece in enumerate(recipe.slices or []):
         for j, source in enumerate(piece.sources):
-            checker.check(source.parameters, method_cls.ModelParameters, ("slices", i, "sources", j, "parameters"), method_cls.name, set(), model_defaults)
+            checker.check(
+                source.parameters,
+                method_cls.ModelParameters,
+                ("slices", i, "sources", j, "parameters"),
+                method_cls.name,
+                set(),
+                model_defaults,
+            )
             if source.parameters != recipe.slices[0].sources[j].parameters:  # type: ignore[index]
                 raise RecipeError(
                     f"{checker.where(('slices', i, 'sources', j, 'parameters'))}: source {j} has other parameters than in slice 0;"
@@ -315,7 +397,15 @@ def build_plan(recipe: Recipe, registry: Registry, out: str | Path | None = None
     return plan
 
 
-def _plan_tensors(recipe: Recipe, method_cls: type[MergeMethod], global_raw: dict[str, Any], models: list[InputModel], base: InputModel | None, output_format: CheckpointFormat, out_dir: Path | None) -> MergePlan:
+def _plan_tensors(
+    recipe: Recipe,
+    method_cls: type[MergeMethod],
+    global_raw: dict[str, Any],
+    models: list[InputModel],
+    base: InputModel | None,
+    output_format: CheckpointFormat,
+    out_dir: Path | None,
+) -> MergePlan:
     reference = base or models[0]
     inputs = ([base] if base else []) + models
     names = reference.reader.tensor_names()
@@ -379,18 +469,27 @@ def _plan_tensors(recipe: Recipe, method_cls: type[MergeMethod], global_raw: dic
         if merge:
             try:
                 planned.params = resolve_params(method_cls.Parameters, global_raw, place, name, layers)
-                planned.model_params = [resolve_params(method_cls.ModelParameters, m.parameters, place, name, layers) for m in models]
+                planned.model_params = [
+                    resolve_params(method_cls.ModelParameters, m.parameters, place, name, layers)
+                    for m in models
+                ]
             except ValidationError as exc:
-                raise RecipeError(f"parameters for tensor '{name}' are invalid: {exc.errors()[0]['msg']}.") from None
+                raise RecipeError(
+                    f"parameters for tensor '{name}' are invalid: {exc.errors()[0]['msg']}."
+                ) from None
         tensors.append(planned)
     for label, (have, want, count) in converted.items():
-        warnings.append(f"{label} stores {count} tensor(s) as {have} where the reference has {want}; they are converted for the merge.")
+        warnings.append(
+            f"{label} stores {count} tensor(s) as {have} where the reference has {want}; they are converted for the merge."
+        )
     if not placed_any:
         warnings.append(
             f"no tensor of {reference} matches a known layer layout (model.layers.N., transformer.h.N., ...);"
             " it still merges, but per-layer parameter lists apply their first value everywhere."
         )
-    prepare_memory = method.memory_needed(global_raw, [m.parameters for m in models], [(t.name, t.shape) for t in tensors if t.merge])
+    prepare_memory = method.memory_needed(
+        global_raw, [m.parameters for m in models], [(t.name, t.shape) for t in tensors if t.merge]
+    )
     if prepare_memory is not None:
         check_memory(method_cls.name, prepare_memory, recipe.memory_limit_bytes)
     shard_size = recipe.output.shard_bytes

@@ -9,24 +9,31 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from workbench.checkpoint.dtypes import torch_name
+from workbench.checkpoint.output_folder import (
+    DISK_FULL,
+    PARTIAL_MARKER,
+    check_free_space,
+    partial_folder,
+    publish,
+    start_partial,
+)
 from workbench.checkpoint.resolve import ensure_local
 from workbench.checkpoint.sidecars import copy_config, copy_tokenizer
-from workbench.errors import CheckpointError, OutputError, RecipeError, RunInterrupted, WorkbenchError
 from workbench.engine.card import card_text
 from workbench.engine.manifest import MANIFEST_FILE, Manifest, run_identity
-from workbench.checkpoint.output_folder import DISK_FULL, PARTIAL_MARKER, check_free_space, partial_folder, publish, start_partial
 from workbench.engine.plan import MergePlan, build_plan
 from workbench.engine.progress import ProgressCallback
+from workbench.errors import CheckpointError, OutputError, RecipeError, RunInterrupted, WorkbenchError
 from workbench.recipe.schema import Recipe, load_recipe
 from workbench.registry import Registry, get_registry, require_plugins
 
 if TYPE_CHECKING:
-
     pass
 
 from workbench.engine.runner import RunProgress, TensorRunner, merge_runtime, prepare_state
@@ -54,7 +61,9 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise WorkbenchError(f"device '{device}' was requested but CUDA is not available here; use --device cpu or auto.")
+        raise WorkbenchError(
+            f"device '{device}' was requested but CUDA is not available here; use --device cpu or auto."
+        )
     if device != "cpu" and not device.startswith("cuda"):
         raise WorkbenchError(f"unknown device '{device}' (use cpu, cuda or auto).")
     return device
@@ -63,10 +72,17 @@ def resolve_device(device: str) -> str:
 #: Row blocks of a blockwise method start at multiples of this many elements where the row length
 #: allows it within twice ``CHUNK_ELEMENTS``, so that statistics summed per fixed block (L1 norms,
 #: slerp's dot products) meet the same partial sums as over the whole tensor.
-def _finish_folder(plan: MergePlan, partial: Path, recipe_yaml: str, title: str, warn: Callable[[str], None]) -> None:
+def _finish_folder(
+    plan: MergePlan, partial: Path, recipe_yaml: str, title: str, warn: Callable[[str], None]
+) -> None:
     """Sidecar files, the resolved recipe and the model card."""
     out_dtype = next((t.out_dtype for t in plan.tensors if t.merge), None)
-    copy_config(plan.reference.path, partial, torch_name(out_dtype) if out_dtype else None, plan.reference.reader.config())
+    copy_config(
+        plan.reference.path,
+        partial,
+        torch_name(out_dtype) if out_dtype else None,
+        plan.reference.reader.config(),
+    )
     source = plan.recipe.output.copy_tokenizer_from
     model = None  # the input the tokenizer comes from, if it is one
     if source is None or source == "base":
@@ -83,7 +99,9 @@ def _finish_folder(plan: MergePlan, partial: Path, recipe_yaml: str, title: str,
         try:
             model.reader.embedded_tokenizer(partial)
         except CheckpointError as exc:  # the weights are the result: keep them, say what is missing
-            warn(f"{exc} The output has no tokenizer; name a folder with tokenizer files in output.copy_tokenizer_from.")
+            warn(
+                f"{exc} The output has no tokenizer; name a folder with tokenizer files in output.copy_tokenizer_from."
+            )
     (partial / RECIPE_FILE).write_text(recipe_yaml)
     (partial / "README.md").write_text(card_text(plan, recipe_yaml, title))
 
@@ -123,7 +141,17 @@ def _stopped(what: str, plan: MergePlan, manifest: Manifest) -> str:
     )
 
 
-def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executor: str = "local", prefetch: int = 2, on_progress: ProgressCallback | None = None, resume: bool = False, executor_options: dict[str, Any] | None = None) -> RunResult:
+def execute(
+    plan: MergePlan,
+    registry: Registry,
+    *,
+    device: str = "cpu",
+    executor: str = "local",
+    prefetch: int = 2,
+    on_progress: ProgressCallback | None = None,
+    resume: bool = False,
+    executor_options: dict[str, Any] | None = None,
+) -> RunResult:
     """Run a plan whose output path has been checked; with ``resume``, continue a stopped run.
 
     ``executor_options`` go to the executor's constructor (e.g. a Ray cluster's ``address``).
@@ -133,12 +161,16 @@ def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executo
     out_dir = plan.out_dir
     device = resolve_device(device)
     executor_impl = registry.executor(executor)(**(executor_options or {}))
-    resolved = plan.recipe.model_copy(update={"output": plan.recipe.output.model_copy(update={"path": str(out_dir)})})
+    resolved = plan.recipe.model_copy(
+        update={"output": plan.recipe.output.model_copy(update={"path": str(out_dir)})}
+    )
     if executor_impl.remote:
         from workbench.engine.shard_task import check_remote
 
         check_remote(plan, executor)
-    ensure_local(m.reader for m in plan.inputs)  # Hub inputs planned from headers: download them before starting
+    ensure_local(
+        m.reader for m in plan.inputs
+    )  # Hub inputs planned from headers: download them before starting
     manifest = _open_manifest(plan, device, resume)
     partial = manifest.directory
     todo = [f for f in plan.files if f.name not in manifest.files]
@@ -153,15 +185,23 @@ def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executo
             from workbench.engine.shard_task import ShardTask, record_shard
 
             task = ShardTask(resolved.to_yaml(), str(out_dir), str(partial), device, prefetch, os.getcwd())
-            executor_impl.run(todo, task, lambda file, result: record_shard(plan, file, result, manifest, runner, progress))
+            executor_impl.run(
+                todo, task, lambda file, result: record_shard(plan, file, result, manifest, runner, progress)
+            )
         else:
             with merge_runtime(device):
                 executor_impl.run(todo, lambda f: runner.write_file(partial, f, manifest))
         plan.output_format.finish_output(partial, plan.files)
         method.write_extras(state, partial)
-        _finish_folder(plan, partial, resolved.to_yaml(), out_dir.name, lambda message: runner.warn("tokenizer", message))
+        _finish_folder(
+            plan, partial, resolved.to_yaml(), out_dir.name, lambda message: runner.warn("tokenizer", message)
+        )
         for path in sorted(partial.rglob("*")):
-            if path.is_file() and path.name not in (PARTIAL_MARKER, MANIFEST_FILE) and path.relative_to(partial).as_posix() not in manifest.files:
+            if (
+                path.is_file()
+                and path.name not in (PARTIAL_MARKER, MANIFEST_FILE)
+                and path.relative_to(partial).as_posix() not in manifest.files
+            ):
                 manifest.record(path)
         manifest.complete = True
         manifest.save()
@@ -174,7 +214,13 @@ def execute(plan: MergePlan, registry: Registry, *, device: str = "cpu", executo
             shutil.rmtree(partial, ignore_errors=True)
             raise
         _discard_unless_resumable(plan, manifest)
-        raise OutputError(_stopped(f"the disk ran out of space writing {exc.filename or partial} ({exc.strerror})", plan, manifest)) from exc
+        raise OutputError(
+            _stopped(
+                f"the disk ran out of space writing {exc.filename or partial} ({exc.strerror})",
+                plan,
+                manifest,
+            )
+        ) from exc
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -198,7 +244,19 @@ def _discard_unless_resumable(plan: MergePlan, manifest: Manifest) -> None:
         shutil.rmtree(manifest.directory, ignore_errors=True)
 
 
-def run_recipe(recipe: Recipe | str | Path, *, out: str | Path | None = None, overwrite: bool = False, device: str = "cpu", executor: str = "local", prefetch: int = 2, on_progress: ProgressCallback | None = None, registry: Registry | None = None, resume: bool = False, executor_options: dict[str, Any] | None = None) -> RunResult:
+def run_recipe(
+    recipe: Recipe | str | Path,
+    *,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    device: str = "cpu",
+    executor: str = "local",
+    prefetch: int = 2,
+    on_progress: ProgressCallback | None = None,
+    registry: Registry | None = None,
+    resume: bool = False,
+    executor_options: dict[str, Any] | None = None,
+) -> RunResult:
     """Load (if needed), plan and run a recipe; the Python API behind ``workbench run``."""
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
@@ -206,7 +264,16 @@ def run_recipe(recipe: Recipe | str | Path, *, out: str | Path | None = None, ov
     require_plugins(registry)
     plan = build_plan(recipe, registry, out=out, overwrite=overwrite)
     try:
-        result = execute(plan, registry, device=device, executor=executor, prefetch=prefetch, on_progress=on_progress, resume=resume, executor_options=executor_options)
+        result = execute(
+            plan,
+            registry,
+            device=device,
+            executor=executor,
+            prefetch=prefetch,
+            on_progress=on_progress,
+            resume=resume,
+            executor_options=executor_options,
+        )
     finally:
         plan.close()
     if recipe.evaluators:
@@ -214,4 +281,3 @@ def run_recipe(recipe: Recipe | str | Path, *, out: str | Path | None = None, ov
 
         result.evaluations = evaluate_output(recipe.evaluators, result.out_dir, registry)
     return result
-

@@ -18,17 +18,18 @@ import math
 import os
 import threading
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from workbench.checkpoint.dtypes import to_torch
-from workbench.method import MergeMethod, PrepareContext, RowBlocks, TensorContext
-from workbench.engine.manifest import Manifest
 from workbench.checkpoint.output_folder import DISK_FULL
+from workbench.engine.manifest import Manifest
 from workbench.engine.plan import CHUNK_ELEMENTS, MergePlan, PlannedTensor
 from workbench.engine.progress import ProgressCallback, ProgressEvent
+from workbench.method import MergeMethod, PrepareContext, RowBlocks, TensorContext
 from workbench.registry import Registry
 
 if TYPE_CHECKING:
@@ -69,11 +70,20 @@ class RunProgress:
         self.bytes_read = 0
         self._lock = threading.Lock()
 
-    def emit(self, kind: str, tensor: str | None = None, nbytes: int = 0, finished: bool = False, note: str | None = None) -> None:
+    def emit(
+        self,
+        kind: str,
+        tensor: str | None = None,
+        nbytes: int = 0,
+        finished: bool = False,
+        note: str | None = None,
+    ) -> None:
         with self._lock:
             self.bytes_read += nbytes
             self.done += int(finished)
-            event = ProgressEvent(kind, self.done, self.total, self.bytes_read, self.total_bytes, tensor, note)  # type: ignore[arg-type]
+            event = ProgressEvent(
+                kind, self.done, self.total, self.bytes_read, self.total_bytes, tensor, note
+            )  # type: ignore[arg-type]
         if self.callback is not None:
             self.callback(event)
 
@@ -81,7 +91,15 @@ class RunProgress:
 class TensorRunner:
     """Runs the method over the tensors of one output file at a time."""
 
-    def __init__(self, plan: MergePlan, method: MergeMethod, state: Any, device: str, prefetch: int, progress: RunProgress) -> None:
+    def __init__(
+        self,
+        plan: MergePlan,
+        method: MergeMethod,
+        state: Any,
+        device: str,
+        prefetch: int,
+        progress: RunProgress,
+    ) -> None:
         self.plan = plan
         self.method = method
         self.state = state
@@ -97,7 +115,9 @@ class TensorRunner:
         self._statistics: dict[str, Any] = {}
 
     def _blocks(self, tensor: PlannedTensor) -> list[tuple[int, int] | None]:
-        return row_blocks(tensor, self.method.row_blocks and tensor.merge, ALIGN_ELEMENTS if self.method.blockwise else 1)
+        return row_blocks(
+            tensor, self.method.row_blocks and tensor.merge, ALIGN_ELEMENTS if self.method.blockwise else 1
+        )
 
     def _units(self, file: "OutputFile") -> Iterator[tuple[PlannedTensor, tuple[int, int] | None, bool]]:
         for spec in file.tensors:
@@ -121,18 +141,35 @@ class TensorRunner:
         moved = [x.to(self.device, non_blocking=True) for x in inputs] if self.device != "cpu" else inputs
         return (moved[1:], moved[0]) if self.plan.base is not None else (moved, None)
 
-    def _gathered(self, tensor: PlannedTensor, rows: tuple[int, int] | None, models: list["torch.Tensor"], base: "torch.Tensor | None", last: bool, ctx: TensorContext) -> Any:
+    def _gathered(
+        self,
+        tensor: PlannedTensor,
+        rows: tuple[int, int] | None,
+        models: list["torch.Tensor"],
+        base: "torch.Tensor | None",
+        last: bool,
+        ctx: TensorContext,
+    ) -> Any:
         """The blockwise method's statistics of this tensor: gathered at its first row block (which
         is already read), kept until its last."""
         if tensor.name not in self._statistics:
+
             def read(block: tuple[int, int] | None) -> tuple[list["torch.Tensor"], "torch.Tensor | None"]:
                 return (models, base) if block == rows else self._split(self._read(tensor, block))
 
             blocks = RowBlocks(tensor.shape, self._blocks(tensor), read)
-            self._statistics[tensor.name] = self.method.tensor_statistics(blocks, tensor.params, tensor.model_params, ctx)  # type: ignore[arg-type]
+            self._statistics[tensor.name] = self.method.tensor_statistics(
+                blocks, tensor.params, tensor.model_params, ctx
+            )  # type: ignore[arg-type]
         return self._statistics.pop(tensor.name) if last else self._statistics[tensor.name]
 
-    def _compute(self, tensor: PlannedTensor, rows: tuple[int, int] | None, inputs: list["torch.Tensor"], last: bool = True) -> "torch.Tensor":
+    def _compute(
+        self,
+        tensor: PlannedTensor,
+        rows: tuple[int, int] | None,
+        inputs: list["torch.Tensor"],
+        last: bool = True,
+    ) -> "torch.Tensor":
         if not tensor.merge:
             return inputs[0]
         models, base = self._split(inputs)
@@ -163,7 +200,11 @@ class TensorRunner:
 
         if not all_finite(out):
             culprits = [str(m) for m, x in zip(self.plan.inputs, inputs) if not all_finite(x)]
-            cause = f"input {', '.join(culprits)} hold(s) NaN/Inf values" if culprits else "the method produced them"
+            cause = (
+                f"input {', '.join(culprits)} hold(s) NaN/Inf values"
+                if culprits
+                else "the method produced them"
+            )
             self.warn(tensor.name, f"tensor '{tensor.name}': the merged tensor has NaN/Inf values; {cause}.")
         return out
 
@@ -244,14 +285,26 @@ def merge_runtime(device: str) -> Iterator[None]:
             gc.enable()
 
 
-def prepare_state(plan: MergePlan, registry: Registry, method: MergeMethod, device: str, note: Callable[[str], None]) -> Any:
+def prepare_state(
+    plan: MergePlan, registry: Registry, method: MergeMethod, device: str, note: Callable[[str], None]
+) -> Any:
     """The method's global state (``prepare``): shared by the driver and remote shard tasks, which
     must both derive it from the same plan."""
     return method.prepare(
-        PrepareContext(models=[m.reader for m in plan.models], base=plan.base.reader if plan.base else None,
-                       params=plan.params, model_params=[m.parameters for m in plan.models],
-                       tensor_names=[t.name for t in plan.tensors], device=device, seed=plan.recipe.seed,
-                       compute_dtype=to_torch(plan.compute_dtype),
-                       extra={"registry": registry, "note": note,
-                              "model_refs": [m.ref for m in plan.models], "base_ref": plan.base.ref if plan.base else None})
+        PrepareContext(
+            models=[m.reader for m in plan.models],
+            base=plan.base.reader if plan.base else None,
+            params=plan.params,
+            model_params=[m.parameters for m in plan.models],
+            tensor_names=[t.name for t in plan.tensors],
+            device=device,
+            seed=plan.recipe.seed,
+            compute_dtype=to_torch(plan.compute_dtype),
+            extra={
+                "registry": registry,
+                "note": note,
+                "model_refs": [m.ref for m in plan.models],
+                "base_ref": plan.base.ref if plan.base else None,
+            },
+        )
     )

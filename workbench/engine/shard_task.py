@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from workbench.errors import OutputError, WorkbenchError
 from workbench.engine.manifest import Manifest, sha256_file
+from workbench.errors import OutputError, WorkbenchError
 from workbench.method import MergeMethod
 
 if TYPE_CHECKING:
     from workbench.checkpoint import OutputFile
-    from workbench.engine.runner import RunProgress, TensorRunner
     from workbench.engine.plan import MergePlan
+    from workbench.engine.runner import RunProgress, TensorRunner
 
 
 class ShardResult(NamedTuple):
@@ -75,19 +75,21 @@ class ShardTask:
     cwd: str
 
     def __call__(self, file: OutputFile) -> ShardResult:
+        from workbench.engine.plan import build_plan
         from workbench.engine.runner import (
-            merge_runtime,
             RunProgress,
             TensorRunner,
+            merge_runtime,
             prepare_state,
         )
-        from workbench.engine.plan import build_plan
         from workbench.recipe.schema import parse_recipe
         from workbench.registry import get_registry
 
         registry = get_registry()
         with _working_directory(self.cwd):
-            plan = build_plan(parse_recipe(self.recipe_yaml, "<shard task>"), registry, out=self.out_dir, check_output=False)
+            plan = build_plan(
+                parse_recipe(self.recipe_yaml, "<shard task>"), registry, out=self.out_dir, check_output=False
+            )
         try:
             planned = next((f for f in plan.files if f.name == file.name), None)
             if planned is None or planned.tensors != file.tensors:
@@ -97,7 +99,9 @@ class ShardTask:
                 )
             method = plan.method()
             state = prepare_state(plan, registry, method, self.device, lambda text: None)
-            runner = TensorRunner(plan, method, state, self.device, self.prefetch, RunProgress(plan, None, [planned]))
+            runner = TensorRunner(
+                plan, method, state, self.device, self.prefetch, RunProgress(plan, None, [planned])
+            )
             with merge_runtime(self.device):
                 path = runner.write_file(Path(self.partial), planned)
         finally:
@@ -105,7 +109,14 @@ class ShardTask:
         return ShardResult(file.name, sha256_file(path), path.stat().st_size, runner.warnings)
 
 
-def record_shard(plan: MergePlan, file: OutputFile, result: ShardResult, manifest: Manifest, runner: TensorRunner, progress: RunProgress) -> None:
+def record_shard(
+    plan: MergePlan,
+    file: OutputFile,
+    result: ShardResult,
+    manifest: Manifest,
+    runner: TensorRunner,
+    progress: RunProgress,
+) -> None:
     """Check a file a worker wrote against its reported size and checksum, as this machine reads
     it, then list it in the manifest (so that ``--resume`` keeps it)."""
     by_name = {t.name: t for t in plan.tensors}

@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from workbench.engine.card import check_card
 from workbench.checkpoint.hub_client import (
     HOW_TO_LOGIN,
     HubError,
@@ -28,6 +27,7 @@ from workbench.checkpoint.hub_client import (
     offline,
 )
 from workbench.checkpoint.output_folder import PARTIAL_MARKER
+from workbench.engine.card import check_card
 
 #: Files never uploaded: our unfinished-output marker (a finished folder has none).
 IGNORE_PATTERNS = [PARTIAL_MARKER]
@@ -51,18 +51,26 @@ def check_folder(folder: Path, token: str | None) -> None:
     if not folder.is_dir():
         raise HubError(f"{folder} is not a folder; push the output folder of a `workbench run`.")
     if (folder / PARTIAL_MARKER).exists():
-        raise HubError(f"{folder} is an unfinished output (it holds {PARTIAL_MARKER}); finish the run (or --resume it) before pushing.")
+        raise HubError(
+            f"{folder} is an unfinished output (it holds {PARTIAL_MARKER}); finish the run (or --resume it) before pushing."
+        )
     if not any(folder.glob("*.safetensors")):
-        raise HubError(f"{folder} holds no *.safetensors weights; push the output folder of a `workbench run`.")
+        raise HubError(
+            f"{folder} holds no *.safetensors weights; push the output folder of a `workbench run`."
+        )
     check_card(folder)
     if token:
         needle = token.encode()
         for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix not in _UNSCANNED):
             if needle in path.read_bytes():
-                raise HubError(f"{path} contains the Hub token; remove it before pushing (nothing was uploaded).")
+                raise HubError(
+                    f"{path} contains the Hub token; remove it before pushing (nothing was uploaded)."
+                )
 
 
-def push_folder(folder: Path, repo_id: str, *, private: bool = False, revision: str | None = None, create_pr: bool = False) -> PushResult:
+def push_folder(
+    folder: Path, repo_id: str, *, private: bool = False, revision: str | None = None, create_pr: bool = False
+) -> PushResult:
     """Check ``folder`` locally, then create ``repo_id`` if needed and upload the folder into it."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HFValidationError
@@ -75,13 +83,19 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, revision: 
     except HFValidationError as exc:
         raise HubError(f"'{repo_id}' is not a Hub repo id ({exc}).") from None
     if create_pr and revision not in (None, "main"):
-        raise HubError(f"a pull request is always opened against the default branch; drop --revision {revision} or --create-pr.")
+        raise HubError(
+            f"a pull request is always opened against the default branch; drop --revision {revision} or --create-pr."
+        )
     token = current_token()
     check_folder(folder, token)
     if offline():
-        raise HubError(f"cannot push {folder} to {repo_id}: offline mode is on (HF_HUB_OFFLINE=1); unset it to upload.")
+        raise HubError(
+            f"cannot push {folder} to {repo_id}: offline mode is on (HF_HUB_OFFLINE=1); unset it to upload."
+        )
     if not token:
-        raise HubError(f"cannot push {folder} to {repo_id}: no Hugging Face token was found; {HOW_TO_LOGIN} (a token with write access).")
+        raise HubError(
+            f"cannot push {folder} to {repo_id}: no Hugging Face token was found; {HOW_TO_LOGIN} (a token with write access)."
+        )
 
     api = HfApi(endpoint=endpoint(), token=token, library_name="merge-workbench")
     uploading = False
@@ -97,15 +111,25 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, revision: 
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         uploading = True
         commit = api.upload_folder(
-            repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
-            commit_message=COMMIT_MESSAGE, ignore_patterns=list(IGNORE_PATTERNS),
+            repo_id=repo_id,
+            folder_path=folder,
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=COMMIT_MESSAGE,
+            ignore_patterns=list(IGNORE_PATTERNS),
         )
     except failures() as exc:
         message = f"pushing {folder}: " + describe(exc, f"repo {repo_id}")
         if uploading:
-            message += " Files already committed stay on the Hub; run the same push again to complete the upload."
+            message += (
+                " Files already committed stay on the Hub; run the same push again to complete the upload."
+            )
         raise HubError(message) from None
     return PushResult(
-        repo_id=repo_id, url=str(repo_url), commit_url=commit.commit_url, pr_url=commit.pr_url,
-        private=bool(info.private), revision=revision,
+        repo_id=repo_id,
+        url=str(repo_url),
+        commit_url=commit.commit_url,
+        pr_url=commit.pr_url,
+        private=bool(info.private),
+        revision=revision,
     )

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 from workbench import architecture
-from workbench.modeling.lowrank import lowrank
 from workbench.errors import CheckpointError, RecipeError
+from workbench.modeling.lowrank import lowrank
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +47,10 @@ class LoraReport:
 
     def to_json(self) -> dict[str, object]:
         return {
-            "tensors": {t.name: {"shape": list(t.shape), "rank": t.rank, "relative_error": t.relative_error} for t in self.tensors},
+            "tensors": {
+                t.name: {"shape": list(t.shape), "rank": t.rank, "relative_error": t.relative_error}
+                for t in self.tensors
+            },
             "unchanged": self.unchanged,
             "not_captured": self.not_captured,
         }
@@ -59,7 +63,9 @@ def is_target(name: str, shape: tuple[int, ...], targets: set[str] | None) -> bo
     return targets is None or name.removesuffix(".weight").rsplit(".", 1)[-1] in targets
 
 
-def deltas(base: "CheckpointReader", tuned: "CheckpointReader", targets: set[str] | None, report: LoraReport) -> Iterator[tuple[str, "torch.Tensor"]]:
+def deltas(
+    base: "CheckpointReader", tuned: "CheckpointReader", targets: set[str] | None, report: LoraReport
+) -> Iterator[tuple[str, "torch.Tensor"]]:
     """(name, ΔW) of every target that changed; records unchanged targets and changed non-targets."""
     import torch
 
@@ -68,7 +74,9 @@ def deltas(base: "CheckpointReader", tuned: "CheckpointReader", targets: set[str
         if name not in tuned:
             raise CheckpointError(f"'{name}' is in the base but not in {tuned.path}.")
         if tuned.info(name).shape != base.info(name).shape:
-            raise CheckpointError(f"'{name}' is {tuned.info(name).shape} in {tuned.path} but {base.info(name).shape} in the base.")
+            raise CheckpointError(
+                f"'{name}' is {tuned.info(name).shape} in {tuned.path} but {base.info(name).shape} in the base."
+            )
     for name in names:
         delta = tuned.read(name).float() - base.read(name).float()
         if not is_target(name, base.info(name).shape, targets):
@@ -80,7 +88,15 @@ def deltas(base: "CheckpointReader", tuned: "CheckpointReader", targets: set[str
             report.unchanged.append(name)
 
 
-def write_factored(pairs: Iterator[tuple[str, "torch.Tensor"]], out_dir: Path, rank: int | dict[str, int], base_model: str, report: LoraReport, overwrite: bool, on_tensor: Callable[[str], None] | None = None) -> LoraReport:
+def write_factored(
+    pairs: Iterator[tuple[str, "torch.Tensor"]],
+    out_dir: Path,
+    rank: int | dict[str, int],
+    base_model: str,
+    report: LoraReport,
+    overwrite: bool,
+    on_tensor: Callable[[str], None] | None = None,
+) -> LoraReport:
     """Factor every (name, ΔW) at ``rank`` (one for all, or per tensor) and publish a PEFT adapter
     folder (whole or not at all)."""
     from workbench.checkpoint.lora_adapter import write_adapter
@@ -96,11 +112,15 @@ def write_factored(pairs: Iterator[tuple[str, "torch.Tensor"]], out_dir: Path, r
         for name, delta in pairs:
             a, b, error = lowrank(delta, rank if isinstance(rank, int) else rank[name])
             factors[name] = (a, b)
-            report.tensors.append(Factored(name, (int(delta.shape[0]), int(delta.shape[1])), int(a.shape[0]), error))
+            report.tensors.append(
+                Factored(name, (int(delta.shape[0]), int(delta.shape[1])), int(a.shape[0]), error)
+            )
             if on_tensor:
                 on_tensor(name)
         if not factors:
-            raise RecipeError("no target weight differs between the two models; there is nothing to put in an adapter.")
+            raise RecipeError(
+                "no target weight differs between the two models; there is nothing to put in an adapter."
+            )
         write_adapter(partial, factors, scale=1.0, base_model=base_model)
         (partial / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=2) + "\n")
         publish(partial, out_dir)
@@ -111,7 +131,16 @@ def write_factored(pairs: Iterator[tuple[str, "torch.Tensor"]], out_dir: Path, r
     return report
 
 
-def extract_lora(base_ref: str, tuned_ref: str, out_dir: Path, rank: int, registry: "Registry", targets: set[str] | None = None, overwrite: bool = False, on_tensor: Callable[[str], None] | None = None) -> LoraReport:
+def extract_lora(
+    base_ref: str,
+    tuned_ref: str,
+    out_dir: Path,
+    rank: int,
+    registry: "Registry",
+    targets: set[str] | None = None,
+    overwrite: bool = False,
+    on_tensor: Callable[[str], None] | None = None,
+) -> LoraReport:
     """``workbench lora extract``: the rank-``rank`` LoRA that best turns the base into the fine-tune."""
     from workbench.checkpoint.resolve import open_reference
 
@@ -123,5 +152,9 @@ def extract_lora(base_ref: str, tuned_ref: str, out_dir: Path, rank: int, regist
         raise
     with base, tuned:
         report = LoraReport(out_dir)
-        base_model = str(Path(base_ref).resolve()) if Path(base_ref).exists() else base_ref  # a Hub id stays one
-        return write_factored(deltas(base, tuned, targets, report), out_dir, rank, base_model, report, overwrite, on_tensor)
+        base_model = (
+            str(Path(base_ref).resolve()) if Path(base_ref).exists() else base_ref
+        )  # a Hub id stays one
+        return write_factored(
+            deltas(base, tuned, targets, report), out_dir, rank, base_model, report, overwrite, on_tensor
+        )

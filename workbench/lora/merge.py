@@ -13,12 +13,13 @@ only approximates; the adapter's ``lora_report.json`` gives each tensor's relati
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from workbench.checkpoint.base import CheckpointReader, TensorInfo
-from workbench.errors import CheckpointError, RecipeError
 from workbench.checkpoint.lora_adapter import LoraAdapter, LoraFactors
+from workbench.errors import CheckpointError, RecipeError
 from workbench.lora.extract import LoraReport, write_factored
 
 if TYPE_CHECKING:
@@ -34,7 +35,9 @@ class DeltaReader(CheckpointReader):
     """The ΔW of one adapter over the union of every adapter's targets (zeros where it has none;
     no factors at all: the zero base)."""
 
-    def __init__(self, path: Path, factors: dict[str, LoraFactors], shapes: dict[str, tuple[int, int]]) -> None:
+    def __init__(
+        self, path: Path, factors: dict[str, LoraFactors], shapes: dict[str, tuple[int, int]]
+    ) -> None:
         self.path = path
         self.factors = factors
         self.shapes = shapes
@@ -60,14 +63,26 @@ class DeltaReader(CheckpointReader):
         return []
 
 
-def merge_loras(adapters: list[Path], out_dir: Path, registry: "Registry", method: str = "task_arithmetic", parameters: dict[str, Any] | None = None, weights: list[float] | None = None, rank: int | None = None, overwrite: bool = False, on_tensor: Callable[[str], None] | None = None) -> LoraReport:
+def merge_loras(
+    adapters: list[Path],
+    out_dir: Path,
+    registry: "Registry",
+    method: str = "task_arithmetic",
+    parameters: dict[str, Any] | None = None,
+    weights: list[float] | None = None,
+    rank: int | None = None,
+    overwrite: bool = False,
+    on_tensor: Callable[[str], None] | None = None,
+) -> LoraReport:
     """``workbench lora merge``: one adapter from several, through any merge method."""
-    from workbench.engine.run import execute
     from workbench.engine.plan import build_plan
+    from workbench.engine.run import execute
     from workbench.recipe.schema import Recipe
 
     if weights is not None and len(weights) != len(adapters):
-        raise RecipeError(f"{len(weights)} weights for {len(adapters)} adapters; give one --weight per adapter, in order.")
+        raise RecipeError(
+            f"{len(weights)} weights for {len(adapters)} adapters; give one --weight per adapter, in order."
+        )
     if out_dir.exists() and not overwrite:
         raise RecipeError(f"{out_dir} exists; choose another folder or pass --overwrite.")
     loaded = [LoraAdapter(path) for path in adapters]
@@ -76,21 +91,35 @@ def merge_loras(adapters: list[Path], out_dir: Path, registry: "Registry", metho
     for adapter in loaded:
         for name, factors in adapter.factors.items():
             if shapes.setdefault(name, factors.shape) != factors.shape:
-                raise CheckpointError(f"adapter {adapter.path} changes '{name}' as {factors.shape}, another adapter as {shapes[name]}: they are not for one base.")
+                raise CheckpointError(
+                    f"adapter {adapter.path} changes '{name}' as {factors.shape}, another adapter as {shapes[name]}: they are not for one base."
+                )
             ranks[name] = ranks.get(name, 0) + factors.rank
     readers = {str(adapter.path): DeltaReader(adapter.path, adapter.factors, shapes) for adapter in loaded}
     readers[ZERO_BASE] = DeltaReader(loaded[0].path, {}, shapes)
     method_cls = registry.method(method)
-    models = [{"model": str(a.path), **({"parameters": {"weight": w}} if weights is not None else {})} for a, w in zip(loaded, weights or [None] * len(loaded))]
-    recipe = Recipe.model_validate({
-        "method": method,
-        "models": models,
-        **({"base": ZERO_BASE} if method_cls.base_model != "unused" else {}),
-        "parameters": parameters or {},
-        "output": {"dtype": "float32"},
-    })
-    with tempfile.TemporaryDirectory(prefix="workbench-lora-merge-", dir=out_dir.parent if out_dir.parent.exists() else None) as scratch:
-        plan = build_plan(recipe, registry, out=Path(scratch) / "deltas", opener=lambda ref: (readers[ref].path, readers[ref]))
+    models = [
+        {"model": str(a.path), **({"parameters": {"weight": w}} if weights is not None else {})}
+        for a, w in zip(loaded, weights or [None] * len(loaded))
+    ]
+    recipe = Recipe.model_validate(
+        {
+            "method": method,
+            "models": models,
+            **({"base": ZERO_BASE} if method_cls.base_model != "unused" else {}),
+            "parameters": parameters or {},
+            "output": {"dtype": "float32"},
+        }
+    )
+    with tempfile.TemporaryDirectory(
+        prefix="workbench-lora-merge-", dir=out_dir.parent if out_dir.parent.exists() else None
+    ) as scratch:
+        plan = build_plan(
+            recipe,
+            registry,
+            out=Path(scratch) / "deltas",
+            opener=lambda ref: (readers[ref].path, readers[ref]),
+        )
         try:
             execute(plan, registry)
         finally:

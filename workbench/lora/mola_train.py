@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from workbench.errors import RecipeError
 
@@ -43,7 +44,15 @@ def load_balancing_loss(probs: "torch.Tensor", chosen: "torch.Tensor") -> "torch
     return experts * (share * probs.mean(dim=0)).sum()
 
 
-def new_experts(model: "torch.nn.Module", counts: Sequence[int], rank: int, alpha: float, top_k: int, targets: Sequence[str], seed: int) -> dict[str, "ExpertSet"]:  # noqa: F821
+def new_experts(
+    model: "torch.nn.Module",
+    counts: Sequence[int],
+    rank: int,
+    alpha: float,
+    top_k: int,
+    targets: Sequence[str],
+    seed: int,
+) -> dict[str, "ExpertSet"]:  # noqa: F821
     """Fresh experts for every targeted linear layer: A and router kaiming-uniform, B zero."""
     import torch
 
@@ -64,7 +73,9 @@ def new_experts(model: "torch.nn.Module", counts: Sequence[int], rank: int, alph
         for e in range(count):
             torch.nn.init.kaiming_uniform_(a[e], a=math.sqrt(5), generator=generator)
         torch.nn.init.kaiming_uniform_(router, a=math.sqrt(5), generator=generator)
-        experts[name] = ExpertSet(a, torch.zeros(count, out, rank), torch.full((count,), alpha / rank), router, min(top_k, count))
+        experts[name] = ExpertSet(
+            a, torch.zeros(count, out, rank), torch.full((count,), alpha / rank), router, min(top_k, count)
+        )
     if not experts:
         raise RecipeError(f"no linear layer named {', '.join(targets)} inside the model's layers.")
     return experts
@@ -93,8 +104,8 @@ def train_mola(
     from transformers import AutoModelForCausalLM
 
     from workbench import architecture
-    from workbench.modeling.allocation import per_layer
     from workbench.checkpoint.output_folder import publish, start_partial
+    from workbench.modeling.allocation import per_layer
     from workbench.modeling.mola import save_experts, wrap
     from workbench.modeling.training import train
 
@@ -110,15 +121,26 @@ def train_mola(
     parameters = sum(int(p.numel()) for p in trainable)
     if aux_loss > 0:
         batches = _with_balance(model, wrapped, batches, aux_loss)
-    losses = train(model, batches, steps, lr, seed=seed, parameters=trainable, weight_decay=0.0, log=log, label="mola")
+    losses = train(
+        model, batches, steps, lr, seed=seed, parameters=trainable, weight_decay=0.0, log=log, label="mola"
+    )
     partial = start_partial(out_dir)
     try:
         for source in Path(base).iterdir():
             if source.is_file() and not source.name.startswith("."):
                 shutil.copy2(source, partial / source.name)
-        config = {"source": "mola_train", "base": str(Path(base).resolve()), "allocation": {"requested": allocation, "per_layer": counts},
-                  "rank": rank, "alpha": alpha, "steps": steps, "lr": lr, "aux_loss": aux_loss, "seed": seed,
-                  "parameters": parameters}
+        config = {
+            "source": "mola_train",
+            "base": str(Path(base).resolve()),
+            "allocation": {"requested": allocation, "per_layer": counts},
+            "rank": rank,
+            "alpha": alpha,
+            "steps": steps,
+            "lr": lr,
+            "aux_loss": aux_loss,
+            "seed": seed,
+            "parameters": parameters,
+        }
         save_experts(partial, {name: layer.experts() for name, layer in wrapped.items()}, config)
         publish(partial, out_dir)
     except BaseException:
@@ -127,11 +149,19 @@ def train_mola(
     return MolaTraining(out_dir, counts, parameters, losses)
 
 
-def _with_balance(model: "torch.nn.Module", wrapped: dict, batches: Iterator[dict], weight: float) -> Iterator[dict]:
+def _with_balance(
+    model: "torch.nn.Module", wrapped: dict, batches: Iterator[dict], weight: float
+) -> Iterator[dict]:
     """Batches whose loss gets ``weight`` · L_aux added (through a forward hook on the model)."""
 
     def add_aux(module: torch.nn.Module, args: tuple, output: object) -> object:
-        total = sum(load_balancing_loss(layer.last_probs.reshape(-1, layer.last_probs.shape[-1]), layer.last_gates.reshape(-1, layer.last_gates.shape[-1]) > 0) for layer in wrapped.values())
+        total = sum(
+            load_balancing_loss(
+                layer.last_probs.reshape(-1, layer.last_probs.shape[-1]),
+                layer.last_gates.reshape(-1, layer.last_gates.shape[-1]) > 0,
+            )
+            for layer in wrapped.values()
+        )
         output.loss = output.loss + weight * total  # type: ignore[attr-defined]
         return output
 

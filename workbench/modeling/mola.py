@@ -88,17 +88,23 @@ class MoLALinear(torch.nn.Module):
         return y + hidden @ self.lora_B.permute(1, 0, 2).reshape(self.lora_B.shape[1], experts * rank).T
 
     def experts(self) -> ExpertSet:
-        return ExpertSet(self.lora_A.detach(), self.lora_B.detach(), self.scale.detach(), self.router.detach(), self.top_k)
+        return ExpertSet(
+            self.lora_A.detach(), self.lora_B.detach(), self.scale.detach(), self.router.detach(), self.top_k
+        )
 
 
-def stack(factors: list[tuple[torch.Tensor, torch.Tensor, float]], router: torch.Tensor, top_k: int) -> ExpertSet:
+def stack(
+    factors: list[tuple[torch.Tensor, torch.Tensor, float]], router: torch.Tensor, top_k: int
+) -> ExpertSet:
     """An ExpertSet from per-expert (A, B, scale), zero-padding smaller ranks to the largest."""
     rank = max(a.shape[0] for a, _, _ in factors)
     out, inp = factors[0][1].shape[0], factors[0][0].shape[1]
     a_all, b_all = torch.zeros(len(factors), rank, inp), torch.zeros(len(factors), out, rank)
     for e, (a, b, _) in enumerate(factors):
         a_all[e, : a.shape[0]], b_all[e, :, : b.shape[1]] = a.float(), b.float()
-    return ExpertSet(a_all, b_all, torch.tensor([s for _, _, s in factors], dtype=torch.float32), router.float(), top_k)
+    return ExpertSet(
+        a_all, b_all, torch.tensor([s for _, _, s in factors], dtype=torch.float32), router.float(), top_k
+    )
 
 
 def save_experts(folder: Path, experts: dict[str, ExpertSet], config: dict[str, Any]) -> Path:
@@ -109,10 +115,21 @@ def save_experts(folder: Path, experts: dict[str, ExpertSet], config: dict[str, 
     target.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for module, found in experts.items():
-        tensors |= {f"{module}.lora_A": found.a, f"{module}.lora_B": found.b, f"{module}.scale": found.scale, f"{module}.router": found.router}
-    save_file({k: v.detach().float().contiguous() for k, v in tensors.items()}, str(target / WEIGHTS_NAME), metadata={"format": "pt"})
+        tensors |= {
+            f"{module}.lora_A": found.a,
+            f"{module}.lora_B": found.b,
+            f"{module}.scale": found.scale,
+            f"{module}.router": found.router,
+        }
+    save_file(
+        {k: v.detach().float().contiguous() for k, v in tensors.items()},
+        str(target / WEIGHTS_NAME),
+        metadata={"format": "pt"},
+    )
     modules = {module: {"experts": found.count, "top_k": found.top_k} for module, found in experts.items()}
-    (target / CONFIG_NAME).write_text(json.dumps({"format": 1, **config, "modules": modules}, indent=2) + "\n")
+    (target / CONFIG_NAME).write_text(
+        json.dumps({"format": 1, **config, "modules": modules}, indent=2) + "\n"
+    )
     return target
 
 
@@ -126,7 +143,13 @@ def load_experts(folder: Path) -> tuple[dict[str, ExpertSet], dict[str, Any]]:
     config = json.loads((folder / FOLDER / CONFIG_NAME).read_text())
     tensors = load_file(str(folder / FOLDER / WEIGHTS_NAME))
     experts = {
-        module: ExpertSet(tensors[f"{module}.lora_A"], tensors[f"{module}.lora_B"], tensors[f"{module}.scale"], tensors[f"{module}.router"], int(entry["top_k"]))
+        module: ExpertSet(
+            tensors[f"{module}.lora_A"],
+            tensors[f"{module}.lora_B"],
+            tensors[f"{module}.scale"],
+            tensors[f"{module}.router"],
+            int(entry["top_k"]),
+        )
         for module, entry in config["modules"].items()
     }
     return experts, config
@@ -139,11 +162,15 @@ def wrap(model: torch.nn.Module, experts: dict[str, ExpertSet]) -> dict[str, MoL
         try:
             base = model.get_submodule(module)
         except AttributeError:
-            raise CheckpointError(f"MoLA target '{module}' is not a module of this {type(model).__name__}.") from None
+            raise CheckpointError(
+                f"MoLA target '{module}' is not a module of this {type(model).__name__}."
+            ) from None
         if not isinstance(base, torch.nn.Linear):
             raise CheckpointError(f"MoLA target '{module}' is a {type(base).__name__}, not a linear layer.")
         if (found.b.shape[1], found.a.shape[2]) != tuple(base.weight.shape):
-            raise CheckpointError(f"MoLA target '{module}': experts of shape {(found.b.shape[1], found.a.shape[2])} for a {tuple(base.weight.shape)} weight.")
+            raise CheckpointError(
+                f"MoLA target '{module}': experts of shape {(found.b.shape[1], found.a.shape[2])} for a {tuple(base.weight.shape)} weight."
+            )
         parent, _, child = module.rpartition(".")
         wrapped[module] = MoLALinear(base, found)
         setattr(model.get_submodule(parent), child, wrapped[module])

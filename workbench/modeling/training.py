@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -58,6 +59,8 @@ def train(
         losses.append(loss.item())
         if log is not None and (step + 1) % max(1, steps // 4) == 0:
             recent = losses[-max(1, steps // 10) :]
-            log(f"{label}: step {step + 1}/{steps}, loss {sum(recent) / len(recent):.3f} ({time.perf_counter() - started:.1f} s)")
+            log(
+                f"{label}: step {step + 1}/{steps}, loss {sum(recent) / len(recent):.3f} ({time.perf_counter() - started:.1f} s)"
+            )
     model.eval()
     return losses

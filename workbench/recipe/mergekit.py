@@ -15,7 +15,13 @@ from workbench.recipe.sources import LocatedSource
 #: mergekit methods whose task vectors are taken against the base: a base listed among the
 #: models contributes a zero task vector in mergekit, so it is dropped from the model list.
 _TASK_VECTOR_METHODS = {
-    "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "model_stock",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "model_stock",
 }
 #: Every mergekit method this version reads (others are refused by name).
 SUPPORTED_METHODS = _TASK_VECTOR_METHODS | {"linear", "slerp", "passthrough"}
@@ -24,7 +30,17 @@ _UNSUPPORTED_KEYS = {
     "tokenizer": "tokenizer merging is not supported yet",
     "chat_template": "chat-template selection is not supported yet",
 }
-_KNOWN_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "name"}
+_KNOWN_KEYS = {
+    "merge_method",
+    "models",
+    "slices",
+    "base_model",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "name",
+}
 
 
 def _model_ref(entry: Any, source: LocatedSource, path: tuple[Any, ...]) -> str:
@@ -61,10 +77,16 @@ def _slices(slices: Any, method: str, base: str | None, source: LocatedSource) -
     if not isinstance(slices, list) or not slices:
         raise RecipeError(f"{source.where(('slices',))}: expected a list of slices, each with 'sources'.")
     if base is not None and method in _TASK_VECTOR_METHODS:
-        raise RecipeError(f"{source.where(('base_model',))}: mergekit method '{method}' with a base_model and slices is not supported yet.")
+        raise RecipeError(
+            f"{source.where(('base_model',))}: mergekit method '{method}' with a base_model and slices is not supported yet."
+        )
     native = []
     for i, piece in enumerate(slices):
-        if not isinstance(piece, dict) or set(piece) - {"sources"} or not isinstance(piece.get("sources"), list):
+        if (
+            not isinstance(piece, dict)
+            or set(piece) - {"sources"}
+            or not isinstance(piece.get("sources"), list)
+        ):
             extra = sorted(set(piece) - {"sources"}, key=str) if isinstance(piece, dict) else []
             what = f"slice option '{extra[0]}' is not supported" if extra else "expected 'sources: [...]'"
             raise RecipeError(f"{source.where(('slices', i))}: {what}.")
@@ -72,13 +94,34 @@ def _slices(slices: Any, method: str, base: str | None, source: LocatedSource) -
         for j, entry in enumerate(piece["sources"]):
             where = ("slices", i, "sources", j)
             if not isinstance(entry, dict) or set(entry) - {"model", "layer_range", "parameters"}:
-                extra = sorted(set(entry) - {"model", "layer_range", "parameters"}, key=str) if isinstance(entry, dict) else []
-                raise RecipeError(f"{source.where(where)}: " + (f"source option '{extra[0]}' is not supported." if extra else "expected a mapping with 'model' and 'layer_range'."))
-            sources.append({"model": _model_ref(entry.get("model"), source, where + ("model",)), "layer_range": entry.get("layer_range"), "parameters": _parameters(entry.get("parameters"), source, where + ("parameters",))})
+                extra = (
+                    sorted(set(entry) - {"model", "layer_range", "parameters"}, key=str)
+                    if isinstance(entry, dict)
+                    else []
+                )
+                raise RecipeError(
+                    f"{source.where(where)}: "
+                    + (
+                        f"source option '{extra[0]}' is not supported."
+                        if extra
+                        else "expected a mapping with 'model' and 'layer_range'."
+                    )
+                )
+            sources.append(
+                {
+                    "model": _model_ref(entry.get("model"), source, where + ("model",)),
+                    "layer_range": entry.get("layer_range"),
+                    "parameters": _parameters(entry.get("parameters"), source, where + ("parameters",)),
+                }
+            )
         if method == "slerp":
             if base is None or base not in [s["model"] for s in sources]:
-                raise RecipeError(f"{source.where(('slices', i))}: mergekit slerp needs base_model to be one of each slice's sources.")
-            sources = [s for s in sources if s["model"] == base][:1] + [s for s in sources if s["model"] != base]
+                raise RecipeError(
+                    f"{source.where(('slices', i))}: mergekit slerp needs base_model to be one of each slice's sources."
+                )
+            sources = [s for s in sources if s["model"] == base][:1] + [
+                s for s in sources if s["model"] != base
+            ]
         native.append({"sources": sources})
     return native
 
@@ -88,7 +131,9 @@ def translate(data: dict[str, Any], source: LocatedSource) -> dict[str, Any]:
     for key, why in _UNSUPPORTED_KEYS.items():
         if key in data:
             raise RecipeError(f"{source.where((key,))}: mergekit option '{key}' is not supported: {why}.")
-    unknown = sorted(set(data) - _KNOWN_KEYS - set(_UNSUPPORTED_KEYS), key=str)  # keys may be numbers, dates...
+    unknown = sorted(
+        set(data) - _KNOWN_KEYS - set(_UNSUPPORTED_KEYS), key=str
+    )  # keys may be numbers, dates...
     if unknown:
         raise RecipeError(f"{source.where((unknown[0],))}: unknown mergekit option '{unknown[0]}'.")
     method = data["merge_method"]
@@ -106,11 +151,23 @@ def translate(data: dict[str, Any], source: LocatedSource) -> dict[str, Any]:
         raise RecipeError(f"{source.where(('models',))}: expected a list of '- model: <ref>' entries.")
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
-            raise RecipeError(f"{source.where(('models', i))}: expected '- model: <ref>' with optional parameters.")
+            raise RecipeError(
+                f"{source.where(('models', i))}: expected '- model: <ref>' with optional parameters."
+            )
         ref = _model_ref(entry.get("model"), source, ("models", i, "model"))
-        models.append({"model": ref, "parameters": _parameters(entry.get("parameters"), source, ("models", i, "parameters")), "_index": i})
+        models.append(
+            {
+                "model": ref,
+                "parameters": _parameters(entry.get("parameters"), source, ("models", i, "parameters")),
+                "_index": i,
+            }
+        )
 
-    native: dict[str, Any] = {"method": method, "models": models, "parameters": _parameters(data.get("parameters"), source, ("parameters",))}
+    native: dict[str, Any] = {
+        "method": method,
+        "models": models,
+        "parameters": _parameters(data.get("parameters"), source, ("parameters",)),
+    }
     if "slices" in data:
         if models:
             raise RecipeError(f"{source.where(('slices',))}: give either 'models' or 'slices', not both.")
@@ -120,8 +177,12 @@ def translate(data: dict[str, Any], source: LocatedSource) -> dict[str, Any]:
     elif method == "slerp":
         # mergekit interpolates from the base (t = 0) to the other model (t = 1).
         if base is None or base not in [m["model"] for m in models]:
-            raise RecipeError(f"{source.where(('base_model',))}: mergekit slerp needs base_model to be one of its two models.")
-        native["models"] = [m for m in models if m["model"] == base][:1] + [m for m in models if m["model"] != base]
+            raise RecipeError(
+                f"{source.where(('base_model',))}: mergekit slerp needs base_model to be one of its two models."
+            )
+        native["models"] = [m for m in models if m["model"] == base][:1] + [
+            m for m in models if m["model"] != base
+        ]
     elif method == "linear":
         pass  # mergekit's linear ignores base_model
     elif base is not None:
@@ -142,7 +203,9 @@ def translate(data: dict[str, Any], source: LocatedSource) -> dict[str, Any]:
     tokenizer = data.get("tokenizer_source")
     if tokenizer is not None:
         if tokenizer == "union":
-            raise RecipeError(f"{source.where(('tokenizer_source',))}: tokenizer_source 'union' is not supported yet.")
+            raise RecipeError(
+                f"{source.where(('tokenizer_source',))}: tokenizer_source 'union' is not supported yet."
+            )
         output["copy_tokenizer_from"] = "base" if tokenizer == "base" else tokenizer
     if output:
         native["output"] = output

@@ -35,16 +35,40 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from workbench.checkpoint.dtypes import FLOAT_CODES, code_from_name
 from workbench.errors import RecipeError
 from workbench.recipe.mergekit import translate
-from workbench.recipe.sources import MAX_RECIPE_BYTES, LocatedSource, format_path
-from workbench.recipe.sources import MAX_RECIPE_DEPTH, MAX_RECIPE_VALUES  # noqa: F401  (the recipe limits, also read from here)
+from workbench.recipe.sources import (  # noqa: F401  (the recipe limits, also read from here)
+    MAX_RECIPE_BYTES,
+    MAX_RECIPE_DEPTH,
+    MAX_RECIPE_VALUES,
+    LocatedSource,
+    format_path,
+)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
 #: Sizes count bytes: from 2**63 up they are typos (and as floats they may not even be finite).
 _MAX_SIZE = 2**63 - 1
 
@@ -88,7 +112,9 @@ class ModelEntry(Strict):
 
 class SliceSource(Strict):
     model: str = Field(description="A local folder or file, or a Hub id 'org/name[@revision]'.")
-    layer_range: tuple[int, int] = Field(description="Layers [start, end) of this model (the end is exclusive, as in mergekit).")
+    layer_range: tuple[int, int] = Field(
+        description="Layers [start, end) of this model (the end is exclusive, as in mergekit)."
+    )
     parameters: dict[str, Any] = Field(default_factory=dict, description="Per-model method parameters.")
 
     @field_validator("layer_range")
@@ -100,7 +126,9 @@ class SliceSource(Strict):
 
 
 class SliceEntry(Strict):
-    sources: list[SliceSource] = Field(description="The models whose layer ranges are merged into this slice.")
+    sources: list[SliceSource] = Field(
+        description="The models whose layer ranges are merged into this slice."
+    )
 
     @field_validator("sources")
     @classmethod
@@ -117,9 +145,13 @@ class PushSection(Strict):
     """Where ``workbench run`` uploads the output once it is complete (as ``workbench push`` would)."""
 
     repo: str = Field(description="Hub repo id 'org/name' (created if missing).")
-    private: bool = Field(False, description="Create the repo private; refuse to push into an existing public repo.")
+    private: bool = Field(
+        False, description="Create the repo private; refuse to push into an existing public repo."
+    )
     revision: str | None = Field(None, description="Branch to push to (created from main if missing).")
-    create_pr: bool = Field(False, description="Open a pull request against the default branch instead of committing.")
+    create_pr: bool = Field(
+        False, description="Open a pull request against the default branch instead of committing."
+    )
 
     @field_validator("repo")
     @classmethod
@@ -131,7 +163,9 @@ class PushSection(Strict):
     @model_validator(mode="after")
     def _pr_on_default_branch(self) -> "PushSection":
         if self.create_pr and self.revision not in (None, "main"):
-            raise ValueError("create_pr opens a pull request against the default branch; drop revision or create_pr")
+            raise ValueError(
+                "create_pr opens a pull request against the default branch; drop revision or create_pr"
+            )
         return self
 
 
@@ -143,7 +177,9 @@ class OutputSection(Strict):
         None, description="Where config/tokenizer files come from: 'base', a model index, or a path."
     )
     format: str = Field("safetensors", description="Output checkpoint format.")
-    push: PushSection | None = Field(None, description="Upload the output to the Hugging Face Hub after a successful run.")
+    push: PushSection | None = Field(
+        None, description="Upload the output to the Hugging Face Hub after a successful run."
+    )
 
     @field_validator("dtype")
     @classmethod
@@ -174,13 +210,15 @@ class Recipe(Strict):
     base: str | None = Field(None, description="Base model for task-vector methods.")
     models: list[ModelEntry] = Field(default_factory=list, description="The models to merge, in order.")
     slices: list[SliceEntry] | None = Field(
-        None, description="Instead of models: layer ranges of models, stacked in order (each slice's sources are merged)."
+        None,
+        description="Instead of models: layer ranges of models, stacked in order (each slice's sources are merged).",
     )
     parameters: dict[str, Any] = Field(default_factory=dict, description="Method parameters.")
     dtype: str = Field("float32", description="Compute dtype.")
     seed: int = Field(0, description="Seed for random methods (per tensor name).")
     memory_limit: int | str | None = Field(
-        None, description="Most memory a whole-model method may hold, e.g. 16GB (default: the memory available when planning)."
+        None,
+        description="Most memory a whole-model method may hold, e.g. 16GB (default: the memory available when planning).",
     )
     output: OutputSection = Field(default_factory=OutputSection)
     evaluators: list[EvaluatorSpec] = Field(default_factory=list, description="Evaluators run on the output.")
@@ -218,7 +256,9 @@ class Recipe(Strict):
                 raise ValueError("'slices' is empty: at least one slice is needed")
             counts = {len(entry.sources) for entry in self.slices}
             if len(counts) > 1:
-                raise ValueError(f"every slice needs the same number of sources (found {sorted(counts)}): source i of each slice is stacked into input model i")
+                raise ValueError(
+                    f"every slice needs the same number of sources (found {sorted(counts)}): source i of each slice is stacked into input model i"
+                )
             if self.base is not None:
                 raise ValueError("a base model with 'slices' is not supported yet")
         return self
@@ -275,7 +315,9 @@ def parse_recipe(text: str, name: str = "<recipe>") -> Recipe:
     source = LocatedSource(text, name)
     data = source.data
     if not isinstance(data, dict):
-        raise RecipeError(f"{name}: a recipe must be a YAML mapping (method, models, ...), got {type(data).__name__}.")
+        raise RecipeError(
+            f"{name}: a recipe must be a YAML mapping (method, models, ...), got {type(data).__name__}."
+        )
     if "merge_method" in data:
         data = translate(data, source)
     try:
@@ -293,7 +335,9 @@ def load_recipe(path: str | Path) -> Recipe:
         with path.open("rb") as handle:  # at most one byte past the cap: /dev/zero is not read whole
             raw = handle.read(MAX_RECIPE_BYTES + 1)
         if len(raw) > MAX_RECIPE_BYTES:
-            raise RecipeError(f"recipe file {path} is larger than {MAX_RECIPE_BYTES} bytes; a recipe is a few kilobytes.")
+            raise RecipeError(
+                f"recipe file {path} is larger than {MAX_RECIPE_BYTES} bytes; a recipe is a few kilobytes."
+            )
         text = raw.decode("utf-8")
     except FileNotFoundError:
         raise RecipeError(f"recipe file {path} does not exist.") from None
@@ -302,7 +346,14 @@ def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(text, str(path))
 
 
-def with_overrides(recipe: Recipe, *, dtype: str | None = None, out_dtype: str | None = None, shard_size: str | None = None, memory_limit: str | None = None) -> Recipe:
+def with_overrides(
+    recipe: Recipe,
+    *,
+    dtype: str | None = None,
+    out_dtype: str | None = None,
+    shard_size: str | None = None,
+    memory_limit: str | None = None,
+) -> Recipe:
     """The recipe with command-line overrides applied and validated like recipe values."""
     update: dict[str, Any] = {}
     output: dict[str, Any] = {}
@@ -322,7 +373,9 @@ def with_overrides(recipe: Recipe, *, dtype: str | None = None, out_dtype: str |
     try:
         new = Recipe.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{format_path(tuple(e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+        problems = "; ".join(
+            f"{format_path(tuple(e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors()
+        )
         raise RecipeError(f"invalid command-line override: {problems}.") from None
     new.source = recipe.source
     new._located = recipe._located

@@ -22,7 +22,9 @@ MAX_RECIPE_DEPTH = 64
 MAX_RECIPE_VALUES = 100_000
 
 
-def _line_map(node: yaml.Node | None, path: tuple[Any, ...] = (), out: dict[tuple[Any, ...], int] | None = None) -> dict[tuple[Any, ...], int]:
+def _line_map(
+    node: yaml.Node | None, path: tuple[Any, ...] = (), out: dict[tuple[Any, ...], int] | None = None
+) -> dict[tuple[Any, ...], int]:
     """Map every field path of a composed YAML document to its 1-based line."""
     out = {} if out is None else out
     if node is None:
@@ -41,7 +43,9 @@ def _line_map(node: yaml.Node | None, path: tuple[Any, ...] = (), out: dict[tupl
     return out
 
 
-def _duplicate_key(node: yaml.Node | None, path: tuple[Any, ...] = ()) -> tuple[tuple[Any, ...], int, int] | None:
+def _duplicate_key(
+    node: yaml.Node | None, path: tuple[Any, ...] = ()
+) -> tuple[tuple[Any, ...], int, int] | None:
     """(path, line, first line) of the first key given twice in one mapping: PyYAML keeps the last
     value silently, which would drop part of a recipe without a word."""
     if isinstance(node, yaml.MappingNode):
@@ -83,7 +87,9 @@ def _check_expansion(root: yaml.Node | None, name: str) -> None:
             return sizes[key]
         where = f"{name}:{node.start_mark.line + 1}"
         if key in walking:
-            raise RecipeError(f"{where}: an alias refers to a value that contains it; a recipe cannot be recursive.")
+            raise RecipeError(
+                f"{where}: an alias refers to a value that contains it; a recipe cannot be recursive."
+            )
         if depth > MAX_RECIPE_DEPTH:
             raise RecipeError(f"{where}: nested more than {MAX_RECIPE_DEPTH} levels deep.")
         total = 1
@@ -91,10 +97,16 @@ def _check_expansion(root: yaml.Node | None, name: str) -> None:
             try:
                 node.value.encode("utf-8")
             except UnicodeEncodeError:
-                raise RecipeError(f"{where}: a string is not valid Unicode (a lone surrogate escape such as \\ud800).") from None
+                raise RecipeError(
+                    f"{where}: a string is not valid Unicode (a lone surrogate escape such as \\ud800)."
+                ) from None
         else:
             walking.add(key)
-            children = [part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else node.value
+            children = (
+                [part for pair in node.value for part in pair]
+                if isinstance(node, yaml.MappingNode)
+                else node.value
+            )
             for child in children:
                 total += size(child, depth + 1)
                 if total > MAX_RECIPE_VALUES:
@@ -128,11 +140,15 @@ class LocatedSource:
         # PyYAML's constructors fail with plain Python errors on some values: an integer of 5000
         # digits, an impossible date, an explicitly tagged scalar of the wrong form (!!int '', !!bool x).
         except (ValueError, OverflowError, TypeError, AttributeError, KeyError, IndexError) as exc:
-            raise RecipeError(f"{name}: not valid YAML (a value cannot be read: {type(exc).__name__}: {exc}).") from exc
+            raise RecipeError(
+                f"{name}: not valid YAML (a value cannot be read: {type(exc).__name__}: {exc})."
+            ) from exc
         duplicate = _duplicate_key(node)
         if duplicate:
             path, line, first = duplicate
-            raise RecipeError(f"{name}:{line}: {format_path(path)}: given twice (first on line {first}); each key may appear once.")
+            raise RecipeError(
+                f"{name}:{line}: {format_path(path)}: given twice (first on line {first}); each key may appear once."
+            )
         self.lines = _line_map(node)
 
     def where(self, path: tuple[Any, ...]) -> str:

@@ -30,7 +30,9 @@ def check_executor(executor: str, address: str | None) -> None:
     if executor not in EXECUTORS:
         raise RecipeError(f"--executor must be one of {', '.join(EXECUTORS)}, got '{executor}'.")
     if address and executor != "ray":
-        raise RecipeError(f"--address names a Ray cluster, so it needs --executor ray (the executor is '{executor}').")
+        raise RecipeError(
+            f"--address names a Ray cluster, so it needs --executor ray (the executor is '{executor}')."
+        )
     if executor == "ray":
         import_ray()
 
@@ -42,7 +44,9 @@ def _run_in_worker(task: CandidateTask, metric: str | None) -> CandidateResult:
 
 def _worker_failed(task: CandidateTask, exc: BaseException) -> CandidateResult:
     """The row of a candidate whose worker, rather than the candidate itself, failed."""
-    return CandidateResult(task.id, task.settings, "failed", error=f"worker process failed ({type(exc).__name__}: {exc})")
+    return CandidateResult(
+        task.id, task.settings, "failed", error=f"worker process failed ({type(exc).__name__}: {exc})"
+    )
 
 
 def run_candidates(
@@ -77,7 +81,9 @@ def run_candidates(
                 yield _worker_failed(futures[future], exc)
 
 
-def run_on_ray(tasks: list[CandidateTask], metric: str | None, address: str | None = None, max_retries: int | None = None) -> Iterator[CandidateResult]:
+def run_on_ray(
+    tasks: list[CandidateTask], metric: str | None, address: str | None = None, max_retries: int | None = None
+) -> Iterator[CandidateResult]:
     """One Ray task per candidate, on ``address`` or a local instance (or a Ray the caller started).
 
     A task whose worker dies is retried ``max_retries`` times (the ``ray`` executor's default); a
@@ -87,7 +93,9 @@ def run_on_ray(tasks: list[CandidateTask], metric: str | None, address: str | No
     if not tasks:
         return
     with ray_session(address) as ray:
-        remote = ray.remote(max_retries=MAX_RETRIES if max_retries is None else max_retries, retry_exceptions=False)(_run_in_worker)
+        remote = ray.remote(
+            max_retries=MAX_RETRIES if max_retries is None else max_retries, retry_exceptions=False
+        )(_run_in_worker)
         pending: dict[Any, CandidateTask] = {remote.remote(task, metric): task for task in tasks}
         try:
             while pending:
@@ -109,14 +117,23 @@ def check_cma(settings: list[Setting], budget: int | None) -> None:
         raise RecipeError("--search cma needs --budget N: how many candidates to merge and score.")
     listed = [s.label for s in settings if s.bounds is None]
     if listed:
-        raise RecipeError(f"--search cma needs a range LO:HI for every --set (e.g. {listed[0]}=0.1:1.5), not a list of values: {', '.join(listed)}.")
+        raise RecipeError(
+            f"--search cma needs a range LO:HI for every --set (e.g. {listed[0]}=0.1:1.5), not a list of values: {', '.join(listed)}."
+        )
     try:
         import cma  # noqa: F401
     except ImportError as exc:
-        raise RecipeError(f"--search cma needs the 'cma' package, which is not installed ({exc}); install merge-workbench[sweep].") from None
+        raise RecipeError(
+            f"--search cma needs the 'cma' package, which is not installed ({exc}); install merge-workbench[sweep]."
+        ) from None
 
 
-def cma_search(settings: list[Setting], budget: int, seed: int, evaluate: Callable[[list[dict[str, Any]]], list[float | None]]) -> None:
+def cma_search(
+    settings: list[Setting],
+    budget: int,
+    seed: int,
+    evaluate: Callable[[list[dict[str, Any]]], list[float | None]],
+) -> None:
     """Maximise ``evaluate`` (None: a failed candidate) over the settings' ranges with CMA-ES, for
     ``budget`` candidates at most, one generation per ``evaluate`` call.
 
@@ -129,8 +146,10 @@ def cma_search(settings: list[Setting], budget: int, seed: int, evaluate: Callab
     lows = np.array([s.bounds[0] for s in settings if s.bounds])
     spans = np.array([s.bounds[1] - s.bounds[0] for s in settings if s.bounds])
     options = {
-        "bounds": [0.0, 1.0], "seed": seed % 2**31 + 1,  # cma takes seed 0 to mean "from the clock"
-        "maxfevals": budget, "verbose": -9,
+        "bounds": [0.0, 1.0],
+        "seed": seed % 2**31 + 1,  # cma takes seed 0 to mean "from the clock"
+        "maxfevals": budget,
+        "verbose": -9,
         "maxstd_boundrange": float("inf"),  # cma 4.5 fails on one variable with the default std limit
     }
     search = cma.CMAEvolutionStrategy([0.5] * len(settings), 0.3, options)

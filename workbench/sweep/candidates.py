@@ -77,7 +77,9 @@ def merge_complete(out_dir: Path) -> bool:
         return False
 
 
-def run_one(task: CandidateTask, registry: Registry | None = None, metric: str | None = None) -> CandidateResult:
+def run_one(
+    task: CandidateTask, registry: Registry | None = None, metric: str | None = None
+) -> CandidateResult:
     """Merge (unless already merged) and score one candidate; every error becomes a failed row."""
     from workbench.engine.run import run_recipe
     from workbench.evaluation.running import evaluate_output
@@ -95,7 +97,16 @@ def run_one(task: CandidateTask, registry: Registry | None = None, metric: str |
         specs = [EvaluatorSpec.model_validate(spec) for spec in task.evaluators]
         metrics = evaluate_output(specs, out, registry)
         _, score = pick_score(metrics, metric)
-        return CandidateResult(task.id, task.settings, "ok", score, metrics, seconds=time.perf_counter() - start, merged=merged)
+        return CandidateResult(
+            task.id, task.settings, "ok", score, metrics, seconds=time.perf_counter() - start, merged=merged
+        )
     except Exception as exc:  # a failed candidate must not stop the sweep: it is reported instead
         message = str(exc) if isinstance(exc, WorkbenchError) else f"{type(exc).__name__}: {exc}"
-        return CandidateResult(task.id, task.settings, "failed", error=message, seconds=time.perf_counter() - start, merged=merged)
+        return CandidateResult(
+            task.id,
+            task.settings,
+            "failed",
+            error=message,
+            seconds=time.perf_counter() - start,
+            merged=merged,
+        )

@@ -139,14 +139,20 @@ def check_path(data: dict[str, Any], setting: Setting, registry: Registry) -> No
         where = format_path(setting.path[:depth]) if depth else "the recipe"
         if isinstance(node, list):
             if not isinstance(part, int) or part >= len(node):
-                raise RecipeError(f"--set {setting.label}: '{part}' is not an index of {where} (it has {len(node)} entries).")
+                raise RecipeError(
+                    f"--set {setting.label}: '{part}' is not an index of {where} (it has {len(node)} entries)."
+                )
             node = node[part]
             continue
         if not isinstance(node, dict):
-            raise RecipeError(f"--set {setting.label}: {where} is a value, not a mapping or list, so '{part}' cannot be set in it.")
+            raise RecipeError(
+                f"--set {setting.label}: {where} is a value, not a mapping or list, so '{part}' cannot be set in it."
+            )
         known = _known_keys(setting.path[:depth], registry, str(data.get("method")))
         if known is not None and str(part) not in known:
-            raise RecipeError(f"--set {setting.label}: '{part}' is not a known key of {where} (known: {', '.join(sorted(known)) or 'none'}).")
+            raise RecipeError(
+                f"--set {setting.label}: '{part}' is not a known key of {where} (known: {', '.join(sorted(known)) or 'none'})."
+            )
         if part not in node:
             if last and known is not None:
                 return
@@ -190,7 +196,9 @@ def generate(settings: list[Setting], search: str, budget: int | None, seed: int
         return []
     ranged = [s.label for s in settings if s.bounds]
     if ranged:
-        raise RecipeError(f"--set {ranged[0]}: a range LO:HI is searched by --search cma; for {search} give values V1,V2,...")
+        raise RecipeError(
+            f"--set {ranged[0]}: a range LO:HI is searched by --search cma; for {search} give values V1,V2,..."
+        )
     unique: dict[str, dict[str, Any]] = {}
     for combo in grid(settings):
         unique.setdefault(candidate_id(combo), combo)
@@ -249,13 +257,25 @@ def sort_rows(rows: Iterable[CandidateResult], lower: bool) -> list[CandidateRes
 
 def _save(directory: Path, identity: dict[str, Any], rows: list[CandidateResult], lower: bool) -> None:
     ordered = sort_rows(rows, lower)
-    _write_atomic(directory / RESULTS_JSON, json.dumps({"sweep": identity, "candidates": [asdict(r) for r in ordered]}, indent=1) + "\n")
+    _write_atomic(
+        directory / RESULTS_JSON,
+        json.dumps({"sweep": identity, "candidates": [asdict(r) for r in ordered]}, indent=1) + "\n",
+    )
     labels = sorted({label for r in ordered for label in r.settings})
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["id", *labels, "status", "score", "error", "seconds"])
     for r in ordered:
-        writer.writerow([r.id, *(json.dumps(r.settings.get(label)) for label in labels), r.status, r.score, r.error or "", f"{r.seconds:.2f}"])
+        writer.writerow(
+            [
+                r.id,
+                *(json.dumps(r.settings.get(label)) for label in labels),
+                r.status,
+                r.score,
+                r.error or "",
+                f"{r.seconds:.2f}",
+            ]
+        )
     _write_atomic(directory / RESULTS_CSV, buffer.getvalue())
 
 
@@ -267,7 +287,9 @@ def _load(directory: Path, identity: dict[str, Any]) -> dict[str, CandidateResul
         data = json.loads(path.read_text())
         rows = [CandidateResult(**row) for row in data["candidates"]]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise WorkbenchError(f"{path} is not a readable sweep results file ({exc}); remove it or choose another --out.") from exc
+        raise WorkbenchError(
+            f"{path} is not a readable sweep results file ({exc}); remove it or choose another --out."
+        ) from exc
     if data.get("sweep") != identity:
         raise WorkbenchError(
             f"{directory} holds a different sweep (the recipe, evaluators or metric changed); choose another --out or remove it."
@@ -313,7 +335,9 @@ def run_sweep(
     check_executor(executor, address)
     labels = [s.label for s in settings]
     if len(set(labels)) != len(labels):
-        raise RecipeError(f"--set names a path twice: {', '.join(sorted({l for l in labels if labels.count(l) > 1}))}.")
+        raise RecipeError(
+            f"--set names a path twice: {', '.join(sorted({l for l in labels if labels.count(l) > 1}))}."
+        )
     make_evaluators(evaluators, registry)  # unknown evaluators or options fail now, not per candidate
     data = recipe_data(recipe)
     data.pop("evaluators", None)  # the sweep scores candidates itself
@@ -376,9 +400,14 @@ def run_sweep(
         return [rows[candidate_id(combo)] for combo in batch]
 
     if search == "cma":
-        cma_search(settings, budget or 0, seed, lambda batch: [
-            None if r.score is None else -r.score if lower else r.score for r in run_batch(batch)
-        ])
+        cma_search(
+            settings,
+            budget or 0,
+            seed,
+            lambda batch: [
+                None if r.score is None else -r.score if lower else r.score for r in run_batch(batch)
+            ],
+        )
     else:
         run_batch(combos)
     ordered = sort_rows((rows[i] for i in wanted), lower)

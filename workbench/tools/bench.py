@@ -49,14 +49,35 @@ def mergekit_recipe(method: str, models: Path, fine_tunes: int) -> dict[str, Any
     tunes = [str(models / f"ft{i}") for i in range(1, fine_tunes + 1)]
     common: dict[str, Any] = {"dtype": "float32", "out_dtype": "bfloat16"}
     if method == "linear":
-        return {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in [base, *tunes]], **common}
+        return {
+            "merge_method": "linear",
+            "models": [{"model": m, "parameters": {"weight": 1.0}} for m in [base, *tunes]],
+            **common,
+        }
     if method == "task_arithmetic":
-        return {"merge_method": "task_arithmetic", "base_model": base, "models": [{"model": t, "parameters": {"weight": 0.5}} for t in tunes], **common}
+        return {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "models": [{"model": t, "parameters": {"weight": 0.5}} for t in tunes],
+            **common,
+        }
     if method in ("ties", "dare_ties"):
         models_ = [{"model": t, "parameters": {"weight": 1.0, "density": 0.5}} for t in tunes]
-        return {"merge_method": method, "base_model": base, "models": models_, "parameters": {"normalize": True}, **common}
+        return {
+            "merge_method": method,
+            "base_model": base,
+            "models": models_,
+            "parameters": {"normalize": True},
+            **common,
+        }
     if method == "slerp":
-        return {"merge_method": "slerp", "base_model": tunes[0], "models": [{"model": t} for t in tunes[:2]], "parameters": {"t": 0.5}, **common}
+        return {
+            "merge_method": "slerp",
+            "base_model": tunes[0],
+            "models": [{"model": t} for t in tunes[:2]],
+            "parameters": {"t": 0.5},
+            **common,
+        }
     raise SystemExit(f"bench has no recipe for method '{method}' (known: {', '.join(METHODS)})")
 
 
@@ -110,16 +131,25 @@ def mergekit_command(mergekit: Path, report: Path, args: list[str]) -> list[str]
 def measure(command: list[str], env: dict[str, str] | None = None) -> tuple[float, int, int]:
     """Run a command, output discarded; return (wall seconds, exit status, peak RSS in bytes)."""
     with tempfile.NamedTemporaryFile("r", suffix=".txt") as report:
-        proc = subprocess.run([sys.executable, "-c", _LAUNCHER, report.name, *command], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-c", _LAUNCHER, report.name, *command],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
         if proc.returncode != 0:
-            raise SystemExit(f"bench: `{' '.join(command)}` failed with status {proc.returncode}:\n{proc.stderr.decode(errors='replace')[-2000:]}")
+            raise SystemExit(
+                f"bench: `{' '.join(command)}` failed with status {proc.returncode}:\n{proc.stderr.decode(errors='replace')[-2000:]}"
+            )
         wall, rss_kb = report.read().split()
     return float(wall), proc.returncode, int(rss_kb) * 1024
 
 
 def input_files(recipe: dict[str, Any]) -> list[Path]:
     """The safetensors files read by a recipe's models (the base counted once)."""
-    folders = {m["model"] for m in recipe["models"]} | ({recipe["base_model"]} if "base_model" in recipe else set())
+    folders = {m["model"] for m in recipe["models"]} | (
+        {recipe["base_model"]} if "base_model" in recipe else set()
+    )
     return sorted(f for folder in folders for f in Path(folder).glob("*.safetensors"))
 
 
@@ -148,7 +178,14 @@ def measure_startup(recipe_file: Path, repeat: int) -> list[dict[str, Any]]:
     rows = []
     for label, command in startup_commands(recipe_file).items():
         walls = [measure(command)[0] for _ in range(max(3, repeat))]
-        rows.append({"command": label, "runs": len(walls), "best_s": round(min(walls), 3), "median_s": round(statistics.median(walls), 3)})
+        rows.append(
+            {
+                "command": label,
+                "runs": len(walls),
+                "best_s": round(min(walls), 3),
+                "median_s": round(statistics.median(walls), 3),
+            }
+        )
     return rows
 
 
@@ -208,7 +245,9 @@ def _ordered(bits: Any) -> Any:
     return bits.where(bits >= 0, -(bits & 0x7FFF))
 
 
-def _summary(tool: str, method: str, runs: list[dict[str, float]], nbytes: int, floor: float) -> dict[str, Any]:
+def _summary(
+    tool: str, method: str, runs: list[dict[str, float]], nbytes: int, floor: float
+) -> dict[str, Any]:
     """Best/median merge time of a tool's runs (the rest of each run's wall time is its start-up)."""
     merges = [r["merge_s"] for r in runs]
     best = min(range(len(runs)), key=lambda i: merges[i])
@@ -232,13 +271,27 @@ def _summary(tool: str, method: str, runs: list[dict[str, float]], nbytes: int, 
     }
 
 
-def run_bench(size: str, methods: list[str], fine_tunes: int, directory: Path, repeat: int, json_out: Path | None, console: Any, *, mergekit: Path | None = None, check: bool = False, device: str = "cpu") -> dict[str, list[dict[str, Any]]]:
+def run_bench(
+    size: str,
+    methods: list[str],
+    fine_tunes: int,
+    directory: Path,
+    repeat: int,
+    json_out: Path | None,
+    console: Any,
+    *,
+    mergekit: Path | None = None,
+    check: bool = False,
+    device: str = "cpu",
+) -> dict[str, list[dict[str, Any]]]:
     from workbench.checkpoint.synthetic import SIZES, write_family
 
     models = directory / size
     expected = ["base"] + [f"ft{i}" for i in range(1, fine_tunes + 1)]
     if not all((models / name / "config.json").is_file() for name in expected):
-        console.print(f"generating {size} base + {fine_tunes} fine-tunes ({SIZES[size].parameter_count() / 1e6:.0f}M parameters each, bf16) in {models} ...")
+        console.print(
+            f"generating {size} base + {fine_tunes} fine-tunes ({SIZES[size].parameter_count() / 1e6:.0f}M parameters each, bf16) in {models} ..."
+        )
         start = time.perf_counter()
         write_family(models, size, fine_tunes)
         console.print(f"generated in {time.perf_counter() - start:.1f} s")
@@ -257,13 +310,30 @@ def run_bench(size: str, methods: list[str], fine_tunes: int, directory: Path, r
             warm_page_cache(input_files(recipe))
             out = directory / f"out-{size}-{method}"
             stats_file = Path(tmp) / "stats.json"
+
             def command(out: Path) -> list[str]:
-                return [sys.executable, "-m", "workbench", "run", str(recipe_file), "--out", str(out), "--overwrite", "--quiet", "--device", device, "--stats-json", str(stats_file)]
+                return [
+                    sys.executable,
+                    "-m",
+                    "workbench",
+                    "run",
+                    str(recipe_file),
+                    "--out",
+                    str(out),
+                    "--overwrite",
+                    "--quiet",
+                    "--device",
+                    device,
+                    "--stats-json",
+                    str(stats_file),
+                ]
 
             runs = []
             for _ in range(repeat):
                 wall, _, rss = measure(command(out))
-                runs.append({"wall_s": wall, "merge_s": json.loads(stats_file.read_text())["seconds"], "rss": rss})
+                runs.append(
+                    {"wall_s": wall, "merge_s": json.loads(stats_file.read_text())["seconds"], "rss": rss}
+                )
             floor = io_floor(input_files(recipe), output_bytes(out), directory, repeat)
             row = _summary("workbench", method, runs, nbytes, floor)
             if check:
@@ -277,7 +347,9 @@ def run_bench(size: str, methods: list[str], fine_tunes: int, directory: Path, r
                 mk_runs = []
                 timer = Path(tmp) / "mergekit-seconds.txt"
                 for _ in range(repeat):
-                    wall, _, rss = measure(mergekit_command(mergekit, timer, [str(recipe_file), str(out), "--no-copy-tokenizer"]))
+                    wall, _, rss = measure(
+                        mergekit_command(mergekit, timer, [str(recipe_file), str(out), "--no-copy-tokenizer"])
+                    )
                     mk_runs.append({"wall_s": wall, "merge_s": float(timer.read_text()), "rss": rss})
                     shutil.rmtree(out, ignore_errors=True)
                 mk = _summary("mergekit", method, mk_runs, nbytes, floor)
@@ -305,21 +377,50 @@ def _print_startup(rows: list[dict[str, Any]], console: Any) -> None:
 def _print_table(results: list[dict[str, Any]], console: Any) -> None:
     from rich.table import Table
 
-    columns = ["method", "tool", "runs", "wall s best/median", "start-up s", "merge s best/median", "I/O floor s", "merge / floor best/median", "input GB", "input GB/s best/median", "peak RSS MB"]
+    columns = [
+        "method",
+        "tool",
+        "runs",
+        "wall s best/median",
+        "start-up s",
+        "merge s best/median",
+        "I/O floor s",
+        "merge / floor best/median",
+        "input GB",
+        "input GB/s best/median",
+        "peak RSS MB",
+    ]
     speedups = any("speedup_best" in r for r in results)
     checks = any("bf16_steps_vs_reference" in r for r in results)
-    columns += ["merge speed-up best/median", "wall speed-up"] * speedups + ["bf16 steps vs reference"] * checks
+    columns += ["merge speed-up best/median", "wall speed-up"] * speedups + [
+        "bf16 steps vs reference"
+    ] * checks
     table = Table(*columns, box=None, pad_edge=False)
     for r in results:
         cells = [
-            r["method"], r["tool"], str(r["runs"]), f"{r['wall_s']:.2f} / {r['wall_s_median']:.2f}", f"{r['startup_s']:.2f}",
-            f"{r['merge_s_best']:.2f} / {r['merge_s_median']:.2f}", f"{r['io_floor_s']:.2f}",
-            f"{r['merge_over_floor_best']:.1f}× / {r['merge_over_floor_median']:.1f}×", f"{r['input_gb']:.2f}",
-            f"{r['input_gb_per_s_best']:.2f} / {r['input_gb_per_s_median']:.2f}", f"{r['peak_rss_mb_max']:.0f}",
+            r["method"],
+            r["tool"],
+            str(r["runs"]),
+            f"{r['wall_s']:.2f} / {r['wall_s_median']:.2f}",
+            f"{r['startup_s']:.2f}",
+            f"{r['merge_s_best']:.2f} / {r['merge_s_median']:.2f}",
+            f"{r['io_floor_s']:.2f}",
+            f"{r['merge_over_floor_best']:.1f}× / {r['merge_over_floor_median']:.1f}×",
+            f"{r['input_gb']:.2f}",
+            f"{r['input_gb_per_s_best']:.2f} / {r['input_gb_per_s_median']:.2f}",
+            f"{r['peak_rss_mb_max']:.0f}",
         ]
         if speedups:
-            cells += [f"{r['speedup_best']}× / {r['speedup_median']}×", f"{r['wall_speedup']}×"] if "speedup_best" in r else ["", ""]
+            cells += (
+                [f"{r['speedup_best']}× / {r['speedup_median']}×", f"{r['wall_speedup']}×"]
+                if "speedup_best" in r
+                else ["", ""]
+            )
         if checks:
-            cells.append(f"{r['bf16_steps_vs_reference']} ({r['elements_apart']} elements)" if "bf16_steps_vs_reference" in r else "")
+            cells.append(
+                f"{r['bf16_steps_vs_reference']} ({r['elements_apart']} elements)"
+                if "bf16_steps_vs_reference" in r
+                else ""
+            )
         table.add_row(*cells)
     console.print(table)

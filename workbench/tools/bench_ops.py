@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ELEMENTS = 1 << 24
 
@@ -37,10 +38,23 @@ def _ops(device: str) -> dict[str, tuple[Callable[[], Any], int]]:
     ties = [TaskVector(1.0, 0.5, "magnitude") for _ in xs]
     dare = [TaskVector(1.0, 0.5, "random", rescale="l1", seed=i) for i in range(3)]
     return {
-        "weighted_sum (4 inputs)": (lambda: weighted_sum([base, *xs], [0.25] * 4, out_dtype=torch.bfloat16), four),
+        "weighted_sum (4 inputs)": (
+            lambda: weighted_sum([base, *xs], [0.25] * 4, out_dtype=torch.bfloat16),
+            four,
+        ),
         "top-k thresholds (3 task vectors)": (lambda: topk_thresholds(xs, base, [ELEMENTS // 2] * 3), four),
-        "ties (thresholds + fused merge)": (lambda: merge_task_vectors(base, xs, ties, consensus=True, normalize=True, scale=1.0, out_dtype=torch.bfloat16), four),
-        "dare_ties (l1 rescale + fused merge)": (lambda: merge_task_vectors(base, xs, dare, consensus=True, normalize=True, scale=1.0, out_dtype=torch.bfloat16), four),
+        "ties (thresholds + fused merge)": (
+            lambda: merge_task_vectors(
+                base, xs, ties, consensus=True, normalize=True, scale=1.0, out_dtype=torch.bfloat16
+            ),
+            four,
+        ),
+        "dare_ties (l1 rescale + fused merge)": (
+            lambda: merge_task_vectors(
+                base, xs, dare, consensus=True, normalize=True, scale=1.0, out_dtype=torch.bfloat16
+            ),
+            four,
+        ),
         "slerp (2 inputs)": (lambda: slerp(xs[0], xs[1], 0.3, out_dtype=torch.bfloat16), 2 * ELEMENTS * 2),
         "NaN/Inf check (1 input)": (lambda: all_finite(base), ELEMENTS * 2),
     }
@@ -67,7 +81,14 @@ def run_op_bench(device: str, repeat: int, json_out: Path | None, console: Any) 
                     sync()
                     times.append(time.perf_counter() - start)
                 best = min(times)
-                results.append({"op": name, "implementation": impl, "best_s": round(best, 5), "input_gb_per_s": round(nbytes / best / 1e9, 2)})
+                results.append(
+                    {
+                        "op": name,
+                        "implementation": impl,
+                        "best_s": round(best, 5),
+                        "input_gb_per_s": round(nbytes / best / 1e9, 2),
+                    }
+                )
     finally:
         if previous is None:
             os.environ.pop("WORKBENCH_KERNELS", None)
@@ -81,12 +102,21 @@ def run_op_bench(device: str, repeat: int, json_out: Path | None, console: Any) 
         start = time.perf_counter()
         y.copy_(x)
         sync()
-        results.append({"op": "device copy (read + write)", "implementation": "torch", "best_s": 0.0, "input_gb_per_s": round(2 * x.numel() / (time.perf_counter() - start) / 1e9, 1)})
+        results.append(
+            {
+                "op": "device copy (read + write)",
+                "implementation": "torch",
+                "best_s": 0.0,
+                "input_gb_per_s": round(2 * x.numel() / (time.perf_counter() - start) / 1e9, 1),
+            }
+        )
 
     table = Table("op", "implementation", "best s", "input GB/s", box=None, pad_edge=False)
     for r in results:
         table.add_row(r["op"], r["implementation"], f"{r['best_s']:.4f}", f"{r['input_gb_per_s']:.2f}")
-    console.print(f"{ELEMENTS} bf16 elements per input, best of {max(1, repeat)} after a warm-up, device {device}")
+    console.print(
+        f"{ELEMENTS} bf16 elements per input, best of {max(1, repeat)} after a warm-up, device {device}"
+    )
     console.print(table)
     if json_out:
         json_out.write_text(json.dumps(results, indent=2) + "\n")

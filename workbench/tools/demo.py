@@ -62,9 +62,9 @@ def write_demo_inputs(models: Path | None = None) -> dict[str, Path]:
     Returns the paths by name: ``base``, ``ft1``, ``ft2``, ``lora/ft1``, ``lora/ft2``,
     ``data/prose.txt``, ``data/arithmetic.txt``.
     """
+    from workbench.checkpoint.synthetic import write_family
     from workbench.lora.extract import extract_lora
     from workbench.registry import get_registry
-    from workbench.checkpoint.synthetic import write_family
 
     models = DEMO_DIR / "models" if models is None else models
     paths = {p.name: p for p in write_family(models, "tiny", fine_tunes=2)}
@@ -97,7 +97,9 @@ def run_demo(recipes: Path, console: Any) -> list[Path]:
         raise RecipeError(f"no recipes (*.yaml) in {recipes}.")
     models = DEMO_DIR / "models"
     write_demo_inputs(models)
-    console.print(f"generated tiny models in {models}/ (base, ft1, ft2, LoRA adapters lora/ft1 and lora/ft2, texts in data/)")
+    console.print(
+        f"generated tiny models in {models}/ (base, ft1, ft2, LoRA adapters lora/ft1 and lora/ft2, texts in data/)"
+    )
     outputs = []
     for recipe in recipe_files:
         out = DEMO_DIR / "out" / recipe.stem

@@ -64,7 +64,9 @@ def phases(module: ModuleType = default_hookspecs) -> list[Phase]:
     for hook in find_hookspecs(module):
         before = [phase for number, phase in openings if number < hook.__code__.co_firstlineno]
         if not before:
-            raise ValueError(f"hookspec {hook.__name__} comes before any '# <Title> phase: ...' comment in {module.__name__}")
+            raise ValueError(
+                f"hookspec {hook.__name__} comes before any '# <Title> phase: ...' comment in {module.__name__}"
+            )
         before[-1].hooks.append(hook)
     return [phase for _, phase in openings if phase.hooks]
 
@@ -79,7 +81,10 @@ class _Text(str):
 def signature(hook: Callable[..., object]) -> str:
     """``name(arg: Type) -> Type`` as written in hookspecs.py, without the quotes of string annotations."""
     sig = inspect.signature(hook)
-    params = [p.replace(annotation=_Text(p.annotation)) if isinstance(p.annotation, str) else p for p in sig.parameters.values()]
+    params = [
+        p.replace(annotation=_Text(p.annotation)) if isinstance(p.annotation, str) else p
+        for p in sig.parameters.values()
+    ]
     result = _Text(sig.return_annotation) if isinstance(sig.return_annotation, str) else sig.return_annotation
     return f"{hook.__name__}{sig.replace(parameters=params, return_annotation=result)}"
 
@@ -122,9 +127,13 @@ def splice(text: str, block: str, path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workbench.tools.hook_docs", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m workbench.tools.hook_docs", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("path", type=Path, help="the Markdown file with the marker lines (docs/plugins.md)")
-    parser.add_argument("--check", action="store_true", help="exit 1 if the block is out of date; write nothing")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if the block is out of date; write nothing"
+    )
     args = parser.parse_args(argv)
     path: Path = args.path
     try:
@@ -135,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check:
         if updated != text:
-            print(f"{path}: the hook reference is out of date; regenerate it with: {REGENERATE.format(path=path)}", file=sys.stderr)
+            print(
+                f"{path}: the hook reference is out of date; regenerate it with: {REGENERATE.format(path=path)}",
+                file=sys.stderr,
+            )
             return 1
         return 0
     if updated != text:

@@ -38,7 +38,15 @@ def parameter_rows(schema: type[MethodParameters]) -> list[tuple[str, str, str, 
     for field_name, info in schema.model_fields.items():
         default = "(required)" if info.is_required() else repr(info.default)
         per_layer = "yes" if is_per_layer(schema, field_name) else "no"
-        rows.append((info.alias or field_name, type_label(info.annotation), default, per_layer, info.description or ""))
+        rows.append(
+            (
+                info.alias or field_name,
+                type_label(info.annotation),
+                default,
+                per_layer,
+                info.description or "",
+            )
+        )
     return rows
 
 
@@ -58,8 +66,14 @@ def _table(schema: type[MethodParameters]) -> list[str]:
 
 
 def method_page(method: type[MergeMethod], plugin: str, package: str) -> str:
-    models = f"{method.min_models} or more" if method.max_models is None else (
-        f"exactly {method.min_models}" if method.min_models == method.max_models else f"{method.min_models} to {method.max_models}"
+    models = (
+        f"{method.min_models} or more"
+        if method.max_models is None
+        else (
+            f"exactly {method.min_models}"
+            if method.min_models == method.max_models
+            else f"{method.min_models} to {method.max_models}"
+        )
     )
     lines = [f"# `{method.name}`", "", method.summary, ""]
     if method.paper:

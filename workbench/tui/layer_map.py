@@ -72,9 +72,13 @@ def swap_map(data: dict[str, Any], registry: "Registry", layers: int) -> LayerMa
     """layer_swap: which expert each layer is taken from, with the blend weights of transitions."""
     models = _models(data)
     if len(models) != 2:
-        raise WorkbenchError(f"layer_swap takes two models (a task and a language expert); the recipe has {len(models)}.")
+        raise WorkbenchError(
+            f"layer_swap takes two models (a task and a language expert); the recipe has {len(models)}."
+        )
     method = registry.method("layer_swap")
-    weights, task, language = method.layer_layout(data.get("parameters") or {}, [m.get("parameters") or {} for m in models], layers)  # type: ignore[attr-defined]
+    weights, task, language = method.layer_layout(
+        data.get("parameters") or {}, [m.get("parameters") or {} for m in models], layers
+    )  # type: ignore[attr-defined]
     task_ref, language_ref = models[task]["model"], models[language]["model"]
     table = LayerMap(["layer", "from", "language w", "task w"], swap_weights=list(weights))
     for layer, w in enumerate(weights):
@@ -87,20 +91,30 @@ def swap_map(data: dict[str, Any], registry: "Registry", layers: int) -> LayerMa
 
 def gradient_map(data: dict[str, Any], layers: int) -> LayerMap:
     """Any other method: every model in every layer, with the values of parameters that vary by layer."""
-    columns: list[tuple[str, Any]] = [(name, value) for name, value in (data.get("parameters") or {}).items() if param_values.varies(value)]
+    columns: list[tuple[str, Any]] = [
+        (name, value) for name, value in (data.get("parameters") or {}).items() if param_values.varies(value)
+    ]
     for i, entry in enumerate(_models(data)):
-        columns += [(f"{name}[{i}]", value) for name, value in (entry.get("parameters") or {}).items() if param_values.varies(value)]
+        columns += [
+            (f"{name}[{i}]", value)
+            for name, value in (entry.get("parameters") or {}).items()
+            if param_values.varies(value)
+        ]
     table = LayerMap(["layer", "from"] + [name for name, _ in columns])
     for layer in range(layers):
         cells = []
         for _, value in columns:
             try:
-                cells.append(_number(param_values.resolve(value, f"model.layers.{layer}.", layer, layers, default="-")))
+                cells.append(
+                    _number(param_values.resolve(value, f"model.layers.{layer}.", layer, layers, default="-"))
+                )
             except (LookupError, ValueError) as exc:
                 cells.append(f"? {exc}")
         table.rows.append([str(layer), "every model"] + cells)
     varying = ", ".join(name for name, _ in columns) or "none"
-    table.note = f"{data.get('method')}: every layer merges every model; parameters varying by layer: {varying}."
+    table.note = (
+        f"{data.get('method')}: every layer merges every model; parameters varying by layer: {varying}."
+    )
     return table
 
 

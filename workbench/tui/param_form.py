@@ -47,7 +47,9 @@ class ParamField:
         if value is UNSET:
             return f"parameter '{self.key}' is required: {self.description}" if self.required else None
         if self.per_layer:
-            if value == [] or (isinstance(value, list) and any(isinstance(v, dict) and v.get("value") == [] for v in value)):
+            if value == [] or (
+                isinstance(value, list) and any(isinstance(v, dict) and v.get("value") == [] for v in value)
+            ):
                 return f"parameter '{self.key}' has an empty list as its value."
             try:
                 values = anchors(value)

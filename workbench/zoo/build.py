@@ -12,9 +12,10 @@ import json
 import os
 import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from workbench.errors import OutputError, WorkbenchError
 from workbench.zoo.model import SCALES, Scale
@@ -23,7 +24,13 @@ from workbench.zoo.tasks import EXPERT_TASKS, LORA_TASKS, OT_TASK, TASKS, VOCAB_
 MANIFEST = "zoo.json"
 #: Pretraining: generic text in both languages (A more than B, as for a lower-resource language) and
 #: translation both ways, the parallel signal that lets the middle layers be shared by the languages.
-PRETRAIN_MIX = (("text_a", 0.25), ("text_b", 0.1), ("text_mixed", 0.15), ("translate", 0.25), ("translate_b2a", 0.25))
+PRETRAIN_MIX = (
+    ("text_a", 0.25),
+    ("text_b", 0.1),
+    ("text_mixed", 0.15),
+    ("translate", 0.25),
+    ("translate_b2a", 0.25),
+)
 #: Every ``REPLAY_EVERY``-th step of a full fine-tune replays pretraining data, so experts stay general
 #: language models (as real fine-tunes do) and their task vectors stay moderate.
 REPLAY_MIX = PRETRAIN_MIX
@@ -38,22 +45,79 @@ def _seed(seed: int, name: str) -> int:
 def plan(scale: Scale, seed: int) -> list[dict[str, Any]]:
     """Every training job of the build, in dependency order (``base`` first)."""
     jobs: list[dict[str, Any]] = [
-        {"name": "base", "kind": "pretrain", "init_seed": seed, "mix": list(PRETRAIN_MIX), "steps": scale.pretrain_steps, "lr": scale.pretrain_lr,
-         "description": "pretrained on generic text in languages A and B and on A<->B translation"},
+        {
+            "name": "base",
+            "kind": "pretrain",
+            "init_seed": seed,
+            "mix": list(PRETRAIN_MIX),
+            "steps": scale.pretrain_steps,
+            "lr": scale.pretrain_lr,
+            "description": "pretrained on generic text in languages A and B and on A<->B translation",
+        },
     ]
     for name, offset in (("ot_a", 1), ("ot_b", 2)):
-        jobs.append({"name": name, "kind": "scratch", "init_seed": seed + 1000 * offset, "mix": [(OT_TASK, 1.0)], "steps": scale.ot_steps,
-                     "lr": scale.pretrain_lr, "description": f"trained from its own random initialisation on '{OT_TASK}' only"})
+        jobs.append(
+            {
+                "name": name,
+                "kind": "scratch",
+                "init_seed": seed + 1000 * offset,
+                "mix": [(OT_TASK, 1.0)],
+                "steps": scale.ot_steps,
+                "lr": scale.pretrain_lr,
+                "description": f"trained from its own random initialisation on '{OT_TASK}' only",
+            }
+        )
     for task in EXPERT_TASKS:
-        jobs.append({"name": f"experts/{task}", "kind": "finetune", "mix": [(task, 1.0)], "replay": True, "steps": scale.expert_steps, "lr": scale.expert_lr,
-                     "task": task, "description": f"base fine-tuned on '{task}' (with pretraining replay)"})
-    jobs.append({"name": "math", "kind": "finetune", "mix": [("math", 1.0)], "replay": True, "steps": scale.math_steps, "lr": scale.expert_lr, "task": "math",
-                 "description": "math expert: base fine-tuned on arithmetic posed in language A"})
-    jobs.append({"name": "language", "kind": "finetune", "mix": [("text_b", 1.0)], "steps": scale.language_steps, "lr": scale.language_lr,
-                 "task": "text_b", "description": "language expert: base fine-tuned on generic text in language B"})
+        jobs.append(
+            {
+                "name": f"experts/{task}",
+                "kind": "finetune",
+                "mix": [(task, 1.0)],
+                "replay": True,
+                "steps": scale.expert_steps,
+                "lr": scale.expert_lr,
+                "task": task,
+                "description": f"base fine-tuned on '{task}' (with pretraining replay)",
+            }
+        )
+    jobs.append(
+        {
+            "name": "math",
+            "kind": "finetune",
+            "mix": [("math", 1.0)],
+            "replay": True,
+            "steps": scale.math_steps,
+            "lr": scale.expert_lr,
+            "task": "math",
+            "description": "math expert: base fine-tuned on arithmetic posed in language A",
+        }
+    )
+    jobs.append(
+        {
+            "name": "language",
+            "kind": "finetune",
+            "mix": [("text_b", 1.0)],
+            "steps": scale.language_steps,
+            "lr": scale.language_lr,
+            "task": "text_b",
+            "description": "language expert: base fine-tuned on generic text in language B",
+        }
+    )
     for task in LORA_TASKS:
-        jobs.append({"name": f"lora/{task}", "kind": "lora", "mix": [(task, 1.0)], "replay": True, "steps": scale.lora_steps, "lr": scale.lora_lr, "task": task,
-                     "r": scale.lora_rank, "alpha": LORA_ALPHA, "description": f"LoRA adapter on the frozen base for '{task}'"})
+        jobs.append(
+            {
+                "name": f"lora/{task}",
+                "kind": "lora",
+                "mix": [(task, 1.0)],
+                "replay": True,
+                "steps": scale.lora_steps,
+                "lr": scale.lora_lr,
+                "task": task,
+                "r": scale.lora_rank,
+                "alpha": LORA_ALPHA,
+                "description": f"LoRA adapter on the frozen base for '{task}'",
+            }
+        )
     for job in jobs:
         job["data_seed"] = _seed(seed, job["name"])
     return jobs
@@ -80,16 +144,29 @@ def run_job(job: dict[str, Any], directory: str, scale_name: str) -> dict[str, A
         else:
             module = zoo_model.load(root / "base")
         wrapped = lora.attach(module, job["r"], job["alpha"]) if job["kind"] == "lora" else None
-        batches = train.mixture(job["mix"], scale.batch_size, job["data_seed"], train_prompt=job["kind"] == "pretrain")
+        batches = train.mixture(
+            job["mix"], scale.batch_size, job["data_seed"], train_prompt=job["kind"] == "pretrain"
+        )
         if job.get("replay"):
             replay = train.mixture(REPLAY_MIX, scale.batch_size, job["data_seed"] + 1)
             batches = train.interleave(batches, replay, REPLAY_EVERY)
         parameters = [p for w in wrapped.values() for p in (w.lora_A, w.lora_B)] if wrapped else None
-        losses = train_module(module, batches, job["steps"], job["lr"], seed=job["data_seed"], parameters=parameters,
-                             weight_decay=0.1 if job["kind"] == "pretrain" else 0.01, log=lines.append, label=job["name"])
+        losses = train_module(
+            module,
+            batches,
+            job["steps"],
+            job["lr"],
+            seed=job["data_seed"],
+            parameters=parameters,
+            weight_decay=0.1 if job["kind"] == "pretrain" else 0.01,
+            log=lines.append,
+            label=job["name"],
+        )
         out = root / job["name"]
         if wrapped is not None:
-            lora.save_adapter(wrapped, out, r=job["r"], alpha=job["alpha"], base_model=str((root / "base").resolve()))
+            lora.save_adapter(
+                wrapped, out, r=job["r"], alpha=job["alpha"], base_model=str((root / "base").resolve())
+            )
             lora.detach(module, wrapped)
             lora.merge_adapter(module, out)  # score exactly what was written
         else:
@@ -124,7 +201,13 @@ def _describe(job: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
-def build_zoo(directory: Path, scale: str = "tiny", seed: int = 0, log: Callable[[str], None] | None = None, workers: int | None = None) -> dict[str, Any]:
+def build_zoo(
+    directory: Path,
+    scale: str = "tiny",
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
     """Train and write the zoo into ``directory`` (new or empty); returns the manifest.
 
     ``workers`` worker processes train in parallel (default: up to 2, one per CPU core); ``0`` runs
@@ -134,7 +217,9 @@ def build_zoo(directory: Path, scale: str = "tiny", seed: int = 0, log: Callable
         raise WorkbenchError(f"unknown zoo scale {scale!r}; choose one of: {', '.join(SCALES)}.")
     directory = Path(directory)
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        raise OutputError(f"{directory} already exists and is not an empty folder; build the zoo into a new or empty folder.")
+        raise OutputError(
+            f"{directory} already exists and is not an empty folder; build the zoo into a new or empty folder."
+        )
     directory.mkdir(parents=True, exist_ok=True)
     say = log or (lambda message: None)
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
@@ -149,7 +234,9 @@ def build_zoo(directory: Path, scale: str = "tiny", seed: int = 0, log: Callable
             say(f"  {line}")
         job = next(j for j in jobs if j["name"] == result["name"])
         own = job.get("task", OT_TASK if job["kind"] == "scratch" else "text_a")
-        say(f"{result['name']}: {own} accuracy {result['accuracy'][own]:.3f} ({time.perf_counter() - started:.0f} s)")
+        say(
+            f"{result['name']}: {own} accuracy {result['accuracy'][own]:.3f} ({time.perf_counter() - started:.0f} s)"
+        )
 
     if workers <= 0:
         for job in jobs:
@@ -157,7 +244,9 @@ def build_zoo(directory: Path, scale: str = "tiny", seed: int = 0, log: Callable
     else:
         import multiprocessing
 
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
 
             def submit(job: dict[str, Any]) -> Future[dict[str, Any]]:
                 return pool.submit(run_job, job, str(directory), scale)
@@ -166,7 +255,10 @@ def build_zoo(directory: Path, scale: str = "tiny", seed: int = 0, log: Callable
                 # The base and the from-scratch models first; everything else needs the base.
                 base, *pending = [submit(job) for job in jobs if job["kind"] in ("pretrain", "scratch")]
                 finish(base.result())
-                rest = sorted((job for job in jobs if job["kind"] not in ("pretrain", "scratch")), key=lambda job: -job["steps"])
+                rest = sorted(
+                    (job for job in jobs if job["kind"] not in ("pretrain", "scratch")),
+                    key=lambda job: -job["steps"],
+                )
                 pending += [submit(job) for job in rest]  # longest first, for an even load
                 for future in pending:
                     finish(future.result())
@@ -180,7 +272,14 @@ def build_zoo(directory: Path, scale: str = "tiny", seed: int = 0, log: Callable
     return manifest
 
 
-def _manifest(directory: Path, scale: str, seed: int, jobs: list[dict[str, Any]], results: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
+def _manifest(
+    directory: Path,
+    scale: str,
+    seed: int,
+    jobs: list[dict[str, Any]],
+    results: dict[str, dict[str, Any]],
+    seconds: float,
+) -> dict[str, Any]:
     shape = SCALES[scale]
     models = {job["name"]: _describe(job, results[job["name"]]) for job in jobs}
     return {
@@ -190,10 +289,21 @@ def _manifest(directory: Path, scale: str, seed: int, jobs: list[dict[str, Any]]
         "command": f"workbench zoo build {directory} --scale {scale} --seed {seed}",
         "architecture": "LlamaForCausalLM",
         "vocab_size": VOCAB_SIZE,
-        "shape": {"hidden_size": shape.hidden_size, "intermediate_size": shape.intermediate_size,
-                  "num_hidden_layers": shape.num_hidden_layers, "num_attention_heads": shape.num_attention_heads},
-        "tasks": {name: {"summary": task.summary, "language": task.language, "metric": "exact_match" if task.exact else "token_accuracy",
-                         "evaluator": f"zoo_{name}"} for name, task in TASKS.items()},
+        "shape": {
+            "hidden_size": shape.hidden_size,
+            "intermediate_size": shape.intermediate_size,
+            "num_hidden_layers": shape.num_hidden_layers,
+            "num_attention_heads": shape.num_attention_heads,
+        },
+        "tasks": {
+            name: {
+                "summary": task.summary,
+                "language": task.language,
+                "metric": "exact_match" if task.exact else "token_accuracy",
+                "evaluator": f"zoo_{name}",
+            }
+            for name, task in TASKS.items()
+        },
         "base": "base",
         "experts": {task: f"experts/{task}" for task in EXPERT_TASKS},
         "math": "math",

@@ -8,10 +8,11 @@ data-driven methods never see the examples they are scored on.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Literal, cast
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, ClassVar, Literal, cast
 
-from workbench.hookspecs import hookimpl
 from workbench.evaluator import Evaluator, EvaluatorOptions, LoadedModel
+from workbench.hookspecs import hookimpl
 from workbench.method import Param
 from workbench.zoo.tasks import TASKS, check_compatible, collate, score
 
@@ -20,7 +21,9 @@ if TYPE_CHECKING:
 
 
 class ZooOptions(EvaluatorOptions):
-    n: int = Param(256, description="Number of held-out examples to score.", per_layer=False, ge=1, le=100_000)
+    n: int = Param(
+        256, description="Number of held-out examples to score.", per_layer=False, ge=1, le=100_000
+    )
     seed: int = Param(
         0,
         description="Which held-out examples; every seed draws from the chosen split, which no model was trained on.",
@@ -32,7 +35,12 @@ class ZooOptions(EvaluatorOptions):
         description="Held-out split scored: 'validation' for choosing hyperparameters, 'test' for the figures reported.",
         per_layer=False,
     )
-    batch_size: int = Param(64, description="Examples per forward pass (and per batch served to data-driven methods).", per_layer=False, ge=1)
+    batch_size: int = Param(
+        64,
+        description="Examples per forward pass (and per batch served to data-driven methods).",
+        per_layer=False,
+        ge=1,
+    )
 
 
 class ZooEvaluator(Evaluator):
@@ -47,7 +55,11 @@ class ZooEvaluator(Evaluator):
     def evaluate(self, model: LoadedModel) -> dict[str, float]:
         options = cast(ZooOptions, self.options)
         scores = score(model.module, self.task, options.n, options.seed, options.batch_size, options.split)
-        return {"accuracy": scores["accuracy"], "token_accuracy": scores["token_accuracy"], "loss": scores["loss"]}
+        return {
+            "accuracy": scores["accuracy"],
+            "token_accuracy": scores["token_accuracy"],
+            "loss": scores["loss"],
+        }
 
     def batches(self, count: int, seed: int) -> Iterator[dict[str, "torch.Tensor"]]:
         options = cast(ZooOptions, self.options)
@@ -61,7 +73,11 @@ def _evaluator(task: str) -> type[ZooEvaluator]:
     metric = "exact match of the answer" if spec.exact else "next-word accuracy"
     summary = f"Zoo task '{task}': {spec.summary}; {metric} on held-out examples (and their loss)."
     class_name = "Zoo" + "".join(part.capitalize() for part in task.split("_"))
-    return type(class_name, (ZooEvaluator,), {"name": f"zoo_{task}", "summary": summary, "task": task, "__module__": __name__})
+    return type(
+        class_name,
+        (ZooEvaluator,),
+        {"name": f"zoo_{task}", "summary": summary, "task": task, "__module__": __name__},
+    )
 
 
 EVALUATORS: dict[str, type[ZooEvaluator]] = {task: _evaluator(task) for task in TASKS}

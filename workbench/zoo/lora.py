@@ -7,8 +7,9 @@ The folder is written by ``workbench.checkpoint.lora_adapter`` (PEFT's format, w
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -38,7 +39,9 @@ def _lora_linear_class() -> Any:
     return LoRALinear
 
 
-def attach(model: "torch.nn.Module", r: int, alpha: float, targets: Sequence[str] = TARGET_MODULES) -> dict[str, Any]:
+def attach(
+    model: "torch.nn.Module", r: int, alpha: float, targets: Sequence[str] = TARGET_MODULES
+) -> dict[str, Any]:
     """Freeze ``model`` and wrap every targeted linear layer with a trainable LoRA; returns the
     wrappers by module path (``model.layers.0.self_attn.q_proj``)."""
     import torch
@@ -67,7 +70,10 @@ def save_adapter(wrapped: dict[str, Any], directory: Path, *, r: int, alpha: flo
     """Write the adapters as a PEFT LoRA folder."""
     from workbench.checkpoint.lora_adapter import write_adapter
 
-    factors = {f"{name}.weight": (wrapper.lora_A.detach(), wrapper.lora_B.detach()) for name, wrapper in wrapped.items()}
+    factors = {
+        f"{name}.weight": (wrapper.lora_A.detach(), wrapper.lora_B.detach())
+        for name, wrapper in wrapped.items()
+    }
     return write_adapter(directory, factors, scale=alpha / r, base_model=base_model)
 
 

@@ -44,14 +44,44 @@ class Scale:
 
 SCALES: dict[str, Scale] = {
     "tiny": Scale(
-        "tiny", hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, batch_size=16,
-        pretrain_steps=650, pretrain_lr=3e-3, expert_steps=300, expert_lr=3e-3, math_steps=300, language_steps=120,
-        language_lr=1e-3, ot_steps=400, lora_steps=320, lora_lr=5e-3, lora_rank=8, eval_examples=128,
+        "tiny",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        batch_size=16,
+        pretrain_steps=650,
+        pretrain_lr=3e-3,
+        expert_steps=300,
+        expert_lr=3e-3,
+        math_steps=300,
+        language_steps=120,
+        language_lr=1e-3,
+        ot_steps=400,
+        lora_steps=320,
+        lora_lr=5e-3,
+        lora_rank=8,
+        eval_examples=128,
     ),
     "small": Scale(
-        "small", hidden_size=128, intermediate_size=352, num_hidden_layers=6, num_attention_heads=4, batch_size=32,
-        pretrain_steps=2000, pretrain_lr=2e-3, expert_steps=500, expert_lr=2e-3, math_steps=800, language_steps=300,
-        language_lr=5e-4, ot_steps=1000, lora_steps=500, lora_lr=3e-3, lora_rank=8, eval_examples=512,
+        "small",
+        hidden_size=128,
+        intermediate_size=352,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        batch_size=32,
+        pretrain_steps=2000,
+        pretrain_lr=2e-3,
+        expert_steps=500,
+        expert_lr=2e-3,
+        math_steps=800,
+        language_steps=300,
+        language_lr=5e-4,
+        ot_steps=1000,
+        lora_steps=500,
+        lora_lr=3e-3,
+        lora_rank=8,
+        eval_examples=512,
     ),
 }
 
@@ -103,9 +133,15 @@ def make_tokenizer() -> Any:
     backend = Tokenizer(models.WordLevel(dict(TOKEN_ID), unk_token=VOCAB[UNK]))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece()
-    backend.post_processor = processors.TemplateProcessing(single=f"{VOCAB[BOS]} $A", special_tokens=[(VOCAB[BOS], BOS)])
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{VOCAB[BOS]} $A", special_tokens=[(VOCAB[BOS], BOS)]
+    )
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=VOCAB[BOS], eos_token=VOCAB[EOS], pad_token=VOCAB[PAD], unk_token=VOCAB[UNK]
+        tokenizer_object=backend,
+        bos_token=VOCAB[BOS],
+        eos_token=VOCAB[EOS],
+        pad_token=VOCAB[PAD],
+        unk_token=VOCAB[UNK],
     )
 
 

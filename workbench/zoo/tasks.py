@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import random
 import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from workbench.evaluator import EvaluationError
 
 if TYPE_CHECKING:
     import torch
 
-Example = tuple[list[int], list[int]]  # (prompt ids, answer ids); the prompt starts with <bos>, the answer ends with <eos>
+Example = tuple[
+    list[int], list[int]
+]  # (prompt ids, answer ids); the prompt starts with <bos>, the answer ends with <eos>
 Split = Literal["train", "validation", "test"]
 
 # --------------------------------------------------------------------------------------------------
@@ -56,13 +59,29 @@ VERBS: dict[str, list[str]] = {
 FUNCTION = [".", "?", "and", "what", "is", "plus", "minus", "gets", "more", "how", "many", "now"]
 
 WORDS_A: list[str] = list(
-    dict.fromkeys(DIGITS + ANIMATE + FOOD + THING + PLACE + DETERMINERS + ADJ_ANY + ADJ_ANIMATE + ADJ_THING + PREPOSITIONS + list(VERBS) + FUNCTION)
+    dict.fromkeys(
+        DIGITS
+        + ANIMATE
+        + FOOD
+        + THING
+        + PLACE
+        + DETERMINERS
+        + ADJ_ANY
+        + ADJ_ANIMATE
+        + ADJ_THING
+        + PREPOSITIONS
+        + list(VERBS)
+        + FUNCTION
+    )
 )
 _CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
 _SYLLABLES = [c + v for c in _CONSONANTS for v in _VOWELS]
 _B_RNG = random.Random(20250101)
 #: Language B's spelling of each A word (``WORDS_B[k]`` translates ``WORDS_A[k]``): two-syllable pseudo-words.
-WORDS_B: list[str] = [first + second for first, second in _B_RNG.sample([(f, s) for f in _SYLLABLES for s in _SYLLABLES], len(WORDS_A))]
+WORDS_B: list[str] = [
+    first + second
+    for first, second in _B_RNG.sample([(f, s) for f in _SYLLABLES for s in _SYLLABLES], len(WORDS_A))
+]
 #: A word ``k`` has id ``A_START + k``; its B translation has id ``B_START + _PERMUTATION[k]``, so the
 #: B id range is a shuffled copy of the A range, not A shifted.
 _PERMUTATION = list(range(len(WORDS_A)))
@@ -141,14 +160,22 @@ def math_problem(rng: random.Random) -> tuple[list[str], list[str]]:
         question = ["what", "is"] + _number(x) + ["minus"] + _number(y) + ["?"]
         return question, _number(x - y)
     who, what = rng.choice(ANIMATE), rng.choice(FOOD + THING)
-    question = ["the", who, "has"] + _number(x) + [what, "and", "gets"] + _number(y) + ["more", ".", "how", "many", "now", "?"]
+    question = (
+        ["the", who, "has"]
+        + _number(x)
+        + [what, "and", "gets"]
+        + _number(y)
+        + ["more", ".", "how", "many", "now", "?"]
+    )
     return question, _number(x + y)
 
 
 _LIST_WORDS = ANIMATE + FOOD + THING + PLACE + ADJ_ANY + ADJ_THING
 
 
-def _copy_like(rng: random.Random, order: Callable[[list[str]], list[str]], tag: str, pool: Sequence[str]) -> tuple[list[str], list[str]]:
+def _copy_like(
+    rng: random.Random, order: Callable[[list[str]], list[str]], tag: str, pool: Sequence[str]
+) -> tuple[list[str], list[str]]:
     words = [rng.choice(pool) for _ in range(rng.randint(3, 6))]
     return [tag] + words + ["="], order(words)
 
@@ -250,7 +277,11 @@ def _sort(rng: random.Random) -> tuple[list[str], list[str]]:
 def _roles(words: Sequence[str]) -> tuple[str, str, str]:
     """Subject, verb and object of a sentence from :func:`sentence`."""
     verb = next(i for i, word in enumerate(words) if word in VERBS)
-    return words[verb - 1], words[verb], next(word for word in words[verb + 1 :] if word in VERBS[words[verb]])
+    return (
+        words[verb - 1],
+        words[verb],
+        next(word for word in words[verb + 1 :] if word in VERBS[words[verb]]),
+    )
 
 
 def _subject(rng: random.Random) -> tuple[list[str], list[str]]:
@@ -275,14 +306,26 @@ TASKS: dict[str, Task] = {
         Task("sort", "sort 3-6 digits in ascending order", _sort),
         Task("count", "how many times a word occurs in a list (0-4)", _count),
         Task("subject", "name the subject of a language-A sentence (who eats, sees, ...)", _subject),
-        Task("object", "name the object of a language-A sentence (what the subject eats, sees, ...)", _object),
+        Task(
+            "object", "name the object of a language-A sentence (what the subject eats, sees, ...)", _object
+        ),
         Task("math", f"addition and subtraction of numbers 0-{MAX_OPERAND}, posed in language A", _math),
-        Task("math_b", "the same arithmetic problems posed (and answered) in language B", _math, language="B"),
+        Task(
+            "math_b", "the same arithmetic problems posed (and answered) in language B", _math, language="B"
+        ),
         Task("text_a", "generic text in language A (scored per word)", _text, exact=False),
         Task("text_b", "generic text in language B (scored per word)", _text, language="B", exact=False),
-        Task("text_mixed", "code-switched text: every word at random in A or B (scored per word)", _text, language="mixed", exact=False),
+        Task(
+            "text_mixed",
+            "code-switched text: every word at random in A or B (scored per word)",
+            _text,
+            language="mixed",
+            exact=False,
+        ),
         Task("translate", "translate a language-A sentence into language B", _translate, language="A>B"),
-        Task("translate_b2a", "translate a language-B sentence into language A", _translate_b2a, language="B>A"),
+        Task(
+            "translate_b2a", "translate a language-B sentence into language A", _translate_b2a, language="B>A"
+        ),
     ]
 }
 #: The tasks that get a fully fine-tuned expert from the base model.
@@ -316,7 +359,14 @@ def collate(examples: Sequence[Example], train_prompt: bool = False) -> dict[str
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def score(module: "torch.nn.Module", task: Task | str, n: int = 256, seed: int = 0, batch_size: int = 128, split: Split = "test") -> dict[str, float]:
+def score(
+    module: "torch.nn.Module",
+    task: Task | str,
+    n: int = 256,
+    seed: int = 0,
+    batch_size: int = 128,
+    split: Split = "test",
+) -> dict[str, float]:
     """Teacher-forced scores of ``n`` held-out examples: one forward pass per batch.
 
     ``exact_match`` counts examples whose every answer token is the argmax (equal to greedy
@@ -339,23 +389,35 @@ def score(module: "torch.nn.Module", task: Task | str, n: int = 256, seed: int =
         with torch.no_grad():
             for start in range(0, n, batch_size):
                 batch = collate(examples[start : start + batch_size])
-                logits = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+                logits = (
+                    module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                    .logits[:, :-1]
+                    .float()
+                )
                 targets = batch["labels"][:, 1:]
                 mask = targets != -100
                 hits = (logits.argmax(-1) == targets) & mask
                 exact += int((hits.sum(1) == mask.sum(1)).sum())
                 correct_tokens += int(hits.sum())
                 total_tokens += int(mask.sum())
-                total_loss += float(torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum"))
+                total_loss += float(
+                    torch.nn.functional.cross_entropy(logits[mask], targets[mask], reduction="sum")
+                )
     finally:
         module.train(was_training)
         torch.set_num_threads(threads)
-    scores = {"exact_match": exact / n, "token_accuracy": correct_tokens / total_tokens, "loss": total_loss / total_tokens}
+    scores = {
+        "exact_match": exact / n,
+        "token_accuracy": correct_tokens / total_tokens,
+        "loss": total_loss / total_tokens,
+    }
     scores["accuracy"] = scores["exact_match"] if task.exact else scores["token_accuracy"]
     return scores
 
 
-def accuracy(module: "torch.nn.Module", task: Task | str, n: int = 256, seed: int = 0, batch_size: int = 128) -> float:
+def accuracy(
+    module: "torch.nn.Module", task: Task | str, n: int = 256, seed: int = 0, batch_size: int = 128
+) -> float:
     """The task's headline accuracy on ``n`` held-out (test-split) examples."""
     return score(module, task, n, seed, batch_size)["accuracy"]
 
@@ -377,7 +439,10 @@ def check_compatible(model: Any) -> None:
             f" {model_type!r} ({found})."
         )
     sizes = [("config vocab_size", getattr(config, "vocab_size", None))]
-    for what, getter in (("input embedding rows", "get_input_embeddings"), ("lm_head rows", "get_output_embeddings")):
+    for what, getter in (
+        ("input embedding rows", "get_input_embeddings"),
+        ("lm_head rows", "get_output_embeddings"),
+    ):
         layer = getattr(module, getter)() if hasattr(module, getter) else None
         sizes.append((what, None if layer is None else int(layer.weight.shape[0])))
     for what, found in sizes:

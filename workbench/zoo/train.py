@@ -9,7 +9,8 @@ weights do not depend on how the build schedules its jobs.
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from workbench.zoo.tasks import TASKS, Example, Split, collate
 
@@ -17,7 +18,13 @@ if TYPE_CHECKING:
     import torch
 
 
-def mixture(parts: Sequence[tuple[str, float]], batch_size: int, seed: int, split: Split = "train", train_prompt: bool = False) -> Iterator[dict[str, "torch.Tensor"]]:
+def mixture(
+    parts: Sequence[tuple[str, float]],
+    batch_size: int,
+    seed: int,
+    split: Split = "train",
+    train_prompt: bool = False,
+) -> Iterator[dict[str, "torch.Tensor"]]:
     """Endless batches drawn from several tasks with the given weights.
 
     Each task gets its own example stream (seeded by ``seed`` and its position in ``parts``), so
@@ -32,7 +39,9 @@ def mixture(parts: Sequence[tuple[str, float]], batch_size: int, seed: int, spli
         yield collate(examples, train_prompt=train_prompt)
 
 
-def interleave(main: Iterator[dict[str, "torch.Tensor"]], replay: Iterator[dict[str, "torch.Tensor"]], every: int) -> Iterator[dict[str, "torch.Tensor"]]:
+def interleave(
+    main: Iterator[dict[str, "torch.Tensor"]], replay: Iterator[dict[str, "torch.Tensor"]], every: int
+) -> Iterator[dict[str, "torch.Tensor"]]:
     """``main``'s batches with one ``replay`` batch every ``every`` steps.
 
     Replay comes in whole batches rather than mixed into task batches because task examples are
@@ -42,5 +51,3 @@ def interleave(main: Iterator[dict[str, "torch.Tensor"]], replay: Iterator[dict[
     while True:
         step += 1
         yield next(replay) if step % every == 0 else next(main)
-
-

@@ -12,12 +12,13 @@ per-tensor weights any task-vector recipe can load, and ``workbench analyze OUTP
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
-from workbench.hookspecs import hookimpl
 from workbench.errors import RecipeError
+from workbench.hookspecs import hookimpl
 from workbench.method import MemoryNeed, MergeMethod, MethodParameters, Param, PrepareContext, TensorContext
 from workbench.params import filter_matches
 
@@ -35,23 +36,70 @@ if TYPE_CHECKING:
 
 
 class AtlasParameters(MethodParameters):
-    objective: Literal["cross_entropy", "entropy"] = Param("cross_entropy", per_layer=False, description="What the coefficients minimise: cross-entropy on labelled data (aTLAS) or the entropy of the predictions, no labels needed (AdaMerging).")
-    blocks: Literal["tensor", "layer", "module", "model"] = Param("tensor", per_layer=False, description="One coefficient per task vector and: tensor (aTLAS), transformer layer (layer-wise AdaMerging), module kind across layers, or model (one per task). Tensors outside the layers are their own block under layer and module.")
-    partitions: int = Param(1, ge=1, le=256, per_layer=False, description="Split every tensor's elements into this many fixed random groups, each with its own coefficient (aTLAS x K).")
-    init: float = Param(0.0, per_layer=False, description="Starting value of every coefficient: 0 starts from the base (aTLAS), a task-arithmetic λ warm-starts (AdaMerging uses 0.3).")
-    steps: int = Param(300, ge=0, per_layer=False, description="Optimizer steps (each takes one batch per task).")
-    lr: float = Param(1e-3, ge=0.0, per_layer=False, description="AdamW learning rate (aTLAS and AdaMerging: 1e-3).")
-    weight_decay: float = Param(0.1, ge=0.0, per_layer=False, description="AdamW weight decay on the coefficients (aTLAS: 0.1).")
-    grad_clip: float = Param(1.0, gt=0.0, per_layer=False, description="Largest gradient norm of the coefficients per step.")
+    objective: Literal["cross_entropy", "entropy"] = Param(
+        "cross_entropy",
+        per_layer=False,
+        description="What the coefficients minimise: cross-entropy on labelled data (aTLAS) or the entropy of the predictions, no labels needed (AdaMerging).",
+    )
+    blocks: Literal["tensor", "layer", "module", "model"] = Param(
+        "tensor",
+        per_layer=False,
+        description="One coefficient per task vector and: tensor (aTLAS), transformer layer (layer-wise AdaMerging), module kind across layers, or model (one per task). Tensors outside the layers are their own block under layer and module.",
+    )
+    partitions: int = Param(
+        1,
+        ge=1,
+        le=256,
+        per_layer=False,
+        description="Split every tensor's elements into this many fixed random groups, each with its own coefficient (aTLAS x K).",
+    )
+    init: float = Param(
+        0.0,
+        per_layer=False,
+        description="Starting value of every coefficient: 0 starts from the base (aTLAS), a task-arithmetic λ warm-starts (AdaMerging uses 0.3).",
+    )
+    steps: int = Param(
+        300, ge=0, per_layer=False, description="Optimizer steps (each takes one batch per task)."
+    )
+    lr: float = Param(
+        1e-3, ge=0.0, per_layer=False, description="AdamW learning rate (aTLAS and AdaMerging: 1e-3)."
+    )
+    weight_decay: float = Param(
+        0.1, ge=0.0, per_layer=False, description="AdamW weight decay on the coefficients (aTLAS: 0.1)."
+    )
+    grad_clip: float = Param(
+        1.0, gt=0.0, per_layer=False, description="Largest gradient norm of the coefficients per step."
+    )
     batch_size: int = Param(16, ge=1, per_layer=False, description="Sequences per task per step.")
-    samples: int = Param(512, ge=1, per_layer=False, description="Sequences read from each task's data (training and held-out together).")
-    holdout: float = Param(0.2, ge=0.0, lt=1.0, per_layer=False, description="Share of each task's sequences kept aside; the coefficients with the best objective on them are kept (0: the last step's).")
-    eval_every: int = Param(10, ge=1, per_layer=False, description="Steps between evaluations on the held-out sequences.")
-    trained: list[str] | None = Param(None, per_layer=False, description="Tensor name patterns (substrings or globs) whose coefficients are learned; the others keep init and their task vectors are not held in memory. Default: every float tensor.")
+    samples: int = Param(
+        512,
+        ge=1,
+        per_layer=False,
+        description="Sequences read from each task's data (training and held-out together).",
+    )
+    holdout: float = Param(
+        0.2,
+        ge=0.0,
+        lt=1.0,
+        per_layer=False,
+        description="Share of each task's sequences kept aside; the coefficients with the best objective on them are kept (0: the last step's).",
+    )
+    eval_every: int = Param(
+        10, ge=1, per_layer=False, description="Steps between evaluations on the held-out sequences."
+    )
+    trained: list[str] | None = Param(
+        None,
+        per_layer=False,
+        description="Tensor name patterns (substrings or globs) whose coefficients are learned; the others keep init and their task vectors are not held in memory. Default: every float tensor.",
+    )
 
 
 class AtlasModelParameters(MethodParameters):
-    data: dict[str, Any] | None = Param(None, per_layer=False, description="This task's data: {evaluator: NAME, options: {...}} (its validation batches) or {text: FILE, seq_len: N}. Given at the top level, every task uses it.")
+    data: dict[str, Any] | None = Param(
+        None,
+        per_layer=False,
+        description="This task's data: {evaluator: NAME, options: {...}} (its validation batches) or {text: FILE, seq_len: N}. Given at the top level, every task uses it.",
+    )
 
 
 @dataclass
@@ -90,12 +138,21 @@ class Atlas(MergeMethod):
     base_model = "required"
     whole_model = True
 
-    def check_plan(self, params: dict[str, Any], model_params: Sequence[dict[str, Any]], layer_count: int) -> None:
+    def check_plan(
+        self, params: dict[str, Any], model_params: Sequence[dict[str, Any]], layer_count: int
+    ) -> None:
         missing = [i for i, p in enumerate(model_params) if not p.get("data")]
         if missing:
-            raise RecipeError(f"atlas: models[{missing[0]}] has no 'data' to learn from; give each model {{evaluator: NAME}} or {{text: FILE, seq_len: N}}, or one 'data' for all at the top level.")
+            raise RecipeError(
+                f"atlas: models[{missing[0]}] has no 'data' to learn from; give each model {{evaluator: NAME}} or {{text: FILE, seq_len: N}}, or one 'data' for all at the top level."
+            )
 
-    def memory_needed(self, params: dict[str, Any], model_params: Sequence[dict[str, Any]], tensors: Sequence[tuple[str, tuple[int, ...]]]) -> MemoryNeed:
+    def memory_needed(
+        self,
+        params: dict[str, Any],
+        model_params: Sequence[dict[str, Any]],
+        tensors: Sequence[tuple[str, tuple[int, ...]]],
+    ) -> MemoryNeed:
         import math
 
         options = AtlasParameters.model_validate(params)
@@ -105,8 +162,15 @@ class Atlas(MergeMethod):
         # float32: the loaded model, T task vectors of the trained tensors, their merged values and
         # gradients during a step, and (with partitions) one byte per element for its group; plus
         # transformers itself, which the streaming merge does not import.
-        need = 4 * (total + (tasks + 2) * trained) + (trained if options.partitions > 1 else 0) + TRANSFORMERS_BYTES
-        return MemoryNeed(need, f"the base model ({total:,} parameters) and {tasks} task vector(s) of {trained:,} trained parameters in float32, and transformers (about {TRANSFORMERS_BYTES >> 20} MB), plus one batch's activations")
+        need = (
+            4 * (total + (tasks + 2) * trained)
+            + (trained if options.partitions > 1 else 0)
+            + TRANSFORMERS_BYTES
+        )
+        return MemoryNeed(
+            need,
+            f"the base model ({total:,} parameters) and {tasks} task vector(s) of {trained:,} trained parameters in float32, and transformers (about {TRANSFORMERS_BYTES >> 20} MB), plus one batch's activations",
+        )
 
     def prepare(self, ctx: PrepareContext) -> AtlasState:
         import torch
@@ -127,11 +191,15 @@ class Atlas(MergeMethod):
         names = _float_names(ctx)
         trained = [n for n in names if _is_trained(params.trained, n) and n in parameters]
         if not trained:
-            raise RecipeError(f"atlas: no tensor is trained: 'trained' ({params.trained}) matches no parameter of {base.path}.")
+            raise RecipeError(
+                f"atlas: no tensor is trained: 'trained' ({params.trained}) matches no parameter of {base.path}."
+            )
         # Tensors left out of training (by 'trained', or not parameters of the model) share one block
         # that keeps the starting value, so they never take a coefficient learned for other tensors.
         chosen = set(trained)
-        tensor_blocks = {name: block_of(name, params.blocks) if name in chosen else UNTRAINED for name in names}
+        tensor_blocks = {
+            name: block_of(name, params.blocks) if name in chosen else UNTRAINED for name in names
+        }
         blocks = list(dict.fromkeys(tensor_blocks.values()))
         block_index = {block: i for i, block in enumerate(blocks)}
         tensors = TrainedTensors({}, {}, {})
@@ -140,25 +208,57 @@ class Atlas(MergeMethod):
                 theta = parameters[name]
                 theta.copy_(base.read(name).to(torch.float32))  # θ₀ exactly as the merge reads it
                 tensors.base[name] = theta.detach()
-                tensors.task_vectors[name] = torch.stack([model_reader.read(name).to(torch.float32) - tensors.base[name] for model_reader in ctx.models])
+                tensors.task_vectors[name] = torch.stack(
+                    [
+                        model_reader.read(name).to(torch.float32) - tensors.base[name]
+                        for model_reader in ctx.models
+                    ]
+                )
                 tensors.blocks[name] = block_index[tensor_blocks[name]]
                 if params.partitions > 1:
-                    tensors.assignments[name] = partition_assignment(tuple(theta.shape), params.partitions, tensor_seed(ctx.seed, name))
+                    tensors.assignments[name] = partition_assignment(
+                        tuple(theta.shape), params.partitions, tensor_seed(ctx.seed, name)
+                    )
         train, held_out = self._data(ctx, params)
-        settings = Settings(params.objective, params.steps, params.lr, params.weight_decay, params.grad_clip, params.batch_size, params.eval_every, ctx.seed)
-        start = torch.full((len(ctx.models), len(blocks), params.partitions), params.init, dtype=torch.float64)
-        result = learn(model, tensors, start, train, held_out, settings, ctx.extra.get("note", lambda text: None))
+        settings = Settings(
+            params.objective,
+            params.steps,
+            params.lr,
+            params.weight_decay,
+            params.grad_clip,
+            params.batch_size,
+            params.eval_every,
+            ctx.seed,
+        )
+        start = torch.full(
+            (len(ctx.models), len(blocks), params.partitions), params.init, dtype=torch.float64
+        )
+        result = learn(
+            model, tensors, start, train, held_out, settings, ctx.extra.get("note", lambda text: None)
+        )
         if UNTRAINED in block_index:  # no gradient reached it, but weight decay did
             result.lam[:, block_index[UNTRAINED], :] = params.init
         table = CoefficientTable(
             models=list(ctx.extra.get("model_refs") or [str(m.path) for m in ctx.models]),
-            granularity=params.blocks, partitions=params.partitions, blocks=blocks,
-            values=result.lam.tolist(), tensor_blocks=tensor_blocks, seed=ctx.seed,
+            granularity=params.blocks,
+            partitions=params.partitions,
+            blocks=blocks,
+            values=result.lam.tolist(),
+            tensor_blocks=tensor_blocks,
+            seed=ctx.seed,
         )
         summary = {
-            "objective": params.objective, "steps": params.steps, "best_step": result.best_step, "seconds": round(result.seconds, 2),
-            "sequences": {"training": [len(t) for t in train], "held_out": [len(h) for h in held_out] if held_out else []},
-            "coefficients": int(result.lam.numel()), "trained_tensors": len(trained), "history": result.history,
+            "objective": params.objective,
+            "steps": params.steps,
+            "best_step": result.best_step,
+            "seconds": round(result.seconds, 2),
+            "sequences": {
+                "training": [len(t) for t in train],
+                "held_out": [len(h) for h in held_out] if held_out else [],
+            },
+            "coefficients": int(result.lam.numel()),
+            "trained_tensors": len(trained),
+            "history": result.history,
         }
         return AtlasState(table, str(ctx.extra.get("base_ref") or base.path), result, summary)
 
@@ -179,12 +279,32 @@ class Atlas(MergeMethod):
         for p in ctx.model_params:
             key = json.dumps(p["data"], sort_keys=True)
             if key not in read:
-                read[key] = split(sequences(input_batches(p["data"], params.samples, ctx.seed, ctx.base.path, ctx.extra["registry"], who="atlas")), params.holdout, generator)
+                read[key] = split(
+                    sequences(
+                        input_batches(
+                            p["data"],
+                            params.samples,
+                            ctx.seed,
+                            ctx.base.path,
+                            ctx.extra["registry"],
+                            who="atlas",
+                        )
+                    ),
+                    params.holdout,
+                    generator,
+                )
             train.append(read[key][0])
             held_out.append(read[key][1])
         return train, (held_out if all(h is not None for h in held_out) else None)
 
-    def apply(self, tensors: list["torch.Tensor"], base: "torch.Tensor | None", params: MethodParameters, model_params: list[MethodParameters], ctx: TensorContext) -> "torch.Tensor":
+    def apply(
+        self,
+        tensors: list["torch.Tensor"],
+        base: "torch.Tensor | None",
+        params: MethodParameters,
+        model_params: list[MethodParameters],
+        ctx: TensorContext,
+    ) -> "torch.Tensor":
         from workbench.checkpoint.coefficients import partition_assignment
         from workbench_kernels.weighted_sum import weighted_sum
 
@@ -193,7 +313,9 @@ class Atlas(MergeMethod):
         values = [table.value(t, ctx.name) for t in range(len(tensors))]
         if table.partitions == 1:  # task arithmetic with per-tensor weights, computed exactly as it is
             coefficients = [v[0] for v in values]
-            return weighted_sum([base, *tensors], [1.0 - sum(coefficients), *coefficients], ctx.compute_dtype, ctx.out_dtype)
+            return weighted_sum(
+                [base, *tensors], [1.0 - sum(coefficients), *coefficients], ctx.compute_dtype, ctx.out_dtype
+            )
         import torch
 
         group = partition_assignment(tuple(base.shape), table.partitions, ctx.seed).long()

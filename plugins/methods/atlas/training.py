@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
@@ -65,7 +66,9 @@ def sequences(batches: list[Batch]) -> Sequences:
     labelled = all("labels" in b for b in batches)
 
     def pad(key: str, value: int) -> torch.Tensor:
-        return torch.cat([torch.nn.functional.pad(b[key], (0, length - b[key].shape[1]), value=value) for b in batches])
+        return torch.cat(
+            [torch.nn.functional.pad(b[key], (0, length - b[key].shape[1]), value=value) for b in batches]
+        )
 
     return Sequences(pad("input_ids", 0), pad("attention_mask", 0), pad("labels", -100) if labelled else None)
 
@@ -77,7 +80,11 @@ def split(data: Sequences, holdout: float, generator: torch.Generator) -> tuple[
     order = torch.randperm(count, generator=generator)
 
     def part(index: torch.Tensor) -> Sequences:
-        return Sequences(data.input_ids[index], data.attention_mask[index], None if data.labels is None else data.labels[index])
+        return Sequences(
+            data.input_ids[index],
+            data.attention_mask[index],
+            None if data.labels is None else data.labels[index],
+        )
 
     return part(order[kept:]), (part(order[:kept]) if kept else None)
 
@@ -88,12 +95,19 @@ def objective_terms(logits: torch.Tensor, batch: Batch, objective: Objective) ->
     labels = batch.get("labels")
     if objective == "cross_entropy":
         if labels is None:
-            raise RecipeError("atlas: objective 'cross_entropy' needs labelled data (an evaluator's batches or a text file); use objective 'entropy' for unlabelled data.")
+            raise RecipeError(
+                "atlas: objective 'cross_entropy' needs labelled data (an evaluator's batches or a text file); use objective 'entropy' for unlabelled data."
+            )
         targets = labels[:, 1:]
         count = int((targets != -100).sum())
-        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="sum"), count
+        return torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), targets, ignore_index=-100, reduction="sum"
+        ), count
     if labels is None:
-        scored, prompted = batch["attention_mask"][:, 1:].bool(), torch.zeros(logits.shape[0], dtype=torch.bool)
+        scored, prompted = (
+            batch["attention_mask"][:, 1:].bool(),
+            torch.zeros(logits.shape[0], dtype=torch.bool),
+        )
     else:
         scored, prompted = labels[:, 1:] != -100, labels[:, 0] == -100
     first = scored & (scored.long().cumsum(1) == 1)  # the prediction of each answer's first token
@@ -109,7 +123,9 @@ class TrainedTensors:
     base: dict[str, torch.Tensor]  # θ₀ (the loaded model's own parameters)
     task_vectors: dict[str, torch.Tensor]  # [T, *shape]
     blocks: dict[str, int]  # tensor -> block index into Λ
-    assignments: dict[str, torch.Tensor] = field(default_factory=dict)  # tensor -> partition of each element (K > 1)
+    assignments: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # tensor -> partition of each element (K > 1)
 
     def merged(self, lam: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {}
@@ -127,11 +143,15 @@ class TrainedTensors:
 class LearnResult:
     lam: torch.Tensor  # the kept Λ, [T, B, K]
     best_step: int
-    history: list[dict[str, float | None]]  # per evaluation: step, mean training loss since the last, held-out loss
+    history: list[
+        dict[str, float | None]
+    ]  # per evaluation: step, mean training loss since the last, held-out loss
     seconds: float
 
 
-def _evaluate(model: torch.nn.Module, merged: dict[str, torch.Tensor], tasks: list[Sequences], settings: Settings) -> float:
+def _evaluate(
+    model: torch.nn.Module, merged: dict[str, torch.Tensor], tasks: list[Sequences], settings: Settings
+) -> float:
     """The objective over every held-out sequence, averaged per task, then over tasks."""
     from torch.func import functional_call
 
@@ -141,14 +161,27 @@ def _evaluate(model: torch.nn.Module, merged: dict[str, torch.Tensor], tasks: li
             total, count = torch.zeros(()), 0
             for start in range(0, len(data), settings.batch_size):
                 batch = data.take(torch.arange(start, min(start + settings.batch_size, len(data))))
-                logits = functional_call(model, merged, args=(), kwargs={"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}).logits
+                logits = functional_call(
+                    model,
+                    merged,
+                    args=(),
+                    kwargs={"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+                ).logits
                 part, n = objective_terms(logits, batch, settings.objective)
                 total, count = total + part, count + n
             losses.append(float(total) / max(count, 1))
     return sum(losses) / len(losses)
 
 
-def learn(model: torch.nn.Module, tensors: TrainedTensors, lam: torch.Tensor, train: list[Sequences], held_out: list[Sequences] | None, settings: Settings, note: Callable[[str], None]) -> LearnResult:
+def learn(
+    model: torch.nn.Module,
+    tensors: TrainedTensors,
+    lam: torch.Tensor,
+    train: list[Sequences],
+    held_out: list[Sequences] | None,
+    settings: Settings,
+    note: Callable[[str], None],
+) -> LearnResult:
     """Train Λ (a copy of ``lam``) on the tasks' sequences; return the Λ with the best held-out
     objective (the last one without held-out data)."""
     from torch.func import functional_call
@@ -172,7 +205,9 @@ def learn(model: torch.nn.Module, tensors: TrainedTensors, lam: torch.Tensor, tr
         running_mean = sum(running) / len(running) if running else None
         record: dict[str, float | None] = {"step": step, "train_loss": running_mean}
         if held_out:
-            record["held_out_loss"] = score = _evaluate(model, tensors.merged(lam.detach()), held_out, settings)
+            record["held_out_loss"] = score = _evaluate(
+                model, tensors.merged(lam.detach()), held_out, settings
+            )
             if score < best[0]:
                 best = (score, step, lam.detach().clone())
         history.append(record)
@@ -191,7 +226,12 @@ def learn(model: torch.nn.Module, tensors: TrainedTensors, lam: torch.Tensor, tr
                 orders[t] = torch.cat([orders[t], torch.randperm(len(data), generator=generator)])
             index, orders[t] = orders[t][:size], orders[t][size:]
             batch = data.take(index)
-            logits = functional_call(model, merged, args=(), kwargs={"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}).logits
+            logits = functional_call(
+                model,
+                merged,
+                args=(),
+                kwargs={"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+            ).logits
             part, count = objective_terms(logits, batch, settings.objective)
             total = total + part / max(count, 1)
         loss = total / len(train)

@@ -18,12 +18,13 @@ without data).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from workbench.hookspecs import hookimpl
 from workbench.errors import RecipeError
+from workbench.hookspecs import hookimpl
 from workbench.method import MergeMethod, MethodParameters, Param, PrepareContext, TensorContext
 
 if TYPE_CHECKING:
@@ -34,20 +35,58 @@ if TYPE_CHECKING:
 
 
 class LoraExpertsParameters(MethodParameters):
-    allocation: str | list[int] = Param("uniform", per_layer=False, description="Experts per layer: a pattern over equal groups of layers ('2-4-6-8', '8-6-4-2', '5-5-5-5'), one count per layer, 'uniform' (every adapter in every layer) or 'magnitude' (the adapters that change the layer at least magnitude_share of their most-changed layer). Counts above the number of adapters are capped at it.")
-    top_k: int = Param(2, ge=1, per_layer=False, description="Experts each token uses per module (capped at the layer's expert count); their weights are renormalised to sum 1.")
-    overflow: Literal["pick", "merge"] = Param("pick", per_layer=False, description="With fewer slots than adapters: 'pick' keeps the adapters that change the layer most; 'merge' keeps all but the last slot that way and sums the rest's ΔW into the last.")
-    router: Literal["prompts", "random", "trained"] = Param("prompts", per_layer=False, description="Router initialisation: from each adapter's task prompts (each model's 'data'), random (kaiming uniform, as MoLA trains from), or from prompts and then trained with the experts frozen.")
-    router_scale: float = Param(4.0, gt=0.0, per_layer=False, description="Prompt-initialised routers: the logit of a token one standard deviation along an expert's direction.")
-    router_steps: int = Param(50, ge=1, per_layer=False, description="Optimizer steps of router training ('trained').")
+    allocation: str | list[int] = Param(
+        "uniform",
+        per_layer=False,
+        description="Experts per layer: a pattern over equal groups of layers ('2-4-6-8', '8-6-4-2', '5-5-5-5'), one count per layer, 'uniform' (every adapter in every layer) or 'magnitude' (the adapters that change the layer at least magnitude_share of their most-changed layer). Counts above the number of adapters are capped at it.",
+    )
+    top_k: int = Param(
+        2,
+        ge=1,
+        per_layer=False,
+        description="Experts each token uses per module (capped at the layer's expert count); their weights are renormalised to sum 1.",
+    )
+    overflow: Literal["pick", "merge"] = Param(
+        "pick",
+        per_layer=False,
+        description="With fewer slots than adapters: 'pick' keeps the adapters that change the layer most; 'merge' keeps all but the last slot that way and sums the rest's ΔW into the last.",
+    )
+    router: Literal["prompts", "random", "trained"] = Param(
+        "prompts",
+        per_layer=False,
+        description="Router initialisation: from each adapter's task prompts (each model's 'data'), random (kaiming uniform, as MoLA trains from), or from prompts and then trained with the experts frozen.",
+    )
+    router_scale: float = Param(
+        4.0,
+        gt=0.0,
+        per_layer=False,
+        description="Prompt-initialised routers: the logit of a token one standard deviation along an expert's direction.",
+    )
+    router_steps: int = Param(
+        50, ge=1, per_layer=False, description="Optimizer steps of router training ('trained')."
+    )
     router_lr: float = Param(0.01, gt=0.0, per_layer=False, description="Learning rate of router training.")
     samples: int = Param(64, ge=1, per_layer=False, description="Sequences per adapter read from its data.")
-    magnitude_share: float = Param(0.5, gt=0.0, le=1.0, per_layer=False, description="allocation 'magnitude': the share of an adapter's largest per-layer change a layer needs for the adapter to get a slot there.")
-    collapse: bool = Param(False, per_layer=False, description="Write a dense model (W + Σ mean gate · ΔW) instead of experts and routers.")
+    magnitude_share: float = Param(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        per_layer=False,
+        description="allocation 'magnitude': the share of an adapter's largest per-layer change a layer needs for the adapter to get a slot there.",
+    )
+    collapse: bool = Param(
+        False,
+        per_layer=False,
+        description="Write a dense model (W + Σ mean gate · ΔW) instead of experts and routers.",
+    )
 
 
 class LoraExpertsModelParameters(MethodParameters):
-    data: dict[str, Any] | None = Param(None, per_layer=False, description="This adapter's task prompts, for routers from prompts: {evaluator: NAME, options: {...}} or {text: FILE, seq_len: N}.")
+    data: dict[str, Any] | None = Param(
+        None,
+        per_layer=False,
+        description="This adapter's task prompts, for routers from prompts: {evaluator: NAME, options: {...}} or {text: FILE, seq_len: N}.",
+    )
 
 
 @dataclass
@@ -65,7 +104,9 @@ def _adapters(ctx: PrepareContext) -> list["LoraAdapter"]:
     found = []
     for i, model in enumerate(ctx.models):
         if not isinstance(model, AdaptedReader) or len(model.adapters) != 1:
-            raise RecipeError(f"lora_experts: models[{i}] ({model.path}) is not one LoRA adapter; give BASE+ADAPTER or an adapter folder.")
+            raise RecipeError(
+                f"lora_experts: models[{i}] ({model.path}) is not one LoRA adapter; give BASE+ADAPTER or an adapter folder."
+            )
         found.append(model.adapters[0])
     return found
 
@@ -86,7 +127,10 @@ def _counts(params: LoraExpertsParameters, layers: int, change: list[list[float]
     if params.allocation == "uniform":
         return [n] * layers
     if params.allocation == "magnitude":
-        return [max(1, sum(change[i][l] >= params.magnitude_share * max(change[i]) > 0 for i in range(n))) for l in range(layers)]
+        return [
+            max(1, sum(change[i][l] >= params.magnitude_share * max(change[i]) > 0 for i in range(n)))
+            for l in range(layers)
+        ]
     return [min(count, n) for count in per_layer(params.allocation, layers)]
 
 
@@ -100,7 +144,9 @@ def _groups(count: int, change: list[float], overflow: str) -> list[list[int]]:
     return [[i] for i in sorted(ranked[: count - 1])] + [sorted(ranked[count - 1 :])]
 
 
-def _expert(adapters: list["LoraAdapter"], group: list[int], name: str, shape: tuple[int, ...]) -> tuple["torch.Tensor", "torch.Tensor", float]:
+def _expert(
+    adapters: list["LoraAdapter"], group: list[int], name: str, shape: tuple[int, ...]
+) -> tuple["torch.Tensor", "torch.Tensor", float]:
     """(A, B, scale) of one expert: an adapter's own factors, or a group's summed ΔW refactored."""
     import torch
 
@@ -139,11 +185,15 @@ class LoraExperts(MergeMethod):
         if allocation not in ("uniform", "magnitude"):
             per_layer(allocation, layer_count, "lora_experts: allocation")
         if params.get("router") == "trained" and params.get("top_k", 2) < 2:
-            raise RecipeError("lora_experts: router 'trained' needs top_k >= 2: with one expert per token its renormalised gate is always 1 and gives the router no gradient.")
+            raise RecipeError(
+                "lora_experts: router 'trained' needs top_k >= 2: with one expert per token its renormalised gate is always 1 and gives the router no gradient."
+            )
         if params.get("router", "prompts") in ("prompts", "trained"):
             missing = [i for i, p in enumerate(model_params) if not p.get("data")]
             if missing:
-                raise RecipeError(f"lora_experts: router '{params.get('router', 'prompts')}' needs each adapter's task prompts; models[{missing[0]}] has no 'data' ({{evaluator: NAME}} or {{text: FILE, seq_len: N}}); or use router: random.")
+                raise RecipeError(
+                    f"lora_experts: router '{params.get('router', 'prompts')}' needs each adapter's task prompts; models[{missing[0]}] has no 'data' ({{evaluator: NAME}} or {{text: FILE, seq_len: N}}); or use router: random."
+                )
 
     def prepare(self, ctx: PrepareContext) -> ExpertsState:
         import torch
@@ -162,10 +212,17 @@ class LoraExperts(MergeMethod):
         for name in targets:
             by_layer.setdefault(architecture.place(name).layer_index, []).append(name)  # type: ignore[arg-type]
         if None in by_layer:
-            raise RecipeError(f"lora_experts: adapters change '{by_layer[None][0]}', outside the transformer layers; experts are per layer.")  # type: ignore[index]
-        change = [[sum(_norm(adapter, name) for name in by_layer.get(layer, [])) for layer in range(layers)] for adapter in adapters]
+            raise RecipeError(
+                f"lora_experts: adapters change '{by_layer[None][0]}', outside the transformer layers; experts are per layer."
+            )  # type: ignore[index]
+        change = [
+            [sum(_norm(adapter, name) for name in by_layer.get(layer, [])) for layer in range(layers)]
+            for adapter in adapters
+        ]
         counts = _counts(params, layers, change)
-        groups = {layer: _groups(counts[layer], [c[layer] for c in change], params.overflow) for layer in by_layer}
+        groups = {
+            layer: _groups(counts[layer], [c[layer] for c in change], params.overflow) for layer in by_layer
+        }
         experts: dict[str, ExpertSet] = {}
         for layer, names in by_layer.items():
             top_k = min(params.top_k, len(groups[layer]))
@@ -173,37 +230,69 @@ class LoraExperts(MergeMethod):
                 shape = ctx.base.info(name).shape
                 factors = [_expert(adapters, group, name, shape) for group in groups[layer]]
                 router = torch.empty(len(factors), shape[1])
-                torch.nn.init.kaiming_uniform_(router, a=math.sqrt(5), generator=torch.Generator().manual_seed(tensor_seed(ctx.seed, name)))
+                torch.nn.init.kaiming_uniform_(
+                    router,
+                    a=math.sqrt(5),
+                    generator=torch.Generator().manual_seed(tensor_seed(ctx.seed, name)),
+                )
                 experts[name] = stack(factors, router, top_k)
         state = ExpertsState(experts, groups, collapse=params.collapse)
         if params.router != "random":
-            from workbench_plugins.methods.lora_experts.routing import by_module, load_base, mean_gates, route_from_prompts, train_routers
+            from workbench_plugins.methods.lora_experts.routing import (
+                by_module,
+                load_base,
+                mean_gates,
+                route_from_prompts,
+                train_routers,
+            )
 
             model, batches = load_base(ctx.base.path), self._prompt_batches(ctx, params)
             route_from_prompts(model, experts, groups, batches, params.router_scale)
             wrapped = wrap(model, by_module(experts))
             if params.router == "trained":
-                train_routers(model, wrapped, experts, batches, params.router_steps, params.router_lr, ctx.seed)
+                train_routers(
+                    model, wrapped, experts, batches, params.router_steps, params.router_lr, ctx.seed
+                )
             if params.collapse:  # only collapse uses the mean gates
                 state.mean_gates = mean_gates(model.eval(), wrapped, batches)
         state.config = {
             "source": "lora_experts",
             "adapters": [str(a.path) for a in adapters],
-            "allocation": {"requested": params.allocation, "per_layer": [len(groups.get(l, [])) for l in range(layers)]},
-            "experts_per_layer": {str(layer): [[str(adapters[i].path.name) for i in group] for group in g] for layer, g in sorted(groups.items())},
+            "allocation": {
+                "requested": params.allocation,
+                "per_layer": [len(groups.get(l, [])) for l in range(layers)],
+            },
+            "experts_per_layer": {
+                str(layer): [[str(adapters[i].path.name) for i in group] for group in g]
+                for layer, g in sorted(groups.items())
+            },
             "router": params.router,
             "parameters": sum(int(e.a.numel() + e.b.numel() + e.router.numel()) for e in experts.values()),
         }
         return state
 
     @staticmethod
-    def _prompt_batches(ctx: PrepareContext, params: LoraExpertsParameters) -> list[list[dict[str, "torch.Tensor"]]]:
+    def _prompt_batches(
+        ctx: PrepareContext, params: LoraExpertsParameters
+    ) -> list[list[dict[str, "torch.Tensor"]]]:
         from workbench_plugins.methods._data import input_batches
 
         assert ctx.base is not None
-        return [input_batches(p["data"], params.samples, ctx.seed, ctx.base.path, ctx.extra["registry"], who="lora_experts") for p in ctx.model_params]
+        return [
+            input_batches(
+                p["data"], params.samples, ctx.seed, ctx.base.path, ctx.extra["registry"], who="lora_experts"
+            )
+            for p in ctx.model_params
+        ]
 
-    def apply(self, tensors: list["torch.Tensor"], base: "torch.Tensor | None", params: MethodParameters, model_params: list[MethodParameters], ctx: TensorContext) -> "torch.Tensor":
+    def apply(
+        self,
+        tensors: list["torch.Tensor"],
+        base: "torch.Tensor | None",
+        params: MethodParameters,
+        model_params: list[MethodParameters],
+        ctx: TensorContext,
+    ) -> "torch.Tensor":
         state: ExpertsState = ctx.state
         assert base is not None
         found = state.experts.get(ctx.name)
@@ -215,7 +304,9 @@ class LoraExperts(MergeMethod):
         gates = state.mean_gates.get(ctx.name)
         for e in range(found.count):  # W += ḡ_e s_e B_e A_e, in float32, stored in the compute dtype
             share = float(gates[e]) if gates is not None else 1.0 / found.count
-            weight = lora_delta_add(weight, found.b[e], found.a[e], share * float(found.scale[e]), out_dtype=ctx.compute_dtype)
+            weight = lora_delta_add(
+                weight, found.b[e], found.a[e], share * float(found.scale[e]), out_dtype=ctx.compute_dtype
+            )
         return weight.to(ctx.compute_dtype)
 
     def write_extras(self, state: ExpertsState, folder: Path) -> list[Path]:

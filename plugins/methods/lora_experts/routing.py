@@ -12,9 +12,9 @@ over the prompts (used by ``collapse``). One loaded base model serves all three.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from itertools import cycle
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -39,7 +39,13 @@ def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
-def route_from_prompts(model: torch.nn.Module, experts: dict[str, ExpertSet], groups: dict[int, list[list[int]]], batches: Batches, scale: float) -> None:
+def route_from_prompts(
+    model: torch.nn.Module,
+    experts: dict[str, ExpertSet],
+    groups: dict[int, list[list[int]]],
+    batches: Batches,
+    scale: float,
+) -> None:
     """Set every router from the prompts' mean inputs (in place), reading the inputs of ``model``'s
     (not yet wrapped) targeted linear layers."""
     from workbench import architecture
@@ -56,7 +62,12 @@ def route_from_prompts(model: torch.nn.Module, experts: dict[str, ExpertSet], gr
         sums[key] = sums.get(key, 0) + tokens.sum(dim=0)  # type: ignore[assignment,operator]
         squares[key] = squares.get(key, 0.0) + float(tokens.square().sum())
 
-    hooks = [model.get_submodule(name.removesuffix(".weight")).register_forward_pre_hook(lambda m, i, n=name: record(n, i[0])) for name in experts]
+    hooks = [
+        model.get_submodule(name.removesuffix(".weight")).register_forward_pre_hook(
+            lambda m, i, n=name: record(n, i[0])
+        )
+        for name in experts
+    ]
     try:
         with torch.no_grad():
             for adapter, adapter_batches in enumerate(batches):
@@ -72,7 +83,9 @@ def route_from_prompts(model: torch.nn.Module, experts: dict[str, ExpertSet], gr
     for name, found in experts.items():
         adapters = range(len(batches))
         mean = sum(sums[(name, i)] for i in adapters) / total
-        variance = (sum(squares[(name, i)] for i in adapters) / total - float(mean.square().sum())) / mean.shape[0]
+        variance = (
+            sum(squares[(name, i)] for i in adapters) / total - float(mean.square().sum())
+        ) / mean.shape[0]
         sigma = max(variance, 1e-12) ** 0.5
         layer = architecture.place(name).layer_index
         for e, group in enumerate(groups[layer]):  # type: ignore[index]
@@ -81,9 +94,14 @@ def route_from_prompts(model: torch.nn.Module, experts: dict[str, ExpertSet], gr
             found.router[e] = (scale * centre / (length * sigma)).float() if length > 0 else 0.0
 
 
-def mean_gates(model: torch.nn.Module, wrapped: dict[str, MoLALinear], batches: Batches) -> dict[str, torch.Tensor]:
+def mean_gates(
+    model: torch.nn.Module, wrapped: dict[str, MoLALinear], batches: Batches
+) -> dict[str, torch.Tensor]:
     """Each expert's routing weight averaged over the prompts' tokens, per module (weight name)."""
-    totals = {f"{module}.weight": torch.zeros(layer.lora_A.shape[0], dtype=torch.float64) for module, layer in wrapped.items()}
+    totals = {
+        f"{module}.weight": torch.zeros(layer.lora_A.shape[0], dtype=torch.float64)
+        for module, layer in wrapped.items()
+    }
     count = 0
     with torch.no_grad():
         for batch in (b for adapter_batches in batches for b in adapter_batches):
@@ -101,13 +119,23 @@ def _training_batches(batches: Batches) -> Iterator[dict[str, torch.Tensor]]:
         yield from adapter_batches
 
 
-def train_routers(model: torch.nn.Module, wrapped: dict[str, MoLALinear], experts: dict[str, ExpertSet], batches: Batches, steps: int, lr: float, seed: int) -> None:
+def train_routers(
+    model: torch.nn.Module,
+    wrapped: dict[str, MoLALinear],
+    experts: dict[str, ExpertSet],
+    batches: Batches,
+    steps: int,
+    lr: float,
+    seed: int,
+) -> None:
     """Train the routers of the wrapped ``model`` (experts and base frozen) on the prompts'
     language-model loss; the trained routers are written back into ``experts``."""
     from workbench.modeling.training import train
 
     if any("labels" not in batch for adapter_batches in batches for batch in adapter_batches):
-        raise RecipeError("lora_experts: router 'trained' needs data with labels (an evaluator's batches or a text file).")
+        raise RecipeError(
+            "lora_experts: router 'trained' needs data with labels (an evaluator's batches or a text file)."
+        )
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     routers = [layer.router.requires_grad_(True) for layer in wrapped.values()]

@@ -34,11 +34,19 @@ class Activations:
     resid: torch.Tensor  # the hidden states entering every layer and leaving the last, concatenated
     embed: torch.Tensor  # the hidden states leaving the embeddings
     query: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (heads, head_dim * tokens)
-    key_value: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (kv heads, 2 * head_dim * tokens)
+    key_value: dict[int, torch.Tensor] = field(
+        default_factory=dict
+    )  # layer -> (kv heads, 2 * head_dim * tokens)
     mlp: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (intermediate, tokens)
-    attn_out: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (hidden, tokens): attention branch output
-    mlp_out: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (hidden, tokens): MLP branch output
-    magnitude: dict[str, torch.Tensor] = field(default_factory=dict)  # 'in.L', 'attn.L', 'mid.L', 'mlp.L' -> (hidden,) mean |x|
+    attn_out: dict[int, torch.Tensor] = field(
+        default_factory=dict
+    )  # layer -> (hidden, tokens): attention branch output
+    mlp_out: dict[int, torch.Tensor] = field(
+        default_factory=dict
+    )  # layer -> (hidden, tokens): MLP branch output
+    magnitude: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # 'in.L', 'attn.L', 'mid.L', 'mlp.L' -> (hidden,) mean |x|
 
 
 def standardised(units: torch.Tensor) -> torch.Tensor:
@@ -47,7 +55,9 @@ def standardised(units: torch.Tensor) -> torch.Tensor:
     return centred / (centred.std(dim=1, keepdim=True) + 1e-9)
 
 
-def capture(path: Path, layout: "Layout", batches: list[dict[str, torch.Tensor]], heads: int, kv_heads: int) -> Activations:
+def capture(
+    path: Path, layout: "Layout", batches: list[dict[str, torch.Tensor]], heads: int, kv_heads: int
+) -> Activations:
     """Run one model (its transformers base model) on the batches and collect every unit's activations."""
     from transformers import AutoModel
     from transformers.utils import logging as transformers_logging
@@ -57,7 +67,9 @@ def capture(path: Path, layout: "Layout", batches: list[dict[str, torch.Tensor]]
     try:
         module = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
     except Exception as exc:
-        raise RecipeError(f"ot_fusion: transformers cannot load {path} for activations ({type(exc).__name__}: {exc}).") from exc
+        raise RecipeError(
+            f"ot_fusion: transformers cannot load {path} for activations ({type(exc).__name__}: {exc})."
+        ) from exc
     finally:
         transformers_logging.set_verbosity(quiet)
     names = layout.modules
@@ -69,7 +81,9 @@ def capture(path: Path, layout: "Layout", batches: list[dict[str, torch.Tensor]]
         collected.setdefault(key, []).append(values.detach()[mask_now[0]].float())
 
     def on_output(path: str, key: str, layer: torch.nn.Module) -> Any:
-        return layer.get_submodule(path).register_forward_hook(lambda m, i, o: keep(key, o[0] if isinstance(o, tuple) else o))
+        return layer.get_submodule(path).register_forward_hook(
+            lambda m, i, o: keep(key, o[0] if isinstance(o, tuple) else o)
+        )
 
     def on_input(path: str, key: str, layer: torch.nn.Module) -> Any:
         return layer.get_submodule(path).register_forward_pre_hook(lambda m, i: keep(key, i[0]))
@@ -80,13 +94,21 @@ def capture(path: Path, layout: "Layout", batches: list[dict[str, torch.Tensor]]
             hooks.append(on_output(names.qkv, f"qkv{index}", layer))
         else:
             hooks += [on_output(getattr(names, part), f"{part}{index}", layer) for part in ("q", "k", "v")]
-        hooks += [on_output(names.attn_out, f"a{index}", layer), on_output(names.mlp_out, f"o{index}", layer), on_input(names.mlp_out, f"m{index}", layer)]
+        hooks += [
+            on_output(names.attn_out, f"a{index}", layer),
+            on_output(names.mlp_out, f"o{index}", layer),
+            on_input(names.mlp_out, f"m{index}", layer),
+        ]
         hooks.append((on_input if names.mid[1] == "input" else on_output)(names.mid[0], f"mid{index}", layer))
     try:
         with torch.no_grad():
             for batch in batches:
                 mask_now[:] = [batch["attention_mask"].bool()]
-                out = module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+                out = module(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    output_hidden_states=True,
+                )
                 for depth, hidden in enumerate(out.hidden_states):
                     keep(f"h{depth}", hidden)
     finally:
@@ -97,11 +119,16 @@ def capture(path: Path, layout: "Layout", batches: list[dict[str, torch.Tensor]]
     def tokens(key: str) -> torch.Tensor:  # (tokens, features)
         return torch.cat(collected[key])
 
-    def units(values: torch.Tensor, groups: int) -> torch.Tensor:  # (tokens, groups * width) -> (groups, width * tokens)
+    def units(
+        values: torch.Tensor, groups: int
+    ) -> torch.Tensor:  # (tokens, groups * width) -> (groups, width * tokens)
         return values.reshape(values.shape[0], groups, -1).permute(1, 2, 0).reshape(groups, -1)
 
     depth = len(layers)
-    acts = Activations(standardised(torch.cat([tokens(f"h{d}").T for d in range(depth + 1)], dim=1)), standardised(tokens("h0").T))
+    acts = Activations(
+        standardised(torch.cat([tokens(f"h{d}").T for d in range(depth + 1)], dim=1)),
+        standardised(tokens("h0").T),
+    )
     for index in range(depth):
         if names.qkv:
             query, key, value = tokens(f"qkv{index}").chunk(3, dim=1)
@@ -112,6 +139,11 @@ def capture(path: Path, layout: "Layout", batches: list[dict[str, torch.Tensor]]
         acts.mlp[index] = standardised(tokens(f"m{index}").T)
         attn, mlp = tokens(f"a{index}"), tokens(f"o{index}")
         acts.attn_out[index], acts.mlp_out[index] = standardised(attn.T), standardised(mlp.T)
-        for key, values in (("in", tokens(f"h{index}")), ("attn", attn), ("mid", tokens(f"mid{index}")), ("mlp", mlp)):
+        for key, values in (
+            ("in", tokens(f"h{index}")),
+            ("attn", attn),
+            ("mid", tokens(f"mid{index}")),
+            ("mlp", mlp),
+        ):
             acts.magnitude[f"{key}.{index}"] = values.abs().mean(dim=0)
     return acts

@@ -47,7 +47,11 @@ class Layout:
         if match:
             found = self.layer_roles.get(match[2])
             return (int(match[1]), found) if found else None
-        found = self.global_roles.get(name.removeprefix(self.prefix)) if self.prefix else self.global_roles.get(name)
+        found = (
+            self.global_roles.get(name.removeprefix(self.prefix))
+            if self.prefix
+            else self.global_roles.get(name)
+        )
         return (None, found) if found else None
 
 
@@ -93,16 +97,31 @@ LLAMA = Layout(
         "input_layernorm.weight": _IN,
         "post_attention_layernorm.weight": _MID,
     },
-    {"model.embed_tokens.weight": _EMBEDDING, "lm_head.weight": _linear(None, "final"), "model.norm.weight": _linear("final")},
+    {
+        "model.embed_tokens.weight": _EMBEDDING,
+        "lm_head.weight": _linear(None, "final"),
+        "model.norm.weight": _linear("final"),
+    },
     "model.embed_tokens.weight",
-    Modules("layers", "self_attn.o_proj", "mlp.down_proj", ("post_attention_layernorm", "input"), q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj"),
+    Modules(
+        "layers",
+        "self_attn.o_proj",
+        "mlp.down_proj",
+        ("post_attention_layernorm", "input"),
+        q="self_attn.q_proj",
+        k="self_attn.k_proj",
+        v="self_attn.v_proj",
+    ),
 )
 
 GPT2 = Layout(
     "gpt2",
     re.compile(r"^transformer\.h\.(\d+)\.(.+)$"),
     {
-        "ln_1.weight": _IN, "ln_1.bias": _IN, "ln_2.weight": _MID, "ln_2.bias": _MID,
+        "ln_1.weight": _IN,
+        "ln_1.bias": _IN,
+        "ln_2.weight": _MID,
+        "ln_2.bias": _MID,
         "attn.c_attn.weight": Role(("q", "kv", "kv"), "resid_in", conv1d=True),
         "attn.c_attn.bias": Role(("q", "kv", "kv")),
         "attn.c_proj.weight": Role(("attn_out",), "heads", conv1d=True),
@@ -113,8 +132,11 @@ GPT2 = Layout(
         "mlp.c_proj.bias": _MLP_BIAS,
     },
     {
-        "transformer.wte.weight": _EMBEDDING, "transformer.wpe.weight": _EMBEDDING, "lm_head.weight": _linear(None, "final"),
-        "transformer.ln_f.weight": _linear("final"), "transformer.ln_f.bias": _linear("final"),
+        "transformer.wte.weight": _EMBEDDING,
+        "transformer.wpe.weight": _EMBEDDING,
+        "lm_head.weight": _linear(None, "final"),
+        "transformer.ln_f.weight": _linear("final"),
+        "transformer.ln_f.bias": _linear("final"),
     },
     "transformer.wte.weight",
     Modules("h", "attn.c_proj", "mlp.c_proj", ("ln_2", "input"), qkv="attn.c_attn"),
@@ -124,29 +146,52 @@ BERT = Layout(
     "bert",
     re.compile(r"^(?:bert\.)?encoder\.layer\.(\d+)\.(.+)$"),
     {
-        "attention.self.query.weight": _linear("q", "resid_in"), "attention.self.query.bias": _linear("q"),
-        "attention.self.key.weight": _linear("kv", "resid_in"), "attention.self.key.bias": _linear("kv"),
-        "attention.self.value.weight": _linear("kv", "resid_in"), "attention.self.value.bias": _linear("kv"),
-        "attention.output.dense.weight": _linear("attn_out", "heads"), "attention.output.dense.bias": _ATTN_BIAS,
+        "attention.self.query.weight": _linear("q", "resid_in"),
+        "attention.self.query.bias": _linear("q"),
+        "attention.self.key.weight": _linear("kv", "resid_in"),
+        "attention.self.key.bias": _linear("kv"),
+        "attention.self.value.weight": _linear("kv", "resid_in"),
+        "attention.self.value.bias": _linear("kv"),
+        "attention.output.dense.weight": _linear("attn_out", "heads"),
+        "attention.output.dense.bias": _ATTN_BIAS,
         # post-LN: the norm after each residual join carries the stream's map at that point
-        "attention.output.LayerNorm.weight": _MID, "attention.output.LayerNorm.bias": _MID,
-        "intermediate.dense.weight": _linear("mlp", "resid_mid"), "intermediate.dense.bias": _linear("mlp"),
-        "output.dense.weight": _linear("mlp_out", "mlp"), "output.dense.bias": _MLP_BIAS,
-        "output.LayerNorm.weight": _OUT, "output.LayerNorm.bias": _OUT,
+        "attention.output.LayerNorm.weight": _MID,
+        "attention.output.LayerNorm.bias": _MID,
+        "intermediate.dense.weight": _linear("mlp", "resid_mid"),
+        "intermediate.dense.bias": _linear("mlp"),
+        "output.dense.weight": _linear("mlp_out", "mlp"),
+        "output.dense.bias": _MLP_BIAS,
+        "output.LayerNorm.weight": _OUT,
+        "output.LayerNorm.bias": _OUT,
     },
     {
-        "embeddings.word_embeddings.weight": _EMBEDDING, "embeddings.position_embeddings.weight": _EMBEDDING,
+        "embeddings.word_embeddings.weight": _EMBEDDING,
+        "embeddings.position_embeddings.weight": _EMBEDDING,
         "embeddings.token_type_embeddings.weight": _EMBEDDING,
-        "embeddings.LayerNorm.weight": _linear("embed"), "embeddings.LayerNorm.bias": _linear("embed"),
+        "embeddings.LayerNorm.weight": _linear("embed"),
+        "embeddings.LayerNorm.bias": _linear("embed"),
         # The pooler's outputs and the MLM head's classes are not permuted; the MLM transform feeds the
         # decoder tied to the word embeddings, so its output lies in the embeddings' basis.
-        "pooler.dense.weight": _linear(None, "final"), "pooler.dense.bias": _linear(None),
-        "cls.predictions.transform.dense.weight": _linear("embed", "final"), "cls.predictions.transform.dense.bias": _linear("embed"),
-        "cls.predictions.transform.LayerNorm.weight": _linear("embed"), "cls.predictions.transform.LayerNorm.bias": _linear("embed"),
-        "cls.predictions.decoder.weight": _EMBEDDING, "cls.predictions.decoder.bias": _linear(None), "cls.predictions.bias": _linear(None),
+        "pooler.dense.weight": _linear(None, "final"),
+        "pooler.dense.bias": _linear(None),
+        "cls.predictions.transform.dense.weight": _linear("embed", "final"),
+        "cls.predictions.transform.dense.bias": _linear("embed"),
+        "cls.predictions.transform.LayerNorm.weight": _linear("embed"),
+        "cls.predictions.transform.LayerNorm.bias": _linear("embed"),
+        "cls.predictions.decoder.weight": _EMBEDDING,
+        "cls.predictions.decoder.bias": _linear(None),
+        "cls.predictions.bias": _linear(None),
     },
     "embeddings.word_embeddings.weight",
-    Modules("encoder.layer", "attention.output.dense", "output.dense", ("attention.output", "output"), q="attention.self.query", k="attention.self.key", v="attention.self.value"),
+    Modules(
+        "encoder.layer",
+        "attention.output.dense",
+        "output.dense",
+        ("attention.output", "output"),
+        q="attention.self.query",
+        k="attention.self.key",
+        v="attention.self.value",
+    ),
     prefix="bert.",
 )
 
@@ -175,6 +220,8 @@ def dimensions(config: dict[str, Any] | None) -> tuple[int, int, int, int]:
     layers = config.get("num_hidden_layers", config.get("n_layer"))
     hidden = config.get("hidden_size", config.get("n_embd"))
     if not (heads and layers and hidden):
-        raise RecipeError("ot_fusion needs each model's config.json with its layer count, head count and hidden size.")
+        raise RecipeError(
+            "ot_fusion needs each model's config.json with its layer count, head count and hidden size."
+        )
     head_dim = int(config.get("head_dim") or hidden // heads)
     return int(layers), int(heads), int(config.get("num_key_value_heads") or heads), head_dim

@@ -23,12 +23,13 @@ activations captured in ``plugins/methods/ot_fusion/activations.py``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
-from workbench.hookspecs import hookimpl
 from workbench.errors import RecipeError
+from workbench.hookspecs import hookimpl
 from workbench.method import MemoryNeed, MergeMethod, MethodParameters, Param, PrepareContext, TensorContext
 from workbench_plugins.methods._weights import normalized
 
@@ -44,17 +45,50 @@ ResidPolicy = Literal["shared", "only_resid", "no_resid", "mean", "weighted_scal
 
 
 class OTFusionParameters(MethodParameters):
-    solver: Literal["emd", "sinkhorn"] = Param("sinkhorn", per_layer=False, description="'emd': exact, hard alignment (an assignment solver for square problems); 'sinkhorn': entropic, soft alignment (the paper's default for transformers).")
-    reg: float = Param(0.06, gt=0.0, per_layer=False, description="Sinkhorn regularisation on the max-normalised cost (the paper's best for weight-based costs: 0.06).")
-    cost: Literal["weights", "activations"] = Param("weights", per_layer=False, description="Ground cost between units: from their weights (no data needed) or from their activations on 'data'.")
-    data: dict[str, Any] | None = Param(None, per_layer=False, description="Inputs for cost 'activations': {evaluator: NAME, options: {...}} (the evaluator's data batches) or {text: FILE, seq_len: N} (cut with the anchor's tokenizer).")
-    samples: int = Param(64, ge=1, per_layer=False, description="Sequences run through each model for cost 'activations' (bounds time and memory).")
-    anchor: int = Param(0, ge=0, per_layer=False, description="Index of the model the others are aligned to (with models of different widths it must be 0: the output takes models[0]'s shapes).")
-    resid_policy: ResidPolicy = Param("shared", per_layer=False, description="Residual stream's map: 'shared' (one map throughout, branches included; exact for permuted copies) or the paper's per-sublayer policies after each residual join: 'only_resid' (keep the incoming map; branches get their own), 'no_resid' (the branch's), 'mean' (their mean), 'weighted_scalar' / 'weighted_matrix' (weighted by the anchor's mean |activation| of residual and branch, overall or per dimension; cost 'activations' only).")
+    solver: Literal["emd", "sinkhorn"] = Param(
+        "sinkhorn",
+        per_layer=False,
+        description="'emd': exact, hard alignment (an assignment solver for square problems); 'sinkhorn': entropic, soft alignment (the paper's default for transformers).",
+    )
+    reg: float = Param(
+        0.06,
+        gt=0.0,
+        per_layer=False,
+        description="Sinkhorn regularisation on the max-normalised cost (the paper's best for weight-based costs: 0.06).",
+    )
+    cost: Literal["weights", "activations"] = Param(
+        "weights",
+        per_layer=False,
+        description="Ground cost between units: from their weights (no data needed) or from their activations on 'data'.",
+    )
+    data: dict[str, Any] | None = Param(
+        None,
+        per_layer=False,
+        description="Inputs for cost 'activations': {evaluator: NAME, options: {...}} (the evaluator's data batches) or {text: FILE, seq_len: N} (cut with the anchor's tokenizer).",
+    )
+    samples: int = Param(
+        64,
+        ge=1,
+        per_layer=False,
+        description="Sequences run through each model for cost 'activations' (bounds time and memory).",
+    )
+    anchor: int = Param(
+        0,
+        ge=0,
+        per_layer=False,
+        description="Index of the model the others are aligned to (with models of different widths it must be 0: the output takes models[0]'s shapes).",
+    )
+    resid_policy: ResidPolicy = Param(
+        "shared",
+        per_layer=False,
+        description="Residual stream's map: 'shared' (one map throughout, branches included; exact for permuted copies) or the paper's per-sublayer policies after each residual join: 'only_resid' (keep the incoming map; branches get their own), 'no_resid' (the branch's), 'mean' (their mean), 'weighted_scalar' / 'weighted_matrix' (weighted by the anchor's mean |activation| of residual and branch, overall or per dimension; cost 'activations' only).",
+    )
 
 
 class OTFusionModelParameters(MethodParameters):
-    weight: float = Param(1.0, per_layer=False, description="Fusion weight of this model (the weights are normalised to sum 1).")
+    weight: float = Param(
+        1.0, per_layer=False, description="Fusion weight of this model (the weights are normalised to sum 1)."
+    )
 
 
 @dataclass
@@ -99,10 +133,20 @@ class FusionState:
 def _check_names(layout: "Layout", reader: "CheckpointReader") -> None:
     for name in reader.tensor_names():
         if reader.info(name).is_float and layout.role(name) is None:
-            raise RecipeError(f"ot_fusion: tensor '{name}' has no place in the {layout.name} layout it knows; it cannot be aligned.")
+            raise RecipeError(
+                f"ot_fusion: tensor '{name}' has no place in the {layout.name} layout it knows; it cannot be aligned."
+            )
 
 
-def _heads_map(q_a: "torch.Tensor", q_b: "torch.Tensor", kv_a: "torch.Tensor", kv_b: "torch.Tensor", heads: int, kv_heads: int, params: OTFusionParameters) -> tuple[Transport, "torch.Tensor"]:
+def _heads_map(
+    q_a: "torch.Tensor",
+    q_b: "torch.Tensor",
+    kv_a: "torch.Tensor",
+    kv_b: "torch.Tensor",
+    heads: int,
+    kv_heads: int,
+    params: OTFusionParameters,
+) -> tuple[Transport, "torch.Tensor"]:
     """Query-head plan whose cost adds the heads' key/value groups' cost, and the group map it implies."""
     from workbench_plugins.methods.ot_fusion.transport import Transport, ground_cost, transport
 
@@ -117,7 +161,12 @@ def _heads_map(q_a: "torch.Tensor", q_b: "torch.Tensor", kv_a: "torch.Tensor", k
     return plan, kv_plan.barycentric
 
 
-def _joined(resid: Transport, branch: Transport, policy: ResidPolicy, magnitudes: "tuple[torch.Tensor, torch.Tensor] | None") -> Transport:
+def _joined(
+    resid: Transport,
+    branch: Transport,
+    policy: ResidPolicy,
+    magnitudes: "tuple[torch.Tensor, torch.Tensor] | None",
+) -> Transport:
     """The stream's map after a residual join (Imfeld et al.'s residual policies): the map of the
     residual entering the sublayer, the branch's, their mean, or their mean weighted by the
     anchor's mean |activation| of residual and branch (one scalar, or one weight per dimension)."""
@@ -136,7 +185,9 @@ def _joined(resid: Transport, branch: Transport, policy: ResidPolicy, magnitudes
         resid_size, branch_size = (m.double().numpy() for m in magnitudes)
         if policy == "weighted_scalar":
             resid_size, branch_size = resid_size.mean(), branch_size.mean()
-        keep = resid_size / np.maximum(resid_size + branch_size, 1e-12)  # per anchor dimension: the plan's columns
+        keep = resid_size / np.maximum(
+            resid_size + branch_size, 1e-12
+        )  # per anchor dimension: the plan's columns
     plan = resid.plan * keep + branch.plan * (1 - keep)
     share = float(np.mean(keep))
     return Transport(plan.astype(resid.plan.dtype), policy, share * resid.cost + (1 - share) * branch.cost)
@@ -149,7 +200,9 @@ def _as_matrix(weight: "torch.Tensor", role: "Role") -> "torch.Tensor":
     return weight.T if role.conv1d else weight
 
 
-def _parts(matrix: "torch.Tensor", role: "Role", state: FusionState) -> list[tuple[str | None, "torch.Tensor"]]:
+def _parts(
+    matrix: "torch.Tensor", role: "Role", state: FusionState
+) -> list[tuple[str | None, "torch.Tensor"]]:
     """The output axis cut into its spaces (one part unless the tensor is fused, like GPT-2's c_attn)."""
     if len(role.out) == 1:
         return [(role.out[0], matrix)]
@@ -157,7 +210,9 @@ def _parts(matrix: "torch.Tensor", role: "Role", state: FusionState) -> list[tup
     return list(zip(role.out, matrix.split([sizes[space] for space in role.out])))  # type: ignore[index]
 
 
-def _inputs_aligned(matrix: "torch.Tensor", role: "Role", layer: int | None, maps: ModelMaps, state: FusionState) -> "torch.Tensor":
+def _inputs_aligned(
+    matrix: "torch.Tensor", role: "Role", layer: int | None, maps: ModelMaps, state: FusionState
+) -> "torch.Tensor":
     """W · T_in: the matrix's input axis in the anchor's basis."""
     if role.inp is None:
         return matrix
@@ -166,7 +221,9 @@ def _inputs_aligned(matrix: "torch.Tensor", role: "Role", layer: int | None, map
     return matrix @ maps.of(role.inp, layer).barycentric.to(matrix.dtype)
 
 
-def _output_aligned(part: "torch.Tensor", space: str | None, layer: int | None, maps: ModelMaps, state: FusionState) -> "torch.Tensor":
+def _output_aligned(
+    part: "torch.Tensor", space: str | None, layer: int | None, maps: ModelMaps, state: FusionState
+) -> "torch.Tensor":
     """T_outᵀ · W: one part of the matrix's output axis in the anchor's basis."""
     if space is None:
         return part
@@ -177,7 +234,13 @@ def _output_aligned(part: "torch.Tensor", space: str | None, layer: int | None, 
     return maps.of(space, layer).barycentric.to(part.dtype).T @ part
 
 
-def _weight_rows(reader: "CheckpointReader", layer: int, spaces: tuple[str, ...], maps: ModelMaps | None, state: FusionState) -> list["torch.Tensor"]:
+def _weight_rows(
+    reader: "CheckpointReader",
+    layer: int,
+    spaces: tuple[str, ...],
+    maps: ModelMaps | None,
+    state: FusionState,
+) -> list["torch.Tensor"]:
     """Per space, the rows of every tensor of ``layer`` whose output lies in it (biases included):
     the points of the weight-based cost. With ``maps`` (model a, not the anchor) the inputs are
     first mapped into the anchor's basis by the maps found so far."""
@@ -190,7 +253,9 @@ def _weight_rows(reader: "CheckpointReader", layer: int, spaces: tuple[str, ...]
         role = placed[1]
         if not any(space in rows for space in role.out):
             continue
-        matrix = _as_matrix(reader.read(name).float(), role)  # float32 features: ground_cost works in float64 per block
+        matrix = _as_matrix(
+            reader.read(name).float(), role
+        )  # float32 features: ground_cost works in float64 per block
         if maps is not None:
             matrix = _inputs_aligned(matrix, role, layer, maps, state)
         for space, part in _parts(matrix, role, state):
@@ -213,8 +278,12 @@ def _by_heads(weight: "torch.Tensor", plan: "torch.Tensor", heads: int, columns:
 
     plan = plan.to(weight.dtype)
     if columns:
-        return torch.einsum("dhj,hk->dkj", weight.reshape(weight.shape[0], heads, -1), plan).reshape(weight.shape[0], -1)
-    return torch.einsum("hjd,hk->kjd", weight.reshape(heads, -1, weight.shape[-1]), plan).reshape(-1, weight.shape[-1])
+        return torch.einsum("dhj,hk->dkj", weight.reshape(weight.shape[0], heads, -1), plan).reshape(
+            weight.shape[0], -1
+        )
+    return torch.einsum("hjd,hk->kjd", weight.reshape(heads, -1, weight.shape[-1]), plan).reshape(
+        -1, weight.shape[-1]
+    )
 
 
 class OTFusion(MergeMethod):
@@ -234,7 +303,12 @@ class OTFusion(MergeMethod):
     min_models = 2
     equal_shapes = False  # other widths are mapped into the anchor's
 
-    def memory_needed(self, params: dict[str, Any], model_params: Sequence[dict[str, Any]], tensors: Sequence[tuple[str, tuple[int, ...]]]) -> MemoryNeed | None:
+    def memory_needed(
+        self,
+        params: dict[str, Any],
+        model_params: Sequence[dict[str, Any]],
+        tensors: Sequence[tuple[str, tuple[int, ...]]],
+    ) -> MemoryNeed | None:
         """The transport maps kept for every aligned model: per layer an n x n map of the MLP's
         hidden units, and of the residual stream (one for the whole network with the 'shared'
         policy, four per layer otherwise), each a float32 plan with its column-normalised copy;
@@ -257,16 +331,23 @@ class OTFusion(MergeMethod):
         entries = sum(width**2 for width in mlp_width.values()) + stream_maps * embedding[1] ** 2
         aligned = max(0, len(model_params) - 1)
         need = 2 * 2 * 4 * aligned * entries
-        return MemoryNeed(need, f"the transport maps of {aligned} aligned model(s) (float32 plans and their normalised copies, doubled for the solvers' work)")
+        return MemoryNeed(
+            need,
+            f"the transport maps of {aligned} aligned model(s) (float32 plans and their normalised copies, doubled for the solvers' work)",
+        )
 
     def prepare(self, ctx: PrepareContext) -> FusionState:
         from workbench_plugins.methods.ot_fusion.layouts import detect, dimensions
 
         params = OTFusionParameters.model_validate(ctx.params)
         if params.anchor >= len(ctx.models):
-            raise RecipeError(f"ot_fusion: anchor = {params.anchor}, but there are only {len(ctx.models)} models (0..{len(ctx.models) - 1}).")
+            raise RecipeError(
+                f"ot_fusion: anchor = {params.anchor}, but there are only {len(ctx.models)} models (0..{len(ctx.models) - 1})."
+            )
         if params.resid_policy.startswith("weighted") and params.cost != "activations":
-            raise RecipeError(f"ot_fusion: resid_policy '{params.resid_policy}' weighs by activations; it needs cost 'activations'.")
+            raise RecipeError(
+                f"ot_fusion: resid_policy '{params.resid_policy}' weighs by activations; it needs cost 'activations'."
+            )
         anchor = ctx.models[params.anchor]
         layout = detect(list(ctx.tensor_names))
         for model in ctx.models:
@@ -274,7 +355,9 @@ class OTFusion(MergeMethod):
         shape = dimensions(anchor.config())
         widths = {tuple(model.info(name).shape for name in model.tensor_names()) for model in ctx.models}
         if params.anchor != 0 and len(widths) > 1:
-            raise RecipeError("ot_fusion: the output takes models[0]'s shapes, so with models of different widths list the anchor first (anchor: 0).")
+            raise RecipeError(
+                "ot_fusion: the output takes models[0]'s shapes, so with models of different widths list the anchor first (anchor: 0)."
+            )
         state = FusionState(layout, shape[1], shape[2], shape[3], params.anchor, params.resid_policy, {})
         anchor_acts = batches = None
         if params.cost == "activations":
@@ -282,7 +365,9 @@ class OTFusion(MergeMethod):
             from workbench_plugins.methods.ot_fusion.activations import capture
 
             if not params.data:
-                raise RecipeError("ot_fusion: cost 'activations' needs data: {evaluator: NAME, options: {...}} or {text: FILE, seq_len: N}.")
+                raise RecipeError(
+                    "ot_fusion: cost 'activations' needs data: {evaluator: NAME, options: {...}} or {text: FILE, seq_len: N}."
+                )
             batches = input_batches(params.data, params.samples, ctx.seed, anchor.path, ctx.extra["registry"])
             anchor_acts = capture(anchor.path, layout, batches, shape[1], shape[2])
         for index, model in enumerate(ctx.models):
@@ -297,7 +382,15 @@ class OTFusion(MergeMethod):
         return state
 
     @staticmethod
-    def _maps(model: "CheckpointReader", anchor: "CheckpointReader", anchor_acts: "Activations | None", batches: Any, layers: int, state: FusionState, params: OTFusionParameters) -> ModelMaps:
+    def _maps(
+        model: "CheckpointReader",
+        anchor: "CheckpointReader",
+        anchor_acts: "Activations | None",
+        batches: Any,
+        layers: int,
+        state: FusionState,
+        params: OTFusionParameters,
+    ) -> ModelMaps:
         """The maps of one model into the anchor's basis, layer by layer in the order the network
         computes (each sublayer's inputs are aligned by the maps before it), from weights or
         (with ``anchor_acts``) activations."""
@@ -328,30 +421,56 @@ class OTFusion(MergeMethod):
             elif acts is not None:
                 branch = solve(getattr(acts, branch_space)[layer], getattr(anchor_acts, branch_space)[layer])
             else:
-                [rows_a], [rows_b] = (_weight_rows(reader, layer, (branch_space,), m, state) for reader, m in ((model, maps), (anchor, None)))
+                [rows_a], [rows_b] = (
+                    _weight_rows(reader, layer, (branch_space,), m, state)
+                    for reader, m in ((model, maps), (anchor, None))
+                )
                 branch = solve(rows_a, rows_b)
             getattr(maps, branch_space)[layer] = branch
             magnitudes = None
             if anchor_acts is not None:
-                magnitudes = (anchor_acts.magnitude[f"{resid_key}.{layer}"], anchor_acts.magnitude[f"{'attn' if branch_space == 'attn_out' else 'mlp'}.{layer}"])
+                magnitudes = (
+                    anchor_acts.magnitude[f"{resid_key}.{layer}"],
+                    anchor_acts.magnitude[f"{'attn' if branch_space == 'attn_out' else 'mlp'}.{layer}"],
+                )
             maps.stream.append(_joined(resid, branch, state.policy, magnitudes))
 
         for layer in range(layers):
             if acts is not None:
-                qa, qb, kva, kvb = acts.query[layer], anchor_acts.query[layer], acts.key_value[layer], anchor_acts.key_value[layer]  # type: ignore[union-attr]
+                qa, qb, kva, kvb = (
+                    acts.query[layer],
+                    anchor_acts.query[layer],
+                    acts.key_value[layer],
+                    anchor_acts.key_value[layer],
+                )  # type: ignore[union-attr]
             else:
-                (qa, kva), (qb, kvb) = (_weight_rows(reader, layer, ("q", "kv"), m, state) for reader, m in ((model, maps), (anchor, None)))
-            maps.heads[layer], maps.kv[layer] = _heads_map(qa, qb, kva, kvb, state.heads, state.kv_heads, params)
+                (qa, kva), (qb, kvb) = (
+                    _weight_rows(reader, layer, ("q", "kv"), m, state)
+                    for reader, m in ((model, maps), (anchor, None))
+                )
+            maps.heads[layer], maps.kv[layer] = _heads_map(
+                qa, qb, kva, kvb, state.heads, state.kv_heads, params
+            )
             join(layer, "attn_out", "in")
             if acts is not None:
                 maps.mlp[layer] = solve(acts.mlp[layer], anchor_acts.mlp[layer])  # type: ignore[union-attr]
             else:
-                [ma], [mb] = (_weight_rows(reader, layer, ("mlp",), m, state) for reader, m in ((model, maps), (anchor, None)))
+                [ma], [mb] = (
+                    _weight_rows(reader, layer, ("mlp",), m, state)
+                    for reader, m in ((model, maps), (anchor, None))
+                )
                 maps.mlp[layer] = solve(ma, mb)
             join(layer, "mlp_out", "mid")
         return maps
 
-    def apply(self, tensors: list["torch.Tensor"], base: "torch.Tensor | None", params: OTFusionParameters, model_params: list[OTFusionModelParameters], ctx: TensorContext) -> "torch.Tensor":  # type: ignore[override]
+    def apply(
+        self,
+        tensors: list["torch.Tensor"],
+        base: "torch.Tensor | None",
+        params: OTFusionParameters,
+        model_params: list[OTFusionModelParameters],
+        ctx: TensorContext,
+    ) -> "torch.Tensor":  # type: ignore[override]
         state: FusionState = ctx.state
         weights = normalized([p.weight for p in model_params], self.name, ctx.name)
         fused: "torch.Tensor | None" = None
@@ -371,7 +490,10 @@ class OTFusion(MergeMethod):
         import torch
 
         layer, role = state.layout.role(name)  # type: ignore[misc]  # prepare checked every float tensor
-        rows = [_output_aligned(part, space, layer, maps, state) for space, part in _parts(_as_matrix(weight, role), role, state)]
+        rows = [
+            _output_aligned(part, space, layer, maps, state)
+            for space, part in _parts(_as_matrix(weight, role), role, state)
+        ]
         matrix = _inputs_aligned(torch.cat(rows) if len(rows) > 1 else rows[0], role, layer, maps, state)
         if weight.ndim == 1:
             return matrix.reshape(-1)
@@ -386,14 +508,30 @@ class OTFusion(MergeMethod):
         tensors: dict[str, torch.Tensor] = {}
         report: dict[str, Any] = {}
         for index, maps in state.maps.items():
-            entries = {"resid": maps.stream[0]} | {f"layers.{i}.heads": t for i, t in maps.heads.items()} | {f"layers.{i}.mlp": t for i, t in maps.mlp.items()}
+            entries = (
+                {"resid": maps.stream[0]}
+                | {f"layers.{i}.heads": t for i, t in maps.heads.items()}
+                | {f"layers.{i}.mlp": t for i, t in maps.mlp.items()}
+            )
             if state.policy != "shared":  # the stream's map after every join, and the branches'
                 for i in maps.attn_out:
-                    entries |= {f"layers.{i}.attn_out": maps.attn_out[i], f"layers.{i}.resid_mid": maps.stream[2 * i + 1]}
-                    entries |= {f"layers.{i}.mlp_out": maps.mlp_out[i], f"layers.{i}.resid_out": maps.stream[2 * i + 2]}
+                    entries |= {
+                        f"layers.{i}.attn_out": maps.attn_out[i],
+                        f"layers.{i}.resid_mid": maps.stream[2 * i + 1],
+                    }
+                    entries |= {
+                        f"layers.{i}.mlp_out": maps.mlp_out[i],
+                        f"layers.{i}.resid_out": maps.stream[2 * i + 2],
+                    }
             for key, plan in entries.items():
-                tensors[f"models.{index}.{key}"] = torch.tensor(plan.plan, dtype=torch.float32)  # a copy: maps may be shared (only_resid, no_resid)
-                report[f"models.{index}.{key}"] = {"solver": plan.solver, "cost": plan.cost, "shape": list(plan.plan.shape)}
+                tensors[f"models.{index}.{key}"] = torch.tensor(
+                    plan.plan, dtype=torch.float32
+                )  # a copy: maps may be shared (only_resid, no_resid)
+                report[f"models.{index}.{key}"] = {
+                    "solver": plan.solver,
+                    "cost": plan.cost,
+                    "shape": list(plan.plan.shape),
+                }
         extras = folder / "ot_fusion"
         extras.mkdir()
         save_file(tensors, str(extras / "maps.safetensors"))

@@ -21,17 +21,24 @@ from textual.widgets import DataTable, Label, Static
 from textual.worker import get_current_worker
 
 from workbench.analysis.deltas import Analysis, analyze
-from workbench.analysis.render import cell_text, shade, scale_max, stat_label
+from workbench.analysis.render import cell_text, scale_max, shade, stat_label
 from workbench.errors import WorkbenchError
-from workbench.tui.screens.base import WorkbenchScreen
 from workbench.tui.layer_map import LayerMap, build_map
+from workbench.tui.screens.base import WorkbenchScreen
 
 #: The heatmap's statistic: analyze's default, comparable across modules of different scale.
 STAT = "relative"
 #: Short column headings, so a Llama layer's nine modules fit 120 columns (the keys stay analyze's).
 SHORT = {
-    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up",
-    "down_proj": "down", "input_layernorm": "in_norm", "post_attention_layernorm": "post_norm",
+    "q_proj": "q",
+    "k_proj": "k",
+    "v_proj": "v",
+    "o_proj": "o",
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+    "input_layernorm": "in_norm",
+    "post_attention_layernorm": "post_norm",
 }
 
 
@@ -116,7 +123,9 @@ class LayersScreen(WorkbenchScreen):
         self.query_one("#heatmaps", VerticalScroll).remove_children()
         status.remove_class("error")
         if not base or not models:
-            status.update("The heatmap compares fine-tunes with their base: give the recipe a base and models.")
+            status.update(
+                "The heatmap compares fine-tunes with their base: give the recipe a base and models."
+            )
             return
         status.update(f"Analysing {len(models)} model(s) against {base}…")
         self._analyse(base, models)
@@ -137,7 +146,9 @@ class LayersScreen(WorkbenchScreen):
             status.update(analysis)
             status.add_class("error")
             return
-        status.update(f"base {analysis.base}; rows are layers, columns modules; brighter is more change; total: the whole layer.")
+        status.update(
+            f"base {analysis.base}; rows are layers, columns modules; brighter is more change; total: the whole layer."
+        )
         high = scale_max(analysis, STAT)
         tables: list[Widget] = []
         for index, model in enumerate(analysis.models):
@@ -148,7 +159,10 @@ class LayersScreen(WorkbenchScreen):
             table.add_column("total", key="total")
             totals = model.layer_totals(analysis.layer_count)
             for layer in range(analysis.layer_count):
-                cells = [self._cell(analysis.value(model, layer, module, STAT), high) for module in analysis.modules]
+                cells = [
+                    self._cell(analysis.value(model, layer, module, STAT), high)
+                    for module in analysis.modules
+                ]
                 total = Text(cell_text(STAT, totals[layer].relative), style="bold")
                 table.add_row(str(layer), *cells, total, key=str(layer))
             tables += [Label(model.ref, classes="heatmap-title"), table]

@@ -20,8 +20,8 @@ from textual.widgets import Input, Label, Select, Static, Switch
 
 from workbench.errors import WorkbenchError
 from workbench.method import MergeMethod
-from workbench.tui.screens.base import WorkbenchScreen
 from workbench.tui.param_form import UNSET, ParamField, fields_of, show
+from workbench.tui.screens.base import WorkbenchScreen
 
 BASE_TEXT = {"required": "required", "optional": "optional", "unused": "not used"}
 
@@ -73,10 +73,16 @@ class MethodScreen(WorkbenchScreen):
         method = self._method()
         info = self.query_one("#method-info", Static)
         if method is None:
-            info.update(f"Unknown method '{self.state.method}': choose one above." if self.state.method else "")
+            info.update(
+                f"Unknown method '{self.state.method}': choose one above." if self.state.method else ""
+            )
             return
         entry = self.registry.methods[method.name]
-        models = f"{method.min_models}+" if method.max_models is None else f"{method.min_models}-{method.max_models}"
+        models = (
+            f"{method.min_models}+"
+            if method.max_models is None
+            else f"{method.min_models}-{method.max_models}"
+        )
         lines = [
             method.summary,
             f"paper: {method.paper or '-'}",
@@ -104,7 +110,9 @@ class MethodScreen(WorkbenchScreen):
         else:
             self.state.data.pop("parameters", None)
         for entry in self._entries():
-            entry["parameters"] = {k: v for k, v in (entry.get("parameters") or {}).items() if k in model_keys}
+            entry["parameters"] = {
+                k: v for k, v in (entry.get("parameters") or {}).items() if k in model_keys
+            }
         self.refresh_from_state()
 
     def _entries(self) -> list[dict[str, Any]]:
@@ -135,7 +143,9 @@ class MethodScreen(WorkbenchScreen):
         widgets: list[Widget] = [Label("Parameters (the recipe's parameters:)", classes="section-title")]
         global_fields = fields_of(method.Parameters)
         values = self.state.data.get("parameters") or {}
-        widgets += [w for f in global_fields for w in self._row(f, None, values)] or [Label("none", classes="param-help")]
+        widgets += [w for f in global_fields for w in self._row(f, None, values)] or [
+            Label("none", classes="param-help")
+        ]
         model_fields = fields_of(method.ModelParameters)
         if model_fields:
             for i, entry in enumerate(self._entries()):
@@ -143,7 +153,12 @@ class MethodScreen(WorkbenchScreen):
                 values = entry.get("parameters") or {}
                 widgets += [w for f in model_fields for w in self._row(f, i, values)]
             if self.state.data.get("slices"):
-                widgets.append(Label("Per-source parameters of slices are edited on the Recipe screen (F5).", classes="param-help"))
+                widgets.append(
+                    Label(
+                        "Per-source parameters of slices are edited on the Recipe screen (F5).",
+                        classes="param-help",
+                    )
+                )
         await form.mount_all(widgets)
 
     def _row(self, field: ParamField, model: int | None, values: dict[str, Any]) -> list[Widget]:
@@ -155,17 +170,28 @@ class MethodScreen(WorkbenchScreen):
         per_layer = " (or a list)" if field.per_layer else ""
         widget: Widget
         if field.kind == "switch":
-            widget = Switch(value=bool(field.default if value is UNSET else value), id=wid, classes="param-switch")
+            widget = Switch(
+                value=bool(field.default if value is UNSET else value), id=wid, classes="param-switch"
+            )
         elif field.kind == "select":
             options = [(str(c), c) for c in field.choices]
             current = value if value in field.choices else Select.NULL
-            widget = Select(options, prompt=default, allow_blank=True, value=current, id=wid, classes="param-select")
+            widget = Select(
+                options, prompt=default, allow_blank=True, value=current, id=wid, classes="param-select"
+            )
         else:
             kind = field.kind if field.kind in ("integer", "number") else "text"
-            widget = Input(show(value), placeholder=default + per_layer, type=kind, id=wid, classes="param-input")  # type: ignore[arg-type]
+            widget = Input(
+                show(value), placeholder=default + per_layer, type=kind, id=wid, classes="param-input"
+            )  # type: ignore[arg-type]
         error = Static("", id=f"{wid}-error", classes="error param-error", markup=False)
         error.display = False
-        row = Horizontal(Label(field.key, classes="param-name"), widget, Label(field.description.split(". ")[0], classes="param-help", markup=False), classes="param-row")
+        row = Horizontal(
+            Label(field.key, classes="param-name"),
+            widget,
+            Label(field.description.split(". ")[0], classes="param-help", markup=False),
+            classes="param-row",
+        )
         return [row, error]
 
     def _target(self, model: int | None) -> dict[str, Any]:
@@ -195,7 +221,9 @@ class MethodScreen(WorkbenchScreen):
                 target[field.key] = value
         if problem:
             kept = self._target(model).get(field.key, UNSET)
-            problem += f" (not applied: the recipe keeps {show(kept)})" if kept is not UNSET else " (not applied)"
+            problem += (
+                f" (not applied: the recipe keeps {show(kept)})" if kept is not UNSET else " (not applied)"
+            )
         error.update(problem or "")
         error.display = problem is not None
         self.action_check_recipe()
@@ -216,7 +244,9 @@ class MethodScreen(WorkbenchScreen):
     @on(Switch.Changed, ".param-switch")
     def on_param_switch_changed(self, event: Switch.Changed) -> None:
         wid = event.switch.id or ""
-        if event.switch.is_attached and wid in self.fields:  # the default is left out of the recipe, as the CLI would write it
+        if (
+            event.switch.is_attached and wid in self.fields
+        ):  # the default is left out of the recipe, as the CLI would write it
             field = self.fields[wid][1]
             self.set_value(wid, UNSET if event.value == field.default else event.value)
 

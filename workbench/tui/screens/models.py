@@ -39,12 +39,16 @@ class ModelsScreen(WorkbenchScreen):
 
     def compose_body(self) -> Iterable[Widget]:
         with Vertical(id="models-body"):
-            yield Label("Add a model: a local path, a Hub id (org/name), or BASE+ADAPTER", classes="field-label")
+            yield Label(
+                "Add a model: a local path, a Hub id (org/name), or BASE+ADAPTER", classes="field-label"
+            )
             with Horizontal(id="add-row"):
                 yield Input(placeholder="path or org/name", id="model-ref")
                 yield Button("Add", id="add-model", variant="primary")
             yield Static("", id="add-message")
-            yield Label("Base model (task-vector methods subtract it; none for plain averages)", classes="field-label")
+            yield Label(
+                "Base model (task-vector methods subtract it; none for plain averages)", classes="field-label"
+            )
             yield Select[str]([], prompt="none", allow_blank=True, id="base-select")
             table: DataTable[str] = DataTable(id="models-table", cursor_type="row", zebra_stripes=True)
             table.add_columns(*COLUMNS)
@@ -77,7 +81,9 @@ class ModelsScreen(WorkbenchScreen):
         with self.prevent(Select.Changed):
             select.set_options([(ref, ref) for ref in refs])
             select.value = base if base in refs else Select.NULL
-        stale = [r for r in refs if r not in self._opening and (r not in self.summaries or self.summaries[r].error)]
+        stale = [
+            r for r in refs if r not in self._opening and (r not in self.summaries or self.summaries[r].error)
+        ]
         if stale:
             self._opening.update(stale)
             self.open_models(stale)
@@ -107,7 +113,16 @@ class ModelsScreen(WorkbenchScreen):
             if summary.error:
                 table.add_row(ref, role, "", "", "", "", status, key=ref)
             else:
-                table.add_row(ref, role, summary.architecture, str(summary.layers), f"{summary.parameters:,}", summary.dtype_label, status, key=ref)
+                table.add_row(
+                    ref,
+                    role,
+                    summary.architecture,
+                    str(summary.layers),
+                    f"{summary.parameters:,}",
+                    summary.dtype_label,
+                    status,
+                    key=ref,
+                )
         if table.row_count:
             table.move_cursor(row=min(cursor, table.row_count - 1))
         self.query_one("#model-problems", Static).update("\n".join(problems))
@@ -205,5 +220,7 @@ class ModelsScreen(WorkbenchScreen):
         else:
             data.pop("base", None)
         if old:
-            self.state.models.insert(where if ref is not None else 0, {"model": old, "parameters": self._stashed.pop(old, {})})
+            self.state.models.insert(
+                where if ref is not None else 0, {"model": old, "parameters": self._stashed.pop(old, {})}
+            )
         self.refresh_from_state()

@@ -162,7 +162,9 @@ class PublishScreen(WorkbenchScreen):
             self._failed("give the output folder and the Hub repo (org/name) to push to.")
             return
         self._set_busy(True)
-        self.query_one("#publish-status", Static).update(f"pushing {folder} to {repo}{' (private)' if private else ''}...")
+        self.query_one("#publish-status", Static).update(
+            f"pushing {folder} to {repo}{' (private)' if private else ''}..."
+        )
         self._push(Path(folder), repo, private, revision, create_pr)
 
     @work(thread=True, exclusive=True, group="push", exit_on_error=False)

@@ -21,8 +21,8 @@ from textual.widget import Widget
 from textual.widgets import Button, Input, Label, Log, ProgressBar, Static, Switch
 from textual.worker import Worker, get_current_worker
 
-from workbench.errors import RunInterrupted, WorkbenchError
 from workbench.engine.progress import ProgressEvent
+from workbench.errors import RunInterrupted, WorkbenchError
 from workbench.tui.screens.base import WorkbenchScreen
 
 if TYPE_CHECKING:
@@ -71,7 +71,9 @@ class _Listener:
         self.last = 0.0
 
     def __call__(self, event: ProgressEvent) -> None:
-        if self.worker.is_cancelled and event.kind != "finish":  # "finish" is sent from a finally: never raise there
+        if (
+            self.worker.is_cancelled and event.kind != "finish"
+        ):  # "finish" is sent from a finally: never raise there
             raise KeyboardInterrupt
         now = time.perf_counter()
         if event.kind == "start":
@@ -104,7 +106,10 @@ class RunScreen(WorkbenchScreen):
             yield Input(placeholder="folder the merged model is written to (output.path)", id="run-output")
             with Horizontal(id="run-options"):
                 yield Switch(value=False, id="run-overwrite")
-                yield Label("replace an existing output folder (only once the new one is complete)", id="run-overwrite-label")
+                yield Label(
+                    "replace an existing output folder (only once the new one is complete)",
+                    id="run-overwrite-label",
+                )
             with Horizontal(id="run-buttons"):
                 yield Button("Run", variant="primary", id="run-start")
                 yield Button("Cancel", variant="error", id="run-cancel", disabled=True)
@@ -159,7 +164,9 @@ class RunScreen(WorkbenchScreen):
         except WorkbenchError as exc:
             self._ended("failed", f"error: {exc}", error=str(exc))
             return
-        self.query_one("#run-progress", ProgressBar).update(total=None, progress=0)  # indeterminate while planning
+        self.query_one("#run-progress", ProgressBar).update(
+            total=None, progress=0
+        )  # indeterminate while planning
         out_text = self.query_one("#run-output", Input).value.strip()
         overwrite = self.query_one("#run-overwrite", Switch).value
         self._set_busy(True)
@@ -196,14 +203,22 @@ class RunScreen(WorkbenchScreen):
             ui(self._log_all, lines[:-1])
             ui(self._ended, "done", lines[-1])
 
-    def _run_recipe(self, recipe: Recipe, out: Path | None, overwrite: bool, listener: _Listener) -> list[str]:
+    def _run_recipe(
+        self, recipe: Recipe, out: Path | None, overwrite: bool, listener: _Listener
+    ) -> list[str]:
         """The body of ``workbench run`` (plan, execute, evaluate); returns the closing lines, the summary last."""
-        from workbench.engine.run import execute
         from workbench.engine.plan import build_plan
+        from workbench.engine.run import execute
         from workbench.registry import require_plugins
 
         require_plugins(self.registry)
-        plan = build_plan(recipe, self.registry, out=out, overwrite=overwrite, check_output=out is not None or recipe.output.path is not None)
+        plan = build_plan(
+            recipe,
+            self.registry,
+            out=out,
+            overwrite=overwrite,
+            check_output=out is not None or recipe.output.path is not None,
+        )
         try:
             self.app.call_from_thread(self._log_all, [f"warning: {w}" for w in plan.warnings])
             if listener.worker.is_cancelled:
@@ -216,10 +231,19 @@ class RunScreen(WorkbenchScreen):
         if recipe.evaluators:
             from workbench.evaluation.running import evaluate_output
 
-            for evaluator, metrics in evaluate_output(recipe.evaluators, result.out_dir, self.registry).items():
-                lines += [f"{evaluator} {metric}: {value:.4f}" if isinstance(value, float) else f"{evaluator} {metric}: {value!r}" for metric, value in metrics.items()]
+            for evaluator, metrics in evaluate_output(
+                recipe.evaluators, result.out_dir, self.registry
+            ).items():
+                lines += [
+                    f"{evaluator} {metric}: {value:.4f}"
+                    if isinstance(value, float)
+                    else f"{evaluator} {metric}: {value!r}"
+                    for metric, value in metrics.items()
+                ]
         if recipe.output.push is not None:
-            lines.append(f"output.push is set: push {result.out_dir} to {recipe.output.push.repo} from the Publish screen (F7).")
+            lines.append(
+                f"output.push is set: push {result.out_dir} to {recipe.output.push.repo} from the Publish screen (F7)."
+            )
         return [*lines, summary_line(result)]
 
     # -- UI updates (main thread) -----------------------------------------------------------------

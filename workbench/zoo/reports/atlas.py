@@ -30,7 +30,14 @@ class LearnedResult:
     values: dict[str, str] = field(default_factory=dict)  # label -> what was chosen on this zoo ("λ = 0.7")
 
 
-def measure_learned(scorer: ZooScorer, n: int, seed: int, log: Log, steps: int = STEPS, baselines: tuple[GridMethod, ...] = GRID_METHODS) -> LearnedResult:
+def measure_learned(
+    scorer: ZooScorer,
+    n: int,
+    seed: int,
+    log: Log,
+    steps: int = STEPS,
+    baselines: tuple[GridMethod, ...] = GRID_METHODS,
+) -> LearnedResult:
     """Every row on one zoo; ``steps`` and ``baselines`` (task arithmetic first) shorten it for tests."""
     zoo = measure_zoo(scorer, baselines, log)
     result = LearnedResult(zoo)
@@ -43,19 +50,32 @@ def measure_learned(scorer: ZooScorer, n: int, seed: int, log: Log, steps: int =
     def learned(label: str, samples: int, parameters: dict[str, Any]) -> None:
         log(f"zoo seed {zoo.manifest.get('seed')}: {label}")
         recipe = {
-            "method": "atlas", "base": scorer.base, "seed": seed,  # the evaluators' seed: the data are the validation examples
-            "models": [{"model": expert, "parameters": {"data": {"evaluator": f"zoo_{task}"}}} for task, expert in zip(scorer.tasks, scorer.experts)],
+            "method": "atlas",
+            "base": scorer.base,
+            "seed": seed,  # the evaluators' seed: the data are the validation examples
+            "models": [
+                {"model": expert, "parameters": {"data": {"evaluator": f"zoo_{task}"}}}
+                for task, expert in zip(scorer.tasks, scorer.experts)
+            ],
             "parameters": {"steps": steps, "lr": LR, "samples": samples, **parameters},
         }
         result.rows[label] = scorer.merge_and_score(recipe)
 
-    learned("AdaMerging-style: entropy, per layer, from λ = 0.3 (AdaMerging's), no labels", n, {"objective": "entropy", "blocks": "layer", "init": 0.3})
+    learned(
+        "AdaMerging-style: entropy, per layer, from λ = 0.3 (AdaMerging's), no labels",
+        n,
+        {"objective": "entropy", "blocks": "layer", "init": 0.3},
+    )
     warm = "AdaMerging-style: entropy, per layer, from task arithmetic's chosen λ, no labels"
     learned(warm, n, {"objective": "entropy", "blocks": "layer", "init": ta_lambda})
     result.values[warm] = f"from {ta_lambda}"
     for share in SHARES:
         samples = max(1, round(share * n))
-        learned(f"aTLAS: cross-entropy, per tensor, from 0, {share:.0%} of validation ({samples} per task)", samples, {"init": 0.0})
+        learned(
+            f"aTLAS: cross-entropy, per tensor, from 0, {share:.0%} of validation ({samples} per task)",
+            samples,
+            {"init": 0.0},
+        )
     return result
 
 
@@ -76,7 +96,10 @@ def render_learned(results: list[LearnedResult], n: int) -> list[str]:
     ]
     for label in first.rows:
         values = [r.zoo.normalised(r.rows[label].test, "test") for r in results]
-        cells = [f"{v:.3f}" + (f" ({r.values[label]})" if label in r.values else "") for v, r in zip(values, results)]
+        cells = [
+            f"{v:.3f}" + (f" ({r.values[label]})" if label in r.values else "")
+            for v, r in zip(values, results)
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {spread(values)} |")
     lines += [
         "",
@@ -87,5 +110,9 @@ def render_learned(results: list[LearnedResult], n: int) -> list[str]:
     ]
     for label, scored in first.rows.items():
         chosen = f" ({first.values[label]})" if label in first.values else ""
-        lines.append(f"| {label}{chosen} | " + " | ".join(f"{scored.test[t]:.3f}" for t in tasks) + f" | {sum(scored.test.values()) / len(tasks):.3f} |")
+        lines.append(
+            f"| {label}{chosen} | "
+            + " | ".join(f"{scored.test[t]:.3f}" for t in tasks)
+            + f" | {sum(scored.test.values()) / len(tasks):.3f} |"
+        )
     return lines

@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import statistics
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from workbench.errors import WorkbenchError
 from workbench.evaluation.running import evaluate, make_evaluators
@@ -33,21 +34,31 @@ class Scored:
 def read_manifest(zoo_dir: Path) -> dict[str, Any]:
     manifest = zoo_dir / "zoo.json"
     if not manifest.is_file():
-        raise WorkbenchError(f"{zoo_dir} is not a zoo (no zoo.json); build one with `workbench zoo build {zoo_dir}`.")
+        raise WorkbenchError(
+            f"{zoo_dir} is not a zoo (no zoo.json); build one with `workbench zoo build {zoo_dir}`."
+        )
     return json.loads(manifest.read_text())
 
 
 class ZooScorer:
     """Scores models on the zoo's task experts' tasks with the registered ``zoo_<task>`` evaluators."""
 
-    def __init__(self, zoo_dir: Path, registry: Registry, n: int, seed: int, tasks: list[str] | None = None) -> None:
+    def __init__(
+        self, zoo_dir: Path, registry: Registry, n: int, seed: int, tasks: list[str] | None = None
+    ) -> None:
         """``tasks``: the tasks scored; by default those of the zoo's task experts."""
         self.zoo_dir = zoo_dir
         self.manifest = read_manifest(zoo_dir)
         self.tasks: list[str] = tasks or list(self.manifest["experts"])
         self.registry = registry
         self.evaluators = {
-            split: make_evaluators([EvaluatorSpec(name=f"zoo_{t}", options={"n": n, "seed": seed, "split": split}) for t in self.tasks], registry)
+            split: make_evaluators(
+                [
+                    EvaluatorSpec(name=f"zoo_{t}", options={"n": n, "seed": seed, "split": split})
+                    for t in self.tasks
+                ],
+                registry,
+            )
             for split in ("validation", "test")
         }
 
@@ -74,7 +85,9 @@ class ZooScorer:
         from workbench.engine.run import run_recipe
 
         with tempfile.TemporaryDirectory(prefix="workbench-zoo-") as tmp:
-            result = run_recipe(Recipe.model_validate(recipe), out=Path(tmp) / "merged", registry=self.registry)
+            result = run_recipe(
+                Recipe.model_validate(recipe), out=Path(tmp) / "merged", registry=self.registry
+            )
             return self.score(result.out_dir, recipe)
 
 

@@ -28,10 +28,23 @@ def swap_configs(layers: int) -> dict[str, dict[str, Any]]:
         "bottom 2, top 1": {"bottom": 2, "top": 1},
         "bottom 1, top 2": {"bottom": 1, "top": 2},
         "bottom 2, top 2": {"bottom": 2, "top": 2},
-        "bottom 1, top 1, transitions 1 + 1 at 0.5": {"bottom": 1, "top": 1, "transition_bottom": 1, "transition_top": 1},
-        "bottom 1, top 1, non-layer tensors from the language expert": {"bottom": 1, "top": 1, "non_layer": "language"},
+        "bottom 1, top 1, transitions 1 + 1 at 0.5": {
+            "bottom": 1,
+            "top": 1,
+            "transition_bottom": 1,
+            "transition_top": 1,
+        },
+        "bottom 1, top 1, non-layer tensors from the language expert": {
+            "bottom": 1,
+            "top": 1,
+            "non_layer": "language",
+        },
     }
-    return {label: p for label, p in configs.items() if p["bottom"] + p["top"] + p.get("transition_bottom", 0) + p.get("transition_top", 0) < layers}
+    return {
+        label: p
+        for label, p in configs.items()
+        if p["bottom"] + p["top"] + p.get("transition_bottom", 0) + p.get("transition_top", 0) < layers
+    }
 
 
 @dataclass
@@ -43,7 +56,9 @@ class SwapResult:
 
     def chosen_swap(self) -> str:
         """The swap configuration with the best validation accuracy on the target (first on a tie)."""
-        return max(self.swaps, key=lambda label: (self.rows[label].validation[TARGET], -self.swaps.index(label)))
+        return max(
+            self.swaps, key=lambda label: (self.rows[label].validation[TARGET], -self.swaps.index(label))
+        )
 
 
 def measure_swaps(zoo_dir: Path, registry: Registry, n: int, seed: int, log: Log) -> SwapResult:
@@ -58,10 +73,21 @@ def measure_swaps(zoo_dir: Path, registry: Registry, n: int, seed: int, log: Log
     merges = {
         "uniform average (linear)": {"method": "linear", "models": [math, language]},
         "task arithmetic, λ = 1": {"method": "task_arithmetic", "base": base, "models": [math, language]},
-        "TIES, k = 20%, λ = 1": {"method": "ties", "base": base, "models": [{"model": m, "parameters": {"density": 0.2}} for m in (math, language)]},
+        "TIES, k = 20%, λ = 1": {
+            "method": "ties",
+            "base": base,
+            "models": [{"model": m, "parameters": {"density": 0.2}} for m in (math, language)],
+        },
     }
     for label, params in swap_configs(result.layers).items():
-        merges[f"layer swap, {label}"] = {"method": "layer_swap", "models": [{"model": math, "parameters": {"role": "task"}}, {"model": language, "parameters": {"role": "language"}}], "parameters": params}
+        merges[f"layer swap, {label}"] = {
+            "method": "layer_swap",
+            "models": [
+                {"model": math, "parameters": {"role": "task"}},
+                {"model": language, "parameters": {"role": "language"}},
+            ],
+            "parameters": params,
+        }
         result.swaps.append(f"layer swap, {label}")
     for label, recipe in merges.items():
         log(f"zoo seed {result.seed}: {label}")
@@ -69,11 +95,14 @@ def measure_swaps(zoo_dir: Path, registry: Registry, n: int, seed: int, log: Log
     return result
 
 
-
 def render_swaps(results: list[SwapResult]) -> list[str]:
     seeds = [r.seed for r in results]
     layers = sorted({r.layers for r in results})
-    header = "| model | " + " | ".join(f"seed {s}: math_b / math / text_b" for s in seeds) + " | math_b mean ± sd |"
+    header = (
+        "| model | "
+        + " | ".join(f"seed {s}: math_b / math / text_b" for s in seeds)
+        + " | math_b mean ± sd |"
+    )
     lines = [
         "## Layer swapping: arithmetic posed in language B",
         "",
@@ -86,8 +115,18 @@ def render_swaps(results: list[SwapResult]) -> list[str]:
     ]
     for label in results[0].rows:
         cells = [" / ".join(f"{r.rows[label].test[t]:.3f}" for t in TASKS) for r in results]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {spread([r.rows[label].test[TARGET] for r in results])} |")
+        lines.append(
+            f"| {label} | "
+            + " | ".join(cells)
+            + f" | {spread([r.rows[label].test[TARGET] for r in results])} |"
+        )
     chosen = [r.chosen_swap() for r in results]
-    cells = [f"{r.rows[c].test[TARGET]:.3f} ({c.removeprefix('layer swap, ')})" for r, c in zip(results, chosen)]
-    lines.append("| layer swap, chosen on validation | " + " | ".join(cells) + f" | {spread([r.rows[c].test[TARGET] for r, c in zip(results, chosen)])} |")
+    cells = [
+        f"{r.rows[c].test[TARGET]:.3f} ({c.removeprefix('layer swap, ')})" for r, c in zip(results, chosen)
+    ]
+    lines.append(
+        "| layer swap, chosen on validation | "
+        + " | ".join(cells)
+        + f" | {spread([r.rows[c].test[TARGET] for r, c in zip(results, chosen)])} |"
+    )
     return lines

@@ -35,15 +35,17 @@ class MolaResult:
 
 
 def _adapter_parameters(folder: Path) -> int:
-    from safetensors import safe_open
-
     import math
+
+    from safetensors import safe_open
 
     with safe_open(str(folder / "adapter_model.safetensors"), "pt") as handle:
         return sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
 
 
-def measure_mola(zoo_dir: Path, registry: Registry, n: int, seed: int, log: Log, steps: int | None = None) -> MolaResult:
+def measure_mola(
+    zoo_dir: Path, registry: Registry, n: int, seed: int, log: Log, steps: int | None = None
+) -> MolaResult:
     """The table's rows on one zoo; ``steps`` overrides MoLA's training length (tests)."""
     import json
 
@@ -59,7 +61,10 @@ def measure_mola(zoo_dir: Path, registry: Registry, n: int, seed: int, log: Log,
     manifest = read_manifest(zoo_dir)
     adapters = {task: zoo_dir / folder for task, folder in manifest["lora"].items()}
     tasks = list(adapters)
-    evaluators = make_evaluators([EvaluatorSpec(name=f"zoo_{t}", options={"n": n, "seed": seed, "split": "test"}) for t in tasks], registry)
+    evaluators = make_evaluators(
+        [EvaluatorSpec(name=f"zoo_{t}", options={"n": n, "seed": seed, "split": "test"}) for t in tasks],
+        registry,
+    )
     result = MolaResult(manifest.get("seed"), tasks)
 
     def score(label: str, model: Path | str, parameters: int) -> None:
@@ -75,24 +80,47 @@ def measure_mola(zoo_dir: Path, registry: Registry, n: int, seed: int, log: Log,
     all_adapters = sum(_adapter_parameters(folder) for folder in adapters.values())
     with tempfile.TemporaryDirectory(prefix="workbench-zoo-mola-") as tmp:
         merged = merge_loras(list(adapters.values()), Path(tmp) / "linear", registry, "linear")
-        score("linear merge of the LoRAs (mean ΔW)", f"{base}+{merged.out_dir}", _adapter_parameters(merged.out_dir))
+        score(
+            "linear merge of the LoRAs (mean ΔW)",
+            f"{base}+{merged.out_dir}",
+            _adapter_parameters(merged.out_dir),
+        )
         recipe = {
-            "method": "lora_experts", "base": str(base),
-            "models": [{"model": str(folder), "parameters": {"data": {"evaluator": f"zoo_{task}"}}} for task, folder in adapters.items()],
+            "method": "lora_experts",
+            "base": str(base),
+            "models": [
+                {"model": str(folder), "parameters": {"data": {"evaluator": f"zoo_{task}"}}}
+                for task, folder in adapters.items()
+            ],
             "parameters": {"allocation": "uniform", "top_k": 2, "router": "prompts"},
         }
         out = run_recipe(Recipe.model_validate(recipe), out=Path(tmp) / "experts", registry=registry).out_dir
         routers = json.loads((out / "mola" / "mola_config.json").read_text())["parameters"] - all_adapters
-        score("lora_experts from the LoRAs (uniform, top-2, routers from prompts)", out, all_adapters + routers)
+        score(
+            "lora_experts from the LoRAs (uniform, top-2, routers from prompts)", out, all_adapters + routers
+        )
         scale = SCALES[manifest["scale"]]
         steps = steps or scale.lora_steps * len(tasks)  # mola_note says the same
         for allocation in ALLOCATIONS:
             batches = train.mixture([(t, 1.0) for t in tasks], scale.batch_size, MOLA_SEED)
-            batches = train.interleave(batches, train.mixture(REPLAY_MIX, scale.batch_size, MOLA_SEED + 1), REPLAY_EVERY)
+            batches = train.interleave(
+                batches, train.mixture(REPLAY_MIX, scale.batch_size, MOLA_SEED + 1), REPLAY_EVERY
+            )
             log(f"zoo seed {result.seed}: training MoLA {allocation} ({steps} steps)")
-            trained = train_mola(base, Path(tmp) / f"mola-{allocation}", batches, allocation, steps=steps, lr=MOLA_LR, rank=scale.lora_rank, seed=MOLA_SEED)
+            trained = train_mola(
+                base,
+                Path(tmp) / f"mola-{allocation}",
+                batches,
+                allocation,
+                steps=steps,
+                lr=MOLA_LR,
+                rank=scale.lora_rank,
+                seed=MOLA_SEED,
+            )
             counts = "-".join(str(c) for c in trained.experts_per_layer)
-            score(f"MoLA {allocation} trained (per layer {counts}, top-2)", trained.out_dir, trained.parameters)
+            score(
+                f"MoLA {allocation} trained (per layer {counts}, top-2)", trained.out_dir, trained.parameters
+            )
     return result
 
 
@@ -118,14 +146,21 @@ def render_mola(results: list[MolaResult], steps_note: str) -> list[str]:
         "the last columns the mean over the three tasks per zoo seed and its mean ± sd over seeds. Parameters: what the row",
         f"adds to the base (zoo seed {seeds[0]}). {steps_note}",
         "",
-        "| model | " + " | ".join(tasks) + " | " + " | ".join(f"mean, seed {s}" for s in seeds) + " | mean ± sd | parameters |",
+        "| model | "
+        + " | ".join(tasks)
+        + " | "
+        + " | ".join(f"mean, seed {s}" for s in seeds)
+        + " | mean ± sd | parameters |",
         "|---|" + "---|" * (len(tasks) + len(seeds) + 2),
     ]
     for label in results[0].rows:
         first = results[0].rows[label]
         means = [sum(r.rows[label].values()) / len(tasks) for r in results]
         lines.append(
-            f"| {label} | " + " | ".join(f"{first[t]:.3f}" for t in tasks) + " | " + " | ".join(f"{m:.3f}" for m in means)
+            f"| {label} | "
+            + " | ".join(f"{first[t]:.3f}" for t in tasks)
+            + " | "
+            + " | ".join(f"{m:.3f}" for m in means)
             + f" | {spread(means)} | {results[0].parameters[label]:,} |"
         )
     return lines

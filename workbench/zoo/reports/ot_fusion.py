@@ -11,9 +11,10 @@ after a short fine-tune of every row, which the paper found to favour OT fusion 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from workbench.recipe.schema import EvaluatorSpec
 from workbench.registry import Registry
@@ -27,9 +28,19 @@ FUSIONS: dict[str, dict[str, Any] | None] = {
     "OT fusion, activations, EMD": {"solver": "emd", "cost": "activations"},
     "OT fusion, activations, Sinkhorn reg 0.08": {"solver": "sinkhorn", "reg": 0.08, "cost": "activations"},
     # The paper's residual policies (the rows above keep one shared residual map)
-    "OT fusion, weights, Sinkhorn 0.06, resid mean": {"solver": "sinkhorn", "reg": 0.06, "cost": "weights", "resid_policy": "mean"},
+    "OT fusion, weights, Sinkhorn 0.06, resid mean": {
+        "solver": "sinkhorn",
+        "reg": 0.06,
+        "cost": "weights",
+        "resid_policy": "mean",
+    },
     **{
-        f"OT fusion, activations, Sinkhorn 0.08, resid {policy}": {"solver": "sinkhorn", "reg": 0.08, "cost": "activations", "resid_policy": policy}
+        f"OT fusion, activations, Sinkhorn 0.08, resid {policy}": {
+            "solver": "sinkhorn",
+            "reg": 0.08,
+            "cost": "activations",
+            "resid_policy": policy,
+        }
         for policy in ("only_resid", "no_resid", "mean", "weighted_scalar", "weighted_matrix")
     },
 }
@@ -57,7 +68,9 @@ def measure_fusions(zoo_dir: Path, registry: Registry, n: int, seed: int, log: L
     manifest = read_manifest(zoo_dir)
     task = manifest["ot"]["task"]
     parents = [str(zoo_dir / m) for m in manifest["ot"]["models"]]
-    [evaluator] = make_evaluators([EvaluatorSpec(name=f"zoo_{task}", options={"n": n, "seed": seed})], registry)
+    [evaluator] = make_evaluators(
+        [EvaluatorSpec(name=f"zoo_{task}", options={"n": n, "seed": seed})], registry
+    )
     result = FusionResult(manifest.get("seed"), task)
 
     def score(label: str, model: Path | str) -> None:
@@ -72,10 +85,17 @@ def measure_fusions(zoo_dir: Path, registry: Registry, n: int, seed: int, log: L
         if params is None:
             recipe: dict[str, Any] = {"method": "linear", "models": parents}
         else:
-            extra = {"data": {"evaluator": f"zoo_{task}"}, "samples": SAMPLES} if params["cost"] == "activations" else {}
+            extra = (
+                {"data": {"evaluator": f"zoo_{task}"}, "samples": SAMPLES}
+                if params["cost"] == "activations"
+                else {}
+            )
             recipe = {"method": "ot_fusion", "models": parents, "parameters": {**params, **extra}}
         with tempfile.TemporaryDirectory(prefix="workbench-zoo-") as tmp:
-            score(label, run_recipe(Recipe.model_validate(recipe), out=Path(tmp) / "fused", registry=registry).out_dir)
+            score(
+                label,
+                run_recipe(Recipe.model_validate(recipe), out=Path(tmp) / "fused", registry=registry).out_dir,
+            )
     return result
 
 
@@ -112,15 +132,20 @@ def render_fusions(results: list[FusionResult]) -> list[str]:
     return lines
 
 
-def _table(results: list[FusionResult], rows: Callable[[FusionResult], dict[str, tuple[float, float]]]) -> list[str]:
+def _table(
+    results: list[FusionResult], rows: Callable[[FusionResult], dict[str, tuple[float, float]]]
+) -> list[str]:
     seeds = [r.seed for r in results]
     lines = [
-        "| model | " + " | ".join(f"seed {s}" for s in seeds) + " | accuracy mean ± sd | token accuracy mean ± sd |",
+        "| model | "
+        + " | ".join(f"seed {s}" for s in seeds)
+        + " | accuracy mean ± sd | token accuracy mean ± sd |",
         "|---|" + "---|" * (len(seeds) + 2),
     ]
     for label in rows(results[0]):
         pairs = [rows(r)[label] for r in results]
         cells = " | ".join(f"{a:.3f} / {t:.3f}" for a, t in pairs)
-        lines.append(f"| {label} | {cells} | {spread([a for a, _ in pairs])} | {spread([t for _, t in pairs])} |")
+        lines.append(
+            f"| {label} | {cells} | {spread([a for a, _ in pairs])} | {spread([t for _, t in pairs])} |"
+        )
     return lines
-

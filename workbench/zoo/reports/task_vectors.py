@@ -10,9 +10,10 @@ seed and size, and the command, so each figure can be reproduced.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any, Callable
+from typing import Any
 
 from workbench.zoo.reports.common import Log, Scored, Scores, ZooScorer, spread
 
@@ -37,11 +38,36 @@ def _density(experts: list[str], density: float) -> list[dict[str, Any]]:
 # agreeing entries of vectors rescaled by about 1/density, so its λ runs lower; LiNeS tunes β on
 # its baseline's grid (0.1..1.0).
 METHODS: tuple[GridMethod, ...] = (
-    GridMethod("task arithmetic", "λ", (0.2, 0.3, 0.5, 0.7, 1.0, 1.5), lambda ex, v: {"method": "task_arithmetic", "models": ex, "parameters": {"lambda": v}}),
-    GridMethod("TIES, k = 20%", "λ", (0.5, 1.0, 1.5, 2.0, 2.5, 3.0), lambda ex, v: {"method": "ties", "models": _density(ex, 0.2), "parameters": {"lambda": v}}),
-    GridMethod("DARE-TIES, density 0.2", "λ", (0.1, 0.2, 0.3, 0.5, 0.75, 1.0), lambda ex, v: {"method": "dare_ties", "models": _density(ex, 0.2), "parameters": {"lambda": v}}),
-    GridMethod("PCB, r = 0.1", "λ", (0.5, 1.0, 1.5, 2.0, 2.5, 3.0), lambda ex, v: {"method": "pcb", "models": ex, "parameters": {"lambda": v}}),
-    GridMethod("LiNeS on task arithmetic, α = 1/T", "β", (0.1, 0.25, 0.5, 0.75, 1.0), lambda ex, v: {"method": "lines", "models": ex, "parameters": {"beta": v}}),
+    GridMethod(
+        "task arithmetic",
+        "λ",
+        (0.2, 0.3, 0.5, 0.7, 1.0, 1.5),
+        lambda ex, v: {"method": "task_arithmetic", "models": ex, "parameters": {"lambda": v}},
+    ),
+    GridMethod(
+        "TIES, k = 20%",
+        "λ",
+        (0.5, 1.0, 1.5, 2.0, 2.5, 3.0),
+        lambda ex, v: {"method": "ties", "models": _density(ex, 0.2), "parameters": {"lambda": v}},
+    ),
+    GridMethod(
+        "DARE-TIES, density 0.2",
+        "λ",
+        (0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
+        lambda ex, v: {"method": "dare_ties", "models": _density(ex, 0.2), "parameters": {"lambda": v}},
+    ),
+    GridMethod(
+        "PCB, r = 0.1",
+        "λ",
+        (0.5, 1.0, 1.5, 2.0, 2.5, 3.0),
+        lambda ex, v: {"method": "pcb", "models": ex, "parameters": {"lambda": v}},
+    ),
+    GridMethod(
+        "LiNeS on task arithmetic, α = 1/T",
+        "β",
+        (0.1, 0.25, 0.5, 0.75, 1.0),
+        lambda ex, v: {"method": "lines", "models": ex, "parameters": {"beta": v}},
+    ),
 )
 
 
@@ -68,7 +94,9 @@ class ZooResult:
     def chosen(self, method: str) -> tuple[float, Scored]:
         """The grid value with the best validation score (the smaller value on a tie)."""
         grid = self.grid[method]
-        return max(grid.items(), key=lambda item: (self.normalised(item[1].validation, "validation"), -item[0]))
+        return max(
+            grid.items(), key=lambda item: (self.normalised(item[1].validation, "validation"), -item[0])
+        )
 
 
 def measure_zoo(scorer: ZooScorer, methods: tuple[GridMethod, ...] = METHODS, log: Log = print) -> ZooResult:
@@ -78,7 +106,9 @@ def measure_zoo(scorer: ZooScorer, methods: tuple[GridMethod, ...] = METHODS, lo
     experts = {task: scorer.score(path) for task, path in zip(scorer.tasks, scorer.experts)}
     average = {"method": "linear", "models": scorer.experts}
     log(f"zoo seed {seed}: merging the uniform average")
-    result = ZooResult(scorer.manifest, scorer.tasks, scorer.score(scorer.base), experts, scorer.merge_and_score(average))
+    result = ZooResult(
+        scorer.manifest, scorer.tasks, scorer.score(scorer.base), experts, scorer.merge_and_score(average)
+    )
     for method in methods:
         result.grid[method.label] = {}
         for value in method.grid:
@@ -116,7 +146,11 @@ def _comparison_table(results: list[ZooResult], methods: tuple[GridMethod, ...])
         "|---|---|" + "---|" * (len(seeds) + 1),
     ]
     average = [r.normalised(r.average.test, "test") for r in results]
-    lines.append("| uniform average (linear) | none | " + " | ".join(f"{v:.3f}" for v in average) + f" | {spread(average)} |")
+    lines.append(
+        "| uniform average (linear) | none | "
+        + " | ".join(f"{v:.3f}" for v in average)
+        + f" | {spread(average)} |"
+    )
     for method in methods:
         cells, values = [], []
         for r in results:
@@ -124,27 +158,39 @@ def _comparison_table(results: list[ZooResult], methods: tuple[GridMethod, ...])
             values.append(r.normalised(scored.test, "test"))
             cells.append(f"{values[-1]:.3f} ({method.knob} = {value})")
         grid = ", ".join(f"{v:g}" for v in method.grid)
-        lines.append(f"| {method.label} | {method.knob} ∈ {{{grid}}} | " + " | ".join(cells) + f" | {spread(values)} |")
+        lines.append(
+            f"| {method.label} | {method.knob} ∈ {{{grid}}} | " + " | ".join(cells) + f" | {spread(values)} |"
+        )
     return lines
 
 
 def _grid_table(results: list[ZooResult], methods: tuple[GridMethod, ...]) -> list[str]:
     seeds = [r.manifest.get("seed") for r in results]
     lines = [
-        "| method | value | " + " | ".join(f"seed {s}: validation / test" for s in seeds) + " | test mean ± sd |",
+        "| method | value | "
+        + " | ".join(f"seed {s}: validation / test" for s in seeds)
+        + " | test mean ± sd |",
         "|---|---|" + "---|" * (len(seeds) + 1),
     ]
     for method in methods:
         for value in method.grid:
             tests = [r.normalised(r.grid[method.label][value].test, "test") for r in results]
-            cells = [f"{r.normalised(r.grid[method.label][value].validation, 'validation'):.3f} / {t:.3f}" for r, t in zip(results, tests)]
-            lines.append(f"| {method.label} | {method.knob} = {value} | " + " | ".join(cells) + f" | {spread(tests)} |")
+            cells = [
+                f"{r.normalised(r.grid[method.label][value].validation, 'validation'):.3f} / {t:.3f}"
+                for r, t in zip(results, tests)
+            ]
+            lines.append(
+                f"| {method.label} | {method.knob} = {value} | " + " | ".join(cells) + f" | {spread(tests)} |"
+            )
     return lines
 
 
 def render(results: list[ZooResult], methods: tuple[GridMethod, ...], command: str, n: int, seed: int) -> str:
     first = results[0]
-    zoos = "; ".join(f"seed {r.manifest.get('seed')} (`{r.manifest.get('command', 'workbench zoo build')}`)" for r in results)
+    zoos = "; ".join(
+        f"seed {r.manifest.get('seed')} (`{r.manifest.get('command', 'workbench zoo build')}`)"
+        for r in results
+    )
     return "\n".join(
         [
             "# Reproductions",

@@ -67,7 +67,10 @@ def test_one_hot_weights_select_one_model(family: Family) -> None:
     check_one_hot(
         METHOD,
         family,
-        lambda i, n: {"parameters": {"trim": 0.0}, "model_parameters": [{"weight": float(j == i)} for j in range(n)]},
+        lambda i, n: {
+            "parameters": {"trim": 0.0},
+            "model_parameters": [{"weight": float(j == i)} for j in range(n)],
+        },
     )
 
 
@@ -82,7 +85,13 @@ def test_streams_with_bounded_memory(tmp_path: Path) -> None:
 @pytest.mark.parametrize("trim, k", [(0.0, 0), (0.25, 1), (0.49, 1)])
 def test_values_match_an_independent_trimmed_mean(family: Family, trim: float, k: int) -> None:
     weights = [1.0, 2.0, 0.5, 3.0]
-    merged = merge(build_recipe(METHOD, family, {"parameters": {"trim": trim}, "model_parameters": [{"weight": w} for w in weights]}))
+    merged = merge(
+        build_recipe(
+            METHOD,
+            family,
+            {"parameters": {"trim": trim}, "model_parameters": [{"weight": w} for w in weights]},
+        )
+    )
     inputs = stacked(list(family.models))
     assert set(merged) == set(inputs)
     for name, values in inputs.items():
@@ -110,6 +119,14 @@ def test_negative_weight_is_refused_naming_the_field(family: Family) -> None:
 def test_only_zero_weights_left_after_trimming_is_refused_naming_the_tensor(family: Family) -> None:
     # weight only on model 0: wherever model 0 holds the lowest or highest of the three values, the
     # model left after trimming has weight 0
-    recipe = build_recipe(METHOD, family, {"parameters": {"trim": 0.34}, "model_parameters": [{"weight": 1.0}, {"weight": 0.0}, {"weight": 0.0}]}, models=list(family.models[:3]))
+    recipe = build_recipe(
+        METHOD,
+        family,
+        {
+            "parameters": {"trim": 0.34},
+            "model_parameters": [{"weight": 1.0}, {"weight": 0.0}, {"weight": 0.0}],
+        },
+        models=list(family.models[:3]),
+    )
     with pytest.raises(RecipeError, match=r"tensor '[^']+'.*weight 0"):
         merge(recipe)

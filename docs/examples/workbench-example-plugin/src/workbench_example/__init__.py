@@ -10,11 +10,10 @@ and calls the ``@hookimpl`` functions below once per registry load.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from workbench import hookimpl
 from workbench.method import MergeMethod
-
 from workbench_example.trimmed_mean import TrimmedMean
 
 __all__ = ["TrimmedMean", "WORKBENCH_API", "register_methods"]
