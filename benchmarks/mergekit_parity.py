@@ -359,7 +359,8 @@ def compare(
     mk, wb = _load(mergekit_out), _load(workbench_out)
     if set(mk) != set(wb):
         raise SystemExit(
-            f"tensor names differ: only mergekit {sorted(set(mk) - set(wb))}, only workbench {sorted(set(wb) - set(mk))}"
+            f"tensor names differ: only mergekit {sorted(set(mk) - set(wb))}, "
+            f"only workbench {sorted(set(wb) - set(mk))}"
         )
     max_abs, max_steps, differing, tied, total = 0.0, 0.0, 0, 0, 0
     ratios = []
@@ -500,7 +501,8 @@ def run(venv: Path, work: Path) -> list[Comparison]:
 
 def markdown(results: list[Comparison]) -> str:
     lines = [
-        "| recipe | max abs difference | max bf16 steps | elements differing | split ties (excluded) | ‖Δ‖₁ workbench / mergekit, per tensor | verdict |",
+        "| recipe | max abs difference | max bf16 steps | elements differing | "
+        "split ties (excluded) | ‖Δ‖₁ workbench / mergekit, per tensor | verdict |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -512,7 +514,8 @@ def markdown(results: list[Comparison]) -> str:
         ties = f"{100 * r.tie_share:.2f}%" if r.tie_share else "none"
         ratio = "n/a" if math.isnan(lo) else f"{lo:.4f}-{hi:.4f}"
         lines.append(
-            f"| {r.case} | {r.max_abs_diff:.3g} | {r.max_steps:.2f} | {100 * r.differing_share:.2f}% | {ties} | {ratio} | {verdict} |"
+            f"| {r.case} | {r.max_abs_diff:.3g} | {r.max_steps:.2f} | "
+            f"{100 * r.differing_share:.2f}% | {ties} | {ratio} | {verdict} |"
         )
     return "\n".join(lines)
 

@@ -35,7 +35,8 @@ def main() -> None:
             name, root / f"out-{name}", _fragment(name, props, tiny.text), family=family, warm_up=warm_up
         )
         print(
-            f"| {name} | {report.inputs / mb:.0f} | {report.peak_extra / mb:.1f} | {report.allowance / mb:.0f} | {report.declared / mb:.0f} |",
+            f"| {name} | {report.inputs / mb:.0f} | {report.peak_extra / mb:.1f} "
+            f"| {report.allowance / mb:.0f} | {report.declared / mb:.0f} |",
             flush=True,
         )
 

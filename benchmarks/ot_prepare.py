@@ -50,7 +50,8 @@ def main() -> None:
             for solver in args.solvers.split(","):
                 if solver in slow:
                     print(
-                        f"| {width} | {shape.intermediate_size} | {solver} | skipped (the previous width took > {args.limit:.0f} s) | |",
+                        f"| {width} | {shape.intermediate_size} | {solver} | "
+                        f"skipped (the previous width took > {args.limit:.0f} s) | |",
                         flush=True,
                     )
                     continue

@@ -4,13 +4,13 @@ dispatcher.
 
 The dispatcher of every op picks, for the device of its inputs: Triton on CUDA (when triton is
 installed), the Numba kernel on CPU where the op has one worth Numba's set-up, the torch path
-otherwise (other devices, other dtypes). ``WORKBENCH_KERNELS=reference|torch|numba|triton`` forces one (tests and
-``workbench bench --check`` compare them; an op without a Numba kernel runs its torch path). Triton kernels run on CPU tensors only under
-the Triton interpreter (``TRITON_INTERPRET=1``), which the test suite uses to exercise them. The
-interpreter reads that variable when a kernel is defined, i.e. when this package is imported; triton
-itself is imported only where a kernel can run (CUDA present, or the interpreter asked for), so a
-CPU-only merge never pays for it. Kernel modules decorate their kernels with :func:`jit` and use
-:data:`tl`, both inert without triton.
+otherwise (other devices, other dtypes). ``WORKBENCH_KERNELS=reference|torch|numba|triton`` forces
+one (tests and ``workbench bench --check`` compare them; an op without a Numba kernel runs its torch
+path). Triton kernels run on CPU tensors only under the Triton interpreter (``TRITON_INTERPRET=1``),
+which the test suite uses to exercise them. The interpreter reads that variable when a kernel is
+defined, i.e. when this package is imported; triton itself is imported only where a kernel can run
+(CUDA present, or the interpreter asked for), so a CPU-only merge never pays for it. Kernel modules
+decorate their kernels with :func:`jit` and use :data:`tl`, both inert without triton.
 """
 
 from __future__ import annotations
@@ -82,7 +82,10 @@ def implementation(device: torch.device, *, numba_on_cpu: bool = True) -> str:
         why = (
             "triton is not installed"
             if not triton_installed()
-            else f"tensors are on {device.type}, not CUDA, and TRITON_INTERPRET=1 was not set when workbench_kernels was imported"
+            else (
+                f"tensors are on {device.type}, not CUDA, and TRITON_INTERPRET=1 "
+                "was not set when workbench_kernels was imported"
+            )
         )
         raise ValueError(f"WORKBENCH_KERNELS=triton, but {why}")
     if forced:

@@ -39,7 +39,8 @@ def _factors(
     expected = (left.shape[0], right.shape[1])
     if tuple(W.shape) != expected:
         raise ValueError(
-            f"lora_delta_add: W is {list(W.shape)}, but the{' transposed' if transposed else ''} delta is {list(expected)}"
+            f"lora_delta_add: W is {list(W.shape)}, but "
+            f"the{' transposed' if transposed else ''} delta is {list(expected)}"
         )
     return left, right
 

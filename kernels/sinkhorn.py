@@ -217,7 +217,8 @@ def _solve(
                     break
                 if not math.isfinite(violation):
                     warnings.warn(
-                        f"sinkhorn: non-finite potentials at iteration {iteration} (are the costs finite and the marginals non-negative?)",
+                        f"sinkhorn: non-finite potentials at iteration {iteration} "
+                        "(are the costs finite and the marginals non-negative?)",
                         stacklevel=3,
                     )
                     break
@@ -225,7 +226,8 @@ def _solve(
                 g = g_next
     if not converged and max_iter > 0:
         warnings.warn(
-            f"sinkhorn did not converge in {max_iter} iterations (marginal violation above {tol:g}); increase max_iter or reg",
+            f"sinkhorn did not converge in {max_iter} iterations "
+            f"(marginal violation above {tol:g}); increase max_iter or reg",
             stacklevel=3,
         )
     plan = torch.sub(f[:, None], M)  # the only n×m result: (f_i - M_ij + g_j) / reg, exponentiated in place

@@ -364,7 +364,8 @@ def _select(blocks: Blocks, ks: Sequence[int], counting: str) -> list[Threshold]
         above_hi, at_hi, at_lo = (int(c) for c in gathered.counts[slot])
         positions = torch.cat(gathered.positions[slot])
 
-        def ties(column: int) -> list[torch.Tensor] | None:  # counts per chunk at hi (1) or lo (2)
+        # this slot's counts per chunk at hi (1) or lo (2)
+        def ties(column: int, slot: int = slot) -> list[torch.Tensor] | None:
             per_chunk = gathered.per_chunk
             return None if any(p is None for p in per_chunk) else [p[:, slot, column] for p in per_chunk]  # type: ignore[index]
 

@@ -32,12 +32,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from merging import load_dir
-from plugin_site import install_plugin
+from merging import load_dir  # noqa: E402  # after TRITON_INTERPRET is set
+from plugin_site import install_plugin  # noqa: E402  # after TRITON_INTERPRET is set
 
-import workbench.registry as registry_module
-from workbench.checkpoint.synthetic import write_family
-from workbench.registry import Registry, load_registry
+import workbench.registry as registry_module  # noqa: E402  # after TRITON_INTERPRET is set
+from workbench.checkpoint.synthetic import write_family  # noqa: E402  # after TRITON_INTERPRET is set
+from workbench.registry import Registry, load_registry  # noqa: E402  # after TRITON_INTERPRET is set
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -77,7 +77,10 @@ def _recipe(family: dict[str, Any], parameters: str, seed: int = 0, extra: str =
     models = "\n".join(
         f"  - model: {q(ft)}\n    parameters: {{data: {data}}}" for ft in family["fts"][:tasks]
     )
-    return f"method: atlas\nbase: {q(family['base'])}\nseed: {seed}\nmodels:\n{models}\nparameters: {parameters}\n{extra}"
+    return (
+        f"method: atlas\nbase: {q(family['base'])}\nseed: {seed}\n"
+        f"models:\n{models}\nparameters: {parameters}\n{extra}"
+    )
 
 
 def _table(out: Path) -> dict[str, Any]:
@@ -96,7 +99,8 @@ def test_learning_rate_zero_is_task_arithmetic_at_the_initial_lambda(
     assert {v for rows in table["values"] for block in rows for v in block} == {0.4}
     ta = merge(
         tmp_path,
-        f"method: task_arithmetic\nbase: {q(family['base'])}\nmodels: [{q(family['fts'][0])}, {q(family['fts'][1])}]\nparameters: {{lambda: 0.4}}\n",
+        f"method: task_arithmetic\nbase: {q(family['base'])}\n"
+        f"models: [{q(family['fts'][0])}, {q(family['fts'][1])}]\nparameters: {{lambda: 0.4}}\n",
         "ta",
     )
     assert all(torch.equal(out[n], ta[n]) for n in out), (
@@ -169,7 +173,8 @@ def test_a_known_best_coefficient_is_recovered(
     recipe = (
         f"method: atlas\nbase: {q(family['base'])}\nmodels:\n  - model: {q(toy['ft'])}\n"
         f"    parameters: {{data: {{text: {q(toy['text'])}, seq_len: 16}}}}\n"
-        "parameters: {blocks: model, steps: 150, lr: 0.01, weight_decay: 0.0, batch_size: 96, holdout: 0.0, samples: 96}\n"
+        "parameters: {blocks: model, steps: 150, lr: 0.01, "
+        "weight_decay: 0.0, batch_size: 96, holdout: 0.0, samples: 96}\n"
     )
     merge(tmp_path, recipe)
     [[[learned]]] = _table(tmp_path / "out")["values"]
@@ -182,7 +187,7 @@ def test_a_fixed_seed_gives_the_same_coefficients_and_the_best_held_out_step_is_
     parameters = "{steps: 12, lr: 0.05, batch_size: 4, eval_every: 3, holdout: 0.25, blocks: layer}"
     first = merge(tmp_path, _recipe(family, parameters, seed=5), "a")
     second = merge(tmp_path, _recipe(family, parameters, seed=5), "b")
-    third = merge(tmp_path, _recipe(family, parameters, seed=6), "c")
+    merge(tmp_path, _recipe(family, parameters, seed=6), "c")
     assert _table(tmp_path / "a") == _table(tmp_path / "b")
     assert all(torch.equal(first[n], second[n]) for n in first)
     assert _table(tmp_path / "a")["values"] != _table(tmp_path / "c")["values"], (
@@ -323,7 +328,10 @@ def test_a_recipe_over_the_memory_limit_is_refused_with_the_estimate(
 ) -> None:
     with pytest.raises(
         RecipeError,
-        match=r"method 'atlas' would hold about 0\.21 GB \(the base model \([\d,]+ parameters\) and 2 task vector\(s\).*more than memory_limit \(0\.00 GB\)",
+        match=(
+            r"method 'atlas' would hold about 0\.21 GB \(the base model \([\d,]+ "
+            r"parameters\) and 2 task vector\(s\).*more than memory_limit \(0\.00 GB\)"
+        ),
     ):
         merge(tmp_path, _recipe(family, "{steps: 1}", extra="memory_limit: 10KB\n"))
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -23,7 +23,8 @@ def test_unknown_method_suggests_the_nearest(
 ) -> None:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
-        f"method: {typo}\nmodels:\n  - {json.dumps(str(tiny_family['ft1']))}\n  - {json.dumps(str(tiny_family['ft2']))}\n"
+        f"method: {typo}\nmodels:\n  - {json.dumps(str(tiny_family['ft1']))}\n"
+        f"  - {json.dumps(str(tiny_family['ft2']))}\n"
     )
     out = tmp_path / "out"
     result = invoke(cli, command, recipe, out)
@@ -68,7 +69,8 @@ def test_out_of_range_value(
 ) -> None:
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
-        f"method: slerp\nmodels:\n  - {json.dumps(str(tiny_family['ft1']))}\n  - {json.dumps(str(tiny_family['ft2']))}\n"
+        f"method: slerp\nmodels:\n  - {json.dumps(str(tiny_family['ft1']))}\n"
+        f"  - {json.dumps(str(tiny_family['ft2']))}\n"
         f"parameters:\n  t: {value}\n"
     )
     out = tmp_path / "out"

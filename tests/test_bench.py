@@ -118,7 +118,8 @@ def test_mergekit_runs_under_a_timer_that_leaves_out_its_imports(tmp_path):
     )
     script = tmp_path / "mergekit-yaml"
     script.write_text(
-        f"#!{sys.executable}\nimport sys\nfrom mergekit.scripts.run_yaml import main\nif __name__ == '__main__':\n    sys.exit(main())\n"
+        f"#!{sys.executable}\nimport sys\nfrom mergekit.scripts.run_yaml import main\n"
+        "if __name__ == '__main__':\n    sys.exit(main())\n"
     )
     report, written = tmp_path / "seconds.txt", tmp_path / "out.txt"
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}

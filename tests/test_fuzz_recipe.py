@@ -444,7 +444,10 @@ FOUND = {
     "mergekit_mixed_keys": "merge_method: linear\n1: a\nb: c\n",
     "mergekit_models_int": "merge_method: linear\nmodels: 5\n",
     "mergekit_parameters_str": "merge_method: linear\nmodels: [{model: a}]\nparameters: ab\n",
-    "mergekit_slice_mixed_keys": "merge_method: slerp\nbase_model: a\nslices:\n  - sources: [{model: a, layer_range: [0, 4]}]\n    extra: 1\n    1: 2\n",
+    "mergekit_slice_mixed_keys": (
+        "merge_method: slerp\nbase_model: a\nslices:\n"
+        "  - sources: [{model: a, layer_range: [0, 4]}]\n    extra: 1\n    1: 2\n"
+    ),
 }
 
 

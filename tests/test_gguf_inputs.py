@@ -393,7 +393,8 @@ def test_a_recipe_merges_gguf_inputs_through_the_cli(tiny: dict[str, TinyGGUF], 
     a, b = tiny["untied"], tiny["other"]
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
-        f"method: linear\nmodels:\n  - model: {q(a.path)}\n    parameters: {{weight: 0.3}}\n  - model: {q(b.path)}\n    parameters: {{weight: 0.7}}\noutput:\n  dtype: float32\n"
+        f"method: linear\nmodels:\n  - model: {q(a.path)}\n    parameters: {{weight: 0.3}}\n"
+        f"  - model: {q(b.path)}\n    parameters: {{weight: 0.7}}\noutput:\n  dtype: float32\n"
     )
     result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(tmp_path / "out"), "-q"])
     assert result.exit_code == 0, result.output

@@ -191,7 +191,10 @@ def test_register_executors_adds_an_executor_that_runs_the_shards(
     assert _provenance(registry.executors["fake_reversed"]) == ("fake_hooks", "fake_hooks", "local")
     assert registry.executor("fake_reversed") is ReversedExecutor
     ReversedExecutor.ran = []
-    text = f"method: linear\nmodels:\n  - {json.dumps(str(tiny_family['ft1']))}\n  - {json.dumps(str(tiny_family['ft2']))}\n"
+    text = (
+        f"method: linear\nmodels:\n  - {json.dumps(str(tiny_family['ft1']))}\n"
+        f"  - {json.dumps(str(tiny_family['ft2']))}\n"
+    )
     run_recipe(
         parse_recipe(text + "output: {shard_size: 64KB}\n", "r.yaml"),
         out=tmp_path / "reversed",

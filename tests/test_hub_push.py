@@ -283,7 +283,8 @@ def test_messages_are_scrubbed_of_tokens(hub: FakeHub) -> None:
 
     other = "hf_" + "Q" * 34  # a token of the right shape that is not the current one
     text = scrub(
-        f"server said: token {TOKEN} refused; also {other}; header Authorization: Bearer abc.def; hf_hub_download failed"
+        f"server said: token {TOKEN} refused; also {other}; header "
+        "Authorization: Bearer abc.def; hf_hub_download failed"
     )
     assert TOKEN not in text and other not in text and "abc.def" not in text
     assert text.count("<token>") == 3 and "hf_hub_download failed" in text

@@ -33,7 +33,8 @@ def seed(hub: FakeHub, family: dict[str, Path], private: bool = False) -> dict[s
 def recipe(tmp_path: Path, base: str, *models: str, name: str = "recipe.yaml", extra: str = "") -> Path:
     path = tmp_path / name
     path.write_text(
-        f"method: task_arithmetic\nbase: {json.dumps(base)}\nmodels: {json.dumps(list(models))}\nparameters: {{lambda: 0.7}}\n{extra}"
+        f"method: task_arithmetic\nbase: {json.dumps(base)}\n"
+        f"models: {json.dumps(list(models))}\nparameters: {{lambda: 0.7}}\n{extra}"
     )
     return path
 

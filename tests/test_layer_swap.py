@@ -40,7 +40,10 @@ def experts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def recipe(task: Path, language: Path, parameters: str, roles: bool = True) -> str:
     if roles:
-        models = f"  - model: {q(language)}\n    parameters: {{role: language}}\n  - model: {q(task)}\n    parameters: {{role: task}}\n"
+        models = (
+            f"  - model: {q(language)}\n    parameters: {{role: language}}\n"
+            f"  - model: {q(task)}\n    parameters: {{role: task}}\n"
+        )
     else:
         models = f"  - {q(task)}\n  - {q(language)}\n"
     return f"method: layer_swap\nmodels:\n{models}parameters: {parameters}\n"
@@ -135,7 +138,10 @@ def test_impossible_configurations_are_refused_before_the_merge(
 
 
 def test_roles_must_name_one_task_and_one_language_expert(tmp_path: Path, experts: dict[str, Path]) -> None:
-    text = f"method: layer_swap\nmodels:\n  - model: {q(experts['task'])}\n    parameters: {{role: task}}\n  - {q(experts['language'])}\nparameters: {{bottom: 1}}\n"
+    text = (
+        f"method: layer_swap\nmodels:\n  - model: {q(experts['task'])}\n"
+        f"    parameters: {{role: task}}\n  - {q(experts['language'])}\nparameters: {{bottom: 1}}\n"
+    )
     with pytest.raises(RecipeError, match="one model role 'task' and the other role 'language'"):
         merge(tmp_path, text)
 

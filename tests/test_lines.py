@@ -313,7 +313,8 @@ def test_scaled_inner_pcb_matches_its_task_vector(tmp_path, tiny_family, w, laye
     fam = tiny_family
     inner = merge(
         tmp_path,
-        f"method: pcb\nbase: {q(fam['base'])}\nmodels: [{q(fam['ft1'])}, {q(fam['ft2'])}]\noutput: {{dtype: float32}}\n",
+        f"method: pcb\nbase: {q(fam['base'])}\n"
+        f"models: [{q(fam['ft1'])}, {q(fam['ft2'])}]\noutput: {{dtype: float32}}\n",
         "pcb",
     )
     out = merge(

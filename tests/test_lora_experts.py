@@ -318,7 +318,10 @@ def test_routers_from_prompts_need_each_adapters_data(tmp_path: Path, family: di
 
 
 def test_a_model_that_is_not_an_adapter_is_refused(tmp_path: Path, family: dict[str, Any]) -> None:
-    recipe = f"method: lora_experts\nbase: {q(family['base'])}\nmodels: [{q(family['base'])}]\nparameters: {{router: random}}\n"
+    recipe = (
+        f"method: lora_experts\nbase: {q(family['base'])}\n"
+        f"models: [{q(family['base'])}]\nparameters: {{router: random}}\n"
+    )
     with pytest.raises(RecipeError, match=r"models\[0\] .* is not one LoRA adapter"):
         merge(tmp_path, recipe)
     assert not (tmp_path / "out").exists()
@@ -393,8 +396,8 @@ def test_fresh_experts_start_at_the_base_and_count_as_the_allocation_says(family
     wrap(model, experts)
     assert torch.equal(_logits(model, IDS), expected)  # B = 0
     assert {name: e.count for name, e in experts.items()} == {
-        f"model.layers.{l}.{m}": c
-        for l, c in enumerate([1, 2, 2, 3])
+        f"model.layers.{layer}.{m}": c
+        for layer, c in enumerate([1, 2, 2, 3])
         for m in ("self_attn.q_proj", "mlp.down_proj")
     }
     per_expert = (
@@ -447,14 +450,14 @@ def test_magnitude_allocation_counts_the_adapters_that_change_a_layer_enough(
         [
             [
                 sum(
-                    float(np.linalg.norm(delta_of(a, f"model.layers.{l}.{m}.weight").double().numpy()))
+                    float(np.linalg.norm(delta_of(a, f"model.layers.{layer}.{m}.weight").double().numpy()))
                     for m in MODULES
                 )
-                for l in range(LAYERS)
+                for layer in range(LAYERS)
             ]
             for a in family["adapters"]
         ]
     )
-    want = [max(1, int((change[:, l] >= 0.6 * change.max(axis=1)).sum())) for l in range(LAYERS)]
+    want = [max(1, int((change[:, layer] >= 0.6 * change.max(axis=1)).sum())) for layer in range(LAYERS)]
     config = json.loads((tmp_path / "out" / "mola" / "mola_config.json").read_text())
     assert config["allocation"]["per_layer"] == want and want != [3] * LAYERS

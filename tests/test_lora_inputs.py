@@ -97,7 +97,8 @@ def test_base_plus_adapter_reads_w_plus_scaled_ba(
     factors = write_peft(tmp_path / "adapter", tiny_family["base"], shapes, **config)
     merged = merge(
         tmp_path,
-        f"method: linear\nmodels: [{q(str(tiny_family['base']) + '+' + str(tmp_path / 'adapter'))}]\noutput: {{dtype: float32}}\n",
+        f"method: linear\nmodels: [{q(str(tiny_family['base']) + '+' + str(tmp_path / 'adapter'))}]\n"
+        f"output: {{dtype: float32}}\n",
     )
     want = expected(weights["base"], factors, {m: scale(m, a.shape[0]) for m, (a, _) in factors.items()})
     # the reader stores W + ΔW back in W's dtype (bf16): within half a bf16 step of the float32 sum
@@ -114,7 +115,8 @@ def test_an_adapter_folder_alone_stands_for_its_base_plus_itself(
     factors = write_peft(tmp_path / "adapter", tiny_family["base"], shapes)
     merged = merge(
         tmp_path,
-        f"method: task_arithmetic\nbase: {q(tiny_family['base'])}\nmodels: [{q(tmp_path / 'adapter')}]\nparameters: {{weight: 0.5}}\noutput: {{dtype: float32}}\n",
+        f"method: task_arithmetic\nbase: {q(tiny_family['base'])}\n"
+        f"models: [{q(tmp_path / 'adapter')}]\nparameters: {{weight: 0.5}}\noutput: {{dtype: float32}}\n",
     )
     base = weights["base"]
     for module, (a, b) in factors.items():

@@ -388,7 +388,10 @@ def test_odd_tensors_mixed_dtypes_and_integer_buffers(tmp_path, method):
             [1 / 3] * 3,
         )
     elif method == "task_arithmetic":
-        text = f"method: task_arithmetic\nbase: {q(tmp_path / 'a')}\nmodels: [{q(tmp_path / 'b')}, {q(tmp_path / 'c')}]\nparameters: {{lambda: 0.5}}\n"
+        text = (
+            f"method: task_arithmetic\nbase: {q(tmp_path / 'a')}\n"
+            f"models: [{q(tmp_path / 'b')}, {q(tmp_path / 'c')}]\nparameters: {{lambda: 0.5}}\n"
+        )
         reference, inputs, coefficients = a, [a, b, c], [0.0, 0.5, 0.5]
     else:
         text = f"method: slerp\nmodels: [{q(tmp_path / 'c')}, {q(tmp_path / 'b')}]\nparameters: {{t: 0.5}}\n"

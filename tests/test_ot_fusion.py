@@ -80,7 +80,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(_config())
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for _name, param in model.named_parameters():
             if param.ndim == 1:
                 param.copy_(1.0 + 0.3 * torch.randn_like(param))  # norms that differ per dimension
     model.save_pretrained(root / "a")
@@ -144,7 +144,10 @@ def text_pair(pair: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
 def test_activation_cost_recovers_the_permutation(
     tmp_path: Path, text_pair: dict[str, Path], solver: str
 ) -> None:
-    params = f"{{solver: {solver}, reg: 0.001, cost: activations, data: {{text: {q(text_pair['text'])}, seq_len: 16}}, samples: 12}}"
+    params = (
+        f"{{solver: {solver}, reg: 0.001, cost: activations, data: "
+        f"{{text: {q(text_pair['text'])}, seq_len: 16}}, samples: 12}}"
+    )
     fused = merge(
         tmp_path,
         f"method: ot_fusion\nmodels: [{q(text_pair['a'])}, {q(text_pair['b'])}]\nparameters: {params}\n",
@@ -168,7 +171,10 @@ def test_activation_cost_needs_data(tmp_path: Path, pair: dict[str, Path]) -> No
 
 
 def test_fusion_weights_and_a_zero_weight(tmp_path: Path, pair: dict[str, Path]) -> None:
-    recipe = f"method: ot_fusion\nmodels:\n  - {q(pair['a'])}\n  - model: {q(pair['b'])}\n    parameters: {{weight: 0.0}}\nparameters: {{solver: sinkhorn}}\n"
+    recipe = (
+        f"method: ot_fusion\nmodels:\n  - {q(pair['a'])}\n  - model: {q(pair['b'])}\n"
+        f"    parameters: {{weight: 0.0}}\nparameters: {{solver: sinkhorn}}\n"
+    )
     fused, anchor = merge(tmp_path, recipe), load_dir(pair["a"])
     assert all(torch.equal(fused[n], anchor[n]) for n in anchor)
 
@@ -324,7 +330,10 @@ def test_every_residual_policy_returns_the_anchor_for_a_permuted_copy(
     tmp_path: Path, text_pair: dict[str, Path], policy: str, cost: str
 ) -> None:
     """Every branch and join map of a permuted copy is the same permutation, so each policy is exact."""
-    params = f"{{solver: emd, resid_policy: {policy}, cost: {cost}, data: {{text: {q(text_pair['text'])}, seq_len: 16}}, samples: 12}}"
+    params = (
+        f"{{solver: emd, resid_policy: {policy}, cost: {cost}, data: "
+        f"{{text: {q(text_pair['text'])}, seq_len: 16}}, samples: 12}}"
+    )
     fused = merge(
         tmp_path,
         f"method: ot_fusion\nmodels: [{q(text_pair['a'])}, {q(text_pair['b'])}]\nparameters: {params}\n",
@@ -389,7 +398,10 @@ def test_weighted_matrix_weighs_each_dimension_by_the_anchors_activations(
     """Column j of the joined plan is w_j·T_resid + (1 − w_j)·T_branch, w_j = m_resid / (m_resid + m_branch),
     m the anchor's mean |activation| of residual dimension j (computed here with transformers hooks)."""
     data = f"{{text: {q(strangers['text'])}, seq_len: 16}}"
-    recipe = f"method: ot_fusion\nmodels: [{q(strangers['a'])}, {q(strangers['c'])}]\nparameters: {{resid_policy: weighted_matrix, cost: activations, data: {data}, samples: 12}}\n"
+    recipe = (
+        f"method: ot_fusion\nmodels: [{q(strangers['a'])}, {q(strangers['c'])}]\n"
+        f"parameters: {{resid_policy: weighted_matrix, cost: activations, data: {data}, samples: 12}}\n"
+    )
     merge(tmp_path, recipe)
     ids = torch.tensor([int(word[1:]) for word in strangers["text"].read_text().split()])[: 12 * 16].reshape(
         12, 16
@@ -428,5 +440,6 @@ def test_weighted_policies_need_activations(tmp_path: Path, pair: dict[str, Path
     ):
         merge(
             tmp_path,
-            f"method: ot_fusion\nmodels: [{q(pair['a'])}, {q(pair['b'])}]\nparameters: {{resid_policy: weighted_scalar}}\n",
+            f"method: ot_fusion\nmodels: [{q(pair['a'])}, {q(pair['b'])}]\n"
+            f"parameters: {{resid_policy: weighted_scalar}}\n",
         )

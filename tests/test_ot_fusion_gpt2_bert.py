@@ -184,7 +184,10 @@ def test_activation_costs_return_the_anchor(
 ) -> None:
     """Activations are read from the architecture's own modules (GPT-2's fused c_attn split into q, k, v)."""
     arch, a, b, text = text_pair
-    params = f"{{solver: emd, cost: activations, resid_policy: {policy}, data: {{text: {q(text)}, seq_len: 16}}, samples: 12}}"
+    params = (
+        f"{{solver: emd, cost: activations, resid_policy: {policy}, "
+        f"data: {{text: {q(text)}, seq_len: 16}}, samples: 12}}"
+    )
     fused = merge(tmp_path, f"method: ot_fusion\nmodels: [{q(a)}, {q(b)}]\nparameters: {params}\n")
     for name, tensor in load_dir(a).items():
         torch.testing.assert_close(fused[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
@@ -228,7 +231,8 @@ def test_other_head_dimensions_are_refused(tmp_path: Path, pair: tuple[str, Path
     with pytest.raises(
         RecipeError,
         match=re.escape(
-            "has (2, 4, 4, 6) (layers, heads, key/value heads, head dim) where the anchor has (2, 4, 4, 8); heads move whole"
+            "has (2, 4, 4, 6) (layers, heads, key/value heads, head dim) "
+            "where the anchor has (2, 4, 4, 8); heads move whole"
         ),
     ):
         merge(tmp_path, f"method: ot_fusion\nmodels: [{q(a)}, {q(tmp_path / 'narrow')}]\n")

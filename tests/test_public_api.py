@@ -72,7 +72,8 @@ def record(path: Path = RECORD) -> None:
         changed = changes(current, recorded)
         if changed and recorded.get("api_version") == current["api_version"]:
             raise SystemExit(
-                f"the plugin API changed ({', '.join(changed)}) but workbench.API_VERSION is still {current['api_version']}: bump it first"
+                f"the plugin API changed ({', '.join(changed)}) but "
+                f"workbench.API_VERSION is still {current['api_version']}: bump it first"
             )
     path.write_text(json.dumps(current, indent=1) + "\n")
 

@@ -227,7 +227,8 @@ def test_compute_dtype_must_be_a_float_type(dtype: str) -> None:
 
 def test_recipe_round_trips_through_to_yaml() -> None:
     recipe = parse_recipe(
-        "method: linear\nmodels:\n  - a\n  - model: b\n    parameters: {weight: [0.1, 0.9]}\noutput:\n  dtype: bf16\n  shard_size: 2GB\n"
+        "method: linear\nmodels:\n  - a\n  - model: b\n"
+        "    parameters: {weight: [0.1, 0.9]}\noutput:\n  dtype: bf16\n  shard_size: 2GB\n"
     )
     again = parse_recipe(recipe.to_yaml())
     assert again.model_dump() == recipe.model_dump()
@@ -418,7 +419,8 @@ def test_mergekit_recipe_runs_through_the_cli(
     path.write_text(
         "merge_method: task_arithmetic\n"
         f"base_model: {q(tiny_family['base'])}\n"
-        f"models:\n  - model: {q(tiny_family['base'])}\n  - model: {q(tiny_family['ft1'])}\n    parameters: {{weight: 1.0}}\n"
+        f"models:\n  - model: {q(tiny_family['base'])}\n"
+        f"  - model: {q(tiny_family['ft1'])}\n    parameters: {{weight: 1.0}}\n"
         "dtype: float32\nout_dtype: float32\n"
     )
     out = tmp_path / "out"

@@ -61,7 +61,8 @@ def test_third_party_method_runs_a_real_merge(
     make_plugin("workbench-fake", "fake", FAKE_MAX)
     registry = load_registry()
     recipe = parse_recipe(
-        f"method: fake_max\nmodels:\n  - {json.dumps(str(tiny_family['ft1']))}\n  - {json.dumps(str(tiny_family['ft2']))}\n"
+        f"method: fake_max\nmodels:\n  - {json.dumps(str(tiny_family['ft1']))}\n"
+        f"  - {json.dumps(str(tiny_family['ft2']))}\n"
         "parameters:\n  scale: 2.0\n",
         "fake.yaml",
     )
@@ -110,7 +111,8 @@ def test_third_party_method_appears_in_the_cli(
 
     recipe = tmp_path / "fake.yaml"
     recipe.write_text(
-        f"method: fake_max\nmodels:\n  - {json.dumps(str(tiny_family['ft1']))}\n  - {json.dumps(str(tiny_family['ft2']))}\n"
+        f"method: fake_max\nmodels:\n  - {json.dumps(str(tiny_family['ft1']))}\n"
+        f"  - {json.dumps(str(tiny_family['ft2']))}\n"
     )
     run = cli.invoke(main, ["run", str(recipe), "--out", str(tmp_path / "out"), "-q"], env=WIDE)
     assert run.exit_code == 0, run.output

@@ -180,7 +180,10 @@ def _python(code: str) -> str:
 
 
 def test_loading_the_registry_does_not_import_torch() -> None:
-    code = "import sys, workbench.registry as r; reg = r.load_registry(); assert reg.methods; print('torch' in sys.modules)"
+    code = (
+        "import sys, workbench.registry as r; reg = r.load_registry(); "
+        "assert reg.methods; print('torch' in sys.modules)"
+    )
     assert _python(code) == "False"
 
 

@@ -94,13 +94,22 @@ def _workbench(site: Path, args: list[str], log: Path, **env: str) -> subprocess
         **env,
     }
     environment.pop("WORKBENCH_PLUGINS", None)
+    # A child inherits the signals its parent ignores or blocks, and Ctrl-C reaches Python only if SIGINT
+    # is neither when it starts: in a full suite run, something earlier in the pytest process left it so
+    # (the run then slept through the signal), so the child starts with the defaults a terminal gives.
     return subprocess.Popen(
         [sys.executable, "-m", "workbench", *args],
         env=environment,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _finish(process: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str]:

@@ -127,7 +127,9 @@ dtype: float32
             "layer_range must be [start, end) with 0 <= start < end",
         ),
         (
-            "method: linear\nslices:\n  - sources: [{model: FT1, layer_range: [0, 2]}, {model: FT2, layer_range: [0, 2]}]\n  - sources: [{model: FT1, layer_range: [2, 4]}]\n",
+            "method: linear\nslices:\n"
+            "  - sources: [{model: FT1, layer_range: [0, 2]}, {model: FT2, layer_range: [0, 2]}]\n"
+            "  - sources: [{model: FT1, layer_range: [2, 4]}]\n",
             RecipeError,
             "every slice needs the same number of sources",
         ),
@@ -137,7 +139,9 @@ dtype: float32
             "either 'models' or 'slices'",
         ),
         (
-            "method: passthrough\nslices:\n  - sources: [{model: FT1, layer_range: [0, 2], parameters: {scale: 2.0}}]\n  - sources: [{model: FT1, layer_range: [2, 4]}]\n",
+            "method: passthrough\nslices:\n"
+            "  - sources: [{model: FT1, layer_range: [0, 2], parameters: {scale: 2.0}}]\n"
+            "  - sources: [{model: FT1, layer_range: [2, 4]}]\n",
             RecipeError,
             "source 0 has other parameters than in slice 0",
         ),

@@ -55,7 +55,8 @@ heavy = ("torch", "numba", "transformers", "textual")
 registry_module.get_registry()
 imported_at_load = [name for name in heavy if name in sys.modules]
 exits = {}
-for command in (["methods"], ["methods", "lines"], ["validate", recipe], ["plan", recipe, "--out", out], ["run", recipe, "--out", out, "--quiet"]):
+for command in (["methods"], ["methods", "lines"], ["validate", recipe], ["plan", recipe, "--out", out],
+                ["run", recipe, "--out", out, "--quiet"]):
     result = CliRunner().invoke(main, command)
     exits[" ".join(command[:2])] = [result.exit_code, result.output[-500:]]
 print(json.dumps({**counts, "most_metadata_reads": max(metadata_reads.values(), default=0),

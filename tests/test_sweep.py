@@ -363,7 +363,8 @@ def test_cma_finds_the_optimum_of_a_smooth_objective_and_resumes(
     make_plugin("wb-lambda-fit", "lambda_fit", LAMBDA_FIT)
     registry = load_registry()
     recipe = parse_recipe(
-        f"method: task_arithmetic\nbase: '{tiny_family['base']}'\nmodels: ['{tiny_family['ft1']}']\noutput: {{dtype: float32}}\nparameters: {{lambda: 0.5}}\n"
+        f"method: task_arithmetic\nbase: '{tiny_family['base']}'\nmodels: ['{tiny_family['ft1']}']\n"
+        f"output: {{dtype: float32}}\nparameters: {{lambda: 0.5}}\n"
     )
     specs = [
         EvaluatorSpec(

@@ -489,7 +489,10 @@ seed: 42
 
 
 def test_int8_mask_changes_nothing(tmp_path, tiny_family):
-    body = f"base: {q(tiny_family['base'])}\nmodels:\n{entries([(tiny_family['ft1'], '{density: 0.3}'), (tiny_family['ft2'], '{density: 0.5}')])}\n"
+    body = (
+        f"base: {q(tiny_family['base'])}\nmodels:\n"
+        f"{entries([(tiny_family['ft1'], '{density: 0.3}'), (tiny_family['ft2'], '{density: 0.5}')])}\n"
+    )
     plain = merge(tmp_path, "method: ties\n" + body, "plain")
     int8 = merge(tmp_path, "method: ties\n" + body + "parameters: {int8_mask: true}\n", "int8")
     assert all(torch.equal(plain[n], int8[n]) for n in plain)
@@ -512,13 +515,19 @@ parameters: {{normalize: true, int8_mask: true}}
 """,
         "mk",
     )
+    models = entries(
+        [
+            (tiny_family["ft1"], "{density: [1, 0.7, 0.1], weight: 1.0}"),
+            (tiny_family["ft2"], "{density: 0.5, weight: [0, 0.3, 0.7, 1]}"),
+        ]
+    )
     native = merge(
         tmp_path,
         f"""
 method: ties
 base: {q(tiny_family["base"])}
 models:
-{entries([(tiny_family["ft1"], "{density: [1, 0.7, 0.1], weight: 1.0}"), (tiny_family["ft2"], "{density: 0.5, weight: [0, 0.3, 0.7, 1]}")])}
+{models}
 """,
         "native",
     )
@@ -526,7 +535,10 @@ models:
 
 
 def test_rescale_mode_without_rescale_is_refused(tmp_path, tiny_family):
-    text = f"method: ties\nbase: {q(tiny_family['base'])}\nmodels: [{q(tiny_family['ft1'])}]\nparameters: {{rescale_mode: inverse_density}}\n"
+    text = (
+        f"method: ties\nbase: {q(tiny_family['base'])}\nmodels: [{q(tiny_family['ft1'])}]\n"
+        f"parameters: {{rescale_mode: inverse_density}}\n"
+    )
     with pytest.raises(RecipeError, match="rescale_mode has no effect"):
         run_recipe(parse_recipe(text), out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -549,7 +561,10 @@ parameters: {{normalize: true}}
     [("ties", "density", 1.5), ("breadcrumbs", "gamma", -0.1), ("dare_ties", "density", -0.2)],
 )
 def test_out_of_range_fractions_are_refused(tmp_path, tiny_family, method, key, bad):
-    text = f"method: {method}\nbase: {q(tiny_family['base'])}\nmodels:\n{entries([(tiny_family['ft1'], '{' + key + ': ' + str(bad) + '}')])}\n"
+    text = (
+        f"method: {method}\nbase: {q(tiny_family['base'])}\nmodels:\n"
+        f"{entries([(tiny_family['ft1'], '{' + key + ': ' + str(bad) + '}')])}\n"
+    )
     with pytest.raises(RecipeError, match=key):
         run_recipe(parse_recipe(text), out=tmp_path / "out")
 

@@ -68,6 +68,9 @@ def test_model_scope_needs_one_density_per_model(tiny_family: dict[str, Path], t
 
 
 def test_scope_model_is_refused_for_random_dropping(tiny_family: dict[str, Path], tmp_path: Path) -> None:
-    text = f"method: dare_ties\nbase: {q(tiny_family['base'])}\nmodels: [{q(tiny_family['ft1'])}]\nparameters: {{scope: model}}\n"
+    text = (
+        f"method: dare_ties\nbase: {q(tiny_family['base'])}\n"
+        f"models: [{q(tiny_family['ft1'])}]\nparameters: {{scope: model}}\n"
+    )
     with pytest.raises(RecipeError, match="at random"):
         merge(tmp_path, text)

@@ -99,7 +99,8 @@ async def test_compose_a_layer_swap_from_scratch_save_and_run(
     )
     from_tui = load_file(tmp_path / "from-tui" / "model.safetensors")
     assert_same(from_tui, cli_run(saved, tmp_path / "from-cli"))
-    # and it is the swap the recipe asks for: layer 0 and the last layer from ft2 (language), the rest and embeddings from ft1
+    # and it is the swap the recipe asks for: layer 0 and the last layer from ft2 (language),
+    # the rest and embeddings from ft1
     layers = json.loads((tiny_family["base"] / "config.json").read_text())["num_hidden_layers"]
     ft1, ft2 = (load_file(tiny_family[k] / "model.safetensors") for k in ("ft1", "ft2"))
     for layer, source in [(0, ft2), (1, ft1), (layers - 2, ft1), (layers - 1, ft2)]:

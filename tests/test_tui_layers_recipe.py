@@ -231,7 +231,10 @@ async def test_editing_checking_and_applying(workdir: Path, registry: Registry) 
         assert text == f"error: {expected.value}" and "error" in classes
         assert app.state.data == before
 
-        edited = "method: task_arithmetic\nbase: base\nmodels:\n  - model: ft1\n    parameters: {weight: 0.5}\n  - ft2\n"
+        edited = (
+            "method: task_arithmetic\nbase: base\nmodels:\n"
+            "  - model: ft1\n    parameters: {weight: 0.5}\n  - ft2\n"
+        )
         editor.load_text(edited)
         await pilot.pause(0.25)  # a Button ignores clicks during its 0.2 s press effect
         await pilot.click("#apply")
@@ -267,7 +270,8 @@ async def test_saving_and_opening(workdir: Path, registry: Registry) -> None:
 
         write(
             "mk.yaml",
-            "merge_method: slerp\nbase_model: ft2\nmodels:\n  - model: ft1\n  - model: ft2\nparameters:\n  t: [0.0, 0.3]\n",
+            "merge_method: slerp\nbase_model: ft2\nmodels:\n"
+            "  - model: ft1\n  - model: ft2\nparameters:\n  t: [0.0, 0.3]\n",
         )
         path_input.value = "mk.yaml"
         await pilot.press("ctrl+o")

@@ -138,7 +138,8 @@ async def test_existing_per_model_parameters_are_kept(
 ) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        f"method: linear\nmodels:\n  - model: {tiny_family['ft1']}\n    parameters: {{weight: 0.3}}\n  - {tiny_family['ft2']}\n"
+        f"method: linear\nmodels:\n  - model: {tiny_family['ft1']}\n"
+        f"    parameters: {{weight: 0.3}}\n  - {tiny_family['ft2']}\n"
     )
     app = make_app(recipe, registry=builtin_registry)
     async with app.run_test(size=SIZE) as pilot:

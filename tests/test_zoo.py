@@ -301,7 +301,8 @@ def test_zoo_report_scores_every_row_and_reproduces_the_experts(
 
     root, manifest = zoo
     out = tmp_path / "reproductions.md"
-    sections = "task_vectors,layer_swap,ot_fusion"  # lora_experts trains MoLA three times: tested below with fewer steps
+    # lora_experts trains MoLA three times: tested below with fewer steps
+    sections = "task_vectors,layer_swap,ot_fusion"
     result = CliRunner().invoke(
         main,
         ["zoo", "report", str(root), "--out", str(out), "--n", "32", "--seed", "7", "--sections", sections],

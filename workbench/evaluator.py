@@ -52,7 +52,7 @@ class Evaluator(ABC):
     def __init__(self, options: EvaluatorOptions | None = None) -> None:
         self.options = options if options is not None else self.Options()
 
-    def check(self, model: LoadedModel) -> None:
+    def check(self, model: LoadedModel) -> None:  # noqa: B027 - optional hook: accepting every model is the default
         """Raise ``EvaluationError`` naming the mismatch if this evaluator cannot score ``model``."""
 
     @abstractmethod

@@ -254,8 +254,9 @@ def api_refusal(required: Any) -> str | None:
     have_major, have_minor = (int(part) for part in API_VERSION.split("."))
     if major != have_major or minor > have_minor:
         return (
-            f"was built for workbench plugin API {required}, but this workbench provides plugin API {API_VERSION} "
-            f"(compatible: {have_major}.0 to {API_VERSION}); install a version of the plugin built for API {have_major}.x"
+            f"was built for workbench plugin API {required}, but this workbench provides plugin API "
+            f"{API_VERSION} (compatible: {have_major}.0 to {API_VERSION}); install a version of the plugin "
+            f"built for API {have_major}.x"
         )
     return None
 

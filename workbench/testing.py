@@ -2,12 +2,20 @@
 
 A method proves itself with a few lines in its package's tests::
 
-    from workbench.testing import check_deterministic, check_identity, check_one_hot, check_streaming_memory, tiny_family
+    from workbench.testing import (
+        check_deterministic,
+        check_identity,
+        check_one_hot,
+        check_streaming_memory,
+        tiny_family,
+    )
 
     def test_trimmed_mean(tmp_path):
         family = tiny_family(tmp_path / "family")
         check_identity("trimmed_mean", family)
-        check_one_hot("trimmed_mean", family, lambda i, n: {"model_parameters": [{"weight": float(j == i)} for j in range(n)]})
+        check_one_hot(
+            "trimmed_mean", family, lambda i, n: {"model_parameters": [{"weight": float(j == i)} for j in range(n)]}
+        )
         check_deterministic("trimmed_mean", family)
         check_streaming_memory("trimmed_mean", tmp_path / "deep")
 
@@ -255,7 +263,8 @@ def check_deterministic(
         files = sorted(p.name for p in first.glob("*.safetensors"))
         if files != sorted(p.name for p in second.glob("*.safetensors")):
             raise PropertyViolation(
-                f"determinism: the two runs wrote different files: {files} and {sorted(p.name for p in second.glob('*.safetensors'))}"
+                f"determinism: the two runs wrote different files: {files} and "
+                f"{sorted(p.name for p in second.glob('*.safetensors'))}"
             )
         for name in files:
             if (first / name).read_bytes() != (second / name).read_bytes():
@@ -357,9 +366,10 @@ def check_streaming_memory(
     if report.peak_extra > allowance:
         mb = 2**20
         raise PropertyViolation(
-            f"streaming memory: merging {inputs / mb:.0f} MB of inputs with '{method}' raised the peak resident memory by "
-            f"{report.peak_extra / mb:.0f} MB; a streaming merge may use {allowance / mb:.0f} MB here ({slack / mb:.0f} MB + "
-            f"{tensors_held} x {count + 1} tensors of {largest / mb:.2f} MB + {declared / mb:.0f} MB declared by memory_needed). "
-            "Does the method keep tensors or outputs between calls?"
+            f"streaming memory: merging {inputs / mb:.0f} MB of inputs with '{method}' raised the peak "
+            f"resident memory by {report.peak_extra / mb:.0f} MB; a streaming merge may use "
+            f"{allowance / mb:.0f} MB here ({slack / mb:.0f} MB + {tensors_held} x {count + 1} tensors of "
+            f"{largest / mb:.2f} MB + {declared / mb:.0f} MB declared by memory_needed). Does the method "
+            "keep tensors or outputs between calls?"
         )
     return report

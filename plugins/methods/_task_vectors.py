@@ -29,7 +29,10 @@ if TYPE_CHECKING:
 
 _LAMBDA = "lambda: scale of the merged task vector (result = base + lambda * merged)."
 _NORMALIZE_SUM = "Divide the sum of the task vectors by the sum of the weights."
-NORMALIZE_CONSENSUS = "Divide each element by the summed weights of the models agreeing with its elected sign (TIES's disjoint mean)."
+NORMALIZE_CONSENSUS = (
+    "Divide each element by the summed weights of the models "
+    "agreeing with its elected sign (TIES's disjoint mean)."
+)
 RESCALE = "Rescale each sparsified task vector to make up for what was dropped (see rescale_mode)."
 _RESCALE_MODE = (
     "How rescale restores a sparsified task vector: 'l1' (mergekit) scales it so that its L1 norm"

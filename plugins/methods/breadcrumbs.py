@@ -17,7 +17,10 @@ from workbench_plugins.methods._task_vectors import (
 class BreadcrumbsModelParameters(DensityModelParameters):
     gamma: float = Param(
         0.01,
-        description="Fraction of the largest-magnitude entries dropped as outliers (density takes precedence when both cannot hold).",
+        description=(
+            "Fraction of the largest-magnitude entries dropped as "
+            "outliers (density takes precedence when both cannot hold)."
+        ),
         ge=0.0,
         le=1.0,
     )
@@ -25,7 +28,10 @@ class BreadcrumbsModelParameters(DensityModelParameters):
 
 class Breadcrumbs(TaskVectorMethod):
     name = "breadcrumbs"
-    summary = "Model Breadcrumbs: drop each task vector's gamma largest and its smallest entries (density kept), add the weighted sum."
+    summary = (
+        "Model Breadcrumbs: drop each task vector's gamma largest and "
+        "its smallest entries (density kept), add the weighted sum."
+    )
     paper = "https://arxiv.org/abs/2312.06795"
     when_to_use = (
         "When a few very large updates of a fine-tune are specific to its task and hurt the others: it "

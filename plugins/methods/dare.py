@@ -25,7 +25,10 @@ class DareTiesParameters(ConsensusParameters):
 
 class DareLinear(TaskVectorMethod):
     name = "dare_linear"
-    summary = "DARE: drop each task-vector entry with probability 1 - density, rescale, add the weighted sum to the base."
+    summary = (
+        "DARE: drop each task-vector entry with probability 1 - density, "
+        "rescale, add the weighted sum to the base."
+    )
     paper = "https://arxiv.org/abs/2311.03099"
     when_to_use = (
         "Fine-tunes of large models whose deltas are redundant: dropping most of each task vector at "

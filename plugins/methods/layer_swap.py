@@ -50,7 +50,10 @@ class LayerSwapParameters(MethodParameters):
     transition_weight: float | list[float] = Param(
         0.5,
         per_layer=False,
-        description="Weight of the language expert in the transition layers (the task expert gets 1 - weight); a list gives one weight per transition layer, bottom zone first, in layer order.",
+        description=(
+            "Weight of the language expert in the transition layers (the task expert gets 1 - weight); "
+            "a list gives one weight per transition layer, bottom zone first, in layer order."
+        ),
     )
     non_layer: Literal["task", "language", "average"] = Param(
         "task",
@@ -60,7 +63,10 @@ class LayerSwapParameters(MethodParameters):
     layer_map: list[Role | float] | None = Param(
         None,
         per_layer=False,
-        description="General form, instead of bottom/top/transitions: one entry per layer, 'task', 'language' or the language expert's weight in [0, 1].",
+        description=(
+            "General form, instead of bottom/top/transitions: one entry per "
+            "layer, 'task', 'language' or the language expert's weight in [0, 1]."
+        ),
     )
 
     @model_validator(mode="after")
@@ -75,7 +81,8 @@ class LayerSwapParameters(MethodParameters):
             and len(weights) != self.transition_bottom + self.transition_top
         ):
             raise ValueError(
-                f"transition_weight lists {len(weights)} weight(s) but there are {self.transition_bottom + self.transition_top}"
+                f"transition_weight lists {len(weights)} weight(s) but "
+                f"there are {self.transition_bottom + self.transition_top}"
                 " transition layer(s) (transition_bottom + transition_top)"
             )
         if self.layer_map is not None:
@@ -108,7 +115,8 @@ def language_weights(params: LayerSwapParameters, layers: int) -> list[float]:
     used = params.bottom + params.transition_bottom + params.transition_top + params.top
     if used > layers:
         raise RecipeError(
-            f"layer_swap: bottom + transition_bottom + transition_top + top = {params.bottom} + {params.transition_bottom}"
+            "layer_swap: bottom + transition_bottom + transition_top "
+            f"+ top = {params.bottom} + {params.transition_bottom}"
             f" + {params.transition_top} + {params.top} = {used}, more than the models' {layers} layers."
         )
     blend = (
@@ -156,7 +164,10 @@ def roles(model_params: list[dict[str, Any]]) -> tuple[int, int]:
 
 class LayerSwap(MergeMethod):
     name = "layer_swap"
-    summary = "Layer swapping: a language expert's bottom and top layers around a task expert's middle layers, with optional blended transition layers."
+    summary = (
+        "Layer swapping: a language expert's bottom and top layers around a "
+        "task expert's middle layers, with optional blended transition layers."
+    )
     paper = "https://arxiv.org/abs/2410.01335"
     when_to_use = (
         "Two experts fine-tuned from one base, one on a task (math) in a high-resource language and "
@@ -228,7 +239,8 @@ class LayerSwap(MergeMethod):
             weight = weights[ctx.layer_index]
         else:
             raise RecipeError(
-                f"layer_swap: tensor '{ctx.name}' is in layer {ctx.layer_index}, but the models' config says {len(weights)} layers."
+                f"layer_swap: tensor '{ctx.name}' is in layer {ctx.layer_index}, "
+                f"but the models' config says {len(weights)} layers."
             )
         if weight == 0.0:
             return tensors[task].to(ctx.out_dtype)

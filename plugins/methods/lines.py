@@ -52,7 +52,10 @@ class LinesParameters(MethodParameters):
     alpha: float | Literal["auto"] = Param(
         "auto",
         per_layer=False,
-        description="Scale of the shallowest block and of every tensor outside the blocks; 'auto': (||sum_t tau_t||_1 / ||tau_MTL||_1) / T, the multi-task rule (1/T for task arithmetic).",
+        description=(
+            "Scale of the shallowest block and of every tensor outside the blocks; 'auto': "
+            "(||sum_t tau_t||_1 / ||tau_MTL||_1) / T, the multi-task rule (1/T for task arithmetic)."
+        ),
     )
     beta: float | None = Param(
         None,
@@ -62,12 +65,18 @@ class LinesParameters(MethodParameters):
     merge: str = Param(
         "task_arithmetic",
         per_layer=False,
-        description="The registered task-vector method whose merged task vector is scaled (task_arithmetic, ties, dare_ties, pcb, ...).",
+        description=(
+            "The registered task-vector method whose merged task vector "
+            "is scaled (task_arithmetic, ties, dare_ties, pcb, ...)."
+        ),
     )
     merge_parameters: dict[str, Any] = Param(
         {},
         per_layer=False,
-        description="Global parameters of the inner method (its lambda is fixed to 1); values may be per-layer lists or filters.",
+        description=(
+            "Global parameters of the inner method (its lambda is "
+            "fixed to 1); values may be per-layer lists or filters."
+        ),
     )
 
     @model_validator(mode="after")
@@ -82,7 +91,10 @@ class LinesModelParameters(MethodParameters):
     merge_model_parameters: dict[str, Any] = Param(
         {},
         per_layer=False,
-        description="Other per-model parameters of the inner method (e.g. density); values may be per-layer lists or filters.",
+        description=(
+            "Other per-model parameters of the inner method (e.g. "
+            "density); values may be per-layer lists or filters."
+        ),
     )
 
 
@@ -171,7 +183,8 @@ class _State:
                 out.append(resolve_params(schema, raw, architecture.place(name), name, layer_count))
             except (ValidationError, LookupError, ValueError) as exc:
                 raise RecipeError(
-                    f"lines: models[{i}] parameters for tensor '{name}' are invalid for method '{self.inner.name}': {exc}"
+                    f"lines: models[{i}] parameters for tensor '{name}' "
+                    f"are invalid for method '{self.inner.name}': {exc}"
                 ) from None
         return out
 
@@ -220,7 +233,8 @@ class _State:
             weights = [p.weight for p in model_params]
             if sum(weights) <= 0:
                 raise RecipeError(
-                    f"lines: alpha 'auto' needs positive weights in total, but tensor '{name}' has {sum(weights)}; give alpha explicitly."
+                    "lines: alpha 'auto' needs positive weights in total, but "
+                    f"tensor '{name}' has {sum(weights)}; give alpha explicitly."
                 )
             base = self.base.read(name).to(ctx.device)
             xs = [m.read(name).to(ctx.device) for m in self.models]
@@ -266,7 +280,8 @@ def inner_model_raw(
     if unknown:
         known = ", ".join(sorted(set(keys) - {"weight"})) or "none"
         raise RecipeError(
-            f"lines: models[{index}] merge_model_parameters has '{unknown[0]}', which is not a per-model parameter of '{inner}' other than weight (known: {known})."
+            f"lines: models[{index}] merge_model_parameters has '{unknown[0]}', which is "
+            f"not a per-model parameter of '{inner}' other than weight (known: {known})."
         )
     if "weight" in raw:
         if "weight" in keys:
@@ -288,7 +303,10 @@ def alpha_shortcut(inner: str, inner_params: MethodParameters, total_weight: flo
 
 class Lines(MergeMethod):
     name = "lines"
-    summary = "LiNeS: scale a (merged) task vector by depth, alpha + beta * l / (L - 1), alpha outside the blocks; wraps any task-vector method."
+    summary = (
+        "LiNeS: scale a (merged) task vector by depth, alpha + beta * l / (L - 1), "
+        "alpha outside the blocks; wraps any task-vector method."
+    )
     paper = "https://arxiv.org/abs/2410.17146"
     when_to_use = (
         "On top of any task-vector merge (merge: ties, dare_ties, ...): shallow layers hold general "
@@ -315,7 +333,8 @@ class Lines(MergeMethod):
             inner_raw["lambda"] = 1.0
         if ctx.params.get("alpha", "auto") == "auto" and len(ctx.models) < 2:
             raise RecipeError(
-                "lines: with one model (single-task editing) give alpha explicitly, e.g. 0.1..0.9; 'auto' would leave the fine-tune unchanged."
+                "lines: with one model (single-task editing) give alpha explicitly, "
+                "e.g. 0.1..0.9; 'auto' would leave the fine-tune unchanged."
             )
         inner_model = [
             inner_model_raw(inner_cls.ModelParameters, raw, i, inner_cls.name)

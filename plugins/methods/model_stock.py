@@ -44,7 +44,10 @@ class ModelStockParameters(MethodParameters):
 
 class ModelStock(MergeMethod):
     name = "model_stock"
-    summary = "t * mean(models) + (1 - t) * base, with t = N c / (1 + (N - 1) c) from the mean pairwise cosine c of the task vectors."
+    summary = (
+        "t * mean(models) + (1 - t) * base, with t = N c / (1 + (N - 1) c) "
+        "from the mean pairwise cosine c of the task vectors."
+    )
     paper = "https://arxiv.org/abs/2403.19522"
     when_to_use = (
         "Several fine-tunes of one base on the same task (different seeds or hyperparameters): it finds "

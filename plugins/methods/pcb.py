@@ -59,24 +59,36 @@ class PCBParameters(MethodParameters):
         gt=0.0,
         le=1.0,
         per_layer=False,
-        description="r: fraction of each task's entries kept (by balanced score); 0.1 in pcb-merging.py, 0.05 in the vision script, 0.05-0.2 in the NLP runs.",
+        description=(
+            "r: fraction of each task's entries kept (by balanced score); 0.1 in "
+            "pcb-merging.py, 0.05 in the vision script, 0.05-0.2 in the NLP runs."
+        ),
     )
     clip_ratio: float = Param(
         0.01,
         ge=0.0,
         lt=0.5,
         per_layer=False,
-        description="q: |task vector| is clipped to its q and 1 - q quantiles first; 0.01 in the NLP and vision scripts, 1e-4 in pcb-merging.py.",
+        description=(
+            "q: |task vector| is clipped to its q and 1 - q quantiles first; "
+            "0.01 in the NLP and vision scripts, 1e-4 in pcb-merging.py."
+        ),
     )
     inter: Literal["sum", "normalized"] = Param(
         "sum",
         per_layer=False,
-        description="Inter-balancing: tanh(tau_i * sum_j tau_j) ('sum', reference and NLP code) or with the sum of sign(tau_j) * Norm(|clipped tau_j|) ('normalized', vision script).",
+        description=(
+            "Inter-balancing: tanh(tau_i * sum_j tau_j) ('sum', reference and NLP code) or "
+            "with the sum of sign(tau_j) * Norm(|clipped tau_j|) ('normalized', vision script)."
+        ),
     )
     scope: Literal["global", "per_tensor"] = Param(
         "global",
         per_layer=False,
-        description="Rank entries over the whole model as the released code does ('global', extra streaming passes) or within each tensor ('per_tensor').",
+        description=(
+            "Rank entries over the whole model as the released code does ('global', "
+            "extra streaming passes) or within each tensor ('per_tensor')."
+        ),
     )
     scale: float = Param(
         1.0,
@@ -88,7 +100,10 @@ class PCBParameters(MethodParameters):
 class PCBModelParameters(MethodParameters):
     weight: float = Param(
         1.0,
-        description="lambda_i: scale of this model's clipped task vector in the weighted average (1.2 in the vision script); 0 leaves the model out entirely.",
+        description=(
+            "lambda_i: scale of this model's clipped task vector in the weighted "
+            "average (1.2 in the vision script); 0 leaves the model out entirely."
+        ),
     )
 
 
@@ -251,7 +266,10 @@ class GlobalStats:
 
 class PCB(MergeMethod):
     name = "pcb"
-    summary = "PCB-merging: balance task vectors by intra- and inter-task importance, keep the top pcb_ratio, average with those weights."
+    summary = (
+        "PCB-merging: balance task vectors by intra- and inter-task "
+        "importance, keep the top pcb_ratio, average with those weights."
+    )
     paper = "https://arxiv.org/abs/2410.02396"
     when_to_use = (
         "Several task fine-tunes where both the importance of each entry within a task and the competition "

@@ -20,7 +20,10 @@ class TiesParameters(ConsensusParameters):
 
 class Ties(TaskVectorMethod):
     name = "ties"
-    summary = "TIES: keep each task vector's top-density entries by magnitude, elect signs by mass, average the agreeing entries."
+    summary = (
+        "TIES: keep each task vector's top-density entries by "
+        "magnitude, elect signs by mass, average the agreeing entries."
+    )
     paper = "https://arxiv.org/abs/2306.01708"
     when_to_use = (
         "Merging several fine-tunes whose task vectors interfere: trimming drops small, redundant updates "

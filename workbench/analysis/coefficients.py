@@ -72,7 +72,8 @@ def render_coefficients(table: CoefficientTable) -> list[RenderableType]:
         parts.append(outside)
     parts.append(
         Text(
-            f"{len(table.models)} task vector(s) × {len(table.blocks)} block(s) × {table.partitions} partition(s); λ from {low:.3f} to {high:.3f}"
+            f"{len(table.models)} task vector(s) × {len(table.blocks)} block(s) × {table.partitions} "
+            f"partition(s); λ from {low:.3f} to {high:.3f}"
         )
     )
     return parts

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 from workbench import architecture
 from workbench.architecture import TensorPlace
 from workbench.checkpoint.resolve import open_reference
-from workbench.engine.progress import ProgressCallback, ProgressEvent
+from workbench.engine.progress import ProgressCallback, ProgressEvent, ProgressKind
 from workbench.errors import CheckpointError, WorkbenchError
 
 if TYPE_CHECKING:
@@ -207,7 +207,8 @@ def _plan_tensors(base: CheckpointReader, models: list[tuple[str, CheckpointRead
             mine, ours = reader.info(name), base.info(name)
             if mine.shape != ours.shape:
                 raise CheckpointError(
-                    f"{mine.file}: tensor '{name}' has shape {list(mine.shape)}, but in the base ({ours.file}) it has {list(ours.shape)}."
+                    f"{mine.file}: tensor '{name}' has shape {list(mine.shape)}, but in the base "
+                    f"({ours.file}) it has {list(ours.shape)}."
                 )
     tensors = []
     for name in names:
@@ -266,11 +267,11 @@ class _Streamer:
         self.done = 0
         self.bytes_read = 0
 
-    def emit(self, kind: str, tensor: str | None = None) -> None:
+    def emit(self, kind: ProgressKind, tensor: str | None = None) -> None:
         if self.on_progress is not None:
             self.on_progress(
                 ProgressEvent(kind, self.done, self.total, self.bytes_read, self.total_bytes, tensor)
-            )  # type: ignore[arg-type]
+            )
 
     def deltas(self, layers_only: bool) -> Iterator[tuple[_Tensor, torch.Tensor, int, torch.Tensor]]:
         """(tensor, base block, model index, Δ block) in float32, for every block of every tensor."""
@@ -395,7 +396,8 @@ def model_position(refs: Sequence[str], key: str) -> int:
         return int(key) - 1
     listed = ", ".join(f"{i} = {ref}" for i, ref in enumerate(refs, 1))
     raise WorkbenchError(
-        f"--suggest-swap: '{key}' names none of the analysed models; give one of them as written, or its position ({listed})."
+        f"--suggest-swap: '{key}' names none of the analysed models; give one of them as written, or its "
+        f"position ({listed})."
     )
 
 
@@ -470,7 +472,8 @@ def suggest_swap(analysis: Analysis, task: str, language: str) -> SwapSuggestion
         per_layer = [stats.relative for stats in model.layer_totals(analysis.layer_count)]
         if not sum(per_layer) > 0:
             raise WorkbenchError(
-                f"--suggest-swap: {model.ref} does not differ from the base in any layer, so it has no profile to compare."
+                f"--suggest-swap: {model.ref} does not differ from the base in any layer, so it has no "
+                "profile to compare."
             )
         relatives.append(per_layer)
     task_total, language_total = sum(relatives[0]), sum(relatives[1])

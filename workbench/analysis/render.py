@@ -131,7 +131,8 @@ def heatmap_tables(analysis: Analysis, stat: str) -> list[Table]:
 def top_set_lines(analysis: Analysis) -> list[Text]:
     return [
         Text(
-            f"{m.ref}: top {analysis.top_fraction:.3g} of {m.layer_entries:,} layer entries: |Δ| >= {m.top_threshold:.3e}, {m.top_total:,} entries"
+            f"{m.ref}: top {analysis.top_fraction:.3g} of {m.layer_entries:,} layer entries: |Δ| >= "
+            f"{m.top_threshold:.3e}, {m.top_total:,} entries"
         )
         for m in analysis.models
     ]
@@ -189,8 +190,9 @@ def render_suggestion(suggestion: SwapSuggestion) -> list[RenderableType]:
     if suggestion.bottom == 0 and suggestion.top == 0:
         parts.append(
             Text(
-                "bottom = 0, top = 0: neither the first nor the last layer changed more (as a share of the expert's change)"
-                " in the language expert than in the task expert, so the profiles suggest no swap."
+                "bottom = 0, top = 0: neither the first nor the last layer changed more (as a share of the "
+                "expert's change) in the language expert than in the task expert, so the profiles suggest "
+                "no swap."
             )
         )
         return parts
@@ -219,7 +221,7 @@ def check_output_paths(paths: Sequence[Path]) -> None:
             raise OutputError(f"cannot write {path}: folder {path.parent} does not exist.")
 
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Call ``write`` on a temporary file beside ``path``, then rename it to ``path``."""
     check_output_paths([path])
     # A plain open (not tempfile, which makes files private) gives the file the usual permissions.
@@ -385,6 +387,7 @@ def write_grids_png(
         )
         ax.set_yticks(range(layers), [str(layer) for layer in range(layers)], fontsize=8)
         ax.set_ylabel("layer (0 = first)")
+    assert image is not None  # subplots() has refused a figure without grids
     figure.colorbar(image, ax=list(axes), label=label, shrink=0.9)
     figure.suptitle(title, fontsize=10)
     write_atomic(path, lambda handle: figure.savefig(handle, format="png", dpi=110))

@@ -32,7 +32,8 @@ class AdaptedReader(CheckpointReader):
                 shape = base.info(name).shape
                 if tuple(shape) != factors.shape:
                     raise CheckpointError(
-                        f"adapter {adapter.path}: '{name}' is {tuple(shape)} in base {base.path} but the adapter's ΔW is {factors.shape}."
+                        f"adapter {adapter.path}: '{name}' is {tuple(shape)} in base {base.path} but the "
+                        f"adapter's ΔW is {factors.shape}."
                     )
                 self.changes.setdefault(name, []).append(factors)
 

@@ -67,7 +67,7 @@ class CheckpointReader(ABC):
         are copied from instead: none here."""
         return []
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: readers without handles keep the no-op
         """Release file handles."""
 
     def __contains__(self, name: str) -> bool:

@@ -99,12 +99,13 @@ class SafetensorsFolder(CheckpointReader):
         return self._files[file]
 
     def _add(self, st: SafetensorsFile, only: set[str] | None = None) -> None:
-        for name, (info, begin) in st.tensors.items():
+        for name, (_info, begin) in st.tensors.items():
             if only is not None and name not in only:
                 continue
             if name in self._where and self._where[name][0] is not st:
                 raise CheckpointError(
-                    f"{self.path}: tensor '{name}' is stored twice ({self._where[name][0].path.name} and {st.path.name})."
+                    f"{self.path}: tensor '{name}' is stored twice ({self._where[name][0].path.name} and "
+                    f"{st.path.name})."
                 )
             self._where[name] = (st, begin)
 

@@ -89,7 +89,8 @@ class _Cursor:
     def skip(self, n: int, what: str) -> int:
         if n > self.left():
             raise CheckpointError(
-                f"{self.path}: GGUF header cut short or lying: {what} at byte {self.pos} needs {n} bytes, the file has {self.left()} left."
+                f"{self.path}: GGUF header cut short or lying: {what} at byte {self.pos} needs {n} bytes, "
+                f"the file has {self.left()} left."
             )
         start = self.pos
         self.pos += n
@@ -130,7 +131,8 @@ def _skip_value(cur: _Cursor, vtype: int, key: str) -> None:
             cur.skip(count * _SCALAR_SIZE[item], what)
         else:
             raise CheckpointError(
-                f"{cur.path}: metadata '{key}' is an array of value type {item}, which GGUF readers refuse (nested or unknown)."
+                f"{cur.path}: metadata '{key}' is an array of value type {item}, which GGUF readers refuse "
+                "(nested or unknown)."
             )
     else:
         raise CheckpointError(f"{cur.path}: metadata '{key}' has unknown value type {vtype}.")
@@ -174,7 +176,8 @@ def _walk(cur: _Cursor) -> None:
     n_tensors, n_kv = cur.u64("tensor count"), cur.u64("metadata count")
     if n_kv * _MIN_KV + n_tensors * _MIN_TENSOR_INFO > cur.left():
         raise CheckpointError(
-            f"{path}: the GGUF header claims {n_tensors} tensors and {n_kv} metadata entries; the file ({cur.size} bytes) is too short to describe them."
+            f"{path}: the GGUF header claims {n_tensors} tensors and {n_kv} metadata entries; the file "
+            f"({cur.size} bytes) is too short to describe them."
         )
     alignment, keys = DEFAULT_ALIGNMENT, set()
     for i in range(n_kv):
@@ -217,14 +220,16 @@ def _walk(cur: _Cursor) -> None:
         type_name, block, type_size = known[t.qtype]
         if 0 in t.dims or t.dims[0] % block:
             raise CheckpointError(
-                f"{path}: tensor '{t.name}' has shape {list(t.dims)}, not whole {type_name} blocks of {block} (or a zero dimension)."
+                f"{path}: tensor '{t.name}' has shape {list(t.dims)}, not whole {type_name} blocks of "
+                f"{block} (or a zero dimension)."
             )
         nbytes = math.prod(t.dims) // block * type_size
         start = data_start + t.offset
         if t.offset % alignment or start + nbytes > cur.size:
             raise CheckpointError(
-                f"{path}: tensor '{t.name}' ({type_name}, shape {list(t.dims)}, {math.prod(t.dims)} elements) claims bytes"
-                f" [{start}, {start + nbytes}), which are not {alignment}-aligned inside the file ({cur.size} bytes)."
+                f"{path}: tensor '{t.name}' ({type_name}, shape {list(t.dims)}, {math.prod(t.dims)} "
+                f"elements) claims bytes [{start}, {start + nbytes}), which are not {alignment}-aligned "
+                f"inside the file ({cur.size} bytes)."
             )
         extents.append((start, start + nbytes, t.name))
     extents.sort()
@@ -341,7 +346,8 @@ def _llama_config(meta: _Metadata, shapes: dict[str, tuple[int, ...]]) -> dict[s
     head_dim = meta.integer("attention.key_length", max(1, hidden // heads))
     if heads % kv_heads or head_dim % 2 or meta.integer("attention.value_length", head_dim) != head_dim:
         raise CheckpointError(
-            f"{path}: {heads} attention heads, {kv_heads} key/value heads, head size {head_dim}: not a Llama attention layout."
+            f"{path}: {heads} attention heads, {kv_heads} key/value heads, head size {head_dim}: not a "
+            "Llama attention layout."
         )
     if meta.integer("rope.dimension_count", head_dim) != head_dim:
         raise CheckpointError(
@@ -395,7 +401,8 @@ def _llama_config(meta: _Metadata, shapes: dict[str, tuple[int, ...]]) -> dict[s
             )
         if shape != expected[name]:
             raise CheckpointError(
-                f"{path}: tensor '{name}' has shape {list(shape)}; the metadata implies {list(expected[name])} (GGUF order)."
+                f"{path}: tensor '{name}' has shape {list(shape)}; the metadata implies "
+                f"{list(expected[name])} (GGUF order)."
             )
     missing = [name for name in expected if name not in shapes]
     if missing:
@@ -535,7 +542,8 @@ class GGUFCheckpoint(CheckpointReader):
             type_name = t.tensor_type.name
             if type_name not in _NATIVE and int(t.tensor_type) not in _dequantisable():
                 raise CheckpointError(
-                    f"{self.file}: tensor '{t.name}' is quantised as {type_name}, which the installed gguf package cannot dequantise."
+                    f"{self.file}: tensor '{t.name}' is quantised as {type_name}, which the installed gguf "
+                    "package cannot dequantise."
                 )
             module = t.name.split(".")[2] if t.name.startswith("blk.") else ""
             shape = tuple(reversed(shapes[t.name]))
@@ -571,7 +579,8 @@ class GGUFCheckpoint(CheckpointReader):
             return _decode(t, start, stop)
         except (ValueError, TypeError, IndexError, NotImplementedError) as exc:
             raise CheckpointError(
-                f"{self.file}: tensor '{t.gguf_name}' ({t.qtype.name}) could not be decoded ({type(exc).__name__}: {exc})."
+                f"{self.file}: tensor '{t.gguf_name}' ({t.qtype.name}) could not be decoded "
+                f"({type(exc).__name__}: {exc})."
             ) from None
 
     def config(self) -> dict[str, Any] | None:

@@ -78,7 +78,10 @@ def describe(exc: BaseException, what: str) -> str:
     if isinstance(exc, errors.OfflineModeIsEnabled):
         text = f"{what}: the Hub cannot be used because offline mode is on (HF_HUB_OFFLINE=1)."
     elif isinstance(exc, errors.GatedRepoError):
-        text = f"{what} is gated on {where}: accept its terms on the model page with the account whose token is used ({HOW_TO_LOGIN})."
+        text = (
+            f"{what} is gated on {where}: accept its terms on the model page with the account whose token is "
+            f"used ({HOW_TO_LOGIN})."
+        )
     elif isinstance(exc, errors.RevisionNotFoundError):
         text = f"{what}: that revision does not exist on {where} (check the branch, tag or commit after '@')."
     elif isinstance(exc, errors.RepositoryNotFoundError):
@@ -93,9 +96,10 @@ def describe(exc: BaseException, what: str) -> str:
     ):
         status = exc.response.status_code
         text = (
-            f"{what}: the Hub at {where} refused the token ({status} {'Unauthorized' if status == 401 else 'Forbidden'})."
-            " The token (from HF_TOKEN or the login cache) is invalid, expired, or has no write access to this repo;"
-            f" {HOW_TO_LOGIN} with a valid one."
+            f"{what}: the Hub at {where} refused the token ({status} "
+            f"{'Unauthorized' if status == 401 else 'Forbidden'}). The token (from HF_TOKEN or the login "
+            f"cache) is invalid, expired, or has no write access to this repo; {HOW_TO_LOGIN} with a valid "
+            "one."
         )
     elif isinstance(exc, errors.HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else "?"

@@ -116,7 +116,8 @@ class LoraAdapter:
             match = _FACTOR.match(key)
             if not match:
                 raise CheckpointError(
-                    f"{weights_file}: tensor '{key}' is not a LoRA factor (lora_A / lora_B of a linear layer); embedding LoRA, biases and modules_to_save are not supported."
+                    f"{weights_file}: tensor '{key}' is not a LoRA factor (lora_A / lora_B of a linear "
+                    "layer); embedding LoRA, biases and modules_to_save are not supported."
                 )
             pieces.setdefault(match[1], {})[match[2]] = tensor
         self.factors: dict[str, LoraFactors] = {}
@@ -132,7 +133,8 @@ class LoraAdapter:
             a, b = pair["A"], pair["B"]
             if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
                 raise CheckpointError(
-                    f"{weights_file}: module '{module}': lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not make B @ A."
+                    f"{weights_file}: module '{module}': lora_A {tuple(a.shape)} and lora_B "
+                    f"{tuple(b.shape)} do not make B @ A."
                 )
             rank = a.shape[0]
             module_alpha = float(_pattern_value(self.config.get("alpha_pattern"), module, alpha))
@@ -221,7 +223,8 @@ def add_to_module(model: "torch.nn.Module", adapter: LoraAdapter) -> "torch.nn.M
             target = weights[name]
             if tuple(target.shape) != factors.shape:
                 raise CheckpointError(
-                    f"{adapter.path}: '{name}' is {tuple(target.shape)} in the model but the adapter's ΔW is {factors.shape}."
+                    f"{adapter.path}: '{name}' is {tuple(target.shape)} in the model but the adapter's ΔW "
+                    f"is {factors.shape}."
                 )
             target.copy_(factors.added_to(target))
     return model

@@ -114,8 +114,9 @@ def _resolve(hub: HubRef) -> ResolvedRevision:
         return HfApi(endpoint=endpoint()).resolve_revision(hub.repo_id, revision=hub.revision)
     except RevisionResolutionError as exc:
         raise CheckpointError(
-            f"model '{hub}' is not in the Hugging Face cache ({cache_dir()}) and the Hub at {endpoint()} could not be"
-            f" reached ({type(exc.__cause__).__name__ if exc.__cause__ else 'no answer'}); check the connection or HF_ENDPOINT."
+            f"model '{hub}' is not in the Hugging Face cache ({cache_dir()}) and the Hub at {endpoint()} "
+            f"could not be reached ({type(exc.__cause__).__name__ if exc.__cause__ else 'no answer'}); "
+            "check the connection or HF_ENDPOINT."
         ) from None
     except failures() as exc:
         raise CheckpointError(f"model {describe(exc, repr(str(hub)))}") from None
@@ -152,9 +153,9 @@ def open_hub(ref: str, open_local: Opener) -> tuple[Path, CheckpointReader]:
         path = download(hub, hub.revision)  # offline: the cache or a clear error, never the network
         return path, open_local(path)
     revision = _resolve(hub)
-    path = _cached(hub, revision)
-    if path is not None:
-        return path, open_local(path)
+    cached = _cached(hub, revision)
+    if cached is not None:
+        return cached, open_local(cached)
     reader = RemoteSafetensorsReader(hub, revision, open_local)
     return reader.path, reader
 
@@ -306,8 +307,8 @@ class RemoteSafetensorsReader(CheckpointReader):
                 missing = sorted(names - set(header))
                 if missing:
                     raise CheckpointError(
-                        f"{self._label(INDEX_NAME)} places tensor '{missing[0]}' in {file}, but that shard does not hold it"
-                        f" ({len(missing)} such tensor(s))."
+                        f"{self._label(INDEX_NAME)} places tensor '{missing[0]}' in {file}, but that shard "
+                        f"does not hold it ({len(missing)} such tensor(s))."
                     )
                 placed.update((name, header[name]) for name in names)
             ordered = sorted(placed.items(), key=lambda kv: (str(kv[1][0].file), kv[1][1]))
@@ -324,7 +325,8 @@ class RemoteSafetensorsReader(CheckpointReader):
         if not files:
             have = ", ".join(sorted(self._sizes)) or "nothing"
             raise CheckpointError(
-                f"model '{self.hub}' has no safetensors weights on the Hub (it has: {have}); only safetensors models can be merged from the Hub."
+                f"model '{self.hub}' has no safetensors weights on the Hub (it has: {have}); only "
+                "safetensors models can be merged from the Hub."
             )
         tensors: dict[str, TensorInfo] = {}
         for file in files:

@@ -80,7 +80,8 @@ def split_adapters(ref: str) -> tuple[str, list[Path]]:
     for folder in folders:
         if not is_adapter(folder):
             raise CheckpointError(
-                f"model '{ref}' is not a path, and as BASE+ADAPTER its part '{folder}' is not a PEFT adapter folder (no adapter_config.json)."
+                f"model '{ref}' is not a path, and as BASE+ADAPTER its part '{folder}' is not a PEFT "
+                "adapter folder (no adapter_config.json)."
             )
     return base, folders
 

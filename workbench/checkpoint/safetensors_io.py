@@ -19,7 +19,7 @@ import math
 import os
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -230,7 +230,7 @@ def _check_entry(path: Path, name: str, entry: Any, data_size: int) -> tuple[Ten
     return TensorInfo(name=name, dtype=dtype, shape=tuple(shape), file=path), begin
 
 
-def build_header(specs: list[TensorSpec], metadata: dict[str, str] | None = None) -> bytes:
+def build_header(specs: Sequence[TensorSpec], metadata: dict[str, str] | None = None) -> bytes:
     """The length-prefixed header of a file holding ``specs`` in order, padded to 8 bytes."""
     header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
@@ -269,7 +269,9 @@ class StreamingFileWriter(FileWriter):
             raise RuntimeError(f"{self.path}: expected tensor '{spec.name}' next, got '{name}'")
         import torch
 
-        flat = memoryview(data.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        flat = (
+            data.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data
+        )  # a memoryview of the bytes
         self._file.write(flat)
         self._digest.update(flat)
         self._written += flat.nbytes

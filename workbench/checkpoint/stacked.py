@@ -38,7 +38,8 @@ def _per_layer(part: LayerRange, key: str, index: int) -> Any:
     values = (part.reader.config() or {}).get(key)
     if not isinstance(values, list) or index >= len(values):
         raise CheckpointError(
-            f"{part.label}: config.json has no per-layer '{key}' entry for layer {index}, which the first model's config has."
+            f"{part.label}: config.json has no per-layer '{key}' entry for layer {index}, which the first "
+            "model's config has."
         )
     return values[index]
 
@@ -60,7 +61,8 @@ class StackedReader(CheckpointReader):
             count = layer_count(part.reader.tensor_names(), part.reader.config())
             if not 0 <= part.start < part.stop <= count:
                 raise CheckpointError(
-                    f"{part.label}: layer_range [{part.start}, {part.stop}] does not fit the model's {count} layers (0..{count - 1}; the end is exclusive)."
+                    f"{part.label}: layer_range [{part.start}, {part.stop}] does not fit the model's "
+                    f"{count} layers (0..{count - 1}; the end is exclusive)."
                 )
             by_layer: dict[int, list[str]] = {}
             for name in part.reader.tensor_names():
@@ -88,7 +90,8 @@ class StackedReader(CheckpointReader):
             self._order.append(name)
         if not inserted:
             raise CheckpointError(
-                f"{parts[0].label}: no tensor matches a known layer layout (model.layers.N., ...), so layers cannot be sliced."
+                f"{parts[0].label}: no tensor matches a known layer layout (model.layers.N., ...), so "
+                "layers cannot be sliced."
             )
 
     def tensor_names(self) -> list[str]:

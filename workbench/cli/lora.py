@@ -33,8 +33,9 @@ def _summary(report: "LoraReport", verb: str) -> None:
     if report.not_captured:
         worst = max(report.not_captured, key=report.not_captured.get)  # type: ignore[arg-type]
         console.print(
-            f"[yellow]warning:[/] {len(report.not_captured)} tensors outside the LoRA targets changed and are not in the adapter"
-            f" (largest: '{worst}', max |ΔW| {report.not_captured[worst]:.3g}); see lora_report.json."
+            f"[yellow]warning:[/] {len(report.not_captured)} tensors outside the LoRA targets changed and "
+            f"are not in the adapter (largest: '{worst}', max |ΔW| {report.not_captured[worst]:.3g}); see "
+            "lora_report.json."
         )
 
 
@@ -224,5 +225,7 @@ def lora_mola_train(
         log=console.print,
     )
     console.print(
-        f"[green]trained[/] {result.out_dir}: experts per layer {result.experts_per_layer}, {result.parameters:,} trainable parameters, final loss {sum(result.losses[-10:]) / len(result.losses[-10:]):.3f}"
+        f"[green]trained[/] {result.out_dir}: experts per layer {result.experts_per_layer}, "
+        f"{result.parameters:,} trainable parameters, final loss "
+        f"{sum(result.losses[-10:]) / len(result.losses[-10:]):.3f}"
     )

@@ -101,7 +101,10 @@ def _recipe_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--memory-limit",
             default=None,
-            help="Most memory a whole-model method may hold, e.g. 16GB (overrides memory_limit; default: what is available).",
+            help=(
+                "Most memory a whole-model method may hold, e.g. 16GB (overrides memory_limit; default: "
+                "what is available)."
+            ),
         ),
     ]
     for option in reversed(options):
@@ -211,7 +214,8 @@ def plan_command(
         console.print(inputs)
         merged = sum(t.merge for t in plan.tensors)
         console.print(
-            f"tensors: {len(plan.tensors)} ({merged} merged, {len(plan.tensors) - merged} copied from {plan.reference.label})"
+            f"tensors: {len(plan.tensors)} ({merged} merged, {len(plan.tensors) - merged} copied from "
+            f"{plan.reference.label})"
         )
         outputs = Table("output file", "tensors", "size", box=None, pad_edge=False)
         for file in plan.files:
@@ -227,11 +231,13 @@ def plan_command(
                 f"output: {escape(plan.out_dir)} ({_gb(free)} free on the disk holding {escape(folder)})"
             )
         console.print(
-            f"reads {_gb(plan.input_bytes)}, writes {_gb(plan.output_bytes)}; estimated peak memory {_gb(plan.estimate_peak_bytes())}"
+            f"reads {_gb(plan.input_bytes)}, writes {_gb(plan.output_bytes)}; estimated peak memory "
+            f"{_gb(plan.estimate_peak_bytes())}"
         )
         if plan.prepare_memory is not None:
             console.print(
-                f"{plan.method.name} holds about {_gb(plan.prepare_memory.nbytes)} before merging: {escape(plan.prepare_memory.what)}"
+                f"{plan.method.name} holds about {_gb(plan.prepare_memory.nbytes)} before merging: "
+                f"{escape(plan.prepare_memory.what)}"
             )
     finally:
         plan.close()
@@ -320,8 +326,9 @@ def run(
         stats_json.write_text(json.dumps(stats, indent=2) + "\n")
     if not quiet:
         terminal().print(
-            f"[green]wrote[/] {escape(result.out_dir)}: {result.tensors} tensors, {_gb(result.bytes_written)} in {result.seconds:.2f} s"
-            f" ({result.bytes_read / max(result.seconds, 1e-9) / 1e9:.2f} GB/s of input)"
+            f"[green]wrote[/] {escape(result.out_dir)}: {result.tensors} tensors, "
+            f"{_gb(result.bytes_written)} in {result.seconds:.2f} s "
+            f"({result.bytes_read / max(result.seconds, 1e-9) / 1e9:.2f} GB/s of input)"
         )
     if plan.recipe.output.push is not None:  # only after a complete, evaluated output
         from workbench.cli.hub import push_output
@@ -635,7 +642,10 @@ def zoo_build(directory: Path, scale: str, seed: int) -> None:
 @click.option(
     "--sections",
     default=None,
-    help="Comma-separated sections to measure (task_vectors, learned, layer_swap, ot_fusion, lora_experts); default: all.",
+    help=(
+        "Comma-separated sections to measure (task_vectors, learned, layer_swap, ot_fusion, lora_experts); "
+        "default: all."
+    ),
 )
 @handle_errors
 def zoo_report(

@@ -140,7 +140,8 @@ def check_card(folder: Path) -> dict[str, Any]:
                 raise HubError(f"{where}: base_model entry {repo!r} is not a Hub repo id ({exc}).") from None
         if data.get("base_model_relation") != "merge":
             raise HubError(
-                f"{where}: a merge that names base_model needs 'base_model_relation: merge' (got {data.get('base_model_relation')!r})."
+                f"{where}: a merge that names base_model needs 'base_model_relation: merge' (got "
+                f"{data.get('base_model_relation')!r})."
             )
     for section in REQUIRED_SECTIONS:
         if not re.search(rf"^{re.escape(section)}\s*$", card.text, re.MULTILINE):

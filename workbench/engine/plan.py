@@ -114,18 +114,18 @@ class MergePlan:
             else 0
         )
         compute = ITEMSIZE[self.compute_dtype]
+        # ``MergeMethod.row_blocks`` is a property of instances; ``self.method`` is the class
+        row_blocks = self.method.elementwise or self.method.blockwise
         largest = 0
         for t in self.tensors:
             numel = t.input_bytes // max(per_element_in, 1)
             largest = max(
                 largest,
-                min(numel, CHUNK_ELEMENTS * (2 if self.method.blockwise else 1))
-                if self.method.row_blocks
-                else numel,
+                min(numel, CHUNK_ELEMENTS * (2 if self.method.blockwise else 1)) if row_blocks else numel,
             )
         out_item = max((ITEMSIZE[t.out_dtype] for t in self.tensors), default=4)
         in_flight = (prefetch + 1) * largest * per_element_in
-        working = largest * compute * (3 if self.method.row_blocks else len(self.inputs) + 2)
+        working = largest * compute * (3 if row_blocks else len(self.inputs) + 2)
         streaming = in_flight + working + 3 * largest * out_item
         return BASELINE_BYTES + max(streaming, self.prepare_memory.nbytes if self.prepare_memory else 0)
 
@@ -164,7 +164,8 @@ class _ParamChecker:
             hint = f" Did you mean '{close[0]}'?" if close else ""
             known = ", ".join(sorted(keys)) or "none"
             raise RecipeError(
-                f"{self.where(path + (key,))}: unknown parameter '{key}' for method '{method}'.{hint} Its parameters here: {known}."
+                f"{self.where(path + (key,))}: unknown parameter '{key}' for method '{method}'.{hint} Its "
+                f"parameters here: {known}."
             )
         for key, fname in keys.items():
             info = schema.model_fields[fname]
@@ -179,7 +180,9 @@ class _ParamChecker:
                 raise RecipeError(
                     f"{self.where(path + (key,))}: parameter '{key}' has an empty list as its value."
                 )
-            annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation  # type: ignore[misc]
+            annotation: Any = (
+                Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+            )
             adapter = TypeAdapter(annotation)
             if not is_per_layer(schema, fname):  # one value for the whole model, taken literally
                 try:
@@ -187,10 +190,12 @@ class _ParamChecker:
                 except ValidationError as exc:
                     if varies(value):
                         raise RecipeError(
-                            f"{self.where(path + (key,))}: parameter '{key}' takes a single value, not a list or a file."
+                            f"{self.where(path + (key,))}: parameter '{key}' takes a single value, not a "
+                            "list or a file."
                         ) from None
                     raise RecipeError(
-                        f"{self.where(path + (key,))}: parameter '{key}' = {value!r} is invalid: {exc.errors()[0]['msg']}."
+                        f"{self.where(path + (key,))}: parameter '{key}' = {value!r} is invalid: "
+                        f"{exc.errors()[0]['msg']}."
                     ) from None
                 continue
             if is_filter_list(value):
@@ -291,7 +296,8 @@ def check_output_path(out_dir: Path, inputs: list[InputModel], overwrite: bool) 
         scratch = out.with_name(out.name + ".partial")
         if folder == scratch or scratch in folder.parents:
             raise OutputError(
-                f"input {model} lies in {scratch}, where output {out_dir} is written first; choose another output folder."
+                f"input {model} lies in {scratch}, where output {out_dir} is written first; choose another "
+                "output folder."
             )
     if out.exists() and not overwrite:
         raise OutputError(f"output {out_dir} already exists; pass --overwrite to replace it.")
@@ -362,8 +368,9 @@ def build_plan(
             )
             if source.parameters != recipe.slices[0].sources[j].parameters:  # type: ignore[index]
                 raise RecipeError(
-                    f"{checker.where(('slices', i, 'sources', j, 'parameters'))}: source {j} has other parameters than in slice 0;"
-                    " source j of every slice is one input model, with one set of parameters (use per-layer values to vary them)."
+                    f"{checker.where(('slices', i, 'sources', j, 'parameters'))}: source {j} has other "
+                    "parameters than in slice 0; source j of every slice is one input model, with one set "
+                    "of parameters (use per-layer values to vary them)."
                 )
 
     from workbench.evaluation.running import make_evaluators
@@ -425,7 +432,8 @@ def _plan_tensors(
         extra = [n for n in model.reader.tensor_names() if n not in known]
         if extra:
             warnings.append(
-                f"{model} has {len(extra)} tensor(s) that {reference} lacks (first: '{extra[0]}'); they are not in the output."
+                f"{model} has {len(extra)} tensor(s) that {reference} lacks (first: '{extra[0]}'); they are "
+                "not in the output."
             )
 
     layers = architecture.layer_count(names, reference.reader.config())
@@ -444,13 +452,14 @@ def _plan_tensors(
             info = model.reader.info(name)
             if info.is_float != ref_info.is_float:  # a float kernel must never see an integer or bool tensor
                 raise CheckpointError(
-                    f"tensor '{name}' is stored as {info.dtype} in {model} but as {ref_info.dtype} in {reference};"
-                    " an integer or bool tensor cannot be merged with a floating-point one (is a file damaged or mislabelled?)."
+                    f"tensor '{name}' is stored as {info.dtype} in {model} but as {ref_info.dtype} in "
+                    f"{reference}; an integer or bool tensor cannot be merged with a floating-point one (is "
+                    "a file damaged or mislabelled?)."
                 )
             if info.shape != ref_info.shape and method_cls.equal_shapes:
                 raise CheckpointError(
-                    f"tensor '{name}' has shape {list(info.shape)} in {model} but {list(ref_info.shape)} in {reference};"
-                    " the models must have the same architecture."
+                    f"tensor '{name}' has shape {list(info.shape)} in {model} but {list(ref_info.shape)} in "
+                    f"{reference}; the models must have the same architecture."
                 )
             if info.dtype != ref_info.dtype:
                 count = converted.get(model.label, (info.dtype, ref_info.dtype, 0))[2] + 1
@@ -480,7 +489,8 @@ def _plan_tensors(
         tensors.append(planned)
     for label, (have, want, count) in converted.items():
         warnings.append(
-            f"{label} stores {count} tensor(s) as {have} where the reference has {want}; they are converted for the merge."
+            f"{label} stores {count} tensor(s) as {have} where the reference has {want}; they are converted "
+            "for the merge."
         )
     if not placed_any:
         warnings.append(

@@ -7,10 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+ProgressKind = Literal["note", "start", "tensor", "finish"]
+
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    kind: Literal["note", "start", "tensor", "finish"]
+    kind: ProgressKind
     done: int  # tensors finished
     total: int  # tensors in the merge
     bytes_read: int

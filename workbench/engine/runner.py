@@ -28,7 +28,7 @@ from workbench.checkpoint.dtypes import to_torch
 from workbench.checkpoint.output_folder import DISK_FULL
 from workbench.engine.manifest import Manifest
 from workbench.engine.plan import CHUNK_ELEMENTS, MergePlan, PlannedTensor
-from workbench.engine.progress import ProgressCallback, ProgressEvent
+from workbench.engine.progress import ProgressCallback, ProgressEvent, ProgressKind
 from workbench.method import MergeMethod, PrepareContext, RowBlocks, TensorContext
 from workbench.registry import Registry
 
@@ -72,7 +72,7 @@ class RunProgress:
 
     def emit(
         self,
-        kind: str,
+        kind: ProgressKind,
         tensor: str | None = None,
         nbytes: int = 0,
         finished: bool = False,
@@ -83,7 +83,7 @@ class RunProgress:
             self.done += int(finished)
             event = ProgressEvent(
                 kind, self.done, self.total, self.bytes_read, self.total_bytes, tensor, note
-            )  # type: ignore[arg-type]
+            )
         if self.callback is not None:
             self.callback(event)
 
@@ -158,9 +158,10 @@ class TensorRunner:
                 return (models, base) if block == rows else self._split(self._read(tensor, block))
 
             blocks = RowBlocks(tensor.shape, self._blocks(tensor), read)
+            assert tensor.params is not None  # the planner gives every merged tensor its parameters
             self._statistics[tensor.name] = self.method.tensor_statistics(
                 blocks, tensor.params, tensor.model_params, ctx
-            )  # type: ignore[arg-type]
+            )
         return self._statistics.pop(tensor.name) if last else self._statistics[tensor.name]
 
     def _compute(
@@ -172,6 +173,7 @@ class TensorRunner:
     ) -> "torch.Tensor":
         if not tensor.merge:
             return inputs[0]
+        assert tensor.params is not None  # the planner gives every merged tensor its parameters
         models, base = self._split(inputs)
         ctx = TensorContext(
             name=tensor.name,
@@ -187,11 +189,12 @@ class TensorRunner:
         )
         statistics = self._gathered(tensor, rows, models, base, last, ctx) if self.method.blockwise else None
         ctx = dataclasses.replace(ctx, rows=rows, statistics=statistics)
-        out = self.method.apply(models, base, tensor.params, tensor.model_params, ctx)  # type: ignore[arg-type]
+        out = self.method.apply(models, base, tensor.params, tensor.model_params, ctx)
         expected = tuple(inputs[0].shape)
         if tuple(out.shape) != expected:
             raise RuntimeError(
-                f"method '{self.method.name}' returned shape {list(out.shape)} for tensor '{tensor.name}', expected {list(expected)}"
+                f"method '{self.method.name}' returned shape {list(out.shape)} for tensor '{tensor.name}', "
+                f"expected {list(expected)}"
             )
         out = out.to(ctx.out_dtype)
         if out.device.type != "cpu":

@@ -52,7 +52,8 @@ def check_folder(folder: Path, token: str | None) -> None:
         raise HubError(f"{folder} is not a folder; push the output folder of a `workbench run`.")
     if (folder / PARTIAL_MARKER).exists():
         raise HubError(
-            f"{folder} is an unfinished output (it holds {PARTIAL_MARKER}); finish the run (or --resume it) before pushing."
+            f"{folder} is an unfinished output (it holds {PARTIAL_MARKER}); finish the run (or --resume it) "
+            "before pushing."
         )
     if not any(folder.glob("*.safetensors")):
         raise HubError(
@@ -94,7 +95,8 @@ def push_folder(
         )
     if not token:
         raise HubError(
-            f"cannot push {folder} to {repo_id}: no Hugging Face token was found; {HOW_TO_LOGIN} (a token with write access)."
+            f"cannot push {folder} to {repo_id}: no Hugging Face token was found; {HOW_TO_LOGIN} (a token "
+            "with write access)."
         )
 
     api = HfApi(endpoint=endpoint(), token=token, library_name="merge-workbench")

@@ -92,15 +92,17 @@ def merge_loras(
         for name, factors in adapter.factors.items():
             if shapes.setdefault(name, factors.shape) != factors.shape:
                 raise CheckpointError(
-                    f"adapter {adapter.path} changes '{name}' as {factors.shape}, another adapter as {shapes[name]}: they are not for one base."
+                    f"adapter {adapter.path} changes '{name}' as {factors.shape}, another adapter as "
+                    f"{shapes[name]}: they are not for one base."
                 )
             ranks[name] = ranks.get(name, 0) + factors.rank
     readers = {str(adapter.path): DeltaReader(adapter.path, adapter.factors, shapes) for adapter in loaded}
     readers[ZERO_BASE] = DeltaReader(loaded[0].path, {}, shapes)
     method_cls = registry.method(method)
+    unweighted: list[float | None] = [None] * len(loaded)
     models = [
         {"model": str(a.path), **({"parameters": {"weight": w}} if weights is not None else {})}
-        for a, w in zip(loaded, weights or [None] * len(loaded))
+        for a, w in zip(loaded, weights or unweighted)
     ]
     recipe = Recipe.model_validate(
         {

@@ -24,6 +24,8 @@ from workbench.errors import RecipeError
 if TYPE_CHECKING:
     import torch
 
+    from workbench.modeling.mola import ExpertSet
+
 #: MoLA's default targets: every projection of a Llama layer.
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -52,7 +54,7 @@ def new_experts(
     top_k: int,
     targets: Sequence[str],
     seed: int,
-) -> dict[str, "ExpertSet"]:  # noqa: F821
+) -> dict[str, "ExpertSet"]:
     """Fresh experts for every targeted linear layer: A and router kaiming-uniform, B zero."""
     import torch
 

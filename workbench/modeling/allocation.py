@@ -41,13 +41,15 @@ def per_layer(spec: str | list[int], layers: int, field: str = "allocation") -> 
     if isinstance(spec, list):
         if len(spec) != layers:
             raise RecipeError(
-                f"{field}: {len(spec)} counts for a model with {layers} layers; give one per layer or a pattern like '2-4-6-8'."
+                f"{field}: {len(spec)} counts for a model with {layers} layers; give one per layer or a "
+                "pattern like '2-4-6-8'."
             )
         counts = spec
     else:
         if not _PATTERN.match(spec.strip()):
             raise RecipeError(
-                f"{field}: '{spec}' is not a pattern like '2-4-6-8' (one count per group of layers), a list of counts, 'uniform' or 'magnitude'."
+                f"{field}: '{spec}' is not a pattern like '2-4-6-8' (one count per group of layers), a list "
+                "of counts, 'uniform' or 'magnitude'."
             )
         pattern = [int(n) for n in spec.strip().split("-")]
         if len(pattern) > layers:

@@ -63,6 +63,8 @@ class MoLALinear(torch.nn.Module):
     """A frozen linear layer plus routed LoRA experts. The experts and router are parameters, so
     the same module serves inference and MoLA training."""
 
+    scale: torch.Tensor  # a buffer (register_buffer), which nn.Module's typing does not see
+
     def __init__(self, base: torch.nn.Linear, experts: ExpertSet) -> None:
         super().__init__()
         self.base = base
@@ -113,7 +115,7 @@ def save_experts(folder: Path, experts: dict[str, ExpertSet], config: dict[str, 
 
     target = folder / FOLDER
     target.mkdir(parents=True, exist_ok=True)
-    tensors = {}
+    tensors: dict[str, torch.Tensor] = {}
     for module, found in experts.items():
         tensors |= {
             f"{module}.lora_A": found.a,
@@ -169,7 +171,8 @@ def wrap(model: torch.nn.Module, experts: dict[str, ExpertSet]) -> dict[str, MoL
             raise CheckpointError(f"MoLA target '{module}' is a {type(base).__name__}, not a linear layer.")
         if (found.b.shape[1], found.a.shape[2]) != tuple(base.weight.shape):
             raise CheckpointError(
-                f"MoLA target '{module}': experts of shape {(found.b.shape[1], found.a.shape[2])} for a {tuple(base.weight.shape)} weight."
+                f"MoLA target '{module}': experts of shape {(found.b.shape[1], found.a.shape[2])} for a "
+                f"{tuple(base.weight.shape)} weight."
             )
         parent, _, child = module.rpartition(".")
         wrapped[module] = MoLALinear(base, found)

@@ -60,7 +60,8 @@ def train(
         if log is not None and (step + 1) % max(1, steps // 4) == 0:
             recent = losses[-max(1, steps // 10) :]
             log(
-                f"{label}: step {step + 1}/{steps}, loss {sum(recent) / len(recent):.3f} ({time.perf_counter() - started:.1f} s)"
+                f"{label}: step {step + 1}/{steps}, loss {sum(recent) / len(recent):.3f} "
+                f"({time.perf_counter() - started:.1f} s)"
             )
     model.eval()
     return losses

@@ -78,7 +78,8 @@ def _slices(slices: Any, method: str, base: str | None, source: LocatedSource) -
         raise RecipeError(f"{source.where(('slices',))}: expected a list of slices, each with 'sources'.")
     if base is not None and method in _TASK_VECTOR_METHODS:
         raise RecipeError(
-            f"{source.where(('base_model',))}: mergekit method '{method}' with a base_model and slices is not supported yet."
+            f"{source.where(('base_model',))}: mergekit method '{method}' with a base_model and slices is "
+            "not supported yet."
         )
     native = []
     for i, piece in enumerate(slices):

@@ -218,7 +218,9 @@ class Recipe(Strict):
     seed: int = Field(0, description="Seed for random methods (per tensor name).")
     memory_limit: int | str | None = Field(
         None,
-        description="Most memory a whole-model method may hold, e.g. 16GB (default: the memory available when planning).",
+        description=(
+            "Most memory a whole-model method may hold, e.g. 16GB (default: the memory available when planning)."
+        ),
     )
     output: OutputSection = Field(default_factory=OutputSection)
     evaluators: list[EvaluatorSpec] = Field(default_factory=list, description="Evaluators run on the output.")
@@ -257,7 +259,8 @@ class Recipe(Strict):
             counts = {len(entry.sources) for entry in self.slices}
             if len(counts) > 1:
                 raise ValueError(
-                    f"every slice needs the same number of sources (found {sorted(counts)}): source i of each slice is stacked into input model i"
+                    f"every slice needs the same number of sources (found {sorted(counts)}): source i of "
+                    "each slice is stacked into input model i"
                 )
             if self.base is not None:
                 raise ValueError("a base model with 'slices' is not supported yet")

@@ -111,8 +111,8 @@ def _check_expansion(root: yaml.Node | None, name: str) -> None:
                 total += size(child, depth + 1)
                 if total > MAX_RECIPE_VALUES:
                     raise RecipeError(
-                        f"{where}: the YAML expands to more than {MAX_RECIPE_VALUES} values (each use of an alias counts);"
-                        " a recipe is far smaller."
+                        f"{where}: the YAML expands to more than {MAX_RECIPE_VALUES} values (each use of an "
+                        "alias counts); a recipe is far smaller."
                     )
             walking.discard(key)
         sizes[key] = total

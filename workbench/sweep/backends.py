@@ -118,7 +118,8 @@ def check_cma(settings: list[Setting], budget: int | None) -> None:
     listed = [s.label for s in settings if s.bounds is None]
     if listed:
         raise RecipeError(
-            f"--search cma needs a range LO:HI for every --set (e.g. {listed[0]}=0.1:1.5), not a list of values: {', '.join(listed)}."
+            f"--search cma needs a range LO:HI for every --set (e.g. {listed[0]}=0.1:1.5), not a list of "
+            f"values: {', '.join(listed)}."
         )
     try:
         import cma  # noqa: F401

@@ -151,7 +151,8 @@ def check_path(data: dict[str, Any], setting: Setting, registry: Registry) -> No
         known = _known_keys(setting.path[:depth], registry, str(data.get("method")))
         if known is not None and str(part) not in known:
             raise RecipeError(
-                f"--set {setting.label}: '{part}' is not a known key of {where} (known: {', '.join(sorted(known)) or 'none'})."
+                f"--set {setting.label}: '{part}' is not a known key of {where} (known: "
+                f"{', '.join(sorted(known)) or 'none'})."
             )
         if part not in node:
             if last and known is not None:
@@ -292,7 +293,8 @@ def _load(directory: Path, identity: dict[str, Any]) -> dict[str, CandidateResul
         ) from exc
     if data.get("sweep") != identity:
         raise WorkbenchError(
-            f"{directory} holds a different sweep (the recipe, evaluators or metric changed); choose another --out or remove it."
+            f"{directory} holds a different sweep (the recipe, evaluators or metric changed); choose "
+            "another --out or remove it."
         )
     return {row.id: row for row in rows if row.status == "ok"}
 
@@ -336,7 +338,7 @@ def run_sweep(
     labels = [s.label for s in settings]
     if len(set(labels)) != len(labels):
         raise RecipeError(
-            f"--set names a path twice: {', '.join(sorted({l for l in labels if labels.count(l) > 1}))}."
+            f"--set names a path twice: {', '.join(sorted({label for label in labels if labels.count(label) > 1}))}."
         )
     make_evaluators(evaluators, registry)  # unknown evaluators or options fail now, not per candidate
     data = recipe_data(recipe)
@@ -345,7 +347,7 @@ def run_sweep(
         check_path(data, setting, registry)
     lower = lower_is_better(metric) if metric else False
     combos = generate(settings, search, budget, seed)
-    identity = {
+    identity: dict[str, Any] = {
         "recipe": hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16],
         "evaluators": [spec.model_dump(mode="json") for spec in evaluators],
         "metric": metric,

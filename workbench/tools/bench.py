@@ -139,7 +139,8 @@ def measure(command: list[str], env: dict[str, str] | None = None) -> tuple[floa
         )
         if proc.returncode != 0:
             raise SystemExit(
-                f"bench: `{' '.join(command)}` failed with status {proc.returncode}:\n{proc.stderr.decode(errors='replace')[-2000:]}"
+                f"bench: `{' '.join(command)}` failed with status "
+                f"{proc.returncode}:\n{proc.stderr.decode(errors='replace')[-2000:]}"
             )
         wall, rss_kb = report.read().split()
     return float(wall), proc.returncode, int(rss_kb) * 1024
@@ -290,7 +291,8 @@ def run_bench(
     expected = ["base"] + [f"ft{i}" for i in range(1, fine_tunes + 1)]
     if not all((models / name / "config.json").is_file() for name in expected):
         console.print(
-            f"generating {size} base + {fine_tunes} fine-tunes ({SIZES[size].parameter_count() / 1e6:.0f}M parameters each, bf16) in {models} ..."
+            f"generating {size} base + {fine_tunes} fine-tunes ({SIZES[size].parameter_count() / 1e6:.0f}M "
+            f"parameters each, bf16) in {models} ..."
         )
         start = time.perf_counter()
         write_family(models, size, fine_tunes)
@@ -311,7 +313,9 @@ def run_bench(
             out = directory / f"out-{size}-{method}"
             stats_file = Path(tmp) / "stats.json"
 
-            def command(out: Path) -> list[str]:
+            def command(
+                out: Path, recipe_file: Path = recipe_file, stats_file: Path = stats_file
+            ) -> list[str]:
                 return [
                     sys.executable,
                     "-m",

@@ -66,7 +66,7 @@ def run_op_bench(device: str, repeat: int, json_out: Path | None, console: Any) 
 
     implementations = ["reference", "torch"] + (["triton"] if device.startswith("cuda") else ["numba"])
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    results = []
+    results: list[dict[str, Any]] = []
     previous = os.environ.get("WORKBENCH_KERNELS")
     try:
         for name, (call, nbytes) in _ops(device).items():

@@ -96,7 +96,8 @@ def _markdown(text: str) -> str:
 def render(module: ModuleType = default_hookspecs) -> str:
     """The Markdown between the markers (without them), ending in a newline."""
     parts = [
-        "<!-- Generated from workbench/hookspecs.py by `python -m workbench.tools.hook_docs docs/plugins.md`; do not edit. -->",
+        "<!-- Generated from workbench/hookspecs.py by `python -m workbench.tools.hook_docs "
+        "docs/plugins.md`; do not edit. -->",
         (
             "Implement a hook with a function of the same name marked `@workbench.hookimpl`, taking one argument "
             "named `register` (it is passed by keyword). `Register` is `Callable[[Any], None]`. Use a plain "

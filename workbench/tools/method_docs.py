@@ -99,7 +99,8 @@ def method_page(method: type[MergeMethod], plugin: str, package: str) -> str:
         "",
         *_table(method.ModelParameters),
         "",
-        f"This page is generated from the method's schema by `workbench methods --docs`; run `workbench methods {method.name}` for the same table in the terminal.",
+        "This page is generated from the method's schema by `workbench methods --docs`; run `workbench "
+        f"methods {method.name}` for the same table in the terminal.",
         "",
     ]
     return "\n".join(lines)

@@ -19,7 +19,7 @@ def run_tui(recipe: Path | None = None, exit_when_ready: bool = False) -> None:
         app.run()
         return
 
-    async def leave(pilot: Pilot[None]) -> None:
+    async def leave(pilot: Pilot[object]) -> None:
         await pilot.pause()  # the first screen mounted and laid out
         pilot.app.exit()
 

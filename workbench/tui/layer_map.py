@@ -75,17 +75,20 @@ def swap_map(data: dict[str, Any], registry: "Registry", layers: int) -> LayerMa
         raise WorkbenchError(
             f"layer_swap takes two models (a task and a language expert); the recipe has {len(models)}."
         )
-    method = registry.method("layer_swap")
+    method: Any = registry.method("layer_swap")  # the plugin's class, with its layer_layout classmethod
     weights, task, language = method.layer_layout(
         data.get("parameters") or {}, [m.get("parameters") or {} for m in models], layers
-    )  # type: ignore[attr-defined]
+    )
     task_ref, language_ref = models[task]["model"], models[language]["model"]
     table = LayerMap(["layer", "from", "language w", "task w"], swap_weights=list(weights))
     for layer, w in enumerate(weights):
         source = f"{language_ref} (language)" if w == 1.0 else f"{task_ref} (task)" if w == 0.0 else "blend"
         table.rows.append([str(layer), source, f"{w:.2f}", f"{1.0 - w:.2f}"])
     non_layer = (data.get("parameters") or {}).get("non_layer", "task")
-    table.note = f"layer_swap: task {task_ref}, language {language_ref}; outside the layers: {non_layer}. Keys t / l set the selected layer."
+    table.note = (
+        f"layer_swap: task {task_ref}, language {language_ref}; outside the layers: {non_layer}. "
+        "Keys t / l set the selected layer."
+    )
     return table
 
 

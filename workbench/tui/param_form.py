@@ -111,7 +111,7 @@ def fields_of(schema: type[MethodParameters]) -> list[ParamField]:
     for name, info in schema.model_fields.items():
         per_layer = is_per_layer(schema, name)
         kind, choices = _kind(info.annotation, per_layer)
-        annotation = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation  # type: ignore[misc]
+        annotation: Any = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
         fields.append(
             ParamField(
                 key=info.alias or name,

@@ -137,7 +137,8 @@ def run_job(job: dict[str, Any], directory: str, scale_name: str) -> dict[str, A
     torch.set_num_threads(1)
     try:
         scale = SCALES[scale_name]
-        root, lines = Path(directory), []
+        root = Path(directory)
+        lines: list[str] = []
         started = time.perf_counter()
         if job["kind"] in ("pretrain", "scratch"):
             module = zoo_model.new_model(scale, job["init_seed"])
@@ -186,7 +187,7 @@ def run_job(job: dict[str, Any], directory: str, scale_name: str) -> dict[str, A
 
 
 def _describe(job: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
-    entry = {key: job[key] for key in ("kind", "description", "steps", "lr") if key in job}
+    entry: dict[str, Any] = {key: job[key] for key in ("kind", "description", "steps", "lr") if key in job}
     entry["path"] = job["name"]
     entry["trained_on"] = {task: weight for task, weight in job["mix"]}
     if job.get("replay"):

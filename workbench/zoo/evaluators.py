@@ -32,7 +32,9 @@ class ZooOptions(EvaluatorOptions):
     )
     split: Literal["test", "validation"] = Param(
         "test",
-        description="Held-out split scored: 'validation' for choosing hyperparameters, 'test' for the figures reported.",
+        description=(
+            "Held-out split scored: 'validation' for choosing hyperparameters, 'test' for the figures reported."
+        ),
         per_layer=False,
     )
     batch_size: int = Param(
@@ -52,7 +54,7 @@ class ZooEvaluator(Evaluator):
     def check(self, model: LoadedModel) -> None:
         check_compatible(model)
 
-    def evaluate(self, model: LoadedModel) -> dict[str, float]:
+    def evaluate(self, model: LoadedModel) -> dict[str, float | str]:
         options = cast(ZooOptions, self.options)
         scores = score(model.module, self.task, options.n, options.seed, options.batch_size, options.split)
         return {

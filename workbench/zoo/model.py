@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from workbench.zoo.tasks import BOS, EOS, PAD, TOKEN_ID, UNK, VOCAB, VOCAB_SIZE
 
@@ -148,6 +148,6 @@ def make_tokenizer() -> Any:
 def save(model: "torch.nn.Module", directory: Path) -> Path:
     """Write ``model`` as a Hugging Face folder: config, safetensors weights and the tokenizer."""
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory, safe_serialization=True)
+    cast(Any, model).save_pretrained(directory, safe_serialization=True)  # a transformers model
     make_tokenizer().save_pretrained(directory)
     return directory

@@ -445,10 +445,10 @@ def check_compatible(model: Any) -> None:
     ):
         layer = getattr(module, getter)() if hasattr(module, getter) else None
         sizes.append((what, None if layer is None else int(layer.weight.shape[0])))
-    for what, found in sizes:
-        if found != VOCAB_SIZE:
+    for what, size in sizes:
+        if size != VOCAB_SIZE:
             raise EvaluationError(
-                f"{label}: the zoo evaluators need the zoo's vocabulary of {VOCAB_SIZE} tokens, found {what} {found};"
+                f"{label}: the zoo evaluators need the zoo's vocabulary of {VOCAB_SIZE} tokens, found {what} {size};"
                 " it is not a zoo model or a merge of zoo models."
             )
     tokenizer = getattr(model, "tokenizer", None)
@@ -457,6 +457,7 @@ def check_compatible(model: Any) -> None:
         wrong = [token for token, index in TOKEN_ID.items() if vocab.get(token) != index]
         if wrong:
             raise EvaluationError(
-                f"{label}: its tokenizer does not match the zoo's vocabulary ({len(wrong)} of {VOCAB_SIZE} tokens differ,"
-                f" e.g. {wrong[0]!r} should be id {TOKEN_ID[wrong[0]]}, found {vocab.get(wrong[0])})."
+                f"{label}: its tokenizer does not match the zoo's vocabulary ({len(wrong)} of {VOCAB_SIZE} "
+                f"tokens differ, e.g. {wrong[0]!r} should be id {TOKEN_ID[wrong[0]]}, found "
+                f"{vocab.get(wrong[0])})."
             )

@@ -39,24 +39,37 @@ class AtlasParameters(MethodParameters):
     objective: Literal["cross_entropy", "entropy"] = Param(
         "cross_entropy",
         per_layer=False,
-        description="What the coefficients minimise: cross-entropy on labelled data (aTLAS) or the entropy of the predictions, no labels needed (AdaMerging).",
+        description=(
+            "What the coefficients minimise: cross-entropy on labelled data (aTLAS) "
+            "or the entropy of the predictions, no labels needed (AdaMerging)."
+        ),
     )
     blocks: Literal["tensor", "layer", "module", "model"] = Param(
         "tensor",
         per_layer=False,
-        description="One coefficient per task vector and: tensor (aTLAS), transformer layer (layer-wise AdaMerging), module kind across layers, or model (one per task). Tensors outside the layers are their own block under layer and module.",
+        description=(
+            "One coefficient per task vector and: tensor (aTLAS), transformer layer "
+            "(layer-wise AdaMerging), module kind across layers, or model (one per "
+            "task). Tensors outside the layers are their own block under layer and module."
+        ),
     )
     partitions: int = Param(
         1,
         ge=1,
         le=256,
         per_layer=False,
-        description="Split every tensor's elements into this many fixed random groups, each with its own coefficient (aTLAS x K).",
+        description=(
+            "Split every tensor's elements into this many fixed "
+            "random groups, each with its own coefficient (aTLAS x K)."
+        ),
     )
     init: float = Param(
         0.0,
         per_layer=False,
-        description="Starting value of every coefficient: 0 starts from the base (aTLAS), a task-arithmetic λ warm-starts (AdaMerging uses 0.3).",
+        description=(
+            "Starting value of every coefficient: 0 starts from the base "
+            "(aTLAS), a task-arithmetic λ warm-starts (AdaMerging uses 0.3)."
+        ),
     )
     steps: int = Param(
         300, ge=0, per_layer=False, description="Optimizer steps (each takes one batch per task)."
@@ -82,7 +95,10 @@ class AtlasParameters(MethodParameters):
         ge=0.0,
         lt=1.0,
         per_layer=False,
-        description="Share of each task's sequences kept aside; the coefficients with the best objective on them are kept (0: the last step's).",
+        description=(
+            "Share of each task's sequences kept aside; the coefficients "
+            "with the best objective on them are kept (0: the last step's)."
+        ),
     )
     eval_every: int = Param(
         10, ge=1, per_layer=False, description="Steps between evaluations on the held-out sequences."
@@ -90,7 +106,10 @@ class AtlasParameters(MethodParameters):
     trained: list[str] | None = Param(
         None,
         per_layer=False,
-        description="Tensor name patterns (substrings or globs) whose coefficients are learned; the others keep init and their task vectors are not held in memory. Default: every float tensor.",
+        description=(
+            "Tensor name patterns (substrings or globs) whose coefficients are learned; the others "
+            "keep init and their task vectors are not held in memory. Default: every float tensor."
+        ),
     )
 
 
@@ -98,7 +117,10 @@ class AtlasModelParameters(MethodParameters):
     data: dict[str, Any] | None = Param(
         None,
         per_layer=False,
-        description="This task's data: {evaluator: NAME, options: {...}} (its validation batches) or {text: FILE, seq_len: N}. Given at the top level, every task uses it.",
+        description=(
+            "This task's data: {evaluator: NAME, options: {...}} (its validation batches) "
+            "or {text: FILE, seq_len: N}. Given at the top level, every task uses it."
+        ),
     )
 
 
@@ -121,7 +143,10 @@ def _is_trained(patterns: list[str] | None, name: str) -> bool:
 
 class Atlas(MergeMethod):
     name = "atlas"
-    summary = "base + sum_t lambda[t, block] * tau_t with the lambdas learned from data (aTLAS; AdaMerging with objective: entropy)."
+    summary = (
+        "base + sum_t lambda[t, block] * tau_t with the lambdas "
+        "learned from data (aTLAS; AdaMerging with objective: entropy)."
+    )
     paper = "https://arxiv.org/abs/2407.02880"
     when_to_use = (
         "Several fine-tunes of one base and a little data for their tasks: instead of one hand-tuned λ, learn a "
@@ -129,7 +154,8 @@ class Atlas(MergeMethod):
         "that interfere. With labels use cross_entropy (aTLAS); with unlabelled inputs use entropy (AdaMerging: "
         "blocks: layer, init: 0.3). Holds the base and the trained task vectors in memory while it learns "
         "(the plan states how much and refuses what exceeds the memory limit); `trained` limits that. The "
-        "learned values are written to coefficients/ beside the output. In the zoo, aTLAS with 512 labelled examples per "
+        "learned values are written to coefficients/ beside the "
+        "output. In the zoo, aTLAS with 512 labelled examples per "
         "task kept three times what tuned task arithmetic keeps; entropy only helps where the starting merge is "
         "mostly right (it sharpens whatever the merge predicts). Details: [methods.md](../methods.md#atlas)."
     )
@@ -144,7 +170,8 @@ class Atlas(MergeMethod):
         missing = [i for i, p in enumerate(model_params) if not p.get("data")]
         if missing:
             raise RecipeError(
-                f"atlas: models[{missing[0]}] has no 'data' to learn from; give each model {{evaluator: NAME}} or {{text: FILE, seq_len: N}}, or one 'data' for all at the top level."
+                f"atlas: models[{missing[0]}] has no 'data' to learn from; give each model "
+                "{evaluator: NAME} or {text: FILE, seq_len: N}, or one 'data' for all at the top level."
             )
 
     def memory_needed(
@@ -169,7 +196,9 @@ class Atlas(MergeMethod):
         )
         return MemoryNeed(
             need,
-            f"the base model ({total:,} parameters) and {tasks} task vector(s) of {trained:,} trained parameters in float32, and transformers (about {TRANSFORMERS_BYTES >> 20} MB), plus one batch's activations",
+            f"the base model ({total:,} parameters) and {tasks} task vector(s) "
+            f"of {trained:,} trained parameters in float32, and transformers "
+            f"(about {TRANSFORMERS_BYTES >> 20} MB), plus one batch's activations",
         )
 
     def prepare(self, ctx: PrepareContext) -> AtlasState:

@@ -96,7 +96,8 @@ def objective_terms(logits: torch.Tensor, batch: Batch, objective: Objective) ->
     if objective == "cross_entropy":
         if labels is None:
             raise RecipeError(
-                "atlas: objective 'cross_entropy' needs labelled data (an evaluator's batches or a text file); use objective 'entropy' for unlabelled data."
+                "atlas: objective 'cross_entropy' needs labelled data (an evaluator's "
+                "batches or a text file); use objective 'entropy' for unlabelled data."
             )
         targets = labels[:, 1:]
         count = int((targets != -100).sum())

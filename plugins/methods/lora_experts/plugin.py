@@ -38,29 +38,46 @@ class LoraExpertsParameters(MethodParameters):
     allocation: str | list[int] = Param(
         "uniform",
         per_layer=False,
-        description="Experts per layer: a pattern over equal groups of layers ('2-4-6-8', '8-6-4-2', '5-5-5-5'), one count per layer, 'uniform' (every adapter in every layer) or 'magnitude' (the adapters that change the layer at least magnitude_share of their most-changed layer). Counts above the number of adapters are capped at it.",
+        description=(
+            "Experts per layer: a pattern over equal groups of layers ('2-4-6-8', '8-6-4-2', "
+            "'5-5-5-5'), one count per layer, 'uniform' (every adapter in every layer) or "
+            "'magnitude' (the adapters that change the layer at least magnitude_share of "
+            "their most-changed layer). Counts above the number of adapters are capped at it."
+        ),
     )
     top_k: int = Param(
         2,
         ge=1,
         per_layer=False,
-        description="Experts each token uses per module (capped at the layer's expert count); their weights are renormalised to sum 1.",
+        description=(
+            "Experts each token uses per module (capped at the layer's "
+            "expert count); their weights are renormalised to sum 1."
+        ),
     )
     overflow: Literal["pick", "merge"] = Param(
         "pick",
         per_layer=False,
-        description="With fewer slots than adapters: 'pick' keeps the adapters that change the layer most; 'merge' keeps all but the last slot that way and sums the rest's ΔW into the last.",
+        description=(
+            "With fewer slots than adapters: 'pick' keeps the adapters that change the layer most; "
+            "'merge' keeps all but the last slot that way and sums the rest's ΔW into the last."
+        ),
     )
     router: Literal["prompts", "random", "trained"] = Param(
         "prompts",
         per_layer=False,
-        description="Router initialisation: from each adapter's task prompts (each model's 'data'), random (kaiming uniform, as MoLA trains from), or from prompts and then trained with the experts frozen.",
+        description=(
+            "Router initialisation: from each adapter's task prompts (each model's 'data'), random (kaiming "
+            "uniform, as MoLA trains from), or from prompts and then trained with the experts frozen."
+        ),
     )
     router_scale: float = Param(
         4.0,
         gt=0.0,
         per_layer=False,
-        description="Prompt-initialised routers: the logit of a token one standard deviation along an expert's direction.",
+        description=(
+            "Prompt-initialised routers: the logit of a token "
+            "one standard deviation along an expert's direction."
+        ),
     )
     router_steps: int = Param(
         50, ge=1, per_layer=False, description="Optimizer steps of router training ('trained')."
@@ -72,7 +89,10 @@ class LoraExpertsParameters(MethodParameters):
         gt=0.0,
         le=1.0,
         per_layer=False,
-        description="allocation 'magnitude': the share of an adapter's largest per-layer change a layer needs for the adapter to get a slot there.",
+        description=(
+            "allocation 'magnitude': the share of an adapter's largest "
+            "per-layer change a layer needs for the adapter to get a slot there."
+        ),
     )
     collapse: bool = Param(
         False,
@@ -85,7 +105,10 @@ class LoraExpertsModelParameters(MethodParameters):
     data: dict[str, Any] | None = Param(
         None,
         per_layer=False,
-        description="This adapter's task prompts, for routers from prompts: {evaluator: NAME, options: {...}} or {text: FILE, seq_len: N}.",
+        description=(
+            "This adapter's task prompts, for routers from prompts: "
+            "{evaluator: NAME, options: {...}} or {text: FILE, seq_len: N}."
+        ),
     )
 
 
@@ -105,7 +128,8 @@ def _adapters(ctx: PrepareContext) -> list["LoraAdapter"]:
     for i, model in enumerate(ctx.models):
         if not isinstance(model, AdaptedReader) or len(model.adapters) != 1:
             raise RecipeError(
-                f"lora_experts: models[{i}] ({model.path}) is not one LoRA adapter; give BASE+ADAPTER or an adapter folder."
+                f"lora_experts: models[{i}] ({model.path}) is not one "
+                "LoRA adapter; give BASE+ADAPTER or an adapter folder."
             )
         found.append(model.adapters[0])
     return found
@@ -128,8 +152,8 @@ def _counts(params: LoraExpertsParameters, layers: int, change: list[list[float]
         return [n] * layers
     if params.allocation == "magnitude":
         return [
-            max(1, sum(change[i][l] >= params.magnitude_share * max(change[i]) > 0 for i in range(n)))
-            for l in range(layers)
+            max(1, sum(change[i][layer] >= params.magnitude_share * max(change[i]) > 0 for i in range(n)))
+            for layer in range(layers)
         ]
     return [min(count, n) for count in per_layer(params.allocation, layers)]
 
@@ -163,7 +187,10 @@ def _expert(
 
 class LoraExperts(MergeMethod):
     name = "lora_experts"
-    summary = "Layer-wise mixture of LoRA experts (MoLA) from N adapters: per-layer expert counts, top-k routers per module."
+    summary = (
+        "Layer-wise mixture of LoRA experts (MoLA) from N adapters: "
+        "per-layer expert counts, top-k routers per module."
+    )
     paper = "https://arxiv.org/abs/2402.08562"
     when_to_use = (
         "Several LoRA adapters of one base, each good at its own task, where one merged adapter loses too much: "
@@ -186,13 +213,16 @@ class LoraExperts(MergeMethod):
             per_layer(allocation, layer_count, "lora_experts: allocation")
         if params.get("router") == "trained" and params.get("top_k", 2) < 2:
             raise RecipeError(
-                "lora_experts: router 'trained' needs top_k >= 2: with one expert per token its renormalised gate is always 1 and gives the router no gradient."
+                "lora_experts: router 'trained' needs top_k >= 2: with one expert per "
+                "token its renormalised gate is always 1 and gives the router no gradient."
             )
         if params.get("router", "prompts") in ("prompts", "trained"):
             missing = [i for i, p in enumerate(model_params) if not p.get("data")]
             if missing:
                 raise RecipeError(
-                    f"lora_experts: router '{params.get('router', 'prompts')}' needs each adapter's task prompts; models[{missing[0]}] has no 'data' ({{evaluator: NAME}} or {{text: FILE, seq_len: N}}); or use router: random."
+                    f"lora_experts: router '{params.get('router', 'prompts')}' needs each "
+                    f"adapter's task prompts; models[{missing[0]}] has no 'data' "
+                    "({evaluator: NAME} or {text: FILE, seq_len: N}); or use router: random."
                 )
 
     def prepare(self, ctx: PrepareContext) -> ExpertsState:
@@ -213,7 +243,8 @@ class LoraExperts(MergeMethod):
             by_layer.setdefault(architecture.place(name).layer_index, []).append(name)  # type: ignore[arg-type]
         if None in by_layer:
             raise RecipeError(
-                f"lora_experts: adapters change '{by_layer[None][0]}', outside the transformer layers; experts are per layer."
+                f"lora_experts: adapters change '{by_layer[None][0]}', "
+                "outside the transformer layers; experts are per layer."
             )  # type: ignore[index]
         change = [
             [sum(_norm(adapter, name) for name in by_layer.get(layer, [])) for layer in range(layers)]
@@ -260,7 +291,7 @@ class LoraExperts(MergeMethod):
             "adapters": [str(a.path) for a in adapters],
             "allocation": {
                 "requested": params.allocation,
-                "per_layer": [len(groups.get(l, [])) for l in range(layers)],
+                "per_layer": [len(groups.get(layer, [])) for layer in range(layers)],
             },
             "experts_per_layer": {
                 str(layer): [[str(adapters[i].path.name) for i in group] for group in g]

@@ -63,7 +63,8 @@ def capture(
     from transformers.utils import logging as transformers_logging
 
     quiet = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()  # the base model leaves the LM head unused: expected, not worth a warning
+    # the base model leaves the LM head unused: expected, not worth a warning
+    transformers_logging.set_verbosity_error()
     try:
         module = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
     except Exception as exc:

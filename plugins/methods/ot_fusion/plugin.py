@@ -48,23 +48,35 @@ class OTFusionParameters(MethodParameters):
     solver: Literal["emd", "sinkhorn"] = Param(
         "sinkhorn",
         per_layer=False,
-        description="'emd': exact, hard alignment (an assignment solver for square problems); 'sinkhorn': entropic, soft alignment (the paper's default for transformers).",
+        description=(
+            "'emd': exact, hard alignment (an assignment solver for square problems); "
+            "'sinkhorn': entropic, soft alignment (the paper's default for transformers)."
+        ),
     )
     reg: float = Param(
         0.06,
         gt=0.0,
         per_layer=False,
-        description="Sinkhorn regularisation on the max-normalised cost (the paper's best for weight-based costs: 0.06).",
+        description=(
+            "Sinkhorn regularisation on the max-normalised cost "
+            "(the paper's best for weight-based costs: 0.06)."
+        ),
     )
     cost: Literal["weights", "activations"] = Param(
         "weights",
         per_layer=False,
-        description="Ground cost between units: from their weights (no data needed) or from their activations on 'data'.",
+        description=(
+            "Ground cost between units: from their weights (no "
+            "data needed) or from their activations on 'data'."
+        ),
     )
     data: dict[str, Any] | None = Param(
         None,
         per_layer=False,
-        description="Inputs for cost 'activations': {evaluator: NAME, options: {...}} (the evaluator's data batches) or {text: FILE, seq_len: N} (cut with the anchor's tokenizer).",
+        description=(
+            "Inputs for cost 'activations': {evaluator: NAME, options: {...}} (the evaluator's "
+            "data batches) or {text: FILE, seq_len: N} (cut with the anchor's tokenizer)."
+        ),
     )
     samples: int = Param(
         64,
@@ -76,12 +88,21 @@ class OTFusionParameters(MethodParameters):
         0,
         ge=0,
         per_layer=False,
-        description="Index of the model the others are aligned to (with models of different widths it must be 0: the output takes models[0]'s shapes).",
+        description=(
+            "Index of the model the others are aligned to (with models of "
+            "different widths it must be 0: the output takes models[0]'s shapes)."
+        ),
     )
     resid_policy: ResidPolicy = Param(
         "shared",
         per_layer=False,
-        description="Residual stream's map: 'shared' (one map throughout, branches included; exact for permuted copies) or the paper's per-sublayer policies after each residual join: 'only_resid' (keep the incoming map; branches get their own), 'no_resid' (the branch's), 'mean' (their mean), 'weighted_scalar' / 'weighted_matrix' (weighted by the anchor's mean |activation| of residual and branch, overall or per dimension; cost 'activations' only).",
+        description=(
+            "Residual stream's map: 'shared' (one map throughout, branches included; exact for "
+            "permuted copies) or the paper's per-sublayer policies after each residual join: 'only_resid' "
+            "(keep the incoming map; branches get their own), 'no_resid' (the branch's), 'mean' "
+            "(their mean), 'weighted_scalar' / 'weighted_matrix' (weighted by the anchor's mean "
+            "|activation| of residual and branch, overall or per dimension; cost 'activations' only)."
+        ),
     )
 
 
@@ -288,12 +309,16 @@ def _by_heads(weight: "torch.Tensor", plan: "torch.Tensor", heads: int, columns:
 
 class OTFusion(MergeMethod):
     name = "ot_fusion"
-    summary = "Optimal-transport fusion: align neurons, heads and the residual stream of independently trained models to an anchor, then average."
+    summary = (
+        "Optimal-transport fusion: align neurons, heads and the residual "
+        "stream of independently trained models to an anchor, then average."
+    )
     paper = "https://arxiv.org/abs/2310.05719"
     when_to_use = (
         "Models of one architecture trained from different initialisations (not fine-tunes of one base), "
         "whose units sit in different orders, so plain averaging destroys both. The anchor (models[0] unless "
-        "'anchor' says otherwise) keeps its basis; the others are aligned to it. Use solver: emd for hard alignment (exact when the models differ by a "
+        "'anchor' says otherwise) keeps its basis; the others are aligned to it. "
+        "Use solver: emd for hard alignment (exact when the models differ by a "
         "permutation) and sinkhorn (the default, reg 0.06) for the soft alignment the paper found better for "
         "transformers. Exact semantics: [methods.md](../methods.md#ot_fusion)."
     )
@@ -333,7 +358,8 @@ class OTFusion(MergeMethod):
         need = 2 * 2 * 4 * aligned * entries
         return MemoryNeed(
             need,
-            f"the transport maps of {aligned} aligned model(s) (float32 plans and their normalised copies, doubled for the solvers' work)",
+            f"the transport maps of {aligned} aligned model(s) (float32 plans "
+            "and their normalised copies, doubled for the solvers' work)",
         )
 
     def prepare(self, ctx: PrepareContext) -> FusionState:
@@ -342,7 +368,8 @@ class OTFusion(MergeMethod):
         params = OTFusionParameters.model_validate(ctx.params)
         if params.anchor >= len(ctx.models):
             raise RecipeError(
-                f"ot_fusion: anchor = {params.anchor}, but there are only {len(ctx.models)} models (0..{len(ctx.models) - 1})."
+                f"ot_fusion: anchor = {params.anchor}, but there are only "
+                f"{len(ctx.models)} models (0..{len(ctx.models) - 1})."
             )
         if params.resid_policy.startswith("weighted") and params.cost != "activations":
             raise RecipeError(
@@ -356,7 +383,8 @@ class OTFusion(MergeMethod):
         widths = {tuple(model.info(name).shape for name in model.tensor_names()) for model in ctx.models}
         if params.anchor != 0 and len(widths) > 1:
             raise RecipeError(
-                "ot_fusion: the output takes models[0]'s shapes, so with models of different widths list the anchor first (anchor: 0)."
+                "ot_fusion: the output takes models[0]'s shapes, so with "
+                "models of different widths list the anchor first (anchor: 0)."
             )
         state = FusionState(layout, shape[1], shape[2], shape[3], params.anchor, params.resid_policy, {})
         anchor_acts = batches = None
@@ -366,7 +394,8 @@ class OTFusion(MergeMethod):
 
             if not params.data:
                 raise RecipeError(
-                    "ot_fusion: cost 'activations' needs data: {evaluator: NAME, options: {...}} or {text: FILE, seq_len: N}."
+                    "ot_fusion: cost 'activations' needs data: "
+                    "{evaluator: NAME, options: {...}} or {text: FILE, seq_len: N}."
                 )
             batches = input_batches(params.data, params.samples, ctx.seed, anchor.path, ctx.extra["registry"])
             anchor_acts = capture(anchor.path, layout, batches, shape[1], shape[2])
@@ -375,8 +404,10 @@ class OTFusion(MergeMethod):
                 continue
             if dimensions(model.config()) != shape:
                 raise RecipeError(
-                    f"ot_fusion: models[{index}] has {dimensions(model.config())} (layers, heads, key/value heads, head dim) where the anchor has"
-                    f" {shape}; heads move whole, so models may differ only in hidden width (with the same heads and head dimension) and intermediate width."
+                    f"ot_fusion: models[{index}] has {dimensions(model.config())} "
+                    "(layers, heads, key/value heads, head dim) where the anchor has"
+                    f" {shape}; heads move whole, so models may differ only in hidden "
+                    "width (with the same heads and head dimension) and intermediate width."
                 )
             state.maps[index] = self._maps(model, anchor, anchor_acts, batches, shape[0], state, params)
         return state

@@ -5,7 +5,7 @@ changed the recipe meanwhile)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 from textual.app import ComposeResult
 from textual.screen import Screen
@@ -31,7 +31,7 @@ class WorkbenchScreen(Screen[None]):
     ``refresh_from_state``."""
 
     #: The screen's name, shown in the header after the app's title (e.g. "Models").
-    SUB_TITLE: str | None = None
+    SUB_TITLE: ClassVar[str | None] = None
 
     @property
     def workbench(self) -> WorkbenchHost:

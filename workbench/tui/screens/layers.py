@@ -79,7 +79,7 @@ class LayersScreen(WorkbenchScreen):
     # -- the layer map ----------------------------------------------------------------------------
 
     @work(thread=True, exclusive=True, group="layer-map")
-    def _compute_map(self, data: dict) -> None:  # type: ignore[type-arg]
+    def _compute_map(self, data: dict) -> None:
         """Headers only, but a Hub model's headers come over the network: off the UI thread."""
         layer_map = build_map(data, self.registry)
         if not get_current_worker().is_cancelled:
@@ -152,7 +152,9 @@ class LayersScreen(WorkbenchScreen):
         high = scale_max(analysis, STAT)
         tables: list[Widget] = []
         for index, model in enumerate(analysis.models):
-            table = DataTable(id=f"heatmap-{index}", classes="heatmap", cursor_type="none")
+            table: DataTable[str | Text] = DataTable(
+                id=f"heatmap-{index}", classes="heatmap", cursor_type="none"
+            )
             table.add_column("layer", key="layer")
             for module in analysis.modules:
                 table.add_column(SHORT.get(module, module), key=module)

@@ -66,7 +66,8 @@ class MethodScreen(WorkbenchScreen):
         self._show_info()
         self._form_stale = True
         if not self._building:  # one build at a time: cancelling one half-way leaves half-mounted widgets
-            self.run_worker(self._build_forms, group="method-form")
+            # textual's WorkType union makes mypy solve ResultType as Never for an async method
+            self.run_worker(self._build_forms, group="method-form")  # type: ignore[arg-type]
         self.action_check_recipe()
 
     def _show_info(self) -> None:
@@ -86,7 +87,8 @@ class MethodScreen(WorkbenchScreen):
         lines = [
             method.summary,
             f"paper: {method.paper or '-'}",
-            f"base model: {BASE_TEXT[method.base_model]}   models: {models}   plugin: {entry.plugin.name} ({entry.plugin.package})",
+            f"base model: {BASE_TEXT[method.base_model]}   models: {models}   plugin: {entry.plugin.name} "
+            f"({entry.plugin.package})",
         ]
         info.update("\n".join(lines))
 
@@ -183,7 +185,7 @@ class MethodScreen(WorkbenchScreen):
             kind = field.kind if field.kind in ("integer", "number") else "text"
             widget = Input(
                 show(value), placeholder=default + per_layer, type=kind, id=wid, classes="param-input"
-            )  # type: ignore[arg-type]
+            )
         error = Static("", id=f"{wid}-error", classes="error param-error", markup=False)
         error.display = False
         row = Horizontal(

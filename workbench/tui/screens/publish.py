@@ -90,7 +90,8 @@ class PublishScreen(WorkbenchScreen):
     def refresh_from_state(self) -> None:
         output = self.state.data.get("output")
         output = output if isinstance(output, dict) else {}
-        push = output.get("push") if isinstance(output.get("push"), dict) else {}
+        push = output.get("push")
+        push = push if isinstance(push, dict) else {}
         self._prefill("#publish-folder", str(output.get("path") or ""))
         self._prefill("#publish-repo", str(push.get("repo") or ""))
         self._prefill("#publish-revision", str(push.get("revision") or ""))

@@ -107,7 +107,10 @@ class RecipeScreen(WorkbenchScreen):
             recipe = parse_recipe(text, name)
             plan = build_plan(recipe, self.registry, check_output=recipe.output.path is not None)
             try:
-                message = f"ok: {plan.method.name} over {len(plan.inputs)} input(s), {len(plan.tensors)} tensors, {len(plan.files)} output file(s)."
+                message = (
+                    f"ok: {plan.method.name} over {len(plan.inputs)} input(s), {len(plan.tensors)} tensors, "
+                    f"{len(plan.files)} output file(s)."
+                )
                 ok = True
             finally:
                 plan.close()

@@ -86,9 +86,12 @@ def render_learned(results: list[LearnedResult], n: int) -> list[str]:
     lines = [
         "## Learned coefficients: aTLAS and AdaMerging-style, against tuned task arithmetic and TIES",
         "",
-        f"Mean normalised test accuracy on the four task experts' tasks. The learned rows run `atlas` for {STEPS} AdamW steps",
-        f"(learning rate {LR}, weight decay 0.1, 16 sequences per task per step, 20% of the data held out to keep the best",
-        f"step) on the validation examples that choose λ for the baselines ({n} per task at 100%); AdaMerging-style rows read",
+        "Mean normalised test accuracy on the four task experts' tasks. The learned rows run `atlas` for "
+        f"{STEPS} AdamW steps",
+        f"(learning rate {LR}, weight decay 0.1, 16 sequences per task per step, 20% of the data held out "
+        "to keep the best",
+        f"step) on the validation examples that choose λ for the baselines ({n} per task at 100%); "
+        "AdaMerging-style rows read",
         "their inputs only, never the answers.",
         "",
         "| method | " + " | ".join(f"zoo seed {s}" for s in seeds) + " | mean ± sd over seeds |",

@@ -23,7 +23,7 @@ TARGET = "math_b"
 
 def swap_configs(layers: int) -> dict[str, dict[str, Any]]:
     """Label -> layer_swap parameters: one or two outer layers each side, and a blended transition."""
-    configs = {
+    configs: dict[str, dict[str, Any]] = {
         "bottom 1, top 1": {"bottom": 1, "top": 1},
         "bottom 2, top 1": {"bottom": 2, "top": 1},
         "bottom 1, top 2": {"bottom": 1, "top": 2},
@@ -70,7 +70,7 @@ def measure_swaps(zoo_dir: Path, registry: Registry, n: int, seed: int, log: Log
     result.rows["base"] = scorer.score(base)
     result.rows["math expert"] = scorer.score(math)
     result.rows["language expert"] = scorer.score(language)
-    merges = {
+    merges: dict[str, dict[str, Any]] = {
         "uniform average (linear)": {"method": "linear", "models": [math, language]},
         "task arithmetic, λ = 1": {"method": "task_arithmetic", "base": base, "models": [math, language]},
         "TIES, k = 20%, λ = 1": {
@@ -106,8 +106,10 @@ def render_swaps(results: list[SwapResult]) -> list[str]:
     lines = [
         "## Layer swapping: arithmetic posed in language B",
         "",
-        "Test-split accuracy of arithmetic posed and answered in language B (`math_b`, the target), arithmetic in A (`math`) and",
-        f"next-word accuracy on text in B (`text_b`); the zoo models have {', '.join(map(str, layers))} layers. The last row takes,",
+        "Test-split accuracy of arithmetic posed and answered in language B (`math_b`, the target), "
+        "arithmetic in A (`math`) and",
+        f"next-word accuracy on text in B (`text_b`); the zoo models have {', '.join(map(str, layers))} "
+        "layers. The last row takes,",
         "per zoo, the swap configuration with the best `math_b` accuracy on the validation split.",
         "",
         header,

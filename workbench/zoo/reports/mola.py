@@ -130,9 +130,10 @@ def mola_note(zoo_dir: Path) -> str:
 
     scale = SCALES[read_manifest(zoo_dir)["scale"]]
     return (
-        f"MoLA trains every expert and router together for {3 * scale.lora_steps} steps of {scale.batch_size} sequences (as many as the"
-        f" three adapters took together) at learning rate {MOLA_LR}, with pretraining replay every {REPLAY_EVERY}th step as the adapters had;"
-        f" experts and adapters have rank {scale.lora_rank}, alpha 16."
+        f"MoLA trains every expert and router together for {3 * scale.lora_steps} steps of "
+        f"{scale.batch_size} sequences (as many as the three adapters took together) at learning rate "
+        f"{MOLA_LR}, with pretraining replay every {REPLAY_EVERY}th step as the adapters had; experts and "
+        f"adapters have rank {scale.lora_rank}, alpha 16."
     )
 
 
@@ -142,8 +143,10 @@ def render_mola(results: list[MolaResult], steps_note: str) -> list[str]:
     lines = [
         "## Layer-wise LoRA experts (MoLA): three tasks, one model",
         "",
-        f"Test-split exact-match accuracy on {', '.join(f'`{t}`' for t in tasks)}; the per-task columns are zoo seed {seeds[0]},",
-        "the last columns the mean over the three tasks per zoo seed and its mean ± sd over seeds. Parameters: what the row",
+        f"Test-split exact-match accuracy on {', '.join(f'`{t}`' for t in tasks)}; the per-task columns are "
+        f"zoo seed {seeds[0]},",
+        "the last columns the mean over the three tasks per zoo seed and its mean ± sd over seeds. "
+        "Parameters: what the row",
         f"adds to the base (zoo seed {seeds[0]}). {steps_note}",
         "",
         "| model | "

@@ -3,10 +3,11 @@
 The zoo's OT pair are two models trained on one task from different random initialisations, so
 their units sit in unrelated orders (Imfeld et al., 2024). Rows: each parent, the vanilla average,
 and ``ot_fusion`` with weight-based and activation-based costs, hard (EMD) and soft (Sinkhorn)
-alignment, one shared residual map or the paper's residual policies. Activation costs run on the task's validation split, disjoint from the scored test
-split. Figures: exact-match accuracy and token accuracy (the share of answer tokens right), since
-one-shot fusions often get many tokens right before they get whole answers right; then the same
-after a short fine-tune of every row, which the paper found to favour OT fusion over averaging.
+alignment, one shared residual map or the paper's residual policies. Activation costs run on the
+task's validation split, disjoint from the scored test split. Figures: exact-match accuracy and
+token accuracy (the share of answer tokens right), since one-shot fusions often get many tokens
+right before they get whole answers right; then the same after a short fine-tune of every row,
+which the paper found to favour OT fusion over averaging.
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ def render_fusions(results: list[FusionResult]) -> list[str]:
         "",
         f"Test-split exact-match accuracy / token accuracy on `{task}`; models[0] (parent 1) is the anchor.",
         f"Activation costs use {SAMPLES} sequences of the task's validation split. First as fused (one shot), then",
-        f"after a short fine-tune of every row alike: {FINETUNE_STEPS} steps on the task's training split, learning rate {FINETUNE_LR}.",
+        f"after a short fine-tune of every row alike: {FINETUNE_STEPS} steps on the task's training split, "
+        f"learning rate {FINETUNE_LR}.",
         "",
         "### One shot",
         "",

@@ -201,13 +201,15 @@ def render(results: list[ZooResult], methods: tuple[GridMethod, ...], command: s
             "",
             f"- zoos: scale `{first.manifest.get('scale')}`, {len(results)} build(s): {zoos}",
             (
-                f"- evaluation: exact-match accuracy on {n} held-out examples per task and split, evaluation seed {seed};"
-                " validation and test splits are disjoint by content, and no model was trained on either"
+                f"- evaluation: exact-match accuracy on {n} held-out examples per task and split, "
+                f"evaluation seed {seed}; validation and test splits are disjoint by content, and no model "
+                "was trained on either"
             ),
-            "- normalised accuracy: accuracy divided by the accuracy of that task's own expert (on the same split), averaged over tasks",
+            "- normalised accuracy: accuracy divided by the accuracy of that task's own expert (on the "
+            "same split), averaged over tasks",
             (
-                "- each method's hyperparameter is chosen per zoo on the validation split (best mean normalised accuracy)"
-                " and reported on the test split, as the papers do"
+                "- each method's hyperparameter is chosen per zoo on the validation split (best mean "
+                "normalised accuracy) and reported on the test split, as the papers do"
             ),
             "",
             "## Task-vector methods compared over zoo seeds (test split, mean normalised accuracy)",

@@ -52,7 +52,10 @@ def trimmed_count(trim: float, n: int) -> int:
 
 class TrimmedMean(MergeMethod):
     name = "trimmed_mean"
-    summary = "Elementwise weighted trimmed mean: drop the floor(trim*n) lowest and highest models' values, average the rest."
+    summary = (
+        "Elementwise weighted trimmed mean: drop the floor(trim*n) "
+        "lowest and highest models' values, average the rest."
+    )
     paper = "https://arxiv.org/abs/1803.01498"
     when_to_use = (
         "Several fine-tunes or checkpoints of one base where a few models may carry outlier values at some "
