@@ -94,9 +94,9 @@ def _workbench(site: Path, args: list[str], log: Path, **env: str) -> subprocess
         **env,
     }
     environment.pop("WORKBENCH_PLUGINS", None)
-    # A child inherits the signals its parent ignores or blocks, and Ctrl-C reaches Python only if SIGINT
-    # is neither when it starts: in a full suite run, something earlier in the pytest process left it so
-    # (the run then slept through the signal), so the child starts with the defaults a terminal gives.
+    # A child inherits the signals its parent ignores, and Ctrl-C reaches Python only if SIGINT is not
+    # ignored when it starts: a suite started in the background by a non-interactive shell (a CI job, a
+    # `make test &`) runs with SIGINT ignored, and the stopped run then slept through the signal.
     return subprocess.Popen(
         [sys.executable, "-m", "workbench", *args],
         env=environment,
