@@ -37,16 +37,6 @@ def seed_words(seed: int) -> tuple[int, int]:
     return seed & MASK32, (seed >> 32) & MASK32
 
 
-def hash32_python(x: int) -> int:
-    """The integer hash on one Python int (the definition the tensor versions are tested against)."""
-    x &= MASK32
-    x ^= x >> 16
-    x = (x * _M1) & MASK32
-    x ^= x >> 15
-    x = (x * _M2) & MASK32
-    return x ^ (x >> 15)
-
-
 def hash32(x: torch.Tensor) -> torch.Tensor:
     """The hash on an int64 tensor of values below 2**32 (products stay below 2**63)."""
     x = x ^ (x >> 16)

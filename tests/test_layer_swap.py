@@ -153,3 +153,18 @@ def test_validate_reports_the_layer_count_without_reading_tensors(experts: dict[
     text = recipe(experts["task12"], experts["language12"], "{bottom: 6, top: 6, transition_top: 1}")
     with pytest.raises(RecipeError, match="more than the models' 12 layers"):
         build_plan(parse_recipe(text), get_registry())
+
+
+def test_a_method_check_names_the_recipe_line(tmp_path: Path, experts: dict[str, Path]) -> None:
+    """check_plan's refusal carries the recipe's file and line, as a schema error does."""
+    from workbench.engine.plan import build_plan
+    from workbench.recipe.schema import load_recipe
+    from workbench.registry import get_registry
+
+    path = tmp_path / "swap.yaml"
+    path.write_text(recipe(experts["task"], experts["language"], "{bottom: 2, top: 2, transition_bottom: 1}"))
+    lines = path.read_text().splitlines()
+    line = next(i for i, text in enumerate(lines, 1) if text.startswith("parameters:"))
+    with pytest.raises(RecipeError) as caught:
+        build_plan(load_recipe(path), get_registry())
+    assert str(caught.value).startswith(f"{path}:{line}: parameters: layer_swap:")

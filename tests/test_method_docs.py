@@ -66,3 +66,44 @@ def test_cli_writes_the_pages(tmp_path: Path, registry: Registry) -> None:
     result = CliRunner().invoke(main, ["methods", "--docs", str(tmp_path / "pages")])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "pages").iterdir()) == sorted(method_pages(registry))
+
+
+def test_methods_json_lists_every_method_with_its_parameters() -> None:
+    import json
+
+    result = CliRunner().invoke(main, ["methods", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = {record["name"]: record for record in json.loads(result.stdout)["methods"]}
+    # the built-in methods of pyproject.toml's entry points (a few of them), by their recipe names
+    assert {"linear", "task_arithmetic", "ties", "dare_ties", "slerp", "passthrough"} <= set(listed)
+    linear = listed["linear"]
+    assert (linear["base_model"], linear["mode"], linear["package"]) == (
+        "unused",
+        "elementwise",
+        "merge-workbench",
+    )
+    [normalize] = linear["parameters"]
+    assert normalize == {
+        "name": "normalize",
+        "type": "bool",
+        "required": False,
+        "default": True,
+        "per_layer": False,
+        "bounds": {},
+        "description": "Divide by the sum of the weights (a true average).",
+    }
+    # an alias is the recipe key ('lambda', which Python cannot name a field)
+    assert "lambda" in [p["name"] for p in listed["task_arithmetic"]["parameters"]]
+
+
+def test_methods_json_of_one_method_gives_bounds() -> None:
+    import json
+
+    result = CliRunner().invoke(main, ["methods", "ties", "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["name"] == "ties" and record["base_model"] == "required"
+    density = next(p for p in record["model_parameters"] if p["name"] == "density")
+    # density is the fraction of a task vector's entries kept: 0 <= density <= 1, default 1 (keep all)
+    assert density["bounds"] == {"ge": 0.0, "le": 1.0} and density["default"] == 1.0
+    assert density["per_layer"] is True

@@ -34,7 +34,7 @@ CRASHING_PLUGIN = """
     import pathlib
 
     from workbench import hookimpl
-    from workbench_plugins.methods.linear import Linear
+    from workbench_plugins.methods.linear import linear as Linear
 
     MARKER = pathlib.Path({marker!r})
 

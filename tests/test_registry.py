@@ -308,6 +308,24 @@ INVALID = """
         summary = "Never implements apply."
 
 
+    class NoStatistics(MergeMethod):
+        name = "fake_no_statistics"
+        summary = "Blockwise, but gathers no statistics of the whole tensor."
+        mode = "blockwise"
+
+        def apply(self, tensors, base, params, model_params, ctx):
+            return tensors[0]
+
+
+    class UnknownMode(MergeMethod):
+        name = "fake_unknown_mode"
+        summary = "Declares a mode the engine does not know."
+        mode = "columnwise"
+
+        def apply(self, tensors, base, params, model_params, ctx):
+            return tensors[0]
+
+
     class Described(MethodParameters):
         k: float = Param(1.0, description="A described parameter.")
 
@@ -323,7 +341,7 @@ INVALID = """
 
     @hookimpl
     def register_methods(register):
-        for cls in (NoSummary, NoDescription, NotAMethod, BadName, NoApply, Valid):
+        for cls in (NoSummary, NoDescription, NotAMethod, BadName, NoApply, NoStatistics, UnknownMode, Valid):
             register(cls)
 """
 
@@ -340,11 +358,13 @@ def test_invalid_methods_are_reported_and_skipped(make_plugin: MakePlugin) -> No
         "fake_not_a_method",
         "Fake-Bad-Name",
         "fake_no_apply",
+        "fake_no_statistics",
+        "fake_unknown_mode",
     ):
         assert skipped not in registry.methods
     assert BUILTIN_METHODS <= set(registry.methods)
     problems = registry.problems
-    assert len(problems) == 5, problems
+    assert len(problems) == 7, problems
     assert all("workbench-invalid" in p and "invalid method" in p for p in problems)
     text = "\n".join(problems)
     assert "'fake_no_summary' has no summary" in text
@@ -352,6 +372,11 @@ def test_invalid_methods_are_reported_and_skipped(make_plugin: MakePlugin) -> No
     assert "NotAMethod" in text and "not a MergeMethod subclass" in text
     assert "'Fake-Bad-Name'" in text
     assert "'fake_no_apply' does not implement apply()" in text
+    assert "'fake_no_statistics' is blockwise but does not implement tensor_statistics()" in text
+    assert (
+        "'fake_unknown_mode': mode must be one of elementwise, rowwise, blockwise, whole, not 'columnwise'"
+        in text
+    )
 
 
 def test_misspelled_hook_is_reported_and_the_plugin_skipped(make_plugin: MakePlugin) -> None:
@@ -428,9 +453,10 @@ def test_a_hook_wrapper_is_reported_not_silently_ignored(make_plugin: MakePlugin
     ("declared", "loads"),
     [
         ("1.0", True),
+        ("1.1", True),
         (None, True),
         ("0.9", False),
-        ("1.1", False),
+        ("1.2", False),
         ("2.0", False),
         ("one", False),
         (1.0, False),
@@ -439,7 +465,7 @@ def test_a_hook_wrapper_is_reported_not_silently_ignored(make_plugin: MakePlugin
 def test_plugin_api_version_is_checked(declared: object, loads: bool, make_plugin: MakePlugin) -> None:
     import workbench
 
-    assert workbench.API_VERSION == "1.0"  # the cases above are written for it
+    assert workbench.API_VERSION == "1.1"  # the cases above are written for it
     source = FAKE_MAX + ("" if declared is None else f"\n    WORKBENCH_API = {declared!r}\n")
     make_plugin("workbench-versioned", "versioned", source)
     registry = load_registry()
@@ -451,8 +477,8 @@ def test_plugin_api_version_is_checked(declared: object, loads: bool, make_plugi
         assert len(registry.problems) == 1
         problem = registry.problems[0]
         assert "workbench-versioned" in problem and str(declared) in problem
-        if declared in ("0.9", "1.1", "2.0"):
-            assert f"API {declared}" in problem and "plugin API 1.0" in problem
+        if declared in ("0.9", "1.2", "2.0"):
+            assert f"API {declared}" in problem and "plugin API 1.1" in problem
 
 
 def test_a_newer_minor_version_of_the_core_loads_an_older_plugin(

@@ -25,6 +25,11 @@ _LAZY = {
     "PrepareContext": "workbench.method",
     "RowBlocks": "workbench.method",
     "MemoryNeed": "workbench.method",
+    # simple methods as typed functions, and the seed the engine gives each tensor (API 1.1)
+    "merge_function": "workbench.method",
+    "PerModel": "workbench.method",
+    "tensor_seed": "workbench.method",
+    "model_seed": "workbench.method",
     # the other things a plugin can register
     "CheckpointFormat": "workbench.checkpoint.base",
     "CheckpointReader": "workbench.checkpoint.base",
@@ -51,9 +56,13 @@ if TYPE_CHECKING:
         MergeMethod,
         MethodParameters,
         Param,
+        PerModel,
         PrepareContext,
         RowBlocks,
         TensorContext,
+        merge_function,
+        model_seed,
+        tensor_seed,
     )
     from workbench.recipe.schema import load_recipe
 

@@ -1,23 +1,30 @@
 """The contract every merge method implements.
 
-A method is a class registered through the ``register_methods`` hook. It declares a typed parameter
-schema (pydantic) from which the CLI help, recipe validation and TUI forms are generated, an optional
-``prepare`` pass over lazy handles to all inputs, and a per-tensor ``apply``. The engine owns reading,
-scheduling and writing, so every method streams with bounded memory unless it says otherwise
-(``whole_model = True``).
+A method is a class registered through the ``register_methods`` hook, or a typed function made
+into one by :func:`merge_function`. It declares a typed parameter schema (pydantic) from which the
+CLI help, recipe validation and TUI forms are generated, an execution :data:`Mode` (how much of a
+tensor one ``apply`` call must see), an optional ``prepare`` pass over lazy handles to all inputs,
+and a per-tensor ``apply``. The engine owns reading, scheduling and writing, so every method streams
+with bounded memory unless it says otherwise (``memory_needed``).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import inspect
+import keyword
 import math
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic.fields import FieldInfo
 
+from workbench import architecture
 from workbench.architecture import TensorPlace
 from workbench.errors import RecipeError
 from workbench.params import resolve
@@ -29,6 +36,9 @@ if TYPE_CHECKING:  # torch is imported only where tensors are touched
     from workbench_kernels.blocks import Blocks
 
 BaseRequirement = Literal["required", "optional", "unused"]
+#: How much of a tensor one call of ``apply`` must see (see :attr:`MergeMethod.mode`).
+Mode = Literal["elementwise", "rowwise", "blockwise", "whole"]
+MODES: tuple[Mode, ...] = ("elementwise", "rowwise", "blockwise", "whole")
 
 
 class MethodParameters(BaseModel):
@@ -83,6 +93,42 @@ class TensorContext:
     def offset(self) -> int:
         """Flat index, in the whole tensor, of the first element this call sees."""
         return 0 if self.rows is None else self.rows[0] * math.prod(self.shape[1:])
+
+    @classmethod
+    def for_tensor(
+        cls,
+        name: str,
+        shape: Sequence[int],
+        *,
+        layer_count: int = 0,
+        recipe_seed: int = 0,
+        compute_dtype: "torch.dtype | None" = None,
+        out_dtype: "torch.dtype | None" = None,
+        device: str = "cpu",
+        rows: tuple[int, int] | None = None,
+        state: Any = None,
+        statistics: Any = None,
+    ) -> TensorContext:
+        """The context the engine would give tensor ``name`` (layer and module kind from the name, the
+        seed from ``recipe_seed`` and the name), for calling ``apply`` in a unit test; dtypes default
+        to float32."""
+        import torch
+
+        place = architecture.place(name)
+        return cls(
+            name=name,
+            layer_index=place.layer_index,
+            layer_count=layer_count,
+            module_kind=place.module_kind,
+            shape=tuple(shape),
+            device=device,
+            compute_dtype=compute_dtype or torch.float32,
+            out_dtype=out_dtype or compute_dtype or torch.float32,
+            seed=tensor_seed(recipe_seed, name),
+            rows=rows,
+            state=state,
+            statistics=statistics,
+        )
 
 
 @dataclass(frozen=True)
@@ -155,24 +201,49 @@ class MergeMethod:
     base_model: ClassVar[BaseRequirement] = "optional"
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
-    #: The output at each element depends only on the inputs at that element, so the engine may feed
-    #: row blocks of large tensors (less memory, better cache use).
+    #: How much of each tensor one ``apply`` call sees; the engine streams accordingly.
+    #:
+    #: - ``"elementwise"``: each output element depends only on the inputs at that element; large
+    #:   tensors arrive as row blocks (``ctx.rows``), 1-D ones as element ranges.
+    #: - ``"rowwise"``: each output row depends only on the inputs' same row, a row being the last
+    #:   dimension (a 2-D weight's row, a 3-D tensor's ``[i, j, :]``); blocks always hold whole rows,
+    #:   and 1-D tensors (one row) arrive whole.
+    #: - ``"blockwise"``: elementwise given statistics of the whole tensor (a top-k threshold, a
+    #:   norm): the engine hands the tensor's row blocks to :meth:`tensor_statistics` first, then feeds
+    #:   row blocks to :meth:`apply` with the result in ``ctx.statistics``. Registration refuses a
+    #:   blockwise method without ``tensor_statistics``.
+    #: - ``"whole"`` (the default): whole tensors.
+    #:
+    #: A method may set ``self.mode`` in :meth:`prepare` when its parameters decide it (the engine
+    #: reads it after ``prepare``). ``elementwise = True`` / ``blockwise = True``, the flags of API 1.0,
+    #: still declare the first and third modes.
+    mode: Mode = "whole"
+    #: API 1.0's spelling of ``mode = "elementwise"`` (kept in step with ``mode``).
     elementwise: ClassVar[bool] = False
     #: Every input must have the reference model's shape for every tensor; a method that maps
     #: inputs of other widths into the reference's (e.g. ``ot_fusion``) sets this False.
     equal_shapes: ClassVar[bool] = True
-    #: The output at each element depends on the inputs at that element and on statistics of the
-    #: whole tensor (a top-k threshold, an L1 norm, a norm): the engine hands the tensor's row blocks
-    #: to :meth:`tensor_statistics` first, then feeds row blocks to :meth:`apply` with the result in
-    #: ``ctx.statistics``, so no whole large tensor is ever held.
+    #: API 1.0's spelling of ``mode = "blockwise"`` (kept in step with ``mode``).
     blockwise: ClassVar[bool] = False
     #: ``prepare`` holds whole models in memory (the engine warns about the memory this takes).
     whole_model: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Keep ``mode`` and API 1.0's flags in step: a class that declares ``mode`` gets the flags,
+        one that declares only the flags gets the mode."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        if "mode" not in own and ("elementwise" in own or "blockwise" in own):
+            cls.mode = (
+                "blockwise" if own.get("blockwise") else "elementwise" if own.get("elementwise") else "whole"
+            )
+        cls.elementwise = cls.mode == "elementwise"
+        cls.blockwise = cls.mode == "blockwise"
+
     @property
     def row_blocks(self) -> bool:
         """Whether the engine may feed row blocks of large tensors to :meth:`apply`."""
-        return self.elementwise or self.blockwise
+        return self.mode != "whole"
 
     def write_extras(self, state: Any, folder: "Path") -> list["Path"]:
         """Files to keep beside the merged weights (e.g. the transport maps of ``ot_fusion``), written
@@ -303,3 +374,130 @@ def tensor_seed(seed: int, name: str) -> int:
     scheduling or device), so a test can reproduce a random method's draws."""
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def model_seed(tensor_seed: int, model_index: int) -> int:
+    """The seed of model ``model_index``'s random stream for a tensor whose ``ctx.seed`` is ``tensor_seed``:
+    independent across models, fixed by (recipe seed, tensor, model) — DARE's masks use it."""
+    digest = hashlib.sha256(f"{tensor_seed}:{model_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+# A simple method as a typed function.
+
+_PER_MODEL = object()
+
+
+class PerModel:
+    """``weight: PerModel[float] = Param(1.0, ...)`` in a :func:`merge_function` signature: a parameter
+    each model sets for itself (under ``models[i].parameters``); the function gets one value per model,
+    as a list in model order."""
+
+    def __class_getitem__(cls, item: Any) -> Any:
+        return Annotated[item, _PER_MODEL]
+
+
+def _annotation(function: Callable[..., Any], parameter: inspect.Parameter) -> Any:
+    """A parameter's annotation, evaluated alone (under ``from __future__ import annotations`` the
+    tensors' may name torch, imported only for type checkers)."""
+    annotation = parameter.annotation
+    if annotation is inspect.Parameter.empty:
+        return Any
+    if isinstance(annotation, str):
+        try:  # the plugin's own annotation text, in its module's namespace
+            return eval(annotation, {"PerModel": PerModel, **function.__globals__})
+        except Exception as exc:
+            raise TypeError(
+                f"parameter '{parameter.name}': cannot evaluate its annotation {annotation!r}: {exc}"
+            ) from None
+    return annotation
+
+
+def merge_function(
+    name: str,
+    *,
+    summary: str,
+    mode: Mode = "whole",
+    paper: str | None = None,
+    when_to_use: str = "",
+    min_models: int = 1,
+    max_models: int | None = None,
+) -> Callable[[Callable[..., Any]], type[MergeMethod]]:
+    """Make a :class:`MergeMethod` of a typed function, for methods without ``prepare``, statistics or
+    extra files. The signature says everything else:
+
+    - the first parameter receives the models' tensors (a list, recipe order);
+    - ``base``: the base model's tensor; without a default the method needs a base model
+      (``base_model = "required"``), with ``= None`` it may take one, and without ``base`` it takes none;
+    - ``ctx``: the :class:`TensorContext`;
+    - every other parameter is a recipe parameter, its default a :func:`Param` (description, bounds,
+      ``per_layer``); annotated ``PerModel[T]`` it is set per model and arrives as a list. Python keywords
+      get a trailing underscore (``lambda_``), and the recipe key drops it (``lambda``).
+
+    The result is the method class (register it as it is); the function stays callable as ``__wrapped__``.
+    """
+
+    def make(function: Callable[..., Any]) -> type[MergeMethod]:
+        signature = inspect.signature(function)
+        rest = list(signature.parameters)[1:]  # the first receives the tensors
+        global_fields: dict[str, Any] = {}
+        model_fields: dict[str, Any] = {}
+        base_model: BaseRequirement = "unused"
+        for parameter in (signature.parameters[p] for p in rest):
+            if parameter.name == "ctx":
+                continue
+            if parameter.name == "base":
+                base_model = "required" if parameter.default is inspect.Parameter.empty else "optional"
+                continue
+            if not isinstance(parameter.default, FieldInfo):
+                raise TypeError(
+                    f"merge_function '{name}': parameter '{parameter.name}' needs a Param(...) default "
+                    "(its description, default and bounds)"
+                )
+            annotation = _annotation(function, parameter)
+            per_model = typing.get_origin(annotation) is Annotated and _PER_MODEL in annotation.__metadata__
+            info = copy.copy(parameter.default)
+            if keyword.iskeyword(parameter.name.removesuffix("_")) and info.alias is None:
+                info.alias = info.validation_alias = info.serialization_alias = parameter.name[:-1]
+            field = (typing.get_args(annotation)[0] if per_model else annotation, info)
+            (model_fields if per_model else global_fields)[parameter.name] = field
+        takes = set(signature.parameters)
+
+        def apply(
+            self: MergeMethod,
+            tensors: list["torch.Tensor"],
+            base: "torch.Tensor | None",
+            params: MethodParameters,
+            model_params: list[MethodParameters],
+            ctx: TensorContext,
+        ) -> "torch.Tensor":
+            values = {key: getattr(params, key) for key in global_fields}
+            values |= {key: [getattr(p, key) for p in model_params] for key in model_fields}
+            if "base" in takes:
+                values["base"] = base
+            if "ctx" in takes:
+                values["ctx"] = ctx
+            return function(tensors, **values)
+
+        title = name.title().replace("_", "")
+        attributes = {
+            "__doc__": function.__doc__,
+            "__module__": function.__module__,
+            "__wrapped__": staticmethod(function),
+            "name": name,
+            "summary": summary,
+            "paper": paper,
+            "when_to_use": when_to_use,
+            "mode": mode,
+            "base_model": base_model,
+            "min_models": min_models,
+            "max_models": max_models,
+            "Parameters": create_model(f"{title}Parameters", __base__=MethodParameters, **global_fields),
+            "ModelParameters": create_model(
+                f"{title}ModelParameters", __base__=MethodParameters, **model_fields
+            ),
+            "apply": apply,
+        }
+        return type(function.__name__, (MergeMethod,), attributes)
+
+    return make

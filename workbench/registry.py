@@ -31,7 +31,7 @@ from workbench.checkpoint.base import CheckpointFormat, CheckpointReader
 from workbench.errors import CheckpointError, PluginError, RecipeError
 from workbench.evaluator import Evaluator, EvaluatorOptions
 from workbench.executor import Executor
-from workbench.method import MergeMethod, MethodParameters
+from workbench.method import MODES, MergeMethod, MethodParameters
 
 ENTRY_POINT_GROUP = "workbench.plugins"
 #: The distribution of the built-in plugins: they are loaded first, so a name they register is kept.
@@ -292,6 +292,10 @@ def check_method(obj: Any) -> str:
         raise ValueError(f"method '{name}': base_model must be 'required', 'optional' or 'unused'")
     if obj.apply is MergeMethod.apply:
         raise ValueError(f"method '{name}' does not implement apply()")
+    if obj.mode not in MODES:
+        raise ValueError(f"method '{name}': mode must be one of {', '.join(MODES)}, not {obj.mode!r}")
+    if obj.mode == "blockwise" and obj.tensor_statistics is MergeMethod.tensor_statistics:
+        raise ValueError(f"method '{name}' is blockwise but does not implement tensor_statistics()")
     return name
 
 

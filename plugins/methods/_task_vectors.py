@@ -9,7 +9,6 @@ behaviour is arbitrary or unsafe the deviation is documented in docs/methods.md.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -17,7 +16,15 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import model_validator
 
 from workbench.errors import RecipeError
-from workbench.method import MergeMethod, MethodParameters, Param, PrepareContext, RowBlocks, TensorContext
+from workbench.method import (
+    MergeMethod,
+    MethodParameters,
+    Param,
+    PrepareContext,
+    RowBlocks,
+    TensorContext,
+    model_seed,
+)
 from workbench.params import varies
 from workbench_plugins.methods._weights import normalized
 
@@ -92,12 +99,6 @@ class Thresholds:
     bands: Mapping[int, MagnitudeBand]
 
 
-def model_seed(tensor_seed: int, model_index: int) -> int:
-    """Seed of a model's random mask: independent across models, fixed by (recipe seed, tensor, model)."""
-    digest = hashlib.sha256(f"{tensor_seed}:{model_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
 @dataclass(frozen=True)
 class TensorMerge:
     """How one tensor is merged, decided over the whole tensor before any row block is (exactly one
@@ -117,7 +118,7 @@ class TaskVectorMethod(MergeMethod):
     base_model = "required"
     #: Top-k thresholds, L1 norms and random masks are defined over the whole tensor; given those,
     #: each element merges on its own.
-    blockwise = True
+    mode = "blockwise"
     sparsification: ClassVar[Sparsification]
     consensus: ClassVar[bool]
 

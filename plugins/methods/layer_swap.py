@@ -182,7 +182,7 @@ class LayerSwap(MergeMethod):
     base_model = "unused"
     min_models = 2
     max_models = 2
-    elementwise = True
+    mode = "elementwise"
 
     def check_plan(
         self, params: dict[str, Any], model_params: Sequence[dict[str, Any]], layer_count: int

@@ -6,59 +6,47 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from workbench.hookspecs import hookimpl
-from workbench.method import MergeMethod, MethodParameters, Param, TensorContext
+from workbench.method import MergeMethod, Param, PerModel, TensorContext, merge_function
 from workbench_plugins.methods._weights import normalized
 
 if TYPE_CHECKING:
     import torch
 
+WHEN_TO_USE = (
+    "The first thing to try with several fine-tunes of one base, or checkpoints of one training run "
+    "(a model soup): averaging weights that lie in one basin tends to improve robustness. It ignores "
+    "the base, so task vectors are diluted by the number of models (task_arithmetic can add them at "
+    "full strength). Models trained from different initialisations must be aligned first (ot_fusion). "
+    "Exact semantics: [methods.md](../methods.md#linear)."
+)
 
-class LinearParameters(MethodParameters):
+
+@merge_function(
+    "linear",
+    summary="Weighted average of the models: sum(w_i * theta_i), divided by sum(w_i) when normalize is on.",
+    paper="https://arxiv.org/abs/2203.05482",
+    when_to_use=WHEN_TO_USE,
+    mode="elementwise",
+)
+def linear(
+    tensors: list[torch.Tensor],
     normalize: bool = Param(
         True, description="Divide by the sum of the weights (a true average).", per_layer=False
-    )
+    ),
+    weight: PerModel[float] = Param(1.0, description="This model's weight."),
+    *,
+    ctx: TensorContext,
+) -> torch.Tensor:
+    from workbench_kernels.weighted_sum import weighted_sum
 
-
-class LinearModelParameters(MethodParameters):
-    weight: float = Param(1.0, description="This model's weight.")
-
-
-class Linear(MergeMethod):
-    name = "linear"
-    summary = "Weighted average of the models: sum(w_i * theta_i), divided by sum(w_i) when normalize is on."
-    paper = "https://arxiv.org/abs/2203.05482"
-    when_to_use = (
-        "The first thing to try with several fine-tunes of one base, or checkpoints of one training run "
-        "(a model soup): averaging weights that lie in one basin tends to improve robustness. It ignores "
-        "the base, so task vectors are diluted by the number of models (task_arithmetic can add them at "
-        "full strength). Models trained from different initialisations must be aligned first (ot_fusion). "
-        "Exact semantics: [methods.md](../methods.md#linear)."
-    )
-    Parameters = LinearParameters
-    ModelParameters = LinearModelParameters
-    base_model = "unused"
-    elementwise = True
-
-    def apply(
-        self,
-        tensors: list["torch.Tensor"],
-        base: "torch.Tensor | None",
-        params: LinearParameters,
-        model_params: list[LinearModelParameters],
-        ctx: TensorContext,
-    ) -> "torch.Tensor":  # type: ignore[override]
-        from workbench_kernels.weighted_sum import weighted_sum
-
-        weights = [p.weight for p in model_params]
-        if params.normalize:
-            weights = normalized(weights, self.name, ctx.name)
-        return weighted_sum(tensors, weights, ctx.compute_dtype, ctx.out_dtype)
+    weights = normalized(weight, "linear", ctx.name) if normalize else weight
+    return weighted_sum(tensors, weights, ctx.compute_dtype, ctx.out_dtype)
 
 
 #: The plugin API this module is written for (checked when the registry loads it).
-WORKBENCH_API = "1.0"
+WORKBENCH_API = "1.1"
 
 
 @hookimpl
 def register_methods(register: Callable[[type[MergeMethod]], None]) -> None:
-    register(Linear)
+    register(linear)

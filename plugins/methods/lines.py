@@ -319,7 +319,7 @@ class Lines(MergeMethod):
     ModelParameters = LinesModelParameters
     base_model = "required"
     # Whole tensors unless the inner method is elementwise (prepare() then sets it on the instance).
-    elementwise = False
+    mode = "whole"
 
     def prepare(self, ctx: PrepareContext) -> _State:
         from workbench.method import param_keys
@@ -341,7 +341,7 @@ class Lines(MergeMethod):
             for i, raw in enumerate(ctx.model_params)
         ]
         inner_state = inner.prepare(dataclasses.replace(ctx, params=inner_raw, model_params=inner_model))
-        self.elementwise = bool(inner.elementwise)
+        self.mode = "elementwise" if inner.mode == "elementwise" else "whole"
         return _State(inner, inner_state, inner_raw, ctx)
 
     def apply(

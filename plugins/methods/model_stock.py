@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from workbench.hookspecs import hookimpl
-from workbench.method import MergeMethod, MethodParameters, Param, TensorContext
+from workbench.method import MergeMethod, MethodParameters, Param, PrepareContext, TensorContext
 
 if TYPE_CHECKING:
     import torch
@@ -58,8 +58,14 @@ class ModelStock(MergeMethod):
     Parameters = ModelStockParameters
     base_model = "required"
     min_models = 2
-    # The ratio depends on the whole tensor (or whole rows, which a 1-D tensor split into blocks would break).
-    elementwise = False
+    # The ratio depends on the whole tensor; with filter_wise, on whole rows (prepare() makes it rowwise).
+    mode = "whole"
+
+    def prepare(self, ctx: PrepareContext) -> None:
+        # one ratio per row for every tensor: the engine may feed blocks of whole rows (a per-layer
+        # list may turn it off for some tensors, which then need theirs whole)
+        if ctx.params.get("filter_wise") is True:
+            self.mode = "rowwise"
 
     def apply(
         self,

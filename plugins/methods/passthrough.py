@@ -28,7 +28,7 @@ class Passthrough(MergeMethod):
     ModelParameters = PassthroughModelParameters
     base_model = "unused"
     max_models = 1
-    elementwise = True
+    mode = "elementwise"
 
     def apply(
         self,

@@ -281,7 +281,7 @@ class PCB(MergeMethod):
     ModelParameters = PCBModelParameters
     base_model = "required"
     # Per-tensor scope ranks within whole tensors; prepare() makes a global-scope instance elementwise.
-    elementwise = False
+    mode = "whole"
 
     def prepare(self, ctx: PrepareContext) -> GlobalStats | None:
         if ctx.params.get("scope", "global") != "global":
@@ -289,7 +289,7 @@ class PCB(MergeMethod):
         assert ctx.base is not None
         # With model-wide statistics known up front, every step is elementwise: let the engine
         # feed row blocks (an instance attribute; the engine reads it after prepare).
-        self.elementwise = True
+        self.mode = "elementwise"
         return GlobalStats(ctx.models, ctx.base, ctx.tensor_names, ctx.device)
 
     def apply(

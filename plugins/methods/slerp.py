@@ -36,7 +36,7 @@ class Slerp(MergeMethod):
 
     #: The angle comes from the norms and dot product of whole tensors; given it, the result is a
     #: weighted sum of the two, element by element.
-    blockwise = True
+    mode = "blockwise"
 
     def tensor_statistics(
         self,

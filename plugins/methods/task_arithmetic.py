@@ -36,7 +36,7 @@ class TaskArithmetic(MergeMethod):
     Parameters = TaskArithmeticParameters
     ModelParameters = TaskArithmeticModelParameters
     base_model = "required"
-    elementwise = True
+    mode = "elementwise"
 
     def apply(
         self,

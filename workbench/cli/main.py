@@ -37,15 +37,26 @@ def main() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Write one Markdown page per method (and an index) into this folder.",
 )
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print the methods (or method NAME) as JSON: parameters with types, defaults and bounds.",
+)
 @handle_errors
-def methods(name: str | None, docs_dir: Path | None) -> None:
+def methods(name: str | None, docs_dir: Path | None, as_json: bool) -> None:
     """List merge methods, or show the parameters of method NAME."""
     from rich.table import Table
 
-    from workbench.tools.method_docs import parameter_rows, write_method_docs
+    from workbench.tools.method_docs import method_record, parameter_rows, write_method_docs
 
     registry = load_registry()
     console = terminal()
+    if as_json:
+        names = [registry.method(name).name] if name else sorted(registry.methods)
+        records = [method_record(registry, n) for n in names]
+        click.echo(json.dumps(records[0] if name else {"methods": records}, indent=2))
+        return
     if docs_dir is not None:
         written = write_method_docs(registry, docs_dir)
         console.print(f"wrote {len(written)} pages to {docs_dir}")

@@ -115,13 +115,13 @@ class MergePlan:
         )
         compute = ITEMSIZE[self.compute_dtype]
         # ``MergeMethod.row_blocks`` is a property of instances; ``self.method`` is the class
-        row_blocks = self.method.elementwise or self.method.blockwise
+        row_blocks = self.method.mode != "whole"
         largest = 0
         for t in self.tensors:
             numel = t.input_bytes // max(per_element_in, 1)
             largest = max(
                 largest,
-                min(numel, CHUNK_ELEMENTS * (2 if self.method.blockwise else 1)) if row_blocks else numel,
+                min(numel, CHUNK_ELEMENTS * (2 if self.method.mode == "blockwise" else 1)) if row_blocks else numel,
             )
         out_item = max((ITEMSIZE[t.out_dtype] for t in self.tensors), default=4)
         in_flight = (prefetch + 1) * largest * per_element_in
@@ -396,7 +396,9 @@ def build_plan(
             opened.append(models[-1])
         if check_output and out_dir is not None:
             check_output_path(out_dir, opened + sources, overwrite)
-        plan = _plan_tensors(recipe, method_cls, global_raw, models, base, output_format, out_dir)
+        # a method's own checks name the recipe line as schema errors do
+        where = checker.where(("parameters",) if recipe.parameters else ("method",))
+        plan = _plan_tensors(recipe, method_cls, global_raw, models, base, output_format, out_dir, where)
     except BaseException:
         for model in opened:
             model.reader.close()
@@ -412,6 +414,7 @@ def _plan_tensors(
     base: InputModel | None,
     output_format: CheckpointFormat,
     out_dir: Path | None,
+    where: str,
 ) -> MergePlan:
     reference = base or models[0]
     inputs = ([base] if base else []) + models
@@ -438,7 +441,10 @@ def _plan_tensors(
 
     layers = architecture.layer_count(names, reference.reader.config())
     method = method_cls()
-    method.check_plan(global_raw, [m.parameters for m in models], layers)
+    try:
+        method.check_plan(global_raw, [m.parameters for m in models], layers)
+    except RecipeError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
     out_code = code_from_name(recipe.output.dtype) if recipe.output.dtype else None
     tensors: list[PlannedTensor] = []
     converted: dict[str, tuple[str, str, int]] = {}

@@ -1,6 +1,6 @@
 """The runner: read -> method -> write for the tensors of one output file, one tensor (or row block) at a time.
 
-A blockwise method (``MergeMethod.blockwise``) first gathers statistics of each large tensor from
+A blockwise method (``MergeMethod.mode``) first gathers statistics of each large tensor from
 its row blocks, read again in the compute thread (inputs are mapped: a pass costs page faults),
 and is then fed the row blocks like an elementwise method.
 
@@ -44,10 +44,15 @@ WRITE_QUEUE = 4
 ALIGN_ELEMENTS = 1 << 18
 
 
-def row_blocks(tensor: PlannedTensor, by_rows: bool, align: int = 1) -> list[tuple[int, int] | None]:
+def row_blocks(
+    tensor: PlannedTensor, by_rows: bool, align: int = 1, whole_rows: bool = False
+) -> list[tuple[int, int] | None]:
+    """Row ranges ``[start, stop)`` of dimension 0 that split a large tensor into work units (``[None]``:
+    the whole tensor). Each block holds whole rows of the last dimension; with ``whole_rows`` (a rowwise
+    method) a 1-D tensor, a single row, stays whole."""
     shape = tensor.shape
     numel = math.prod(shape)
-    if not by_rows or not shape or numel <= CHUNK_ELEMENTS or shape[0] < 2:
+    if not by_rows or not shape or numel <= CHUNK_ELEMENTS or shape[0] < 2 or (whole_rows and len(shape) < 2):
         return [None]
     row = numel // shape[0]
     step = max(1, CHUNK_ELEMENTS // max(row, 1))
@@ -116,7 +121,10 @@ class TensorRunner:
 
     def _blocks(self, tensor: PlannedTensor) -> list[tuple[int, int] | None]:
         return row_blocks(
-            tensor, self.method.row_blocks and tensor.merge, ALIGN_ELEMENTS if self.method.blockwise else 1
+            tensor,
+            self.method.row_blocks and tensor.merge,
+            ALIGN_ELEMENTS if self.method.mode == "blockwise" else 1,
+            whole_rows=self.method.mode == "rowwise",
         )
 
     def _units(self, file: "OutputFile") -> Iterator[tuple[PlannedTensor, tuple[int, int] | None, bool]]:
@@ -187,7 +195,9 @@ class TensorRunner:
             seed=tensor.seed,
             state=self.state,
         )
-        statistics = self._gathered(tensor, rows, models, base, last, ctx) if self.method.blockwise else None
+        statistics = (
+            self._gathered(tensor, rows, models, base, last, ctx) if self.method.mode == "blockwise" else None
+        )
         ctx = dataclasses.replace(ctx, rows=rows, statistics=statistics)
         out = self.method.apply(models, base, tensor.params, tensor.model_params, ctx)
         expected = tuple(inputs[0].shape)

@@ -50,6 +50,61 @@ def parameter_rows(schema: type[MethodParameters]) -> list[tuple[str, str, str, 
     return rows
 
 
+def parameter_records(schema: type[MethodParameters]) -> list[dict[str, Any]]:
+    """Every field as plain data: the recipe key, type, default, per-layer flag, bounds and description."""
+    records = []
+    for field_name, info in schema.model_fields.items():
+        bounds = {
+            key: getattr(item, key)
+            for item in info.metadata
+            for key in ("gt", "ge", "lt", "le")
+            if getattr(item, key, None) is not None
+        }
+        records.append(
+            {
+                "name": info.alias or field_name,
+                "type": type_label(info.annotation),
+                "required": info.is_required(),
+                "default": None if info.is_required() else _plain(info.default),
+                "per_layer": is_per_layer(schema, field_name),
+                "bounds": bounds,
+                "description": info.description or "",
+            }
+        )
+    return records
+
+
+def _plain(value: Any) -> Any:
+    """A default as JSON has it (tuples as lists; anything else JSON lacks as its repr)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    return repr(value)
+
+
+def method_record(registry: Registry, name: str) -> dict[str, Any]:
+    """One method as ``workbench methods --json`` gives it."""
+    entry = registry.methods[name]
+    method: type[MergeMethod] = entry.obj
+    return {
+        "name": name,
+        "plugin": entry.plugin.name,
+        "package": entry.plugin.package,
+        "version": entry.plugin.version,
+        "summary": method.summary,
+        "paper": method.paper,
+        "base_model": method.base_model,
+        "min_models": method.min_models,
+        "max_models": method.max_models,
+        "mode": method.mode,
+        "parameters": parameter_records(method.Parameters),
+        "model_parameters": parameter_records(method.ModelParameters),
+    }
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "&#124;")
 
