@@ -186,8 +186,8 @@ def test_a_plugin_built_for_another_api_major_is_refused_and_builtins_keep_worki
     shutil.copytree(EXAMPLE, staged, ignore=shutil.ignore_patterns(*BUILD_LEFTOVERS))
     init = staged / "src" / "workbench_example" / "__init__.py"
     source = init.read_text()
-    assert 'WORKBENCH_API = "1.0"' in source
-    init.write_text(source.replace('WORKBENCH_API = "1.0"', 'WORKBENCH_API = "2.0"'))
+    assert 'WORKBENCH_API = "1.1"' in source
+    init.write_text(source.replace('WORKBENCH_API = "1.1"', 'WORKBENCH_API = "2.0"'))
     _install(staged, site)
 
     builtins = sorted(

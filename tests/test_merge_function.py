@@ -95,3 +95,61 @@ def test_a_function_method_merges_like_its_formula(registry, tmp_path: Path) -> 
     for name, tensor in shifted.items():
         expected = base[name].double() + 0.5 * (first[name].double() - base[name].double())
         torch.testing.assert_close(tensor.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@merge_function(
+    "test_row_trim", summary="base + task vectors kept at their top entries per row.", mode="rowwise"
+)
+def row_trim(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor,
+    density: float = Param(0.5, description="Fraction of each row kept.", gt=0, le=1),
+    *,
+    ctx: TensorContext,
+) -> torch.Tensor:
+    """The row-wise example of docs/plugins.md."""
+    base = base.to(ctx.compute_dtype)
+    out = base.clone()
+    for model in tensors:
+        delta = model.to(ctx.compute_dtype) - base
+        k = max(1, round(density * delta.shape[-1]))
+        cut = delta.abs().topk(k, dim=-1).values[..., -1:]
+        out += delta * (delta.abs() >= cut)
+    return out
+
+
+def test_a_rowwise_method_sees_whole_rows_and_whole_vectors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With blocks forced small, every block still holds whole rows (each row keeps its own top half),
+    and 1-D tensors arrive whole: the result equals the per-row formula on whole tensors."""
+    import workbench.engine.runner as runner
+
+    class Plugin:
+        @hookimpl
+        def register_methods(self, register: Callable[[Any], None]) -> None:
+            register(row_trim)
+
+    registry = load_registry(extra_plugins=[(Plugin(), "rowwise")])
+    monkeypatch.setattr(runner, "CHUNK_ELEMENTS", 16)  # a 64-wide row per block; 1-D norms would be split
+    family = tiny_family(tmp_path / "family", fine_tunes=2)
+    fragment = {"parameters": {"density": 0.5}, "output": {"dtype": "float32"}}
+    merged = merge(build_recipe("test_row_trim", family, fragment, registry=registry), registry=registry)
+    base = {name: t.double() for name, t in read_model(family.base).items()}
+    models = [read_model(m) for m in family.models]
+    one_d = 0
+    for name, tensor in merged.items():
+        expected = base[name].clone()
+        width = base[name].shape[-1]
+        for model in models:
+            delta = model[name].double() - base[name]
+            rows = delta.reshape(-1, width)
+            k = max(1, round(0.5 * width))
+            keep = torch.zeros_like(rows, dtype=torch.bool)
+            for r in range(rows.shape[0]):  # the top k magnitudes of each row, ties kept
+                cut = rows[r].abs().sort(descending=True).values[k - 1]
+                keep[r] = rows[r].abs() >= cut
+            expected += (rows * keep).reshape(delta.shape)
+        one_d += base[name].dim() == 1
+        torch.testing.assert_close(tensor.double(), expected, rtol=1e-5, atol=1e-6)
+    assert one_d > 0  # the family has norms, which must not be split

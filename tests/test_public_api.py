@@ -129,9 +129,11 @@ def test_a_changed_surface_cannot_be_recorded_without_a_version_bump(
     else:
         raise AssertionError("a changed surface was recorded under the same API version")
     assert copy.read_text() == RECORD.read_text()
-    monkeypatch.setattr(workbench, "API_VERSION", "1.1")
+    major, minor = workbench.API_VERSION.split(".")
+    bumped = f"{major}.{int(minor) + 1}"
+    monkeypatch.setattr(workbench, "API_VERSION", bumped)
     record(copy)
-    assert json.loads(copy.read_text())["api_version"] == "1.1"
+    assert json.loads(copy.read_text())["api_version"] == bumped
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ with bounded memory unless it says otherwise (``memory_needed``).
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import inspect
 import keyword
@@ -456,9 +455,12 @@ def merge_function(
                 )
             annotation = _annotation(function, parameter)
             per_model = typing.get_origin(annotation) is Annotated and _PER_MODEL in annotation.__metadata__
-            info = copy.copy(parameter.default)
+            info = parameter.default
             if keyword.iskeyword(parameter.name.removesuffix("_")) and info.alias is None:
-                info.alias = info.validation_alias = info.serialization_alias = parameter.name[:-1]
+                key = parameter.name.removesuffix("_")
+                info = FieldInfo.merge_field_infos(
+                    info, alias=key, validation_alias=key, serialization_alias=key
+                )
             field = (typing.get_args(annotation)[0] if per_model else annotation, info)
             (model_fields if per_model else global_fields)[parameter.name] = field
         takes = set(signature.parameters)

@@ -121,7 +121,9 @@ class MergePlan:
             numel = t.input_bytes // max(per_element_in, 1)
             largest = max(
                 largest,
-                min(numel, CHUNK_ELEMENTS * (2 if self.method.mode == "blockwise" else 1)) if row_blocks else numel,
+                min(numel, CHUNK_ELEMENTS * (2 if self.method.mode == "blockwise" else 1))
+                if row_blocks
+                else numel,
             )
         out_item = max((ITEMSIZE[t.out_dtype] for t in self.tensors), default=4)
         in_flight = (prefetch + 1) * largest * per_element_in

@@ -14,15 +14,16 @@ from collections.abc import Callable
 
 from workbench import hookimpl
 from workbench.method import MergeMethod
-from workbench_example.trimmed_mean import TrimmedMean
+from workbench_example.trimmed_mean import trimmed_mean
 
-__all__ = ["TrimmedMean", "WORKBENCH_API", "register_methods"]
+__all__ = ["WORKBENCH_API", "register_methods", "trimmed_mean"]
 
-#: The plugin API this package is written for: it loads into workbench 1.0 up to any 1.x, and a
-#: workbench with another major API version refuses it with a warning instead of failing later.
-WORKBENCH_API = "1.0"
+#: The plugin API this package is written for (1.1: ``merge_function``): it loads into workbench 1.1 up
+#: to any 1.x, and a workbench with another major API version refuses it with a warning instead of
+#: failing later.
+WORKBENCH_API = "1.1"
 
 
 @hookimpl
 def register_methods(register: Callable[[type[MergeMethod]], None]) -> None:
-    register(TrimmedMean)
+    register(trimmed_mean)

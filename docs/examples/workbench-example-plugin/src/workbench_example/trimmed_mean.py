@@ -16,31 +16,29 @@ import math
 from typing import TYPE_CHECKING
 
 from workbench.errors import RecipeError
-from workbench.method import MergeMethod, MethodParameters, Param, TensorContext
+from workbench.method import Param, PerModel, TensorContext, merge_function
 
 if TYPE_CHECKING:  # torch is imported where tensors are touched, so listing methods stays cheap
     import torch
 
 
-class TrimmedMeanParameters(MethodParameters):
-    trim: float = Param(
-        0.2,
-        description=(
-            "Fraction of the models dropped at each end of every element's sorted values: "
-            "k = floor(trim * n) lowest and k highest (0: the weighted average; just under 0.5 with an odd "
-            "number of models: the median)."
-        ),
-        ge=0.0,
-        lt=0.5,
-    )
-
-
-class TrimmedMeanModelParameters(MethodParameters):
-    weight: float = Param(
-        1.0,
-        description="This model's weight in the mean of the values kept at an element (dropped values do not count).",
-        ge=0.0,
-    )
+TRIM = (
+    "Fraction of the models dropped at each end of every element's sorted values: "
+    "k = floor(trim * n) lowest and k highest (0: the weighted average; just under 0.5 with an odd "
+    "number of models: the median)."
+)
+WEIGHT = "This model's weight in the mean of the values kept at an element (dropped values do not count)."
+WHEN_TO_USE = (
+    "Several fine-tunes or checkpoints of one base where a few models may carry outlier values at some "
+    "weights (a diverged run, a badly tuned fine-tune, an over-trained checkpoint): a plain average lets one "
+    "outlier pull every element, a trimmed mean ignores the most extreme values element by element "
+    "(coordinate-wise trimmed mean, Yin et al. 2018, 'Byzantine-Robust Distributed Learning'). It needs at "
+    "least three models to trim anything; with trim 0 it is the weighted average (linear), with an odd number "
+    "of models and the largest trim it is the elementwise median. Like linear it ignores the base model, and "
+    "models trained from different initialisations must be aligned first. Because each element keeps "
+    "values from different models, a trimmed mean is not a convex combination of whole models: check the "
+    "merged model's quality, not only its loss."
+)
 
 
 def trimmed_count(trim: float, n: int) -> int:
@@ -50,63 +48,48 @@ def trimmed_count(trim: float, n: int) -> int:
     return min(math.floor(trim * n + 1e-9), (n - 1) // 2)
 
 
-class TrimmedMean(MergeMethod):
-    name = "trimmed_mean"
-    summary = (
+@merge_function(
+    "trimmed_mean",
+    summary=(
         "Elementwise weighted trimmed mean: drop the floor(trim*n) "
         "lowest and highest models' values, average the rest."
-    )
-    paper = "https://arxiv.org/abs/1803.01498"
-    when_to_use = (
-        "Several fine-tunes or checkpoints of one base where a few models may carry outlier values at some "
-        "weights (a diverged run, a badly tuned fine-tune, an over-trained checkpoint): a plain average lets one "
-        "outlier pull every element, a trimmed mean ignores the most extreme values element by element "
-        "(coordinate-wise trimmed mean, Yin et al. 2018, 'Byzantine-Robust Distributed Learning'). It needs at "
-        "least three models to trim anything; with trim 0 it is the weighted average (linear), with an odd number "
-        "of models and the largest trim it is the elementwise median. Like linear it ignores the base model, and "
-        "models trained from different initialisations must be aligned first. Because each element keeps "
-        "values from different models, a trimmed mean is not a convex combination of whole models: check the "
-        "merged model's quality, not only its loss."
-    )
-    Parameters = TrimmedMeanParameters
-    ModelParameters = TrimmedMeanModelParameters
-    base_model = "unused"
-    min_models = 1
-    elementwise = True  # each output element depends only on the inputs at that element
+    ),
+    paper="https://arxiv.org/abs/1803.01498",
+    when_to_use=WHEN_TO_USE,
+    mode="elementwise",  # each output element depends only on the inputs at that element
+)
+def trimmed_mean(
+    tensors: list[torch.Tensor],
+    trim: float = Param(0.2, description=TRIM, ge=0.0, lt=0.5),
+    weight: PerModel[float] = Param(1.0, description=WEIGHT, ge=0.0),
+    *,
+    ctx: TensorContext,
+) -> torch.Tensor:
+    import torch
 
-    def apply(  # type: ignore[override]
-        self,
-        tensors: list["torch.Tensor"],
-        base: "torch.Tensor | None",
-        params: TrimmedMeanParameters,
-        model_params: list[TrimmedMeanModelParameters],
-        ctx: TensorContext,
-    ) -> "torch.Tensor":
-        import torch
-
-        n = len(tensors)
-        k = trimmed_count(params.trim, n)
-        weights = torch.tensor([p.weight for p in model_params], dtype=ctx.compute_dtype, device=ctx.device)
-        values = torch.stack([t.to(ctx.compute_dtype) for t in tensors])  # (n, *block shape)
-        if k == 0:
-            # nothing is dropped: the weighted average, without sorting
-            shape = (n,) + (1,) * (values.dim() - 1)
-            kept_weights = weights.reshape(shape).expand_as(values)
-        else:
-            # sort each element's n values (stable: ties keep recipe order, so the dropped model is
-            # deterministic), keep ranks k..n-k-1 and the weights of the models they came from
-            values, order = torch.sort(values, dim=0, stable=True)
-            values = values[k : n - k]
-            kept_weights = weights[order[k : n - k]]
-            del order
-        total = kept_weights.sum(dim=0)
-        empty = total == 0
-        if bool(empty.any()):
-            first = ctx.offset + int(empty.reshape(-1).nonzero()[0])
-            raise RecipeError(
-                f"{self.name}: at {int(empty.sum())} element(s) of tensor '{ctx.name}' (the first at flat index "
-                f"{first}) every model kept after trimming {k} from each end has weight 0, so there is nothing to "
-                "average; give those models a positive weight or use a smaller trim."
-            )
-        out = (values * kept_weights).sum(dim=0) / total
-        return out.to(ctx.out_dtype)
+    n = len(tensors)
+    k = trimmed_count(trim, n)
+    weights = torch.tensor(weight, dtype=ctx.compute_dtype, device=ctx.device)
+    values = torch.stack([t.to(ctx.compute_dtype) for t in tensors])  # (n, *block shape)
+    if k == 0:
+        # nothing is dropped: the weighted average, without sorting
+        shape = (n,) + (1,) * (values.dim() - 1)
+        kept_weights = weights.reshape(shape).expand_as(values)
+    else:
+        # sort each element's n values (stable: ties keep recipe order, so the dropped model is
+        # deterministic), keep ranks k..n-k-1 and the weights of the models they came from
+        values, order = torch.sort(values, dim=0, stable=True)
+        values = values[k : n - k]
+        kept_weights = weights[order[k : n - k]]
+        del order
+    total = kept_weights.sum(dim=0)
+    empty = total == 0
+    if bool(empty.any()):
+        first = ctx.offset + int(empty.reshape(-1).nonzero()[0])
+        raise RecipeError(
+            f"trimmed_mean: at {int(empty.sum())} element(s) of tensor '{ctx.name}' (the first at flat index "
+            f"{first}) every model kept after trimming {k} from each end has weight 0, so there is nothing to "
+            "average; give those models a positive weight or use a smaller trim."
+        )
+    out = (values * kept_weights).sum(dim=0) / total
+    return out.to(ctx.out_dtype)
