@@ -10,6 +10,7 @@ entry fails :func:`test_every_builtin_method_declares_its_properties`.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from merging import add_word_tokenizer, word_text
 
 from workbench import hookimpl
 from workbench.lora.extract import extract_lora
-from workbench.method import MergeMethod, MethodParameters, Param
+from workbench.method import MemoryNeed, MergeMethod, MethodParameters, Param
 from workbench.registry import Registry, load_registry
 from workbench.testing import (
     DEEP,
@@ -32,6 +33,7 @@ from workbench.testing import (
     check_identity,
     check_one_hot,
     check_streaming_memory,
+    read_model,
     tiny_family,
 )
 
@@ -54,6 +56,9 @@ class Properties:
     models: int | None = None
     #: The inputs are LoRA adapters of the fine-tunes, not the fine-tunes.
     adapters: bool = False
+    #: What the method keeps beyond streaming, from its definition (not from its memory_needed):
+    #: (the base's parameter count, its (name, shape) list, the number of models) -> bytes.
+    holds: Callable[[int, list[tuple[str, tuple[int, ...]]], int], int] | None = None
 
 
 def weights(i: int, n: int) -> list[dict[str, float]]:
@@ -104,6 +109,7 @@ PROPERTIES: dict[str, Properties] = {
     ),
     "ot_fusion": Properties(
         common={"parameters": {"solver": "emd"}},
+        holds=lambda params, shapes, models: ot_maps_bytes(shapes, models),
         one_hot=lambda i, n: {
             "parameters": {"solver": "emd", "anchor": i},
             "model_parameters": weights(i, n),
@@ -123,8 +129,23 @@ PROPERTIES: dict[str, Properties] = {
             "parameters": {"steps": 1, "batch_size": 2, "samples": 8, "holdout": 0.0, "lr": 0.0, "init": 0.5}
         },
         one_hot=NotApplicable("its coefficients are learned from data, one init for all: " + NO_SELECTION),
+        # aTLAS trains coefficients over theta_0 + sum_t lambda_t tau_t: the base and the T task vectors
+        # in float32, with theta(Lambda) and its gradient during a step (an upper bound: every tensor trained)
+        holds=lambda params, shapes, models: 4 * params * (models + 3),
     ),
 }
+
+
+def ot_maps_bytes(shapes: list[tuple[str, tuple[int, ...]]], models: int) -> int:
+    """What OT fusion keeps (Imfeld et al. 2024): for each model aligned to the anchor, a transport
+    map per layer's MLP hidden units and per residual junction (4 per layer and the embeddings', the
+    per-sublayer policy), each a float32 plan and its column-normalised copy; and while one map is
+    solved, POT's float64 cost matrix and plan of the largest width."""
+    shape = dict(shapes)
+    hidden = shape["model.embed_tokens.weight"][1]
+    widths = [s[0] for name, s in shapes if name.endswith("mlp.up_proj.weight")]
+    entries = sum(width**2 for width in widths) + (4 * len(widths) + 1) * hidden**2
+    return (models - 1) * entries * 2 * 4 + 2 * 8 * max([hidden, *widths]) ** 2
 
 
 def _builtin_methods(registry: Registry) -> dict[str, type[MergeMethod]]:
@@ -233,8 +254,12 @@ def test_streaming_memory(name: str, tiny: Inputs, deep: Inputs, tmp_path: Path)
     fragment = _fragment(name, props, tiny.text)
     family = Family(deep.family.base, tuple(deep.models(props)))
     warm_up = Family(tiny.family.base, tuple(tiny.models(props)))
-    report = check_streaming_memory(name, tmp_path, fragment, family=family, warm_up=warm_up)
-    assert report.peak_extra <= report.allowance
+    holds = 0
+    if props.holds is not None:
+        shapes = [(n, tuple(x.shape)) for n, x in read_model(family.base).items() if x.is_floating_point()]
+        holds = props.holds(sum(math.prod(s) for _, s in shapes), shapes, len(family.models))
+    report = check_streaming_memory(name, tmp_path, fragment, family=family, warm_up=warm_up, holds=holds)
+    assert report.peak_extra <= report.allowance and report.holds == holds
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,6 +351,46 @@ def test_keeping_outputs_fails_the_memory_check(
             "broken_mean", tmp_path, family=deep.family, warm_up=tiny.family, registry=broken("hoard")
         )
     assert "MB" in str(caught.value)
+
+
+def test_declaring_a_need_does_not_widen_the_allowance(
+    broken: Callable[[str], Registry],
+    tiny: Inputs,
+    deep: Inputs,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A method that hoards and declares a huge memory_needed still fails: the allowance comes from
+    the test's own bound, and a declared need without one is refused."""
+    registry = broken("hoard")
+    monkeypatch.setattr(_Broken, "memory_needed", lambda self, *args: MemoryNeed(2**40, "everything"))
+    with pytest.raises(
+        PropertyViolation, match="declares 1048576 MB with memory_needed; give check_streaming_memory holds="
+    ):
+        check_streaming_memory(
+            "broken_mean", tmp_path, family=deep.family, warm_up=tiny.family, registry=registry
+        )
+    with pytest.raises(PropertyViolation, match="Does the method keep tensors"):
+        check_streaming_memory(
+            "broken_mean", tmp_path, family=deep.family, warm_up=tiny.family, registry=registry, holds=2**20
+        )
+
+
+def test_declaring_less_than_it_keeps_fails(
+    broken: Callable[[str], Registry],
+    tiny: Inputs,
+    deep: Inputs,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The test allows the hoarding (a generous bound) but the method declares 1 MB: the planner's
+    memory check would pass recipes that do not fit, so the check fails."""
+    registry = broken("hoard")
+    monkeypatch.setattr(_Broken, "memory_needed", lambda self, *args: MemoryNeed(2**20, "one megabyte"))
+    with pytest.raises(PropertyViolation, match="declares 1 MB with memory_needed but raised the peak"):
+        check_streaming_memory(
+            "broken_mean", tmp_path, family=deep.family, warm_up=tiny.family, registry=registry, holds=2**34
+        )
 
 
 def test_build_recipe_gives_the_base_only_to_methods_that_use_it(registry: Registry, tiny: Inputs) -> None:

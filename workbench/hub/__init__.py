@@ -1,1 +1,1 @@
-"""Publishing to the Hugging Face Hub: the model card and the upload."""
+"""Publishing to the Hugging Face Hub: the upload (the model card it checks is written by ``workbench.engine.card``)."""

@@ -1,3 +1,4 @@
-"""LoRA as a first-class input and output: PEFT adapters read and written (``adapter``), applied
-lazily to a base checkpoint (``workbench.checkpoint.adapted``), extracted from a fine-tune by
-truncated SVD (``extract``) and combined with task-vector methods on their ΔW (``merge``)."""
+"""LoRA tools built on the engine: extracted from a fine-tune by truncated SVD (``extract``), combined
+with task-vector methods on their ΔW (``merge``), and MoLA experts trained with their routers
+(``mola_train``). PEFT adapters are read and written by ``workbench.checkpoint.lora_adapter`` and applied
+lazily by ``workbench.checkpoint.adapted``; the MoLA runtime is ``workbench.modeling.mola``."""
