@@ -130,8 +130,10 @@ PROPERTIES: dict[str, Properties] = {
         },
         one_hot=NotApplicable("its coefficients are learned from data, one init for all: " + NO_SELECTION),
         # aTLAS trains coefficients over theta_0 + sum_t lambda_t tau_t: the base and the T task vectors
-        # in float32, with theta(Lambda) and its gradient during a step (an upper bound: every tensor trained)
-        holds=lambda params, shapes, models: 4 * params * (models + 3),
+        # in float32, with theta(Lambda) and its gradient during a step (an upper bound: every tensor
+        # trained); plus half as much again for the model's framework objects and the autograd graph
+        # (measured: 587 MB here against 483 MB of those arrays)
+        holds=lambda params, shapes, models: 3 * 4 * params * (models + 3) // 2,
     ),
 }
 
@@ -140,12 +142,14 @@ def ot_maps_bytes(shapes: list[tuple[str, tuple[int, ...]]], models: int) -> int
     """What OT fusion keeps (Imfeld et al. 2024): for each model aligned to the anchor, a transport
     map per layer's MLP hidden units and per residual junction (4 per layer and the embeddings', the
     per-sublayer policy), each a float32 plan and its column-normalised copy; and while one map is
-    solved, POT's float64 cost matrix and plan of the largest width."""
+    solved, POT's float64 cost matrix and plan of the largest width; doubled for the work arrays of
+    solving and composing the maps."""
     shape = dict(shapes)
     hidden = shape["model.embed_tokens.weight"][1]
     widths = [s[0] for name, s in shapes if name.endswith("mlp.up_proj.weight")]
     entries = sum(width**2 for width in widths) + (4 * len(widths) + 1) * hidden**2
-    return (models - 1) * entries * 2 * 4 + 2 * 8 * max([hidden, *widths]) ** 2
+    maps = (models - 1) * entries * 2 * 4 + 2 * 8 * max([hidden, *widths]) ** 2
+    return 2 * maps  # as much again while maps are solved and composed (measured: 366 MB, maps 244 MB)
 
 
 def _builtin_methods(registry: Registry) -> dict[str, type[MergeMethod]]:
@@ -363,9 +367,9 @@ def test_declaring_a_need_does_not_widen_the_allowance(
     """A method that hoards and declares a huge memory_needed still fails: the allowance comes from
     the test's own bound, and a declared need without one is refused."""
     registry = broken("hoard")
-    monkeypatch.setattr(_Broken, "memory_needed", lambda self, *args: MemoryNeed(2**40, "everything"))
+    monkeypatch.setattr(_Broken, "memory_needed", lambda self, *args: MemoryNeed(2**33, "eight gigabytes"))
     with pytest.raises(
-        PropertyViolation, match="declares 1048576 MB with memory_needed; give check_streaming_memory holds="
+        PropertyViolation, match="declares 8192 MB with memory_needed; give check_streaming_memory holds="
     ):
         check_streaming_memory(
             "broken_mean", tmp_path, family=deep.family, warm_up=tiny.family, registry=registry
