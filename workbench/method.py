@@ -18,7 +18,7 @@ import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.fields import FieldInfo
@@ -159,6 +159,14 @@ class RowBlocks:
         return Blocks(math.prod(self.shape), [0 if r is None else r[0] * row for r in self.rows], load)
 
 
+class PluginLookup(Protocol):
+    """What ``prepare`` may ask of the registry (the contract does not import the registry itself)."""
+
+    def method(self, name: str) -> type[MergeMethod]: ...
+
+    def make_evaluator(self, name: str, options: dict[str, Any]) -> Any: ...  # an Evaluator
+
+
 @dataclass
 class PrepareContext:
     """Lazy handles to every input, for methods that need global statistics before merging."""
@@ -174,8 +182,20 @@ class PrepareContext:
     #: The recipe's seed (per-tensor seeds derive from it and the tensor name).
     seed: int = 0
     compute_dtype: "torch.dtype | None" = None
-    #: Anything else the engine offers; ``registry`` is the registry the run uses.
+    #: API 1.0's untyped channel (``registry``, ``note``, ``model_refs``, ``base_ref``); the engine still
+    #: fills it, but the typed fields below are the contract.
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The models' decoder layers, as the planner counted them (0 when none are recognised).
+    layer_count: int = 0
+    #: The inputs as the recipe names them (a path, a Hub id, ``BASE+ADAPTER``), in model order.
+    model_refs: Sequence[str] = ()
+    #: The base as the recipe names it.
+    base_ref: str | None = None
+    #: The registry the run uses: ``registry.method(name)`` (a method wrapping another) and
+    #: ``registry.make_evaluator(name, options)`` (a method that learns from an evaluator's data).
+    registry: "PluginLookup | None" = None
+    #: Shows a line of progress on a terminal (``atlas`` reports its learning steps with it).
+    note: Callable[[str], None] = field(default=lambda text: None)
 
 
 @dataclass(frozen=True)

@@ -12,16 +12,23 @@ import torch
 from workbench.errors import RecipeError
 
 if TYPE_CHECKING:
-    from workbench.registry import Registry
+    from workbench.method import PluginLookup
 
 
 def input_batches(
-    data: dict[str, Any], samples: int, seed: int, anchor: Path, registry: "Registry", who: str = "ot_fusion"
+    data: dict[str, Any],
+    samples: int,
+    seed: int,
+    anchor: Path,
+    registry: "PluginLookup | None",
+    who: str = "ot_fusion",
 ) -> list[dict[str, torch.Tensor]]:
     """At most ``samples`` sequences as model inputs (with labels where the evaluator gives them):
     ``{evaluator, options}`` or ``{text, seq_len}`` (cut with ``anchor``'s tokenizer). ``who``
     names the method in error messages."""
     if "evaluator" in data:
+        if registry is None:  # a PrepareContext built by hand, without the run's registry
+            raise RecipeError(f"{who}: data from evaluator '{data['evaluator']}' needs the run's registry.")
         evaluator = registry.make_evaluator(data["evaluator"], dict(data.get("options") or {}))
         batches, total = [], 0
         for batch in evaluator.batches(samples, seed):

@@ -191,7 +191,9 @@ class LayerSwap(MergeMethod):
 
     def prepare(self, ctx: PrepareContext) -> tuple[list[float], int, int]:
         return self._layout(
-            ctx.params, ctx.model_params, layer_count(ctx.tensor_names, ctx.models[0].config())
+            ctx.params,
+            ctx.model_params,
+            ctx.layer_count or layer_count(ctx.tensor_names, ctx.models[0].config()),
         )
 
     @staticmethod

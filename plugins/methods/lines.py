@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     import torch
 
     from workbench.checkpoint import CheckpointReader
-    from workbench.registry import Registry
+    from workbench.method import PluginLookup
 
 
 class LinesParameters(MethodParameters):
@@ -106,7 +106,7 @@ def lines_scale(alpha: float, beta: float, layer_index: int | None, layer_count:
     return alpha + beta * t
 
 
-def inner_class(merge: str, registry: "Registry | None" = None) -> type[MergeMethod]:
+def inner_class(merge: str, registry: "PluginLookup | None" = None) -> type[MergeMethod]:
     """The registered method LiNeS wraps; it must take task vectors against a base."""
     from workbench.registry import get_registry
 
@@ -324,7 +324,7 @@ class Lines(MergeMethod):
     def prepare(self, ctx: PrepareContext) -> _State:
         from workbench.method import param_keys
 
-        inner_cls = inner_class(ctx.params.get("merge", "task_arithmetic"), ctx.extra.get("registry"))
+        inner_cls = inner_class(ctx.params.get("merge", "task_arithmetic"), ctx.registry)
         inner = inner_cls()
         inner.check_inputs(len(ctx.models), ctx.base is not None)
         inner_raw = dict(ctx.params.get("merge_parameters") or {})

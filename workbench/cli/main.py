@@ -299,7 +299,7 @@ def run(
 ) -> None:
     """Run a recipe (native or mergekit YAML) headless."""
     from workbench.engine.progress import RichProgress
-    from workbench.engine.run import execute
+    from workbench.engine.run import run_plan
 
     registry, plan = _plan(recipe, out, overwrite, dtype, out_dtype, shard_size, memory_limit)
     try:
@@ -308,24 +308,22 @@ def run(
                 f"--address names a cluster, but the '{executor}' executor runs in this process; use --executor ray."
             )
         warn(plan.warnings)
-        progress = RichProgress(enabled=False if quiet else None)
-        result = execute(
-            plan,
-            registry,
-            device=device,
-            executor=executor,
-            prefetch=prefetch,
-            on_progress=progress,
-            resume=resume,
-            executor_options={"address": address} if address else None,
-        )
-    finally:
-        plan.close()
+    except BaseException:
+        plan.close()  # run_plan closes it from here on
+        raise
+    result = run_plan(
+        plan,
+        registry,
+        device=device,
+        executor=executor,
+        prefetch=prefetch,
+        on_progress=RichProgress(enabled=False if quiet else None),
+        resume=resume,
+        executor_options={"address": address} if address else None,
+    )
     warn([w for w in result.warnings if w not in plan.warnings])
     if plan.recipe.evaluators:
-        from workbench.evaluation.running import evaluate_output
-
-        _print_results(evaluate_output(plan.recipe.evaluators, result.out_dir, registry))
+        _print_results(result.evaluations)
     if stats_json:
         stats = {
             "seconds": result.seconds,

@@ -77,6 +77,8 @@ class PlannedTensor:
 class MergePlan:
     recipe: Recipe
     method: type[MergeMethod]
+    #: The method, built once per run (in each process): planning's checks, prepare and apply all use it.
+    instance: MergeMethod
     params: dict[str, Any]  # global raw values (scalars, gradients, filter lists)
     models: list[InputModel]
     base: InputModel | None
@@ -400,7 +402,7 @@ def build_plan(
             check_output_path(out_dir, opened + sources, overwrite)
         # a method's own checks name the recipe line as schema errors do
         where = checker.where(("parameters",) if recipe.parameters else ("method",))
-        plan = _plan_tensors(recipe, method_cls, global_raw, models, base, output_format, out_dir, where)
+        plan = _plan_tensors(recipe, method, global_raw, models, base, output_format, out_dir, where)
     except BaseException:
         for model in opened:
             model.reader.close()
@@ -410,7 +412,7 @@ def build_plan(
 
 def _plan_tensors(
     recipe: Recipe,
-    method_cls: type[MergeMethod],
+    method: MergeMethod,
     global_raw: dict[str, Any],
     models: list[InputModel],
     base: InputModel | None,
@@ -442,7 +444,7 @@ def _plan_tensors(
             )
 
     layers = architecture.layer_count(names, reference.reader.config())
-    method = method_cls()
+    method_cls = type(method)
     try:
         method.check_plan(global_raw, [m.parameters for m in models], layers)
     except RecipeError as exc:
@@ -515,6 +517,7 @@ def _plan_tensors(
     return MergePlan(
         recipe=recipe,
         method=method_cls,
+        instance=method,
         params=global_raw,
         models=models,
         base=base,

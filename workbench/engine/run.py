@@ -177,7 +177,7 @@ def execute(
     progress = RunProgress(plan, on_progress, todo)
     start = time.perf_counter()
     try:
-        method = plan.method()
+        method = plan.instance
         state = prepare_state(plan, registry, method, device, lambda text: progress.emit("note", note=text))
         runner = TensorRunner(plan, method, state, device, prefetch, progress)
         progress.emit("start")
@@ -263,6 +263,32 @@ def run_recipe(
     registry = registry or get_registry()
     require_plugins(registry)
     plan = build_plan(recipe, registry, out=out, overwrite=overwrite)
+    return run_plan(
+        plan,
+        registry,
+        device=device,
+        executor=executor,
+        prefetch=prefetch,
+        on_progress=on_progress,
+        resume=resume,
+        executor_options=executor_options,
+    )
+
+
+def run_plan(
+    plan: MergePlan,
+    registry: Registry,
+    *,
+    device: str = "cpu",
+    executor: str = "local",
+    prefetch: int = 2,
+    on_progress: ProgressCallback | None = None,
+    resume: bool = False,
+    executor_options: dict[str, Any] | None = None,
+) -> RunResult:
+    """Execute a plan, close it, and score the output with the recipe's evaluators: the one sequence
+    behind :func:`run_recipe`, ``workbench run`` and the TUI's Run screen (which plan first, to show
+    the plan's warnings) and sweeps (through ``run_recipe``)."""
     try:
         result = execute(
             plan,
@@ -276,8 +302,8 @@ def run_recipe(
         )
     finally:
         plan.close()
-    if recipe.evaluators:
+    if plan.recipe.evaluators:
         from workbench.evaluation.running import evaluate_output
 
-        result.evaluations = evaluate_output(recipe.evaluators, result.out_dir, registry)
+        result.evaluations = evaluate_output(plan.recipe.evaluators, result.out_dir, registry)
     return result

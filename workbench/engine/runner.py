@@ -319,5 +319,10 @@ def prepare_state(
                 "model_refs": [m.ref for m in plan.models],
                 "base_ref": plan.base.ref if plan.base else None,
             },
+            layer_count=plan.layer_count,
+            model_refs=[m.ref for m in plan.models],
+            base_ref=plan.base.ref if plan.base else None,
+            registry=registry,
+            note=note,
         )
     )

@@ -97,7 +97,7 @@ class ShardTask:
                     f"the worker planned {file.name} differently from the driver: do the inputs and plugins on the"
                     " workers match the driver's?"
                 )
-            method = plan.method()
+            method = plan.instance
             state = prepare_state(plan, registry, method, self.device, lambda text: None)
             runner = TensorRunner(
                 plan, method, state, self.device, self.prefetch, RunProgress(plan, None, [planned])

@@ -1,4 +1,10 @@
-"""The training loop shared by the zoo, MoLA experts and routers: AdamW, warm-up then cosine decay."""
+"""The training loop shared by the zoo, MoLA experts and routers: AdamW, warm-up then cosine decay.
+
+Determinism comes from seeding everything a run touches: the weight initialisation and the data
+streams are seeded by the caller, and the loop itself draws no random numbers except through
+``torch.manual_seed(seed)``. The zoo's builds run it single-threaded in worker processes, so a
+model's weights do not depend on how the build schedules its jobs.
+"""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""A small deterministic training loop for the zoo (AdamW, warmup then cosine decay, clipping).
-
-Determinism comes from seeding everything a run touches: the weight initialisation and the data
-streams are seeded by the caller, and the loop itself draws no random numbers except through
-``torch.manual_seed(seed)``. Runs are single-threaded in the build's worker processes, so a model's
-weights do not depend on how the build schedules its jobs.
-"""
+"""The zoo's training batches: seeded mixtures of its tasks, and replay interleaved into them (the loop
+that trains on them is :func:`workbench.modeling.training.train`)."""
 
 from __future__ import annotations
 

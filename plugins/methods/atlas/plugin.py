@@ -262,13 +262,11 @@ class Atlas(MergeMethod):
         start = torch.full(
             (len(ctx.models), len(blocks), params.partitions), params.init, dtype=torch.float64
         )
-        result = learn(
-            model, tensors, start, train, held_out, settings, ctx.extra.get("note", lambda text: None)
-        )
+        result = learn(model, tensors, start, train, held_out, settings, ctx.note)
         if UNTRAINED in block_index:  # no gradient reached it, but weight decay did
             result.lam[:, block_index[UNTRAINED], :] = params.init
         table = CoefficientTable(
-            models=list(ctx.extra.get("model_refs") or [str(m.path) for m in ctx.models]),
+            models=list(ctx.model_refs or [str(m.path) for m in ctx.models]),
             granularity=params.blocks,
             partitions=params.partitions,
             blocks=blocks,
@@ -289,7 +287,7 @@ class Atlas(MergeMethod):
             "trained_tensors": len(trained),
             "history": result.history,
         }
-        return AtlasState(table, str(ctx.extra.get("base_ref") or base.path), result, summary)
+        return AtlasState(table, str(ctx.base_ref or base.path), result, summary)
 
     @staticmethod
     def _data(ctx: PrepareContext, params: AtlasParameters) -> tuple[list[Any], list[Any] | None]:
@@ -315,7 +313,7 @@ class Atlas(MergeMethod):
                             params.samples,
                             ctx.seed,
                             ctx.base.path,
-                            ctx.extra["registry"],
+                            ctx.registry,
                             who="atlas",
                         )
                     ),

@@ -311,7 +311,7 @@ class LoraExperts(MergeMethod):
         assert ctx.base is not None
         return [
             input_batches(
-                p["data"], params.samples, ctx.seed, ctx.base.path, ctx.extra["registry"], who="lora_experts"
+                p["data"], params.samples, ctx.seed, ctx.base.path, ctx.registry, who="lora_experts"
             )
             for p in ctx.model_params
         ]

@@ -397,7 +397,7 @@ class OTFusion(MergeMethod):
                     "ot_fusion: cost 'activations' needs data: "
                     "{evaluator: NAME, options: {...}} or {text: FILE, seq_len: N}."
                 )
-            batches = input_batches(params.data, params.samples, ctx.seed, anchor.path, ctx.extra["registry"])
+            batches = input_batches(params.data, params.samples, ctx.seed, anchor.path, ctx.registry)
             anchor_acts = capture(anchor.path, layout, batches, shape[1], shape[2])
         for index, model in enumerate(ctx.models):
             if index == params.anchor:

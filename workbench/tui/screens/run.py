@@ -208,7 +208,7 @@ class RunScreen(WorkbenchScreen):
     ) -> list[str]:
         """The body of ``workbench run`` (plan, execute, evaluate); returns the closing lines, the summary last."""
         from workbench.engine.plan import build_plan
-        from workbench.engine.run import execute
+        from workbench.engine.run import run_plan
         from workbench.registry import require_plugins
 
         require_plugins(self.registry)
@@ -224,22 +224,18 @@ class RunScreen(WorkbenchScreen):
             if listener.worker.is_cancelled:
                 raise KeyboardInterrupt
             self.app.call_from_thread(self._status, "merging...")
-            result = execute(plan, self.registry, on_progress=listener)
-        finally:
+        except BaseException:
             plan.close()
+            raise
+        result = run_plan(plan, self.registry, on_progress=listener)
         lines = [f"warning: {w}" for w in result.warnings if w not in plan.warnings]
-        if recipe.evaluators:
-            from workbench.evaluation.running import evaluate_output
-
-            for evaluator, metrics in evaluate_output(
-                recipe.evaluators, result.out_dir, self.registry
-            ).items():
-                lines += [
-                    f"{evaluator} {metric}: {value:.4f}"
-                    if isinstance(value, float)
-                    else f"{evaluator} {metric}: {value!r}"
-                    for metric, value in metrics.items()
-                ]
+        for evaluator, metrics in result.evaluations.items():
+            lines += [
+                f"{evaluator} {metric}: {value:.4f}"
+                if isinstance(value, float)
+                else f"{evaluator} {metric}: {value!r}"
+                for metric, value in metrics.items()
+            ]
         if recipe.output.push is not None:
             lines.append(
                 f"output.push is set: push {result.out_dir} to {recipe.output.push.repo} from the Publish screen (F7)."
