@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from workbench.checkpoint.dtypes import torch_name
 from workbench.checkpoint.output_folder import (
@@ -275,31 +275,23 @@ def run_recipe(
     )
 
 
-def run_plan(
-    plan: MergePlan,
-    registry: Registry,
-    *,
-    device: str = "cpu",
-    executor: str = "local",
-    prefetch: int = 2,
-    on_progress: ProgressCallback | None = None,
-    resume: bool = False,
-    executor_options: dict[str, Any] | None = None,
-) -> RunResult:
+class RunOptions(TypedDict, total=False):
+    """How a plan runs: the keyword arguments of :func:`execute`, which :func:`run_plan` passes on."""
+
+    device: str
+    executor: str
+    prefetch: int
+    on_progress: ProgressCallback | None
+    resume: bool
+    executor_options: dict[str, Any] | None
+
+
+def run_plan(plan: MergePlan, registry: Registry, **options: Unpack[RunOptions]) -> RunResult:
     """Execute a plan, close it, and score the output with the recipe's evaluators: the one sequence
     behind :func:`run_recipe`, ``workbench run`` and the TUI's Run screen (which plan first, to show
     the plan's warnings) and sweeps (through ``run_recipe``)."""
     try:
-        result = execute(
-            plan,
-            registry,
-            device=device,
-            executor=executor,
-            prefetch=prefetch,
-            on_progress=on_progress,
-            resume=resume,
-            executor_options=executor_options,
-        )
+        result = execute(plan, registry, **options)
     finally:
         plan.close()
     if plan.recipe.evaluators:

@@ -1,1 +1,1 @@
-"""Optimal-transport fusion: the plugin, its transport primitives and the architecture layouts."""
+"""Optimal-transport fusion: the plugin, its parameters, the alignment by transport maps, the primitives and the layouts."""
