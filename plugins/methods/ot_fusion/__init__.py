@@ -1,1 +1,2 @@
-"""Optimal-transport fusion: the plugin, its parameters, the alignment by transport maps, the primitives and the layouts."""
+"""Optimal-transport fusion: the plugin, its parameters, the alignment by transport maps, the
+transport primitives and the architecture layouts."""
