@@ -244,7 +244,8 @@ class MergeMethod:
     equal_shapes: ClassVar[bool] = True
     #: API 1.0's spelling of ``mode = "blockwise"`` (kept in step with ``mode``).
     blockwise: ClassVar[bool] = False
-    #: ``prepare`` holds whole models in memory (the engine warns about the memory this takes).
+    #: API 1.0's declaration that ``prepare`` holds whole models: read by nothing (``memory_needed`` says
+    #: how much), kept so that 1.x plugins which set it still load; it goes with API 2.0.
     whole_model: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -162,7 +162,6 @@ class Atlas(MergeMethod):
     Parameters = AtlasParameters
     ModelParameters = AtlasModelParameters
     base_model = "required"
-    whole_model = True
 
     def check_plan(
         self, params: dict[str, Any], model_params: Sequence[dict[str, Any]], layer_count: int
