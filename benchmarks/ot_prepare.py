@@ -22,8 +22,9 @@ from pathlib import Path
 
 
 def main() -> None:
+    from workbench.architecture import layer_count
     from workbench.checkpoint.synthetic import LlamaShape, write_model
-    from workbench.method import PrepareContext
+    from workbench.method import ParameterSet, PrepareContext
     from workbench.registry import get_registry
     from workbench_plugins.methods.ot_fusion.plugin import OTFusion
 
@@ -55,14 +56,17 @@ def main() -> None:
                         flush=True,
                     )
                     continue
+                names = readers[0].tensor_names()
+                layers = layer_count(names, readers[0].config())
                 ctx = PrepareContext(
                     models=readers,
                     base=None,
-                    params={"solver": solver},
-                    model_params=[{}, {}],
-                    tensor_names=readers[0].tensor_names(),
+                    params=ParameterSet(OTFusion.Parameters, {"solver": solver}, layers),
+                    model_params=[ParameterSet(OTFusion.ModelParameters, {}, layers) for _ in readers],
+                    tensor_names=names,
                     device="cpu",
-                    extra={"registry": registry},
+                    layer_count=layers,
+                    registry=registry,
                 )
                 start = time.perf_counter()
                 state = OTFusion().prepare(ctx)

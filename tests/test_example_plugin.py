@@ -179,15 +179,15 @@ def test_the_example_package_own_tests_pass(site: Path, tmp_path: Path) -> None:
 def test_a_plugin_built_for_another_api_major_is_refused_and_builtins_keep_working(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    root = tmp_path_factory.mktemp("example-api2")
+    root = tmp_path_factory.mktemp("example-api3")
     site = root / "site"
     # the same package, declaring the next major plugin API
     staged = root / "staged"
     shutil.copytree(EXAMPLE, staged, ignore=shutil.ignore_patterns(*BUILD_LEFTOVERS))
     init = staged / "src" / "workbench_example" / "__init__.py"
     source = init.read_text()
-    assert 'WORKBENCH_API = "1.1"' in source
-    init.write_text(source.replace('WORKBENCH_API = "1.1"', 'WORKBENCH_API = "2.0"'))
+    assert 'WORKBENCH_API = "2.0"' in source
+    init.write_text(source.replace('WORKBENCH_API = "2.0"', 'WORKBENCH_API = "3.0"'))
     _install(staged, site)
 
     builtins = sorted(
@@ -199,7 +199,7 @@ def test_a_plugin_built_for_another_api_major_is_refused_and_builtins_keep_worki
     assert listed.returncode == 0, listed.stderr
     warnings = [line for line in listed.stderr.splitlines() if PACKAGE in line]
     assert len(warnings) == 1, listed.stderr
-    assert "warning" in warnings[0] and "2.0" in warnings[0] and "1.0" in warnings[0], warnings[0]
+    assert "warning" in warnings[0] and "3.0" in warnings[0] and "2.0" in warnings[0], warnings[0]
     methods = _listed_methods(listed.stdout)
     assert "trimmed_mean" not in methods
     assert sorted(m for m, package in methods.items() if package == CORE_DISTRIBUTION) == builtins

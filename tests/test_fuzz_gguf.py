@@ -17,11 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as Q
-from gguf import GGUFReader, GGUFWriter
+from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFWriter
 from gguf.quants import quantize
-from hypothesis import event, given
-from hypothesis import strategies as st
+from hypothesis import event, given, strategies as st
 
 from workbench.errors import CheckpointError
 from workbench.registry import get_registry

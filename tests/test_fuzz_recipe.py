@@ -22,8 +22,7 @@ import yaml
 from cli_failures import assert_failed, invoke
 from click.testing import CliRunner
 from fuzz_guards import time_limit
-from hypothesis import event, example, given
-from hypothesis import strategies as st
+from hypothesis import event, example, given, strategies as st
 
 from workbench.errors import RecipeError
 from workbench.recipe.schema import (

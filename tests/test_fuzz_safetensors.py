@@ -25,8 +25,7 @@ from typing import Any
 import pytest
 import torch
 from fuzz_guards import run_capped, time_limit
-from hypothesis import event, example, given
-from hypothesis import strategies as st
+from hypothesis import event, example, given, strategies as st
 
 from workbench.checkpoint.base import TensorSpec
 from workbench.checkpoint.dtypes import ITEMSIZE, to_torch

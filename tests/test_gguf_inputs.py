@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as Q
-from gguf import GGUFReader, GGUFWriter
+from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFWriter
 from gguf.quants import quantize
 from merging import load_dir, merge, q
 

@@ -10,7 +10,11 @@ import torch
 from safetensors.torch import load_file
 
 from workbench.engine.run import run_recipe
+from workbench.errors import RecipeError
 from workbench.params import (
+    MethodParameters,
+    Param,
+    ParameterSet,
     anchors,
     evaluate_gradient,
     filter_matches,
@@ -327,3 +331,39 @@ def test_missing_or_bad_parameter_file_is_a_located_error(
             out=tmp_path / "o2",
         )
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# parameter sets: what check_plan, memory_needed and prepare see
+# ------------------------------------------------------------------------------------------------
+
+
+class _Weights(MethodParameters):
+    weight: float = Param(description="a per-layer weight", ge=0.0)
+    mode: str = Param("fast", description="a run-wide option", per_layer=False)
+
+
+def test_a_parameter_set_resolves_a_gradient_per_tensor_and_run_wide_at_t0() -> None:
+    params = ParameterSet(_Weights, {"weight": [0.2, 0.8], "mode": "slow"}, layer_count=4)
+    # layer 1 of 4 sits at t = 1/3: 0.2 + (0.8 - 0.2) / 3 = 0.4
+    assert params.at(LAYER.format(1)).weight == pytest.approx(0.4, abs=1e-12)
+    assert params.at(LAYER.format(3)).weight == pytest.approx(0.8, abs=1e-12)
+    assert params.at("model.embed_tokens.weight").weight == pytest.approx(0.2, abs=1e-12)
+    assert (params.values.weight, params.values.mode) == (0.2, "slow")
+    assert isinstance(params.values, _Weights)
+    with pytest.raises(TypeError):
+        params.raw["weight"] = 1.0  # type: ignore[index]
+
+
+def test_a_parameter_set_names_the_tensor_whose_values_are_invalid() -> None:
+    params = ParameterSet(_Weights, {"weight": [{"filter": "mlp", "value": -1.0}, {"value": 1.0}]}, 4)
+    assert params.values.weight == 1.0  # outside the layers no 'mlp' filter matches
+    with pytest.raises(RecipeError, match=r"tensor 'model\.layers\.0\.mlp\.up_proj\.weight' are invalid"):
+        params.at(LAYER.format(0))
+
+
+def test_a_parameter_set_without_a_run_wide_value_says_so_and_still_resolves_per_tensor() -> None:
+    params = ParameterSet(_Weights, {"weight": [{"filter": "mlp", "value": 0.5}]}, 4)
+    assert params.at(LAYER.format(2)).weight == 0.5
+    with pytest.raises(RecipeError, match="no run-wide value.*at\\(name\\)"):
+        params.values  # noqa: B018

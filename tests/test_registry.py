@@ -452,12 +452,12 @@ def test_a_hook_wrapper_is_reported_not_silently_ignored(make_plugin: MakePlugin
 @pytest.mark.parametrize(
     ("declared", "loads"),
     [
-        ("1.0", True),
-        ("1.1", True),
+        ("2.0", True),
         (None, True),
-        ("0.9", False),
-        ("1.2", False),
-        ("2.0", False),
+        ("1.0", False),
+        ("1.1", False),
+        ("2.1", False),
+        ("3.0", False),
         ("one", False),
         (1.0, False),
     ],
@@ -465,7 +465,7 @@ def test_a_hook_wrapper_is_reported_not_silently_ignored(make_plugin: MakePlugin
 def test_plugin_api_version_is_checked(declared: object, loads: bool, make_plugin: MakePlugin) -> None:
     import workbench
 
-    assert workbench.API_VERSION == "1.1"  # the cases above are written for it
+    assert workbench.API_VERSION == "2.0"  # the cases above are written for it
     source = FAKE_MAX + ("" if declared is None else f"\n    WORKBENCH_API = {declared!r}\n")
     make_plugin("workbench-versioned", "versioned", source)
     registry = load_registry()
@@ -477,25 +477,25 @@ def test_plugin_api_version_is_checked(declared: object, loads: bool, make_plugi
         assert len(registry.problems) == 1
         problem = registry.problems[0]
         assert "workbench-versioned" in problem and str(declared) in problem
-        if declared in ("0.9", "1.2", "2.0"):
-            assert f"API {declared}" in problem and "plugin API 1.1" in problem
+        if declared in ("1.0", "1.1", "2.1", "3.0"):
+            assert f"API {declared}" in problem and "plugin API 2.0" in problem
 
 
 def test_a_newer_minor_version_of_the_core_loads_an_older_plugin(
     make_plugin: MakePlugin, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(registry_module, "API_VERSION", "1.3")
-    make_plugin("workbench-versioned", "versioned", FAKE_MAX + "\n    WORKBENCH_API = '1.2'\n")
+    monkeypatch.setattr(registry_module, "API_VERSION", "2.3")
+    make_plugin("workbench-versioned", "versioned", FAKE_MAX + "\n    WORKBENCH_API = '2.2'\n")
     assert "fake_max" in load_registry().methods
     make_plugin(
         "workbench-newer",
         "newer",
-        FAKE_MAX.replace("fake_max", "fake_newer") + "\n    WORKBENCH_API = '1.4'\n",
+        FAKE_MAX.replace("fake_max", "fake_newer") + "\n    WORKBENCH_API = '2.4'\n",
     )
     registry = load_registry()
     assert "fake_newer" not in registry.methods
     assert (
-        "built for workbench plugin API 1.4, but this workbench provides plugin API 1.3 (compatible: 1.0 to 1.3)"
+        "built for workbench plugin API 2.4, but this workbench provides plugin API 2.3 (compatible: 2.0 to 2.3)"
         in registry.problems[0]
     )
 

@@ -20,13 +20,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import create_model
 from pydantic.fields import FieldInfo
 
 from workbench import architecture
-from workbench.architecture import TensorPlace
 from workbench.errors import RecipeError
-from workbench.params import resolve
+
+# The parameter schema's names, re-exported: a plugin imports its whole contract from here.
+from workbench.params import (
+    MethodParameters as MethodParameters,
+    Param as Param,
+    ParameterSet as ParameterSet,
+    is_per_layer as is_per_layer,
+    param_keys as param_keys,
+    resolve_params as resolve_params,
+)
 
 if TYPE_CHECKING:  # torch is imported only where tensors are touched
     import torch
@@ -38,33 +46,6 @@ BaseRequirement = Literal["required", "optional", "unused"]
 #: How much of a tensor one call of ``apply`` must see (see :attr:`MergeMethod.mode`).
 Mode = Literal["elementwise", "rowwise", "blockwise", "whole"]
 MODES: tuple[Mode, ...] = ("elementwise", "rowwise", "blockwise", "whole")
-
-
-class MethodParameters(BaseModel):
-    """Base class of parameter schemas: unknown keys are errors, never silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def Param(
-    default: Any = ...,
-    *,
-    description: str,
-    per_layer: bool = True,
-    **constraints: Any,
-) -> Any:
-    """Declare a method parameter.
-
-    ``per_layer=True`` lets a recipe give a list (interpolated over layers, as in mergekit) or a
-    list of ``{filter, value}`` entries matched against tensor names; otherwise only a single value
-    is accepted.
-    """
-    return Field(default, description=description, json_schema_extra={"per_layer": per_layer}, **constraints)
-
-
-def is_per_layer(schema: type[BaseModel], name: str) -> bool:
-    extra = schema.model_fields[name].json_schema_extra
-    return bool(isinstance(extra, dict) and extra.get("per_layer", False))
 
 
 @dataclass(frozen=True)
@@ -173,18 +154,15 @@ class PrepareContext:
 
     models: Sequence["CheckpointReader"]
     base: "CheckpointReader | None"
-    #: Global parameters as the recipe gives them (scalars, per-layer lists or filter lists).
-    params: dict[str, Any]
-    #: Each model's parameters as the recipe gives them (top-level defaults merged in), in model order.
-    model_params: Sequence[dict[str, Any]]
+    #: The method's parameters, validated (``params.values`` run-wide, ``params.at(name)`` per tensor).
+    params: ParameterSet
+    #: Each model's parameters, validated (top-level defaults merged in), in model order.
+    model_params: Sequence[ParameterSet]
     tensor_names: Sequence[str]
     device: str
     #: The recipe's seed (per-tensor seeds derive from it and the tensor name).
     seed: int = 0
     compute_dtype: "torch.dtype | None" = None
-    #: API 1.0's untyped channel (``registry``, ``note``, ``model_refs``, ``base_ref``); the engine still
-    #: fills it, but the typed fields below are the contract.
-    extra: dict[str, Any] = field(default_factory=dict)
     #: The models' decoder layers, as the planner counted them (0 when none are recognised).
     layer_count: int = 0
     #: The inputs as the recipe names them (a path, a Hub id, ``BASE+ADAPTER``), in model order.
@@ -244,9 +222,6 @@ class MergeMethod:
     equal_shapes: ClassVar[bool] = True
     #: API 1.0's spelling of ``mode = "blockwise"`` (kept in step with ``mode``).
     blockwise: ClassVar[bool] = False
-    #: API 1.0's declaration that ``prepare`` holds whole models: read by nothing (``memory_needed`` says
-    #: how much), kept so that 1.x plugins which set it still load; it goes with API 2.0.
-    whole_model: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Keep ``mode`` and API 1.0's flags in step: a class that declares ``mode`` gets the flags,
@@ -271,22 +246,23 @@ class MergeMethod:
         return []
 
     def check_plan(
-        self, params: dict[str, Any], model_params: Sequence[dict[str, Any]], layer_count: int
+        self, params: ParameterSet, model_params: Sequence[ParameterSet], layer_count: int
     ) -> None:
         """Reject parameters that cannot work with these models (e.g. more layers than they have).
 
-        Called while planning, before any tensor is read, with the recipe's raw values (top-level
-        defaults merged into each model's); the default accepts everything.
+        Called while planning, before any tensor is read, once every tensor's parameters have passed
+        the schemas (``params.values`` run-wide, ``params.at(name)`` one tensor's); a RecipeError
+        raised here is shown with the recipe's file and line. The default accepts everything.
         """
 
     def memory_needed(
         self,
-        params: dict[str, Any],
-        model_params: Sequence[dict[str, Any]],
+        params: ParameterSet,
+        model_params: Sequence[ParameterSet],
         tensors: Sequence[tuple[str, tuple[int, ...]]],
     ) -> MemoryNeed | None:
         """What :meth:`prepare` holds beyond the streaming merge (whole-model methods), from the
-        recipe's raw values and the (name, shape) of every float tensor; the planner refuses a
+        validated parameters and the (name, shape) of every float tensor; the planner refuses a
         recipe that needs more than the memory limit, before any tensor is read. Default: nothing."""
         return None
 
@@ -357,36 +333,7 @@ class MergeMethod:
         raise NotImplementedError
 
 
-# The engine resolves parameters and seeds with these; a plugin or its tests may call them too.
-
-_NO_VALUE = object()
-
-
-def param_keys(schema: type[MethodParameters]) -> dict[str, str]:
-    """Recipe key -> field name (a field may use an alias such as 'lambda')."""
-    return {(f.alias or name): name for name, f in schema.model_fields.items()}
-
-
-def resolve_params(
-    schema: type[MethodParameters], raw: dict[str, Any], place: TensorPlace, name: str, layers: int
-) -> MethodParameters:
-    """The parameters of one tensor: gradients interpolated, filters applied, schema validated."""
-    values: dict[str, Any] = {}
-    for key, fname in param_keys(schema).items():
-        if key not in raw:
-            continue
-        if not is_per_layer(schema, fname):
-            values[key] = raw[key]
-            continue
-        value = resolve(raw[key], name, place.layer_index, layers, _NO_VALUE)
-        if value is _NO_VALUE:
-            if schema.model_fields[fname].is_required():
-                raise RecipeError(
-                    f"no filter of parameter '{key}' matches tensor '{name}', and '{key}' has no default."
-                )
-            continue
-        values[key] = value
-    return schema.model_validate(values)
+# The engine derives seeds with these; a plugin or its tests may call them too.
 
 
 def tensor_seed(seed: int, name: str) -> int:

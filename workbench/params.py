@@ -1,4 +1,6 @@
-"""Parameter values that vary over layers and tensors, with mergekit's semantics.
+"""Method parameters: declared (a pydantic schema of :func:`Param` fields), given (a recipe's values,
+which may vary over layers and tensors with mergekit's semantics) and resolved (one tensor's values, or
+a run's, as :class:`ParameterSet`).
 
 A recipe value is one of:
 - a scalar: used for every tensor;
@@ -20,12 +22,20 @@ import fnmatch
 import functools
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-_MISSING = object()
+from workbench import architecture
+from workbench.architecture import TensorPlace
+from workbench.errors import RecipeError
+
+_MISSING = object()  # resolve(): no default given
+_NO_VALUE = object()  # resolve_params(): no value for this tensor
 
 
 def is_file_ref(value: Any) -> bool:
@@ -128,3 +138,107 @@ def anchors(value: Any) -> list[Any]:
 
 def varies(value: Any) -> bool:
     return isinstance(value, list) or is_file_ref(value)
+
+
+# Declared: a method's schema.
+
+
+class MethodParameters(BaseModel):
+    """Base class of parameter schemas: unknown keys are errors, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def Param(
+    default: Any = ...,
+    *,
+    description: str,
+    per_layer: bool = True,
+    **constraints: Any,
+) -> Any:
+    """Declare a method parameter.
+
+    ``per_layer=True`` lets a recipe give a list (interpolated over layers, as in mergekit) or a
+    list of ``{filter, value}`` entries matched against tensor names; otherwise only a single value
+    is accepted.
+    """
+    return Field(default, description=description, json_schema_extra={"per_layer": per_layer}, **constraints)
+
+
+def is_per_layer(schema: type[BaseModel], name: str) -> bool:
+    extra = schema.model_fields[name].json_schema_extra
+    return bool(isinstance(extra, dict) and extra.get("per_layer", False))
+
+
+# Resolved: one tensor's values, or a whole run's.
+
+
+def param_keys(schema: type[MethodParameters]) -> dict[str, str]:
+    """Recipe key -> field name (a field may use an alias such as 'lambda')."""
+    return {(f.alias or name): name for name, f in schema.model_fields.items()}
+
+
+def resolve_params(
+    schema: type[MethodParameters], raw: Mapping[str, Any], place: TensorPlace, name: str, layers: int
+) -> MethodParameters:
+    """The parameters of one tensor: gradients interpolated, filters applied, schema validated."""
+    values: dict[str, Any] = {}
+    for key, fname in param_keys(schema).items():
+        if key not in raw:
+            continue
+        if not is_per_layer(schema, fname):
+            values[key] = raw[key]
+            continue
+        value = resolve(raw[key], name, place.layer_index, layers, _NO_VALUE)
+        if value is _NO_VALUE:
+            if schema.model_fields[fname].is_required():
+                raise RecipeError(
+                    f"no filter of parameter '{key}' matches tensor '{name}', and '{key}' has no default."
+                )
+            continue
+        values[key] = value
+    return schema.model_validate(values)
+
+
+class ParameterSet:
+    """One set of a method's parameters (its own, or one model's) for a whole run, validated against
+    its schema by the planner before ``check_plan``, ``memory_needed`` or ``prepare`` sees it.
+
+    :attr:`values` are the run-wide values: every per-layer entry (a gradient, a filter list, a
+    ``{file: ...}`` table) at its value outside the layers, where embeddings and the head sit (t = 0);
+    options that do not vary are read there. :meth:`at` gives one tensor's values, exactly what
+    ``apply`` receives for it. :attr:`raw` is the recipe's text (top-level defaults merged into a
+    model's), for a method that hands it on to another (``lines`` wraps one)."""
+
+    def __init__(self, schema: type[MethodParameters], raw: Mapping[str, Any], layer_count: int) -> None:
+        self.schema = schema
+        self.raw: Mapping[str, Any] = MappingProxyType(dict(raw))
+        self.layer_count = layer_count
+
+    def at(self, tensor_name: str) -> MethodParameters:
+        """The values of tensor ``tensor_name`` (RecipeError naming it if they are invalid)."""
+        try:
+            return resolve_params(
+                self.schema, self.raw, architecture.place(tensor_name), tensor_name, self.layer_count
+            )
+        except ValidationError as exc:
+            raise RecipeError(
+                f"parameters for tensor '{tensor_name}' are invalid: {exc.errors()[0]['msg']}."
+            ) from None
+        except (LookupError, ValueError) as exc:  # a {file: ...} table that cannot be read or lacks it
+            raise RecipeError(f"parameters for tensor '{tensor_name}': {exc}.") from None
+
+    @functools.cached_property
+    def values(self) -> MethodParameters:
+        """The run-wide values (per-layer entries at t = 0, outside the layers)."""
+        try:
+            return resolve_params(self.schema, self.raw, architecture.place(""), "", self.layer_count)
+        except ValidationError as exc:
+            raise RecipeError(f"parameters are invalid: {exc.errors()[0]['msg']}.") from None
+        except (LookupError, ValueError, RecipeError) as exc:
+            raise RecipeError(
+                f"parameters have no run-wide value ({exc}); read them per tensor with at(name)."
+            ) from None
+
+    def __repr__(self) -> str:
+        return f"ParameterSet({self.schema.__name__}, {dict(self.raw)!r}, layer_count={self.layer_count})"

@@ -79,7 +79,7 @@ def _call(run_job: Callable[[Any], Any], job: Any) -> Any:
 
 
 #: The plugin API this module is written for (checked when the registry loads it).
-WORKBENCH_API = "1.0"
+WORKBENCH_API = "2.0"
 
 
 @hookimpl

@@ -124,7 +124,7 @@ class TaskVectorMethod(MergeMethod):
 
     def prepare(self, ctx: PrepareContext) -> Thresholds | None:
         """With ``scope: model``, one magnitude band per task vector over the whole model."""
-        if ctx.params.get("scope", "tensor") != "model":
+        if ctx.params.values.scope != "model":
             return None
         if self.sparsification != "magnitude":
             raise RecipeError(
@@ -138,14 +138,13 @@ class TaskVectorMethod(MergeMethod):
         base = ctx.base
         names = [n for n in ctx.tensor_names if base.info(n).is_float]
         bands = {}
-        for i, raw in enumerate(ctx.model_params):
-            given = {k: v for k, v in raw.items() if k in ("density", "gamma")}
-            varying = [k for k, v in given.items() if varies(v)]
+        for i, given in enumerate(ctx.model_params):
+            varying = [k for k in ("density", "gamma") if varies(given.raw.get(k))]
             if varying:
                 raise RecipeError(
                     f"{self.name}: scope 'model' needs one {varying[0]} per model, not a list, a filter or a file."
                 )
-            options = self.ModelParameters.model_validate(given)
+            options = given.values
             reader = ctx.models[i]
 
             def stream(reader: Any = reader) -> Any:

@@ -20,7 +20,7 @@ from pydantic import ValidationError, model_validator
 from workbench.architecture import layer_count
 from workbench.errors import RecipeError
 from workbench.hookspecs import hookimpl
-from workbench.method import MergeMethod, MethodParameters, Param, PrepareContext, TensorContext
+from workbench.method import MergeMethod, MethodParameters, Param, ParameterSet, PrepareContext, TensorContext
 
 if TYPE_CHECKING:
     import torch
@@ -150,9 +150,9 @@ def swap_parameters(params: dict[str, Any], weights: Sequence[float]) -> dict[st
     return {**kept, "layer_map": entries}
 
 
-def roles(model_params: list[dict[str, Any]]) -> tuple[int, int]:
+def roles(model_params: Sequence[LayerSwapModelParameters]) -> tuple[int, int]:
     """(index of the task expert, index of the language expert) among the two models."""
-    given = [p.get("role") for p in model_params]
+    given = [p.role for p in model_params]
     if given == [None, None]:
         return 0, 1
     if sorted(str(r) for r in given) != ["language", "task"]:
@@ -185,41 +185,43 @@ class LayerSwap(MergeMethod):
     mode = "elementwise"
 
     def check_plan(
-        self, params: dict[str, Any], model_params: Sequence[dict[str, Any]], layer_count: int
+        self, params: ParameterSet, model_params: Sequence[ParameterSet], layer_count: int
     ) -> None:
-        self._layout(params, model_params, layer_count)
+        self._layout(params.values, [p.values for p in model_params], layer_count)
 
     def prepare(self, ctx: PrepareContext) -> tuple[list[float], int, int]:
         return self._layout(
-            ctx.params,
-            ctx.model_params,
+            ctx.params.values,
+            [p.values for p in ctx.model_params],
             ctx.layer_count or layer_count(ctx.tensor_names, ctx.models[0].config()),
         )
 
     @staticmethod
     def _layout(
-        params: dict[str, Any], model_params: Sequence[dict[str, Any]], layers: int
+        params: LayerSwapParameters, model_params: Sequence[LayerSwapModelParameters], layers: int
     ) -> tuple[list[float], int, int]:
         """(language weight per layer, task model index, language model index)."""
         if layers == 0:
             raise RecipeError(
                 "layer_swap: the models have no recognisable decoder layers (model.layers.N., transformer.h.N., ...)."
             )
-        task, language = roles(list(model_params))
-        try:
-            checked = LayerSwapParameters.model_validate(params)
-        except ValidationError as exc:
-            raise RecipeError(
-                f"layer_swap: {exc.errors()[0]['msg'].removeprefix('Value error, ')}."
-            ) from None
-        return language_weights(checked, layers), task, language
+        task, language = roles(model_params)
+        return language_weights(params, layers), task, language
 
     @classmethod
     def layer_layout(
         cls, params: dict[str, Any], model_params: Sequence[dict[str, Any]], layers: int
     ) -> tuple[list[float], int, int]:
-        """The layout the merge will use (for the TUI's layer map, so it never re-derives it)."""
-        return cls._layout(params, model_params, layers)
+        """The layout the merge will use, from a recipe's raw values (the TUI's layer map, so that it
+        never re-derives it)."""
+        try:
+            checked = LayerSwapParameters.model_validate(params)
+            checked_models = [LayerSwapModelParameters.model_validate(p) for p in model_params]
+        except ValidationError as exc:
+            raise RecipeError(
+                f"layer_swap: {exc.errors()[0]['msg'].removeprefix('Value error, ')}."
+            ) from None
+        return cls._layout(checked, checked_models, layers)
 
     @staticmethod
     def with_layout(params: dict[str, Any], weights: Sequence[float]) -> dict[str, Any]:
@@ -253,7 +255,7 @@ class LayerSwap(MergeMethod):
 
 
 #: The plugin API this module is written for (checked when the registry loads it).
-WORKBENCH_API = "1.0"
+WORKBENCH_API = "2.0"
 
 
 @hookimpl

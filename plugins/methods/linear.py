@@ -44,7 +44,7 @@ def linear(
 
 
 #: The plugin API this module is written for (checked when the registry loads it).
-WORKBENCH_API = "1.1"
+WORKBENCH_API = "2.0"
 
 
 @hookimpl

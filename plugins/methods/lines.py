@@ -39,7 +39,7 @@ from pydantic import ValidationError, model_validator
 from workbench import architecture
 from workbench.errors import RecipeError
 from workbench.hookspecs import hookimpl
-from workbench.method import MergeMethod, MethodParameters, Param, PrepareContext, TensorContext
+from workbench.method import MergeMethod, MethodParameters, Param, ParameterSet, PrepareContext, TensorContext
 
 if TYPE_CHECKING:
     import torch
@@ -143,27 +143,21 @@ class _State:
     """The inner method and what LiNeS learns about the whole model, shared by every tensor."""
 
     def __init__(
-        self, inner: MergeMethod, inner_state: Any, inner_raw: dict[str, Any], ctx: PrepareContext
+        self, inner: MergeMethod, inner_state: Any, inner_params: ParameterSet, ctx: PrepareContext
     ) -> None:
-        self.inner, self.inner_state, self.inner_raw = inner, inner_state, inner_raw
+        self.inner, self.inner_state, self.inner_set = inner, inner_state, inner_params
         self.models: Sequence[CheckpointReader] = ctx.models
         self.base = ctx.base
-        self.model_raw = [dict(m) for m in ctx.model_params]
+        self.model_params = ctx.model_params
         self.names = list(ctx.tensor_names)
         self.alpha: float | None = None
         self.lock = threading.Lock()
 
-    def inner_params(self, name: str, layer_count: int) -> MethodParameters:
-        from workbench.method import resolve_params
-
+    def inner_params(self, name: str) -> MethodParameters:
         try:
-            return resolve_params(
-                type(self.inner).Parameters, self.inner_raw, architecture.place(name), name, layer_count
-            )
-        except (ValidationError, LookupError, ValueError) as exc:
-            raise RecipeError(
-                f"lines: merge_parameters for tensor '{name}' are invalid for method '{self.inner.name}': {exc}"
-            ) from None
+            return self.inner_set.at(name)
+        except RecipeError as exc:
+            raise RecipeError(f"lines: merge_parameters, for method '{self.inner.name}': {exc}") from None
 
     def inner_model_params(
         self, model_params: Sequence[LinesModelParameters], name: str, layer_count: int
@@ -188,12 +182,9 @@ class _State:
                 ) from None
         return out
 
-    def lines_model_params(self, name: str, layer_count: int) -> list[LinesModelParameters]:
-        """This tensor's LiNeS per-model parameters, resolved from the recipe's raw values."""
-        from workbench.method import resolve_params
-
-        place = architecture.place(name)
-        return [resolve_params(LinesModelParameters, raw, place, name, layer_count) for raw in self.model_raw]  # type: ignore[misc]
+    def lines_model_params(self, name: str) -> list[LinesModelParameters]:
+        """This tensor's LiNeS per-model parameters."""
+        return [p.at(name) for p in self.model_params]  # type: ignore[misc]
 
     def auto_alpha(self, ctx: TensorContext) -> float:
         with self.lock:
@@ -204,11 +195,9 @@ class _State:
     def _compute_alpha(self, ctx: TensorContext) -> float:
         from workbench.params import varies
 
-        weights = [raw.get("weight", 1.0) for raw in self.model_raw]
+        weights = [p.raw.get("weight", 1.0) for p in self.model_params]
         if not any(varies(w) for w in weights):
-            shortcut = alpha_shortcut(
-                self.inner.name, self.inner_params(ctx.name, ctx.layer_count), float(sum(weights))
-            )
+            shortcut = alpha_shortcut(self.inner.name, self.inner_params(ctx.name), float(sum(weights)))
             if shortcut is not None:
                 return shortcut
         return self._alpha_pass(ctx)
@@ -229,7 +218,7 @@ class _State:
             info = self.base.info(name)
             if not info.is_float or info.numel == 0:
                 continue
-            model_params = self.lines_model_params(name, ctx.layer_count)
+            model_params = self.lines_model_params(name)
             weights = [p.weight for p in model_params]
             if sum(weights) <= 0:
                 raise RecipeError(
@@ -253,7 +242,7 @@ class _State:
             merged = self.inner.apply(
                 xs,
                 base,
-                self.inner_params(name, ctx.layer_count),
+                self.inner_params(name),
                 self.inner_model_params(model_params, name, ctx.layer_count),
                 tctx,
             )
@@ -324,25 +313,32 @@ class Lines(MergeMethod):
     def prepare(self, ctx: PrepareContext) -> _State:
         from workbench.method import param_keys
 
-        inner_cls = inner_class(ctx.params.get("merge", "task_arithmetic"), ctx.registry)
+        options: LinesParameters = ctx.params.values
+        inner_cls = inner_class(options.merge, ctx.registry)
         inner = inner_cls()
         inner.check_inputs(len(ctx.models), ctx.base is not None)
-        inner_raw = dict(ctx.params.get("merge_parameters") or {})
+        inner_raw = dict(options.merge_parameters or {})
         check_inner(inner_cls, inner_raw)
         if "lambda" in param_keys(inner_cls.Parameters):
             inner_raw["lambda"] = 1.0
-        if ctx.params.get("alpha", "auto") == "auto" and len(ctx.models) < 2:
+        if options.alpha == "auto" and len(ctx.models) < 2:
             raise RecipeError(
                 "lines: with one model (single-task editing) give alpha explicitly, "
                 "e.g. 0.1..0.9; 'auto' would leave the fine-tune unchanged."
             )
+        # the inner method's parameters in recipe form, from LiNeS's own recipe text
+        inner_params = ParameterSet(inner_cls.Parameters, inner_raw, ctx.layer_count)
         inner_model = [
-            inner_model_raw(inner_cls.ModelParameters, raw, i, inner_cls.name)
-            for i, raw in enumerate(ctx.model_params)
+            ParameterSet(
+                inner_cls.ModelParameters,
+                inner_model_raw(inner_cls.ModelParameters, p.raw, i, inner_cls.name),
+                ctx.layer_count,
+            )
+            for i, p in enumerate(ctx.model_params)
         ]
-        inner_state = inner.prepare(dataclasses.replace(ctx, params=inner_raw, model_params=inner_model))
+        inner_state = inner.prepare(dataclasses.replace(ctx, params=inner_params, model_params=inner_model))
         self.mode = "elementwise" if inner.mode == "elementwise" else "whole"
-        return _State(inner, inner_state, inner_raw, ctx)
+        return _State(inner, inner_state, inner_params, ctx)
 
     def apply(
         self,
@@ -363,7 +359,7 @@ class Lines(MergeMethod):
         if scale == 0.0:
             return b
         inner_ctx = dataclasses.replace(ctx, out_dtype=ctx.compute_dtype, state=state.inner_state)
-        inner_params = state.inner_params(ctx.name, ctx.layer_count)
+        inner_params = state.inner_params(ctx.name)
         inner_model_params = state.inner_model_params(model_params, ctx.name, ctx.layer_count)
         merged = state.inner.apply(tensors, base, inner_params, inner_model_params, inner_ctx).to(
             ctx.compute_dtype
@@ -374,7 +370,7 @@ class Lines(MergeMethod):
 
 
 #: The plugin API this module is written for (checked when the registry loads it).
-WORKBENCH_API = "1.0"
+WORKBENCH_API = "2.0"
 
 
 @hookimpl

@@ -64,7 +64,7 @@ class ModelStock(MergeMethod):
     def prepare(self, ctx: PrepareContext) -> None:
         # one ratio per row for every tensor: the engine may feed blocks of whole rows (a per-layer
         # list may turn it off for some tensors, which then need theirs whole)
-        if ctx.params.get("filter_wise") is True:
+        if all(ctx.params.at(name).filter_wise for name in ctx.tensor_names):
             self.mode = "rowwise"
 
     def apply(
@@ -145,7 +145,7 @@ def _row_wise(
 
 
 #: The plugin API this module is written for (checked when the registry loads it).
-WORKBENCH_API = "1.0"
+WORKBENCH_API = "2.0"
 
 
 @hookimpl

@@ -284,7 +284,7 @@ class PCB(MergeMethod):
     mode = "whole"
 
     def prepare(self, ctx: PrepareContext) -> GlobalStats | None:
-        if ctx.params.get("scope", "global") != "global":
+        if ctx.params.values.scope != "global":
             return None
         assert ctx.base is not None
         # With model-wide statistics known up front, every step is elementwise: let the engine
@@ -320,7 +320,7 @@ class PCB(MergeMethod):
 
 
 #: The plugin API this module is written for (checked when the registry loads it).
-WORKBENCH_API = "1.0"
+WORKBENCH_API = "2.0"
 
 
 @hookimpl

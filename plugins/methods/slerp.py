@@ -74,7 +74,7 @@ def _angle_dtype(ctx: TensorContext) -> "torch.dtype":
 
 
 #: The plugin API this module is written for (checked when the registry loads it).
-WORKBENCH_API = "1.0"
+WORKBENCH_API = "2.0"
 
 
 @hookimpl

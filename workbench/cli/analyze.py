@@ -77,8 +77,7 @@ def analyze(
             raise click.UsageError("--suggest-swap compares models: give BASE and the MODELs.")
         _analyze_coefficients(Path(base), png_out, csv_out, json_out, quiet)
         return
-    from workbench.analysis.deltas import analyze as analyze_models
-    from workbench.analysis.deltas import model_position, suggest_swap
+    from workbench.analysis.deltas import analyze as analyze_models, model_position, suggest_swap
     from workbench.engine.progress import RichProgress
 
     render.check_output_paths([p for p in (png_out, csv_out, json_out) if p is not None])

@@ -26,9 +26,9 @@ from workbench.method import (
     MemoryNeed,
     MergeMethod,
     MethodParameters,
+    ParameterSet,
     is_per_layer,
     param_keys,
-    resolve_params,
     tensor_seed,
 )
 from workbench.params import anchors, is_filter_list, varies
@@ -79,7 +79,9 @@ class MergePlan:
     method: type[MergeMethod]
     #: The method, built once per run (in each process): planning's checks, prepare and apply all use it.
     instance: MergeMethod
-    params: dict[str, Any]  # global raw values (scalars, gradients, filter lists)
+    #: The method's parameters and each model's (in model order), validated for every tensor.
+    params: ParameterSet
+    model_params: list[ParameterSet]
     models: list[InputModel]
     base: InputModel | None
     tensors: list[PlannedTensor]
@@ -445,10 +447,8 @@ def _plan_tensors(
 
     layers = architecture.layer_count(names, reference.reader.config())
     method_cls = type(method)
-    try:
-        method.check_plan(global_raw, [m.parameters for m in models], layers)
-    except RecipeError as exc:
-        raise RecipeError(f"{where}: {exc}") from None
+    params = ParameterSet(method_cls.Parameters, global_raw, layers)
+    model_params = [ParameterSet(method_cls.ModelParameters, m.parameters, layers) for m in models]
     out_code = code_from_name(recipe.output.dtype) if recipe.output.dtype else None
     tensors: list[PlannedTensor] = []
     converted: dict[str, tuple[str, str, int]] = {}
@@ -486,16 +486,8 @@ def _plan_tensors(
             input_bytes=input_bytes if merge else ref_info.nbytes,
         )
         if merge:
-            try:
-                planned.params = resolve_params(method_cls.Parameters, global_raw, place, name, layers)
-                planned.model_params = [
-                    resolve_params(method_cls.ModelParameters, m.parameters, place, name, layers)
-                    for m in models
-                ]
-            except ValidationError as exc:
-                raise RecipeError(
-                    f"parameters for tensor '{name}' are invalid: {exc.errors()[0]['msg']}."
-                ) from None
+            planned.params = params.at(name)
+            planned.model_params = [p.at(name) for p in model_params]
         tensors.append(planned)
     for label, (have, want, count) in converted.items():
         warnings.append(
@@ -507,9 +499,13 @@ def _plan_tensors(
             f"no tensor of {reference} matches a known layer layout (model.layers.N., transformer.h.N., ...);"
             " it still merges, but per-layer parameter lists apply their first value everywhere."
         )
-    prepare_memory = method.memory_needed(
-        global_raw, [m.parameters for m in models], [(t.name, t.shape) for t in tensors if t.merge]
-    )
+    try:  # every tensor's parameters are valid by now; a method's own checks name the recipe line
+        method.check_plan(params, model_params, layers)
+        prepare_memory = method.memory_needed(
+            params, model_params, [(t.name, t.shape) for t in tensors if t.merge]
+        )
+    except RecipeError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
     if prepare_memory is not None:
         check_memory(method_cls.name, prepare_memory, recipe.memory_limit_bytes)
     shard_size = recipe.output.shard_bytes
@@ -518,7 +514,8 @@ def _plan_tensors(
         recipe=recipe,
         method=method_cls,
         instance=method,
-        params=global_raw,
+        params=params,
+        model_params=model_params,
         models=models,
         base=base,
         tensors=tensors,

@@ -129,8 +129,7 @@ def run_job(job: dict[str, Any], directory: str, scale_name: str) -> dict[str, A
     from transformers.utils import logging as hf_logging
 
     from workbench.modeling.training import train as train_module
-    from workbench.zoo import lora, tasks, train
-    from workbench.zoo import model as zoo_model
+    from workbench.zoo import lora, model as zoo_model, tasks, train
 
     hf_logging.disable_progress_bar()
     threads = torch.get_num_threads()

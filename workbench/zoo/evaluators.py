@@ -86,7 +86,7 @@ EVALUATORS: dict[str, type[ZooEvaluator]] = {task: _evaluator(task) for task in 
 
 
 #: The plugin API this module is written for (checked when the registry loads it).
-WORKBENCH_API = "1.0"
+WORKBENCH_API = "2.0"
 
 
 @hookimpl

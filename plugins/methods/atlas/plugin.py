@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from workbench.errors import RecipeError
 from workbench.hookspecs import hookimpl
-from workbench.method import MemoryNeed, MergeMethod, MethodParameters, Param, PrepareContext, TensorContext
+from workbench.method import (
+    MemoryNeed,
+    MergeMethod,
+    MethodParameters,
+    Param,
+    ParameterSet,
+    PrepareContext,
+    TensorContext,
+)
 from workbench.params import filter_matches
 
 #: The block of the tensors whose coefficients are not learned (they keep ``init``).
@@ -164,9 +172,9 @@ class Atlas(MergeMethod):
     base_model = "required"
 
     def check_plan(
-        self, params: dict[str, Any], model_params: Sequence[dict[str, Any]], layer_count: int
+        self, params: ParameterSet, model_params: Sequence[ParameterSet], layer_count: int
     ) -> None:
-        missing = [i for i, p in enumerate(model_params) if not p.get("data")]
+        missing = [i for i, p in enumerate(model_params) if not p.values.data]
         if missing:
             raise RecipeError(
                 f"atlas: models[{missing[0]}] has no 'data' to learn from; give each model "
@@ -175,13 +183,13 @@ class Atlas(MergeMethod):
 
     def memory_needed(
         self,
-        params: dict[str, Any],
-        model_params: Sequence[dict[str, Any]],
+        params: ParameterSet,
+        model_params: Sequence[ParameterSet],
         tensors: Sequence[tuple[str, tuple[int, ...]]],
     ) -> MemoryNeed:
         import math
 
-        options = AtlasParameters.model_validate(params)
+        options: AtlasParameters = params.values
         total = sum(math.prod(shape) for _, shape in tensors)
         trained = sum(math.prod(shape) for name, shape in tensors if _is_trained(options.trained, name))
         tasks = len(model_params)
@@ -208,7 +216,7 @@ class Atlas(MergeMethod):
         from workbench.method import tensor_seed
         from workbench_plugins.methods.atlas.training import Settings, TrainedTensors, learn
 
-        params = AtlasParameters.model_validate(ctx.params)
+        params: AtlasParameters = ctx.params.values
         base = ctx.base
         assert base is not None
         try:
@@ -303,12 +311,13 @@ class Atlas(MergeMethod):
         train, held_out = [], []
         generator = torch.Generator().manual_seed(ctx.seed)
         for p in ctx.model_params:
-            key = json.dumps(p["data"], sort_keys=True)
+            data = p.values.data
+            key = json.dumps(data, sort_keys=True)
             if key not in read:
                 read[key] = split(
                     sequences(
                         input_batches(
-                            p["data"],
+                            data,
                             params.samples,
                             ctx.seed,
                             ctx.base.path,
@@ -363,7 +372,7 @@ class Atlas(MergeMethod):
 
 
 #: The plugin API this module is written for (checked when the registry loads it).
-WORKBENCH_API = "1.0"
+WORKBENCH_API = "2.0"
 
 
 @hookimpl

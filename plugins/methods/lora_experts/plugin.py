@@ -18,14 +18,14 @@ without data).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from workbench.errors import RecipeError
 from workbench.hookspecs import hookimpl
-from workbench.method import MergeMethod, MethodParameters, Param, PrepareContext, TensorContext
+from workbench.method import MergeMethod, MethodParameters, Param, ParameterSet, PrepareContext, TensorContext
 
 if TYPE_CHECKING:
     import torch
@@ -205,22 +205,24 @@ class LoraExperts(MergeMethod):
     base_model = "required"
     min_models = 1
 
-    def check_plan(self, params: dict[str, Any], model_params: Any, layer_count: int) -> None:
+    def check_plan(
+        self, params: ParameterSet, model_params: Sequence[ParameterSet], layer_count: int
+    ) -> None:
         from workbench.modeling.allocation import per_layer
 
-        allocation = params.get("allocation", "uniform")
-        if allocation not in ("uniform", "magnitude"):
-            per_layer(allocation, layer_count, "lora_experts: allocation")
-        if params.get("router") == "trained" and params.get("top_k", 2) < 2:
+        options: LoraExpertsParameters = params.values
+        if options.allocation not in ("uniform", "magnitude"):
+            per_layer(options.allocation, layer_count, "lora_experts: allocation")
+        if options.router == "trained" and options.top_k < 2:
             raise RecipeError(
                 "lora_experts: router 'trained' needs top_k >= 2: with one expert per "
                 "token its renormalised gate is always 1 and gives the router no gradient."
             )
-        if params.get("router", "prompts") in ("prompts", "trained"):
-            missing = [i for i, p in enumerate(model_params) if not p.get("data")]
+        if options.router in ("prompts", "trained"):
+            missing = [i for i, p in enumerate(model_params) if not p.values.data]
             if missing:
                 raise RecipeError(
-                    f"lora_experts: router '{params.get('router', 'prompts')}' needs each "
+                    f"lora_experts: router '{options.router}' needs each "
                     f"adapter's task prompts; models[{missing[0]}] has no 'data' "
                     "({evaluator: NAME} or {text: FILE, seq_len: N}); or use router: random."
                 )
@@ -232,7 +234,7 @@ class LoraExperts(MergeMethod):
         from workbench.method import tensor_seed
         from workbench.modeling.mola import stack, wrap
 
-        params = LoraExpertsParameters.model_validate(ctx.params)
+        params: LoraExpertsParameters = ctx.params.values
         adapters = _adapters(ctx)
         assert ctx.base is not None
         layers = architecture.layer_count(ctx.tensor_names, ctx.base.config())
@@ -311,7 +313,7 @@ class LoraExperts(MergeMethod):
         assert ctx.base is not None
         return [
             input_batches(
-                p["data"], params.samples, ctx.seed, ctx.base.path, ctx.registry, who="lora_experts"
+                p.values.data, params.samples, ctx.seed, ctx.base.path, ctx.registry, who="lora_experts"
             )
             for p in ctx.model_params
         ]
@@ -350,7 +352,7 @@ class LoraExperts(MergeMethod):
 
 
 #: The plugin API this module is written for (checked when the registry loads it).
-WORKBENCH_API = "1.0"
+WORKBENCH_API = "2.0"
 
 
 @hookimpl

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from workbench.errors import RecipeError
 from workbench.hookspecs import hookimpl
-from workbench.method import MemoryNeed, MergeMethod, PrepareContext, TensorContext
+from workbench.method import MemoryNeed, MergeMethod, ParameterSet, PrepareContext, TensorContext
 from workbench_plugins.methods._weights import normalized
 from workbench_plugins.methods.ot_fusion.alignment import (
     FusionState,
@@ -79,8 +79,8 @@ class OTFusion(MergeMethod):
 
     def memory_needed(
         self,
-        params: dict[str, Any],
-        model_params: Sequence[dict[str, Any]],
+        params: ParameterSet,
+        model_params: Sequence[ParameterSet],
         tensors: Sequence[tuple[str, tuple[int, ...]]],
     ) -> MemoryNeed | None:
         """The transport maps kept for every aligned model: per layer an n x n map of the MLP's
@@ -100,7 +100,7 @@ class OTFusion(MergeMethod):
             placed = layout.role(name)
             if placed is not None and placed[0] is not None and placed[1].out == ("mlp",) and len(shape) == 2:
                 mlp_width[placed[0]] = shape[1] if placed[1].conv1d else shape[0]
-        shared = OTFusionParameters.model_validate(params).resid_policy == "shared"
+        shared = params.values.resid_policy == "shared"
         stream_maps = 1 if shared else 4 * len(mlp_width) + 1
         entries = sum(width**2 for width in mlp_width.values()) + stream_maps * embedding[1] ** 2
         aligned = max(0, len(model_params) - 1)
@@ -114,7 +114,7 @@ class OTFusion(MergeMethod):
     def prepare(self, ctx: PrepareContext) -> FusionState:
         from workbench_plugins.methods.ot_fusion.layouts import detect, dimensions
 
-        params = OTFusionParameters.model_validate(ctx.params)
+        params: OTFusionParameters = ctx.params.values
         if params.anchor >= len(ctx.models):
             raise RecipeError(
                 f"ot_fusion: anchor = {params.anchor}, but there are only "
@@ -320,7 +320,7 @@ class OTFusion(MergeMethod):
 
 
 #: The plugin API this module is written for (checked when the registry loads it).
-WORKBENCH_API = "1.0"
+WORKBENCH_API = "2.0"
 
 
 @hookimpl

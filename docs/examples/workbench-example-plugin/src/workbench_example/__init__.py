@@ -18,10 +18,9 @@ from workbench_example.trimmed_mean import trimmed_mean
 
 __all__ = ["WORKBENCH_API", "register_methods", "trimmed_mean"]
 
-#: The plugin API this package is written for (1.1: ``merge_function``): it loads into workbench 1.1 up
-#: to any 1.x, and a workbench with another major API version refuses it with a warning instead of
-#: failing later.
-WORKBENCH_API = "1.1"
+#: The plugin API this package is written for: it loads into any workbench whose plugin API is 2.x, and
+#: one with another major API version refuses it with a warning instead of failing later.
+WORKBENCH_API = "2.0"
 
 
 @hookimpl
