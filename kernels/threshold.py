@@ -367,7 +367,9 @@ def _select(blocks: Blocks, ks: Sequence[int], counting: str) -> list[Threshold]
         # this slot's counts per chunk at hi (1) or lo (2)
         def ties(column: int, slot: int = slot) -> list[torch.Tensor] | None:
             per_chunk = gathered.per_chunk
-            return None if any(p is None for p in per_chunk) else [p[:, slot, column] for p in per_chunk]  # type: ignore[index]
+            if any(p is None for p in per_chunk):
+                return None
+            return [p[:, slot, column] for p in per_chunk]  # type: ignore[index]
 
         if above_hi < k <= above_hi + at_hi:  # the threshold is hi itself
             results[i] = Threshold(bounds[slot][1], _tie_cut(model, bounds[slot][1], k - above_hi, ties(1)))

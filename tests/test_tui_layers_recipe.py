@@ -329,3 +329,28 @@ def test_help_snapshot(workdir: Path, registry: Registry, snap_compare: Any) -> 
     assert snap_compare(
         make_app(write("swap.yaml", SWAP), registry=registry), terminal_size=SIZE, run_before=show
     )
+
+
+def test_the_layer_map_is_editable_for_any_method_that_offers_a_swap_layout(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The TUI finds an editable map through the contract's LayerSwapLayout, not by a method's name: a
+    method class with both class methods gets it, one without does not."""
+    from workbench.method import LayerSwapLayout
+    from workbench.registry import PluginInfo, Registered
+    from workbench.tui.layer_map import swap_layout
+
+    swap = registry.method("layer_swap")
+    assert isinstance(swap, LayerSwapLayout)
+    assert not isinstance(registry.method("ties"), LayerSwapLayout)
+
+    class Renamed(swap):  # type: ignore[misc, valid-type]
+        name = "my_swap"
+
+    monkeypatch.setitem(registry.methods, "my_swap", Registered(Renamed, PluginInfo("test", "test", "0")))
+    assert swap_layout({"method": "my_swap"}, registry) is Renamed
+    assert swap_layout({"method": "ties"}, registry) is None
+    assert swap_layout({"method": "no_such_method"}, registry) is None
+    # the renamed method's layout is the plugin's own: 4 layers, bottom 1 and top 1 from the language expert
+    weights, task, language = Renamed.layer_layout({"bottom": 1, "top": 1}, [{}, {}], 4)
+    assert (weights, task, language) == ([1.0, 0.0, 0.0, 1.0], 0, 1)

@@ -18,7 +18,7 @@ import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol, runtime_checkable
 
 from pydantic import create_model
 from pydantic.fields import FieldInfo
@@ -146,6 +146,25 @@ class PluginLookup(Protocol):
     def method(self, name: str) -> type[MergeMethod]: ...
 
     def make_evaluator(self, name: str, options: dict[str, Any]) -> Any: ...  # an Evaluator
+
+
+@runtime_checkable
+class LayerSwapLayout(Protocol):
+    """What a method whose output takes each decoder layer from one of two models, or blends them
+    (``layer_swap``), offers the TUI's layer map: the layout a recipe's raw values give, and raw values
+    rewritten for an edited layout. The TUI shows and edits the map of any method class with both."""
+
+    @classmethod
+    def layer_layout(
+        cls, params: dict[str, Any], model_params: Sequence[dict[str, Any]], layers: int
+    ) -> tuple[list[float], int, int]:
+        """(the second model's weight per layer, index of the first model, index of the second)."""
+        ...
+
+    @classmethod
+    def with_layout(cls, params: dict[str, Any], weights: Sequence[float]) -> dict[str, Any]:
+        """``params`` rewritten to give ``weights`` per layer, in the method's own format."""
+        ...
 
 
 @dataclass

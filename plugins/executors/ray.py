@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from workbench.executor import MAX_RETRIES, OBJECT_STORE_BYTES, Executor, import_ray, ray_session, task_cause  # noqa: F401  (still importable from here)
+from workbench.executor import MAX_RETRIES, Executor, ray_session, task_cause
 from workbench.hookspecs import hookimpl
 
 Job = TypeVar("Job")

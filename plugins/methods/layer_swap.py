@@ -223,8 +223,8 @@ class LayerSwap(MergeMethod):
             ) from None
         return cls._layout(checked, checked_models, layers)
 
-    @staticmethod
-    def with_layout(params: dict[str, Any], weights: Sequence[float]) -> dict[str, Any]:
+    @classmethod
+    def with_layout(cls, params: dict[str, Any], weights: Sequence[float]) -> dict[str, Any]:
         """``params`` rewritten to give ``weights`` (an edited layer map), in this method's own format."""
         return swap_parameters(params, weights)
 

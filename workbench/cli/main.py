@@ -1,4 +1,5 @@
-"""The ``workbench`` command line: run, validate, plan, inspect, methods, demo, generate, bench.
+"""The ``workbench`` command line: run, validate, plan, inspect, verify, convert, eval, methods, tui; the
+other command groups live beside it, one module each (tools, zoo, analyze, hub, lora, sweep).
 
 Every command calls the same Python functions the API and the TUI use. Errors caused by input are
 printed as one paragraph and exit with status 2; listing methods and ``--help`` never import torch.
@@ -14,8 +15,13 @@ from typing import Any
 
 import click
 
-from workbench.checkpoint.synthetic import SIZES as SIZE_NAMES
+from workbench.cli.analyze import analyze
 from workbench.cli.common import escape, handle_errors, load_registry, terminal, warn
+from workbench.cli.hub import push
+from workbench.cli.lora import lora
+from workbench.cli.sweep import sweep
+from workbench.cli.tools import bench, demo, generate
+from workbench.cli.zoo import zoo
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -502,195 +508,8 @@ def inspect(path: str) -> None:
         console.print(table)
 
 
-# ----------------------------------------------------------------------------------------------
-# demo / generate / bench
-# ----------------------------------------------------------------------------------------------
-
-
-@main.command()
-@click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--size", type=click.Choice(list(SIZE_NAMES)), default="tiny", show_default=True)
-@click.option("--fine-tunes", default=2, show_default=True, type=click.IntRange(0, 16))
-@click.option("--dtype", default="bfloat16", show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@handle_errors
-def generate(directory: Path, size: str, fine_tunes: int, dtype: str, seed: int) -> None:
-    """Generate a Llama-shaped base model and fine-tunes of it (DIRECTORY/base, ft1, ...)."""
-    from workbench.checkpoint.synthetic import write_family
-
-    for path in write_family(directory, size, fine_tunes, dtype=dtype, seed=seed):
-        terminal().print(f"wrote {path}")
-
-
-@main.command()
-@click.option(
-    "--recipes",
-    type=click.Path(path_type=Path),
-    default=Path("recipes"),
-    show_default=True,
-    help="Folder of recipes to run.",
-)
-@handle_errors
-def demo(recipes: Path) -> None:
-    """Generate tiny models in ./demo/models and run every recipe in RECIPES on them (no downloads)."""
-    from workbench.tools.demo import run_demo
-
-    run_demo(recipes, terminal())
-
-
-@main.command()
-@click.option("--size", type=click.Choice(list(SIZE_NAMES)), default="250m", show_default=True)
-@click.option(
-    "--methods", "method_names", default="linear,task_arithmetic,ties,dare_ties,slerp", show_default=True
-)
-@click.option("--fine-tunes", default=3, show_default=True)
-@click.option(
-    "--dir",
-    "directory",
-    type=click.Path(path_type=Path),
-    default=Path("bench-models"),
-    show_default=True,
-    help="Generated models are kept here between runs.",
-)
-@click.option("--repeat", default=1, show_default=True, help="Runs per method (the fastest is reported).")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the results as JSON.")
-@click.option(
-    "--mergekit",
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
-    help="A mergekit-yaml executable: run the same YAML through it and report the speed-up.",
-)
-@click.option(
-    "--check",
-    is_flag=True,
-    help="Rerun each merge with WORKBENCH_KERNELS=reference and report the distance in bf16 steps.",
-)
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda, for the workbench's runs.")
-@click.option(
-    "--ops",
-    "ops_only",
-    is_flag=True,
-    help="Benchmark each kernel against its torch reference instead of whole merges.",
-)
-@handle_errors
-def bench(
-    size: str,
-    method_names: str,
-    fine_tunes: int,
-    directory: Path,
-    repeat: int,
-    json_out: Path | None,
-    mergekit: Path | None,
-    check: bool,
-    device: str,
-    ops_only: bool,
-) -> None:
-    """Benchmark end-to-end merges (wall time, start-up, merge throughput, peak RSS) or, with --ops, each kernel."""
-    if ops_only:
-        from workbench.tools.bench_ops import run_op_bench
-
-        run_op_bench(device, repeat, json_out, terminal())
-        return
-    from workbench.tools.bench import run_bench
-
-    methods = [m.strip() for m in method_names.split(",") if m.strip()]
-    run_bench(
-        size,
-        methods,
-        fine_tunes,
-        directory,
-        repeat,
-        json_out,
-        terminal(),
-        mergekit=mergekit,
-        check=check,
-        device=device,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# zoo
-# ----------------------------------------------------------------------------------------------
-
-
-@main.group()
-def zoo() -> None:
-    """Tiny models trained here (no downloads) and the reproduction tables measured on them."""
-
-
-@zoo.command(name="build")
-@click.argument("directory", type=click.Path(path_type=Path))
-@click.option(
-    "--scale",
-    type=click.Choice(["tiny", "small"]),
-    default="tiny",
-    show_default=True,
-    help="tiny: under a minute; small: about 10 minutes on 2 cores.",
-)
-@click.option("--seed", default=0, show_default=True)
-@handle_errors
-def zoo_build(directory: Path, scale: str, seed: int) -> None:
-    """Pretrain a base model on synthetic languages, then fine-tune experts, LoRA adapters and an OT pair."""
-    from workbench.zoo.build import build_zoo
-
-    console = terminal()
-    build_zoo(directory, scale, seed, log=console.print)
-    console.print(f"[green]zoo written to[/] {directory} (manifest: {directory / 'zoo.json'})")
-
-
-@zoo.command(name="report")
-@click.argument("directories", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "--out",
-    "out_file",
-    type=click.Path(path_type=Path),
-    default=Path("docs/reproductions.md"),
-    show_default=True,
-)
-@click.option("--n", default=512, show_default=True, help="Held-out examples per task and split.")
-@click.option("--seed", default=99, show_default=True, help="Evaluation seed.")
-@click.option(
-    "--sections",
-    default=None,
-    help=(
-        "Comma-separated sections to measure (task_vectors, learned, layer_swap, ot_fusion, lora_experts); "
-        "default: all."
-    ),
-)
-@handle_errors
-def zoo_report(
-    directories: tuple[Path, ...], out_file: Path, n: int, seed: int, sections: str | None
-) -> None:
-    """Measure the reproduction tables on one or more built zoos (one per seed) and write them as Markdown."""
-    from workbench.zoo.reports.report import SECTIONS, write_report
-
-    registry = load_registry()
-    chosen = tuple(part.strip() for part in sections.split(",")) if sections else SECTIONS
-    command = (
-        f"workbench zoo report {' '.join(map(str, directories))} --out {out_file} --n {n} --seed {seed}"
-        + (f" --sections {sections}" if sections else "")
-    )
-    text = write_report(
-        list(directories),
-        out_file,
-        registry,
-        n,
-        seed,
-        command,
-        log=terminal(stderr=True).print,
-        sections=chosen,
-    )
-    terminal().print(text)
-
-
-from workbench.cli.analyze import analyze  # noqa: E402  (its commands use the helpers above)
-from workbench.cli.hub import push  # noqa: E402
-from workbench.cli.lora import lora  # noqa: E402
-from workbench.cli.sweep import sweep  # noqa: E402
-
-main.add_command(analyze)
-main.add_command(push)
-main.add_command(lora)
-main.add_command(sweep)
+for command in (generate, demo, bench, zoo, analyze, push, lora, sweep):
+    main.add_command(command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

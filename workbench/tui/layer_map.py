@@ -1,7 +1,8 @@
 """Where each output layer of a recipe comes from: the rows of the Layers screen, without textual.
 
-Every value comes from the code a run uses, never re-derived here: ``layer_swap``'s own layout (its
-``layer_layout``), :func:`workbench.params.resolve` for parameters that vary over layers, and the
+Every value comes from the code a run uses, never re-derived here: the layout of a method that swaps
+layers between two experts (its :class:`~workbench.method.LayerSwapLayout` methods,
+``layer_swap``'s), :func:`workbench.params.resolve` for parameters that vary over layers, and the
 recipe's ``slices`` (renumbered from 0 in order, as the stacked reader does). The layer count is
 read from the first model's headers (``architecture.layer_count``), so nothing but headers is read.
 """
@@ -15,6 +16,7 @@ from workbench import params as param_values
 from workbench.architecture import layer_count
 from workbench.checkpoint.resolve import open_reference
 from workbench.errors import WorkbenchError
+from workbench.method import LayerSwapLayout
 
 if TYPE_CHECKING:
     from workbench.registry import Registry
@@ -68,14 +70,15 @@ def slices_map(data: dict[str, Any]) -> LayerMap:
     return table
 
 
-def swap_map(data: dict[str, Any], registry: "Registry", layers: int) -> LayerMap:
-    """layer_swap: which expert each layer is taken from, with the blend weights of transitions."""
+def swap_map(data: dict[str, Any], method: LayerSwapLayout, layers: int) -> LayerMap:
+    """A layer-swapping method: which expert each layer is taken from, with the blend weights of
+    transitions."""
+    name = data.get("method")
     models = _models(data)
     if len(models) != 2:
         raise WorkbenchError(
-            f"layer_swap takes two models (a task and a language expert); the recipe has {len(models)}."
+            f"{name} takes two models (a task and a language expert); the recipe has {len(models)}."
         )
-    method: Any = registry.method("layer_swap")  # the plugin's class, with its layer_layout classmethod
     weights, task, language = method.layer_layout(
         data.get("parameters") or {}, [m.get("parameters") or {} for m in models], layers
     )
@@ -86,7 +89,7 @@ def swap_map(data: dict[str, Any], registry: "Registry", layers: int) -> LayerMa
         table.rows.append([str(layer), source, f"{w:.2f}", f"{1.0 - w:.2f}"])
     non_layer = (data.get("parameters") or {}).get("non_layer", "task")
     table.note = (
-        f"layer_swap: task {task_ref}, language {language_ref}; outside the layers: {non_layer}. "
+        f"{name}: task {task_ref}, language {language_ref}; outside the layers: {non_layer}. "
         "Keys t / l set the selected layer."
     )
     return table
@@ -121,6 +124,13 @@ def gradient_map(data: dict[str, Any], layers: int) -> LayerMap:
     return table
 
 
+def swap_layout(data: dict[str, Any], registry: "Registry") -> LayerSwapLayout | None:
+    """The recipe's method, where it swaps layers between two experts (its map can be edited)."""
+    name = data.get("method")
+    found = registry.methods.get(name) if isinstance(name, str) else None
+    return found.obj if found is not None and isinstance(found.obj, LayerSwapLayout) else None
+
+
 def build_map(data: dict[str, Any], registry: "Registry") -> LayerMap:
     """The layer map of a recipe in the making; a problem becomes the map's note, flagged as an error."""
     try:
@@ -130,8 +140,9 @@ def build_map(data: dict[str, Any], registry: "Registry") -> LayerMap:
         if not models:
             return LayerMap(["layer"], note="No models yet: add them on the Models screen (F2).")
         layers = count_layers(registry, models[0]["model"])
-        if data.get("method") == "layer_swap":
-            return swap_map(data, registry, layers)
+        method = swap_layout(data, registry)
+        if method is not None:
+            return swap_map(data, method, layers)
         return gradient_map(data, layers)
     except (WorkbenchError, KeyError, TypeError, ValueError) as exc:
         return LayerMap(["layer"], note=f"error: {exc}", error=True)

@@ -1,10 +1,10 @@
 """The Layers screen (F4): where each output layer comes from, and how much fine-tuning changed it.
 
-Left, the layer map (:mod:`workbench.tui.layer_map`: the method's own layout, so it shows what a
-run will do); for ``layer_swap`` the selected layer's expert can be changed with ``t`` / ``l``, and
-the new map is written back as the method's own parameters. Right, ``workbench analyze``'s
-per-layer × module heatmap of each model's change from the base; it reads every tensor, so it runs
-in a thread worker, and only again when the base or the models change.
+Left, the layer map (:mod:`workbench.tui.layer_map`: the method's own layout, so it shows what a run
+will do); for a method that swaps layers (``layer_swap``) the selected layer's expert can be changed
+with ``t`` / ``l``, and the new map is written back as the method's own parameters. Right,
+``workbench analyze``'s per-layer × module heatmap of each model's change from the base; it reads
+every tensor, so it runs in a thread worker, and only again when the base or the models change.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from textual.worker import get_current_worker
 from workbench.analysis.deltas import Analysis, analyze
 from workbench.analysis.render import cell_text, scale_max, shade, stat_label
 from workbench.errors import WorkbenchError
-from workbench.tui.layer_map import LayerMap, build_map
+from workbench.tui.layer_map import LayerMap, build_map, swap_layout
 from workbench.tui.screens.base import WorkbenchScreen
 
 #: The heatmap's statistic: analyze's default, comparable across modules of different scale.
@@ -112,8 +112,10 @@ class LayersScreen(WorkbenchScreen):
             return
         weights = list(self._map.swap_weights)
         weights[self.query_one("#layer-map", DataTable).cursor_row] = 1.0 if role == "language" else 0.0
-        method = self.registry.method("layer_swap")
-        self.state.data["parameters"] = method.with_layout(self.state.data.get("parameters") or {}, weights)  # type: ignore[attr-defined]
+        method = swap_layout(self.state.data, self.registry)
+        if method is None:
+            return
+        self.state.data["parameters"] = method.with_layout(self.state.data.get("parameters") or {}, weights)
         self._compute_map(dict(self.state.data))
 
     # -- the heatmap ------------------------------------------------------------------------------
