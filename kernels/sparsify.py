@@ -17,27 +17,17 @@ and reproducible:
 * the L1 norms of the rescaling are summed in float64 over fixed blocks and combined with
   ``math.fsum``, since torch's multi-threaded reductions round differently with 1 and 2 threads.
 
-:func:`merge_task_vectors_reference` is the plain definition (every sparsified task vector held at
-once); :func:`merge_task_vectors_torch` streams: it holds one task vector at a time, plus the
-accumulators, and recomputes the sparsified vectors in a second pass where the sign election needs
-them (masks and scale factors are deterministic, so both passes see identical values).
+The whole merge of one tensor built from these is :mod:`workbench_kernels.task_vector_merge`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
-
-from workbench_kernels import implementation
-from workbench_kernels.blocks import Blocks
-
-if TYPE_CHECKING:
-    from workbench_kernels.ties import Keep, Rule
 
 Sparsification = Literal["none", "magnitude", "random"]
 RescaleMode = Literal["l1", "inverse_density"]
@@ -236,10 +226,10 @@ def rescale_factor(tau: torch.Tensor, kept: torch.Tensor, mode: RescaleMode, den
 
 
 def _factor(mode: RescaleMode | None, density: float, l1_before: float, kept: torch.Tensor) -> float:
-    return _rescale(mode, density, l1_before, l1_norm(kept) if mode == "l1" else 0.0)
+    return rescale_from_norms(mode, density, l1_before, l1_norm(kept) if mode == "l1" else 0.0)
 
 
-def _rescale(mode: RescaleMode | None, density: float, l1_before: float, l1_after: float) -> float:
+def rescale_from_norms(mode: RescaleMode | None, density: float, l1_before: float, l1_after: float) -> float:
     """The rescale factor from the L1 norms before and after sparsifying (see :func:`rescale_factor`)."""
     if mode is None:
         return 1.0
@@ -295,7 +285,7 @@ def task_vector(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class SparsifyPlan:
     """What pass 1 decided for one task vector, so that pass 2 reproduces it without recomputing."""
 
     band: MagnitudeBand | None
@@ -310,25 +300,25 @@ def _keep_mask(tau: torch.Tensor, spec: TaskVector, band: MagnitudeBand | None) 
     return None
 
 
-def _sparsify(tau: torch.Tensor, spec: TaskVector) -> tuple[torch.Tensor, _Plan]:
+def sparsify_planned(tau: torch.Tensor, spec: TaskVector) -> tuple[torch.Tensor, SparsifyPlan]:
     band = None
     if spec.sparsify == "magnitude":
         band = spec.band if spec.band is not None else magnitude_band(tau, spec.density, spec.gamma)
     mask = _keep_mask(tau, spec, band)
     if mask is None:
-        return tau, _Plan(band, 1.0)
+        return tau, SparsifyPlan(band, 1.0)
     before = l1_norm(tau) if spec.rescale == "l1" else 0.0
     kept = tau.masked_fill_(mask.logical_not_(), 0.0)
     factor = _factor(spec.rescale, spec.density, before, kept)
-    return (kept.mul_(factor) if factor != 1.0 else kept), _Plan(band, factor)
+    return (kept.mul_(factor) if factor != 1.0 else kept), SparsifyPlan(band, factor)
 
 
 def sparsify(tau: torch.Tensor, spec: TaskVector) -> torch.Tensor:
     """The sparsified, rescaled task vector (unweighted); ``tau`` is modified in place."""
-    return _sparsify(tau, spec)[0]
+    return sparsify_planned(tau, spec)[0]
 
 
-def _replay(tau: torch.Tensor, spec: TaskVector, plan: _Plan) -> torch.Tensor:
+def replay_sparsify(tau: torch.Tensor, spec: TaskVector, plan: SparsifyPlan) -> torch.Tensor:
     """:func:`sparsify` again from pass 1's plan (pass 2): the same mask, the same values."""
     mask = _keep_mask(tau, spec, plan.band)
     if mask is None:
@@ -337,257 +327,5 @@ def _replay(tau: torch.Tensor, spec: TaskVector, plan: _Plan) -> torch.Tensor:
     return tau.mul_(plan.factor) if plan.factor != 1.0 else tau
 
 
-def _weighted(tau: torch.Tensor, weight: float) -> torch.Tensor:
+def weighted_in_place(tau: torch.Tensor, weight: float) -> torch.Tensor:
     return tau.mul_(weight) if weight != 1.0 else tau
-
-
-# --------------------------------------------------------------------------------------------------
-# Whole merge: base + scale * merge(sparsified weighted task vectors)
-# --------------------------------------------------------------------------------------------------
-
-
-def _check(tensors: Sequence[torch.Tensor], base: torch.Tensor, specs: Sequence[TaskVector]) -> None:
-    if len(tensors) != len(specs):
-        raise ValueError(f"merge_task_vectors got {len(tensors)} tensors but {len(specs)} task-vector specs")
-    for i, x in enumerate(tensors):
-        if x.shape != base.shape:
-            raise ValueError(
-                f"merge_task_vectors: tensor {i} has shape {list(x.shape)}, base has {list(base.shape)}"
-            )
-
-
-def _linear_divisor(specs: Sequence[TaskVector], normalize: bool) -> float:
-    total = sum(s.weight for s in specs)
-    if normalize and total == 0:
-        raise ValueError("the weights sum to 0, so they cannot be normalised")
-    return total if normalize else 1.0
-
-
-def merge_task_vectors_reference(
-    base: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
-    specs: Sequence[TaskVector],
-    *,
-    consensus: bool,
-    normalize: bool,
-    scale: float,
-    compute_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """The definition: every weighted, sparsified task vector in memory at once.
-
-    ``consensus``: TIES sign election and disjoint merge; else a plain sum, divided by the sum of
-    the weights when ``normalize``. Models with weight 0 are skipped entirely.
-    """
-    _check(tensors, base, specs)
-    base_c = base.to(compute_dtype)
-    active = [(x, s) for x, s in zip(tensors, specs) if s.weight != 0.0]
-    if not active:
-        return base_c.clone()
-    weighted = [_weighted(sparsify(task_vector(x, base_c), s), s.weight) for x, s in active]
-    if consensus:
-        mixed = disjoint_merge(weighted, [s.weight for _, s in active], elect_sign(weighted), normalize)
-    else:
-        mixed = weighted[0].clone()
-        for d in weighted[1:]:
-            mixed.add_(d)
-        divisor = _linear_divisor([s for _, s in active], normalize)
-        if divisor != 1.0:
-            mixed.div_(divisor)
-    if scale != 1.0:
-        mixed.mul_(scale)
-    return mixed.add_(base_c)
-
-
-def merge_task_vectors_torch(
-    base: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
-    specs: Sequence[TaskVector],
-    *,
-    consensus: bool,
-    normalize: bool,
-    scale: float,
-    compute_dtype: torch.dtype = torch.float32,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Streaming: one task vector in flight; the sign election costs a second pass, not N copies.
-
-    Memory (compute dtype): the base, one task vector, one accumulator, and with ``consensus`` a
-    divisor and a 1-byte sign mask. Bit-identical to the reference.
-    """
-    _check(tensors, base, specs)
-    out_dtype = out_dtype or compute_dtype
-    base_c = base.to(compute_dtype)
-    active = [(x, s) for x, s in zip(tensors, specs) if s.weight != 0.0]
-    if not active:
-        return base_c.to(out_dtype, copy=True)
-    plans: list[_Plan] = []
-    acc: torch.Tensor | None = None
-    for x, s in active:  # pass 1: the sum (sign mass, or the result itself without consensus)
-        tau, plan = _sparsify(task_vector(x, base_c), s)
-        plans.append(plan)
-        d = _weighted(tau, s.weight)
-        acc = d if acc is None else acc.add_(d)
-        del tau, d
-    assert acc is not None
-    if consensus:
-        positive = acc >= 0
-        acc.zero_()
-        divisor = torch.zeros_like(acc)
-        for (x, s), plan in zip(active, plans):  # pass 2: recompute, keep what agrees
-            d = _weighted(_replay(task_vector(x, base_c), s, plan), s.weight)
-            agree = agreeing(d, positive)
-            acc.add_(d.masked_fill_(agree.logical_not(), 0.0))
-            divisor.add_(agree, alpha=s.weight)
-            del d, agree
-        del positive
-        if normalize:
-            acc.div_(divisor.masked_fill_(divisor == 0, 1.0))
-        del divisor
-    else:
-        divisor_total = _linear_divisor([s for _, s in active], normalize)
-        if divisor_total != 1.0:
-            acc.div_(divisor_total)
-    if scale != 1.0:
-        acc.mul_(scale)
-    return acc.add_(base_c).to(out_dtype)
-
-
-@dataclass(frozen=True)
-class FusedMerge:
-    """A merge the fused kernel (:mod:`workbench_kernels.ties`) runs, with every model's keep rule
-    and rescale factor resolved over the whole tensor, so that each block of the tensor can then be
-    merged on its own (``offset``: the flat index of the block's first element)."""
-
-    models: tuple[int, ...]  # the models with a non-zero weight, in order
-    keeps: tuple[Keep, ...]
-    rule: Rule
-    consensus: bool
-    normalize: bool
-    scale: float
-
-    def __call__(
-        self, base: torch.Tensor, tensors: Sequence[torch.Tensor], out_dtype: torch.dtype, offset: int = 0
-    ) -> torch.Tensor:
-        from workbench_kernels.ties import ties_merge_numba, ties_merge_torch, ties_merge_triton
-
-        run = {"triton": ties_merge_triton, "numba": ties_merge_numba}.get(
-            implementation(base.device), ties_merge_torch
-        )
-        return run(
-            base,
-            [tensors[i] for i in self.models],
-            self.keeps,
-            self.rule,
-            consensus=self.consensus,
-            normalize=self.normalize,
-            scale=self.scale,
-            out_dtype=out_dtype,
-            offset=offset,
-        )
-
-
-def plan_fused(
-    blocks: Blocks,
-    specs: Sequence[TaskVector],
-    *,
-    consensus: bool,
-    normalize: bool,
-    scale: float,
-    compute_dtype: torch.dtype = torch.float32,
-) -> FusedMerge | None:
-    """The keep rules of the fused kernel from a tensor given block by block (thresholds and L1
-    norms gathered from the blocks), or None where it does not apply: the reference forced, a
-    compute dtype other than float32, no model with a weight, two-sided bands (breadcrumbs) or
-    mixed rules; those take :func:`merge_task_vectors` on whole tensors."""
-    from workbench_kernels.dare import RESOLUTION, keep_below
-    from workbench_kernels.threshold import Threshold, topk_thresholds_blocks
-    from workbench_kernels.ties import Keep, l1_norms
-
-    models = tuple(i for i, s in enumerate(specs) if s.weight != 0.0)
-    active = [specs[i] for i in models]
-    rules = {"random" if s.sparsify == "random" else "magnitude" for s in active}
-    base = blocks.load(0)[1]
-    assert base is not None
-    if compute_dtype != torch.float32 or implementation(base.device) == "reference" or len(rules) != 1:
-        return None
-    if any(
-        s.sparsify == "magnitude"
-        and (s.gamma > 0 and s.density < 1 or s.band is not None and s.band.hi != math.inf)
-        for s in active
-    ):
-        return None
-    if not consensus:
-        _linear_divisor(active, normalize)  # a zero sum of weights is an error
-    rule: Rule = rules.pop()  # type: ignore[assignment]
-    n = blocks.numel
-    blocks = blocks.select(models)
-    masked = [s.sparsify != "none" and s.density < 1 or s.band is not None for s in active]
-    if rule == "magnitude":
-        own = [i for i, s in enumerate(active) if s.band is None]
-        computed = iter(
-            topk_thresholds_blocks(
-                blocks.select(own), [keep_count(active[i].density, n) if masked[i] else n for i in own]
-            )
-        )
-        thresholds = [next(computed) if s.band is None else Threshold(s.band.lo, n) for s in active]
-        keeps = [Keep(s.weight, threshold=t.value, cut=t.cut) for s, t in zip(active, thresholds)]
-    else:
-        keeps = [
-            Keep(s.weight, seed=s.seed, keep_below=keep_below(s.density) if m else RESOLUTION)
-            for s, m in zip(active, masked)
-        ]
-    norms = (
-        l1_norms(blocks, keeps, rule)
-        if any(s.rescale == "l1" and m for s, m in zip(active, masked))
-        else [(0.0, 0.0)] * len(active)
-    )
-    factors = [_rescale(s.rescale, s.density, *l1) if m else 1.0 for s, m, l1 in zip(active, masked, norms)]
-    keeps = [dataclasses.replace(k, factor=f) for k, f in zip(keeps, factors)]
-    return FusedMerge(models, tuple(keeps), rule, consensus, normalize, scale)
-
-
-def merge_task_vectors(
-    base: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
-    specs: Sequence[TaskVector],
-    *,
-    consensus: bool,
-    normalize: bool,
-    scale: float,
-    compute_dtype: torch.dtype = torch.float32,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Dispatch on the base's device: the reference where forced; the fused kernel (Numba, Triton or torch)
-    where it applies (see :func:`plan_fused`); otherwise the streaming torch path."""
-    if implementation(base.device) == "reference":
-        result = merge_task_vectors_reference(
-            base,
-            tensors,
-            specs,
-            consensus=consensus,
-            normalize=normalize,
-            scale=scale,
-            compute_dtype=compute_dtype,
-        )
-        return result.to(out_dtype or compute_dtype)
-    _check(tensors, base, specs)
-    fused = plan_fused(
-        Blocks.whole(tensors, base),
-        specs,
-        consensus=consensus,
-        normalize=normalize,
-        scale=scale,
-        compute_dtype=compute_dtype,
-    )
-    if fused is None:
-        return merge_task_vectors_torch(
-            base,
-            tensors,
-            specs,
-            consensus=consensus,
-            normalize=normalize,
-            scale=scale,
-            compute_dtype=compute_dtype,
-            out_dtype=out_dtype,
-        )
-    return fused(base, tensors, out_dtype or compute_dtype)

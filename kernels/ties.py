@@ -7,7 +7,7 @@ and its weight: ``d_i = weight_i * (factor_i * where(keep_i, tau_i, 0))``. Keep 
 of ``sum d_i``; result ``sum of agreeing d_i``, divided with ``normalize`` by the summed weights of
 the agreeing models) or a plain sum (divided by ``sum weight_i`` with ``normalize``); finally
 ``base + scale * merged`` in the output dtype. The operations and their order are those of
-:func:`workbench_kernels.sparsify.merge_task_vectors_reference`, which is this op's reference.
+:func:`workbench_kernels.task_vector_merge.merge_task_vectors_reference`, this op's reference.
 
 The CPU kernel (Numba) and the Triton kernel read each input once, per chunk of elements, in its
 stored dtype; the torch path (other devices and dtypes) runs cache-sized blocks of eager ops.

@@ -13,7 +13,8 @@ from test_kernel_ties import CASES
 import workbench_kernels.threshold as threshold_module
 from workbench_kernels.blocks import Blocks
 from workbench_kernels.slerp import slerp_reference, slerp_weights
-from workbench_kernels.sparsify import TaskVector, merge_task_vectors_reference, plan_fused
+from workbench_kernels.sparsify import TaskVector
+from workbench_kernels.task_vector_merge import merge_task_vectors_reference, plan_fused
 from workbench_kernels.threshold import CHUNK, topk_thresholds_blocks
 from workbench_kernels.ties import Keep, l1_norms
 from workbench_kernels.weighted_sum import BLOCK, weighted_sum

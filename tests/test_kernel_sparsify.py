@@ -1,4 +1,5 @@
-"""The task-vector primitives of kernels/sparsify.py on hand-made tensors, and reference vs streaming.
+"""The task-vector primitives of kernels/sparsify.py on hand-made tensors, and the merge of
+kernels/task_vector_merge.py: reference vs streaming.
 
 Expected values are written out by hand (or computed here in float64 with Python sorting), never
 taken from the module under test.
@@ -24,12 +25,14 @@ from workbench_kernels.sparsify import (
     keep_count,
     l1_norm,
     magnitude_band,
-    merge_task_vectors,
-    merge_task_vectors_reference,
-    merge_task_vectors_torch,
     random_mask,
     rescale_factor,
     sparsify,
+)
+from workbench_kernels.task_vector_merge import (
+    merge_task_vectors,
+    merge_task_vectors_reference,
+    merge_task_vectors_torch,
 )
 
 

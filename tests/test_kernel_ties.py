@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from workbench_kernels.cpu import CHUNK
-from workbench_kernels.sparsify import TaskVector, merge_task_vectors, merge_task_vectors_reference
+from workbench_kernels.sparsify import TaskVector
+from workbench_kernels.task_vector_merge import merge_task_vectors, merge_task_vectors_reference
 
 CASES = {
     "ties": (

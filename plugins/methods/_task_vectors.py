@@ -31,7 +31,8 @@ from workbench_plugins.methods._weights import normalized
 if TYPE_CHECKING:
     import torch
 
-    from workbench_kernels.sparsify import FusedMerge, MagnitudeBand, Sparsification, TaskVector
+    from workbench_kernels.sparsify import MagnitudeBand, Sparsification, TaskVector
+    from workbench_kernels.task_vector_merge import FusedMerge
 
 
 _LAMBDA = "lambda: scale of the merged task vector (result = base + lambda * merged)."
@@ -186,7 +187,7 @@ class TaskVectorMethod(MergeMethod):
     ) -> TensorMerge:  # type: ignore[override]
         """How this tensor is merged: thresholds and rescale factors gathered block by block for the
         fused kernel, or, on paths without one, the whole result."""
-        from workbench_kernels.sparsify import merge_task_vectors, plan_fused
+        from workbench_kernels.task_vector_merge import merge_task_vectors, plan_fused
 
         specs = self.specs(params, model_params, ctx)
         normalize = params.normalize

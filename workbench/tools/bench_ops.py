@@ -26,7 +26,8 @@ def _ops(device: str) -> dict[str, tuple[Callable[[], Any], int]]:
 
     from workbench_kernels.finite import all_finite
     from workbench_kernels.slerp import slerp
-    from workbench_kernels.sparsify import TaskVector, merge_task_vectors
+    from workbench_kernels.sparsify import TaskVector
+    from workbench_kernels.task_vector_merge import merge_task_vectors
     from workbench_kernels.threshold import topk_thresholds
     from workbench_kernels.weighted_sum import weighted_sum
 
