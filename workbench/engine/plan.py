@@ -91,6 +91,8 @@ class MergePlan:
     compute_dtype: str
     out_dir: Path | None
     warnings: list[str] = field(default_factory=list)
+    #: Whether the run may replace a folder at ``out_dir`` (``--overwrite``); checked again at publish.
+    overwrite: bool = False
     #: What the method's prepare holds (whole-model methods), checked against the memory limit.
     prepare_memory: MemoryNeed | None = None
 
@@ -405,6 +407,7 @@ def build_plan(
         # a method's own checks name the recipe line as schema errors do
         where = checker.where(("parameters",) if recipe.parameters else ("method",))
         plan = _plan_tensors(recipe, method, global_raw, models, base, output_format, out_dir, where)
+        plan.overwrite = overwrite
     except BaseException:
         for model in opened:
             model.reader.close()

@@ -18,7 +18,9 @@ from workbench.checkpoint.dtypes import torch_name
 from workbench.checkpoint.output_folder import (
     DISK_FULL,
     PARTIAL_MARKER,
+    OutputInTheWay,
     check_free_space,
+    output_lock,
     partial_folder,
     publish,
     start_partial,
@@ -171,61 +173,75 @@ def execute(
     ensure_local(
         m.reader for m in plan.inputs
     )  # Hub inputs planned from headers: download them before starting
-    manifest = _open_manifest(plan, device, resume)
-    partial = manifest.directory
-    todo = [f for f in plan.files if f.name not in manifest.files]
-    progress = RunProgress(plan, on_progress, todo)
-    start = time.perf_counter()
-    try:
-        method = plan.instance
-        state = prepare_state(plan, registry, method, device, lambda text: progress.emit("note", note=text))
-        runner = TensorRunner(plan, method, state, device, prefetch, progress)
-        progress.emit("start")
-        if executor_impl.remote:  # the closure below cannot leave this process: send a picklable task
-            from workbench.engine.shard_task import ShardTask, record_shard
-
-            task = ShardTask(resolved.to_yaml(), str(out_dir), str(partial), device, prefetch, os.getcwd())
-            executor_impl.run(
-                todo, task, lambda file, result: record_shard(plan, file, result, manifest, runner, progress)
+    # one run per output: a second one is refused at once, naming this one
+    with output_lock(out_dir):
+        manifest = _open_manifest(plan, device, resume)
+        partial = manifest.directory
+        todo = [f for f in plan.files if f.name not in manifest.files]
+        progress = RunProgress(plan, on_progress, todo)
+        start = time.perf_counter()
+        try:
+            method = plan.instance
+            state = prepare_state(
+                plan, registry, method, device, lambda text: progress.emit("note", note=text)
             )
-        else:
-            with merge_runtime(device):
-                executor_impl.run(todo, lambda f: runner.write_file(partial, f, manifest))
-        plan.output_format.finish_output(partial, plan.files)
-        method.write_extras(state, partial)
-        _finish_folder(
-            plan, partial, resolved.to_yaml(), out_dir.name, lambda message: runner.warn("tokenizer", message)
-        )
-        for path in sorted(partial.rglob("*")):
-            if (
-                path.is_file()
-                and path.name not in (PARTIAL_MARKER, MANIFEST_FILE)
-                and path.relative_to(partial).as_posix() not in manifest.files
-            ):
-                manifest.record(path)
-        manifest.complete = True
-        manifest.save()
-        publish(partial, out_dir)
-    except KeyboardInterrupt:
-        _discard_unless_resumable(plan, manifest)
-        raise RunInterrupted(_stopped("interrupted", plan, manifest)) from None
-    except OSError as exc:
-        if exc.errno not in DISK_FULL:
+            runner = TensorRunner(plan, method, state, device, prefetch, progress)
+            progress.emit("start")
+            if executor_impl.remote:  # the closure below cannot leave this process: send a picklable task
+                from workbench.engine.shard_task import ShardTask, record_shard
+
+                task = ShardTask(
+                    resolved.to_yaml(), str(out_dir), str(partial), device, prefetch, os.getcwd()
+                )
+                executor_impl.run(
+                    todo,
+                    task,
+                    lambda file, result: record_shard(plan, file, result, manifest, runner, progress),
+                )
+            else:
+                with merge_runtime(device):
+                    executor_impl.run(todo, lambda f: runner.write_file(partial, f, manifest))
+            plan.output_format.finish_output(partial, plan.files)
+            method.write_extras(state, partial)
+            _finish_folder(
+                plan,
+                partial,
+                resolved.to_yaml(),
+                out_dir.name,
+                lambda message: runner.warn("tokenizer", message),
+            )
+            for path in sorted(partial.rglob("*")):
+                if (
+                    path.is_file()
+                    and path.name not in (PARTIAL_MARKER, MANIFEST_FILE)
+                    and path.relative_to(partial).as_posix() not in manifest.files
+                ):
+                    manifest.record(path)
+            manifest.complete = True
+            manifest.save()
+            publish(partial, out_dir, replace=plan.overwrite)
+        except KeyboardInterrupt:
+            _discard_unless_resumable(plan, manifest)
+            raise RunInterrupted(_stopped("interrupted", plan, manifest)) from None
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                shutil.rmtree(partial, ignore_errors=True)
+                raise
+            _discard_unless_resumable(plan, manifest)
+            raise OutputError(
+                _stopped(
+                    f"the disk ran out of space writing {exc.filename or partial} ({exc.strerror})",
+                    plan,
+                    manifest,
+                )
+            ) from exc
+        except OutputInTheWay:  # the finished result stays in <out>.partial
+            raise
+        except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
-        _discard_unless_resumable(plan, manifest)
-        raise OutputError(
-            _stopped(
-                f"the disk ran out of space writing {exc.filename or partial} ({exc.strerror})",
-                plan,
-                manifest,
-            )
-        ) from exc
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    finally:
-        progress.emit("finish")
+        finally:
+            progress.emit("finish")
     seconds = time.perf_counter() - start
     return RunResult(
         out_dir=out_dir,

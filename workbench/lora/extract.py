@@ -11,7 +11,6 @@ cannot be carried by a LoRA and are reported.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,14 +99,13 @@ def write_factored(
     """Factor every (name, ΔW) at ``rank`` (one for all, or per tensor) and publish a PEFT adapter
     folder (whole or not at all)."""
     from workbench.checkpoint.lora_adapter import write_adapter
-    from workbench.checkpoint.output_folder import publish, start_partial
+    from workbench.checkpoint.output_folder import building
 
     if isinstance(rank, int) and rank < 1:
         raise RecipeError(f"rank must be at least 1, not {rank}.")
     if out_dir.exists() and not overwrite:
         raise RecipeError(f"{out_dir} exists; choose another folder or pass --overwrite.")
-    partial = start_partial(out_dir)
-    try:
+    with building(out_dir, replace=overwrite) as partial:
         factors = {}
         for name, delta in pairs:
             a, b, error = lowrank(delta, rank if isinstance(rank, int) else rank[name])
@@ -123,10 +121,6 @@ def write_factored(
             )
         write_adapter(partial, factors, scale=1.0, base_model=base_model)
         (partial / REPORT_NAME).write_text(json.dumps(report.to_json(), indent=2) + "\n")
-        publish(partial, out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     report.out_dir = out_dir
     return report
 

@@ -106,7 +106,7 @@ def train_mola(
     from transformers import AutoModelForCausalLM
 
     from workbench import architecture
-    from workbench.checkpoint.output_folder import publish, start_partial
+    from workbench.checkpoint.output_folder import building
     from workbench.modeling.allocation import per_layer
     from workbench.modeling.mola import save_experts, wrap
     from workbench.modeling.training import train
@@ -126,8 +126,7 @@ def train_mola(
     losses = train(
         model, batches, steps, lr, seed=seed, parameters=trainable, weight_decay=0.0, log=log, label="mola"
     )
-    partial = start_partial(out_dir)
-    try:
+    with building(out_dir, replace=overwrite) as partial:
         for source in Path(base).iterdir():
             if source.is_file() and not source.name.startswith("."):
                 shutil.copy2(source, partial / source.name)
@@ -144,10 +143,6 @@ def train_mola(
             "parameters": parameters,
         }
         save_experts(partial, {name: layer.experts() for name, layer in wrapped.items()}, config)
-        publish(partial, out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return MolaTraining(out_dir, counts, parameters, losses)
 
 
