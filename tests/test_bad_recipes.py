@@ -104,3 +104,55 @@ def test_non_float_output_dtype_is_rejected(
     out = tmp_path / "out"
     result = invoke(cli, command, recipe, out)
     assert_failed(result, out, f"{recipe}:6", "output.dtype", f"'{dtype}'")
+
+
+@COMMANDS
+@pytest.mark.parametrize(
+    ("method", "where", "text", "line", "field", "shown", "what"),
+    [
+        ("task_arithmetic", "top", "lambda: .nan", 7, "parameters.lambda", "nan", "not a number"),
+        ("task_arithmetic", "top", "lambda: .inf", 7, "parameters.lambda", "inf", "infinite"),
+        ("task_arithmetic", "top", "lambda: -.inf", 7, "parameters.lambda", "-inf", "infinite"),
+        ("linear", "model", "weight: 1e308", 4, "models[0].parameters.weight", "1e+308", "float32's range"),
+        ("linear", "model", "weight: [.nan, 1.0]", 4, "models[0].parameters.weight", "nan", "not a number"),
+        (
+            "linear",
+            "model",
+            "weight: [{filter: mlp, value: .inf}, {value: 1.0}]",
+            4,
+            "models[0].parameters.weight",
+            "inf",
+            "infinite",
+        ),
+        ("ties", "model", "density: .nan", 4, "models[0].parameters.density", "nan", "not a number"),
+    ],
+)
+def test_non_finite_and_overflowing_parameters_are_refused_by_field_and_line(
+    cli: CliRunner,
+    tiny_family: dict[str, Path],
+    tmp_path: Path,
+    command: str,
+    method: str,
+    where: str,
+    text: str,
+    line: int,
+    field: str,
+    shown: str,
+    what: str,
+) -> None:
+    """NaN, inf and values past float32's range would give an all-NaN model with only per-tensor
+    warnings: refused before any tensor is read, naming the field and the recipe's line."""
+    ft1, ft2 = (json.dumps(str(tiny_family[name])) for name in ("ft1", "ft2"))
+    base = f"base: {json.dumps(str(tiny_family['base']))}\n" if method != "linear" else ""
+    if where == "model":
+        recipe_text = (
+            f"method: {method}\nmodels:\n  - model: {ft1}\n    parameters: {{{text}}}\n  - {ft2}\n{base}"
+        )
+    else:
+        recipe_text = f"method: {method}\nmodels:\n  - {ft1}\n  - {ft2}\n{base}parameters:\n  {text}\n"
+        line = recipe_text.count("\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_text)
+    out = tmp_path / "out"
+    result = invoke(cli, command, recipe, out)
+    assert_failed(result, out, f"{recipe}:{line}", field, f"= {shown}", what)

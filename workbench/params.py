@@ -146,7 +146,8 @@ def varies(value: Any) -> bool:
 class MethodParameters(BaseModel):
     """Base class of parameter schemas: unknown keys are errors, never silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # unknown keys are errors; so are NaN and inf (a schema that wants them sets allow_inf_nan=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def Param(

@@ -8,6 +8,7 @@ file, tensor, field or line it concerns.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,8 +194,9 @@ class _ParamChecker:
             )
             adapter = TypeAdapter(annotation)
             if not is_per_layer(schema, fname):  # one value for the whole model, taken literally
+                _refuse_non_finite(self.where(path + (key,)), key, value)
                 try:
-                    adapter.validate_python(value)
+                    _refuse_non_finite(self.where(path + (key,)), key, adapter.validate_python(value))
                 except ValidationError as exc:
                     if varies(value):
                         raise RecipeError(
@@ -218,13 +220,43 @@ class _ParamChecker:
             except ValueError as exc:
                 raise RecipeError(f"{self.where(path + (key,))}: {exc}.") from None
             for anchor in values:
-                try:
-                    adapter.validate_python(anchor)
+                _refuse_non_finite(self.where(path + (key,)), key, anchor)
+                try:  # a number given as text ("1e308": YAML 1.1 reads it as a string) is checked as read
+                    _refuse_non_finite(self.where(path + (key,)), key, adapter.validate_python(anchor))
                 except ValidationError as exc:
                     message = exc.errors()[0]["msg"]
                     raise RecipeError(
                         f"{self.where(path + (key,))}: parameter '{key}' = {anchor!r} is invalid: {message}."
                     ) from None
+
+
+#: The largest magnitude float32 holds: a parameter beyond it turns the merge into inf at once.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _refuse_non_finite(where: str, key: str, value: Any) -> None:
+    """A number a recipe gives (at any depth of a list or mapping) must be finite and within float32's
+    range: NaN, inf or 1e308 would only give a model of NaN/Inf, tensor by tensor."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _refuse_non_finite(where, key, item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _refuse_non_finite(where, key, item)
+    elif isinstance(value, (int, float)) and not (abs(value) <= FLOAT32_MAX):  # NaN fails the test too
+        what = (
+            "not a number"
+            if value != value
+            else "infinite"
+            if math.isinf(value)
+            else "beyond float32's range"
+        )
+        raise RecipeError(
+            f"{where}: parameter '{key}' = {value!r} is {what}: the merge would give NaN/Inf values. "
+            "Give a finite number."
+        )
 
 
 # --------------------------------------------------------------------------------------------------
