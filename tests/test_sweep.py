@@ -409,3 +409,20 @@ def test_cma_and_ranges_are_checked_before_anything_runs() -> None:
     with pytest.raises(RecipeError, match="LO < HI"):
         parse_setting("parameters.lambda=1.5:0.1")
     assert parse_setting("parameters.lambda=-1e-1:2").bounds == (-0.1, 2.0)
+
+
+def test_a_recipes_scores_are_listed_in_its_manifest(
+    recipe_file: Path, tmp_path: Path, probe_registry: Registry
+) -> None:
+    """The scores a recipe's evaluators write beside a published output are recorded in its manifest,
+    so that ``verify`` vouches for them (and flags nothing unlisted)."""
+    from workbench.engine.manifest import Manifest, sha256_file, verify_folder
+    from workbench.evaluation.running import RESULTS_FILE
+
+    recipe = parse_recipe(recipe_file.read_text() + "evaluators: [tiny_probe]\n")
+    result = run_recipe(recipe, out=tmp_path / "scored", registry=probe_registry)
+    scores = result.out_dir / RESULTS_FILE
+    assert Manifest.read(result.out_dir).files[RESULTS_FILE].sha256 == sha256_file(scores)
+    assert verify_folder(result.out_dir) == []
+    scores.write_text("{}\n")
+    assert [problem.split(":")[0] for problem in verify_folder(result.out_dir)] == [RESULTS_FILE]

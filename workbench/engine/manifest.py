@@ -14,7 +14,7 @@ import json
 import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 from workbench.errors import OutputError
@@ -97,13 +97,15 @@ class Manifest:
             if data.get("version") != MANIFEST_VERSION:
                 raise ValueError(f"version {data.get('version')!r}, expected {MANIFEST_VERSION}")
             files = {name: FileRecord(str(r["sha256"]), int(r["bytes"])) for name, r in data["files"].items()}
+            for name in files:
+                _check_name(path, name)
             return cls(
                 directory,
                 {str(k): str(v) for k, v in data["identity"].items()},
                 files,
                 data["complete"] is True,
             )
-        except FileNotFoundError:
+        except (FileNotFoundError, OutputError):
             raise
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise OutputError(f"{path} is not a readable workbench manifest ({exc}).") from exc
@@ -124,7 +126,7 @@ class Manifest:
         """Whether ``name`` is listed and its bytes on disk are still the ones recorded."""
         record = self.files.get(name)
         path = self.directory / name
-        if record is None or not path.is_file() or path.stat().st_size != record.bytes:
+        if record is None or not _inside(self.directory, path) or path.stat().st_size != record.bytes:
             return False
         return sha256_file(path) == record.sha256
 
@@ -143,8 +145,33 @@ class Manifest:
         os.replace(scratch, self.path)
 
 
+def _check_name(manifest: Path, name: str) -> None:
+    """A manifest lists files of its own folder: relative POSIX paths that stay inside it."""
+    parts = PurePosixPath(name).parts
+    if not name or "\\" in name or "\0" in name or name.startswith("/") or ".." in parts or "." in parts:
+        shown = repr(name[:200])
+        raise OutputError(
+            f"{manifest} lists the file {shown}, which is not a path inside its folder; the manifest was "
+            "changed or damaged, and nothing it says is trusted."
+        )
+
+
+def _inside(directory: Path, path: Path) -> bool:
+    """Whether ``path`` is a regular file that stays in ``directory`` once symbolic links are followed."""
+    try:
+        return path.is_file() and path.resolve().is_relative_to(directory.resolve())
+    except OSError:
+        return False
+
+
+def record_published(directory: Path, path: Path) -> None:
+    """Add a file written into a published output (the recipe's evaluation scores) to its manifest."""
+    Manifest.read(directory).record(path)
+
+
 def verify_folder(directory: Path) -> list[str]:
-    """Problems of a published output folder against its manifest (empty: every file intact)."""
+    """Problems of a published output folder against its manifest (empty: every file intact, and no
+    file the manifest does not list)."""
     try:
         manifest = Manifest.read(directory)
     except FileNotFoundError:
@@ -160,10 +187,16 @@ def verify_folder(directory: Path) -> list[str]:
     )
     for name, record in sorted(manifest.files.items()):
         path = directory / name
-        if not path.is_file():
+        if path.is_symlink():
+            problems.append(f"{name}: a symbolic link (to {os.readlink(path)}), not a file the run wrote")
+        elif not _inside(directory, path):
             problems.append(f"{name}: missing")
         elif path.stat().st_size != record.bytes:
             problems.append(f"{name}: {path.stat().st_size} bytes, the manifest says {record.bytes}")
         elif sha256_file(path) != record.sha256:
             problems.append(f"{name}: sha256 differs from the manifest (the file was changed or is damaged)")
+    for path in sorted(directory.rglob("*")):
+        name = path.relative_to(directory).as_posix()
+        if (path.is_file() or path.is_symlink()) and name != MANIFEST_FILE and name not in manifest.files:
+            problems.append(f"{name}: not listed in the manifest (added after the run, or by something else)")
     return problems

@@ -28,7 +28,7 @@ from workbench.checkpoint.output_folder import (
 from workbench.checkpoint.resolve import ensure_local
 from workbench.checkpoint.sidecars import copy_config, copy_tokenizer
 from workbench.engine.card import card_text
-from workbench.engine.manifest import MANIFEST_FILE, Manifest, run_identity
+from workbench.engine.manifest import MANIFEST_FILE, Manifest, record_published, run_identity
 from workbench.engine.plan import MergePlan, build_plan
 from workbench.engine.progress import ProgressCallback
 from workbench.errors import CheckpointError, OutputError, RecipeError, RunInterrupted, WorkbenchError
@@ -311,7 +311,8 @@ def run_plan(plan: MergePlan, registry: Registry, **options: Unpack[RunOptions])
     finally:
         plan.close()
     if plan.recipe.evaluators:
-        from workbench.evaluation.running import evaluate_output
+        from workbench.evaluation.running import RESULTS_FILE, evaluate_output
 
         result.evaluations = evaluate_output(plan.recipe.evaluators, result.out_dir, registry)
+        record_published(result.out_dir, result.out_dir / RESULTS_FILE)  # verify vouches for the scores too
     return result

@@ -81,8 +81,9 @@ def run_one(
     task: CandidateTask, registry: Registry | None = None, metric: str | None = None
 ) -> CandidateResult:
     """Merge (unless already merged) and score one candidate; every error becomes a failed row."""
+    from workbench.engine.manifest import record_published
     from workbench.engine.run import run_recipe
-    from workbench.evaluation.running import evaluate_output
+    from workbench.evaluation.running import RESULTS_FILE, evaluate_output
     from workbench.registry import get_registry
 
     start = time.perf_counter()
@@ -96,6 +97,7 @@ def run_one(
             merged = True
         specs = [EvaluatorSpec.model_validate(spec) for spec in task.evaluators]
         metrics = evaluate_output(specs, out, registry)
+        record_published(out, out / RESULTS_FILE)
         _, score = pick_score(metrics, metric)
         return CandidateResult(
             task.id, task.settings, "ok", score, metrics, seconds=time.perf_counter() - start, merged=merged
