@@ -102,6 +102,44 @@ def layer_count(names: Iterable[str], config: dict[str, Any] | None = None) -> i
     return max(indices) + 1 if indices else 0
 
 
+#: Sizes a config gives that must be positive whole numbers where it gives them (null: not set).
+SIZE_KEYS = (
+    *LAYER_COUNT_KEYS,
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "n_embd",
+    "n_head",
+    "d_model",
+)
+
+
+def config_problem(config: dict[str, Any], names: Iterable[str]) -> str | None:
+    """Why a model's config cannot describe its weights (a size that is not a positive whole number,
+    weights in more layers than it counts), or None. Fewer layers than it counts is left alone: a model
+    may share one layer's weights among several (ALBERT)."""
+    for key in SIZE_KEYS:
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            return f"'{key}' is {_shown(value)}, not a positive whole number"
+    counted = next((k for k in LAYER_COUNT_KEYS if config.get(k) is not None), None)
+    indices = [p.layer_index for p in map(place, names) if p.layer_index is not None]
+    if counted is not None and indices and max(indices) >= config[counted]:
+        last = max(indices)
+        return (
+            f"'{counted}' is {config[counted]}, but the weights have layers up to {last} ({last + 1} layers)"
+        )
+    return None
+
+
+def _shown(value: Any) -> str:
+    """An untrusted value in a message: repr, at most a hundred characters."""
+    text = repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
 def describe(config: dict[str, Any] | None) -> str:
     """A short architecture label from config.json ('LlamaForCausalLM (llama)')."""
     if not config:

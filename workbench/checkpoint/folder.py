@@ -44,7 +44,11 @@ def folder_config(path: Path) -> dict[str, Any] | None:
         raise CheckpointError(f"{config} is not valid JSON ({exc}).") from exc
     except OSError as exc:
         raise CheckpointError(f"cannot read {config}: {exc.strerror}.") from exc
-    return data if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise CheckpointError(
+            f"{config} holds a JSON {type(data).__name__} where a config object ({{...}}) is expected."
+        )
+    return data
 
 
 def _read_small(path: Path) -> bytes:

@@ -230,6 +230,22 @@ class _ParamChecker:
                     ) from None
 
 
+def _unused_config_problems(model: InputModel, reference: InputModel) -> list[str]:
+    """What is wrong with the config of an input whose config the output does not take (the
+    reference's is checked strictly): said as a warning that names it."""
+    try:
+        config = model.reader.config()
+    except CheckpointError as exc:
+        return [f"{exc} It is not used: the output's config comes from {reference}."]
+    problem = None if config is None else architecture.config_problem(config, model.reader.tensor_names())
+    if problem is None:
+        return []
+    return [
+        f"the config of {model} does not describe its weights: {problem}; it is not used (the output's "
+        f"config comes from {reference})."
+    ]
+
+
 #: The largest magnitude float32 holds: a parameter beyond it turns the merge into inf at once.
 FLOAT32_MAX = 3.4028234663852886e38
 
@@ -480,7 +496,18 @@ def _plan_tensors(
                 "not in the output."
             )
 
-    layers = architecture.layer_count(names, reference.reader.config())
+    config = reference.reader.config()
+    if config is not None:
+        problem = architecture.config_problem(config, names)
+        if problem:
+            raise CheckpointError(
+                f"the config of {reference} does not describe its weights: {problem}; the output's config "
+                "would be copied from it. Fix or remove config.json."
+            )
+    for model in inputs:
+        if model is not reference:
+            warnings.extend(_unused_config_problems(model, reference))
+    layers = architecture.layer_count(names, config)
     method_cls = type(method)
     params = ParameterSet(method_cls.Parameters, global_raw, layers)
     model_params = [ParameterSet(method_cls.ModelParameters, m.parameters, layers) for m in models]
