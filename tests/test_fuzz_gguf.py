@@ -172,6 +172,8 @@ def outcome(path: Path) -> str:
         return "ok"
     except CheckpointError as exc:
         assert str(path) in str(exc), f"the error does not name the file: {exc}"
+        # names read from a damaged header are bounded and escaped, never megabytes of binary
+        assert len(str(exc)) < 1024 and str(exc).isprintable(), f"{len(str(exc))} characters: {exc!r:.300}"
         return "refused"
 
 
@@ -310,3 +312,23 @@ def test_the_gguf_package_alone_spins_on_a_lying_array_length(valid) -> None:
         GGUFReader(path)
     with pytest.raises(CheckpointError, match=r"claims an array of 9223372036854775808 items"), guarded():
         get_registry().open_checkpoint(path)
+
+
+@pytest.mark.parametrize("swallowed", [600, 5000, 40000])
+def test_a_key_that_swallows_the_header_gives_a_short_printable_message(valid, swallowed: int) -> None:
+    """One flipped bit in a key's length makes the key take in the binary that follows it (the
+    hostile trial's message was 5,988,572 bytes): the key is shown escaped and cut, the whole message
+    stays under 1 KB, and the command line prints it so."""
+    from click.testing import CliRunner
+
+    from workbench.cli.main import main
+
+    offset, width = field(valid, "general.architecture@0")
+    path = valid[0].parent / f"swallow_{swallowed}.gguf"
+    path.write_bytes(put(valid[1], offset, width, swallowed))
+    with pytest.raises(CheckpointError) as caught, guarded():
+        get_registry().open_checkpoint(path)
+    message = str(caught.value)
+    assert str(path) in message and len(message) < 1024 and message.isprintable(), repr(message[:300])
+    shown = CliRunner().invoke(main, ["inspect", str(path)])
+    assert shown.exit_code == 2 and len(shown.output) < 1200, len(shown.output)

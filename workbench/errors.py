@@ -34,3 +34,28 @@ class RunInterrupted(WorkbenchError):
     """The user stopped a run (Ctrl-C); the message says what was kept."""
 
     exit_code = 130
+
+
+# Text from files and other programs in messages: a name read from a damaged header can be megabytes
+# of binary. Both helpers are applied where such text enters a message and where a message is shown.
+
+#: The most characters of one message that are shown (its start and end, with the cut said).
+MESSAGE_LIMIT = 900
+
+
+def shown(text: object, limit: int = 120) -> str:
+    """An untrusted string (a key or tensor name read from a file) fit for a message: quoted and
+    escaped as Python's ``repr`` does, at most ``limit`` characters of it."""
+    value = str(text)
+    if len(value) > limit:
+        return repr(value[:limit]) + f" (+{len(value) - limit} characters)"
+    return repr(value)
+
+
+def bounded(message: str, limit: int = MESSAGE_LIMIT) -> str:
+    """``message`` with control characters escaped and, past ``limit`` characters, its middle cut."""
+    text = "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in message)
+    if len(text) <= limit:
+        return text
+    head, tail = limit * 2 // 3, limit // 4
+    return f"{text[:head]} [... {len(text) - head - tail} characters cut ...] {text[-tail:]}"

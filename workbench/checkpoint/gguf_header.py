@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from workbench.errors import CheckpointError
+from workbench.errors import CheckpointError, shown
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -65,7 +65,7 @@ class _Cursor:
 
 
 def _skip_value(cur: _Cursor, vtype: int, key: str) -> None:
-    what = f"value of metadata '{key}'"
+    what = f"value of metadata {shown(key)}"
     if vtype in _SCALAR_SIZE:
         cur.skip(_SCALAR_SIZE[vtype], what)
     elif vtype == _STRING:
@@ -74,12 +74,12 @@ def _skip_value(cur: _Cursor, vtype: int, key: str) -> None:
         item, count = cur.u32(what), cur.u64(what)
         if count > MAX_ARRAY:
             raise CheckpointError(
-                f"{cur.path}: metadata '{key}' claims an array of {count} items (at most {MAX_ARRAY} are read)."
+                f"{cur.path}: metadata {shown(key)} claims an array of {count} items (at most {MAX_ARRAY} are read)."
             )
         if item == _STRING:
             if count * 8 > cur.left():
                 raise CheckpointError(
-                    f"{cur.path}: metadata '{key}' claims {count} strings; the file has {cur.left()} bytes left."
+                    f"{cur.path}: metadata {shown(key)} claims {count} strings; the file has {cur.left()} bytes left."
                 )
             for _ in range(count):
                 cur.skip(cur.u64(what), what)
@@ -87,11 +87,11 @@ def _skip_value(cur: _Cursor, vtype: int, key: str) -> None:
             cur.skip(count * _SCALAR_SIZE[item], what)
         else:
             raise CheckpointError(
-                f"{cur.path}: metadata '{key}' is an array of value type {item}, which GGUF readers refuse "
+                f"{cur.path}: metadata {shown(key)} is an array of value type {item}, which GGUF readers refuse "
                 "(nested or unknown)."
             )
     else:
-        raise CheckpointError(f"{cur.path}: metadata '{key}' has unknown value type {vtype}.")
+        raise CheckpointError(f"{cur.path}: metadata {shown(key)} has unknown value type {vtype}.")
 
 
 @dataclass(frozen=True)
@@ -140,9 +140,9 @@ def _walk(cur: _Cursor) -> None:
         raw = cur.string(f"key of metadata entry {i}")
         key = raw.decode("utf-8", "replace")
         if raw in keys:
-            raise CheckpointError(f"{path}: metadata '{key}' appears twice.")
+            raise CheckpointError(f"{path}: metadata {shown(key)} appears twice.")
         keys.add(raw)
-        vtype = cur.u32(f"type of metadata '{key}'")
+        vtype = cur.u32(f"type of metadata {shown(key)}")
         if raw == b"general.alignment":
             alignment = cur.u32("value of general.alignment") if vtype == _UINT32 else 0
             if alignment == 0 or alignment & (alignment - 1):
@@ -154,17 +154,20 @@ def _walk(cur: _Cursor) -> None:
         raw = cur.string(f"name of tensor {i}")
         name = raw.decode("utf-8", "replace")
         if raw in names:
-            raise CheckpointError(f"{path}: tensor '{name}' is stored twice.")
+            raise CheckpointError(f"{path}: tensor {shown(name)} is stored twice.")
         names.add(raw)
-        n_dims = cur.u32(f"dimension count of tensor '{name}'")
+        n_dims = cur.u32(f"dimension count of tensor {shown(name)}")
         if not 1 <= n_dims <= MAX_DIMS:
             raise CheckpointError(
-                f"{path}: tensor '{name}' claims {n_dims} dimensions (1 to {MAX_DIMS} are valid)."
+                f"{path}: tensor {shown(name)} claims {n_dims} dimensions (1 to {MAX_DIMS} are valid)."
             )
-        dims = tuple(cur.u64(f"shape of tensor '{name}'") for _ in range(n_dims))
+        dims = tuple(cur.u64(f"shape of tensor {shown(name)}") for _ in range(n_dims))
         tensors.append(
             _TensorHeader(
-                name, dims, cur.u32(f"type of tensor '{name}'"), cur.u64(f"offset of tensor '{name}'")
+                name,
+                dims,
+                cur.u32(f"type of tensor {shown(name)}"),
+                cur.u64(f"offset of tensor {shown(name)}"),
             )
         )
     data_start = -(-cur.pos // alignment) * alignment
@@ -172,18 +175,18 @@ def _walk(cur: _Cursor) -> None:
     extents = []
     for t in tensors:
         if t.qtype not in known:
-            raise CheckpointError(f"{path}: tensor '{t.name}' has unknown GGML type {t.qtype}.")
+            raise CheckpointError(f"{path}: tensor {shown(t.name)} has unknown GGML type {t.qtype}.")
         type_name, block, type_size = known[t.qtype]
         if 0 in t.dims or t.dims[0] % block:
             raise CheckpointError(
-                f"{path}: tensor '{t.name}' has shape {list(t.dims)}, not whole {type_name} blocks of "
+                f"{path}: tensor {shown(t.name)} has shape {list(t.dims)}, not whole {type_name} blocks of "
                 f"{block} (or a zero dimension)."
             )
         nbytes = math.prod(t.dims) // block * type_size
         start = data_start + t.offset
         if t.offset % alignment or start + nbytes > cur.size:
             raise CheckpointError(
-                f"{path}: tensor '{t.name}' ({type_name}, shape {list(t.dims)}, {math.prod(t.dims)} "
+                f"{path}: tensor {shown(t.name)} ({type_name}, shape {list(t.dims)}, {math.prod(t.dims)} "
                 f"elements) claims bytes [{start}, {start + nbytes}), which are not {alignment}-aligned "
                 f"inside the file ({cur.size} bytes)."
             )
@@ -191,4 +194,4 @@ def _walk(cur: _Cursor) -> None:
     extents.sort()
     for (_, end, before), (start, _, after) in itertools.pairwise(extents):
         if start < end:
-            raise CheckpointError(f"{path}: the data of tensors '{before}' and '{after}' overlap.")
+            raise CheckpointError(f"{path}: the data of tensors {shown(before)} and {shown(after)} overlap.")

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from workbench.errors import RunInterrupted, WorkbenchError
+from workbench.errors import RunInterrupted, WorkbenchError, bounded
 
 
 def terminal(stderr: bool = False) -> Any:
@@ -38,10 +38,10 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except RunInterrupted as exc:
-            terminal(stderr=True).print(f"[bold yellow]stopped:[/] {escape(exc)}", markup=True)
+            terminal(stderr=True).print(f"[bold yellow]stopped:[/] {escape(bounded(str(exc)))}", markup=True)
             sys.exit(exc.exit_code)
         except WorkbenchError as exc:
-            terminal(stderr=True).print(f"[bold red]error:[/] {escape(exc)}", markup=True)
+            terminal(stderr=True).print(f"[bold red]error:[/] {escape(bounded(str(exc)))}", markup=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             terminal(stderr=True).print(
