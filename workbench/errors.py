@@ -31,9 +31,20 @@ class OutputError(WorkbenchError):
 
 
 class RunInterrupted(WorkbenchError):
-    """The user stopped a run (Ctrl-C); the message says what was kept."""
+    """The user stopped a run (Ctrl-C, or SIGTERM); the message says what was kept."""
 
     exit_code = 130
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a job scheduler, a container stopping), raised where Ctrl-C would be, so a
+    run stops the same way: it says what is kept and exits non-zero (143, as 128 + SIGTERM)."""
+
+    exit_code = 143
 
 
 # Text from files and other programs in messages: a name read from a damaged header can be megabytes

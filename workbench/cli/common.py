@@ -4,11 +4,13 @@ the registry with its load problems shown, and turning a ``WorkbenchError`` into
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
-from workbench.errors import RunInterrupted, WorkbenchError, bounded
+from workbench.errors import RunInterrupted, Terminated, WorkbenchError, bounded
 
 
 def terminal(stderr: bool = False) -> Any:
@@ -35,6 +37,9 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        # SIGTERM stops a command the way Ctrl-C does (a run says what it kept), not silently
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
         try:
             return func(*args, **kwargs)
         except RunInterrupted as exc:
@@ -43,13 +48,21 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except WorkbenchError as exc:
             terminal(stderr=True).print(f"[bold red]error:[/] {escape(bounded(str(exc)))}", markup=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
             terminal(stderr=True).print(
-                "[bold red]interrupted:[/] nothing was written at the output path.", markup=True
+                f"[bold red]{what}:[/] nothing was written at the output path.", markup=True
             )
-            sys.exit(130)
+            sys.exit(exc.exit_code if isinstance(exc, Terminated) else 130)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 def load_registry() -> Any:

@@ -31,7 +31,14 @@ from workbench.engine.card import card_text
 from workbench.engine.manifest import MANIFEST_FILE, Manifest, record_published, run_identity
 from workbench.engine.plan import MergePlan, build_plan
 from workbench.engine.progress import ProgressCallback
-from workbench.errors import CheckpointError, OutputError, RecipeError, RunInterrupted, WorkbenchError
+from workbench.errors import (
+    CheckpointError,
+    OutputError,
+    RecipeError,
+    RunInterrupted,
+    Terminated,
+    WorkbenchError,
+)
 from workbench.recipe.schema import Recipe, load_recipe
 from workbench.registry import Registry, get_registry, require_plugins
 
@@ -220,8 +227,12 @@ def execute(
             manifest.complete = True
             manifest.save()
             publish(partial, out_dir, replace=plan.overwrite)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             _discard_unless_resumable(plan, manifest)
+            if isinstance(exc, Terminated):
+                raise RunInterrupted(
+                    _stopped("terminated (SIGTERM)", plan, manifest), exc.exit_code
+                ) from None
             raise RunInterrupted(_stopped("interrupted", plan, manifest)) from None
         except OSError as exc:
             if exc.errno not in DISK_FULL:
