@@ -366,3 +366,20 @@ def test_nan_or_inf_in_an_input_warns_naming_the_tensor(
     # Only the poisoned tensor is reported.
     assert all(f"'{tensor}'" in w for w in warnings if "NaN/Inf" in w)
     assert not torch.isfinite(load_file(out / "model.safetensors")[tensor][0, 0])
+
+
+@COMMANDS
+def test_negative_header_offsets_are_called_negative(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str
+) -> None:
+    model = copy_model(tiny_family["ft1"], tmp_path / "negative-offsets")
+    file = model / "model.safetensors"
+    header, data = header_of(file)
+    begin, end = header["model.norm.weight"]["data_offsets"]
+    header["model.norm.weight"]["data_offsets"] = [begin - 10**6, end - 10**6]  # same span, before the data
+    write_with_header(file, header, data)
+    recipe = linear_recipe(tmp_path, model, tiny_family["ft2"])
+    out = tmp_path / "out"
+    result = invoke(cli, command, recipe, out)
+    assert_failed(result, out, str(file), "'model.norm.weight'", "negative data_offsets")
+    assert "span" not in result.output

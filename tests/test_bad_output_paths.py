@@ -26,6 +26,7 @@ def test_output_inside_an_input_folder(
     out = model / "merged"
     result = invoke(cli, command, recipe, out)
     assert_failed(result, out, str(out), "inside input", "models[0]")
+    assert result.output.count(str(model)) == 2, result.output  # in the output's path and once for the input
     assert sorted(p.name for p in model.iterdir()) == before
 
 
@@ -183,3 +184,12 @@ def test_replacing_an_output_leaves_neighbouring_folders_alone(
         "merged",
         "merged.old",
     ]
+
+
+def test_an_output_on_a_virtual_file_system_is_refused_as_such(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
+    recipe = linear_recipe(tmp_path, tiny_family["ft1"], tiny_family["ft2"])
+    result = invoke(cli, "run", recipe, Path("/proc/workbench-out"))
+    assert result.exit_code == 2, result.output
+    assert "virtual file system" in result.output and "GB free" not in result.output

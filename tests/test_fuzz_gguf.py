@@ -332,3 +332,13 @@ def test_a_key_that_swallows_the_header_gives_a_short_printable_message(valid, s
     assert str(path) in message and len(message) < 1024 and message.isprintable(), repr(message[:300])
     shown = CliRunner().invoke(main, ["inspect", str(path)])
     assert shown.exit_code == 2 and len(shown.output) < 1200, len(shown.output)
+
+
+def test_a_file_cut_inside_its_tensor_data_is_called_truncated(valid) -> None:
+    path = valid[0].parent / "cut.gguf"
+    path.write_bytes(valid[1][: valid[4] - 100])  # the header whole, the last tensor's data cut short
+    with (
+        pytest.raises(CheckpointError, match=r"past the end of the file .* the file is truncated"),
+        guarded(),
+    ):
+        get_registry().open_checkpoint(path)

@@ -424,3 +424,31 @@ def test_the_local_executor_hands_over_each_finished_job() -> None:
         [1, 2, 3], lambda job: job * 10, lambda job, result: seen.append((job, result))
     ) == [10, 20, 30]
     assert seen == [(1, 10), (2, 20), (3, 30)]
+
+
+def test_a_disk_that_fills_while_the_manifest_is_saved_is_counted_as_the_manifest_says(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last shard is whole but the save that lists it finds the disk full: the message counts
+    what the manifest on disk lists (what --resume keeps), not the list that never reached the disk."""
+    from workbench.engine.manifest import Manifest
+
+    recipe = _linear(tmp_path, tiny_family)
+    expected = tmp_path / "expected"
+    assert _run(cli, recipe, expected)[0] == 0
+    shards = sorted(_shards(expected))
+    original = Manifest.save
+
+    def save(self: Manifest) -> None:
+        if set(shards) <= set(self.files):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        original(self)
+
+    monkeypatch.setattr(Manifest, "save", save)
+    out = tmp_path / "out"
+    code, output = _run(cli, recipe, out)
+    monkeypatch.undo()
+    assert code == 2 and "ran out of space" in output, output
+    listed = json.loads((partial_of(out) / "workbench_manifest.json").read_text())["files"]
+    assert len(listed) == len(shards) - 1
+    assert f"{len(shards) - 1} of {len(shards)} output files are finished" in output, output

@@ -24,7 +24,7 @@ from workbench.checkpoint.base import CheckpointReader, TensorInfo
 from workbench.checkpoint.dtypes import to_torch
 from workbench.checkpoint.gguf_header import check_header
 from workbench.checkpoint.sidecars import tokenizer_from_gguf
-from workbench.errors import CheckpointError
+from workbench.errors import CheckpointError, shown
 
 if TYPE_CHECKING:
     import numpy as np
@@ -210,13 +210,13 @@ def _llama_config(meta: _Metadata, shapes: dict[str, tuple[int, ...]]) -> dict[s
     for name, shape in shapes.items():
         if name not in expected:
             raise CheckpointError(
-                f"{path}: tensor '{name}' has no place in a Llama model of {layers} layers"
+                f"{path}: tensor {shown(name)} has no place in a Llama model of {layers} layers"
                 + ("" if hf_name(name) else " (no Hugging Face name)")
                 + "."
             )
         if shape != expected[name]:
             raise CheckpointError(
-                f"{path}: tensor '{name}' has shape {list(shape)}; the metadata implies "
+                f"{path}: tensor {shown(name)} has shape {list(shape)}; the metadata implies "
                 f"{list(expected[name])} (GGUF order)."
             )
     missing = [name for name in expected if name not in shapes]
@@ -245,7 +245,7 @@ def _llama_config(meta: _Metadata, shapes: dict[str, tuple[int, ...]]) -> dict[s
     if scaling == "linear":
         config["rope_scaling"] = {"rope_type": "linear", "factor": meta.number("rope.scaling.factor")}
     elif scaling != "none":
-        raise CheckpointError(f"{path}: rope scaling '{scaling}' is not supported (only linear).")
+        raise CheckpointError(f"{path}: rope scaling {shown(scaling)} is not supported (only linear).")
     tokenizer = _Metadata(meta.reader, path, "tokenizer.ggml.")
     for key, ours in (
         ("bos_token_id", "bos_token_id"),
@@ -340,7 +340,7 @@ class GGUFCheckpoint(CheckpointReader):
         arch = general.text("architecture")
         if arch != "llama":
             raise CheckpointError(
-                f"{self.file}: architecture '{arch}' is not supported (GGUF inputs are mapped for llama only)."
+                f"{self.file}: architecture {shown(arch)} is not supported (GGUF inputs are mapped for llama only)."
             )
         if _Metadata(reader, self.file, "split.").integer("count", 1) > 1:
             raise CheckpointError(
@@ -357,7 +357,7 @@ class GGUFCheckpoint(CheckpointReader):
             type_name = t.tensor_type.name
             if type_name not in _NATIVE and int(t.tensor_type) not in _dequantisable():
                 raise CheckpointError(
-                    f"{self.file}: tensor '{t.name}' is quantised as {type_name}, which the installed gguf "
+                    f"{self.file}: tensor {shown(t.name)} is quantised as {type_name}, which the installed gguf "
                     "package cannot dequantise."
                 )
             module = t.name.split(".")[2] if t.name.startswith("blk.") else ""
@@ -376,7 +376,7 @@ class GGUFCheckpoint(CheckpointReader):
         try:
             return self._tensors[name]
         except KeyError:
-            raise CheckpointError(f"tensor '{name}' is missing from model {self.file}.") from None
+            raise CheckpointError(f"tensor {shown(name)} is missing from model {self.file}.") from None
 
     def info(self, name: str) -> TensorInfo:
         t = self._get(name)
@@ -388,13 +388,13 @@ class GGUFCheckpoint(CheckpointReader):
         start, stop = (0, t.shape[0]) if rows is None else rows
         if not 0 <= start <= stop <= t.shape[0]:
             raise CheckpointError(
-                f"{self.file}: rows [{start}, {stop}) of tensor '{name}' are outside its {t.shape[0]} rows."
+                f"{self.file}: rows [{start}, {stop}) of tensor {shown(name)} are outside its {t.shape[0]} rows."
             )
         try:
             return _decode(t, start, stop)
         except (ValueError, TypeError, IndexError, NotImplementedError) as exc:
             raise CheckpointError(
-                f"{self.file}: tensor '{t.gguf_name}' ({t.qtype.name}) could not be decoded "
+                f"{self.file}: tensor {shown(t.gguf_name)} ({t.qtype.name}) could not be decoded "
                 f"({type(exc).__name__}: {exc})."
             ) from None
 

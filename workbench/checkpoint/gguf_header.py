@@ -184,7 +184,14 @@ def _walk(cur: _Cursor) -> None:
             )
         nbytes = math.prod(t.dims) // block * type_size
         start = data_start + t.offset
-        if t.offset % alignment or start + nbytes > cur.size:
+        if t.offset % alignment == 0 and start + nbytes > cur.size:
+            raise CheckpointError(
+                f"{path}: tensor {shown(t.name)} ({type_name}, shape {list(t.dims)}, {math.prod(t.dims)} "
+                f"elements) claims bytes "
+                f"[{start}, {start + nbytes}), past the end of the file ({cur.size} bytes): the file is "
+                "truncated, or its header lies."
+            )
+        if t.offset % alignment:
             raise CheckpointError(
                 f"{path}: tensor {shown(t.name)} ({type_name}, shape {list(t.dims)}, {math.prod(t.dims)} "
                 f"elements) claims bytes [{start}, {start + nbytes}), which are not {alignment}-aligned "

@@ -85,6 +85,16 @@ def free_space(out_dir: Path) -> tuple[Path, int]:
     return folder, shutil.disk_usage(folder).free
 
 
+def check_real_file_system(out_dir: Path) -> None:
+    """Refuse an output on a virtual file system (``/proc``, ``/sys``), which has no room for files."""
+    folder, _ = free_space(out_dir)
+    if shutil.disk_usage(folder).total == 0:
+        raise OutputError(
+            f"{out_dir} cannot hold files: {folder} is on a virtual file system (such as /proc or /sys), which "
+            "has no space for them. Choose another --out."
+        )
+
+
 def check_free_space(out_dir: Path, nbytes: int) -> None:
     """Refuse to start a run whose output cannot fit on the disk it is written to."""
     folder, free = free_space(out_dir)
@@ -121,9 +131,15 @@ def output_lock(out_dir: Path) -> Iterator[None]:
         yield
         return
     path = lock_file(out_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_real_file_system(out_dir)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputError(
+                f"cannot write beside {out_dir} ({path}: {exc.strerror}); choose another --out."
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

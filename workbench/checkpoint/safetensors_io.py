@@ -218,7 +218,11 @@ def _check_entry(path: Path, name: str, entry: Any, data_size: int) -> tuple[Ten
         raise CheckpointError(f"{where} has malformed data_offsets {offsets!r}.")
     begin, end = offsets
     expected = math.prod(shape) * ITEMSIZE[dtype]
-    if not 0 <= begin <= end or end - begin != expected:
+    if begin < 0 or end < 0:
+        raise CheckpointError(f"{where} has negative data_offsets {offsets}: no byte lies before the data.")
+    if begin > end:
+        raise CheckpointError(f"{where} has data_offsets {offsets} that end before they begin.")
+    if end - begin != expected:
         raise CheckpointError(
             f"{where}: data_offsets {offsets} span {end - begin} bytes but shape {shape} in {dtype} needs {expected}."
         )

@@ -20,6 +20,7 @@ from workbench import architecture
 from workbench.architecture import TensorPlace
 from workbench.checkpoint import CheckpointFormat, CheckpointReader, OutputFile, TensorSpec
 from workbench.checkpoint.dtypes import ITEMSIZE, code_from_name
+from workbench.checkpoint.output_folder import check_real_file_system
 from workbench.checkpoint.resolve import open_reference
 from workbench.checkpoint.stacked import LayerRange, StackedReader
 from workbench.errors import CheckpointError, OutputError, RecipeError
@@ -342,7 +343,7 @@ def check_output_path(out_dir: Path, inputs: list[InputModel], overwrite: bool) 
         folder = (model.path if model.path.is_dir() else model.path.parent).resolve()
         if out == folder or folder in out.parents:
             raise OutputError(
-                f"output {out_dir} is inside input {model} ({folder}); choose a folder outside every input."
+                f"output {out_dir} is inside input {model}; choose a folder outside every input."
             )
         if out in folder.parents:
             raise OutputError(
@@ -355,6 +356,7 @@ def check_output_path(out_dir: Path, inputs: list[InputModel], overwrite: bool) 
                 f"input {model} lies in {scratch}, where output {out_dir} is written first; choose another "
                 "output folder."
             )
+    check_real_file_system(out_dir)
     if out.exists() and not overwrite:
         raise OutputError(f"output {out_dir} already exists; pass --overwrite to replace it.")
     if out.exists() and not out.is_dir():

@@ -141,7 +141,8 @@ def _open_manifest(plan: MergePlan, device: str, resume: bool) -> Manifest:
 
 def _stopped(what: str, plan: MergePlan, manifest: Manifest) -> str:
     """The end of the message of a run that stopped: what is kept, and how to go on."""
-    done = sum(f.name in manifest.files for f in plan.files)
+    kept = _kept(manifest)
+    done = sum(f.name in kept for f in plan.files)
     if not done:
         return f"{what}; nothing was written at {plan.out_dir}."
     return (
@@ -265,9 +266,19 @@ def execute(
     )
 
 
+def _kept(manifest: Manifest) -> dict[str, object]:
+    """The finished files of a stopped run as its manifest on disk lists them: what --resume reads (a
+    full disk may have stopped the last save of the list in memory)."""
+    try:
+        return dict(Manifest.read(manifest.directory).files)
+    except (FileNotFoundError, WorkbenchError):
+        return {}
+
+
 def _discard_unless_resumable(plan: MergePlan, manifest: Manifest) -> None:
     """Keep ``<out>.partial`` after an interruption only if it holds finished files to resume from."""
-    if not any(f.name in manifest.files for f in plan.files):
+    kept = _kept(manifest)
+    if not any(f.name in kept for f in plan.files):
         shutil.rmtree(manifest.directory, ignore_errors=True)
 
 
