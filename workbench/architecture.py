@@ -25,6 +25,7 @@ LAYER_CONTAINERS = (
     "model.layers",
     "layers",
     "blocks",
+    "block",  # T5: encoder.block.N.layer.M (M numbers the sub-layers of block N)
     "layer",
     "h",
 )
@@ -114,6 +115,16 @@ SIZE_KEYS = (
     "n_head",
     "d_model",
 )
+
+
+_STACK = re.compile(r"(?:^|\.)(?P<stack>encoder|decoder)\.(?:block|layers?)\.\d+\.")
+
+
+def encoder_decoder(names: Iterable[str]) -> bool:
+    """Whether the weights hold both an encoder stack and a decoder stack (T5, BART, Whisper, ...): their
+    layers have the same numbers, so a layer index alone does not say which layer is meant."""
+    found = {m["stack"] for m in map(_STACK.search, names) if m}
+    return found == {"encoder", "decoder"}
 
 
 def config_problem(config: dict[str, Any], names: Iterable[str]) -> str | None:

@@ -25,6 +25,7 @@ from workbench.checkpoint.resolve import open_reference
 from workbench.checkpoint.stacked import LayerRange, StackedReader
 from workbench.errors import CheckpointError, OutputError, RecipeError
 from workbench.method import (
+    LayerSwapLayout,
     MemoryNeed,
     MergeMethod,
     MethodParameters,
@@ -312,6 +313,12 @@ def _open_stacked(
             if source.model not in readers:
                 opened = _open(opener, source.model, label, {})
                 readers[source.model] = opened.reader
+                if architecture.encoder_decoder(opened.reader.tensor_names()):
+                    raise RecipeError(
+                        f"{opened}: an encoder-decoder model (its encoder and decoder layers share their "
+                        "numbers) cannot be stacked from layer ranges: slices would mix the two stacks. "
+                        "Merge it without slices."
+                    )
                 sources.append(opened)
                 paths.append(opened.path)
             parts.append(
@@ -498,6 +505,12 @@ def _plan_tensors(
                 "not in the output."
             )
 
+    if architecture.encoder_decoder(names) and isinstance(type(method), LayerSwapLayout):
+        raise RecipeError(
+            f"{where}: method '{method.name}' takes whole layers from one model or the other, but "
+            f"{reference} is an encoder-decoder model: its encoder and decoder layers share their numbers, "
+            "so a layer index does not say which is meant. Use a method that merges tensor by tensor."
+        )
     config = reference.reader.config()
     if config is not None:
         problem = architecture.config_problem(config, names)
