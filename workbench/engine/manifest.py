@@ -186,17 +186,28 @@ def verify_folder(directory: Path) -> list[str]:
         else [f"{manifest.path} is not marked complete: the run that wrote it did not finish."]
     )
     for name, record in sorted(manifest.files.items()):
-        path = directory / name
-        if path.is_symlink():
-            problems.append(f"{name}: a symbolic link (to {os.readlink(path)}), not a file the run wrote")
-        elif not _inside(directory, path):
-            problems.append(f"{name}: missing")
-        elif path.stat().st_size != record.bytes:
-            problems.append(f"{name}: {path.stat().st_size} bytes, the manifest says {record.bytes}")
-        elif sha256_file(path) != record.sha256:
-            problems.append(f"{name}: sha256 differs from the manifest (the file was changed or is damaged)")
+        try:
+            problem = _file_problem(directory, name, record)
+        except OSError as exc:  # a name the file system refuses (too long, ...)
+            problem = f"{name}: cannot be read ({exc.strerror})"
+        if problem:
+            problems.append(problem)
     for path in sorted(directory.rglob("*")):
         name = path.relative_to(directory).as_posix()
         if (path.is_file() or path.is_symlink()) and name != MANIFEST_FILE and name not in manifest.files:
             problems.append(f"{name}: not listed in the manifest (added after the run, or by something else)")
     return problems
+
+
+def _file_problem(directory: Path, name: str, record: FileRecord) -> str | None:
+    """What is wrong with one listed file of a published folder, or None."""
+    path = directory / name
+    if path.is_symlink():
+        return f"{name}: a symbolic link (to {os.readlink(path)}), not a file the run wrote"
+    if not _inside(directory, path):
+        return f"{name}: missing"
+    if path.stat().st_size != record.bytes:
+        return f"{name}: {path.stat().st_size} bytes, the manifest says {record.bytes}"
+    if sha256_file(path) != record.sha256:
+        return f"{name}: sha256 differs from the manifest (the file was changed or is damaged)"
+    return None
