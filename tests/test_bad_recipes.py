@@ -156,3 +156,43 @@ def test_non_finite_and_overflowing_parameters_are_refused_by_field_and_line(
     out = tmp_path / "out"
     result = invoke(cli, command, recipe, out)
     assert_failed(result, out, f"{recipe}:{line}", field, f"= {shown}", what)
+
+
+@COMMANDS
+@pytest.mark.parametrize(
+    ("method", "weights", "extra", "refused"),
+    [
+        ("linear", ("0.0", "0.0"), "", True),
+        ("linear", ("1.0", "-1.0"), "", True),
+        ("linear", ("[1.0, 0.0]", "[-1.0, 1.0]"), "", True),  # zero only at t = 0: the embeddings
+        ("linear", ("0.0", "0.0"), "parameters: {normalize: false}\n", False),
+        ("task_arithmetic", ("0.5", "-0.5"), "parameters: {normalize: true}\n", True),
+        ("task_arithmetic", ("0.5", "-0.5"), "", False),  # not normalised: a sum of 0 is fine
+    ],
+)
+def test_weights_that_cannot_be_normalised_are_refused_before_the_run(
+    cli: CliRunner,
+    tiny_family: dict[str, Path],
+    tmp_path: Path,
+    command: str,
+    method: str,
+    weights: tuple[str, str],
+    extra: str,
+    refused: bool,
+) -> None:
+    base = f"base: {json.dumps(str(tiny_family['base']))}\n" if method == "task_arithmetic" else ""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"method: {method}\n{base}models:\n"
+        + "".join(
+            f"  - model: {json.dumps(str(tiny_family[name]))}\n    parameters: {{weight: {w}}}\n"
+            for name, w in zip(("ft1", "ft2"), weights)
+        )
+        + extra
+    )
+    out = tmp_path / "out"
+    result = invoke(cli, command, recipe, out)
+    if refused:
+        assert_failed(result, out, f"{recipe}:", "sum to 0", "cannot be normalised", "tensor '")
+    else:
+        assert result.exit_code == 0, result.output

@@ -408,6 +408,7 @@ def merge_function(
     when_to_use: str = "",
     min_models: int = 1,
     max_models: int | None = None,
+    check_plan: Callable[[ParameterSet, Sequence[ParameterSet], int], None] | None = None,
 ) -> Callable[[Callable[..., Any]], type[MergeMethod]]:
     """Make a :class:`MergeMethod` of a typed function, for methods without ``prepare``, statistics or
     extra files. The signature says everything else:
@@ -420,7 +421,9 @@ def merge_function(
       ``per_layer``); annotated ``PerModel[T]`` it is set per model and arrives as a list. Python keywords
       get a trailing underscore (``lambda_``), and the recipe key drops it (``lambda``).
 
-    The result is the method class (register it as it is); the function stays callable as ``__wrapped__``.
+    ``check_plan(params, model_params, layer_count)``, if given, is the method's
+    :meth:`MergeMethod.check_plan`. The result is the method class (register it as it is); the function
+    stays callable as ``__wrapped__``.
     """
 
     def make(function: Callable[..., Any]) -> type[MergeMethod]:
@@ -469,7 +472,7 @@ def merge_function(
             return function(tensors, **values)
 
         title = name.title().replace("_", "")
-        attributes = {
+        attributes: dict[str, Any] = {
             "__doc__": function.__doc__,
             "__module__": function.__module__,
             "__wrapped__": staticmethod(function),
@@ -487,6 +490,8 @@ def merge_function(
             ),
             "apply": apply,
         }
+        if check_plan is not None:
+            attributes["check_plan"] = staticmethod(check_plan)  # called on the instance, without self
         return type(function.__name__, (MergeMethod,), attributes)
 
     return make

@@ -22,7 +22,7 @@ import fnmatch
 import functools
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -209,12 +209,20 @@ class ParameterSet:
     ``{file: ...}`` table) at its value outside the layers, where embeddings and the head sit (t = 0);
     options that do not vary are read there. :meth:`at` gives one tensor's values, exactly what
     ``apply`` receives for it. :attr:`raw` is the recipe's text (top-level defaults merged into a
-    model's), for a method that hands it on to another (``lines`` wraps one)."""
+    model's), for a method that hands it on to another (``lines`` wraps one). :attr:`tensor_names` are
+    the tensors the run merges, for a check that must see every tensor's values."""
 
-    def __init__(self, schema: type[MethodParameters], raw: Mapping[str, Any], layer_count: int) -> None:
+    def __init__(
+        self,
+        schema: type[MethodParameters],
+        raw: Mapping[str, Any],
+        layer_count: int,
+        tensor_names: Sequence[str] = (),
+    ) -> None:
         self.schema = schema
         self.raw: Mapping[str, Any] = MappingProxyType(dict(raw))
         self.layer_count = layer_count
+        self.tensor_names = tuple(tensor_names)
 
     def at(self, tensor_name: str) -> MethodParameters:
         """The values of tensor ``tensor_name`` (RecipeError naming it if they are invalid)."""

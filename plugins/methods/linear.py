@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from workbench.hookspecs import hookimpl
 from workbench.method import MergeMethod, Param, PerModel, TensorContext, merge_function
-from workbench_plugins.methods._weights import normalized
+from workbench_plugins.methods._weights import normalized, refuse_zero_sums
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +27,7 @@ WHEN_TO_USE = (
     paper="https://arxiv.org/abs/2203.05482",
     when_to_use=WHEN_TO_USE,
     mode="elementwise",
+    check_plan=lambda params, model_params, layers: refuse_zero_sums("linear", params, model_params),
 )
 def linear(
     tensors: list[torch.Tensor],

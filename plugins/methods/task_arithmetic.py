@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from workbench.hookspecs import hookimpl
-from workbench.method import MergeMethod, MethodParameters, Param, TensorContext
-from workbench_plugins.methods._weights import normalized
+from workbench.method import MergeMethod, MethodParameters, Param, ParameterSet, TensorContext
+from workbench_plugins.methods._weights import normalized, refuse_zero_sums
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +37,11 @@ class TaskArithmetic(MergeMethod):
     ModelParameters = TaskArithmeticModelParameters
     base_model = "required"
     mode = "elementwise"
+
+    def check_plan(
+        self, params: ParameterSet, model_params: Sequence[ParameterSet], layer_count: int
+    ) -> None:
+        refuse_zero_sums(self.name, params, model_params)
 
     def apply(
         self,

@@ -524,8 +524,9 @@ def _plan_tensors(
             warnings.extend(_unused_config_problems(model, reference))
     layers = architecture.layer_count(names, config)
     method_cls = type(method)
-    params = ParameterSet(method_cls.Parameters, global_raw, layers)
-    model_params = [ParameterSet(method_cls.ModelParameters, m.parameters, layers) for m in models]
+    merged = [n for n in names if reference.reader.info(n).is_float]
+    params = ParameterSet(method_cls.Parameters, global_raw, layers, merged)
+    model_params = [ParameterSet(method_cls.ModelParameters, m.parameters, layers, merged) for m in models]
     out_code = code_from_name(recipe.output.dtype) if recipe.output.dtype else None
     tensors: list[PlannedTensor] = []
     converted: dict[str, tuple[str, str, int]] = {}
