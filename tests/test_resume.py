@@ -220,6 +220,34 @@ def test_a_stopped_run_resumes_to_the_output_of_an_uninterrupted_one(
     assert stall_at in computed
 
 
+def test_a_second_run_on_the_same_output_is_refused_and_the_first_resumes_after_kill_9(
+    site: Path, reference: dict[str, object]
+) -> None:
+    """Two runs on one --out: while the first works (stalled in its third file), the second is refused
+    at once naming the first's pid, and touches nothing; kill -9 the first (the kernel drops its
+    lock), and --resume finishes it byte-identical to an uninterrupted run."""
+    folder: Path = reference["folder"]  # type: ignore[assignment]
+    out: Path = reference["out"]  # type: ignore[assignment]
+    shutil.rmtree(out, ignore_errors=True)
+    stall_at, _ = _stall_in_third_file(reference)
+    signal_file = folder / "stalled.two-runs"
+    run = ["run", str(reference["recipe"]), "--out", str(out), "-q"]
+    first = _workbench(site, run, folder / "first.log", STALL_AT=stall_at, STALL_SIGNAL=str(signal_file))
+    try:
+        _wait_for(signal_file, first)
+        before = _digests(partial_of(out))
+        code, output = _finish(_workbench(site, run, folder / "second.log"))
+        assert code == 2, output
+        assert f"pid {first.pid}" in output and "another run is writing" in output, output
+        assert _digests(partial_of(out)) == before and not out.exists()
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    code, output = _finish(_workbench(site, run + ["--resume"], folder / "after-kill.log"))
+    assert code == 0, output
+    assert _digests(out) == reference["digests"]
+
+
 def _linear(tmp_path: Path, tiny_family: dict[str, Path]) -> Path:
     return _recipe(tmp_path, "linear", [tiny_family["ft1"], tiny_family["ft2"]])
 
