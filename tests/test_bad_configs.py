@@ -39,8 +39,12 @@ def _config(tiny_family: dict[str, Path], name: str = "ft1") -> dict:
             lambda c: {**c, "num_hidden_layers": 2},
             ["'num_hidden_layers' is 2, but the weights have layers up to"],
         ),
+        (
+            lambda c: {**c, "hidden_size": c["hidden_size"] * 2},
+            ["'hidden_size' is", "model.embed_tokens.weight is ["],
+        ),
     ],
-    ids=["list", "string", "negative-layers", "text-size", "too-few-layers"],
+    ids=["list", "string", "negative-layers", "text-size", "too-few-layers", "other-width"],
 )
 def test_a_reference_config_that_cannot_describe_the_weights_is_refused(
     cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path, command: str, edit, fragments: list[str]

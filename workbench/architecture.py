@@ -8,7 +8,7 @@ head or other. Unknown layouts still merge; they just have no layer index.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,10 +127,17 @@ def encoder_decoder(names: Iterable[str]) -> bool:
     return found == {"encoder", "decoder"}
 
 
-def config_problem(config: dict[str, Any], names: Iterable[str]) -> str | None:
-    """Why a model's config cannot describe its weights (a size that is not a positive whole number,
-    weights in more layers than it counts), or None. Fewer layers than it counts is left alone: a model
+#: The Llama family's embedding, whose width is the config's ``hidden_size`` (other layouts may embed
+#: narrower and project: ALBERT's ``embedding_size``, OPT's ``word_embed_proj_dim``).
+LLAMA_EMBEDDING = "model.embed_tokens.weight"
+
+
+def config_problem(config: dict[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Why a model's config cannot describe its weights (``shapes``: name -> shape), or None: a size
+    that is not a positive whole number, weights in more layers than it counts, a Llama-family
+    embedding of another width than ``hidden_size``. Fewer layers than it counts is left alone: a model
     may share one layer's weights among several (ALBERT)."""
+    names = list(shapes)
     for key in SIZE_KEYS:
         value = config.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
@@ -142,6 +149,10 @@ def config_problem(config: dict[str, Any], names: Iterable[str]) -> str | None:
         return (
             f"'{counted}' is {config[counted]}, but the weights have layers up to {last} ({last + 1} layers)"
         )
+    embedding = shapes.get(LLAMA_EMBEDDING)
+    width = config.get("hidden_size")
+    if width is not None and embedding is not None and len(embedding) == 2 and embedding[1] != width:
+        return f"'hidden_size' is {width}, but {LLAMA_EMBEDDING} is {list(embedding)}"
     return None
 
 

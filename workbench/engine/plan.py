@@ -7,14 +7,10 @@ file, tensor, field or line it concerns.
 
 from __future__ import annotations
 
-import difflib
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
-
-from pydantic import TypeAdapter, ValidationError
+from typing import Any
 
 from workbench import architecture
 from workbench.architecture import TensorPlace
@@ -23,6 +19,7 @@ from workbench.checkpoint.dtypes import ITEMSIZE, code_from_name
 from workbench.checkpoint.output_folder import check_real_file_system
 from workbench.checkpoint.resolve import open_reference
 from workbench.checkpoint.stacked import LayerRange, StackedReader
+from workbench.engine.parameter_checks import ParameterChecker
 from workbench.errors import CheckpointError, OutputError, RecipeError
 from workbench.method import (
     LayerSwapLayout,
@@ -30,12 +27,10 @@ from workbench.method import (
     MergeMethod,
     MethodParameters,
     ParameterSet,
-    is_per_layer,
     param_keys,
     tensor_seed,
 )
-from workbench.params import anchors, is_filter_list, varies
-from workbench.recipe.schema import Recipe, format_path, located
+from workbench.recipe.schema import Recipe
 from workbench.registry import Registry
 
 #: Elementwise methods see large tensors in row blocks of about this many elements.
@@ -146,90 +141,8 @@ class MergePlan:
 
 
 # --------------------------------------------------------------------------------------------------
-# Parameters
+# Configs
 # --------------------------------------------------------------------------------------------------
-
-
-class _ParamChecker:
-    def __init__(self, recipe: Recipe) -> None:
-        self.source = located(recipe)
-        self.recipe_name = recipe.source or "<recipe>"
-
-    def where(self, path: tuple[Any, ...]) -> str:
-        return self.source.where(path) if self.source else f"{self.recipe_name}: {format_path(path)}"
-
-    def check(
-        self,
-        raw: dict[str, Any],
-        schema: type[MethodParameters],
-        path: tuple[Any, ...],
-        method: str,
-        allowed_elsewhere: set[str],
-        defaults: dict[str, Any] | None = None,
-    ) -> None:
-        keys = param_keys(schema)
-        for key in raw:
-            if key in keys or key in allowed_elsewhere:
-                continue
-            close = difflib.get_close_matches(key, list(keys) + list(allowed_elsewhere), n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else ""
-            known = ", ".join(sorted(keys)) or "none"
-            raise RecipeError(
-                f"{self.where(path + (key,))}: unknown parameter '{key}' for method '{method}'.{hint} Its "
-                f"parameters here: {known}."
-            )
-        for key, fname in keys.items():
-            info = schema.model_fields[fname]
-            if key not in raw:
-                if info.is_required() and not (defaults and key in defaults):
-                    raise RecipeError(
-                        f"{self.where(path)}: method '{method}' needs parameter '{key}' ({info.description})."
-                    )
-                continue
-            value = raw[key]
-            if value == [] or (is_filter_list(value) and any(entry.get("value") == [] for entry in value)):
-                raise RecipeError(
-                    f"{self.where(path + (key,))}: parameter '{key}' has an empty list as its value."
-                )
-            annotation: Any = (
-                Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
-            )
-            adapter = TypeAdapter(annotation)
-            if not is_per_layer(schema, fname):  # one value for the whole model, taken literally
-                _refuse_non_finite(self.where(path + (key,)), key, value)
-                try:
-                    _refuse_non_finite(self.where(path + (key,)), key, adapter.validate_python(value))
-                except ValidationError as exc:
-                    if varies(value):
-                        raise RecipeError(
-                            f"{self.where(path + (key,))}: parameter '{key}' takes a single value, not a "
-                            "list or a file."
-                        ) from None
-                    raise RecipeError(
-                        f"{self.where(path + (key,))}: parameter '{key}' = {value!r} is invalid: "
-                        f"{exc.errors()[0]['msg']}."
-                    ) from None
-                continue
-            if is_filter_list(value):
-                for i, entry in enumerate(value):
-                    extra = set(entry) - {"filter", "value"}
-                    if extra or "value" not in entry:
-                        raise RecipeError(
-                            f"{self.where(path + (key, i))}: a filter entry has keys 'filter' and 'value' only."
-                        )
-            try:
-                values = anchors(value)
-            except ValueError as exc:
-                raise RecipeError(f"{self.where(path + (key,))}: {exc}.") from None
-            for anchor in values:
-                _refuse_non_finite(self.where(path + (key,)), key, anchor)
-                try:  # a number given as text ("1e308": YAML 1.1 reads it as a string) is checked as read
-                    _refuse_non_finite(self.where(path + (key,)), key, adapter.validate_python(anchor))
-                except ValidationError as exc:
-                    message = exc.errors()[0]["msg"]
-                    raise RecipeError(
-                        f"{self.where(path + (key,))}: parameter '{key}' = {anchor!r} is invalid: {message}."
-                    ) from None
 
 
 def _unused_config_problems(model: InputModel, reference: InputModel) -> list[str]:
@@ -239,42 +152,14 @@ def _unused_config_problems(model: InputModel, reference: InputModel) -> list[st
         config = model.reader.config()
     except CheckpointError as exc:
         return [f"{exc} It is not used: the output's config comes from {reference}."]
-    problem = None if config is None else architecture.config_problem(config, model.reader.tensor_names())
+    shapes = {name: model.reader.info(name).shape for name in model.reader.tensor_names()}
+    problem = None if config is None else architecture.config_problem(config, shapes)
     if problem is None:
         return []
     return [
         f"the config of {model} does not describe its weights: {problem}; it is not used (the output's "
         f"config comes from {reference})."
     ]
-
-
-#: The largest magnitude float32 holds: a parameter beyond it turns the merge into inf at once.
-FLOAT32_MAX = 3.4028234663852886e38
-
-
-def _refuse_non_finite(where: str, key: str, value: Any) -> None:
-    """A number a recipe gives (at any depth of a list or mapping) must be finite and within float32's
-    range: NaN, inf or 1e308 would only give a model of NaN/Inf, tensor by tensor."""
-    if isinstance(value, bool):
-        return
-    if isinstance(value, (list, tuple)):
-        for item in value:
-            _refuse_non_finite(where, key, item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            _refuse_non_finite(where, key, item)
-    elif isinstance(value, (int, float)) and not (abs(value) <= FLOAT32_MAX):  # NaN fails the test too
-        what = (
-            "not a number"
-            if value != value
-            else "infinite"
-            if math.isinf(value)
-            else "beyond float32's range"
-        )
-        raise RecipeError(
-            f"{where}: parameter '{key}' = {value!r} is {what}: the merge would give NaN/Inf values. "
-            "Give a finite number."
-        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -406,7 +291,7 @@ def build_plan(
     method_cls = registry.method(recipe.method)
     method = method_cls()
     method.check_inputs(recipe.model_count, recipe.base is not None)
-    checker = _ParamChecker(recipe)
+    checker = ParameterChecker(recipe)
     model_keys = set(param_keys(method_cls.ModelParameters))
     # A per-model parameter given at the top level is the default for every model (as in mergekit).
     global_raw = {k: v for k, v in recipe.parameters.items() if k not in model_keys}
@@ -513,7 +398,7 @@ def _plan_tensors(
         )
     config = reference.reader.config()
     if config is not None:
-        problem = architecture.config_problem(config, names)
+        problem = architecture.config_problem(config, {n: reference.reader.info(n).shape for n in names})
         if problem:
             raise CheckpointError(
                 f"the config of {reference} does not describe its weights: {problem}; the output's config "
