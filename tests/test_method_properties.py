@@ -116,6 +116,14 @@ PROPERTIES: dict[str, Properties] = {
         },
     ),
     "passthrough": Properties(one_hot=NotApplicable("it takes a single model"), models=1),
+    # t past every difference takes the other model whole (w = 1 everywhere)
+    "nearswap": Properties(
+        common={"parameters": {"t": 1e30}}, one_hot=NotApplicable("it takes a single model"), models=1
+    ),
+    # copies of one fine-tune change the same entries: each is averaged over the copies, i.e. kept;
+    # epsilon 0, since entries changed by at most epsilon are dropped by definition
+    "ram": Properties(identity={"parameters": {"epsilon": 0.0}}, one_hot=NotApplicable(NO_SELECTION)),
+    "ramplus_tl": Properties(identity={"parameters": {"epsilon": 0.0}}, one_hot=NotApplicable(NO_SELECTION)),
     "lora_experts": Properties(
         common={"parameters": {"router": "random", "allocation": "uniform"}},
         identity=NotApplicable("its output is experts and routers over the base, not a merge of models"),

@@ -22,6 +22,9 @@ _TASK_VECTOR_METHODS = {
     "breadcrumbs",
     "breadcrumbs_ties",
     "model_stock",
+    "ram",
+    "ramplus_tl",
+    "nearswap",
 }
 #: Every mergekit method this version reads (others are refused by name).
 SUPPORTED_METHODS = _TASK_VECTOR_METHODS | {"linear", "slerp", "passthrough"}

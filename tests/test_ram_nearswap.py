@@ -1,0 +1,167 @@
+"""nearswap, ram and ramplus_tl (mergekit 0.1.5's semantics) on tiny generated models. Expected values
+are the definitions evaluated here in float64 numpy from the inputs as stored, never by the plugins."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from workbench.engine.run import run_recipe
+from workbench.recipe.schema import parse_recipe
+from workbench.registry import Registry
+
+
+def _read(folder: Path) -> dict[str, np.ndarray]:
+    return {name: t.double().numpy() for name, t in load_file(folder / "model.safetensors").items()}
+
+
+def _merge(tmp_path: Path, registry: Registry, text: str) -> dict[str, np.ndarray]:
+    out = tmp_path / "out"
+    run_recipe(parse_recipe(text + "dtype: float32\noutput: {dtype: float32}\n"), out=out, registry=registry)
+    merged: dict[str, np.ndarray] = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        merged |= {name: t.double().numpy() for name, t in load_file(shard).items()}
+    return merged
+
+
+def _q(x: np.ndarray) -> np.ndarray:
+    """float32, as the merge computes (the inputs are bf16, exact in float32)."""
+    return x.astype(np.float32).astype(np.float64)
+
+
+def _float_names(base: dict[str, np.ndarray]) -> list[str]:
+    return [name for name in base if base[name].size]
+
+
+def test_nearswap_takes_the_other_value_within_t_and_blends_beyond(
+    tiny_family: dict[str, Path], tmp_path: Path, registry: Registry
+) -> None:
+    base, other = _read(tiny_family["base"]), _read(tiny_family["ft1"])
+    diffs = np.concatenate([np.abs(other[n] - base[n]).ravel() for n in base])
+    t = float(np.quantile(diffs, 0.5))  # half the elements within t, half beyond
+    merged = _merge(
+        tmp_path,
+        registry,
+        f"method: nearswap\nbase: {json.dumps(str(tiny_family['base']))}\n"
+        f"models: [{json.dumps(str(tiny_family['ft1']))}]\nparameters: {{t: {t!r}}}\n",
+    )
+    within = beyond = 0
+    for name in _float_names(base):
+        a, b = _q(base[name]), _q(other[name])
+        w = np.clip(t / np.maximum(np.abs(a - b), 1e-6), 0.0, 1.0)
+        np.testing.assert_allclose(merged[name], w * b + (1 - w) * a, rtol=1e-6, atol=1e-7, err_msg=name)
+        within += int((w == 1).sum())
+        beyond += int((w < 1).sum())
+    assert within and beyond  # both branches of the definition were exercised
+
+
+def _ram_expected(
+    base: np.ndarray, models: list[np.ndarray], epsilon: float, boost: list[float] | None
+) -> np.ndarray:
+    taus = [_q(m) - _q(base) for m in models]
+    changed = [np.abs(tau) > epsilon for tau in taus]
+    count = np.sum(changed, axis=0)
+    out = _q(base).copy()
+    for i, (tau, mask) in enumerate(zip(taus, changed)):
+        kept = np.where(mask, tau, 0.0)
+        out += np.where(count == 1, kept * (boost[i] if boost else 1.0), 0.0)
+        out += np.where(count > 1, kept / np.maximum(count, 1), 0.0)
+    return out
+
+
+def _epsilon(tiny_family: dict[str, Path]) -> float:
+    """The median |τ| of ft1: about half of each model's entries count as changed, so unique and
+    shared entries both occur."""
+    base, ft1 = _read(tiny_family["base"]), _read(tiny_family["ft1"])
+    return float(np.quantile(np.concatenate([np.abs(ft1[n] - base[n]).ravel() for n in base]), 0.5))
+
+
+def test_ram_keeps_unique_changes_whole_and_averages_shared_ones(
+    tiny_family: dict[str, Path], tmp_path: Path, registry: Registry
+) -> None:
+    epsilon = _epsilon(tiny_family)
+    base = _read(tiny_family["base"])
+    models = [_read(tiny_family[k]) for k in ("ft1", "ft2")]
+    merged = _merge(
+        tmp_path,
+        registry,
+        f"method: ram\nbase: {json.dumps(str(tiny_family['base']))}\n"
+        f"models: [{json.dumps(str(tiny_family['ft1']))}, {json.dumps(str(tiny_family['ft2']))}]\n"
+        f"parameters: {{epsilon: {epsilon!r}}}\n",
+    )
+    unique = shared = 0
+    for name in _float_names(base):
+        expected = _ram_expected(base[name], [m[name] for m in models], epsilon, None)
+        np.testing.assert_allclose(merged[name], expected, rtol=1e-6, atol=1e-7, err_msg=name)
+        count = sum((np.abs(_q(m[name]) - _q(base[name])) > epsilon) for m in models)
+        unique += int((count == 1).sum())
+        shared += int((count == 2).sum())
+    assert unique and shared
+
+
+@pytest.mark.parametrize("chunk", [None, 100], ids=["whole", "blocks"])
+def test_ramplus_boosts_unique_changes_by_the_shared_share_over_the_whole_tensor(
+    tiny_family: dict[str, Path],
+    tmp_path: Path,
+    registry: Registry,
+    monkeypatch: pytest.MonkeyPatch,
+    chunk: int | None,
+) -> None:
+    """ρᵢ and λᵢ come from counts over the whole tensor: the same with the tensor fed in small row
+    blocks as whole."""
+    import workbench.engine.runner as runner
+
+    if chunk is not None:
+        monkeypatch.setattr(runner, "CHUNK_ELEMENTS", chunk)
+    epsilon, r, alpha = _epsilon(tiny_family), 0.5, 2.0
+    base = _read(tiny_family["base"])
+    models = [_read(tiny_family[k]) for k in ("ft1", "ft2")]
+    merged = _merge(
+        tmp_path,
+        registry,
+        f"method: ramplus_tl\nbase: {json.dumps(str(tiny_family['base']))}\n"
+        f"models: [{json.dumps(str(tiny_family['ft1']))}, {json.dumps(str(tiny_family['ft2']))}]\n"
+        f"parameters: {{epsilon: {epsilon!r}, r: {r}, alpha: {alpha}}}\n",
+    )
+    boosted = 0
+    for name in _float_names(base):
+        taus = [_q(m[name]) - _q(base[name]) for m in models]
+        changed = [np.abs(tau) > epsilon for tau in taus]
+        count = np.sum(changed, axis=0)
+        rho = [(mask & (count > 1)).sum() / max((mask & (count == 1)).sum(), epsilon) for mask in changed]
+        boost = [1.0 + r * min(max(p, 0.0), alpha) for p in rho]
+        boosted += any(b > 1.0 for b in boost)
+        expected = _ram_expected(base[name], [m[name] for m in models], epsilon, boost)
+        np.testing.assert_allclose(merged[name], expected, rtol=1e-6, atol=1e-7, err_msg=name)
+    assert boosted
+
+
+def test_mergekit_recipes_of_the_three_run_unchanged(
+    tiny_family: dict[str, Path], tmp_path: Path, registry: Registry
+) -> None:
+    """mergekit lists the base among the models for these; its task vector is zero and is dropped."""
+    b, f1, f2 = (json.dumps(str(tiny_family[k])) for k in ("base", "ft1", "ft2"))
+    recipes = {
+        "ram": f"merge_method: ram\nbase_model: {b}\nmodels:\n  - model: {b}\n  - model: {f1}\n  - model: {f2}\n",
+        "ramplus_tl": f"merge_method: ramplus_tl\nbase_model: {b}\nmodels:\n  - model: {f1}\n  - model: {f2}\n"
+        "parameters: {r: 0.2, alpha: 0.5, epsilon: 0.001}\n",
+        "nearswap": f"merge_method: nearswap\nbase_model: {b}\nmodels:\n  - model: {b}\n  - model: {f1}\n"
+        "parameters: {t: 0.0001}\n",
+    }
+    for method, text in recipes.items():
+        recipe = parse_recipe(text)
+        assert recipe.method == method and all(
+            m.model != tiny_family["base"].as_posix() for m in recipe.models
+        )
+        result = run_recipe(recipe, out=tmp_path / method, registry=registry)
+        assert (
+            result.tensors > 0
+            and torch.isfinite(
+                next(iter(load_file(next((tmp_path / method).glob("*.safetensors"))).values())).float()
+            ).all()
+        )
