@@ -12,8 +12,9 @@ from typing import Any
 from workbench.errors import RecipeError
 from workbench.recipe.sources import LocatedSource
 
-#: mergekit methods whose task vectors are taken against the base: a base listed among the
-#: models contributes a zero task vector in mergekit, so it is dropped from the model list.
+#: mergekit methods that take the base apart from the models (task vectors against it, or the other
+#: side of nearswap): a base listed among the models is not one of them in mergekit (for task vectors it
+#: would be a zero one), so it is dropped from the model list.
 _TASK_VECTOR_METHODS = {
     "task_arithmetic",
     "ties",
@@ -25,6 +26,7 @@ _TASK_VECTOR_METHODS = {
     "ram",
     "ramplus_tl",
     "nearswap",
+    "multislerp",
 }
 #: Every mergekit method this version reads (others are refused by name).
 SUPPORTED_METHODS = _TASK_VECTOR_METHODS | {"linear", "slerp", "passthrough"}

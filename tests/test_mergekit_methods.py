@@ -1,4 +1,4 @@
-"""nearswap, ram and ramplus_tl (mergekit 0.1.5's semantics) on tiny generated models. Expected values
+"""nearswap, ram, ramplus_tl and multislerp (mergekit 0.1.5's semantics) on tiny generated models. Expected values
 are the definitions evaluated here in float64 numpy from the inputs as stored, never by the plugins."""
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def test_ramplus_boosts_unique_changes_by_the_shared_share_over_the_whole_tensor
     assert boosted
 
 
-def test_mergekit_recipes_of_the_three_run_unchanged(
+def test_mergekit_recipes_of_the_new_methods_run_unchanged(
     tiny_family: dict[str, Path], tmp_path: Path, registry: Registry
 ) -> None:
     """mergekit lists the base among the models for these; its task vector is zero and is dropped."""
@@ -152,6 +152,9 @@ def test_mergekit_recipes_of_the_three_run_unchanged(
         "parameters: {r: 0.2, alpha: 0.5, epsilon: 0.001}\n",
         "nearswap": f"merge_method: nearswap\nbase_model: {b}\nmodels:\n  - model: {b}\n  - model: {f1}\n"
         "parameters: {t: 0.0001}\n",
+        "multislerp": f"merge_method: multislerp\nbase_model: {b}\nmodels:\n  - model: {f1}\n"
+        f"    parameters: {{weight: 1.0}}\n  - model: {f2}\n    parameters: {{weight: 2.0}}\n"
+        "parameters: {normalize_weights: true, eps: 1.0e-8}\n",
     }
     for method, text in recipes.items():
         recipe = parse_recipe(text)
@@ -165,3 +168,50 @@ def test_mergekit_recipes_of_the_three_run_unchanged(
                 next(iter(load_file(next((tmp_path / method).glob("*.safetensors"))).values())).float()
             ).all()
         )
+
+
+def _multislerp_expected(vectors: list[np.ndarray], weights: list[float], eps: float = 1e-8) -> np.ndarray:
+    """mergekit's algorithm step by step on the flat vectors, in float64."""
+    v = np.stack([x.ravel() for x in vectors])
+    w = np.asarray(weights) / np.sum(weights)
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    units = v / (norms + eps)
+    mean = (units * w[:, None]).sum(0)
+    mean /= np.linalg.norm(mean)
+    tangents = units - (units @ mean)[:, None] * mean
+    t = (tangents * w[:, None]).sum(0)
+    angle = np.linalg.norm(t) + eps
+    result = (mean * np.cos(angle) + t * np.sin(angle) / angle) * float((norms[:, 0] * w).sum())
+    return result.reshape(vectors[0].shape)
+
+
+@pytest.mark.parametrize("with_base", [False, True], ids=["models", "task-vectors"])
+@pytest.mark.parametrize("chunk", [None, 100], ids=["whole", "blocks"])
+def test_multislerp_is_mergekits_barycentric_slerp(
+    tiny_family: dict[str, Path],
+    tmp_path: Path,
+    registry: Registry,
+    monkeypatch: pytest.MonkeyPatch,
+    with_base: bool,
+    chunk: int | None,
+) -> None:
+    import workbench.engine.runner as runner
+
+    if chunk is not None:
+        monkeypatch.setattr(runner, "CHUNK_ELEMENTS", chunk)
+    names = ["ft1", "ft2"] if with_base else ["base", "ft1", "ft2"]
+    weights = [1.0, 3.0] if with_base else [1.0, 2.0, 3.0]
+    models = "".join(
+        f"  - model: {json.dumps(str(tiny_family[n]))}\n    parameters: {{weight: {w}}}\n"
+        for n, w in zip(names, weights)
+    )
+    base_line = f"base: {json.dumps(str(tiny_family['base']))}\n" if with_base else ""
+    merged = _merge(tmp_path, registry, f"method: multislerp\n{base_line}models:\n{models}")
+    base = _read(tiny_family["base"])
+    inputs = [_read(tiny_family[n]) for n in names]
+    for name in _float_names(base):
+        vectors = [_q(m[name]) - (_q(base[name]) if with_base else 0.0) for m in inputs]
+        if max(np.linalg.norm(v) for v in vectors) == 0:
+            continue
+        expected = _multislerp_expected(vectors, weights) + (_q(base[name]) if with_base else 0.0)
+        np.testing.assert_allclose(merged[name], expected, rtol=2e-5, atol=2e-6, err_msg=name)
