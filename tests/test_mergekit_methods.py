@@ -215,3 +215,56 @@ def test_multislerp_is_mergekits_barycentric_slerp(
             continue
         expected = _multislerp_expected(vectors, weights) + (_q(base[name]) if with_base else 0.0)
         np.testing.assert_allclose(merged[name], expected, rtol=2e-5, atol=2e-6, err_msg=name)
+
+
+def _karcher_expected(vectors: list[np.ndarray], max_iter: int = 10, tol: float = 1e-5) -> np.ndarray:
+    """mergekit's karcher_merge_tensors on flat vectors, in float64 numpy."""
+    v = [x.ravel() for x in vectors]
+    norms = [float(np.linalg.norm(x)) for x in v]
+    valid = [i for i, n in enumerate(norms) if n > tol]
+    w = 1.0 / len(valid)
+    units = [v[i] / norms[i] for i in valid]
+    mean = sum(w * u for u in units)
+    mean = units[0].copy() if np.linalg.norm(mean) < tol else mean / np.linalg.norm(mean)
+    for _ in range(max_iter):
+        tangent = np.zeros_like(mean)
+        for u in units:
+            dot = float(np.clip(mean @ u, -1.0, 1.0))
+            theta = np.arccos(dot)
+            if theta < tol:
+                continue
+            tangent += w * (theta / np.sin(theta)) * (u - dot * mean)
+        step = float(np.linalg.norm(tangent))
+        if step < tol:
+            break
+        mean = np.cos(step) * mean + np.sin(step) * tangent / step
+        mean /= np.linalg.norm(mean)
+    return (sum(norms) / len(v) * mean).reshape(vectors[0].shape)
+
+
+@pytest.mark.parametrize("chunk", [None, 100], ids=["whole", "blocks"])
+def test_karcher_is_mergekits_riemannian_mean(
+    tiny_family: dict[str, Path], tmp_path: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch, chunk
+) -> None:
+    import workbench.engine.runner as runner
+
+    if chunk is not None:
+        monkeypatch.setattr(runner, "CHUNK_ELEMENTS", chunk)
+    names = ["base", "ft1", "ft2"]
+    models = "".join(f"  - {json.dumps(str(tiny_family[n]))}\n" for n in names)
+    merged = _merge(tmp_path, registry, f"method: karcher\nmodels:\n{models}")
+    inputs = [_read(tiny_family[n]) for n in names]
+    for name in _float_names(inputs[0]):
+        expected = _karcher_expected([_q(m[name]) for m in inputs])
+        np.testing.assert_allclose(merged[name], expected, rtol=2e-5, atol=2e-6, err_msg=name)
+
+
+def test_a_mergekit_karcher_recipe_averages_its_base_too(
+    tiny_family: dict[str, Path], tmp_path: Path, registry: Registry
+) -> None:
+    b, f1, f2 = (json.dumps(str(tiny_family[k])) for k in ("base", "ft1", "ft2"))
+    recipe = parse_recipe(
+        f"merge_method: karcher\nbase_model: {b}\nmodels:\n  - model: {f1}\n  - model: {f2}\n"
+    )
+    assert [m.model for m in recipe.models] == [str(tiny_family[k]) for k in ("base", "ft1", "ft2")]
+    assert recipe.base is None

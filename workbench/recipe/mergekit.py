@@ -29,7 +29,7 @@ _TASK_VECTOR_METHODS = {
     "multislerp",
 }
 #: Every mergekit method this version reads (others are refused by name).
-SUPPORTED_METHODS = _TASK_VECTOR_METHODS | {"linear", "slerp", "passthrough"}
+SUPPORTED_METHODS = _TASK_VECTOR_METHODS | {"linear", "slerp", "passthrough", "karcher"}
 _UNSUPPORTED_KEYS = {
     "modules": "multi-module recipes are not supported yet",
     "tokenizer": "tokenizer merging is not supported yet",
@@ -65,8 +65,9 @@ def _parameters(value: Any, source: LocatedSource, path: tuple[Any, ...]) -> dic
     return dict(value)
 
 
-def _remap_model_lines(source: LocatedSource, order: list[int]) -> None:
-    """Native ``models[j]`` is mergekit ``models[order[j]]``: move the recorded lines accordingly."""
+def _remap_model_lines(source: LocatedSource, order: list[int | None]) -> None:
+    """Native ``models[j]`` is mergekit ``models[order[j]]`` (None: added here, no line): move the recorded
+    lines accordingly."""
     lines = source.lines
     entries = {k: v for k, v in lines.items() if len(k) >= 2 and k[0] == "models" and isinstance(k[1], int)}
     for key in entries:
@@ -191,6 +192,10 @@ def translate(data: dict[str, Any], source: LocatedSource) -> dict[str, Any]:
         ]
     elif method == "linear":
         pass  # mergekit's linear ignores base_model
+    elif method == "karcher":
+        # mergekit's karcher averages every model of the recipe, its base_model included
+        if base is not None and base not in [m["model"] for m in models]:
+            native["models"] = [{"model": base, "parameters": {}, "_index": None}, *models]
     elif base is not None:
         native["base"] = base
         if method in _TASK_VECTOR_METHODS:
