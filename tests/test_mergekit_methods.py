@@ -1,5 +1,6 @@
-"""nearswap, ram, ramplus_tl and multislerp (mergekit 0.1.5's semantics) on tiny generated models. Expected values
-are the definitions evaluated here in float64 numpy from the inputs as stored, never by the plugins."""
+"""nearswap, ram, ramplus_tl, multislerp, karcher and nuslerp (mergekit 0.1.5's semantics) on tiny
+generated models. Expected values are the definitions evaluated here in float64 numpy from the inputs
+as stored (mergekit's algorithms step by step), never by the plugins."""
 
 from __future__ import annotations
 
@@ -155,6 +156,9 @@ def test_mergekit_recipes_of_the_new_methods_run_unchanged(
         "multislerp": f"merge_method: multislerp\nbase_model: {b}\nmodels:\n  - model: {f1}\n"
         f"    parameters: {{weight: 1.0}}\n  - model: {f2}\n    parameters: {{weight: 2.0}}\n"
         "parameters: {normalize_weights: true, eps: 1.0e-8}\n",
+        "nuslerp": f"merge_method: nuslerp\nbase_model: {b}\nmodels:\n  - model: {f1}\n"
+        f"    parameters: {{weight: 1.0}}\n  - model: {f2}\n    parameters: {{weight: 2.0}}\n"
+        "parameters: {nuslerp_flatten: false, nuslerp_row_wise: true}\n",
     }
     for method, text in recipes.items():
         recipe = parse_recipe(text)
@@ -268,3 +272,56 @@ def test_a_mergekit_karcher_recipe_averages_its_base_too(
     )
     assert [m.model for m in recipe.models] == [str(tiny_family[k]) for k in ("base", "ft1", "ft2")]
     assert recipe.base is None
+
+
+def _nuslerp_expected(v0: np.ndarray, v1: np.ndarray, t: float, how: str) -> np.ndarray:
+    """mergekit's nuslerp() in float64 numpy: along the flattened tensor, the last dimension, or the
+    first (mergekit transposes it with the last)."""
+    shape = v0.shape
+    if how == "flatten":
+        a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    elif how == "rows" or v0.ndim == 1:
+        a, b = v0.reshape(-1, shape[-1]), v1.reshape(-1, shape[-1])
+    else:
+        a, b = np.swapaxes(v0, 0, -1), np.swapaxes(v1, 0, -1)
+    ua = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-7)
+    ub = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-7)
+    cos = np.clip((ua * ub).sum(-1, keepdims=True), -1, 1)
+    colinear = (1 - cos**2) <= 1e-16
+    theta = np.arccos(np.where(colinear, 0.0, cos))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        result = (np.sin((1 - t) * theta) * a + np.sin(t * theta) * b) / np.sin(theta)
+    result = np.where(colinear, (1 - t) * a + t * b, result)
+    if how == "columns" and v0.ndim > 1:
+        result = np.swapaxes(result, 0, -1)
+    return result.reshape(shape)
+
+
+@pytest.mark.parametrize("how", ["flatten", "rows", "columns"])
+@pytest.mark.parametrize("with_base", [False, True], ids=["models", "task-vectors"])
+def test_nuslerp_interpolates_at_the_weights_position(
+    tiny_family: dict[str, Path],
+    tmp_path: Path,
+    registry: Registry,
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+    with_base: bool,
+) -> None:
+    import workbench.engine.runner as runner
+
+    monkeypatch.setattr(runner, "CHUNK_ELEMENTS", 100)  # row blocks: column sums must add up over them
+    flags = {"flatten": (True, False), "rows": (False, False), "columns": (False, True)}[how]
+    base_line = f"base: {json.dumps(str(tiny_family['base']))}\n" if with_base else ""
+    merged = _merge(
+        tmp_path,
+        registry,
+        f"method: nuslerp\n{base_line}models:\n"
+        f"  - model: {json.dumps(str(tiny_family['ft1']))}\n    parameters: {{weight: 1.0}}\n"
+        f"  - model: {json.dumps(str(tiny_family['ft2']))}\n    parameters: {{weight: 3.0}}\n"
+        f"parameters: {{nuslerp_flatten: {str(flags[0]).lower()}, nuslerp_row_wise: {str(flags[1]).lower()}}}\n",
+    )
+    base, ft1, ft2 = (_read(tiny_family[k]) for k in ("base", "ft1", "ft2"))
+    for name in _float_names(base):
+        b = _q(base[name]) if with_base else 0.0
+        expected = _nuslerp_expected(_q(ft1[name]) - b, _q(ft2[name]) - b, 0.75, how) + b
+        np.testing.assert_allclose(merged[name], expected, rtol=2e-5, atol=2e-6, err_msg=name)

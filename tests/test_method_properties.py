@@ -123,6 +123,7 @@ PROPERTIES: dict[str, Properties] = {
     # copies of one fine-tune change the same entries: each is averaged over the copies, i.e. kept;
     # epsilon 0, since entries changed by at most epsilon are dropped by definition
     "multislerp": Properties(one_hot=one_hot_weights()),
+    "nuslerp": Properties(one_hot=one_hot_weights(), models=2),
     "karcher": Properties(one_hot=NotApplicable("equal weights by definition: " + NO_SELECTION)),
     "ram": Properties(identity={"parameters": {"epsilon": 0.0}}, one_hot=NotApplicable(NO_SELECTION)),
     "ramplus_tl": Properties(identity={"parameters": {"epsilon": 0.0}}, one_hot=NotApplicable(NO_SELECTION)),

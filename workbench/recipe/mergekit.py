@@ -27,6 +27,7 @@ _TASK_VECTOR_METHODS = {
     "ramplus_tl",
     "nearswap",
     "multislerp",
+    "nuslerp",
 }
 #: Every mergekit method this version reads (others are refused by name).
 SUPPORTED_METHODS = _TASK_VECTOR_METHODS | {"linear", "slerp", "passthrough", "karcher"}
