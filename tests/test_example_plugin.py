@@ -217,7 +217,11 @@ def test_a_plugin_built_for_another_api_major_is_refused_and_builtins_keep_worki
         assert any("workbench-example-plugin" in p and "2.0" in p for p in registry.problems), registry.problems
         assert "trimmed_mean" not in registry.methods
         family = tiny_family(Path(sys.argv[1]), fine_tunes=2)
-        special = {"passthrough": ({}, family.models[:1]), "slerp": ({"parameters": {"t": 0.5}}, None)}
+        special = {
+            "passthrough": ({}, family.models[:1]),
+            "slerp": ({"parameters": {"t": 0.5}}, None),
+            "nearswap": ({"parameters": {"t": 0.001}}, family.models[:1]),
+        }
         ran = []
         for name in sys.argv[2:]:
             fragment, models = special.get(name, ({}, None))
