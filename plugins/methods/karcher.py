@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from workbench.hookspecs import hookimpl
 from workbench.method import MergeMethod, MethodParameters, Param, RowBlocks, TensorContext
+from workbench_plugins.methods._gram import gram_matrix
 
 if TYPE_CHECKING:
     import torch
@@ -96,15 +97,7 @@ class Karcher(MergeMethod):
         model_params: list[MethodParameters],
         ctx: TensorContext,
     ) -> list[float]:  # type: ignore[override]
-        import torch
-
-        count = len(model_params)
-        gram = torch.zeros(count, count, dtype=torch.float64)
-        for rows in blocks.rows:
-            xs, _ = blocks.read(rows)
-            vs = torch.stack([x.to(torch.float64).reshape(-1) for x in xs])
-            gram += (vs @ vs.T).cpu()
-        return karcher_coefficients(gram.tolist(), params.max_iter, params.tol)
+        return karcher_coefficients(gram_matrix(blocks), params.max_iter, params.tol)
 
     def apply(
         self,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from workbench.errors import RecipeError
 from workbench.hookspecs import hookimpl
 from workbench.method import MergeMethod, MethodParameters, Param, RowBlocks, TensorContext
+from workbench_plugins.methods._gram import gram_matrix
 
 if TYPE_CHECKING:
     import torch
@@ -89,10 +90,7 @@ class MultiSlerp(MergeMethod):
         ctx: TensorContext,
     ) -> list[float]:  # type: ignore[override]
         """cᵢ per model (the weights of the vᵢ in the result)."""
-        import torch
-
-        n = len(model_params)
-        if n == 1:
+        if len(model_params) == 1:
             return [1.0]
         weights = [p.weight for p in model_params]
         if params.normalize_weights:
@@ -102,14 +100,7 @@ class MultiSlerp(MergeMethod):
                     f"multislerp: the weights of tensor '{ctx.name}' sum to 0: cannot normalise."
                 )
             weights = [w / total for w in weights]
-        gram = torch.zeros(n, n, dtype=torch.float64)
-        for rows in blocks.rows:
-            xs, base = blocks.read(rows)
-            vs = torch.stack([x.to(torch.float64).reshape(-1) for x in xs])
-            if base is not None:
-                vs -= base.to(torch.float64).reshape(1, -1)
-            gram += (vs @ vs.T).cpu()
-        return coefficients(gram.tolist(), weights, params.eps, ctx.name)
+        return coefficients(gram_matrix(blocks), weights, params.eps, ctx.name)
 
     def apply(
         self,
