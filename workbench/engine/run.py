@@ -139,10 +139,8 @@ def _open_manifest(plan: MergePlan, device: str, resume: bool) -> Manifest:
     return manifest
 
 
-def _stopped(what: str, plan: MergePlan, manifest: Manifest) -> str:
-    """The end of the message of a run that stopped: what is kept, and how to go on."""
-    kept = _kept(manifest)
-    done = sum(f.name in kept for f in plan.files)
+def _stopped(what: str, plan: MergePlan, manifest: Manifest, done: int) -> str:
+    """The end of the message of a run that stopped with ``done`` finished files kept, and how to go on."""
     if not done:
         return f"{what}; nothing was written at {plan.out_dir}."
     return (
@@ -229,22 +227,23 @@ def execute(
             manifest.save()
             publish(partial, out_dir, replace=plan.overwrite)
         except KeyboardInterrupt as exc:
-            _discard_unless_resumable(plan, manifest)
+            done = _discard_unless_resumable(plan, manifest)
             if isinstance(exc, Terminated):
                 raise RunInterrupted(
-                    _stopped("terminated (SIGTERM)", plan, manifest), exc.exit_code
+                    _stopped("terminated (SIGTERM)", plan, manifest, done), exc.exit_code
                 ) from None
-            raise RunInterrupted(_stopped("interrupted", plan, manifest)) from None
+            raise RunInterrupted(_stopped("interrupted", plan, manifest, done)) from None
         except OSError as exc:
             if exc.errno not in DISK_FULL:
                 shutil.rmtree(partial, ignore_errors=True)
                 raise
-            _discard_unless_resumable(plan, manifest)
+            done = _discard_unless_resumable(plan, manifest)
             raise OutputError(
                 _stopped(
                     f"the disk ran out of space writing {exc.filename or partial} ({exc.strerror})",
                     plan,
                     manifest,
+                    done,
                 )
             ) from exc
         except OutputInTheWay:  # the finished result stays in <out>.partial
@@ -266,20 +265,18 @@ def execute(
     )
 
 
-def _kept(manifest: Manifest) -> dict[str, object]:
-    """The finished files of a stopped run as its manifest on disk lists them: what --resume reads (a
-    full disk may have stopped the last save of the list in memory)."""
+def _discard_unless_resumable(plan: MergePlan, manifest: Manifest) -> int:
+    """Keep ``<out>.partial`` after an interruption only if it holds finished files to resume from;
+    returns how many. Counted from the manifest on disk, which is what --resume reads (a full disk may
+    have stopped the last save of the list in memory)."""
     try:
-        return dict(Manifest.read(manifest.directory).files)
+        kept = Manifest.read(manifest.directory).files
     except (FileNotFoundError, WorkbenchError):
-        return {}
-
-
-def _discard_unless_resumable(plan: MergePlan, manifest: Manifest) -> None:
-    """Keep ``<out>.partial`` after an interruption only if it holds finished files to resume from."""
-    kept = _kept(manifest)
-    if not any(f.name in kept for f in plan.files):
+        kept = {}
+    done = sum(f.name in kept for f in plan.files)
+    if not done:
         shutil.rmtree(manifest.directory, ignore_errors=True)
+    return done
 
 
 def run_recipe(
