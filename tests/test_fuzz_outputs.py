@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from fuzz_guards import time_limit
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 from workbench.architecture import LAYER_COUNT_KEYS, SIZE_KEYS, config_problem
 from workbench.engine.manifest import MANIFEST_FILE, Manifest, verify_folder
@@ -93,6 +93,16 @@ def manifest_texts(draw: st.DrawFn) -> str:
 
 
 @given(manifest_texts())
+@example(  # a name the file system refuses (ENAMETOOLONG) made verify raise
+    json.dumps(
+        {
+            "version": 1,
+            "complete": True,
+            "identity": {},
+            "files": {"x" * 300: {"sha256": _sha(b"alpha"), "bytes": 5}},
+        }
+    )
+)
 def test_a_manifest_of_any_content_never_vouches_for_a_file_outside_its_folder(
     output: Path, text: str
 ) -> None:
