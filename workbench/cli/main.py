@@ -1,5 +1,5 @@
-"""The ``workbench`` command line: run, validate, plan, inspect, verify, convert, eval, methods, tui; the
-other command groups live beside it, one module each (tools, zoo, analyze, hub, lora, sweep).
+"""The ``workbench`` command line: run, validate, plan, inspect, verify, convert, eval, tui; the other
+command groups live beside it, one module each (methods, tools, zoo, analyze, hub, lora, sweep).
 
 Every command calls the same Python functions the API and the TUI use. Errors caused by input are
 printed as one paragraph and exit with status 2; listing methods and ``--help`` never import torch.
@@ -19,6 +19,7 @@ from workbench.cli.analyze import analyze
 from workbench.cli.common import escape, handle_errors, load_registry, terminal, warn
 from workbench.cli.hub import push
 from workbench.cli.lora import lora
+from workbench.cli.methods import methods
 from workbench.cli.sweep import sweep
 from workbench.cli.tools import bench, demo, generate
 from workbench.cli.zoo import zoo
@@ -28,68 +29,6 @@ from workbench.cli.zoo import zoo
 @click.version_option(package_name="merge-workbench")
 def main() -> None:
     """Merge and edit neural-network checkpoints with plugin methods."""
-
-
-# ----------------------------------------------------------------------------------------------
-# methods
-# ----------------------------------------------------------------------------------------------
-
-
-@main.command()
-@click.argument("name", required=False)
-@click.option(
-    "--docs",
-    "docs_dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Write one Markdown page per method (and an index) into this folder.",
-)
-@click.option(
-    "--json",
-    "as_json",
-    is_flag=True,
-    help="Print the methods (or method NAME) as JSON: parameters with types, defaults and bounds.",
-)
-@handle_errors
-def methods(name: str | None, docs_dir: Path | None, as_json: bool) -> None:
-    """List merge methods, or show the parameters of method NAME."""
-    from rich.table import Table
-
-    from workbench.tools.method_docs import method_record, parameter_rows, write_method_docs
-
-    registry = load_registry()
-    console = terminal()
-    if as_json:
-        names = [registry.method(name).name] if name else sorted(registry.methods)
-        records = [method_record(registry, n) for n in names]
-        click.echo(json.dumps(records[0] if name else {"methods": records}, indent=2))
-        return
-    if docs_dir is not None:
-        written = write_method_docs(registry, docs_dir)
-        console.print(f"wrote {len(written)} pages to {docs_dir}")
-        return
-    if name is None:
-        table = Table("method", "plugin", "summary", box=None, pad_edge=False)
-        table.add_column("paper", overflow="fold")
-        for method_name, entry in sorted(registry.methods.items()):
-            table.add_row(method_name, entry.plugin.package, entry.obj.summary, entry.obj.paper or "")
-        console.print(table)
-        return
-    method = registry.method(name)
-    entry = registry.methods[name]
-    console.print(f"[bold]{method.name}[/] (plugin {entry.plugin.name}, package {entry.plugin.package})")
-    console.print(method.summary)
-    if method.paper:
-        console.print(f"paper: {method.paper}")
-    console.print(
-        f"base model: {method.base_model}; models: {method.min_models}..{method.max_models or 'any'}"
-    )
-    table = Table(
-        "parameter", "scope", "type", "default", "per-layer", "description", box=None, pad_edge=False
-    )
-    for scope, schema in (("global", method.Parameters), ("per-model", method.ModelParameters)):
-        for row in parameter_rows(schema):
-            table.add_row(row[0], scope, *row[1:])
-    console.print(table)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -508,7 +447,7 @@ def inspect(path: str) -> None:
         console.print(table)
 
 
-for command in (generate, demo, bench, zoo, analyze, push, lora, sweep):
+for command in (methods, generate, demo, bench, zoo, analyze, push, lora, sweep):
     main.add_command(command)
 
 if __name__ == "__main__":  # pragma: no cover
