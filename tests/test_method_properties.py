@@ -80,6 +80,8 @@ PROPERTIES: dict[str, Properties] = {
     "dare_linear": Properties(identity=HALF, one_hot=one_hot_weights()),
     "breadcrumbs": Properties(identity=HALF, one_hot=one_hot_weights()),
     "breadcrumbs_ties": Properties(identity=HALF, one_hot=one_hot_weights()),
+    "della": Properties(one_hot=one_hot_weights()),
+    "della_linear": Properties(identity=HALF, one_hot=one_hot_weights()),
     "model_stock": Properties(
         one_hot=NotApplicable("its ratio comes from the angle between the task vectors: " + NO_SELECTION)
     ),

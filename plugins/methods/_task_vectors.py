@@ -35,8 +35,8 @@ if TYPE_CHECKING:
     from workbench_kernels.task_vector_merge import FusedMerge
 
 
-_LAMBDA = "lambda: scale of the merged task vector (result = base + lambda * merged)."
-_NORMALIZE_SUM = "Divide the sum of the task vectors by the sum of the weights."
+LAMBDA = "lambda: scale of the merged task vector (result = base + lambda * merged)."
+NORMALIZE_SUM = "Divide the sum of the task vectors by the sum of the weights."
 NORMALIZE_CONSENSUS = (
     "Divide each element by the summed weights of the models "
     "agreeing with its elected sign (TIES's disjoint mean)."
@@ -51,7 +51,7 @@ _SCOPE = (
     " 'model' (the TIES paper: one exact threshold per task vector over the whole model, found by a"
     " streaming pass over the inputs before the merge)."
 )
-_INT8_MASK = (
+INT8_MASK = (
     "Accepted for mergekit recipes; changes nothing here: masks are always 1-byte booleans (the"
     " memory saving int8_mask buys in mergekit), and results never depended on it."
 )
@@ -60,11 +60,11 @@ _INT8_MASK = (
 class TaskVectorParameters(MethodParameters):
     """Global parameters of the family; subclasses change the defaults of normalize and rescale."""
 
-    scale: float = Param(1.0, alias="lambda", description=_LAMBDA)
-    normalize: bool = Param(False, description=_NORMALIZE_SUM, per_layer=False)
+    scale: float = Param(1.0, alias="lambda", description=LAMBDA)
+    normalize: bool = Param(False, description=NORMALIZE_SUM, per_layer=False)
     rescale: bool = Param(False, description=RESCALE, per_layer=False)
     rescale_mode: Literal["l1", "inverse_density"] = Param("l1", description=_RESCALE_MODE, per_layer=False)
-    int8_mask: bool = Param(False, description=_INT8_MASK, per_layer=False)
+    int8_mask: bool = Param(False, description=INT8_MASK, per_layer=False)
     scope: Literal["tensor", "model"] = Param("tensor", description=_SCOPE, per_layer=False)
 
     @model_validator(mode="after")

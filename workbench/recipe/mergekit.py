@@ -28,6 +28,8 @@ _TASK_VECTOR_METHODS = {
     "nearswap",
     "multislerp",
     "nuslerp",
+    "della",
+    "della_linear",
 }
 #: Every mergekit method this version reads (others are refused by name).
 SUPPORTED_METHODS = _TASK_VECTOR_METHODS | {"linear", "slerp", "passthrough", "karcher"}
