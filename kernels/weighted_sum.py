@@ -7,10 +7,13 @@ per block of elements in registers).
 
 The core of linear merging and of task arithmetic written as ``(1 - lambda * sum w) * base +
 sum (lambda * w_i) * x_i``. The fast torch path accumulates block by block into one cache-sized
-buffer in the compute dtype, reading each input in its stored dtype (no full-precision copy of any
+buffer, reading each input in its stored dtype (no full-precision copy of any
 input) and writing each block in the output dtype, so memory is the output plus one small buffer
 whatever N is. Inputs with weight 0 are skipped entirely, so a zero weight removes a
 model's influence even where it holds NaN or Inf.
+
+Every implementation accumulates in at least float32 (:func:`workbench_kernels.accumulator_dtype`):
+with a half compute dtype the sum is rounded once, into the result, not at every term.
 """
 
 from __future__ import annotations
@@ -21,21 +24,23 @@ import numba
 import numpy as np
 import torch
 
-from workbench_kernels import MAX_TRITON_INPUTS, block_size, cpu, implementation, jit, tl
+from workbench_kernels import MAX_TRITON_INPUTS, accumulator_dtype, block_size, cpu, implementation, jit, tl
 
 
 def weighted_sum_reference(
     tensors: Sequence[torch.Tensor], weights: Sequence[float], compute_dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """Plain definition: every input with a non-zero weight converted, scaled, then summed in order."""
+    """Plain definition: every input with a non-zero weight converted, scaled, then summed in order
+    (in the accumulator dtype), the sum rounded once into the compute dtype."""
     _check(tensors, weights)
     terms = [(x, w) for x, w in zip(tensors, weights) if w != 0.0]
     if not terms:
         return torch.zeros(tensors[0].shape, dtype=compute_dtype, device=tensors[0].device)
-    total = terms[0][0].to(compute_dtype) * terms[0][1]
+    acc = accumulator_dtype(compute_dtype)
+    total = terms[0][0].to(acc) * terms[0][1]
     for x, w in terms[1:]:
-        total = total + x.to(compute_dtype) * w
-    return total
+        total = total + x.to(acc) * w
+    return total.to(compute_dtype)
 
 
 #: Elements per block of the fast path: the accumulator (1 MiB in float32) stays in cache while
@@ -60,7 +65,7 @@ def weighted_sum_torch(
         return out.zero_()
     flat_out = out.view(-1)
     n = flat_out.numel()
-    acc_buffer = torch.empty(min(BLOCK, n), dtype=compute_dtype, device=first.device)
+    acc_buffer = torch.empty(min(BLOCK, n), dtype=accumulator_dtype(compute_dtype), device=first.device)
     (x0, w0), rest = terms[0], terms[1:]
     for start in range(0, n, BLOCK):
         stop = min(start + BLOCK, n)
@@ -96,12 +101,12 @@ def weighted_sum_numba(
     compute_dtype: torch.dtype = torch.float32,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """The CPU kernel; float32 compute on bf16/fp16/fp32 inputs (others take the torch path)."""
+    """The CPU kernel; float32 sums on bf16/fp16/fp32 inputs (others take the torch path)."""
     _check(tensors, weights)
     out_dtype = out_dtype or compute_dtype
     terms = [(x, float(w)) for x, w in zip(tensors, weights) if w != 0.0]
     if (
-        compute_dtype != torch.float32
+        accumulator_dtype(compute_dtype) != torch.float32
         or not terms
         or not cpu.supported(*[x for x, _ in terms], out_dtype=out_dtype)
     ):
@@ -176,13 +181,13 @@ def weighted_sum_triton(
 ) -> torch.Tensor:
     """Launcher: checks, drops zero-weight inputs, makes inputs contiguous, launches one grid.
 
-    The kernel accumulates in float32; with another compute dtype, or more than
+    The kernel accumulates in float32; with a float64 compute dtype, or more than
     ``MAX_TRITON_INPUTS`` inputs, the torch path runs instead.
     """
     _check(tensors, weights)
     out_dtype = out_dtype or compute_dtype
     terms = [(x.contiguous().reshape(-1), float(w)) for x, w in zip(tensors, weights) if w != 0.0]
-    if compute_dtype != torch.float32 or len(terms) > MAX_TRITON_INPUTS:
+    if accumulator_dtype(compute_dtype) != torch.float32 or len(terms) > MAX_TRITON_INPUTS:
         return weighted_sum_torch(tensors, weights, compute_dtype, out_dtype)
     out = torch.empty(tensors[0].shape, dtype=out_dtype, device=tensors[0].device)
     n = out.numel()

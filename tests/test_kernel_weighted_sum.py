@@ -200,3 +200,26 @@ output: {{dtype: float32}}
     ref = merge(tmp_path, text, "ref")
     for name in fast:
         assert torch.allclose(fast[name], ref[name], rtol=1e-6, atol=1e-7), name
+
+
+@pytest.mark.parametrize("impl", ["torch", "numba", "reference"])
+@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float16])
+def test_kernel_half_compute_sums_in_float32_and_rounds_once(impl, compute):
+    """A task-arithmetic-shaped sum c0 * base + c1 * a + c2 * b in a half compute dtype equals the float64
+    sum rounded once on nearly every element; summing in the half type itself (each term rounded, as a
+    plain bf16 computation does) misses far more often, so the check can tell them apart. The weights
+    have many bits, so that exact sums rarely fall on a midpoint between two half values (where a float32
+    sum one ulp off rounds the other way)."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(20000, generator=g).to(compute)
+    tensors = [base, *[(base.float() + 0.01 * torch.randn(20000, generator=g)).to(compute) for _ in range(2)]]
+    w = [0.4142, 0.2929, 0.2929]
+    exact = sum(x.double() * c for x, c in zip(tensors, w)).float().to(compute)
+    out = IMPLS[impl](tensors, w, compute)
+    assert out.dtype == compute
+    assert (out == exact).double().mean() > 0.999
+    assert torch.equal(out, weighted_sum_torch(tensors, w, torch.float32).to(compute))
+    naive = tensors[0] * w[0]
+    for x, c in zip(tensors[1:], w[1:]):
+        naive = naive + x * c
+    assert (naive == exact).double().mean() < 0.9

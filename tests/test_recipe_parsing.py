@@ -436,3 +436,28 @@ def test_mergekit_recipe_runs_through_the_cli(
 
 def test_recipe_errors_are_workbench_errors() -> None:
     assert issubclass(RecipeError, WorkbenchError) and RecipeError.exit_code == 2
+
+
+def test_mergekit_density_on_task_arithmetic_runs_with_a_warning(
+    cli: CliRunner, tiny_family: dict[str, Path], tmp_path: Path
+) -> None:
+    """mergekit gives task_arithmetic a per-model density that changes nothing: the recipe runs, the
+    result is the one without density, and the warning names the line."""
+    path = tmp_path / "mk.yaml"
+    path.write_text(
+        "merge_method: task_arithmetic\n"
+        f"base_model: {q(tiny_family['base'])}\n"
+        f"models:\n  - model: {q(tiny_family['ft1'])}\n"
+        "    parameters: {weight: 1.0, density: 0.5}\n"
+        "parameters: {density: 0.3}\n"
+        "dtype: float32\nout_dtype: float32\n"
+    )
+    out = tmp_path / "out"
+    result = cli.invoke(main, ["run", str(path), "--out", str(out)], env=WIDE)
+    assert result.exit_code == 0, result.output
+    assert "mk.yaml:5: models[0].parameters.density: no effect for task_arithmetic" in result.output
+    assert "mk.yaml:6: parameters.density: no effect for task_arithmetic" in result.output
+    merged = load_file(out / "model.safetensors")
+    ft1 = load_file(tiny_family["ft1"] / "model.safetensors")
+    for name, tensor in merged.items():  # base + 1 * (ft1 - base): nothing was dropped
+        torch.testing.assert_close(tensor, ft1[name].float(), rtol=0, atol=1e-6)

@@ -16,7 +16,7 @@ there are more than two fine-tunes is mergekit's choice, kept here for compatibi
 fine-tune counts equally. If c = −1/(N − 1) the ratio divides by zero, in mergekit as here.
 
 Unlike mergekit, which holds every task vector of a tensor at once in the merge dtype, the dot
-products are accumulated block by block (compute dtype, block sums in float64) and the result is
+products are accumulated block by block (compute dtype, at least float32; block sums in float64) and the result is
 one blocked weighted sum (1 − t) θ_base + Σᵢ (t/N) θᵢ, so no whole-tensor copy is made.
 """
 
@@ -75,16 +75,20 @@ class ModelStock(MergeMethod):
         model_params: list[MethodParameters],
         ctx: TensorContext,
     ) -> "torch.Tensor":  # type: ignore[override]
+        from workbench_kernels import accumulator_dtype
         from workbench_kernels.weighted_sum import weighted_sum
 
         assert base is not None
         if base.numel() == 0:
             return base.to(ctx.out_dtype)
+        # Task vectors and their products in at least float32: in bf16 the cosines, hence the ratio,
+        # lose most of their digits.
+        dtype = accumulator_dtype(ctx.compute_dtype)
         if params.filter_wise and base.dim() >= 2:
-            return _row_wise(tensors, base, ctx.compute_dtype, ctx.out_dtype)
+            return _row_wise(tensors, base, dtype, ctx.out_dtype)
         # One ratio for the tensor (with filter_wise a 1-D tensor is a single row: the same thing),
         # then t * mean + (1 - t) * base as one blocked weighted sum.
-        dots = _gram([x.reshape(-1) for x in tensors], base.reshape(-1), ctx.compute_dtype)
+        dots = _gram([x.reshape(-1) for x in tensors], base.reshape(-1), dtype)
         t = float(ratio(dots, dots.diagonal().sqrt()))
         n = len(tensors)
         return weighted_sum([base, *tensors], [1.0 - t, *([t / n] * n)], ctx.compute_dtype, ctx.out_dtype)

@@ -372,7 +372,7 @@ def _plan_tensors(
     names = reference.reader.tensor_names()
     if not names:
         raise CheckpointError(f"{reference} holds no tensors.")
-    warnings: list[str] = []
+    warnings: list[str] = list(recipe.translation_notes)
     for model in inputs:
         if model is reference:
             continue

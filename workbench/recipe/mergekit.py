@@ -136,8 +136,27 @@ def _slices(slices: Any, method: str, base: str | None, source: LocatedSource) -
     return native
 
 
-def translate(data: dict[str, Any], source: LocatedSource) -> dict[str, Any]:
-    """A native recipe dict equivalent to the mergekit recipe ``data``."""
+#: Parameters mergekit accepts for a method and ignores (its generalized task arithmetic gives every
+#: method of the family a per-model density): dropped with a warning, so such recipes run unchanged.
+_IGNORED_PARAMETERS = {"task_arithmetic": ("density",)}
+
+
+def _drop_ignored(
+    method: str, params: dict[str, Any], source: LocatedSource, path: tuple[Any, ...], notes: list[str]
+) -> None:
+    for key in _IGNORED_PARAMETERS.get(method, ()):
+        if key in params:
+            del params[key]
+            notes.append(
+                f"{source.where((*path, key))}: no effect for {method} (mergekit accepts it and ignores it"
+                " too); use ties or dare_linear to sparsify the task vectors."
+            )
+
+
+def translate(data: dict[str, Any], source: LocatedSource, notes: list[str] | None = None) -> dict[str, Any]:
+    """A native recipe dict equivalent to the mergekit recipe ``data``; warnings about options that
+    change nothing are appended to ``notes``."""
+    notes = [] if notes is None else notes
     for key, why in _UNSUPPORTED_KEYS.items():
         if key in data:
             raise RecipeError(f"{source.where((key,))}: mergekit option '{key}' is not supported: {why}.")
@@ -178,6 +197,9 @@ def translate(data: dict[str, Any], source: LocatedSource) -> dict[str, Any]:
         "models": models,
         "parameters": _parameters(data.get("parameters"), source, ("parameters",)),
     }
+    _drop_ignored(method, native["parameters"], source, ("parameters",), notes)
+    for i, m in enumerate(models):
+        _drop_ignored(method, m["parameters"], source, ("models", i, "parameters"), notes)
     if "slices" in data:
         if models:
             raise RecipeError(f"{source.where(('slices',))}: give either 'models' or 'slices', not both.")

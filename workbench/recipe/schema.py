@@ -228,6 +228,13 @@ class Recipe(Strict):
     #: Where the recipe came from (for messages); not part of the recipe itself.
     source: str | None = Field(None, exclude=True)
     _located: Any = PrivateAttr(None)
+    _notes: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def translation_notes(self) -> list[str]:
+        """Warnings from translating a mergekit recipe (options it accepts that change nothing here),
+        shown with the plan's warnings."""
+        return self._notes
 
     @model_validator(mode="before")
     @classmethod
@@ -321,14 +328,16 @@ def parse_recipe(text: str, name: str = "<recipe>") -> Recipe:
         raise RecipeError(
             f"{name}: a recipe must be a YAML mapping (method, models, ...), got {type(data).__name__}."
         )
+    notes: list[str] = []
     if "merge_method" in data:
-        data = translate(data, source)
+        data = translate(data, source, notes)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         _raise_validation(exc, source)
     recipe.source = name
     recipe._located = source
+    recipe._notes = notes
     return recipe
 
 
@@ -382,6 +391,7 @@ def with_overrides(
         raise RecipeError(f"invalid command-line override: {problems}.") from None
     new.source = recipe.source
     new._located = recipe._located
+    new._notes = recipe._notes
     return new
 
 
