@@ -221,6 +221,7 @@ def test_a_plugin_built_for_another_api_major_is_refused_and_builtins_keep_worki
             "passthrough": ({}, family.models[:1]),
             "slerp": ({"parameters": {"t": 0.5}}, None),
             "nearswap": ({"parameters": {"t": 0.001}}, family.models[:1]),
+            "arcee_fusion": ({}, family.models[:1]),
         }
         ran = []
         for name in sys.argv[2:]:

@@ -129,6 +129,15 @@ PROPERTIES: dict[str, Properties] = {
     "karcher": Properties(one_hot=NotApplicable("equal weights by definition: " + NO_SELECTION)),
     "ram": Properties(identity={"parameters": {"epsilon": 0.0}}, one_hot=NotApplicable(NO_SELECTION)),
     "ramplus_tl": Properties(identity={"parameters": {"epsilon": 0.0}}, one_hot=NotApplicable(NO_SELECTION)),
+    # two copies: equal weights, both agree wherever tau != 0, so base + tau is the model (at the
+    # default select_topk 1; with selection the copies' variance is 0 and nothing would be kept)
+    "sce": Properties(one_hot=NotApplicable(NO_SELECTION)),
+    # one fine-tune's changes are kept only where their importance passes the tensor's fence
+    "arcee_fusion": Properties(
+        identity=NotApplicable("it keeps the model's change only where its importance passes an outlier fence"),
+        one_hot=NotApplicable("it takes a single model"),
+        models=1,
+    ),
     "lora_experts": Properties(
         common={"parameters": {"router": "random", "allocation": "uniform"}},
         identity=NotApplicable("its output is experts and routers over the base, not a merge of models"),

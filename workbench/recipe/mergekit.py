@@ -30,6 +30,8 @@ _TASK_VECTOR_METHODS = {
     "nuslerp",
     "della",
     "della_linear",
+    "sce",
+    "arcee_fusion",
 }
 #: Every mergekit method this version reads (others are refused by name).
 SUPPORTED_METHODS = _TASK_VECTOR_METHODS | {"linear", "slerp", "passthrough", "karcher"}
