@@ -15,11 +15,16 @@ counted apart. DARE's random masks come from different random generators in the 
 (mergekit: torch's global generator; the workbench: a counter-based generator keyed per tensor and
 model), so
 those rows are compared by the size of the merged change instead (‖merge − base‖₁ per tensor,
-workbench / mergekit), and DARE with density 1 (nothing dropped) is compared element-wise.
+workbench / mergekit), and DARE with density 1 (nothing dropped) is compared element-wise. DELLA's
+masks are random too, and compared the same way, with the share of changed elements besides. sce's
+variance top-k has the same kind of ties as TIES's magnitudes, and they are excluded the same way.
+Cases with a float64 ``reference`` (the ``dtype: bfloat16`` ones) also report, for each tool, the
+share of elements equal to the float64 result rounded once.
 
-    python benchmarks/mergekit_parity.py [--venv DIR] [--work DIR] [--json FILE]
+    python benchmarks/mergekit_parity.py [--size tiny|60m] [--venv DIR] [--work DIR] [--json FILE]
 
-Exits non-zero when a deterministic method is off by more than one bf16 step.
+The recipes are in ``parity_cases.py``. Exits non-zero when a deterministic method is off by more
+than two bf16 steps (issue 27's bound).
 """
 
 from __future__ import annotations
@@ -38,260 +43,13 @@ from typing import Any
 
 import torch
 import yaml
+from parity_cases import cases
 from safetensors.torch import load_file
 
 MERGEKIT_VERSION = "0.1.5"
 TORCH_VERSION = "2.13.0"
-GRADIENT = [0.0, 0.5, 1.0]
-
-
-def cases(models: Path, models32: Path) -> dict[str, tuple[dict[str, Any], bool]]:
-    """name -> (mergekit recipe, deterministic?). Each exercises the options named in issue 4.
-
-    ``models`` are bf16, ``models32`` float32: float32 task vectors have almost no equal
-    magnitudes, so the top-k cases on them are compared at nearly every element.
-    """
-    base, ft1, ft2, ft3 = (str(models / name) for name in ("base", "ft1", "ft2", "ft3"))
-    base32, ft1_32, ft2_32 = (str(models32 / name) for name in ("base", "ft1", "ft2"))
-    common = {"dtype": "float32", "out_dtype": "bfloat16"}
-
-    def weighted(*pairs: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
-        return [{"model": m, "parameters": p} for m, p in pairs]
-
-    three = weighted(
-        (ft1, {"weight": 0.5, "density": 0.5}),
-        (ft2, {"weight": 0.3, "density": 0.7}),
-        (ft3, {"weight": 0.2, "density": 0.4}),
-    )
-    ties_like = {"base_model": base, "models": three, **common}
-    return {
-        "linear": (
-            {
-                "merge_method": "linear",
-                "models": weighted((ft1, {"weight": 0.6}), (ft2, {"weight": 0.2})),
-                **common,
-            },
-            True,
-        ),
-        "linear, gradients + filters, normalize: false": (
-            {
-                "merge_method": "linear",
-                "models": weighted(
-                    (
-                        ft1,
-                        {
-                            "weight": [
-                                {"filter": "self_attn", "value": GRADIENT},
-                                {"filter": "mlp", "value": 0.3},
-                                {"value": 0.5},
-                            ]
-                        },
-                    ),
-                    (ft2, {"weight": [{"filter": "self_attn", "value": [1.0, 0.5, 0.0]}, {"value": 0.5}]}),
-                ),
-                "parameters": {"normalize": False},
-                **common,
-            },
-            True,
-        ),
-        "linear, bfloat16 compute": (
-            {
-                "merge_method": "linear",
-                "models": weighted((ft1, {"weight": 1.0}), (ft2, {"weight": 1.0})),
-                "dtype": "bfloat16",
-            },
-            True,
-        ),
-        "slerp, t gradient per filter": (
-            {
-                "merge_method": "slerp",
-                "base_model": ft1,
-                "models": [{"model": ft1}, {"model": ft2}],
-                "parameters": {
-                    "t": [
-                        {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
-                        {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
-                        {"value": 0.5},
-                    ]
-                },
-                **common,
-            },
-            True,
-        ),
-        "task_arithmetic, lambda": (
-            {
-                "merge_method": "task_arithmetic",
-                "base_model": base,
-                "models": weighted(
-                    (ft1, {"weight": 0.7}), (ft2, {"weight": [0.2, 0.6]}), (ft3, {"weight": -0.3})
-                ),
-                "parameters": {"lambda": 0.8},
-                **common,
-            },
-            True,
-        ),
-        "task_arithmetic, normalize: true": (
-            {
-                "merge_method": "task_arithmetic",
-                "base_model": base,
-                "models": weighted((ft1, {"weight": 0.7}), (ft2, {"weight": 0.5})),
-                "parameters": {"normalize": True},
-                **common,
-            },
-            True,
-        ),
-        "ties (normalize default true)": ({"merge_method": "ties", **ties_like}, True),
-        "ties, normalize: false, lambda, weight gradient": (
-            {
-                "merge_method": "ties",
-                "base_model": base,
-                "models": weighted(
-                    (ft1, {"weight": [1.0, 0.4], "density": 0.2}), (ft2, {"weight": 1.0, "density": 0.5})
-                ),
-                "parameters": {"normalize": False, "lambda": 0.6},
-                **common,
-            },
-            True,
-        ),
-        "ties, density 1": (
-            {
-                "merge_method": "ties",
-                "base_model": base,
-                "models": weighted(
-                    (ft1, {"weight": 1.0, "density": 1.0}), (ft2, {"weight": 1.0, "density": 1.0})
-                ),
-                **common,
-            },
-            True,
-        ),
-        "breadcrumbs": (
-            {
-                "merge_method": "breadcrumbs",
-                "base_model": base,
-                "models": weighted(
-                    (ft1, {"weight": 0.5, "density": 0.8, "gamma": 0.05}),
-                    (ft2, {"weight": 0.5, "density": 0.7, "gamma": 0.02}),
-                ),
-                **common,
-            },
-            True,
-        ),
-        "breadcrumbs_ties": (
-            {
-                "merge_method": "breadcrumbs_ties",
-                "base_model": base,
-                "models": weighted(
-                    (ft1, {"weight": 1.0, "density": 0.8, "gamma": 0.05}),
-                    (ft2, {"weight": 1.0, "density": 0.7, "gamma": 0.02}),
-                ),
-                **common,
-            },
-            True,
-        ),
-        "ties, float32 inputs": (
-            {
-                "merge_method": "ties",
-                "base_model": base32,
-                "models": weighted(
-                    (ft1_32, {"weight": 0.6, "density": 0.3}), (ft2_32, {"weight": 0.4, "density": 0.6})
-                ),
-                **common,
-            },
-            True,
-        ),
-        "breadcrumbs, float32 inputs": (
-            {
-                "merge_method": "breadcrumbs",
-                "base_model": base32,
-                "models": weighted(
-                    (ft1_32, {"weight": 0.5, "density": 0.8, "gamma": 0.05}),
-                    (ft2_32, {"weight": 0.5, "density": 0.7, "gamma": 0.02}),
-                ),
-                **common,
-            },
-            True,
-        ),
-        "breadcrumbs_ties, float32 inputs": (
-            {
-                "merge_method": "breadcrumbs_ties",
-                "base_model": base32,
-                "models": weighted(
-                    (ft1_32, {"weight": 1.0, "density": 0.8, "gamma": 0.05}),
-                    (ft2_32, {"weight": 1.0, "density": 0.7, "gamma": 0.02}),
-                ),
-                **common,
-            },
-            True,
-        ),
-        "dare_linear, density 1": (
-            {
-                "merge_method": "dare_linear",
-                "base_model": base,
-                "models": weighted(
-                    (ft1, {"weight": 0.6, "density": 1.0}), (ft2, {"weight": 0.4, "density": 1.0})
-                ),
-                **common,
-            },
-            True,
-        ),
-        "dare_ties, density 1": (
-            {
-                "merge_method": "dare_ties",
-                "base_model": base,
-                "models": weighted(
-                    (ft1, {"weight": 0.6, "density": 1.0}), (ft2, {"weight": 0.4, "density": 1.0})
-                ),
-                **common,
-            },
-            True,
-        ),
-        "model_stock": (
-            {
-                "merge_method": "model_stock",
-                "base_model": base,
-                "models": [{"model": ft1}, {"model": ft2}, {"model": ft3}],
-                **common,
-            },
-            True,
-        ),
-        "passthrough": ({"merge_method": "passthrough", "models": [{"model": ft2}], **common}, True),
-        "passthrough, slices (4 layers -> 6)": (
-            {
-                "merge_method": "passthrough",
-                "slices": [
-                    {"sources": [{"model": ft1, "layer_range": [0, 3]}]},
-                    {"sources": [{"model": ft2, "layer_range": [1, 4]}]},
-                ],
-                **common,
-            },
-            True,
-        ),
-        "slerp, slices": (
-            {
-                "merge_method": "slerp",
-                "base_model": ft2,
-                "slices": [
-                    {
-                        "sources": [
-                            {"model": ft1, "layer_range": [0, 2]},
-                            {"model": ft2, "layer_range": [2, 4]},
-                        ]
-                    },
-                    {
-                        "sources": [
-                            {"model": ft1, "layer_range": [1, 4]},
-                            {"model": ft2, "layer_range": [0, 3]},
-                        ]
-                    },
-                ],
-                "parameters": {"t": 0.3},
-                **common,
-            },
-            True,
-        ),
-        "dare_linear, density 0.5 (random masks)": ({"merge_method": "dare_linear", **ties_like}, False),
-        "dare_ties, density 0.5 (random masks)": ({"merge_method": "dare_ties", **ties_like}, False),
-    }
+#: Deterministic outputs must agree within this many bf16 steps (issue 27).
+STEPS_ALLOWED = 2.0
 
 
 @dataclass
@@ -304,8 +62,23 @@ class Comparison:
     differing_share: float  # share of elements that differ at all
     tie_share: float  # share of elements excluded: a magnitude tie split by a top-k cut
     delta_l1_ratio: tuple[float, float]  # min, max over tensors of ||wb - base||_1 / ||mk - base||_1
-    within_bf16_rounding: bool
+    #: min, max over tensors of (share of elements wb changed from the base) / (share mk changed)
+    changed_share_ratio: tuple[float, float]
+    within_bf16_rounding: bool  # max_steps within STEPS_ALLOWED
     seconds: tuple[float, float]  # mergekit, workbench wall time (whole process)
+    #: share of elements equal to the float64 result rounded once, and the largest distance from that
+    #: result in bf16 steps: (mergekit share, workbench share, mergekit steps, workbench steps), or None
+    exact_share: tuple[float, float, float, float] | None = None
+
+    @property
+    def verdict(self) -> str:
+        if not self.deterministic:
+            return "random masks differ by design"
+        if self.within_bf16_rounding:
+            return "within 2 bf16 steps"
+        if self.exact_share and self.exact_share[3] <= 0.5 and self.exact_share[2] > STEPS_ALLOWED:
+            return "workbench exact; mergekit off the float64 result"
+        return "**differs**"
 
 
 def bf16_ulp(x: torch.Tensor) -> torch.Tensor:
@@ -345,16 +118,51 @@ def split_ties(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     return split.reshape(tau.shape)
 
 
+def split_variance_ties(taus: list[torch.Tensor], topk: float) -> torch.Tensor:
+    """sce's cut: entries whose variance across the task vectors equals the k-th largest one when
+    the cut falls inside a group of equal variances (mergekit's topk picks among them arbitrarily)."""
+    var = torch.var(torch.stack([t.float() for t in taus]), dim=0, unbiased=False).reshape(-1)
+    split = torch.zeros(var.numel(), dtype=torch.bool)
+    k = int(int(torch.count_nonzero(var)) * topk)
+    if topk >= 1 or k == 0:
+        return split.reshape(taus[0].shape)
+    ordered = torch.sort(var, descending=True).values
+    if k < var.numel() and ordered[k - 1] == ordered[k]:
+        split |= var == ordered[k]
+    return split.reshape(taus[0].shape)
+
+
+def excluded(
+    recipe: dict[str, Any], base: dict[str, torch.Tensor] | None, inputs: list[dict[str, torch.Tensor]]
+):
+    """name -> the elements excluded from the element-wise check (ties split by a top-k cut)."""
+    method = recipe["merge_method"]
+    cuts = magnitude_cuts(recipe)
+    topk = recipe.get("parameters", {}).get("select_topk", 1.0) if method == "sce" else 1.0
+
+    def mask(name: str) -> torch.Tensor:
+        shape = (base or inputs[0])[name].shape
+        ties = torch.zeros(shape, dtype=torch.bool)
+        if base is None:
+            return ties
+        for model, (density, gamma) in zip(inputs, cuts):
+            ties |= split_ties(model[name].float() - base[name].float(), density, gamma)
+        if topk < 1:
+            ties |= split_variance_ties([m[name].float() - base[name].float() for m in inputs], topk)
+        return ties
+
+    return mask
+
+
 def compare(
     mergekit_out: Path,
     workbench_out: Path,
     base: dict[str, torch.Tensor] | None,
-    inputs: list[dict[str, torch.Tensor]],
-    cuts: list[tuple[float, float]],
+    excluded_at: Any,
 ) -> dict[str, Any]:
     """Element-wise differences of two outputs over every tensor; names and shapes must agree.
 
-    ``cuts``: (density, gamma) of each input's magnitude top-k, for the methods that have one.
+    ``excluded_at(name)``: the elements left out of the element-wise figures (split ties).
     """
     mk, wb = _load(mergekit_out), _load(workbench_out)
     if set(mk) != set(wb):
@@ -363,14 +171,14 @@ def compare(
             f"only workbench {sorted(set(wb) - set(mk))}"
         )
     max_abs, max_steps, differing, tied, total = 0.0, 0.0, 0, 0, 0
-    ratios = []
+    ratios, changed = [], []
     for name, a in mk.items():
         b = wb[name]
         if a.shape != b.shape:
             raise SystemExit(f"{name}: shape {tuple(a.shape)} (mergekit) vs {tuple(b.shape)} (workbench)")
-        ties = torch.zeros(a.shape, dtype=torch.bool)
-        for model, (density, gamma) in zip(inputs, cuts):
-            ties |= split_ties(model[name].float() - base[name].float(), density, gamma)
+        ties = (
+            excluded_at(name) if base is not None and name in base else torch.zeros(a.shape, dtype=torch.bool)
+        )
         diff = (a.float() - b.float()).abs()
         if not bool(ties.all()):
             max_abs = max(max_abs, float(diff[~ties].max()))
@@ -378,9 +186,15 @@ def compare(
         differing += int((diff > 0).sum())
         tied += int(ties.sum())
         total += diff.numel()
-        mk_delta = float((a.float() - base[name].float()).abs().sum()) if base is not None else 0.0
-        if base is not None and mk_delta > 0:
-            ratios.append(float((b.float() - base[name].float()).abs().sum()) / mk_delta)
+        if base is None or name not in base:
+            continue
+        reference = base[name].float()
+        mk_delta = float((a.float() - reference).abs().sum())
+        if mk_delta > 0:
+            ratios.append(float((b.float() - reference).abs().sum()) / mk_delta)
+        mk_changed = int((a.float() != reference).sum())
+        if mk_changed:
+            changed.append(int((b.float() != reference).sum()) / mk_changed)
     return {
         "tensors": len(mk),
         "max_abs_diff": max_abs,
@@ -388,7 +202,67 @@ def compare(
         "differing_share": differing / max(total, 1),
         "tie_share": tied / max(total, 1),
         "delta_l1_ratio": (min(ratios), max(ratios)) if ratios else (math.nan, math.nan),
+        "changed_share_ratio": (min(changed), max(changed)) if changed else (math.nan, math.nan),
     }
+
+
+def reference_merge(kind: str, recipe: dict[str, Any], weights: dict[str, dict[str, torch.Tensor]]):
+    """The float64 result of a ``reference`` case, tensor by tensor (constant parameters only)."""
+    models = [weights[m["model"]] for m in recipe["models"]]
+    given = [m.get("parameters", {}).get("weight", 1.0) for m in recipe["models"]]
+    base = weights[recipe["base_model"]] if "base_model" in recipe else None
+    scale = recipe.get("parameters", {}).get("lambda", 1.0)
+
+    def merged(name: str) -> torch.Tensor:
+        xs = [m[name].double() for m in models]
+        if kind == "linear":
+            return sum(w * x for w, x in zip(given, xs)) / sum(given)
+        b = base[name].double()
+        taus = [x - b for x in xs]
+        if kind == "arcee_fusion":  # importance |x - b| * KL per row, Tukey's fence over the tensor
+            rows_x, rows_b = xs[0].reshape(-1, xs[0].shape[-1]), b.reshape(-1, b.shape[-1])
+            p, q = rows_x.softmax(-1) + 1e-8, rows_b.softmax(-1) + 1e-8
+            kl = (p * (p / q).log()).sum(-1, keepdim=True)
+            importance = ((rows_x - rows_b).abs() * kl).reshape(-1)
+            ordered = importance.sort().values
+            q1, median, q3 = (ordered[int(f * (ordered.numel() - 1))] for f in (0.25, 0.5, 0.75))
+            keep = (importance >= median + 1.5 * (q3 - q1)).reshape(b.shape)
+            return b + taus[0] * keep
+        if kind == "task_arithmetic":
+            return b + scale * sum(w * t for w, t in zip(given, taus))
+        # model_stock: t = N c / (1 + (N - 1) c), c the mean pairwise cosine (mergekit's 1e-6 floor)
+        n = len(taus)
+        flat = [t.reshape(-1) for t in taus]
+        cos = [
+            (flat[i] @ flat[j] / (flat[i].norm() * flat[j].norm()).clamp(min=1e-6)).clamp(-1, 1)
+            for i in range(n)
+            for j in range(i + 1, n)
+        ]
+        c = sum(cos) / len(cos)
+        t = n * c / (1 + (n - 1) * c)
+        return t * sum(xs) / n + (1 - t) * b
+
+    return merged
+
+
+def exact_shares(
+    folder: Path, recipe: dict[str, Any], kind: str, weights: dict[str, dict[str, torch.Tensor]]
+):
+    """(mergekit, workbench): the share of elements equal to the float64 result rounded once, and the
+    largest distance from it in bf16 steps."""
+    mk, wb = _load(folder / "mergekit"), _load(folder / "workbench")
+    merged = reference_merge(kind, recipe, weights)
+    hits, worst, total = [0, 0], [0.0, 0.0], 0
+    for name, a in mk.items():
+        if not a.is_floating_point():
+            continue
+        exact = merged(name)
+        expected = exact.to(a.dtype)
+        for i, out in enumerate((a, wb[name])):
+            hits[i] += int((out == expected).sum())
+            worst[i] = max(worst[i], float(steps(out, exact).max()))
+        total += a.numel()
+    return hits[0] / total, hits[1] / total, worst[0], worst[1]
 
 
 def _load(folder: Path) -> dict[str, torch.Tensor]:
@@ -443,21 +317,24 @@ def magnitude_cuts(recipe: dict[str, Any]) -> list[tuple[float, float]]:
     ]
 
 
-def run(venv: Path, work: Path) -> list[Comparison]:
+def run(venv: Path, work: Path, size: str = "tiny", only: str | None = None) -> list[Comparison]:
     from workbench.checkpoint.synthetic import write_family
 
     mergekit_yaml = ensure_mergekit(venv)
-    models, models32 = work / "models", work / "models32"
+    models, models32 = work / f"models-{size}", work / f"models32-{size}"
     for folder, dtype in ((models, "bfloat16"), (models32, "float32")):
         if not (folder / "ft3" / "config.json").is_file():
-            write_family(folder, "tiny", 3, dtype=dtype)
+            write_family(folder, size, 3, dtype=dtype)
     weights = {
         str(folder): _load(folder) for family in (models, models32) for folder in sorted(family.iterdir())
     }
     workbench = [sys.executable, "-m", "workbench"]
     results = []
-    for index, (name, (recipe, deterministic)) in enumerate(cases(models, models32).items()):
-        folder = work / f"case{index:02d}"
+    for index, (name, case) in enumerate(cases(models, models32).items()):
+        if only is not None and only not in name:
+            continue
+        recipe = case.recipe
+        folder = work / f"{size}-case{index:02d}"
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         config = folder / "mergekit.yml"
@@ -480,20 +357,27 @@ def run(venv: Path, work: Path) -> list[Comparison]:
         stacked = "slices" in recipe  # layers renumbered: compared as outputs only
         inputs = [] if stacked else [weights[m["model"]] for m in recipe["models"]]
         base = None if stacked else weights[recipe.get("base_model", str(models / "base"))]
-        figures = compare(folder / "mergekit", folder / "workbench", base, inputs, magnitude_cuts(recipe))
-        within = figures["max_steps"] <= 1.0
-        results.append(
-            Comparison(
-                name, deterministic, within_bf16_rounding=within, seconds=(mk_seconds, wb_seconds), **figures
-            )
+        figures = compare(folder / "mergekit", folder / "workbench", base, excluded(recipe, base, inputs))
+        within = figures["max_steps"] <= STEPS_ALLOWED
+        exact = exact_shares(folder, recipe, case.reference, weights) if case.reference else None
+        result = Comparison(
+            name,
+            case.deterministic,
+            within_bf16_rounding=within,
+            seconds=(mk_seconds, wb_seconds),
+            exact_share=exact,
+            **figures,
         )
-        verdict = (
-            ("within bf16 rounding" if within else "OFF BY MORE THAN ONE bf16 STEP")
-            if deterministic
-            else "random masks"
+        results.append(result)
+        accuracy = (
+            f"  exact: mergekit {100 * exact[0]:.1f}% (worst {exact[2]:.1f} steps), "
+            f"workbench {100 * exact[1]:.1f}% (worst {exact[3]:.1f} steps)"
+            if exact
+            else ""
         )
         print(
-            f"{name:52s} max |diff| {figures['max_abs_diff']:.3g} ({figures['max_steps']:.2f} steps)  {verdict}",
+            f"{name:58s} max |diff| {figures['max_abs_diff']:.3g} ({figures['max_steps']:.2f} steps)"
+            f"  {result.verdict}{accuracy}",
             flush=True,
         )
     return results
@@ -501,21 +385,26 @@ def run(venv: Path, work: Path) -> list[Comparison]:
 
 def markdown(results: list[Comparison]) -> str:
     lines = [
-        "| recipe | max abs difference | max bf16 steps | elements differing | "
-        "split ties (excluded) | ‖Δ‖₁ workbench / mergekit, per tensor | verdict |",
-        "|---|---|---|---|---|---|---|",
+        "| recipe | max abs difference | max bf16 steps | elements differing | split ties (excluded) | "
+        "‖Δ‖₁ workbench / mergekit | changed share workbench / mergekit | float64 result exactly rounded "
+        "(mergekit / workbench) | seconds (mergekit / workbench) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        lo, hi = r.delta_l1_ratio
-        if r.deterministic:
-            verdict = "within bf16 rounding" if r.within_bf16_rounding else "**differs**"
-        else:
-            verdict = "random masks differ by design"
         ties = f"{100 * r.tie_share:.2f}%" if r.tie_share else "none"
-        ratio = "n/a" if math.isnan(lo) else f"{lo:.4f}-{hi:.4f}"
+        ratios = [
+            "n/a" if math.isnan(lo) else f"{lo:.4f}-{hi:.4f}"
+            for lo, hi in (r.delta_l1_ratio, r.changed_share_ratio)
+        ]
+        exact = (
+            f"{100 * r.exact_share[0]:.1f}% / {100 * r.exact_share[1]:.1f}% "
+            f"(worst {r.exact_share[2]:.1f} / {r.exact_share[3]:.1f} steps)"
+            if r.exact_share
+            else ""
+        )
         lines.append(
-            f"| {r.case} | {r.max_abs_diff:.3g} | {r.max_steps:.2f} | "
-            f"{100 * r.differing_share:.2f}% | {ties} | {ratio} | {verdict} |"
+            f"| {r.case} | {r.max_abs_diff:.3g} | {r.max_steps:.2f} | {100 * r.differing_share:.2f}% | {ties} | "
+            f"{ratios[0]} | {ratios[1]} | {exact} | {r.seconds[0]:.1f} / {r.seconds[1]:.1f} | {r.verdict} |"
         )
     return "\n".join(lines)
 
@@ -535,17 +424,19 @@ def main() -> None:
         help="keep models, recipes and outputs here (default: a temporary folder)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    parser.add_argument("--size", default="tiny", help="generated model size (tiny, 60m, ...)")
+    parser.add_argument("--only", default=None, help="run only the cases whose name contains this")
     args = parser.parse_args()
     if args.work is None:
         with tempfile.TemporaryDirectory(prefix="workbench-parity-") as tmp:
-            results = run(args.venv, Path(tmp))
+            results = run(args.venv, Path(tmp), args.size, args.only)
     else:
-        results = run(args.venv, args.work)
+        results = run(args.venv, args.work, args.size, args.only)
     print()
     print(markdown(results))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
-    if any(r.deterministic and not r.within_bf16_rounding for r in results):
+    if any(r.verdict == "**differs**" for r in results):
         sys.exit(1)
 
 

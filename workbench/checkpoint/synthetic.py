@@ -83,6 +83,9 @@ class LlamaShape:
 SIZES = {
     "tiny": LlamaShape(64, 176, 4, 4, 2, 256),
     "small": LlamaShape(256, 704, 8, 8, 4, 4096),
+    # 60m: issue 27's mid-size parity models (56M parameters: big enough for real vocabularies and
+    # multi-block tensors, small enough to merge through mergekit in seconds).
+    "60m": LlamaShape(512, 1408, 8, 8, 4, 32000),
     # 230m: the model size of issue 9's mergekit anchor (three fine-tunes + base = 1.8 GB of bf16).
     "230m": LlamaShape(1024, 2816, 14, 16, 8, 32000),
     "250m": LlamaShape(1024, 2816, 16, 16, 8, 32000),

@@ -40,7 +40,7 @@ from typing import Any
 
 import yaml
 
-METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
+METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp", "della", "sce", "karcher")
 
 
 def mergekit_recipe(method: str, models: Path, fine_tunes: int) -> dict[str, Any]:
@@ -70,6 +70,19 @@ def mergekit_recipe(method: str, models: Path, fine_tunes: int) -> dict[str, Any
             "parameters": {"normalize": True},
             **common,
         }
+    if method == "della":
+        models_ = [{"model": t, "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.15}} for t in tunes]
+        return {"merge_method": "della", "base_model": base, "models": models_, **common}
+    if method == "sce":
+        return {
+            "merge_method": "sce",
+            "base_model": base,
+            "models": [{"model": t} for t in tunes],
+            "parameters": {"select_topk": 0.5},
+            **common,
+        }
+    if method == "karcher":
+        return {"merge_method": "karcher", "models": [{"model": t} for t in tunes], **common}
     if method == "slerp":
         return {
             "merge_method": "slerp",
