@@ -322,17 +322,21 @@ def run(venv: Path, work: Path, size: str = "tiny", only: str | None = None) -> 
 
     mergekit_yaml = ensure_mergekit(venv)
     models, models32 = work / f"models-{size}", work / f"models32-{size}"
-    for folder, dtype in ((models, "bfloat16"), (models32, "float32")):
+    selected = {
+        (index, name): case
+        for index, (name, case) in enumerate(cases(models, models32).items())
+        if only is None or only in name
+    }
+    families = [(models, "bfloat16")]
+    if any(str(models32) in yaml.safe_dump(case.recipe) for case in selected.values()):
+        families.append((models32, "float32"))  # only when a selected case reads them
+    for folder, dtype in families:
         if not (folder / "ft3" / "config.json").is_file():
             write_family(folder, size, 3, dtype=dtype)
-    weights = {
-        str(folder): _load(folder) for family in (models, models32) for folder in sorted(family.iterdir())
-    }
+    weights = {str(folder): _load(folder) for family, _ in families for folder in sorted(family.iterdir())}
     workbench = [sys.executable, "-m", "workbench"]
     results = []
-    for index, (name, case) in enumerate(cases(models, models32).items()):
-        if only is not None and only not in name:
-            continue
+    for (index, name), case in selected.items():
         recipe = case.recipe
         folder = work / f"{size}-case{index:02d}"
         shutil.rmtree(folder, ignore_errors=True)

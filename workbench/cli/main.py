@@ -20,6 +20,7 @@ from workbench.cli.common import escape, handle_errors, load_registry, terminal,
 from workbench.cli.hub import push
 from workbench.cli.lora import lora
 from workbench.cli.methods import methods
+from workbench.cli.moe import moe
 from workbench.cli.sweep import sweep
 from workbench.cli.tools import bench, demo, generate
 from workbench.cli.zoo import zoo
@@ -447,7 +448,7 @@ def inspect(path: str) -> None:
         console.print(table)
 
 
-for command in (methods, generate, demo, bench, zoo, analyze, push, lora, sweep):
+for command in (methods, generate, demo, bench, zoo, analyze, push, lora, sweep, moe):
     main.add_command(command)
 
 if __name__ == "__main__":  # pragma: no cover

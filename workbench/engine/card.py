@@ -153,8 +153,10 @@ def check_card(folder: Path) -> dict[str, Any]:
         recipe = yaml.safe_load(block[1]) if block else None
     except yaml.YAMLError:
         recipe = None
-    if not isinstance(recipe, dict) or "method" not in recipe:
+    # a merge recipe names its method; a `workbench moe` config its base and experts
+    if not isinstance(recipe, dict) or not ("method" in recipe or {"base_model", "experts"} <= recipe.keys()):
         raise HubError(
-            f"{where}: the '## Recipe' section must hold the recipe as a ```yaml block with its method."
+            f"{where}: the '## Recipe' section must hold the recipe as a ```yaml block with its method "
+            "(or, for a mixture of experts, its base_model and experts)."
         )
     return data
