@@ -50,6 +50,7 @@ MERGEKIT_VERSION = "0.1.5"
 TORCH_VERSION = "2.13.0"
 #: Deterministic outputs must agree within this many bf16 steps (issue 27).
 STEPS_ALLOWED = 2.0
+CASE_NAMES = set(cases(Path("models"), Path("models32")))
 
 
 @dataclass
@@ -317,7 +318,13 @@ def magnitude_cuts(recipe: dict[str, Any]) -> list[tuple[float, float]]:
     ]
 
 
-def run(venv: Path, work: Path, size: str = "tiny", only: str | None = None) -> list[Comparison]:
+def _chosen(name: str, only: list[str] | None) -> bool:
+    """Every case without ``--only``; else those named exactly, or containing a given text that names
+    no case exactly."""
+    return only is None or any(name == o for o in only) or any(o in name for o in only if o not in CASE_NAMES)
+
+
+def run(venv: Path, work: Path, size: str = "tiny", only: list[str] | None = None) -> list[Comparison]:
     from workbench.checkpoint.synthetic import write_family
 
     mergekit_yaml = ensure_mergekit(venv)
@@ -325,7 +332,7 @@ def run(venv: Path, work: Path, size: str = "tiny", only: str | None = None) -> 
     selected = {
         (index, name): case
         for index, (name, case) in enumerate(cases(models, models32).items())
-        if only is None or only in name
+        if _chosen(name, only)
     }
     families = [(models, "bfloat16")]
     if any(str(models32) in yaml.safe_dump(case.recipe) for case in selected.values()):
@@ -429,7 +436,12 @@ def main() -> None:
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     parser.add_argument("--size", default="tiny", help="generated model size (tiny, 60m, ...)")
-    parser.add_argument("--only", default=None, help="run only the cases whose name contains this")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        help="run only this case (its exact name, or a text its name contains); may be repeated",
+    )
     args = parser.parse_args()
     if args.work is None:
         with tempfile.TemporaryDirectory(prefix="workbench-parity-") as tmp:

@@ -61,7 +61,7 @@ def test_convert_writes_the_equivalent_native_recipe(
 
 def test_unsupported_mergekit_method_is_named(cli: CliRunner, tmp_path: Path) -> None:
     recipe = tmp_path / "mk.yml"
-    recipe.write_text("merge_method: sce\nmodels:\n  - model: a\n")
+    recipe.write_text("merge_method: frankenmerge\nmodels:\n  - model: a\n")
     result = cli.invoke(main, ["convert", str(recipe)])
     assert result.exit_code == 2
-    assert "'sce' is not supported" in result.output and "mk.yml:1" in result.output
+    assert "'frankenmerge' is not supported" in result.output and "mk.yml:1" in result.output

@@ -340,10 +340,13 @@ def test_mergekit_dtype_and_out_dtype(extra: str, dtype: str, out_dtype: str | N
 
 
 def test_mergekit_tokenizer_source() -> None:
-    recipe = parse_recipe("merge_method: linear\nmodels:\n  - model: a\ntokenizer_source: base\n")
-    assert recipe.output.copy_tokenizer_from == "base"
-    message = error_of("merge_method: linear\nmodels:\n  - model: a\ntokenizer_source: union\n")
-    assert "recipe.yaml:4: tokenizer_source" in message and "union" in message
+    """tokenizer_source builds the output vocabulary (rows aligned by token), as in mergekit."""
+    for value in ("base", "union", "org/other"):
+        recipe = parse_recipe(f"merge_method: linear\nmodels:\n  - model: a\ntokenizer_source: {value}\n")
+        assert recipe.tokenizer is not None and recipe.tokenizer.source == value
+        assert recipe.tokenizer.builds_vocabulary and recipe.output.copy_tokenizer_from is None
+    message = error_of("merge_method: linear\nmodels:\n  - model: a\ntokenizer_source: [union]\n")
+    assert "recipe.yaml:4: tokenizer_source" in message and "expected union, base" in message
 
 
 def test_mergekit_slice_options_beyond_sources_are_named() -> None:
@@ -359,10 +362,18 @@ def test_mergekit_slice_options_beyond_sources_are_named() -> None:
     assert "either 'models' or 'slices'" in message
 
 
-@pytest.mark.parametrize("key", ["modules", "tokenizer", "chat_template"])
-def test_mergekit_unsupported_keys_are_named(key: str) -> None:
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ("modules", "'modules' is not supported"),
+        ("tokenizer", "expected a mapping (source, tokens, pad_to_multiple_of)"),
+        ("chat_template", "expected a template name or Jinja text"),
+    ],
+)
+def test_mergekit_unsupported_keys_are_named(key: str, expected: str) -> None:
+    """modules is refused by name; tokenizer and chat_template are read, and a bad value is named."""
     message = error_of(f"merge_method: linear\nmodels:\n  - model: a\n{key}: []\n")
-    assert f"recipe.yaml:4: {key}" in message and f"'{key}'" in message and "not supported" in message
+    assert f"recipe.yaml:4: {key}" in message and expected in message
 
 
 def test_mergekit_unknown_key_is_named() -> None:

@@ -19,6 +19,7 @@ from workbench.checkpoint.dtypes import ITEMSIZE, code_from_name
 from workbench.checkpoint.output_folder import check_real_file_system
 from workbench.checkpoint.resolve import open_reference
 from workbench.checkpoint.stacked import LayerRange, StackedReader
+from workbench.checkpoint.tokenizer_plan import TokenizerPlan, plan_tokenizer
 from workbench.engine.parameter_checks import ParameterChecker
 from workbench.errors import CheckpointError, OutputError, RecipeError
 from workbench.method import (
@@ -93,6 +94,8 @@ class MergePlan:
     overwrite: bool = False
     #: What the method's prepare holds (whole-model methods), checked against the memory limit.
     prepare_memory: MemoryNeed | None = None
+    #: The output's tokenizer when the recipe or the inputs need more than a copy (rows aligned by token).
+    tokenizer: TokenizerPlan | None = None
 
     @property
     def reference(self) -> InputModel:
@@ -346,10 +349,14 @@ def build_plan(
             opened.append(models[-1])
         if check_output and out_dir is not None:
             check_output_path(out_dir, opened + sources, overwrite)
+        # rows indexed by token follow the output's tokenizer: wraps the readers whose rows move
+        tokenizer = plan_tokenizer(recipe.tokenizer_request(), base, models, checker.where)
         # a method's own checks name the recipe line as schema errors do
         where = checker.where(("parameters",) if recipe.parameters else ("method",))
         plan = _plan_tensors(recipe, method, global_raw, models, base, output_format, out_dir, where)
         plan.overwrite = overwrite
+        plan.tokenizer = tokenizer
+        plan.warnings.extend(tokenizer.warnings if tokenizer else [])
     except BaseException:
         for model in opened:
             model.reader.close()

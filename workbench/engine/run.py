@@ -92,6 +92,16 @@ def _finish_folder(
         torch_name(out_dtype) if out_dtype else None,
         plan.reference.reader.config(),
     )
+    if plan.tokenizer is not None:  # built (union, added tokens) or copied with a chat template
+        plan.tokenizer.write(partial, warn)
+    else:
+        _copy_tokenizer(plan, partial, warn)
+    (partial / RECIPE_FILE).write_text(recipe_yaml)
+    (partial / "README.md").write_text(card_text(plan, recipe_yaml, title))
+
+
+def _copy_tokenizer(plan: MergePlan, partial: Path, warn: Callable[[str], None]) -> None:
+    """The tokenizer files of ``output.copy_tokenizer_from`` (or a GGUF input's embedded tokenizer)."""
     source = plan.recipe.output.copy_tokenizer_from
     model = None  # the input the tokenizer comes from, if it is one
     if source is None or source == "base":
@@ -111,8 +121,6 @@ def _finish_folder(
             warn(
                 f"{exc} The output has no tokenizer; name a folder with tokenizer files in output.copy_tokenizer_from."
             )
-    (partial / RECIPE_FILE).write_text(recipe_yaml)
-    (partial / "README.md").write_text(card_text(plan, recipe_yaml, title))
 
 
 def _open_manifest(plan: MergePlan, device: str, resume: bool) -> Manifest:

@@ -37,8 +37,6 @@ _TASK_VECTOR_METHODS = {
 SUPPORTED_METHODS = _TASK_VECTOR_METHODS | {"linear", "slerp", "passthrough", "karcher"}
 _UNSUPPORTED_KEYS = {
     "modules": "multi-module recipes are not supported yet",
-    "tokenizer": "tokenizer merging is not supported yet",
-    "chat_template": "chat-template selection is not supported yet",
 }
 _KNOWN_KEYS = {
     "merge_method",
@@ -49,6 +47,8 @@ _KNOWN_KEYS = {
     "dtype",
     "out_dtype",
     "tokenizer_source",
+    "tokenizer",
+    "chat_template",
     "name",
 }
 
@@ -155,6 +155,73 @@ def _drop_ignored(
             )
 
 
+#: The keys of mergekit's ``tokenizer:`` block (``TokenizerConfig``).
+_TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
+
+
+def _tokenizer(
+    data: dict[str, Any],
+    source: LocatedSource,
+    notes: list[str],
+    method: str,
+    base: str | None,
+    native: dict[str, Any],
+) -> dict[str, Any]:
+    """mergekit's ``tokenizer_source``, ``tokenizer`` block and ``chat_template`` as a native
+    ``tokenizer`` section (empty: none given). Either key makes the output vocabulary and aligns
+    the rows to it (mergekit's ``tokenizer:`` block defaults to ``source: union``); a
+    ``chat_template`` alone changes no rows. The native fields get the lines of the keys written."""
+    chosen, block, template = data.get("tokenizer_source"), data.get("tokenizer"), data.get("chat_template")
+    lines = source.lines
+    if chosen is not None and block is not None:
+        raise RecipeError(
+            f"{source.where(('tokenizer',))}: mergekit refuses tokenizer_source together with a tokenizer "
+            "block ('Cannot specify both tokenizer_source and tokenizer'); put the source in tokenizer.source."
+        )
+    section: dict[str, Any] = {}
+    if chosen is not None:
+        if not isinstance(chosen, str) or not chosen.strip():
+            raise RecipeError(
+                f"{source.where(('tokenizer_source',))}: expected union, base or a model reference."
+            )
+        section["source"] = chosen
+        for key in (("tokenizer",), ("tokenizer", "source")):
+            lines.setdefault(key, lines.get(("tokenizer_source",), 0))
+    if block is not None:
+        if not isinstance(block, dict):
+            raise RecipeError(
+                f"{source.where(('tokenizer',))}: expected a mapping ({', '.join(_TOKENIZER_KEYS)})."
+            )
+        unknown = sorted(set(block) - set(_TOKENIZER_KEYS), key=str)
+        if unknown:
+            raise RecipeError(
+                f"{source.where(('tokenizer', unknown[0]))}: unknown tokenizer option '{unknown[0]}'."
+            )
+        section.update({k: v for k, v in block.items() if v is not None})
+        section.setdefault("source", "union")  # mergekit's TokenizerConfig default
+        if block.get("pad_to_multiple_of") == 1:
+            del section["pad_to_multiple_of"]
+            notes.append(f"{source.where(('tokenizer', 'pad_to_multiple_of'))}: 1 pads nothing; no effect.")
+    if template is not None:
+        if not isinstance(template, str):
+            raise RecipeError(
+                f"{source.where(('chat_template',))}: expected a template name or Jinja text (a string)."
+            )
+        section["chat_template"] = template
+        lines.setdefault(("tokenizer",), lines.get(("chat_template",), 0))
+        lines.setdefault(("tokenizer", "chat_template"), lines.get(("chat_template",), 0))
+    merged = [m["model"] for m in native.get("models", [])]
+    if section.get("source") == "base" and base is not None and "base" not in native:
+        section["source"] = base  # base_model is no native base here: name its tokenizer by reference
+    if base is not None and "base" not in native and base not in merged and section.get("source") == "union":
+        notes.append(
+            f"{source.where(('tokenizer',))}: mergekit's {method} gathers base_model only for the vocabulary: "
+            "its union starts from base_model's tokenizer and its rows count for the default rules; here "
+            "the union is over the merged models, starting from models[0]'s tokenizer."
+        )
+    return section
+
+
 def translate(data: dict[str, Any], source: LocatedSource, notes: list[str] | None = None) -> dict[str, Any]:
     """A native recipe dict equivalent to the mergekit recipe ``data``; warnings about options that
     change nothing are appended to ``notes``."""
@@ -176,7 +243,7 @@ def translate(data: dict[str, Any], source: LocatedSource, notes: list[str] | No
     base = data.get("base_model")
     if base is not None:
         base = _model_ref(base, source, ("base_model",))
-    models = []
+    models: list[dict[str, Any]] = []
     entries = data.get("models") or []
     if not isinstance(entries, list):
         raise RecipeError(f"{source.where(('models',))}: expected a list of '- model: <ref>' entries.")
@@ -238,13 +305,9 @@ def translate(data: dict[str, Any], source: LocatedSource, notes: list[str] | No
     output: dict[str, Any] = {}
     if out_dtype:
         output["dtype"] = out_dtype
-    tokenizer = data.get("tokenizer_source")
-    if tokenizer is not None:
-        if tokenizer == "union":
-            raise RecipeError(
-                f"{source.where(('tokenizer_source',))}: tokenizer_source 'union' is not supported yet."
-            )
-        output["copy_tokenizer_from"] = "base" if tokenizer == "base" else tokenizer
+    section = _tokenizer(data, source, notes, method, base, native)
+    if section:
+        native["tokenizer"] = section
     if output:
         native["output"] = output
     return native
