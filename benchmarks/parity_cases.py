@@ -302,7 +302,9 @@ def _new_methods(models: Path) -> dict[str, Case]:
                 **two,
             }
         ),
-        "multislerp, over a base": Case({"merge_method": "multislerp", "models": pair, **two}),
+        "multislerp, over a base": Case(
+            {"merge_method": "multislerp", "models": pair, **two}, reference="multislerp"
+        ),
         "multislerp, no base, normalize_weights: false": Case(
             {
                 "merge_method": "multislerp",

@@ -293,3 +293,18 @@ def test_a_weight_of_zero_leaves_the_model_out(tmp_path: Path, registry: Registr
     expected = base + _pruned(a - base, 0.5, 0.1, model_seed(tensor_seed(SEED, "w"), 0), "l1")
     np.testing.assert_allclose(merged, expected, rtol=2e-6)
     assert 0 < np.count_nonzero(merged - base) < 32
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (300,), (5, 1), (4, 3, 6)])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_magprune_kernel_equals_the_definition(shape: tuple[int, ...], inverse: bool) -> None:
+    """The CPU kernel (sort order, draws and keep decisions in one pass) gives the torch definition's
+    bits, for matrices, vectors, single columns and (through the definition) 3-D tensors."""
+    from workbench_kernels.della import magprune_numba, magprune_torch
+
+    tau = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    tau[..., :2] = 0.25  # equal magnitudes, ranked by position
+    fast = magprune_numba(tau.clone(), 0.45, 0.2, seed=99, offset=1000, inverse_probability=inverse)
+    reference = magprune_torch(tau.clone(), 0.45, 0.2, seed=99, offset=1000, inverse_probability=inverse)
+    assert torch.equal(fast, reference)
+    assert 0 < int((fast == 0).sum()) < tau.numel()
