@@ -329,7 +329,7 @@ MAGNITUDE_METHODS = {
 def magnitude_cuts(recipe: dict[str, Any]) -> list[tuple[float, float]]:
     """(density, gamma) per input of a magnitude top-k recipe (constants in these cases); [] otherwise."""
     method = recipe["merge_method"]
-    if method not in MAGNITUDE_METHODS:
+    if method not in MAGNITUDE_METHODS or "models" not in recipe:
         return []
     return [
         (m["parameters"].get("density", 1.0), m["parameters"].get("gamma", MAGNITUDE_METHODS[method]))

@@ -359,6 +359,29 @@ def _new_methods(models: Path) -> dict[str, Case]:
                 **two,
             }
         ),
+        "ties, density 1, slices over a base": Case(
+            {
+                "merge_method": "ties",
+                "base_model": base,
+                "slices": [
+                    {
+                        "sources": [
+                            {"model": base, "layer_range": [0, 2]},
+                            {"model": ft1, "layer_range": [0, 2], "parameters": {"weight": 0.6}},
+                            {"model": ft2, "layer_range": [1, 3], "parameters": {"weight": 0.4}},
+                        ]
+                    },
+                    {
+                        "sources": [
+                            {"model": base, "layer_range": [1, 4]},
+                            {"model": ft1, "layer_range": [1, 4], "parameters": {"weight": 0.6}},
+                            {"model": ft2, "layer_range": [0, 3], "parameters": {"weight": 0.4}},
+                        ]
+                    },
+                ],
+                **common,
+            }
+        ),
         "della (random masks)": Case({"merge_method": "della", "models": three, **two}, deterministic=False),
         "della_linear (random masks)": Case(
             {"merge_method": "della_linear", "models": three, "parameters": {"lambda": 0.9}, **two},

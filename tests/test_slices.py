@@ -113,6 +113,73 @@ dtype: float32
     assert all(torch.equal(out[n], source[n]) for n in source)  # t = 0 is the base end, exactly
 
 
+def test_slices_merge_over_each_slice_s_range_of_the_base(
+    tmp_path: Path, tiny_family: dict[str, Path]
+) -> None:
+    """task_arithmetic with slices and a base (mergekit's slices over a base_model): output layer k of a
+    slice is base + lambda * sum w (model - base) of that slice's source layers, each model's and the
+    base's own range; the embeddings and head are the same sum over the three models' own."""
+    base, ft1, ft2 = (load_dir(tiny_family[k]) for k in ("base", "ft1", "ft2"))
+    b, f1, f2 = (q(tiny_family[k]) for k in ("base", "ft1", "ft2"))
+    text = f"""
+method: task_arithmetic
+base: {b}
+slices:
+  - sources:
+      - {{model: {f1}, layer_range: [0, 2], parameters: {{weight: 0.7}}}}
+      - {{model: {b}, layer_range: [0, 2]}}
+      - {{model: {f2}, layer_range: [2, 4], parameters: {{weight: 0.4}}}}
+  - sources:
+      - {{model: {b}, layer_range: [1, 4]}}
+      - {{model: {f1}, layer_range: [1, 4], parameters: {{weight: 0.7}}}}
+      - {{model: {f2}, layer_range: [0, 3], parameters: {{weight: 0.4}}}}
+parameters: {{lambda: 0.9}}
+dtype: float32
+output: {{dtype: float32}}
+"""
+    out = merge(tmp_path, text)
+
+    def expected(x_b: torch.Tensor, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        x_b, x1, x2 = (t.double() for t in (x_b, x1, x2))
+        return x_b + 0.9 * (0.7 * (x1 - x_b) + 0.4 * (x2 - x_b))
+
+    layers = {k: by_layer(m) for k, m in (("b", base), ("1", ft1), ("2", ft2))}
+    # output layer -> (base layer, ft1 layer, ft2 layer)
+    plan = [(0, 0, 2), (1, 1, 3), (1, 1, 0), (2, 2, 1), (3, 3, 2)]
+    out_layers = by_layer(out)
+    assert {i for i, _ in out_layers} == set(range(5))
+    for new, (lb, l1, l2) in enumerate(plan):
+        for (i, module), tensor in out_layers.items():
+            if i != new:
+                continue
+            want = expected(layers["b"][(lb, module)], layers["1"][(l1, module)], layers["2"][(l2, module)])
+            torch.testing.assert_close(tensor.double(), want, rtol=1e-6, atol=1e-7, msg=f"{new} {module}")
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        torch.testing.assert_close(
+            out[name].double(), expected(base[name], ft1[name], ft2[name]), rtol=1e-6, atol=1e-7
+        )
+
+
+def test_mergekit_ties_slices_over_a_base_run_unchanged(tmp_path: Path, tiny_family: dict[str, Path]) -> None:
+    """mergekit's form: base_model among each slice's sources; density 1 makes ties' result a closed form
+    (every entry kept: the disjoint mean of the agreeing task vectors)."""
+    b, f1 = q(tiny_family["base"]), q(tiny_family["ft1"])
+    text = f"""
+slices:
+  - sources:
+      - {{model: {b}, layer_range: [0, 4]}}
+      - {{model: {f1}, layer_range: [0, 4], parameters: {{weight: 1.0, density: 1.0}}}}
+merge_method: ties
+base_model: {b}
+dtype: float32
+out_dtype: float32
+"""
+    out = merge(tmp_path, text)
+    ft1 = load_dir(tiny_family["ft1"])
+    for name, tensor in out.items():  # one model, weight 1, normalized: base + (ft1 - base) = ft1
+        torch.testing.assert_close(tensor, ft1[name].float(), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "text, error, message",
     [
@@ -148,7 +215,12 @@ dtype: float32
         (
             "method: task_arithmetic\nbase: FT1\nslices:\n  - sources: [{model: FT2, layer_range: [0, 2]}]\n",
             RecipeError,
-            "a base model with 'slices' is not supported yet",
+            "slices[0] has 0 sources of the base",
+        ),
+        (
+            "merge_method: ties\nbase_model: FT1\nslices:\n  - sources: [{model: FT2, layer_range: [0, 2]}]\n",
+            RecipeError,
+            "this slice has no source of",
         ),
     ],
 )

@@ -184,9 +184,10 @@ def _open(opener: Opener, ref: str, label: str, parameters: dict[str, Any]) -> I
 
 
 def _open_stacked(
-    opener: Opener, recipe: Recipe, j: int, model_defaults: dict[str, Any], sources: list[InputModel]
+    opener: Opener, recipe: Recipe, j: int | None, model_defaults: dict[str, Any], sources: list[InputModel]
 ) -> InputModel:
-    """Input model ``j`` of a recipe with slices: source ``j`` of every slice, stacked in order.
+    """Input model ``j`` of a recipe with slices: model source ``j`` of every slice, stacked in order
+    (``j`` None: the base's source of every slice).
 
     Each distinct model is opened once per input model; ``sources`` collects them (for the output
     path checks), and the stacked reader closes them.
@@ -194,10 +195,12 @@ def _open_stacked(
     readers: dict[str, CheckpointReader] = {}
     parts: list[LayerRange] = []
     paths: list[Path] = []
+    pieces = recipe.slices or []
+    chosen = [recipe.slice_base(i) if j is None else recipe.slice_models(i)[j] for i in range(len(pieces))]
     try:
-        for i, piece in enumerate(recipe.slices or []):
-            source = piece.sources[j]
-            label = f"slices[{i}].sources[{j}]"
+        for i, (piece, source) in enumerate(zip(pieces, chosen)):
+            assert source is not None  # the schema gives every slice a source of the base
+            label = f"slices[{i}].sources[{piece.sources.index(source)}]"
             if source.model not in readers:
                 opened = _open(opener, source.model, label, {})
                 readers[source.model] = opened.reader
@@ -222,13 +225,14 @@ def _open_stacked(
         for opened_reader in readers.values():
             opened_reader.close()
         raise
-    first = (recipe.slices or [])[0].sources[j]
+    first = chosen[0]
+    assert first is not None
     return InputModel(
         ref=first.model,
-        label=f"slices[*].sources[{j}]",
+        label="slices[*] (base)" if j is None else f"slices[*].sources[{j}]",
         path=paths[0],
         reader=reader,
-        parameters={**model_defaults, **first.parameters},
+        parameters={} if j is None else {**model_defaults, **first.parameters},
     )
 
 
@@ -310,20 +314,16 @@ def build_plan(
             model_defaults,
         )
     for i, piece in enumerate(recipe.slices or []):
-        for j, source in enumerate(piece.sources):
+        for j, source in enumerate(recipe.slice_models(i)):
+            at = ("slices", i, "sources", piece.sources.index(source), "parameters")
             checker.check(
-                source.parameters,
-                method_cls.ModelParameters,
-                ("slices", i, "sources", j, "parameters"),
-                method_cls.name,
-                set(),
-                model_defaults,
+                source.parameters, method_cls.ModelParameters, at, method_cls.name, set(), model_defaults
             )
-            if source.parameters != recipe.slices[0].sources[j].parameters:  # type: ignore[index]
+            if source.parameters != recipe.slice_models(0)[j].parameters:
                 raise RecipeError(
-                    f"{checker.where(('slices', i, 'sources', j, 'parameters'))}: source {j} has other "
-                    "parameters than in slice 0; source j of every slice is one input model, with one set "
-                    "of parameters (use per-layer values to vary them)."
+                    f"{checker.where(at)}: model source {j} has other parameters than in slice 0; model "
+                    "source j of every slice is one input model, with one set of parameters (use per-layer "
+                    "values to vary them)."
                 )
 
     from workbench.evaluation.running import make_evaluators
@@ -336,14 +336,18 @@ def build_plan(
 
     opened: list[InputModel] = []
     try:
-        base = _open(opener, recipe.base, "base", {}) if recipe.base else None
+        sources: list[InputModel] = []
+        base = None
+        if recipe.base and recipe.slices:  # each slice's own range of the base, stacked
+            base = _open_stacked(opener, recipe, None, model_defaults, sources)
+        elif recipe.base:
+            base = _open(opener, recipe.base, "base", {})
         if base:
             opened.append(base)
         models = []
         for i, entry in enumerate(recipe.models):
             models.append(_open(opener, entry.model, f"models[{i}]", {**model_defaults, **entry.parameters}))
             opened.append(models[-1])
-        sources: list[InputModel] = []
         for j in range(recipe.model_count if recipe.slices else 0):
             models.append(_open_stacked(opener, recipe, j, model_defaults, sources))
             opened.append(models[-1])

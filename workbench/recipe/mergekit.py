@@ -87,11 +87,6 @@ def _slices(slices: Any, method: str, base: str | None, source: LocatedSource) -
     """mergekit ``slices`` as native ones: the same sources and layer ranges (end exclusive)."""
     if not isinstance(slices, list) or not slices:
         raise RecipeError(f"{source.where(('slices',))}: expected a list of slices, each with 'sources'.")
-    if base is not None and method in _TASK_VECTOR_METHODS:
-        raise RecipeError(
-            f"{source.where(('base_model',))}: mergekit method '{method}' with a base_model and slices is "
-            "not supported yet."
-        )
     native = []
     for i, piece in enumerate(slices):
         if (
@@ -125,6 +120,11 @@ def _slices(slices: Any, method: str, base: str | None, source: LocatedSource) -
                     "layer_range": entry.get("layer_range"),
                     "parameters": _parameters(entry.get("parameters"), source, where + ("parameters",)),
                 }
+            )
+        if method in _TASK_VECTOR_METHODS and base is not None and base not in [s["model"] for s in sources]:
+            raise RecipeError(
+                f"{source.where(('slices', i))}: mergekit merges each slice over its own range of the "
+                f"base_model, and this slice has no source of '{base}'."
             )
         if method == "slerp":
             if base is None or base not in [s["model"] for s in sources]:
@@ -274,6 +274,8 @@ def translate(data: dict[str, Any], source: LocatedSource, notes: list[str] | No
             raise RecipeError(f"{source.where(('slices',))}: give either 'models' or 'slices', not both.")
         del native["models"]
         native["slices"] = _slices(data["slices"], method, base, source)
+        if method in _TASK_VECTOR_METHODS and base is not None:
+            native["base"] = base  # each slice merges over its own range of the base, as in mergekit
         base = None  # slerp's base picked each slice's t = 0 end; linear and passthrough ignore it
     elif method == "slerp":
         # mergekit interpolates from the base (t = 0) to the other model (t = 1).

@@ -12,6 +12,7 @@ Native format::
     # slices:
     #   - sources: [{model: ./models/a, layer_range: [0, 6]}]
     #   - sources: [{model: ./models/a, layer_range: [2, 8]}]
+    # with a base, each slice also names one range of it: the base of that slice's merge
     parameters: {lambda: 0.8}
     dtype: float32                      # compute dtype
     seed: 0                             # seeds random methods per tensor name
@@ -408,20 +409,35 @@ class Recipe(Strict):
         if self.slices is not None:
             if not self.slices:
                 raise ValueError("'slices' is empty: at least one slice is needed")
-            counts = {len(entry.sources) for entry in self.slices}
+            for i, entry in enumerate(self.slices):
+                bases = [s for s in entry.sources if s.model == self.base]
+                if self.base is not None and len(bases) != 1:
+                    raise ValueError(
+                        f"slices[{i}] has {len(bases)} sources of the base '{self.base}': with a base, each "
+                        "slice names exactly one range of it (the base of that slice's merge)"
+                    )
+            counts = {len(self.slice_models(i)) for i in range(len(self.slices))}
             if len(counts) > 1:
                 raise ValueError(
-                    f"every slice needs the same number of sources (found {sorted(counts)}): source i of "
-                    "each slice is stacked into input model i"
+                    f"every slice needs the same number of sources besides the base (found {sorted(counts)}): "
+                    "source i of each slice is stacked into input model i"
                 )
-            if self.base is not None:
-                raise ValueError("a base model with 'slices' is not supported yet")
         return self
+
+    def slice_models(self, index: int) -> list[SliceSource]:
+        """The sources of slice ``index`` that are merged models, in order (all but the base's)."""
+        assert self.slices is not None
+        return [s for s in self.slices[index].sources if self.base is None or s.model != self.base]
+
+    def slice_base(self, index: int) -> SliceSource | None:
+        """The source of slice ``index`` that is the base's layer range (None without a base)."""
+        assert self.slices is not None
+        return next((s for s in self.slices[index].sources if s.model == self.base), None)
 
     @property
     def model_count(self) -> int:
-        """Number of models the method merges (with slices: sources per slice)."""
-        return len(self.slices[0].sources) if self.slices else len(self.models)
+        """Number of models the method merges (with slices: sources per slice, the base's aside)."""
+        return len(self.slice_models(0)) if self.slices else len(self.models)
 
     @field_validator("memory_limit")
     @classmethod
