@@ -127,6 +127,19 @@ def encoder_decoder(names: Iterable[str]) -> bool:
     return found == {"encoder", "decoder"}
 
 
+#: transformers 5's fused expert weights of a mixture-of-experts layer (Mixtral, Qwen-MoE): one
+#: ``[experts, ...]`` tensor per projection (``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``),
+#: where older checkpoints hold one matrix per expert (``block_sparse_moe.experts.3.w1``).
+_FUSED_EXPERTS = re.compile(r"(?:^|\.)experts\.[A-Za-z_]+$")
+
+
+def fused_experts(name: str, shape: tuple[int, ...]) -> int | None:
+    """The number of experts a fused expert tensor stacks along dimension 0, or None for any other
+    tensor: methods whose statistics are per matrix (a top-k, an L1 norm) take them per expert, as
+    they do for the per-expert matrices of the older layout."""
+    return shape[0] if len(shape) == 3 and _FUSED_EXPERTS.search(name) else None
+
+
 #: The Llama family's embedding, whose width is the config's ``hidden_size`` (other layouts may embed
 #: narrower and project: ALBERT's ``embedding_size``, OPT's ``word_embed_proj_dim``).
 LLAMA_EMBEDDING = "model.embed_tokens.weight"

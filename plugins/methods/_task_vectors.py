@@ -9,12 +9,14 @@ behaviour is arbitrary or unsafe the deviation is documented in docs/methods.md.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import model_validator
 
+from workbench.architecture import fused_experts
 from workbench.errors import RecipeError
 from workbench.method import (
     MergeMethod,
@@ -31,6 +33,7 @@ from workbench_plugins.methods._weights import normalized
 if TYPE_CHECKING:
     import torch
 
+    from workbench_kernels.blocks import Blocks
     from workbench_kernels.sparsify import MagnitudeBand, Sparsification, TaskVector
     from workbench_kernels.task_vector_merge import FusedMerge
 
@@ -184,9 +187,38 @@ class TaskVectorMethod(MergeMethod):
         params: TaskVectorParameters,
         model_params: list[DensityModelParameters],
         ctx: TensorContext,
-    ) -> TensorMerge:  # type: ignore[override]
+    ) -> TensorMerge | ExpertMerges:  # type: ignore[override]
         """How this tensor is merged: thresholds and rescale factors gathered block by block for the
-        fused kernel, or, on paths without one, the whole result."""
+        fused kernel, or, on paths without one, the whole result. A fused expert tensor is merged
+        expert by expert, as the per-expert matrices of the older layout are."""
+        experts = fused_experts(ctx.name, tuple(blocks.shape))
+        if experts is None:
+            return self._tensor_merge(blocks.flat(), lambda: blocks.read(None), params, model_params, ctx)
+        size = math.prod(blocks.shape[1:])
+        return ExpertMerges(
+            tuple(
+                self._tensor_merge(
+                    _expert_blocks(blocks, e, size),
+                    lambda e=e: _expert(blocks, e),  # type: ignore[misc]
+                    params,
+                    model_params,
+                    ctx,
+                )
+                for e in range(experts)
+            ),
+            size,
+        )
+
+    def _tensor_merge(
+        self,
+        blocks: Blocks,
+        whole: Callable[[], tuple[list[torch.Tensor], torch.Tensor | None]],
+        params: TaskVectorParameters,
+        model_params: list[DensityModelParameters],
+        ctx: TensorContext,
+    ) -> TensorMerge:
+        """The merge of one matrix (a tensor, or one expert of a fused expert tensor) given as flat
+        ``blocks``; ``whole()`` reads it at once for the paths without a fused kernel."""
         from workbench_kernels.task_vector_merge import merge_task_vectors, plan_fused
 
         specs = self.specs(params, model_params, ctx)
@@ -200,7 +232,7 @@ class TaskVectorMethod(MergeMethod):
             return TensorMerge(coefficients=(1.0 - sum(coefficients), *coefficients))
         try:
             fused = plan_fused(
-                blocks.flat(),
+                blocks,
                 specs,
                 consensus=self.consensus,
                 normalize=normalize,
@@ -209,7 +241,7 @@ class TaskVectorMethod(MergeMethod):
             )
             if fused is not None:
                 return TensorMerge(fused=fused)
-            tensors, base = blocks.read(None)
+            tensors, base = whole()
             assert base is not None
             return TensorMerge(
                 whole=merge_task_vectors(
@@ -234,13 +266,72 @@ class TaskVectorMethod(MergeMethod):
         model_params: list[DensityModelParameters],
         ctx: TensorContext,
     ) -> torch.Tensor:  # type: ignore[override]
-        from workbench_kernels.weighted_sum import weighted_sum
+        import torch
 
         assert base is not None
-        merge: TensorMerge = self.statistics(tensors, base, params, model_params, ctx)
-        if merge.coefficients is not None:
-            return weighted_sum([base, *tensors], list(merge.coefficients), ctx.compute_dtype, ctx.out_dtype)
-        if merge.fused is not None:
-            return merge.fused(base, tensors, ctx.out_dtype, ctx.offset)
-        assert merge.whole is not None
-        return merge.whole if ctx.rows is None else merge.whole[ctx.rows[0] : ctx.rows[1]]
+        merge: TensorMerge | ExpertMerges = self.statistics(tensors, base, params, model_params, ctx)
+        if isinstance(merge, TensorMerge):
+            rows = None if ctx.rows is None else (ctx.rows[0], ctx.rows[1])
+            return _merged(merge, tensors, base, ctx, ctx.offset, rows)
+        first = 0 if ctx.rows is None else ctx.rows[0]
+        return torch.cat(
+            [
+                _merged(
+                    merge.experts[first + i],
+                    [x[i : i + 1] for x in tensors],
+                    base[i : i + 1],
+                    ctx,
+                    (first + i) * merge.size,
+                    None,
+                )
+                for i in range(base.shape[0])
+            ]
+        )
+
+
+@dataclass(frozen=True)
+class ExpertMerges:
+    """The merge of a fused expert tensor: one :class:`TensorMerge` per expert (``size`` elements each)."""
+
+    experts: tuple[TensorMerge, ...]
+    size: int
+
+
+def _expert(blocks: RowBlocks, e: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Expert ``e``'s slice of every input (its row of dimension 0)."""
+    if blocks.rows == [None]:  # one block: read whole, sliced here
+        xs, base = blocks.read(None)
+        return [x[e : e + 1] for x in xs], None if base is None else base[e : e + 1]
+    return blocks.read((e, e + 1))
+
+
+def _expert_blocks(blocks: RowBlocks, e: int, size: int) -> Blocks:
+    """Expert ``e`` as flat blocks for the kernels: one block, starting at its flat index in the tensor
+    (random masks are drawn by flat index, so each expert draws its own)."""
+    from workbench_kernels.blocks import Blocks
+
+    def load(i: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        xs, base = _expert(blocks, e)
+        return [x.reshape(-1) for x in xs], None if base is None else base.reshape(-1)
+
+    return Blocks(size, [e * size], load)
+
+
+def _merged(
+    merge: TensorMerge,
+    tensors: list[torch.Tensor],
+    base: torch.Tensor,
+    ctx: TensorContext,
+    offset: int,
+    rows: tuple[int, int] | None,
+) -> torch.Tensor:
+    """One block of a planned merge; ``offset``: its first element's flat index in the tensor, ``rows``:
+    where it sits in a result computed whole."""
+    from workbench_kernels.weighted_sum import weighted_sum
+
+    if merge.coefficients is not None:
+        return weighted_sum([base, *tensors], list(merge.coefficients), ctx.compute_dtype, ctx.out_dtype)
+    if merge.fused is not None:
+        return merge.fused(base, tensors, ctx.out_dtype, offset)
+    assert merge.whole is not None
+    return merge.whole if rows is None else merge.whole[rows[0] : rows[1]]
