@@ -166,7 +166,7 @@ def compare(
 
     ``excluded_at(name)``: the elements left out of the element-wise figures (split ties).
     """
-    mk, wb = _load(mergekit_out), _load(workbench_out)
+    mk, wb = load_outputs(mergekit_out), load_outputs(workbench_out)
     if set(mk) != set(wb):
         raise SystemExit(
             f"tensor names differ: only mergekit {sorted(set(mk) - set(wb))}, "
@@ -270,7 +270,7 @@ def exact_shares(
 ):
     """(mergekit, workbench): the share of elements equal to the float64 result rounded once, and the
     largest distance from it in bf16 steps."""
-    mk, wb = _load(folder / "mergekit"), _load(folder / "workbench")
+    mk, wb = load_outputs(folder / "mergekit"), load_outputs(folder / "workbench")
     merged = reference_merge(kind, recipe, weights)
     hits, worst, total = [0, 0], [0.0, 0.0], 0
     for name, a in mk.items():
@@ -285,7 +285,8 @@ def exact_shares(
     return hits[0] / total, hits[1] / total, worst[0], worst[1]
 
 
-def _load(folder: Path) -> dict[str, torch.Tensor]:
+def load_outputs(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's safetensors files (a merge's output, or an input model)."""
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(folder.glob("*.safetensors")):
         tensors.update(load_file(file))
@@ -359,7 +360,9 @@ def run(venv: Path, work: Path, size: str = "tiny", only: list[str] | None = Non
     for folder, dtype in families:
         if not (folder / "ft3" / "config.json").is_file():
             write_family(folder, size, 3, dtype=dtype)
-    weights = {str(folder): _load(folder) for family, _ in families for folder in sorted(family.iterdir())}
+    weights = {
+        str(folder): load_outputs(folder) for family, _ in families for folder in sorted(family.iterdir())
+    }
     workbench = [sys.executable, "-m", "workbench"]
     results = []
     for (index, name), case in selected.items():

@@ -39,7 +39,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mergekit_parity import bf16_ulp, ensure_mergekit, steps  # noqa: E402  (a sibling script, not a package)
+from mergekit_parity import bf16_ulp, ensure_mergekit, load_outputs, steps  # noqa: E402  (a sibling script, not a package)
 
 ROUTER_STEPS = 2.0
 
@@ -166,21 +166,12 @@ def cases(llama: Path, qwen3: Path) -> dict[str, tuple[dict[str, Any], list[str]
     }
 
 
-def _load(folder: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    if not tensors:
-        raise SystemExit(f"{folder}: no safetensors output")
-    return tensors
-
-
 def is_router(name: str) -> bool:
     return name.endswith(("gate.weight", "shared_expert_gate.weight")) and "gate_proj" not in name
 
 
 def compare(mk_dir: Path, wb_dir: Path) -> dict[str, Any]:
-    mk, wb = _load(mk_dir), _load(wb_dir)
+    mk, wb = load_outputs(mk_dir), load_outputs(wb_dir)
     if set(mk) != set(wb):
         raise SystemExit(
             f"tensor names differ: only mergekit {sorted(set(mk) - set(wb))[:5]}, "

@@ -35,8 +35,7 @@ from typing import Any
 
 import torch
 import yaml
-from mergekit_parity import STEPS_ALLOWED, ensure_mergekit, steps
-from safetensors.torch import load_file
+from mergekit_parity import STEPS_ALLOWED, ensure_mergekit, load_outputs, steps
 
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
@@ -123,22 +122,13 @@ def recipes(m: dict[str, Path]) -> dict[str, dict[str, Any]]:
     }
 
 
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    if not tensors:
-        raise SystemExit(f"{folder}: no safetensors output")
-    return tensors
-
-
 def compare(mk: Path, wb: Path) -> dict[str, Any]:
     """The figures of one recipe (see the module docstring)."""
     from transformers import AutoTokenizer
 
     tk_mk, tk_wb = AutoTokenizer.from_pretrained(mk), AutoTokenizer.from_pretrained(wb)
     v_mk, v_wb = tk_mk.get_vocab(), tk_wb.get_vocab()
-    a, b = _tensors(mk), _tensors(wb)
+    a, b = load_outputs(mk), load_outputs(wb)
     worst_diff, worst_steps, vocab_steps, shapes_equal = 0.0, 0.0, 0.0, set(a) == set(b)
     common = sorted(set(v_mk) & set(v_wb))
     for name in sorted(set(a) & set(b)):
