@@ -134,7 +134,9 @@ PROPERTIES: dict[str, Properties] = {
     "sce": Properties(one_hot=NotApplicable(NO_SELECTION)),
     # one fine-tune's changes are kept only where their importance passes the tensor's fence
     "arcee_fusion": Properties(
-        identity=NotApplicable("it keeps the model's change only where its importance passes an outlier fence"),
+        identity=NotApplicable(
+            "it keeps the model's change only where its importance passes an outlier fence"
+        ),
         one_hot=NotApplicable("it takes a single model"),
         models=1,
     ),

@@ -154,7 +154,10 @@ async def test_existing_output_without_overwrite_is_refused(tiny_family: dict[st
         await run_and_wait(pilot)
         assert text(app, "#run-status") == "failed"
         shown = " ".join(text(app, "#run-error").split())
-        assert shown == cli_error("run", str(recipe), "-q")
+        # the CLI's message, with its flag named as the switch on this screen
+        assert shown == cli_error("run", str(recipe), "-q").replace(
+            "pass --overwrite", "turn on 'replace an existing output folder' above"
+        )
         assert [p.name for p in (here / "out").iterdir()] == ["keep.txt"] and not (
             here / "out.partial"
         ).exists()

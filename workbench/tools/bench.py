@@ -71,7 +71,9 @@ def mergekit_recipe(method: str, models: Path, fine_tunes: int) -> dict[str, Any
             **common,
         }
     if method == "della":
-        models_ = [{"model": t, "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.15}} for t in tunes]
+        models_ = [
+            {"model": t, "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.15}} for t in tunes
+        ]
         return {"merge_method": "della", "base_model": base, "models": models_, **common}
     if method == "sce":
         return {

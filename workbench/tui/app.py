@@ -1,6 +1,7 @@
 """The Textual app: six screens (one module each, switched with F2-F7) over one recipe state.
 
-Run it with ``workbench tui [RECIPE]``; tests build it with :func:`make_app`.
+Run it with ``workbench tui [RECIPE]``; tests build it with :func:`make_app`. Ctrl+Q asks first
+(save, discard or cancel) when the recipe changed since it was opened or last saved.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from textual.app import App
 from textual.binding import Binding
 
 from workbench.registry import Registry, get_registry
+from workbench.tui.quit_dialog import Answer, QuitDialog
 from workbench.tui.screens.help import HelpScreen
 from workbench.tui.screens.layers import LayersScreen
 from workbench.tui.screens.method import MethodScreen
@@ -53,6 +55,27 @@ class WorkbenchApp(App[None]):
 
     def on_mount(self) -> None:
         self.switch_mode("models")
+
+    async def action_quit(self) -> None:
+        """Quit, asking first (save / discard / cancel) if the recipe has unsaved changes."""
+        if not self.state.changed:
+            self.exit()
+            return
+        if isinstance(self.screen, QuitDialog):
+            return
+        where = str(self.state.path) if self.state.path else "the file named on the Recipe screen (F5)"
+        self.push_screen(QuitDialog(self.state.name, where), self._answered)
+
+    async def _answered(self, answer: Answer | None) -> None:
+        if answer == "discard":
+            self.exit()
+        elif answer == "save":
+            # saved as Ctrl+S saves, from the Recipe screen: what its editor shows, in the recipe's format;
+            # if it cannot be saved, that screen stays up with the reason
+            await self.switch_mode("recipe")
+            screen = self.screen
+            if isinstance(screen, RecipeScreen) and screen.save_recipe():
+                self.exit()
 
     def action_help(self) -> None:
         """Show the keys over the current screen, or close them again."""

@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 from textual.app import ComposeResult
 from textual.screen import Screen
 from textual.widget import Widget
-from textual.widgets import Footer, Header
+from textual.widgets import Header
+
+from workbench.tui.key_footer import KeyFooter
 
 if TYPE_CHECKING:
     from workbench.registry import Registry
@@ -50,7 +52,7 @@ class WorkbenchScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         yield from self.compose_body()
-        yield Footer()
+        yield KeyFooter()  # fits 80 columns: the screen's keys, F1 and the other screens' keys
 
     def compose_body(self) -> Iterable[Widget]:
         """The screen's own widgets."""

@@ -19,12 +19,18 @@ what `workbench validate / run / push` do on the command line, with the same mes
 | F2 | **Models**: the models to merge, with their architecture |
 | F3 | **Method**: the method and its parameters |
 | F4 | **Layers**: which model each output layer comes from; how much each layer changed |
-| F5 | **Recipe**: the YAML the forms make; edit, check, open and save files |
+| F5 | **Recipe**: the whole YAML Save writes; edit, check (Ctrl+K), open (Ctrl+O) and save files |
+| Ctrl+S / Ctrl+N | Recipe: save in the file's own format (a mergekit recipe stays mergekit YAML) / save native |
+| Tab / Shift+Tab / Escape | in the recipe editor: leave it; F8 / F9 indent / dedent the selected lines |
 | F6 | **Run**: run the recipe, with progress and cancel |
 | F7 | **Publish**: push the output to the Hugging Face Hub |
-| Tab / Shift+Tab | move between fields |
-| F1 | this help; Escape closes it |
-| Ctrl+Q | quit |
+| Tab / Shift+Tab | move between fields, in screen order; the field with the focus is highlighted |
+| Ctrl+R | Method: check the recipe; Run: start the run |
+| Escape | Run: cancel the run; Layers: cancel the heatmap |
+| Ctrl+T | Publish: push (a public repo asks first: y / n) |
+| Enter | Layers: in Reference, analyse against that model |
+| F1 | this help (arrow keys and Page Up/Down scroll it); Escape closes it |
+| Ctrl+Q | quit; with unsaved changes it asks first (save / discard / cancel) |
 """
 
 
@@ -37,3 +43,6 @@ class HelpScreen(ModalScreen[None]):
     def compose(self) -> ComposeResult:
         with VerticalScroll(id="help"):
             yield Markdown(HELP)
+
+    def on_mount(self) -> None:
+        self.query_one("#help", VerticalScroll).focus()  # the keys scroll it on a small terminal

@@ -3,8 +3,10 @@
 Every registered method is offered, third-party plugins' included, and each gets its form from
 its pydantic parameter schemas (see :mod:`workbench.tui.param_form`): global parameters go to the
 recipe's ``parameters:``, per-model ones to each model's ``parameters:``. A value is checked as it
-is typed and only a valid one reaches the recipe; the recipe-level check (``workbench validate``'s
-message) is shown at the bottom.
+is typed and reaches the recipe as typed, valid or not: nothing is dropped silently. An invalid
+one marks its field (class ``-invalid`` and the message under it) and is recorded in the state as
+rejected, so the recipe check at the bottom says "not ok" naming the field, and Run and Save refuse
+(both validate the state) until it is fixed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from workbench.errors import WorkbenchError
 from workbench.method import MergeMethod
 from workbench.tui.param_form import UNSET, ParamField, fields_of, show
 from workbench.tui.screens.base import WorkbenchScreen
+from workbench.tui.state import MISSING
 
 BASE_TEXT = {"required": "required", "optional": "optional", "unused": "not used"}
 
@@ -36,6 +39,11 @@ class MethodScreen(WorkbenchScreen):
 
     SUB_TITLE = "Method"
     CSS_PATH = "method.tcss"
+    #: The marker of a field whose value is rejected (kept here: the .tcss files are the layout's).
+    DEFAULT_CSS = """
+    MethodScreen .-invalid { border: tall $error; }
+    MethodScreen .-invalid:focus { border: tall $error-lighten-2; }
+    """
     BINDINGS = [Binding("ctrl+r", "check_recipe", "Check recipe")]
 
     def __init__(self) -> None:
@@ -186,8 +194,11 @@ class MethodScreen(WorkbenchScreen):
             widget = Input(
                 show(value), placeholder=default + per_layer, type=kind, id=wid, classes="param-input"
             )
-        error = Static("", id=f"{wid}-error", classes="error param-error", markup=False)
-        error.display = False
+        problem = field.check(value) if value is not UNSET or field.required else None
+        error = Static(problem or "", id=f"{wid}-error", classes="error param-error", markup=False)
+        error.display = problem is not None
+        widget.set_class(problem is not None, "-invalid")
+        self._record(wid, value, problem)
         row = Horizontal(
             Label(field.key, classes="param-name"),
             widget,
@@ -205,29 +216,48 @@ class MethodScreen(WorkbenchScreen):
             entry["parameters"] = {}
         return entry["parameters"]
 
+    def field_name(self, wid: str) -> str:
+        """A field as messages name it: ``density``, or ``density of model ft1``."""
+        model, field = self.fields[wid]
+        if model is None:
+            return field.key
+        entries = self._entries()
+        ref = entries[model]["model"] if model < len(entries) else f"#{model + 1}"
+        return f"{field.key} of model {ref}"
+
+    def _record(self, wid: str, value: Any, problem: str | None) -> None:
+        """Tell the state whether the field ``wid`` holds a rejected value."""
+        model, field = self.fields[wid]
+        name = self.field_name(wid)
+        if problem is None:
+            self.state.accept(name)
+            return
+        place: tuple[Any, ...] = (
+            ("parameters", field.key) if model is None else ("models", model, "parameters", field.key)
+        )
+        self.state.reject(name, place, MISSING if value is UNSET else value, problem)
+
     def set_value(self, wid: str, value: Any) -> str | None:
-        """Check ``value`` for the field ``wid``; a valid one goes into the recipe. Returns the error."""
+        """Put ``value`` into the recipe for the field ``wid`` as typed, and mark the field if it is
+        invalid (the state then refuses the recipe naming the field). Returns the error."""
         model, field = self.fields[wid]
         errors = self.query(f"#{wid}-error").results(Static)
         error = next(errors, None)
         if error is None:  # a message from a form being replaced
             return None
         problem = field.check(value)
-        if problem is None:
-            target = self._target(model)  # a field of a model removed meanwhile is rebuilt on resume
-            if value is UNSET:
-                target.pop(field.key, None)
-                if model is None and not target:
-                    self.state.data.pop("parameters", None)
-            else:
-                target[field.key] = value
-        if problem:
-            kept = self._target(model).get(field.key, UNSET)
-            problem += (
-                f" (not applied: the recipe keeps {show(kept)})" if kept is not UNSET else " (not applied)"
-            )
+        target = self._target(model)  # a field of a model removed meanwhile is rebuilt on resume
+        if value is UNSET:
+            target.pop(field.key, None)
+            if model is None and not target:
+                self.state.data.pop("parameters", None)
+        else:
+            target[field.key] = value
+        self._record(wid, value, problem)
         error.update(problem or "")
         error.display = problem is not None
+        for widget in self.query(f"#{wid}"):
+            widget.set_class(problem is not None, "-invalid")
         self.action_check_recipe()
         return problem
 
@@ -262,7 +292,7 @@ class MethodScreen(WorkbenchScreen):
             recipe = self.state.validate()
             self.registry.method(recipe.method)().check_inputs(recipe.model_count, recipe.base is not None)
         except WorkbenchError as exc:
-            check.update(str(exc))
+            check.update(f"recipe not ok: {exc}")
             check.set_classes("error")
         else:
             check.update(f"recipe ok: {recipe.method} over {recipe.model_count} model(s)")

@@ -21,6 +21,16 @@ from workbench.analysis.model_summary import ModelSummary, incompatibility, summ
 from workbench.tui.screens.base import WorkbenchScreen
 
 COLUMNS = ("model", "role", "architecture", "layers", "parameters", "dtype", "status")
+#: Below this width (80x24 terminals) the table drops these columns, so that the status, where the
+#: errors show, stays on screen; the model column is capped at ``NARROW_MODEL_WIDTH``.
+NARROW_WIDTH = 110
+NARROW_DROPS = ("architecture", "parameters")
+NARROW_MODEL_WIDTH = 32
+
+
+def shown_columns(width: int) -> tuple[str, ...]:
+    """The table's columns at a screen ``width``."""
+    return COLUMNS if width >= NARROW_WIDTH else tuple(c for c in COLUMNS if c not in NARROW_DROPS)
 
 
 class ModelsScreen(WorkbenchScreen):
@@ -36,6 +46,9 @@ class ModelsScreen(WorkbenchScreen):
         self._opening: set[str] = set()
         #: Per-model parameters of a model while it is the base (restored if it stops being one).
         self._stashed: dict[str, dict[str, Any]] = {}
+        #: The model just added, announced once it has been opened (not before: it may not exist).
+        self._announce: str | None = None
+        self._columns: tuple[str, ...] = COLUMNS
 
     def compose_body(self) -> Iterable[Widget]:
         with Vertical(id="models-body"):
@@ -93,7 +106,15 @@ class ModelsScreen(WorkbenchScreen):
         """Rebuild the table and the list of problems from the state and the summaries so far."""
         table: DataTable[str] = self.query_one("#models-table", DataTable)
         cursor = table.cursor_row
-        table.clear()
+        columns = shown_columns(self.size.width or self.app.size.width)
+        if columns != self._columns:
+            self._columns = columns
+            table.clear(columns=True)
+            for column in columns:
+                narrow = column == "model" and columns != COLUMNS
+                table.add_column(column, key=column, width=NARROW_MODEL_WIDTH if narrow else None)
+        else:
+            table.clear()
         base = self.state.data.get("base")
         model_refs = {entry["model"] for entry in self._entries()}
         reference, where = self._reference()
@@ -102,7 +123,7 @@ class ModelsScreen(WorkbenchScreen):
             role = "base" if ref == base else "model" if ref in model_refs else "slice source"
             summary = self.summaries.get(ref)
             if summary is None:
-                table.add_row(ref, role, "", "", "", "", "opening…", key=ref)
+                self._add_row(table, ref, role=role, status="opening…")
                 continue
             reason = summary.error
             if reason is None and reference is not None and summary is not reference:
@@ -111,21 +132,30 @@ class ModelsScreen(WorkbenchScreen):
             if reason:
                 problems.append(f"{ref}: {reason}")
             if summary.error:
-                table.add_row(ref, role, "", "", "", "", status, key=ref)
+                self._add_row(table, ref, role=role, status=status)
             else:
-                table.add_row(
+                self._add_row(
+                    table,
                     ref,
-                    role,
-                    summary.architecture,
-                    str(summary.layers),
-                    f"{summary.parameters:,}",
-                    summary.dtype_label,
-                    status,
-                    key=ref,
+                    role=role,
+                    architecture=summary.architecture,
+                    layers=str(summary.layers),
+                    parameters=f"{summary.parameters:,}",
+                    dtype=summary.dtype_label,
+                    status=status,
                 )
         if table.row_count:
             table.move_cursor(row=min(cursor, table.row_count - 1))
         self.query_one("#model-problems", Static).update("\n".join(problems))
+
+    def _add_row(self, table: DataTable[str], ref: str, **cells: str) -> None:
+        """A row of the columns shown now (the others collapse on a narrow screen)."""
+        cells["model"] = ref
+        table.add_row(*(cells.get(column, "") for column in self._columns), key=ref)
+
+    def on_resize(self) -> None:
+        if shown_columns(self.size.width) != self._columns:
+            self._show_table()
 
     @work(thread=True, group="open-models")
     def open_models(self, refs: list[str]) -> None:
@@ -137,6 +167,12 @@ class ModelsScreen(WorkbenchScreen):
     def _got_summary(self, summary: ModelSummary) -> None:
         self._opening.discard(summary.ref)
         self.summaries[summary.ref] = summary
+        if summary.ref == self._announce:
+            self._announce = None
+            if summary.error:
+                self._say(f"{summary.ref} cannot be opened: {summary.error}")
+            else:
+                self._say(f"Added {summary.ref}.", error=False)
         self._show_table()
 
     # -- editing ---------------------------------------------------------------------------------
@@ -158,8 +194,12 @@ class ModelsScreen(WorkbenchScreen):
             return
         self.state.models.append({"model": ref, "parameters": self._stashed.pop(ref, {})})
         self.query_one("#model-ref", Input).value = ""
-        self._say(f"Added {ref}.", error=False)
+        self._announce = ref
+        self._say(f"Opening {ref}…", error=False)
+        self.query_one("#add-message", Static).remove_class("ok")  # not good news yet
         self.refresh_from_state()
+        if ref in self.summaries and ref not in self._opening:  # known already: no worker will report
+            self._got_summary(self.summaries[ref])
 
     @on(Input.Submitted, "#model-ref")
     def on_model_ref_submitted(self, event: Input.Submitted) -> None:

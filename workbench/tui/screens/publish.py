@@ -64,7 +64,8 @@ class PublishScreen(WorkbenchScreen):
 
     def compose_body(self) -> Iterable[Widget]:
         with Horizontal(id="publish-main"):
-            with Vertical(id="publish-form"):
+            with VerticalScroll(id="publish-form"):
+                yield Static("", id="publish-hub", markup=False)
                 yield Label("Output folder", classes="field-label")
                 yield Input(placeholder="a finished `workbench run` output", id="publish-folder")
                 yield Label("Hub repo (org/name, created if missing)", classes="field-label")
@@ -98,6 +99,16 @@ class PublishScreen(WorkbenchScreen):
         self._prefill("#publish-private", bool(push.get("private", False)))
         self._prefill("#publish-create-pr", bool(push.get("create_pr", False)))
         self.show_card()
+        self.show_hub()
+
+    def show_hub(self) -> None:
+        """The endpoint a push goes to and whether a token is found, before anything is sent."""
+        from workbench.tui.hub_status import hub_line
+
+        line, ready = hub_line()
+        status = self.query_one("#publish-hub", Static)
+        status.update(line)
+        status.set_classes("ok" if ready else "error")
 
     def _prefill(self, selector: str, value: str | bool) -> None:
         """Set a field from the recipe unless the user has changed it since the last prefill."""
@@ -149,7 +160,31 @@ class PublishScreen(WorkbenchScreen):
         self.action_push()
 
     def action_push(self) -> None:
-        """Read the form and push in the background (the UI stays live while files upload)."""
+        """Read the form and push in the background (the UI stays live while files upload); a public
+        push is confirmed first."""
+        if self.busy:
+            return
+        folder = self.query_one("#publish-folder", Input).value.strip()
+        repo = self.query_one("#publish-repo", Input).value.strip()
+        if folder and repo and not self.query_one("#publish-private", Switch).value:
+            from workbench.checkpoint.hub_client import endpoint
+            from workbench.tui.confirm import ConfirmScreen
+            from workbench.tui.hub_status import visibility_question
+
+            self.app.push_screen(
+                ConfirmScreen(visibility_question(folder, repo, endpoint()), yes="Push publicly"),
+                self._confirmed,
+            )
+            return
+        self._start_push()
+
+    def _confirmed(self, yes: bool | None) -> None:
+        if yes:
+            self._start_push()
+        else:
+            self.query_one("#publish-status", Static).update("not pushed: the public push was not confirmed.")
+
+    def _start_push(self) -> None:
         if self.busy:
             return
         folder = self.query_one("#publish-folder", Input).value.strip()
@@ -186,11 +221,13 @@ class PublishScreen(WorkbenchScreen):
         self._set_busy(False)
         self.query_one("#publish-status", Static).update("done")
         self.query_one("#publish-result", Static).update(result_line(result))
+        self.query_one("#publish-result", Static).scroll_visible()  # a small terminal scrolls the form
 
     def _failed(self, message: str) -> None:
         self._set_busy(False)
         self.query_one("#publish-status", Static).update("failed")
         self.query_one("#publish-error", Static).update(f"error: {message}")
+        self.query_one("#publish-error", Static).scroll_visible()
 
     def _set_busy(self, busy: bool) -> None:
         self.busy = busy

@@ -56,6 +56,28 @@ def rate_text(event: ProgressEvent, elapsed: float) -> str:
     return f"{event.done}/{event.total} tensors   {speed / 1e9:.2f} GB/s   ETA {left:.0f} s"
 
 
+#: What the status line says between the start of a merge and its first tensor: the CPU kernels of a
+#: method are compiled by Numba on their first use (several seconds, much longer on a busy machine)
+#: and loaded from the disk cache afterwards.
+FIRST_TENSOR = "merging the first tensor (a method's CPU kernels compile on first use, then load from cache)"
+
+
+def tui_message(message: str) -> str:
+    """An engine message with the CLI's flags replaced by this screen's controls."""
+    return message.replace(
+        "pass --overwrite to replace it", "turn on 'replace an existing output folder' above to replace it"
+    )
+
+
+def recipe_models(recipe: Recipe) -> list[str]:
+    """The model references a recipe reads (base first), for the planning line."""
+    refs = [recipe.base] if recipe.base is not None else []
+    refs += [entry.model for entry in recipe.models]
+    for piece in recipe.slices or []:
+        refs += [source.model for source in piece.sources]
+    return list(dict.fromkeys(refs))
+
+
 class _Listener:
     """The progress callback of one run, called in the merge thread.
 
@@ -69,6 +91,11 @@ class _Listener:
         self.worker = worker
         self.start = time.perf_counter()
         self.last = 0.0
+
+    def check(self) -> None:
+        """Stop here if the run was cancelled (between the planning steps)."""
+        if self.worker.is_cancelled:
+            raise KeyboardInterrupt
 
     def __call__(self, event: ProgressEvent) -> None:
         if (
@@ -99,22 +126,37 @@ class RunScreen(WorkbenchScreen):
         #: True from Run until the merge thread has finished (a cancelled worker's thread may still be cleaning up).
         self.busy = False
         self._worker: Worker[None] | None = None
+        #: The step under way, since when, and when the run started (the status line while busy).
+        self._doing = ""
+        self._doing_since = 0.0
+        self._run_start = 0.0
+        #: The last counts line (tensors, speed, ETA), kept beside the step.
+        self._stats = ""
+        #: The folder the last successful run wrote (pushed when the recipe has ``output.push``).
+        self._written: Path | None = None
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.set_interval(0.5, self._tick)
 
     def compose_body(self) -> Iterable[Widget]:
         with Vertical(id="run-form"):
-            yield Label("Output folder", classes="field-label")
-            yield Input(placeholder="folder the merged model is written to (output.path)", id="run-output")
+            with Horizontal(id="run-output-row"):
+                yield Label("Output folder", id="run-output-label")
+                yield Input(
+                    placeholder="folder the merged model is written to (output.path)", id="run-output"
+                )
             with Horizontal(id="run-options"):
+                yield Button("Run", variant="primary", id="run-start")
+                yield Button("Cancel", variant="error", id="run-cancel", disabled=True)
                 yield Switch(value=False, id="run-overwrite")
                 yield Label(
                     "replace an existing output folder (only once the new one is complete)",
                     id="run-overwrite-label",
                 )
-            with Horizontal(id="run-buttons"):
-                yield Button("Run", variant="primary", id="run-start")
-                yield Button("Cancel", variant="error", id="run-cancel", disabled=True)
-            yield Static("", id="run-status", markup=False)
-            yield ProgressBar(total=1, show_eta=False, id="run-progress")
+            with Horizontal(id="run-progress-row"):
+                yield Static("", id="run-status", markup=False)
+                yield ProgressBar(total=1, show_eta=False, id="run-progress")
             yield Static("", id="run-stats", markup=False)
             yield Static("", id="run-error", classes="error", markup=False)
         yield Log(id="run-log", highlight=False)
@@ -162,7 +204,8 @@ class RunScreen(WorkbenchScreen):
         try:
             recipe = self.state.validate()
         except WorkbenchError as exc:
-            self._ended("failed", f"error: {exc}", error=str(exc))
+            message = tui_message(str(exc))
+            self._ended("failed", f"error: {message}", error=message)
             return
         self.query_one("#run-progress", ProgressBar).update(
             total=None, progress=0
@@ -170,7 +213,10 @@ class RunScreen(WorkbenchScreen):
         out_text = self.query_one("#run-output", Input).value.strip()
         overwrite = self.query_one("#run-overwrite", Switch).value
         self._set_busy(True)
+        self._run_start = time.perf_counter()
+        self._stats = ""
         self._status("planning...")
+        self._phase("starting")
         self._log(f"run {self.state.name}: {recipe.method}" + (f" into {out_text}" if out_text else ""))
         self._worker = self._merge(recipe, Path(out_text) if out_text else None, overwrite)
 
@@ -196,22 +242,32 @@ class RunScreen(WorkbenchScreen):
             where = f" at {out}" if out else ""
             ui(self._ended, "stopped", f"stopped: nothing was written{where}.")
         except WorkbenchError as exc:
-            ui(self._ended, "failed", f"error: {exc}", str(exc))
+            message = tui_message(str(exc))
+            ui(self._ended, "failed", f"error: {message}", message)
         except Exception as exc:  # noqa: BLE001  (a bug, not bad input: show its type, as a traceback would)
             ui(self._ended, "failed", f"error: {type(exc).__name__}: {exc}", f"{type(exc).__name__}: {exc}")
         else:
             ui(self._log_all, lines[:-1])
             ui(self._ended, "done", lines[-1])
+            if recipe.output.push is not None and self._written is not None:  # as `workbench run` does
+                ui(self._push_output, self._written, recipe)
 
     def _run_recipe(
         self, recipe: Recipe, out: Path | None, overwrite: bool, listener: _Listener
     ) -> list[str]:
         """The body of ``workbench run`` (plan, execute, evaluate); returns the closing lines, the summary last."""
+        ui: Callable[..., Any] = self.app.call_from_thread
+        ui(self._phase, "loading the merge engine (torch, the method's plugin)")
         from workbench.engine.plan import build_plan
         from workbench.engine.run import run_plan
         from workbench.registry import require_plugins
 
         require_plugins(self.registry)
+        listener.check()
+        ui(
+            self._phase,
+            f"planning: opening the headers of {', '.join(recipe_models(recipe)) or 'the models'}",
+        )
         plan = build_plan(
             recipe,
             self.registry,
@@ -224,6 +280,7 @@ class RunScreen(WorkbenchScreen):
             if listener.worker.is_cancelled:
                 raise KeyboardInterrupt
             self.app.call_from_thread(self._status, "merging...")
+            ui(self._phase, FIRST_TENSOR)
         except BaseException:
             plan.close()
             raise
@@ -236,10 +293,7 @@ class RunScreen(WorkbenchScreen):
                 else f"{evaluator} {metric}: {value!r}"
                 for metric, value in metrics.items()
             ]
-        if recipe.output.push is not None:
-            lines.append(
-                f"output.push is set: push {result.out_dir} to {recipe.output.push.repo} from the Publish screen (F7)."
-            )
+        self._written = result.out_dir
         return [*lines, summary_line(result)]
 
     # -- UI updates (main thread) -----------------------------------------------------------------
@@ -248,16 +302,90 @@ class RunScreen(WorkbenchScreen):
         """One progress event: notes go to the log, counts to the bar and the speed line."""
         if event.kind == "note" and event.note:
             self._log(event.note)
+            self._phase(event.note)
             return
+        if event.kind == "tensor" and event.tensor:
+            self._phase(f"merged {event.tensor}")
         bar = self.query_one("#run-progress", ProgressBar)
         bar.update(total=max(event.total, 1), progress=event.done)
         if event.kind == "start":
             self._log(f"merging {event.total} tensors ({size_text(event.total_bytes)} of input)")
-        self.query_one("#run-stats", Static).update(rate_text(event, elapsed))
+        self._stats = rate_text(event, elapsed)
+        self.query_one("#run-stats", Static).update(self._stats)
+
+    def _phase(self, text: str) -> None:
+        """What the run is doing now (shown with the time it has taken, refreshed by ``_tick``)."""
+        self._doing = text
+        self._doing_since = time.perf_counter()
+        self._tick()
+
+    def _tick(self) -> None:
+        """The status line while busy: the step, its seconds so far, and how to stop."""
+        if not self.busy or not self._doing:
+            return
+        seconds = time.perf_counter() - self._doing_since
+        total = time.perf_counter() - self._run_start
+        line = f"{self._doing} ({seconds:.1f} s; {total:.1f} s in all) - Escape cancels"
+        self.query_one("#run-stats", Static).update(f"{self._stats}   {line}" if self._stats else line)
+
+    def _push_output(self, folder: Path, recipe: Recipe) -> None:
+        """``output.push`` after a successful run, as ``workbench run`` does it (a public repo is
+        confirmed first: the TUI never publishes without asking)."""
+        target = recipe.output.push
+        assert target is not None
+        if target.private:
+            self._push(folder, recipe)
+            return
+        from workbench.checkpoint.hub_client import endpoint
+        from workbench.tui.confirm import ConfirmScreen
+        from workbench.tui.hub_status import visibility_question
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self._push(folder, recipe)
+            else:
+                self._log(f"output.push: not pushed ({target.repo} would be public; not confirmed).")
+
+        self.app.push_screen(
+            ConfirmScreen(visibility_question(str(folder), target.repo, endpoint()), yes="Push publicly"),
+            answer,
+        )
+
+    @work(thread=True, exclusive=True, group="push", exit_on_error=False)
+    def _push(self, folder: Path, recipe: Recipe) -> None:
+        """Push the finished output off the UI thread; the result (or the error) goes to the log."""
+        from workbench.checkpoint.hub_client import current_token, scrub
+        from workbench.hub.push import push_folder
+        from workbench.tui.screens.publish import result_line
+
+        target = recipe.output.push
+        assert target is not None
+        ui: Callable[..., Any] = self.app.call_from_thread
+        ui(
+            self._log,
+            f"output.push: pushing {folder} to {target.repo}{' (private)' if target.private else ''}...",
+        )
+        try:
+            result = push_folder(
+                folder,
+                target.repo,
+                private=target.private,
+                revision=target.revision,
+                create_pr=target.create_pr,
+            )
+        except Exception as exc:  # noqa: BLE001  (every outcome is shown, scrubbed of the token)
+            text = str(exc) if isinstance(exc, WorkbenchError) else f"{type(exc).__name__}: {exc}"
+            ui(self._log, f"output.push failed: {scrub(text, current_token())}")
+            ui(self._status, "done; push failed")
+        else:
+            ui(self._log, result_line(result))
+            ui(self._status, "done and pushed")
 
     def _ended(self, outcome: str, line: str, error: str = "") -> None:
         """The run is over (the merge thread has returned): show why, and allow the next one."""
         self._set_busy(False)
+        self._doing = ""
+        self.query_one("#run-stats", Static).update(self._stats)  # the counts, without the step
         bar = self.query_one("#run-progress", ProgressBar)
         if bar.total is None:  # failed while planning: no pulsing bar left behind
             bar.update(total=1, progress=0)
