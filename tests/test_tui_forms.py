@@ -11,9 +11,9 @@ import pytest
 import yaml
 from textual.pilot import Pilot
 from textual.widgets import Input, Static
-from tui_helpers import settle
+from tui_helpers import linked, settle, shown
 
-from workbench.registry import Registry, load_registry
+from workbench.registry import Registry
 from workbench.tui.app import WorkbenchApp, make_app
 from workbench.tui.state import RecipeState
 
@@ -28,22 +28,11 @@ TIES = {
 }
 
 
-@pytest.fixture(scope="module")
-def builtin_registry() -> Registry:
-    return load_registry()
-
-
 @pytest.fixture
 def workdir(tiny_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for key, path in tiny_family.items():
-        (tmp_path / key).symlink_to(path, target_is_directory=True)
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(linked(tiny_family, tmp_path))
     Path("ties.yaml").write_text(yaml.safe_dump(TIES, sort_keys=False))
     return tmp_path
-
-
-def text(app: WorkbenchApp, selector: str) -> str:
-    return " ".join(str(app.screen.query_one(selector, Static).render()).split())
 
 
 async def type_into(pilot: Pilot[None], selector: str, value: str) -> None:
@@ -60,23 +49,23 @@ def marked(app: WorkbenchApp, wid: str) -> str | None:
     widget = app.screen.query_one(f"#{wid}")
     error = app.screen.query_one(f"#{wid}-error", Static)
     assert widget.has_class("-invalid") == bool(error.display)
-    return text(app, f"#{wid}-error") if widget.has_class("-invalid") else None
+    return shown(app, f"#{wid}-error") if widget.has_class("-invalid") else None
 
 
-async def test_an_invalid_density_blocks_run_and_save(workdir: Path, builtin_registry: Registry) -> None:
-    app = make_app(Path("ties.yaml"), registry=builtin_registry)
+async def test_an_invalid_density_blocks_run_and_save(workdir: Path, registry: Registry) -> None:
+    app = make_app(Path("ties.yaml"), registry=registry)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f3")
         await settle(pilot)
-        assert text(app, "#recipe-check").startswith("recipe ok")
+        assert shown(app, "#recipe-check").startswith("recipe ok")
 
         await type_into(pilot, "#model-1-param-density", "1.5")
         # kept as typed, marked, and the recipe is not ok: the check names the field
         assert app.state.data["models"][1]["parameters"]["density"] == 1.5
         assert "parameter 'density' = 1.5 is invalid" in (marked(app, "model-1-param-density") or "")
         check = app.screen.query_one("#recipe-check", Static)
-        assert check.has_class("error") and not text(app, "#recipe-check").startswith("recipe ok")
-        assert "recipe not ok: field 'density of model ft2' is invalid" in text(app, "#recipe-check")
+        assert check.has_class("error") and not shown(app, "#recipe-check").startswith("recipe ok")
+        assert "recipe not ok: field 'density of model ft2' is invalid" in shown(app, "#recipe-check")
 
         # the form is rebuilt from the recipe (screen shown again): the marker stays
         await pilot.press("f2")
@@ -90,7 +79,7 @@ async def test_an_invalid_density_blocks_run_and_save(workdir: Path, builtin_reg
         app.screen.query_one("#run-output", Input).value = "merged"
         await pilot.press("ctrl+r")
         await settle(pilot)
-        assert "density" in text(app, "#run-error")
+        assert "density" in shown(app, "#run-error")
         assert not Path("merged").exists()
 
         # Save refuses too
@@ -99,7 +88,7 @@ async def test_an_invalid_density_blocks_run_and_save(workdir: Path, builtin_reg
         app.screen.query_one("#recipe-path", Input).value = "saved.yaml"
         await pilot.press("ctrl+s")
         await pilot.pause()
-        message = text(app, "#recipe-message")
+        message = shown(app, "#recipe-message")
         assert message.startswith("error:") and "density" in message
         assert not Path("saved.yaml").exists()
 
@@ -108,20 +97,18 @@ async def test_an_invalid_density_blocks_run_and_save(workdir: Path, builtin_reg
         await settle(pilot)
         await type_into(pilot, "#model-1-param-density", "0.5")
         assert marked(app, "model-1-param-density") is None
-        assert text(app, "#recipe-check").startswith("recipe ok")
+        assert shown(app, "#recipe-check").startswith("recipe ok")
         await pilot.press("f5")
         await settle(pilot)
         await pilot.press("ctrl+s")
         await pilot.pause()
-        assert text(app, "#recipe-message") == "saved saved.yaml."
+        assert shown(app, "#recipe-message") == "saved saved.yaml."
         saved = yaml.safe_load(Path("saved.yaml").read_text())
         assert saved["models"][1]["parameters"] == {"weight": 0.5, "density": 0.5}
 
 
-async def test_unparsable_and_mistyped_values_are_kept_and_refused(
-    workdir: Path, builtin_registry: Registry
-) -> None:
-    app = make_app(Path("ties.yaml"), registry=builtin_registry)
+async def test_unparsable_and_mistyped_values_are_kept_and_refused(workdir: Path, registry: Registry) -> None:
+    app = make_app(Path("ties.yaml"), registry=registry)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f3")
         await settle(pilot)
@@ -129,11 +116,11 @@ async def test_unparsable_and_mistyped_values_are_kept_and_refused(
             await type_into(pilot, "#param-lambda", typed)
             assert app.state.data["parameters"]["lambda"] == kept
             assert "parameter 'lambda'" in (marked(app, "param-lambda") or "")
-            assert "field 'lambda' is invalid" in text(app, "#recipe-check")
+            assert "field 'lambda' is invalid" in shown(app, "#recipe-check")
         await type_into(pilot, "#param-lambda", "")  # cleared: the default applies again
         assert "lambda" not in (app.state.data.get("parameters") or {})
         assert marked(app, "param-lambda") is None
-        assert text(app, "#recipe-check").startswith("recipe ok")
+        assert shown(app, "#recipe-check").startswith("recipe ok")
 
 
 def test_a_rejected_field_makes_the_state_invalid_until_its_value_changes() -> None:

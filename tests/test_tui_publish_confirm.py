@@ -4,13 +4,12 @@ recipe with ``output.push`` is pushed from the Run screen after a successful run
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 from fake_hub import FakeHub, hub_fixture  # noqa: F401  (hub_fixture provides `hub`)
 from textual.widgets import Log, Static
-from tui_helpers import settle, until
+from tui_helpers import linked, settle, until
 
 from workbench.registry import load_registry
 from workbench.tui.app import WorkbenchApp, make_app
@@ -21,9 +20,7 @@ from workbench.tui.confirm import ConfirmScreen
 def here(tiny_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     work = tmp_path / "work"
     work.mkdir()
-    for key in ("base", "ft1", "ft2"):
-        os.symlink(tiny_family[key], work / key)
-    monkeypatch.chdir(work)
+    monkeypatch.chdir(linked(tiny_family, work))
     return work
 
 

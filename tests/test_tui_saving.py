@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from textual.widgets import Input, Static, TextArea
-from tui_helpers import settle
+from textual.widgets import Input, TextArea
+from tui_helpers import linked, settle, shown
 
 from workbench.errors import RecipeError
 from workbench.recipe.mergekit_writer import native_data, to_mergekit
 from workbench.recipe.schema import load_recipe, parse_recipe
-from workbench.registry import Registry, load_registry
-from workbench.tui.app import WorkbenchApp, make_app
+from workbench.registry import Registry
+from workbench.tui.app import make_app
 from workbench.tui.quit_dialog import QuitDialog
 
 SIZE = (120, 40)
@@ -29,21 +29,10 @@ MERGEKIT = (
 )
 
 
-@pytest.fixture(scope="module")
-def builtin_registry() -> Registry:
-    return load_registry()
-
-
 @pytest.fixture
 def workdir(tiny_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for key, path in tiny_family.items():
-        (tmp_path / key).symlink_to(path, target_is_directory=True)
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(linked(tiny_family, tmp_path))
     return tmp_path
-
-
-def text(app: WorkbenchApp, selector: str) -> str:
-    return " ".join(str(app.screen.query_one(selector, Static).render()).split())
 
 
 # -- the mergekit writer, headless -------------------------------------------------------------------
@@ -92,12 +81,10 @@ def test_what_mergekit_cannot_say_is_refused(data: dict, why: str) -> None:
 # -- saving from the app -----------------------------------------------------------------------------
 
 
-async def test_an_opened_mergekit_recipe_is_saved_as_mergekit(
-    workdir: Path, builtin_registry: Registry
-) -> None:
+async def test_an_opened_mergekit_recipe_is_saved_as_mergekit(workdir: Path, registry: Registry) -> None:
     Path("mk.yml").write_text(MERGEKIT)
     original = native_data(load_recipe("mk.yml"))
-    app = make_app(Path("mk.yml"), registry=builtin_registry)
+    app = make_app(Path("mk.yml"), registry=registry)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f6")  # the output folder: a workbench setting mergekit YAML has no place for
         await settle(pilot)
@@ -106,11 +93,11 @@ async def test_an_opened_mergekit_recipe_is_saved_as_mergekit(
         await settle(pilot)
         editor = app.screen.query_one("#recipe-yaml", TextArea)
         assert "merge_method" in yaml.safe_load(editor.text)  # the editor shows what will be written
-        assert "output.path" in text(app, "#recipe-format")
+        assert "output.path" in shown(app, "#recipe-format")
         await pilot.press("ctrl+s")
         await pilot.pause()
-        assert text(app, "#recipe-message").startswith("saved mk.yml as mergekit YAML.")
-        assert "output.path" in text(app, "#recipe-message")
+        assert shown(app, "#recipe-message").startswith("saved mk.yml as mergekit YAML.")
+        assert "output.path" in shown(app, "#recipe-message")
         saved = Path("mk.yml").read_text()
         assert saved == editor.text
         assert {"merge_method", "base_model", "models"} <= set(yaml.safe_load(saved))
@@ -121,15 +108,15 @@ async def test_an_opened_mergekit_recipe_is_saved_as_mergekit(
         app.screen.query_one("#recipe-path", Input).value = "native.yaml"
         await pilot.press("ctrl+n")
         await pilot.pause()
-        assert text(app, "#recipe-message") == "saved native.yaml."
+        assert shown(app, "#recipe-message") == "saved native.yaml."
         assert "merge_method" not in yaml.safe_load(Path("native.yaml").read_text())
         assert load_recipe("native.yaml").output.path == "merged"
         assert "merge_method" not in yaml.safe_load(editor.text)
 
 
-async def test_quit_with_unsaved_changes_asks_first(workdir: Path, builtin_registry: Registry) -> None:
+async def test_quit_with_unsaved_changes_asks_first(workdir: Path, registry: Registry) -> None:
     Path("r.yaml").write_text("method: linear\nmodels: [ft1, ft2]\n")
-    app = make_app(Path("r.yaml"), registry=builtin_registry)
+    app = make_app(Path("r.yaml"), registry=registry)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
         app.state.data["parameters"] = {"normalize": False}  # a change, as any form makes it
@@ -149,10 +136,10 @@ async def test_quit_with_unsaved_changes_asks_first(workdir: Path, builtin_regis
 
 
 async def test_quit_discards_after_confirmation_and_quits_at_once_when_saved(
-    workdir: Path, builtin_registry: Registry
+    workdir: Path, registry: Registry
 ) -> None:
     Path("r.yaml").write_text("method: linear\nmodels: [ft1, ft2]\n")
-    app = make_app(Path("r.yaml"), registry=builtin_registry)
+    app = make_app(Path("r.yaml"), registry=registry)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot)
         app.state.data["models"].pop()
@@ -164,7 +151,7 @@ async def test_quit_discards_after_confirmation_and_quits_at_once_when_saved(
         assert app.return_code == 0
     assert Path("r.yaml").read_text() == "method: linear\nmodels: [ft1, ft2]\n"
 
-    unchanged = make_app(Path("r.yaml"), registry=builtin_registry)
+    unchanged = make_app(Path("r.yaml"), registry=registry)
     async with unchanged.run_test(size=SIZE) as pilot:
         await settle(pilot)
         await pilot.press("ctrl+q")
@@ -175,15 +162,15 @@ async def test_quit_discards_after_confirmation_and_quits_at_once_when_saved(
 # -- the editor ----------------------------------------------------------------------------------------
 
 
-async def test_tab_and_escape_leave_the_editor(workdir: Path, builtin_registry: Registry) -> None:
+async def test_tab_and_escape_leave_the_editor(workdir: Path, registry: Registry) -> None:
     Path("r.yaml").write_text("method: linear\nmodels: [ft1, ft2]\n")
-    app = make_app(Path("r.yaml"), registry=builtin_registry)
+    app = make_app(Path("r.yaml"), registry=registry)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f5")
         await settle(pilot)
         editor = app.screen.query_one("#recipe-yaml", TextArea)
         before = editor.text
-        assert "Tab" in text(app, "#recipe-hint") and "Escape" in text(app, "#recipe-hint")
+        assert "Tab" in shown(app, "#recipe-hint") and "Escape" in shown(app, "#recipe-hint")
         editor.focus()
         await pilot.pause()
         await pilot.press("tab")

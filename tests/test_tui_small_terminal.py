@@ -3,31 +3,24 @@ fields on screen (snapshots of all six, plus the help), and focus is always visi
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 from textual.pilot import Pilot
-from tui_helpers import settle
+from tui_helpers import linked, settle
 
-from workbench.registry import Registry, load_registry
+from workbench.registry import Registry
 from workbench.tui.app import WorkbenchApp, make_app
 
 SIZE = (80, 24)
 RECIPE = "method: ties\nbase: base\nmodels: [ft1, ft2, nowhere]\noutput: {path: out}\n"
 
 
-@pytest.fixture(scope="module")
-def registry() -> Registry:
-    return load_registry()
-
-
 @pytest.fixture
 def here(tiny_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A folder with the tiny family linked in under short relative names, and a recipe."""
-    for key in ("base", "ft1", "ft2"):
-        os.symlink(tiny_family[key], tmp_path / key)
+    linked(tiny_family, tmp_path)
     (tmp_path / "recipe.yaml").write_text(RECIPE)
     monkeypatch.chdir(tmp_path)
     from huggingface_hub import constants

@@ -4,7 +4,6 @@ time), and a model path that does not exist is never announced as added."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -12,34 +11,23 @@ from typing import Any
 import pytest
 from textual.pilot import Pilot
 from textual.widgets import Input, Static
-from tui_helpers import settle
+from tui_helpers import linked, settle, shown
 
-from workbench.registry import Registry, load_registry
-from workbench.tui.app import WorkbenchApp, make_app
-
-
-@pytest.fixture(scope="module")
-def registry() -> Registry:
-    return load_registry()
+from workbench.registry import Registry
+from workbench.tui.app import make_app
 
 
 @pytest.fixture
 def here(tiny_family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for key in ("base", "ft1", "ft2"):
-        os.symlink(tiny_family[key], tmp_path / key)
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(linked(tiny_family, tmp_path))
     return tmp_path
-
-
-def text(app: WorkbenchApp, selector: str) -> str:
-    return str(app.screen.query_one(selector, Static).render())
 
 
 async def seen_within(pilot: Pilot[Any], selector: str, words: tuple[str, ...], seconds: float) -> str:
     """The widget's text once it holds every word; fails after ``seconds``."""
     deadline = time.monotonic() + seconds
     while True:
-        now = text(pilot.app, selector)  # type: ignore[arg-type]
+        now = shown(pilot.app, selector)
         if all(w in now for w in words):
             return now
         assert time.monotonic() < deadline, f"{selector} still says {now!r}"
@@ -64,7 +52,7 @@ async def test_the_heatmap_says_which_tensor_and_how_far(here: Path, registry: R
         await settle(pilot)
         assert progress and time.monotonic() - start < 5
         assert any("ft1, ft2" in line and "/" in line and "model." in line for line in progress), progress
-        assert text(app, "#heatmap-status").startswith("reference base;")
+        assert shown(app, "#heatmap-status").startswith("reference base;")
 
 
 async def test_the_heatmap_can_be_cancelled(here: Path, registry: Registry) -> None:
@@ -74,7 +62,7 @@ async def test_the_heatmap_can_be_cancelled(here: Path, registry: Registry) -> N
         await pilot.press("f4")
         await pilot.press("escape")
         await settle(pilot)
-        status = text(app, "#heatmap-status")
+        status = shown(app, "#heatmap-status")
         assert status.startswith("Heatmap cancelled") or status.startswith("reference base;")
 
 
@@ -86,13 +74,13 @@ async def test_layer_swap_gets_a_heatmap_against_a_reference_that_is_not_its_bas
     async with app.run_test(size=(80, 24)) as pilot:
         await pilot.press("f4")
         await settle(pilot)
-        assert "type the models' common base in Reference" in text(app, "#heatmap-status")
+        assert "type the models' common base in Reference" in shown(app, "#heatmap-status")
         field = app.screen.query_one("#heatmap-reference", Input)
         field.focus()
         field.value = "base"
         await pilot.press("enter")
         await settle(pilot)
-        assert text(app, "#heatmap-status").startswith("reference base;")
+        assert shown(app, "#heatmap-status").startswith("reference base;")
         assert app.screen.query("#heatmap-0")
         assert "base" not in app.state.data  # the recipe stays a valid layer_swap recipe
 
@@ -109,7 +97,7 @@ async def test_a_first_run_says_what_it_is_doing_within_a_second(here: Path, reg
 
         def spy(step: str) -> None:
             original(step)
-            steps.append((time.monotonic(), step, text(app, "#run-stats")))
+            steps.append((time.monotonic(), step, shown(app, "#run-stats")))
 
         screen._phase = spy
         start = time.monotonic()
@@ -117,12 +105,13 @@ async def test_a_first_run_says_what_it_is_doing_within_a_second(here: Path, reg
         await settle(pilot)
         while screen.busy:
             await pilot.pause(0.05)
-        assert text(app, "#run-status") == "done"
+        assert shown(app, "#run-status") == "done"
         assert steps and steps[0][0] - start < 1.0
         said = [step for _, step, _ in steps]
         assert any("planning" in step and "base, ft1, ft2" in step for step in said), said
         assert any("merging the first tensor" in step for step in said), said
-        assert any("merged model." in step for step in said), said
+        # tensor events are thinned to a few a second: a fast merge may show only its last tensor
+        assert any(step.startswith("merged ") for step in said), said
         assert all("Escape cancels" in shown for _, _, shown in steps[:-1]), steps
 
 
@@ -136,7 +125,7 @@ async def test_the_overwrite_message_names_the_switch(here: Path, registry: Regi
         await settle(pilot)
         while app.screen.busy:  # type: ignore[attr-defined]
             await pilot.pause(0.05)
-        error = text(app, "#run-error")
+        error = shown(app, "#run-error")
         assert "--overwrite" not in error and "replace an existing output folder" in error
 
 

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from textual.app import App
 from textual.pilot import Pilot
+from textual.widgets import Static
+
+
+def linked(family: dict[str, Path], folder: Path) -> Path:
+    """``folder`` with the tiny family linked in under its short names (base, ft1, ...), so that
+    recipes and screens name models as a user would; the caller makes it the working directory."""
+    for key, path in family.items():
+        os.symlink(path, folder / key, target_is_directory=True)
+    return folder
+
+
+def shown(app: App[Any], selector: str) -> str:
+    """The text a Static of the current screen shows, whitespace collapsed."""
+    return " ".join(str(app.screen.query_one(selector, Static).render()).split())
 
 
 async def settle(pilot: Pilot[Any]) -> None:
